@@ -1,0 +1,480 @@
+"""The ``pseudonymise`` command: issue and inspect tokens, and pseudonymise files without Airflow.
+
+Built on :mod:`pseudonymise.core` only. Tokens are read from a file, an environment variable or
+standard input, never from the command line, where other users could read them in the process
+list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pseudonymise import __version__
+from pseudonymise.core.errors import IssuerError, PolicyError, PseudonymiseError, TokenError
+from pseudonymise.core.files import open_sink, open_source
+from pseudonymise.core.formats import ALPHABETS, DEFAULT_ALPHABET, DEFAULT_LENGTH, PseudonymFormat
+from pseudonymise.core.issuer import DirectoryStore, Issuer, ProjectStore, VaultStore
+from pseudonymise.core.pipeline import Store, run_pseudonymisation, run_purge, run_reversal
+from pseudonymise.core.pseudonymiser import ColumnPolicy, ColumnRule, Stats
+from pseudonymise.core.tokens import TrustedKeys, parse_instant, verify_token
+from pseudonymise.core.use import current_user
+
+DEFAULT_STORE = "~/.pseudonymise"
+DEFAULT_DB = "sqlite:///pseudonymise.db"
+TOKEN_ENV = "PSEUDONYMISE_TOKEN"
+_DURATION = re.compile(r"^(\d+)([smhdwy])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write e.g. 90d, 12h, 2w or 1y")
+    return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+
+
+# --- where things come from -------------------------------------------------------------------
+def open_store(spec: str) -> ProjectStore:
+    """``vault:<mount>/<path>`` (with VAULT_ADDR and VAULT_TOKEN) or a directory."""
+    if spec.startswith("vault:"):
+        mount, _, path = spec[len("vault:"):].partition("/")
+        addr, token = os.environ.get("VAULT_ADDR"), os.environ.get("VAULT_TOKEN")
+        if not addr or not token:
+            raise IssuerError("a vault: store needs VAULT_ADDR and VAULT_TOKEN in the environment")
+        return VaultStore(addr, token, mount=mount or "secret", path=path or "pseudonymise")
+    return DirectoryStore(spec)
+
+
+def read_token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        if args.token_file == "-":
+            text = sys.stdin.read()
+        else:
+            try:
+                text = Path(args.token_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise TokenError(f"cannot read the token file {args.token_file!r}: {exc.strerror}") from exc
+    elif args.token_env:
+        if args.token_env not in os.environ:
+            raise TokenError(f"environment variable {args.token_env} is not set; export the token in it")
+        text = os.environ[args.token_env]
+    elif os.environ.get(TOKEN_ENV):
+        text = os.environ[TOKEN_ENV]
+    elif not sys.stdin.isatty():
+        text = sys.stdin.read()
+    else:
+        raise TokenError(
+            f"no token given: use --token-file FILE, --token-env VAR, set {TOKEN_ENV}, or pipe it on standard input"
+        )
+    return text.strip()
+
+
+def trusted_keys(args: argparse.Namespace) -> TrustedKeys:
+    spec = args.issuer_keys or os.environ.get("PSEUDONYMISE_ISSUER_KEYS")
+    if spec:
+        if spec.lstrip().startswith("{") or spec.lstrip().startswith("["):
+            return TrustedKeys.from_jwks(spec)
+        try:
+            return TrustedKeys.from_jwks(Path(spec).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise TokenError(f"cannot read issuer keys from {spec!r}: {exc.strerror}") from exc
+    try:
+        return Issuer(open_store(args.store)).public_keys()
+    except IssuerError as exc:
+        raise TokenError(
+            "no trusted issuer keys: pass --issuer-keys FILE (from `pseudonymise issuer public-key`) "
+            "or set PSEUDONYMISE_ISSUER_KEYS"
+        ) from exc
+
+
+def build_policy(args: argparse.Namespace) -> ColumnPolicy:
+    if args.policy:
+        policy = ColumnPolicy.from_file(args.policy)
+        if args.columns or args.drop or args.keep:
+            raise PolicyError("give either --policy or --columns/--keep/--drop, not both")
+        return policy
+    if not args.columns:
+        raise PolicyError("say which columns to pseudonymise: --columns a,b or --policy FILE")
+    normalise = _pairs(args.normalise, "--normalise")
+    domains = _pairs(args.domain, "--domain")
+    rules: dict[str, ColumnRule] = {}
+    for column in _split(args.columns):
+        rules[column] = ColumnRule(column, "pseudonymise",
+                                   tuple(_split(normalise.pop(column, ""))), domains.pop(column, ""))
+    for extra in (normalise, domains):
+        if extra:
+            raise PolicyError(f"{', '.join(extra)} named in --normalise/--domain are not in --columns")
+    for column in _split(args.keep or ""):
+        rules[column] = ColumnRule(column, "keep")
+    for column in _split(args.drop or ""):
+        rules[column] = ColumnRule(column, "drop")
+    return ColumnPolicy(rules, args.default)
+
+
+def _split(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()] if text else []
+
+
+def _pairs(items: Sequence[str] | None, flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or ():
+        column, sep, value = item.partition("=")
+        if not sep:
+            raise PolicyError(f"{flag} takes COLUMN=VALUE, got {item!r}")
+        out[column.strip()] = value
+    return out
+
+
+class ProgressPrinter:
+    """Rows and rate on standard error, at most every half second, when asked or on a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, stats: Stats) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < 0.5:
+            return
+        self.last = now
+        rate = stats.rows_in / max(now - self.start, 1e-9)
+        print(f"  … {stats.rows_in:,} rows ({rate:,.0f} rows/s)", file=sys.stderr, flush=True)
+
+
+def _emit(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+# --- commands ---------------------------------------------------------------------------------
+def cmd_issuer_init(args: argparse.Namespace) -> int:
+    issuer = Issuer.init(open_store(args.store), args.issuer_id)
+    print(f"issuer {issuer.id!r} created in {issuer.store} (key id {issuer.kid})")
+    return 0
+
+
+def cmd_issuer_public_key(args: argparse.Namespace) -> int:
+    jwks = json.dumps(Issuer(open_store(args.store)).public_keys().to_jwks(), indent=2)
+    if args.output:
+        Path(args.output).write_text(jwks + "\n", encoding="utf-8")
+        print(f"issuer public keys written to {args.output}", file=sys.stderr)
+    else:
+        print(jwks)
+    return 0
+
+
+def cmd_project_create(args: argparse.Namespace) -> int:
+    issuer = Issuer(open_store(args.store))
+    retention_until = parse_instant(args.retention_until) if args.retention_until else None
+    project = issuer.create_project(
+        args.project, method=args.method, treatment=args.treatment, retention_until=retention_until,
+        retention=args.retention, format=PseudonymFormat(args.alphabet, args.length, args.prefix),
+    )
+    _emit(project.settings())
+    return 0
+
+
+def cmd_project_list(args: argparse.Namespace) -> int:
+    _emit([p.settings() for p in Issuer(open_store(args.store)).projects()])
+    return 0
+
+
+def cmd_project_show(args: argparse.Namespace) -> int:
+    _emit(Issuer(open_store(args.store)).project(args.project).settings())
+    return 0
+
+
+def cmd_token_issue(args: argparse.Namespace) -> int:
+    token = Issuer(open_store(args.store)).issue(args.project, args.kind, expires_in=args.expires_in,
+                                                 source_project=args.source_project)
+    if args.output == "-":
+        print(token)
+    else:
+        path = Path(args.output)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(token + "\n")
+        os.chmod(path, 0o600)
+        print(f"{args.kind} token for project {args.project!r} written to {path} (mode 0600)", file=sys.stderr)
+    return 0
+
+
+def cmd_token_inspect(args: argparse.Namespace) -> int:
+    raw = read_token(args)
+    keys = trusted_keys(args)
+    try:
+        token = verify_token(raw, keys)
+        result: dict[str, Any] = {"valid": True, **token.public_claims()}
+    except TokenError as exc:
+        result = {"valid": False, "error": type(exc).__name__, "reason": str(exc)}
+    _emit(result)
+    return 0 if result["valid"] else 1
+
+
+def _file_io(args: argparse.Namespace) -> tuple[Any, Any]:
+    source = open_source(args.input, args.input_format, args.batch_size)
+
+    def sink_factory(columns: list[str], _conn: Any) -> Any:
+        schema = None
+        if getattr(source, "schema", None) is not None and Path(args.output).suffix.lower() in (".parquet", ".pq"):
+            import pyarrow as pa
+
+            fields = []
+            for name in columns:
+                field = source.schema.field(name)
+                pseudonymised = args.command_columns is None or name in args.command_columns
+                fields.append(pa.field(name, pa.string()) if pseudonymised else field)
+            schema = pa.schema(fields)
+        return open_sink(args.output, columns, args.output_format, schema)
+
+    return source, sink_factory
+
+
+def _report(summary: Any, started: float) -> None:
+    elapsed = time.monotonic() - started
+    counts = summary.counts
+    rate = counts.get("rows_in", 0) / max(elapsed, 1e-9)
+    print(
+        f"{summary.operation}: {counts.get('rows_in', 0):,} rows in, {counts.get('rows_out', 0):,} out, "
+        f"{counts.get('values_pseudonymised', 0):,} values, {counts.get('nulls', 0):,} NULL, "
+        f"{counts.get('escrow_rows', 0):,} escrow rows in {elapsed:.2f}s ({rate:,.0f} rows/s); audit use {summary.use_id}",
+        file=sys.stderr,
+    )
+
+
+def cmd_file_pseudonymise(args: argparse.Namespace, secondary: bool = False) -> int:
+    policy = build_policy(args)
+    raw, keys = read_token(args), trusted_keys(args)
+    args.command_columns = set(policy.pseudonymised_columns)
+    source, sink_factory = _file_io(args)
+    started = time.monotonic()
+    summary = run_pseudonymisation(
+        Store(args.db), raw, keys, policy, source, sink_factory, secondary=secondary, project=args.project,
+        source_label=f"file:{args.input}", target_label=f"file:{args.output}",
+        context={"triggered_by": current_user()}, progress=ProgressPrinter(args.progress),
+    )
+    _report(summary, started)
+    return 0
+
+
+def cmd_file_secondary(args: argparse.Namespace) -> int:
+    return cmd_file_pseudonymise(args, secondary=True)
+
+
+def cmd_file_reverse(args: argparse.Namespace) -> int:
+    columns = _split(args.columns)
+    raw, keys = read_token(args), trusted_keys(args)
+    args.command_columns = set()
+    source, sink_factory = _file_io(args)
+    started = time.monotonic()
+    summary = run_reversal(
+        Store(args.db), raw, keys, columns, source, sink_factory, project=args.project,
+        triggered_by=current_user(), source_label=f"file:{args.input}", target_label=f"file:{args.output}",
+        progress=ProgressPrinter(args.progress), require_all=args.require_all,
+    )
+    _report(summary, started)
+    if summary.counts.get("not_found"):
+        print(f"warning: {summary.counts['not_found']} pseudonym(s) had no escrow and were written as empty",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_escrow_purge(args: argparse.Namespace) -> int:
+    summary = run_purge(Store(args.db), project=args.project, context={"triggered_by": current_user()})
+    print(f"purged {summary.counts['escrow_rows']} escrow row(s) past retention; audit use {summary.use_id}")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    store = Store(args.db, audit_table=args.table)
+    result = store.audit.verify()
+    print(result)
+    incomplete = store.audit.incomplete_uses()
+    if incomplete:
+        print(f"{len(incomplete)} use(s) started without finishing (crashed or still running): "
+              + ", ".join(incomplete[:10]))
+    return 0 if result.ok else 1
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    store = Store(args.db, audit_table=args.table)
+    store.create()
+    rows = store.audit.recent(args.limit, project=args.project, outcome=args.outcome)
+    if args.json:
+        _emit(rows)
+        return 0
+    for row in reversed(rows):
+        when = row["recorded_at"].strftime("%Y-%m-%d %H:%M:%S")
+        counts = f"in={row['rows_in']} out={row['rows_out']} null={row['rows_null']} escrow={row['escrow_rows']}" \
+            if row["event"] == "finished" else ""
+        error = f" {row['error_class']}: {row['error_message']}" if row["error_class"] else ""
+        print(f"#{row['seq']:<5} {when} {row['operation']:<12} {row['outcome']:<8} project={row['project']} "
+              f"token={row['token_jti']} {counts}{error}")
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------------
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_token_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("token (never on the command line)")
+    g.add_argument("--token-file", metavar="FILE", help="read the token from FILE ('-' for standard input)")
+    g.add_argument("--token-env", metavar="VAR", help=f"read the token from environment variable VAR (default {TOKEN_ENV})")
+    g.add_argument("--issuer-keys", metavar="FILE",
+                   help="trusted issuer public keys (JWKS from `issuer public-key`); default: PSEUDONYMISE_ISSUER_KEYS "
+                        "or the local store's issuer")
+    g.add_argument("--project", help="refuse tokens of any other project")
+
+
+def _add_file_args(p: argparse.ArgumentParser, policy: bool) -> None:
+    p.add_argument("input", help="input .csv or .parquet file")
+    p.add_argument("output", help="output .csv or .parquet file (written atomically)")
+    p.add_argument("--input-format", choices=("csv", "parquet"), help="override the input's extension")
+    p.add_argument("--output-format", choices=("csv", "parquet"), help="override the output's extension")
+    if policy:
+        p.add_argument("--columns", help="comma-separated columns to pseudonymise")
+        p.add_argument("--keep", help="comma-separated columns copied unchanged")
+        p.add_argument("--drop", help="comma-separated columns left out of the output")
+        p.add_argument("--default", choices=("error", "keep", "drop"), default="error",
+                       help="what happens to columns not named (default: error, so nothing leaves unnoticed)")
+        p.add_argument("--policy", metavar="FILE", help="a JSON column policy (see include/policies/)")
+    p.add_argument("--batch-size", type=int, default=50_000, help="rows per batch (default 50000)")
+    p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB),
+                   help=f"SQLAlchemy URL of the audit/escrow database (default {DEFAULT_DB} or PSEUDONYMISE_DB)")
+    p.add_argument("--progress", action="store_true", default=sys.stderr.isatty(), help="print progress on stderr")
+    _add_token_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pseudonymise", formatter_class=_Formatter,
+        description="Issue and inspect pseudonymisation tokens, and pseudonymise files without Airflow.",
+        epilog=textwrap.dedent("""\
+            example:
+              pseudonymise issuer init --issuer-id my-org
+              pseudonymise project create research-a --method reversible --retention 1y
+              pseudonymise token issue --project research-a --kind pseudonymisation --output research-a.token
+              pseudonymise file pseudonymise include/sample/patients.csv out.csv \\
+                  --columns patient_id --keep birth_year,diagnosis --drop name --token-file research-a.token
+            """),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--store", default=os.environ.get("PSEUDONYMISE_STORE", DEFAULT_STORE),
+                        help="issuer store: a directory (default ~/.pseudonymise or PSEUDONYMISE_STORE) or "
+                             "vault:<mount>/<path> with VAULT_ADDR and VAULT_TOKEN set")
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+
+    def command(group: Any, name: str, help_: str, example: str, func: Any) -> argparse.ArgumentParser:
+        p = group.add_parser(name, help=help_, description=help_, formatter_class=_Formatter,
+                             epilog="example:\n  " + example)
+        p.set_defaults(func=func)
+        return p
+
+    issuer = groups.add_parser("issuer", help="the token issuer's own key").add_subparsers(dest="cmd", required=True)
+    p = command(issuer, "init", "Create the issuer and its Ed25519 signing key in the store.",
+                "pseudonymise --store ~/.pseudonymise issuer init --issuer-id my-org", cmd_issuer_init)
+    p.add_argument("--issuer-id", required=True, help="the issuer's name, written in every token's 'iss'")
+    p = command(issuer, "public-key", "Print the issuer's public keys (JWKS) for consumers to trust.",
+                "pseudonymise issuer public-key --output issuer-keys.json", cmd_issuer_public_key)
+    p.add_argument("--output", help="write to FILE instead of standard output")
+
+    project = groups.add_parser("project", help="projects and their settings").add_subparsers(dest="cmd", required=True)
+    p = command(project, "create", "Create a project with its own secret key (and escrow key pair if reversible).",
+                "pseudonymise project create research-a --method reversible --treatment deterministic --retention 2y",
+                cmd_project_create)
+    p.add_argument("project", help="project id: lowercase letters, digits, '.', '_', '-'")
+    p.add_argument("--method", choices=("reversible", "irreversible"), default="irreversible")
+    p.add_argument("--treatment", choices=("deterministic", "randomised"), default="deterministic")
+    p.add_argument("--retention", type=parse_duration, help="retention period from now, e.g. 365d (default 1y)")
+    p.add_argument("--retention-until", help="retention end as an ISO 8601 instant, e.g. 2028-01-01T00:00:00Z")
+    p.add_argument("--alphabet", choices=tuple(ALPHABETS), default=DEFAULT_ALPHABET)
+    p.add_argument("--length", type=int, default=DEFAULT_LENGTH, help=f"pseudonym length (default {DEFAULT_LENGTH})")
+    p.add_argument("--prefix", default="", help="text put in front of every pseudonym")
+    command(project, "list", "List projects and their settings (no secrets).", "pseudonymise project list", cmd_project_list)
+    p = command(project, "show", "Show one project's settings (no secrets).", "pseudonymise project show research-a",
+                cmd_project_show)
+    p.add_argument("project")
+
+    token = groups.add_parser("token", help="issue and inspect tokens").add_subparsers(dest="cmd", required=True)
+    p = command(token, "issue", "Issue a signed token of a project.",
+                "pseudonymise token issue --project research-a --kind reverse --expires-in 7d --output reverse.token",
+                cmd_token_issue)
+    p.add_argument("--project", required=True)
+    p.add_argument("--kind", required=True, choices=("pseudonymisation", "reverse", "secondary"))
+    p.add_argument("--expires-in", type=parse_duration, default=timedelta(days=30), help="lifetime, e.g. 30d (default)")
+    p.add_argument("--source-project", help="for secondary tokens: the project whose pseudonyms they re-pseudonymise")
+    p.add_argument("--output", required=True, help="file to write the token to (mode 0600), or '-' for standard output")
+    p = command(token, "inspect", "Verify a token and print its claims, never its secrets.",
+                "pseudonymise token inspect --token-file research-a.token --issuer-keys issuer-keys.json", cmd_token_inspect)
+    _add_token_args(p)
+
+    files = groups.add_parser("file", help="pseudonymise, re-pseudonymise or reverse CSV/Parquet files").add_subparsers(
+        dest="cmd", required=True)
+    p = command(files, "pseudonymise", "Pseudonymise chosen columns of a CSV or Parquet file.",
+                "pseudonymise file pseudonymise in.csv out.parquet --columns patient_id --normalise patient_id=strip,upper"
+                " --keep visit_date --drop name --token-file research-a.token", cmd_file_pseudonymise)
+    _add_file_args(p, policy=True)
+    p.add_argument("--normalise", action="append", metavar="COLUMN=N1,N2",
+                   help="normalisers run before pseudonymising: strip, lower, upper, casefold, remove_whitespace, "
+                        "remove:<chars>")
+    p.add_argument("--domain", action="append", metavar="COLUMN=DOMAIN", help="per-column domain (default: none)")
+    p = command(files, "secondary", "Re-pseudonymise pseudonymised columns with a secondary token.",
+                "pseudonymise file secondary research.csv vendor.csv --columns patient_id --default keep "
+                "--token-file vendor.token", cmd_file_secondary)
+    _add_file_args(p, policy=True)
+    p.set_defaults(normalise=None, domain=None)
+    p = command(files, "reverse", "Reveal the originals of pseudonyms in a file with a reverse token (audited first).",
+                "pseudonymise file reverse to-check.csv revealed.csv --columns patient_id --token-file reverse.token",
+                cmd_file_reverse)
+    _add_file_args(p, policy=False)
+    p.add_argument("--columns", required=True, help="comma-separated pseudonym columns to reverse")
+    p.add_argument("--require-all", action="store_true", help="fail, writing nothing, if any pseudonym has no escrow")
+
+    escrow = groups.add_parser("escrow", help="the sealed escrow of reversible projects").add_subparsers(dest="cmd", required=True)
+    p = command(escrow, "purge", "Delete escrow rows past their retention end (audited).",
+                "pseudonymise escrow purge --db postgresql://warehouse/research", cmd_escrow_purge)
+    p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB))
+    p.add_argument("--project", help="only this project")
+
+    audit = groups.add_parser("audit", help="the tamper-evident audit table").add_subparsers(dest="cmd", required=True)
+    for name, help_, example, func in (
+        ("verify", "Verify the audit hash chain; name the first broken row.", "pseudonymise audit verify --db sqlite:///pseudonymise.db", cmd_audit_verify),
+        ("show", "Show recent audit rows.", "pseudonymise audit show --limit 50 --project research-a", cmd_audit_show),
+    ):
+        p = command(audit, name, help_, example, func)
+        p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB))
+        p.add_argument("--table", default="pseudonymise_audit")
+        if name == "show":
+            p.add_argument("--limit", type=int, default=20)
+            p.add_argument("--project")
+            p.add_argument("--outcome", choices=("started", "success", "failed", "denied"))
+            p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except PseudonymiseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was committed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""The audit log (DESIGN.md §6): every token use as a ``started``/``finished`` pair in a hash chain.
+
+Each row stores ``prev_hash`` and ``row_hash = SHA-256(prev_hash || canonical JSON of the row)``.
+Appends are serialised (a PostgreSQL advisory lock, plus a one-row head table that also guards
+against the chain's tail being cut off). ``started`` rows commit before the token is used; if
+they cannot be written the token is not used (fail closed). A ``finished`` row can be appended
+inside the caller's transaction so that loaded data and its audit commit together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import traceback
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from pseudonymise.core.db import UTCDateTime, advisory_lock, database_now
+from pseudonymise.core.errors import AuditError, PseudonymiseError
+
+GENESIS = "0" * 64
+OUTCOMES = ("started", "success", "failed", "denied")
+
+#: The hashed columns, in a fixed order (the JSON is canonical anyway: sorted keys).
+FIELDS: tuple[str, ...] = (
+    "seq", "use_id", "event", "recorded_at", "operation", "outcome", "project",
+    "token_jti", "token_kind", "token_fingerprint", "token_issuer",
+    "dag_id", "task_id", "run_id", "map_index", "try_number", "logical_date",
+    "data_interval_start", "data_interval_end", "triggered_by", "host",
+    "source", "target", "columns",
+    "rows_in", "rows_out", "rows_null", "values_pseudonymised", "escrow_rows",
+    "error_class", "error_message", "details",
+)
+_TEXT_FIELDS = {"operation": 40, "outcome": 16, "project": 200, "token_jti": 64, "token_kind": 32,
+                "token_fingerprint": 16, "token_issuer": 200, "dag_id": 250, "task_id": 250, "run_id": 250,
+                "logical_date": 40, "data_interval_start": 40, "data_interval_end": 40, "triggered_by": 250,
+                "host": 250, "error_class": 200}
+_INT_FIELDS = ("map_index", "try_number", "rows_in", "rows_out", "rows_null", "values_pseudonymised", "escrow_rows")
+_LONG_TEXT_FIELDS = ("source", "target", "columns", "error_message", "details")
+
+
+def define_audit_tables(metadata: sa.MetaData, table: str = "pseudonymise_audit",
+                        schema: str | None = None) -> tuple[sa.Table, sa.Table]:
+    cols: list[sa.Column[Any]] = [
+        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=False),
+        sa.Column("use_id", sa.String(36), nullable=False, index=True),
+        sa.Column("event", sa.String(16), nullable=False),
+        sa.Column("recorded_at", UTCDateTime, nullable=False, index=True),
+    ]
+    for name in FIELDS[4:]:
+        if name in _INT_FIELDS:
+            cols.append(sa.Column(name, sa.BigInteger))
+        elif name in _LONG_TEXT_FIELDS:
+            cols.append(sa.Column(name, sa.Text))
+        else:
+            cols.append(sa.Column(name, sa.String(_TEXT_FIELDS[name])))
+    cols += [sa.Column("prev_hash", sa.String(64), nullable=False), sa.Column("row_hash", sa.String(64), nullable=False)]
+    audit = sa.Table(table, metadata, *cols, schema=schema)
+    head = sa.Table(
+        f"{table}_head", metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("seq", sa.BigInteger, nullable=False),
+        sa.Column("row_hash", sa.String(64), nullable=False),
+        schema=schema,
+    )
+    return audit, head
+
+
+def _instant(value: datetime) -> str:
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical_row(row: Mapping[str, Any]) -> bytes:
+    """Canonical JSON of the hashed fields: sorted keys, no spaces, UTC instants to the microsecond."""
+    doc = {}
+    for name in FIELDS:
+        value = row.get(name)
+        if isinstance(value, datetime):
+            value = _instant(value)
+        doc[name] = value
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def row_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
+    return hashlib.sha256(prev_hash.encode("ascii") + canonical_row(row)).hexdigest()
+
+
+def safe_error_message(exc: BaseException) -> tuple[str, str]:
+    """(class, message) for the audit: our own errors are written to carry no secret or data value;
+    anything else is recorded by class and origin only, because its text may quote data."""
+    if isinstance(exc, PseudonymiseError):
+        return type(exc).__name__, str(exc)[:2000]
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].name} ({frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
+    return type(exc).__name__, f"{type(exc).__module__}.{type(exc).__name__}{where}; see the task log"
+
+
+@dataclass
+class AuditUse:
+    """One use of one token: what is known when it starts."""
+
+    operation: str
+    project: str | None = None
+    token_jti: str | None = None
+    token_kind: str | None = None
+    token_fingerprint: str | None = None
+    token_issuer: str | None = None
+    source: str | None = None
+    target: str | None = None
+    columns: Sequence[str] | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+    use_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "use_id": self.use_id,
+            "operation": self.operation,
+            "project": self.project,
+            "token_jti": self.token_jti,
+            "token_kind": self.token_kind,
+            "token_fingerprint": self.token_fingerprint,
+            "token_issuer": self.token_issuer,
+            "source": self.source,
+            "target": self.target,
+            "columns": json.dumps(list(self.columns)) if self.columns is not None else None,
+            "host": self.context.get("host") or socket.gethostname(),
+        }
+        for key in ("dag_id", "task_id", "run_id", "map_index", "try_number", "logical_date",
+                    "data_interval_start", "data_interval_end", "triggered_by"):
+            value = self.context.get(key)
+            rec[key] = value.isoformat() if isinstance(value, datetime) else value
+        return rec
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    rows_checked: int
+    last_seq: int
+    broken_at: int | None = None
+    reason: str | None = None
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"audit chain verified: {self.rows_checked} rows, up to row {self.last_seq}"
+        return f"audit chain BROKEN at row {self.broken_at}: {self.reason} ({self.rows_checked} rows checked)"
+
+
+class AuditLog:
+    """An audit table (and its head) in one database; appends are serialised and hash-chained."""
+
+    def __init__(self, engine: Engine, table: str = "pseudonymise_audit", schema: str | None = None) -> None:
+        self.engine = engine
+        self.metadata = sa.MetaData()
+        self.table, self.head = define_audit_tables(self.metadata, table, schema)
+        self._lock_name = f"pseudonymise-audit:{schema or ''}.{table}"
+        self._created = False
+
+    def create(self) -> None:
+        """Create the tables if absent (idempotent)."""
+        if self._created:
+            return
+        try:
+            with self.engine.begin() as conn:
+                self.metadata.create_all(conn, checkfirst=True)
+                advisory_lock(conn, self._lock_name)
+                if conn.execute(sa.select(self.head.c.id).where(self.head.c.id == 1)).first() is None:
+                    conn.execute(self.head.insert().values(id=1, seq=0, row_hash=GENESIS))
+        except SQLAlchemyError as exc:
+            raise AuditError(
+                f"cannot create the audit table {self.table.fullname!r} ({exc.__class__.__name__}); "
+                "check that the audit database is reachable and the role may create tables"
+            ) from exc
+        self._created = True
+
+    # --- writing --------------------------------------------------------------------------------
+    def append(self, conn: Connection, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Append one row inside ``conn``'s transaction (the caller commits)."""
+        advisory_lock(conn, self._lock_name)
+        # The head update comes first: it takes the write lock on databases without advisory locks.
+        conn.execute(sa.update(self.head).where(self.head.c.id == 1).values(seq=self.head.c.seq))
+        head = conn.execute(sa.select(self.head.c.seq, self.head.c.row_hash).where(self.head.c.id == 1)).first()
+        if head is None:
+            raise AuditError("the audit head row is missing; the audit table was altered: run `pseudonymise audit verify`")
+        row = {name: None for name in FIELDS}
+        row.update({k: v for k, v in record.items() if k in FIELDS})
+        row["seq"] = head.seq + 1
+        row["recorded_at"] = database_now(conn)
+        row["prev_hash"] = head.row_hash
+        row["row_hash"] = row_hash(head.row_hash, row)
+        conn.execute(self.table.insert().values(**row))
+        conn.execute(sa.update(self.head).where(self.head.c.id == 1).values(seq=row["seq"], row_hash=row["row_hash"]))
+        return row
+
+    def start(self, use: AuditUse) -> dict[str, Any]:
+        """Commit the ``started`` row of ``use``; raise :class:`AuditError` if it cannot be written."""
+        try:
+            self.create()
+            with self.engine.begin() as conn:
+                return self.append(conn, {**use.record(), "event": "started", "outcome": "started"})
+        except AuditError:
+            raise
+        except SQLAlchemyError as exc:
+            raise AuditError(
+                f"cannot write the audit 'started' row ({exc.__class__.__name__}); the token was NOT used. "
+                "Check that the audit database is reachable and writable, then retry"
+            ) from exc
+
+    def finish(self, use: AuditUse, outcome: str, conn: Connection | None = None,
+               counts: Mapping[str, int] | None = None, error: BaseException | None = None,
+               details: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Append the ``finished`` row; inside ``conn``'s transaction if given, else in its own."""
+        if outcome not in OUTCOMES[1:]:
+            raise ValueError(f"unknown audit outcome {outcome!r}")
+        record: dict[str, Any] = {**use.record(), "event": "finished", "outcome": outcome}
+        for key, value in (counts or {}).items():
+            column = "rows_null" if key == "nulls" else key
+            if column in _INT_FIELDS:
+                record[column] = value
+        if error is not None:
+            record["error_class"], record["error_message"] = safe_error_message(error)
+        if details:
+            record["details"] = json.dumps(dict(details), sort_keys=True, default=str)
+        if conn is not None:
+            return self.append(conn, record)
+        try:
+            self.create()
+            with self.engine.begin() as own:
+                return self.append(own, record)
+        except SQLAlchemyError as exc:
+            raise AuditError(
+                f"cannot write the audit 'finished' row ({exc.__class__.__name__}); the use stays visible as "
+                "'started' without 'finished'. Check the audit database"
+            ) from exc
+
+    # --- reading --------------------------------------------------------------------------------
+    def iter_rows(self, batch: int = 1000) -> Iterator[dict[str, Any]]:
+        last = 0
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(self.table).where(self.table.c.seq > last).order_by(self.table.c.seq).limit(batch)
+                ).mappings().all()
+            if not rows:
+                return
+            for row in rows:
+                yield dict(row)
+            last = rows[-1]["seq"]
+
+    def recent(self, limit: int = 20, **filters: Any) -> list[dict[str, Any]]:
+        query = sa.select(self.table).order_by(self.table.c.seq.desc()).limit(limit)
+        for name, value in filters.items():
+            if value is not None:
+                query = query.where(self.table.c[name] == value)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def verify(self) -> VerifyResult:
+        """Walk the chain and name the first row where it breaks (edited, deleted, inserted or reordered)."""
+        self.create()
+        expected_prev, expected_seq, checked = GENESIS, 1, 0
+        for row in self.iter_rows():
+            seq = row["seq"]
+            if seq != expected_seq:
+                return VerifyResult(False, checked, expected_seq - 1, seq,
+                                    f"row(s) {expected_seq}..{seq - 1} are missing (deleted)")
+            if row["prev_hash"] != expected_prev:
+                return VerifyResult(False, checked, seq - 1, seq,
+                                    "prev_hash does not match the previous row: a row was deleted, inserted or reordered before it")
+            if row_hash(row["prev_hash"], row) != row["row_hash"]:
+                return VerifyResult(False, checked, seq - 1, seq, "row_hash does not match its content: the row was edited")
+            expected_prev, expected_seq, checked = row["row_hash"], seq + 1, checked + 1
+        with self.engine.connect() as conn:
+            head = conn.execute(sa.select(self.head.c.seq, self.head.c.row_hash).where(self.head.c.id == 1)).first()
+        if head is None or head.seq != expected_seq - 1 or head.row_hash != expected_prev:
+            at = expected_seq if head is None or head.seq >= expected_seq else head.seq + 1
+            return VerifyResult(False, checked, expected_seq - 1, at,
+                                "the chain's head does not match its last row: rows were cut off the end or appended outside the plugin")
+        return VerifyResult(True, checked, expected_seq - 1)
+
+    def incomplete_uses(self) -> list[str]:
+        """use ids with a ``started`` row and no ``finished`` row (crashed or running tasks)."""
+        t = self.table
+        finished = sa.select(t.c.use_id).where(t.c.event == "finished")
+        query = sa.select(t.c.use_id).where(t.c.event == "started", t.c.use_id.not_in(finished)).order_by(t.c.seq)
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(query)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,112 @@
+"""Canonical bytes of a value and the per-column normalisers (DESIGN.md §4 steps 1–2).
+
+The canonical form fixes what "the same identifier" means everywhere: a string and the integer
+it spells give the same bytes, NFC and NFD spellings of a name give the same bytes, floats are
+refused because their text form is not stable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import numbers
+import unicodedata
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pseudonymise.core.errors import InvalidTextError, PolicyError, UnsupportedTypeError
+
+#: Type tags stored inside sealed escrow so a reversal gives back the original type.
+TYPE_TAGS = ("str", "int", "bool", "date", "datetime", "uuid", "bytes")
+
+
+def canonical(value: Any, column: str) -> tuple[str, bytes]:
+    """Return (type tag, canonical bytes) of a non-NULL value, or raise naming the column."""
+    if isinstance(value, str):
+        try:
+            return "str", unicodedata.normalize("NFC", value).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidTextError(
+                f"column {column!r} holds text that is not valid Unicode (undecodable bytes or lone surrogates); "
+                "fix the source encoding or read the file with the right encoding"
+            ) from exc
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return "bool", b"true" if value else b"false"
+    if isinstance(value, numbers.Integral):
+        return "int", str(int(value)).encode("ascii")
+    if isinstance(value, dt.datetime):
+        return "datetime", value.isoformat().encode("ascii")
+    if isinstance(value, dt.date):
+        return "date", value.isoformat().encode("ascii")
+    if isinstance(value, uuid.UUID):
+        return "uuid", str(value).encode("ascii")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "bytes", bytes(value)
+    kind = "floating-point" if isinstance(value, numbers.Real) else type(value).__name__
+    raise UnsupportedTypeError(
+        f"column {column!r} holds {kind} values, which cannot be pseudonymised reliably; "
+        "cast the column to text or integer in the source query (floats have no stable text form)"
+    )
+
+
+def from_canonical(tag: str, data: bytes) -> Any:
+    """Inverse of :func:`canonical` for the reverse path."""
+    text = data.decode("utf-8") if tag != "bytes" else ""
+    if tag == "str":
+        return text
+    if tag == "int":
+        return int(text)
+    if tag == "bool":
+        return text == "true"
+    if tag == "date":
+        return dt.date.fromisoformat(text)
+    if tag == "datetime":
+        return dt.datetime.fromisoformat(text)
+    if tag == "uuid":
+        return uuid.UUID(text)
+    if tag == "bytes":
+        return data
+    raise PolicyError(f"escrow holds an unknown value type {tag!r}; upgrade the plugin")
+
+
+# --- normalisers ------------------------------------------------------------------------------
+def _remove_whitespace(s: str) -> str:
+    return "".join(s.split())
+
+
+_SIMPLE: dict[str, Callable[[str], str]] = {
+    "strip": str.strip,
+    "lower": str.lower,
+    "upper": str.upper,
+    "casefold": str.casefold,
+    "remove_whitespace": _remove_whitespace,
+}
+NORMALISERS = (*_SIMPLE, "remove:<characters>")
+
+
+def build_normaliser(names: Sequence[str], column: str) -> Callable[[Any], Any] | None:
+    """Compose named normalisers; they apply to text values and leave other types unchanged.
+
+    ``remove:<characters>`` removes each of the given separator characters, e.g. ``remove:-./``.
+    """
+    steps: list[Callable[[str], str]] = []
+    for name in names:
+        if name in _SIMPLE:
+            steps.append(_SIMPLE[name])
+        elif isinstance(name, str) and name.startswith("remove:") and len(name) > len("remove:"):
+            table = str.maketrans("", "", name[len("remove:"):])
+            steps.append(lambda s, t=table: s.translate(t))
+        else:
+            raise PolicyError(
+                f"column {column!r}: normaliser {name!r} is unknown; use {', '.join(NORMALISERS)}"
+            )
+    if not steps:
+        return None
+
+    def normalise(value: Any) -> Any:
+        if isinstance(value, str):
+            for step in steps:
+                value = step(value)
+        return value
+
+    return normalise

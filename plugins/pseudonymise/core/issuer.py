@@ -1,0 +1,308 @@
+"""The token issuer: a stand-in for the organisation's token portal, with its project store.
+
+The store keeps the issuer's Ed25519 key pair and, per project, its settings and secrets (the
+pseudonymisation key and, for reversible projects, the escrow key pair). It is either a
+directory of JSON files readable by their owner only (mode 0600), or HashiCorp Vault / OpenBao
+KV v2. Tokens are issued from it; DAG authors only ever hold tokens, never the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import stat
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+from pseudonymise.core.errors import IssuerError
+from pseudonymise.core.formats import PseudonymFormat
+from pseudonymise.core.tokens import (
+    KINDS,
+    METHODS,
+    TREATMENTS,
+    IssuerKey,
+    TrustedKeys,
+    b64url_decode,
+    b64url_encode,
+    jwk_thumbprint,
+    new_jti,
+    parse_instant,
+    sign_claims,
+)
+
+PROJECT_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}$")
+
+
+class ProjectStore(Protocol):
+    """Where the issuer keeps its secrets: documents by name."""
+
+    def read(self, name: str) -> dict[str, Any] | None: ...
+    def write(self, name: str, document: Mapping[str, Any]) -> None: ...
+    def names(self, prefix: str) -> list[str]: ...
+
+
+class DirectoryStore:
+    """JSON files under a directory (mode 0700), each written atomically with mode 0600."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser()
+
+    def _file(self, name: str) -> Path:
+        return self.path / f"{name}.json"
+
+    def read(self, name: str) -> dict[str, Any] | None:
+        file = self._file(name)
+        try:
+            mode = file.stat().st_mode
+        except FileNotFoundError:
+            return None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise IssuerError(f"{file} is readable by other users; run `chmod 600 {file}`: it holds secrets")
+        return json.loads(file.read_text(encoding="utf-8"))
+
+    def write(self, name: str, document: Mapping[str, Any]) -> None:
+        file = self._file(name)
+        file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.path, 0o700)
+        tmp = file.with_suffix(f".tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(document, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, file)
+
+    def names(self, prefix: str) -> list[str]:
+        folder = self.path / prefix
+        if not folder.is_dir():
+            return []
+        return sorted(f"{prefix}/{p.stem}" for p in folder.glob("*.json"))
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+class VaultStore:
+    """HashiCorp Vault / OpenBao KV version 2, through ``hvac``: ``<mount>/<path>/<name>``."""
+
+    def __init__(self, url: str, token: str, mount: str = "secret", path: str = "pseudonymise",
+                 namespace: str | None = None, timeout: float = 10.0) -> None:
+        import hvac  # optional dependency of the issuer only
+
+        self.mount, self.base = mount, path.strip("/")
+        self.client = hvac.Client(url=url, token=token, namespace=namespace, timeout=timeout)
+        self.url = url
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        import hvac.exceptions
+        import requests
+
+        try:
+            return fn(*args, **kwargs)
+        except hvac.exceptions.InvalidPath:
+            return None
+        except hvac.exceptions.Forbidden as exc:
+            raise IssuerError(f"Vault at {self.url} refused to {what} (permission denied); check the Vault token's policy") from exc
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise IssuerError(f"Vault at {self.url} is unreachable; check VAULT_ADDR and that the server is running") from exc
+        except hvac.exceptions.VaultError as exc:
+            raise IssuerError(f"Vault at {self.url} failed to {what} ({exc.__class__.__name__})") from exc
+
+    def read(self, name: str) -> dict[str, Any] | None:
+        kv = self.client.secrets.kv.v2
+        result = self._call(f"read {self.base}/{name}", kv.read_secret_version, path=f"{self.base}/{name}",
+                            mount_point=self.mount, raise_on_deleted_version=True)
+        return None if result is None else result["data"]["data"]
+
+    def write(self, name: str, document: Mapping[str, Any]) -> None:
+        kv = self.client.secrets.kv.v2
+        self._call(f"write {self.base}/{name}", kv.create_or_update_secret, path=f"{self.base}/{name}",
+                   secret=dict(document), mount_point=self.mount)
+
+    def names(self, prefix: str) -> list[str]:
+        kv = self.client.secrets.kv.v2
+        result = self._call(f"list {self.base}/{prefix}", kv.list_secrets, path=f"{self.base}/{prefix}", mount_point=self.mount)
+        return [] if result is None else sorted(f"{prefix}/{k}" for k in result["data"]["keys"] if not k.endswith("/"))
+
+    def __str__(self) -> str:
+        return f"vault:{self.url}/{self.mount}/{self.base}"
+
+
+@dataclass(frozen=True, repr=False)
+class Project:
+    """A project's settings (public) and secrets (the store's only)."""
+
+    id: str
+    method: str
+    treatment: str
+    retention_until: datetime
+    format: PseudonymFormat
+    created_at: datetime
+    key: bytes
+    escrow_private_key: bytes | None = None
+
+    @property
+    def reversible(self) -> bool:
+        return self.method == "reversible"
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "method": self.method,
+            "treatment": self.treatment,
+            "retention_until": _iso(self.retention_until),
+            "format": self.format.to_claim(),
+            "created_at": _iso(self.created_at),
+        }
+
+    def to_document(self) -> dict[str, Any]:
+        doc = {**self.settings(), "key": b64url_encode(self.key)}
+        if self.escrow_private_key is not None:
+            doc["escrow_private_key"] = b64url_encode(self.escrow_private_key)
+        return doc
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> Project:
+        return cls(
+            id=doc["id"], method=doc["method"], treatment=doc["treatment"],
+            retention_until=parse_instant(doc["retention_until"]),
+            format=PseudonymFormat.from_claim(doc["format"]),
+            created_at=parse_instant(doc["created_at"]),
+            key=b64url_decode(doc["key"]),
+            escrow_private_key=b64url_decode(doc["escrow_private_key"]) if doc.get("escrow_private_key") else None,
+        )
+
+    def __repr__(self) -> str:
+        return f"Project(id={self.id!r}, method={self.method!r}, treatment={self.treatment!r})"
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Issuer:
+    """Creates projects and issues signed tokens from a :class:`ProjectStore`."""
+
+    def __init__(self, store: ProjectStore) -> None:
+        self.store = store
+        doc = store.read("issuer")
+        if doc is None:
+            raise IssuerError(f"no issuer in {store}; create one with `pseudonymise issuer init`")
+        self.id: str = doc["issuer_id"]
+        self._private = Ed25519PrivateKey.from_private_bytes(b64url_decode(doc["private_key"]))
+        self.kid: str = doc["kid"]
+
+    @classmethod
+    def init(cls, store: ProjectStore, issuer_id: str) -> Issuer:
+        """Create the issuer key pair; refuses to overwrite an existing issuer."""
+        if store.read("issuer") is not None:
+            raise IssuerError(f"an issuer already exists in {store}; refusing to overwrite its key")
+        if not issuer_id or len(issuer_id) > 200:
+            raise IssuerError("the issuer id must be 1 to 200 characters")
+        private = Ed25519PrivateKey.generate()
+        raw_private = private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        x = b64url_encode(private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+        store.write("issuer", {"issuer_id": issuer_id, "kid": jwk_thumbprint(x), "private_key": b64url_encode(raw_private)})
+        return cls(store)
+
+    def public_keys(self) -> TrustedKeys:
+        """The JWKS a consumer needs to verify this issuer's tokens."""
+        keys = [IssuerKey(self.kid, self._private.public_key())]
+        return TrustedKeys(keys)
+
+    # --- projects -------------------------------------------------------------------------------
+    def create_project(self, project_id: str, *, method: str = "irreversible", treatment: str = "deterministic",
+                       retention_until: datetime | None = None, retention: timedelta | None = None,
+                       format: PseudonymFormat | None = None) -> Project:
+        if not PROJECT_ID.match(project_id or ""):
+            raise IssuerError(
+                f"project id {project_id!r} is invalid: use lowercase letters, digits, '.', '_' and '-' (at most 100)"
+            )
+        if method not in METHODS:
+            raise IssuerError(f"method {method!r} is unknown; use {' or '.join(METHODS)}")
+        if treatment not in TREATMENTS:
+            raise IssuerError(f"treatment {treatment!r} is unknown; use {' or '.join(TREATMENTS)}")
+        if self.store.read(f"projects/{project_id}") is not None:
+            raise IssuerError(f"project {project_id!r} already exists; its key cannot be replaced by re-creating it")
+        now = datetime.now(timezone.utc).replace(microsecond=0)
+        if retention_until is None:
+            retention_until = now + (retention if retention is not None else timedelta(days=365))
+        if retention_until <= now:
+            raise IssuerError("the retention end must be in the future")
+        escrow = None
+        if method == "reversible":
+            escrow = X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        project = Project(project_id, method, treatment, retention_until.astimezone(timezone.utc),
+                          format or PseudonymFormat(), now, secrets.token_bytes(32), escrow)
+        self.store.write(f"projects/{project_id}", project.to_document())
+        return project
+
+    def project(self, project_id: str) -> Project:
+        doc = self.store.read(f"projects/{project_id}") if PROJECT_ID.match(project_id or "") else None
+        if doc is None:
+            raise IssuerError(f"project {project_id!r} does not exist in {self.store}; create it with `pseudonymise project create`")
+        return Project.from_document(doc)
+
+    def projects(self) -> list[Project]:
+        return [self.project(name.split("/", 1)[1]) for name in self.store.names("projects")]
+
+    # --- tokens ---------------------------------------------------------------------------------
+    def issue(self, project_id: str, kind: str, *, expires_in: timedelta = timedelta(days=30),
+              source_project: str | None = None, not_before: datetime | None = None) -> str:
+        """Issue a signed token of ``kind`` for ``project_id``.
+
+        Reverse tokens are refused for irreversible projects and never outlive the retention end;
+        secondary tokens name the ``source_project`` whose pseudonyms they turn into second-level ones.
+        """
+        if kind not in KINDS:
+            raise IssuerError(f"token kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
+        project = self.project(project_id)
+        now = int(time.time())
+        if expires_in <= timedelta(0):
+            raise IssuerError("the token lifetime must be positive")
+        exp = now + int(expires_in.total_seconds())
+        retention_end = int(project.retention_until.timestamp())
+        if now >= retention_end and kind == "reverse":
+            raise IssuerError(f"project {project_id!r}'s retention has ended; reverse tokens can no longer be issued")
+        claims: dict[str, Any] = {
+            "iss": self.id,
+            "jti": new_jti(),
+            "sub": project.id,
+            "kind": kind,
+            "iat": now,
+            "nbf": int(not_before.timestamp()) if not_before else now,
+            "exp": exp,
+            "method": project.method,
+            "treatment": project.treatment,
+            "retention_until": _iso(project.retention_until),
+            "format": project.format.to_claim(),
+        }
+        if kind == "pseudonymisation":
+            claims["key"] = b64url_encode(project.key)
+            if project.reversible:
+                escrow = X25519PrivateKey.from_private_bytes(project.escrow_private_key)  # type: ignore[arg-type]
+                claims["escrow_public_key"] = b64url_encode(escrow.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+        elif kind == "reverse":
+            if not project.reversible:
+                raise IssuerError(f"project {project_id!r} is irreversible: it has no reverse tokens")
+            claims["exp"] = min(exp, retention_end)
+            claims["escrow_private_key"] = b64url_encode(project.escrow_private_key)  # type: ignore[arg-type]
+        else:
+            if not source_project:
+                raise IssuerError("a secondary token must name its --source-project")
+            if source_project == project_id:
+                raise IssuerError("a secondary token's source project must be another project")
+            self.project(source_project)  # must exist
+            claims["source_project"] = source_project
+            claims["key"] = b64url_encode(project.key)
+        return sign_claims(claims, self._private, self.kid)

@@ -1,0 +1,191 @@
+"""The audited flows every entry point shares: pseudonymise, secondary, reverse and purge.
+
+Each flow reads a :class:`Source` in batches, writes a :class:`Sink`, and keeps escrow and the
+audit ``finished`` row in one transaction of the :class:`Store`'s database. The CLI, the
+operators and the HTTP API only choose sources, sinks and where the token comes from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from pseudonymise.core.audit import AuditLog, AuditUse
+from pseudonymise.core.db import make_engine
+from pseudonymise.core.errors import EscrowError, PolicyError
+from pseudonymise.core.escrow import EscrowTables, EscrowWriter, purge, reveal
+from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser, SecondaryPseudonymiser, Stats
+from pseudonymise.core.tokens import TrustedKeys
+from pseudonymise.core.use import TokenUse
+
+
+class Source(Protocol):
+    columns: list[str]
+
+    def batches(self) -> Iterator[dict[str, list[Any]]]: ...
+
+
+class Sink(Protocol):
+    def write(self, batch: dict[str, list[Any]]) -> None: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+#: Makes the sink once the output columns are known; gets the store's open transaction.
+SinkFactory = Callable[[list[str], Connection], Sink]
+Progress = Callable[[Stats], None]
+
+
+class Store:
+    """The database that holds the audit and escrow tables (SQLite file by default)."""
+
+    def __init__(self, engine: Engine | str, audit_table: str = "pseudonymise_audit", schema: str | None = None,
+                 escrow_prefix: str = "pseudonymise") -> None:
+        self.engine = make_engine(engine) if isinstance(engine, str) else engine
+        self.audit = AuditLog(self.engine, audit_table, schema)
+        self.escrow = EscrowTables.define(self.audit.metadata, escrow_prefix, schema)
+
+    def create(self) -> None:
+        self.audit.create()
+        try:
+            with self.engine.begin() as conn:
+                self.audit.metadata.create_all(conn, checkfirst=True)
+        except sa.exc.SQLAlchemyError as exc:
+            raise EscrowError(f"cannot create the escrow tables ({exc.__class__.__name__}); check the database") from exc
+
+
+@dataclass
+class RunSummary:
+    """What a run did, for logs and XCom: counts and ids, never a value or a secret."""
+
+    operation: str
+    use_id: str
+    project: str | None
+    token_jti: str | None
+    token_fingerprint: str | None
+    columns: list[str]
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"operation": self.operation, "use_id": self.use_id, "project": self.project,
+                "token_jti": self.token_jti, "token_fingerprint": self.token_fingerprint,
+                "columns": self.columns, **self.counts}
+
+
+def _summary(use: TokenUse, columns: Sequence[str], counts: Mapping[str, int]) -> RunSummary:
+    token = use.token
+    return RunSummary(use.use.operation, use.use_id, token.project if token else use.use.project,
+                      token.jti if token else None, use.use.token_fingerprint, list(columns), dict(counts))
+
+
+def run_pseudonymisation(store: Store, raw_token: str, keys: TrustedKeys, policy: ColumnPolicy, source: Source,
+                         sink_factory: SinkFactory, *, secondary: bool = False, project: str | None = None,
+                         source_label: str | None = None, target_label: str | None = None,
+                         context: Mapping[str, Any] | None = None, progress: Progress | None = None) -> RunSummary:
+    """Pseudonymise (or, with ``secondary``, re-pseudonymise) ``source`` into the sink, audited."""
+    store.create()
+    operation = "secondary" if secondary else "pseudonymise"
+    with TokenUse(store.audit, operation, raw_token, keys, kind="secondary" if secondary else "pseudonymisation",
+                  project=project, source=source_label, target=target_label,
+                  columns=policy.pseudonymised_columns, context=context) as use:
+        assert use.token is not None
+        engine: Pseudonymiser | SecondaryPseudonymiser = (
+            SecondaryPseudonymiser(use.token, policy) if secondary else Pseudonymiser(use.token, policy)
+        )
+        out_columns = engine.output_columns(source.columns)  # policy errors before anything is written
+        escrow = EscrowWriter(use.token, store.escrow) if not secondary and use.token.reversible else None
+        sink: Sink | None = None
+        try:
+            with store.engine.begin() as conn:
+                sink = sink_factory(out_columns, conn)
+                for batch in source.batches():
+                    out = engine.pseudonymise_batch(batch)
+                    sink.write(out.columns)
+                    if escrow is not None:
+                        written = escrow.write(conn, out.escrow)
+                        engine.stats.escrow_rows += written
+                    use.counts.update(engine.stats.as_dict())
+                    if progress:
+                        progress(engine.stats)
+                use.succeed(conn, engine.stats.as_dict())
+            sink.commit()
+        except BaseException:
+            if sink is not None:
+                sink.abort()
+            raise
+        return _summary(use, out_columns, engine.stats.as_dict())
+
+
+def run_reversal(store: Store, raw_token: str, keys: TrustedKeys, columns: Sequence[str], source: Source,
+                 sink_factory: SinkFactory, *, project: str | None = None, triggered_by: str | None = None,
+                 source_label: str | None = None, target_label: str | None = None,
+                 context: Mapping[str, Any] | None = None, progress: Progress | None = None,
+                 require_all: bool = False) -> RunSummary:
+    """Replace pseudonyms in ``columns`` by their originals; the audit ``started`` row commits first."""
+    store.create()
+    ctx = {**(context or {}), "triggered_by": triggered_by or (context or {}).get("triggered_by")}
+    with TokenUse(store.audit, "reverse", raw_token, keys, kind="reverse", project=project, source=source_label,
+                  target=target_label, columns=list(columns), context=ctx) as use:
+        assert use.token is not None
+        missing = [c for c in columns if c not in source.columns]
+        if missing or not columns:
+            raise PolicyError(
+                f"column(s) {', '.join(map(repr, missing)) or '(none)'} to reverse are not in the source "
+                f"(it has {', '.join(map(repr, source.columns))})"
+            )
+        stats = Stats()
+        not_found = 0
+        sink: Sink | None = None
+        try:
+            with store.engine.connect() as conn:
+                sink = sink_factory(list(source.columns), conn)
+                for batch in source.batches():
+                    rows = len(next(iter(batch.values()))) if batch else 0
+                    stats.rows_in += rows
+                    for column in columns:
+                        values = batch[column]
+                        revealed = reveal(conn, store.escrow, use.token, [v for v in values if v is not None])
+                        stats.nulls += sum(v is None for v in values)
+                        batch[column] = [None if v is None else revealed.values.get(v) for v in values]
+                        stats.values_pseudonymised += len(revealed.values)
+                        not_found += len(revealed.not_found)
+                    if require_all and not_found:
+                        raise EscrowError(
+                            f"{not_found} pseudonym(s) have no escrow (unknown, purged after retention, or of "
+                            "another project); nothing was written"
+                        )
+                    sink.write(batch)
+                    stats.rows_out += rows
+                    use.counts.update({**stats.as_dict(), "not_found": not_found})
+                    if progress:
+                        progress(stats)
+                conn.rollback()
+            sink.commit()
+        except BaseException:
+            if sink is not None:
+                sink.abort()
+            raise
+        counts = {**stats.as_dict(), "not_found": not_found}
+        use.succeed(counts=counts, details={"values_revealed": stats.values_pseudonymised, "not_found": not_found})
+        return _summary(use, list(columns), counts)
+
+
+def run_purge(store: Store, *, project: str | None = None, context: Mapping[str, Any] | None = None,
+              now: datetime | None = None) -> RunSummary:
+    """Delete escrow rows past their retention end; the purge and its audit row commit together."""
+    store.create()
+    use = AuditUse(operation="purge", project=project, context=dict(context or {}))
+    store.audit.start(use)
+    try:
+        with store.engine.begin() as conn:
+            deleted = purge(conn, store.escrow, project=project, now=now)
+            store.audit.finish(use, "success", conn=conn, counts={"escrow_rows": deleted})
+    except BaseException as exc:
+        store.audit.finish(use, "failed", error=exc)
+        raise
+    return RunSummary("purge", use.use_id, project, None, None, [], {"escrow_rows": deleted})

@@ -1,0 +1,372 @@
+"""The pseudonym engine (DESIGN.md §4): column policies applied to whole batches of columns.
+
+A :class:`Pseudonymiser` is made from a verified pseudonymisation token and a
+:class:`ColumnPolicy`; it turns a batch (a mapping of column name to a sequence of values) into
+the output batch, counts NULLs and values, collects what escrow must seal for reversible
+projects, and fails the run if two different values ever meet in one pseudonym.
+:class:`SecondaryPseudonymiser` does the same with a secondary token over existing pseudonyms.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pseudonymise.core.canonical import build_normaliser, canonical
+from pseudonymise.core.errors import CollisionError, PolicyError, TokenKindError
+from pseudonymise.core.formats import PseudonymFormat
+from pseudonymise.core.tokens import Token
+
+Action = Literal["pseudonymise", "keep", "drop"]
+ACTIONS: tuple[str, ...] = ("pseudonymise", "keep", "drop")
+DEFAULTS: tuple[str, ...] = ("error", "keep", "drop")
+PRIMARY_LABEL = b"pseudonymise/v1\x00"
+SECONDARY_LABEL = b"pseudonymise/v1/secondary\x00"
+
+
+# --- policy -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ColumnRule:
+    """What happens to one column: ``pseudonymise`` (after ``normalise``, within ``domain``), ``keep`` or ``drop``."""
+
+    column: str
+    action: Action = "pseudonymise"
+    normalise: tuple[str, ...] = ()
+    domain: str = ""
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise PolicyError(f"column {self.column!r}: action {self.action!r} is unknown; use {', '.join(ACTIONS)}")
+        if self.action != "pseudonymise" and (self.normalise or self.domain):
+            raise PolicyError(f"column {self.column!r}: normalise/domain only apply to pseudonymised columns")
+        build_normaliser(self.normalise, self.column)  # validates the names early
+        if "\x00" in self.domain:
+            raise PolicyError(f"column {self.column!r}: the domain must not contain NUL characters")
+
+    @classmethod
+    def parse(cls, column: str, spec: Any) -> ColumnRule:
+        """Build a rule from a policy entry: an action name or ``{"action", "normalise", "domain"}``."""
+        if isinstance(spec, str):
+            return cls(column, spec)  # type: ignore[arg-type]
+        if isinstance(spec, ColumnRule):
+            return spec
+        if not isinstance(spec, Mapping):
+            raise PolicyError(f"column {column!r}: rule must be an action name or an object, not {type(spec).__name__}")
+        unknown = set(spec) - {"action", "normalise", "domain"}
+        if unknown:
+            raise PolicyError(f"column {column!r}: unknown rule field(s) {sorted(unknown)}; use action, normalise, domain")
+        normalise = spec.get("normalise", ())
+        if isinstance(normalise, str):
+            normalise = (normalise,)
+        return cls(column, spec.get("action", "pseudonymise"), tuple(normalise), spec.get("domain", "") or "")
+
+
+@dataclass(frozen=True)
+class ColumnPolicy:
+    """Rules by column, and what to do with columns no rule names (``error`` by default, the safe choice).
+
+    A new column appearing in the source must not leave the organisation unnoticed, so unlisted
+    columns are an error unless the policy says ``keep`` or ``drop``.
+    """
+
+    rules: Mapping[str, ColumnRule]
+    default: str = "error"
+
+    def __post_init__(self) -> None:
+        if self.default not in DEFAULTS:
+            raise PolicyError(f"policy default {self.default!r} is unknown; use {', '.join(DEFAULTS)}")
+        if not self.rules:
+            raise PolicyError("the column policy names no column; say which columns to pseudonymise")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ColumnPolicy:
+        """``{"columns": {"id": "pseudonymise", "name": "drop", ...}, "default": "error"}``, or just the columns."""
+        if not isinstance(data, Mapping):
+            raise PolicyError("a column policy must be a JSON object")
+        columns = data["columns"] if "columns" in data else data
+        default = data.get("default", "error") if "columns" in data else "error"
+        if isinstance(columns, (list, tuple)):
+            columns = {c: "pseudonymise" for c in columns}
+        if not isinstance(columns, Mapping):
+            raise PolicyError('policy "columns" must map column names to rules')
+        return cls({str(c): ColumnRule.parse(str(c), s) for c, s in columns.items()}, default)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> ColumnPolicy:
+        try:
+            return cls.from_mapping(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PolicyError(f"cannot read column policy {str(path)!r}: {exc.__class__.__name__}; check the path and JSON") from exc
+
+    @classmethod
+    def pseudonymise(cls, *columns: str, default: str = "keep") -> ColumnPolicy:
+        """Shortcut: pseudonymise these columns and ``default`` the rest."""
+        return cls({c: ColumnRule(c) for c in columns}, default)
+
+    def plan(self, columns: Sequence[str]) -> list[ColumnRule]:
+        """The rule of every input column, in order; raise before any work if columns do not match."""
+        missing = [c for c in self.rules if c not in columns]
+        if missing:
+            raise PolicyError(
+                f"column(s) {', '.join(map(repr, missing))} named by the policy are not in the source "
+                f"(it has {', '.join(map(repr, columns))}); fix the policy or the source query"
+            )
+        unlisted = [c for c in columns if c not in self.rules]
+        if unlisted and self.default == "error":
+            raise PolicyError(
+                f"column(s) {', '.join(map(repr, unlisted))} of the source have no rule; add them to the policy "
+                'as "keep", "drop" or "pseudonymise", or set the policy default to "keep" or "drop"'
+            )
+        return [self.rules.get(c) or ColumnRule(c, self.default) for c in columns]  # type: ignore[arg-type]
+
+    @property
+    def pseudonymised_columns(self) -> list[str]:
+        return [c for c, r in self.rules.items() if r.action == "pseudonymise"]
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {
+            "columns": {
+                c: {"action": r.action, **({"normalise": list(r.normalise)} if r.normalise else {}),
+                    **({"domain": r.domain} if r.domain else {})}
+                for c, r in self.rules.items()
+            },
+            "default": self.default,
+        }
+
+
+# --- HMAC with precomputed states -------------------------------------------------------------
+class _Keyed:
+    """HMAC-SHA256(key, label + message) with the inner/outer states computed once (RFC 2104)."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes, label: bytes) -> None:
+        block = key.ljust(64, b"\x00") if len(key) <= 64 else hashlib.sha256(key).digest().ljust(64, b"\x00")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block) + label)
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+
+    def mac(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+# --- results ----------------------------------------------------------------------------------
+@dataclass
+class Stats:
+    """Counts of a run; never a data value."""
+
+    rows_in: int = 0
+    rows_out: int = 0
+    nulls: int = 0
+    values_pseudonymised: int = 0
+    escrow_rows: int = 0
+
+    def add(self, other: Stats) -> None:
+        for name in ("rows_in", "rows_out", "nulls", "values_pseudonymised", "escrow_rows"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "rows_in": self.rows_in,
+            "rows_out": self.rows_out,
+            "nulls": self.nulls,
+            "values_pseudonymised": self.values_pseudonymised,
+            "escrow_rows": self.escrow_rows,
+        }
+
+
+@dataclass(frozen=True)
+class EscrowItem:
+    """What escrow must seal for one pseudonym: the value's type tag and canonical bytes."""
+
+    pseudonym: str
+    type_tag: str
+    canonical: bytes = field(repr=False)
+
+
+@dataclass
+class Batch:
+    """An output batch: columns in order, their counts, and the items escrow must seal."""
+
+    columns: dict[str, list[Any]]
+    stats: Stats
+    escrow: list[EscrowItem] = field(default_factory=list)
+
+    @property
+    def num_rows(self) -> int:
+        return self.stats.rows_out
+
+
+class _CollisionGuard:
+    """Remembers, for the whole run, which MAC each pseudonym came from.
+
+    Memory grows with the number of distinct pseudonyms of the run (about 150 bytes each).
+    """
+
+    def __init__(self, randomised: bool) -> None:
+        self._seen: dict[str, bytes] = {}
+        self._randomised = randomised
+
+    def check(self, column: str, pseudonym: str, mac: bytes) -> None:
+        key = mac[:16]
+        prior = self._seen.setdefault(pseudonym, key)
+        if prior is not key and (self._randomised or prior != key):
+            raise CollisionError(
+                f"column {column!r}: two different values gave the same pseudonym in this run; "
+                "the project's pseudonym format is too short for this data: issue a token with a longer format"
+            )
+
+
+def _batch_size(columns: Mapping[str, Sequence[Any]]) -> int:
+    sizes = {len(v) for v in columns.values()}
+    if len(sizes) > 1:
+        raise PolicyError("the batch's columns have different lengths; every column must have one value per row")
+    return sizes.pop() if sizes else 0
+
+
+# --- pseudonymisers ---------------------------------------------------------------------------
+class Pseudonymiser:
+    """Applies a column policy with a verified ``pseudonymisation`` token to batches of a run."""
+
+    def __init__(self, token: Token, policy: ColumnPolicy) -> None:
+        if token.kind != "pseudonymisation" or token.key is None:
+            raise TokenKindError(
+                f"token {token.jti} is a {token.kind!r} token; pseudonymising needs a 'pseudonymisation' token"
+            )
+        self.token = token
+        self.policy = policy
+        self.format: PseudonymFormat = token.format
+        self.randomised = token.treatment == "randomised"
+        self.reversible = token.reversible
+        self.stats = Stats()
+        self._guard = _CollisionGuard(self.randomised)
+        self._keyed: dict[str, _Keyed] = {}
+        self._key = token.key
+
+    def _keyed_for(self, domain: str) -> _Keyed:
+        keyed = self._keyed.get(domain)
+        if keyed is None:
+            keyed = self._keyed[domain] = _Keyed(self._key, PRIMARY_LABEL + domain.encode("utf-8") + b"\x00")
+        return keyed
+
+    def output_columns(self, columns: Sequence[str]) -> list[str]:
+        return [r.column for r in self.policy.plan(columns) if r.action != "drop"]
+
+    def pseudonymise_values(self, values: Sequence[Any], rule: ColumnRule, stats: Stats | None = None,
+                            escrow: list[EscrowItem] | None = None) -> list[str | None]:
+        """Pseudonymise one column of a batch under ``rule``."""
+        stats = stats if stats is not None else Stats()
+        normalise = build_normaliser(rule.normalise, rule.column)
+        encode = self.format.encoder
+        length, prefix = self.format.length, self.format.prefix
+        column = rule.column
+        check = self._guard.check
+        mac_of: Callable[[bytes], bytes]
+        if self.randomised:
+            mac_of = lambda _c: os.urandom(32)  # noqa: E731 - a fresh pseudonym every occurrence
+        else:
+            mac_of = self._keyed_for(rule.domain).mac
+        out: list[str | None] = []
+        append = out.append
+        nulls = 0
+        for value in values:
+            if value is None:
+                append(None)
+                nulls += 1
+                continue
+            if normalise is not None:
+                value = normalise(value)
+            tag, data = canonical(value, column)
+            mac = mac_of(data)
+            pseudonym = prefix + encode(mac, length)
+            check(column, pseudonym, mac)
+            append(pseudonym)
+            if escrow is not None:
+                escrow.append(EscrowItem(pseudonym, tag, data))
+        stats.nulls += nulls
+        stats.values_pseudonymised += len(out) - nulls
+        return out
+
+    def pseudonymise_batch(self, columns: Mapping[str, Sequence[Any]]) -> Batch:
+        """Apply the policy to one batch; the policy is checked against the batch's columns first."""
+        rows = _batch_size(columns)
+        plan = self.policy.plan(list(columns))
+        stats = Stats(rows_in=rows, rows_out=rows)
+        escrow: list[EscrowItem] | None = [] if self.reversible else None
+        out: dict[str, list[Any]] = {}
+        for rule in plan:
+            if rule.action == "drop":
+                continue
+            if rule.action == "keep":
+                out[rule.column] = list(columns[rule.column])
+            else:
+                out[rule.column] = self.pseudonymise_values(columns[rule.column], rule, stats, escrow)
+        self.stats.add(stats)
+        return Batch(out, stats, escrow or [])
+
+
+class SecondaryPseudonymiser:
+    """Turns a source project's pseudonyms into second-level ones with a ``secondary`` token (§4 step 5)."""
+
+    def __init__(self, token: Token, policy: ColumnPolicy) -> None:
+        if token.kind != "secondary" or token.key is None:
+            raise TokenKindError(f"token {token.jti} is a {token.kind!r} token; this operation needs a 'secondary' token")
+        for rule in policy.rules.values():
+            if rule.action == "pseudonymise" and (rule.normalise or rule.domain):
+                raise PolicyError(
+                    f"column {rule.column!r}: normalise/domain do not apply to secondary pseudonymisation; "
+                    "the input is already a pseudonym"
+                )
+        self.token = token
+        self.policy = policy
+        self.format = token.format
+        self.stats = Stats()
+        self._keyed = _Keyed(token.key, SECONDARY_LABEL)
+        self._guard = _CollisionGuard(randomised=False)
+
+    def output_columns(self, columns: Sequence[str]) -> list[str]:
+        return [r.column for r in self.policy.plan(columns) if r.action != "drop"]
+
+    def pseudonymise_values(self, values: Sequence[Any], column: str, stats: Stats | None = None) -> list[str | None]:
+        stats = stats if stats is not None else Stats()
+        mac_of, encode = self._keyed.mac, self.format.encoder
+        length, prefix = self.format.length, self.format.prefix
+        out: list[str | None] = []
+        nulls = 0
+        for value in values:
+            if value is None:
+                out.append(None)
+                nulls += 1
+                continue
+            if not isinstance(value, str):
+                raise PolicyError(
+                    f"column {column!r} holds {type(value).__name__} values; secondary pseudonymisation takes "
+                    "the text pseudonyms of the source project"
+                )
+            mac = mac_of(value.encode("utf-8"))
+            pseudonym = prefix + encode(mac, length)
+            self._guard.check(column, pseudonym, mac)
+            out.append(pseudonym)
+        stats.nulls += nulls
+        stats.values_pseudonymised += len(out) - nulls
+        return out
+
+    def pseudonymise_batch(self, columns: Mapping[str, Sequence[Any]]) -> Batch:
+        rows = _batch_size(columns)
+        stats = Stats(rows_in=rows, rows_out=rows)
+        out: dict[str, list[Any]] = {}
+        for rule in self.policy.plan(list(columns)):
+            if rule.action == "keep":
+                out[rule.column] = list(columns[rule.column])
+            elif rule.action == "pseudonymise":
+                out[rule.column] = self.pseudonymise_values(columns[rule.column], rule.column, stats)
+        self.stats.add(stats)
+        return Batch(out, stats)

@@ -1,0 +1,410 @@
+"""Token format v1: compact JWS (EdDSA/Ed25519) issue, parse and verify, failing closed.
+
+DESIGN.md §3. Verification checks, in this order: structure, header (``alg`` = EdDSA, known
+``kid``), signature, claim schema, ``nbf``/``exp``, then what the caller expects (kind,
+project) and, for reverse tokens, the retention end. Each failure raises its own
+:class:`~pseudonymise.core.errors.TokenError` subclass; no message ever contains the token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from pseudonymise.core.errors import (
+    MalformedTokenError,
+    RetentionEndedError,
+    TokenExpiredError,
+    TokenKindError,
+    TokenNotYetValidError,
+    TokenProjectError,
+    TokenSignatureError,
+    UnknownIssuerKeyError,
+)
+from pseudonymise.core.formats import PseudonymFormat
+
+TokenKind = Literal["pseudonymisation", "reverse", "secondary"]
+KINDS: tuple[str, ...] = ("pseudonymisation", "reverse", "secondary")
+METHODS: tuple[str, ...] = ("reversible", "irreversible")
+TREATMENTS: tuple[str, ...] = ("deterministic", "randomised")
+#: Clock skew tolerated on ``nbf``/``exp``, in seconds.
+LEEWAY_SECONDS = 30
+_MAX_TOKEN_LENGTH = 16_384
+
+
+def b64url_encode(data: bytes) -> str:
+    """RFC 4648 §5 base64url without padding."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Decode base64url without padding; raises ``ValueError`` on anything else."""
+    if not isinstance(text, str) or any(c in text for c in "=+/ \n\t"):
+        raise ValueError("not unpadded base64url")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("not unpadded base64url") from exc
+
+
+def fingerprint(token: str) -> str:
+    """First 16 hex digits of SHA-256 of the token string: safe to log and audit."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def jwk_thumbprint(x: str) -> str:
+    """RFC 7638 thumbprint of an Ed25519 OKP JWK with public value ``x``; used as the ``kid``."""
+    members = json.dumps({"crv": "Ed25519", "kty": "OKP", "x": x}, separators=(",", ":"), sort_keys=True)
+    return b64url_encode(hashlib.sha256(members.encode()).digest())
+
+
+# --- issuer keys ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IssuerKey:
+    """A trusted issuer public key (an OKP/Ed25519 JWK) and its ``kid``."""
+
+    kid: str
+    public_key: Ed25519PublicKey
+
+    def to_jwk(self) -> dict[str, str]:
+        raw = self.public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return {"kty": "OKP", "crv": "Ed25519", "x": b64url_encode(raw), "kid": self.kid, "alg": "EdDSA", "use": "sig"}
+
+    @classmethod
+    def from_jwk(cls, jwk: Mapping[str, Any]) -> IssuerKey:
+        if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519" or not jwk.get("kid") or "x" not in jwk:
+            raise MalformedTokenError(
+                "issuer key is not an Ed25519 JWK with a kid: expected "
+                '{"kty": "OKP", "crv": "Ed25519", "x": ..., "kid": ...}; '
+                "print the right one with `pseudonymise issuer public-key`"
+            )
+        try:
+            raw = b64url_decode(jwk["x"])
+            return cls(kid=str(jwk["kid"]), public_key=Ed25519PublicKey.from_public_bytes(raw))
+        except ValueError as exc:
+            raise MalformedTokenError(f"issuer key {jwk.get('kid')!r} has an invalid 'x' (expected 32 bytes base64url)") from exc
+
+
+class TrustedKeys:
+    """The issuer public keys a consumer accepts, by ``kid`` (a JWKS)."""
+
+    def __init__(self, keys: Iterable[IssuerKey] = ()) -> None:
+        self._keys = {k.kid: k for k in keys}
+
+    @classmethod
+    def from_jwks(cls, jwks: Mapping[str, Any] | str | list[Any]) -> TrustedKeys:
+        """Accept a JWKS (``{"keys": [...]}``), a list of JWKs, one JWK, or their JSON text."""
+        if isinstance(jwks, str):
+            try:
+                jwks = json.loads(jwks)
+            except json.JSONDecodeError as exc:
+                raise MalformedTokenError(
+                    "trusted issuer keys are not valid JSON; paste the output of `pseudonymise issuer public-key`"
+                ) from exc
+        if isinstance(jwks, Mapping) and "keys" in jwks:
+            items = jwks["keys"]
+        elif isinstance(jwks, Mapping):
+            items = [jwks]
+        else:
+            items = jwks
+        return cls(IssuerKey.from_jwk(k) for k in items)
+
+    def to_jwks(self) -> dict[str, Any]:
+        return {"keys": [k.to_jwk() for k in self._keys.values()]}
+
+    def get(self, kid: str) -> IssuerKey | None:
+        return self._keys.get(kid)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+# --- low-level JWS ----------------------------------------------------------------------------
+def jws_sign(header: Mapping[str, Any], payload: bytes, private_key: Ed25519PrivateKey) -> str:
+    """Compact JWS serialisation (RFC 7515 §7.1) signed with EdDSA (RFC 8037)."""
+    protected = b64url_encode(json.dumps(header, separators=(",", ":")).encode())
+    signing_input = f"{protected}.{b64url_encode(payload)}"
+    signature = private_key.sign(signing_input.encode("ascii"))
+    return f"{signing_input}.{b64url_encode(signature)}"
+
+
+@dataclass(frozen=True)
+class _ParsedJWS:
+    header: dict[str, Any]
+    payload: bytes
+    signing_input: bytes
+    signature: bytes
+
+
+def _parse_jws(token: str) -> _ParsedJWS:
+    if not isinstance(token, str):
+        raise MalformedTokenError("token must be text (a compact JWS); check where it is read from")
+    token = token.strip()
+    if not token:
+        raise MalformedTokenError("token is empty; check the connection password, Vault secret or token file")
+    if len(token) > _MAX_TOKEN_LENGTH:
+        raise MalformedTokenError(f"token is longer than {_MAX_TOKEN_LENGTH} characters; it is not a v1 token")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise MalformedTokenError(
+            f"token has {len(parts)} dot-separated part(s), a compact JWS has 3; "
+            "it may be truncated: copy the whole token again"
+        )
+    try:
+        header_bytes, payload, signature = (b64url_decode(p) for p in parts)
+    except ValueError as exc:
+        raise MalformedTokenError("token is not base64url-encoded JWS; it may be truncated or altered") from exc
+    try:
+        header = json.loads(header_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MalformedTokenError("token header is not JSON; it may be truncated or altered") from exc
+    if not isinstance(header, dict):
+        raise MalformedTokenError("token header is not a JSON object")
+    return _ParsedJWS(header, payload, f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
+
+
+def jws_verify(token: str, keys: TrustedKeys) -> tuple[dict[str, Any], bytes]:
+    """Verify a compact EdDSA JWS against trusted keys; return (header, payload)."""
+    jws = _parse_jws(token)
+    if jws.header.get("alg") != "EdDSA":
+        raise MalformedTokenError(
+            f"token algorithm {str(jws.header.get('alg'))[:20]!r} is not accepted; v1 tokens are signed with EdDSA"
+        )
+    kid = jws.header.get("kid")
+    if kid is None and len(keys) == 0:
+        raise UnknownIssuerKeyError("no trusted issuer keys are configured; add the issuer's JWKS to the connection")
+    key = keys.get(str(kid)) if kid is not None else None
+    if key is None:
+        raise UnknownIssuerKeyError(
+            f"token is signed by issuer key {str(kid)[:64]!r}, which is not among the trusted issuer keys; "
+            "add that issuer's public key (`pseudonymise issuer public-key`) to the connection's issuer_keys"
+        )
+    if len(jws.signature) != 64:
+        raise TokenSignatureError("token signature has the wrong length; the token is truncated or altered")
+    try:
+        key.public_key.verify(jws.signature, jws.signing_input)
+    except InvalidSignature as exc:
+        raise TokenSignatureError(
+            f"token signature does not verify with issuer key {key.kid!r}; the token was altered or re-signed"
+        ) from exc
+    return jws.header, jws.payload
+
+
+# --- the token --------------------------------------------------------------------------------
+def _iso_utc(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_instant(text: str) -> datetime:
+    """Parse an ISO 8601 instant (``Z`` or offset) into an aware UTC datetime."""
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        raise ValueError("instant has no time zone")
+    return dt.astimezone(timezone.utc)
+
+
+@dataclass(frozen=True, repr=False)
+class Token:
+    """A verified v1 token. ``repr`` and ``str`` never show the secret material."""
+
+    raw: str = field(repr=False)
+    issuer: str
+    kid: str
+    jti: str
+    project: str
+    kind: str
+    issued_at: int
+    not_before: int
+    expires_at: int
+    method: str
+    treatment: str
+    retention_until: datetime
+    format: PseudonymFormat
+    key: bytes | None = field(default=None, repr=False)
+    escrow_public_key: X25519PublicKey | None = field(default=None, repr=False)
+    escrow_private_key: X25519PrivateKey | None = field(default=None, repr=False)
+    source_project: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.raw)
+
+    @property
+    def reversible(self) -> bool:
+        return self.method == "reversible"
+
+    @property
+    def expires(self) -> datetime:
+        return datetime.fromtimestamp(self.expires_at, timezone.utc)
+
+    def public_claims(self) -> dict[str, Any]:
+        """The claims without any secret: safe to print, log or audit."""
+        return {
+            "iss": self.issuer,
+            "kid": self.kid,
+            "jti": self.jti,
+            "sub": self.project,
+            "kind": self.kind,
+            "iat": self.issued_at,
+            "nbf": self.not_before,
+            "exp": self.expires_at,
+            "method": self.method,
+            "treatment": self.treatment,
+            "retention_until": _iso_utc(self.retention_until),
+            "format": self.format.to_claim(),
+            **({"source_project": self.source_project} if self.source_project else {}),
+            "fingerprint": self.fingerprint,
+        }
+
+    def __repr__(self) -> str:
+        return f"Token(jti={self.jti!r}, project={self.project!r}, kind={self.kind!r}, fingerprint={self.fingerprint!r})"
+
+    __str__ = __repr__
+
+
+def _claim(claims: Mapping[str, Any], name: str, typ: type | tuple[type, ...]) -> Any:
+    value = claims.get(name)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise MalformedTokenError(f"token claim {name!r} is missing or of the wrong type; the token is not a v1 token")
+    return value
+
+
+def _key_claim(claims: Mapping[str, Any], name: str) -> bytes:
+    try:
+        raw = b64url_decode(_claim(claims, name, str))
+    except ValueError as exc:
+        raise MalformedTokenError(f"token claim {name!r} is not base64url") from exc
+    if len(raw) != 32:
+        raise MalformedTokenError(f"token claim {name!r} must hold 32 bytes, it holds {len(raw)}")
+    return raw
+
+
+def token_from_claims(raw: str, header: Mapping[str, Any], claims: Mapping[str, Any]) -> Token:
+    """Check the v1 claim schema and build a :class:`Token` (no time or expectation checks)."""
+    kind = _claim(claims, "kind", str)
+    if kind not in KINDS:
+        raise MalformedTokenError(f"token kind {kind[:32]!r} is unknown; expected one of {', '.join(KINDS)}")
+    method = _claim(claims, "method", str)
+    treatment = _claim(claims, "treatment", str)
+    if method not in METHODS or treatment not in TREATMENTS:
+        raise MalformedTokenError("token claims 'method'/'treatment' hold unknown values")
+    try:
+        retention_until = parse_instant(_claim(claims, "retention_until", str))
+    except ValueError as exc:
+        raise MalformedTokenError("token claim 'retention_until' is not an ISO 8601 UTC instant") from exc
+    try:
+        uuid.UUID(_claim(claims, "jti", str))
+    except ValueError as exc:
+        raise MalformedTokenError("token claim 'jti' is not a UUID") from exc
+    fmt = PseudonymFormat.from_claim(_claim(claims, "format", dict))
+    key = escrow_public = escrow_private = None
+    if kind in ("pseudonymisation", "secondary"):
+        key = _key_claim(claims, "key")
+    if kind == "pseudonymisation" and method == "reversible":
+        escrow_public = X25519PublicKey.from_public_bytes(_key_claim(claims, "escrow_public_key"))
+    if kind == "reverse":
+        if method != "reversible":
+            raise MalformedTokenError("a reverse token for an irreversible project is invalid")
+        escrow_private = X25519PrivateKey.from_private_bytes(_key_claim(claims, "escrow_private_key"))
+    source_project = None
+    if kind == "secondary":
+        source_project = _claim(claims, "source_project", str)
+    return Token(
+        raw=raw,
+        issuer=_claim(claims, "iss", str),
+        kid=str(header.get("kid")),
+        jti=claims["jti"],
+        project=_claim(claims, "sub", str),
+        kind=kind,
+        issued_at=_claim(claims, "iat", int),
+        not_before=_claim(claims, "nbf", int),
+        expires_at=_claim(claims, "exp", int),
+        method=method,
+        treatment=treatment,
+        retention_until=retention_until,
+        format=fmt,
+        key=key,
+        escrow_public_key=escrow_public,
+        escrow_private_key=escrow_private,
+        source_project=source_project,
+    )
+
+
+def verify_token(
+    raw: str,
+    keys: TrustedKeys,
+    *,
+    kind: str | None = None,
+    project: str | None = None,
+    now: float | None = None,
+) -> Token:
+    """Verify ``raw`` completely and return the :class:`Token`; raise a specific TokenError otherwise."""
+    header, payload = jws_verify(raw, keys)
+    try:
+        claims = json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MalformedTokenError("token payload is not JSON") from exc
+    if not isinstance(claims, dict):
+        raise MalformedTokenError("token payload is not a JSON object")
+    token = token_from_claims(raw.strip(), header, claims)
+    now = time.time() if now is None else now
+    if now + LEEWAY_SECONDS < token.not_before:
+        raise TokenNotYetValidError(
+            f"token {token.jti} is not valid before {_iso_utc(datetime.fromtimestamp(token.not_before, timezone.utc))}; "
+            "wait, or ask the issuer for a token valid now"
+        )
+    if now - LEEWAY_SECONDS >= token.expires_at:
+        raise TokenExpiredError(
+            f"token {token.jti} for project {token.project!r} expired at {_iso_utc(token.expires)}; "
+            "ask the issuer for a new token and update the connection"
+        )
+    if kind is not None and token.kind != kind:
+        raise TokenKindError(
+            f"token {token.jti} is a {token.kind!r} token but this operation needs a {kind!r} token; "
+            "use a connection that holds the right kind"
+        )
+    if project is not None and token.project != project:
+        raise TokenProjectError(
+            f"token {token.jti} belongs to project {token.project!r}, not {project!r}; use that project's token"
+        )
+    if token.kind == "reverse" and now >= token.retention_until.timestamp():
+        raise RetentionEndedError(
+            f"project {token.project!r}'s retention ended at {_iso_utc(token.retention_until)}; "
+            "reversal is no longer possible"
+        )
+    return token
+
+
+def peek_claims(raw: str) -> dict[str, Any]:
+    """Unverified, non-secret claims (jti, sub, kind, iss) for auditing a denied use; ``{}`` if unreadable."""
+    try:
+        jws = _parse_jws(raw)
+        claims = json.loads(jws.payload)
+    except Exception:  # noqa: BLE001 - a denied use is audited with whatever can be read
+        return {}
+    if not isinstance(claims, dict):
+        return {}
+    return {k: str(claims[k])[:200] for k in ("jti", "sub", "kind", "iss", "source_project") if k in claims}
+
+
+def sign_claims(claims: Mapping[str, Any], private_key: Ed25519PrivateKey, kid: str) -> str:
+    """Sign v1 claims into a compact JWS (used by the issuer)."""
+    header = {"alg": "EdDSA", "typ": "JWT", "kid": kid}
+    return jws_sign(header, json.dumps(dict(claims), separators=(",", ":"), sort_keys=True).encode(), private_key)
+
+
+def new_jti() -> str:
+    return str(uuid.uuid4())

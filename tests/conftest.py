@@ -1,0 +1,65 @@
+"""Shared fixtures: real PostgreSQL, real OpenBao, an issuer with projects, and databases to test on."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from pseudonymise.core.issuer import DirectoryStore, Issuer
+from tests.services import OpenBaoServer, PostgresServer, start_openbao, start_postgres
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    server = start_postgres()
+    yield server
+    server.stop("immediate")
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    admin = sa.create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield postgres.url(name)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same test on the embedded default (SQLite) and on real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(scope="session")
+def openbao() -> Iterator[OpenBaoServer]:
+    server = start_openbao()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def issuer(tmp_path: Path) -> Issuer:
+    """An issuer with the projects most tests need."""
+    issuer = Issuer.init(DirectoryStore(tmp_path / "issuer-store"), "test-issuer")
+    issuer.create_project("research-a", method="reversible", treatment="deterministic", retention=timedelta(days=30))
+    issuer.create_project("research-b", method="irreversible", treatment="deterministic")
+    issuer.create_project("random-r", method="reversible", treatment="randomised", retention=timedelta(days=30))
+    issuer.create_project("vendor-x", method="irreversible", treatment="deterministic")
+    return issuer

