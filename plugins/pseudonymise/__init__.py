@@ -16,10 +16,48 @@ def get_provider_info() -> dict:
         "name": "Pseudonymise",
         "description": "Pseudonymise identifiers with project tokens, with sealed escrow and a tamper-evident audit.",
         "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "Pseudonymise",
+                "external-doc-url": "https://airflow.apache.org/docs/",
+                "tags": ["software"],
+            }
+        ],
+        "hooks": [{"integration-name": "Pseudonymise", "python-modules": ["pseudonymise.hooks"]}],
+        "operators": [{"integration-name": "Pseudonymise", "python-modules": ["pseudonymise.operators"]}],
+        "extra-links": ["pseudonymise.operators.AuditTrailLink"],
         "connection-types": [
             {
                 "connection-type": "pseudonymise",
                 "hook-class-name": "pseudonymise.hooks.PseudonymisationTokenHook",
+                "hook-name": "Pseudonymisation token",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["host", "schema", "login", "port", "extra"],
+                    "relabeling": {"password": "Token"},
+                    "placeholders": {"password": "the token issued for the project (leave empty when read from Vault)"},
+                },
+                "conn-fields": {
+                    "issuer_keys": {
+                        "label": "Trusted issuer keys (JWKS)",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Output of `pseudonymise issuer public-key`.",
+                    },
+                    "project": {
+                        "label": "Project",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Refuse tokens of any other project.",
+                    },
+                    "vault_conn_id": {
+                        "label": "Vault connection id",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Read the token from HashiCorp Vault through this connection.",
+                    },
+                    "vault_path": {"label": "Vault KV v2 path", "schema": {"type": ["string", "null"]}},
+                    "vault_key": {
+                        "label": "Vault secret key",
+                        "schema": {"type": ["string", "null"], "default": "token"},
+                    },
+                },
             }
         ],
     }

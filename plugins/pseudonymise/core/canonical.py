@@ -30,7 +30,8 @@ def canonical(value: Any, column: str) -> tuple[str, bytes]:
                 f"column {column!r} holds text that is not valid Unicode (undecodable bytes or lone surrogates); "
                 "fix the source encoding or read the file with the right encoding"
             ) from exc
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    # numpy's boolean is ``numpy.bool_`` before numpy 2 and ``numpy.bool`` since
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")):
         return "bool", b"true" if value else b"false"
     if isinstance(value, numbers.Integral):
         return "int", str(int(value)).encode("ascii")

@@ -135,9 +135,13 @@ class _AtomicFile:
 
     def commit(self) -> None:
         os.replace(self.tmp, self.path)
+        self.committed = True
 
     def abort(self) -> None:
+        """Remove the partial file; after a commit whose audit then failed, remove the output too."""
         self.tmp.unlink(missing_ok=True)
+        if getattr(self, "committed", False):
+            self.path.unlink(missing_ok=True)
 
 
 class CsvSink:

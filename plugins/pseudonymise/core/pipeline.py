@@ -31,6 +31,10 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
+    """Where output goes. ``commit`` is called inside the store's transaction, just before the
+    audit ``finished`` row: a sink on the store's own connection commits with it; a file is
+    renamed into place (and removed again by ``abort`` if the audit then fails to commit)."""
+
     def write(self, batch: dict[str, list[Any]]) -> None: ...
     def commit(self) -> None: ...
     def abort(self) -> None: ...
@@ -112,8 +116,8 @@ def run_pseudonymisation(store: Store, raw_token: str, keys: TrustedKeys, policy
                     use.counts.update(engine.stats.as_dict())
                     if progress:
                         progress(engine.stats)
+                sink.commit()
                 use.succeed(conn, engine.stats.as_dict())
-            sink.commit()
         except BaseException:
             if sink is not None:
                 sink.abort()
@@ -142,7 +146,7 @@ def run_reversal(store: Store, raw_token: str, keys: TrustedKeys, columns: Seque
         not_found = 0
         sink: Sink | None = None
         try:
-            with store.engine.connect() as conn:
+            with store.engine.begin() as conn:
                 sink = sink_factory(list(source.columns), conn)
                 for batch in source.batches():
                     rows = len(next(iter(batch.values()))) if batch else 0
@@ -164,14 +168,14 @@ def run_reversal(store: Store, raw_token: str, keys: TrustedKeys, columns: Seque
                     use.counts.update({**stats.as_dict(), "not_found": not_found})
                     if progress:
                         progress(stats)
-                conn.rollback()
-            sink.commit()
+                counts = {**stats.as_dict(), "not_found": not_found}
+                sink.commit()
+                use.succeed(conn, counts=counts,
+                            details={"values_revealed": stats.values_pseudonymised, "not_found": not_found})
         except BaseException:
             if sink is not None:
                 sink.abort()
             raise
-        counts = {**stats.as_dict(), "not_found": not_found}
-        use.succeed(counts=counts, details={"values_revealed": stats.values_pseudonymised, "not_found": not_found})
         return _summary(use, list(columns), counts)
 
 

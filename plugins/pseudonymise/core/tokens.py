@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from pseudonymise.core.errors import (
     MalformedTokenError,
+    PolicyError,
     RetentionEndedError,
     TokenExpiredError,
     TokenKindError,
@@ -43,6 +45,7 @@ TREATMENTS: tuple[str, ...] = ("deterministic", "randomised")
 #: Clock skew tolerated on ``nbf``/``exp``, in seconds.
 LEEWAY_SECONDS = 30
 _MAX_TOKEN_LENGTH = 16_384
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 def b64url_encode(data: bytes) -> str:
@@ -51,13 +54,20 @@ def b64url_encode(data: bytes) -> str:
 
 
 def b64url_decode(text: str) -> bytes:
-    """Decode base64url without padding; raises ``ValueError`` on anything else."""
-    if not isinstance(text, str) or any(c in text for c in "=+/ \n\t"):
+    """Decode canonical base64url without padding; raises ``ValueError`` on anything else.
+
+    Strict on purpose: the standard decoder skips characters outside the alphabet and ignores
+    the unused low bits of the last character, so many spellings would decode to one signature.
+    """
+    if not isinstance(text, str) or not _B64URL.fullmatch(text):
         raise ValueError("not unpadded base64url")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
         raise ValueError("not unpadded base64url") from exc
+    if b64url_encode(data) != text:
+        raise ValueError("not canonical base64url")
+    return data
 
 
 def fingerprint(token: str) -> str:
@@ -169,7 +179,7 @@ def _parse_jws(token: str) -> _ParsedJWS:
         raise MalformedTokenError("token is not base64url-encoded JWS; it may be truncated or altered") from exc
     try:
         header = json.loads(header_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, deep nesting
         raise MalformedTokenError("token header is not JSON; it may be truncated or altered") from exc
     if not isinstance(header, dict):
         raise MalformedTokenError("token header is not a JSON object")
@@ -309,7 +319,10 @@ def token_from_claims(raw: str, header: Mapping[str, Any], claims: Mapping[str, 
         uuid.UUID(_claim(claims, "jti", str))
     except ValueError as exc:
         raise MalformedTokenError("token claim 'jti' is not a UUID") from exc
-    fmt = PseudonymFormat.from_claim(_claim(claims, "format", dict))
+    try:
+        fmt = PseudonymFormat.from_claim(_claim(claims, "format", dict))
+    except PolicyError as exc:
+        raise MalformedTokenError(f"token claim 'format' is invalid: {exc}") from exc
     key = escrow_public = escrow_private = None
     if kind in ("pseudonymisation", "secondary"):
         key = _key_claim(claims, "key")
@@ -355,7 +368,7 @@ def verify_token(
     header, payload = jws_verify(raw, keys)
     try:
         claims = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise MalformedTokenError("token payload is not JSON") from exc
     if not isinstance(claims, dict):
         raise MalformedTokenError("token payload is not a JSON object")

@@ -1,0 +1,35 @@
+"""Vendor share: re-pseudonymise the research table with a secondary token, whenever it changes.
+
+The vendor gets second-level pseudonyms that it cannot link to the research partner's (or any
+other project's) pseudonyms. Scheduled on the research table's asset.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk import DAG, Asset
+
+from pseudonymise.operators import SecondaryPseudonymiseOperator
+
+RESEARCH_TABLE = Asset(name="pseudonymise/research_db/default/patient_visits_pseudonymised")
+
+with DAG(
+    dag_id="pseudonymise_vendor_share",
+    schedule=[RESEARCH_TABLE],
+    start_date=datetime(2026, 11, 1),
+    catchup=False,
+    tags=["pseudonymise", "example"],
+    doc_md=__doc__,
+):
+    SecondaryPseudonymiseOperator(
+        task_id="secondary_pseudonymise",
+        pseudonymise_conn_id="pseudonymise_vendor",
+        source_conn_id="research_db",
+        sql="SELECT patient_id, birth_year, diagnosis_code FROM patient_visits_pseudonymised",
+        columns={"patient_id": "pseudonymise", "birth_year": "keep", "diagnosis_code": "keep"},
+        target_conn_id="vendor_db",
+        target_table="vendor_patient_visits",
+        write_mode="replace",
+        audit_conn_id="research_db",
+    )

@@ -1,0 +1,487 @@
+"""SQL sources and table targets: streamed reads, one-transaction writes, PostgreSQL COPY both ways.
+
+Sources yield batches of columns with flat memory: a server-side cursor on any SQLAlchemy
+database, or ``COPY (query) TO STDOUT`` on PostgreSQL, parsed block by block in the text format
+while a reader thread keeps the next block coming. Targets write inside the caller's transaction
+with ``INSERT`` (generic) or ``COPY FROM STDIN`` (PostgreSQL), after the write mode's preparation
+(delete the run's partition, or the whole table) in that same transaction, so a failed or killed
+task leaves the target as it was.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import io
+import queue
+import re
+import threading
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from pseudonymise.core.errors import DataIOError, PolicyError, UnsupportedTypeError
+
+WRITE_MODES = ("append", "replace_partition", "upsert", "replace")
+
+# PostgreSQL type OIDs whose COPY text form equals the canonical text of the value psycopg2 returns.
+_PG_TEXT_SAFE = {25: "text", 1043: "varchar", 1042: "bpchar", 19: "name", 20: "int8", 21: "int2", 23: "int4",
+                 2950: "uuid", 1082: "date"}
+_PG_REFUSED = {700: "real", 701: "double precision", 1700: "numeric", 790: "money"}
+
+
+# --- sources ----------------------------------------------------------------------------------
+def table_query(table: str, schema: str | None, dialect: sa.Dialect) -> str:
+    prep = dialect.identifier_preparer
+    return f"SELECT * FROM {prep.quote(schema) + '.' if schema else ''}{prep.quote(table)}"
+
+
+class SqlSource:
+    """Rows of a query (``:name`` bind parameters) from any SQLAlchemy database, in batches."""
+
+    def __init__(self, engine: Engine, query: str, parameters: Mapping[str, Any] | None = None,
+                 batch_size: int = 50_000, label: str | None = None) -> None:
+        self.engine = engine
+        self.query = query
+        self.parameters = dict(parameters or {})
+        self.batch_size = batch_size
+        self.label = label or "query"
+        try:
+            self._conn = engine.connect()
+            self._result = self._conn.execution_options(stream_results=True, yield_per=batch_size).execute(
+                sa.text(query), self.parameters)
+        except sa.exc.SQLAlchemyError as exc:
+            self.close()
+            raise DataIOError(
+                f"the source {self.label} could not be read ({exc.__class__.__name__}: {_first_line(exc)}); "
+                "check the connection and the query"
+            ) from exc
+        self.columns: list[str] = list(self._result.keys())
+        self.type_codes = _type_codes(self._result) if engine.dialect.name == "postgresql" else {}
+
+    def check_types(self, columns: Sequence[str]) -> None:
+        """Refuse floating-point and numeric columns before anything is written (PostgreSQL knows their type)."""
+        for name in columns:
+            refused = _PG_REFUSED.get(self.type_codes.get(name, 0))
+            if refused:
+                raise UnsupportedTypeError(
+                    f"column {name!r} is of type {refused}, which cannot be pseudonymised reliably; "
+                    "cast it to text or bigint in the source query"
+                )
+
+    def batches(self) -> Iterator[dict[str, list[Any]]]:
+        try:
+            for part in self._result.partitions(self.batch_size):
+                cols = list(zip(*part, strict=True)) if part else []
+                yield {name: list(col) for name, col in zip(self.columns, cols, strict=True)}
+        except sa.exc.SQLAlchemyError as exc:
+            raise DataIOError(f"reading the source {self.label} failed ({exc.__class__.__name__}: {_first_line(exc)})") from exc
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        conn = getattr(self, "_conn", None)
+        if conn is not None:
+            conn.close()
+            self._conn = None  # type: ignore[assignment]
+
+
+def _type_codes(result: sa.CursorResult[Any]) -> dict[str, int]:
+    description = getattr(result.cursor, "description", None) or ()
+    return {d[0]: int(d[1]) for d in description if d[1] is not None}
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return str(orig).strip().splitlines()[0][:300] if str(orig).strip() else type(orig).__name__
+
+
+_UNESCAPE = re.compile(r"\\(x[0-9a-fA-F]{1,2}|[0-7]{1,3}|.)")
+_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+
+
+def _unescape_match(m: re.Match[str]) -> str:
+    s = m.group(1)
+    if s[0] == "x" and len(s) > 1:
+        return chr(int(s[1:], 16))
+    if s[0] in "01234567":
+        return chr(int(s, 8))
+    return _ESCAPES.get(s, s)
+
+
+def copy_text_fields(line: str) -> list[str | None]:
+    """Fields of one line of PostgreSQL's COPY text format (``\\N`` is NULL)."""
+    fields: list[str | None] = []
+    for f in line.split("\t"):
+        if "\\" not in f:
+            fields.append(f)
+        elif f == "\\N":
+            fields.append(None)
+        else:
+            fields.append(_UNESCAPE.sub(_unescape_match, f))
+    return fields
+
+
+class _QueueWriter(io.RawIOBase):
+    """A file object psycopg2's ``copy_expert`` writes into; a bounded queue gives back-pressure."""
+
+    def __init__(self, q: queue.Queue[bytes | BaseException | None]) -> None:
+        self.q = q
+        self.cancelled = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        if self.cancelled:
+            raise DataIOError("the reader stopped")
+        data = bytes(b)
+        self.q.put(data)
+        return len(data)
+
+
+class PostgresCopySource:
+    """A PostgreSQL query streamed with ``COPY (query) TO STDOUT`` in the text format.
+
+    Values come out as text exactly as PostgreSQL prints them, which a COPY into a PostgreSQL
+    target reads back losslessly. Pseudonymised columns must be of a type whose text is its
+    canonical form (text, varchar, char, integers, uuid, date); :meth:`usable` says whether it is.
+    """
+
+    def __init__(self, engine: Engine, query: str, parameters: Mapping[str, Any] | None = None,
+                 batch_size: int = 50_000, label: str | None = None) -> None:
+        self.engine = engine
+        self.batch_size = batch_size
+        self.label = label or "query"
+        stmt = sa.text(query).bindparams(**dict(parameters or {})) if parameters else sa.text(query)
+        self.sql = str(stmt.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
+        try:
+            with engine.connect() as conn:
+                probe = conn.execute(sa.text(f"SELECT * FROM ({self.sql}) AS q LIMIT 0"))
+                self.columns: list[str] = list(probe.keys())
+                self.type_codes = _type_codes(probe)
+                oids = sorted(set(self.type_codes.values()))
+                names = dict(conn.execute(sa.text("SELECT oid::int, format_type(oid, NULL) FROM pg_type WHERE oid = ANY(:o)"),
+                                          {"o": oids}).all()) if oids else {}
+                self.type_names = {c: names.get(o, "text") for c, o in self.type_codes.items()}
+        except sa.exc.SQLAlchemyError as exc:
+            raise DataIOError(
+                f"the source {self.label} could not be read ({exc.__class__.__name__}: {_first_line(exc)}); "
+                "check the connection and the query"
+            ) from exc
+
+    def usable(self, pseudonymised: Sequence[str]) -> bool:
+        return all(self.type_codes.get(c) in _PG_TEXT_SAFE for c in pseudonymised if c in self.type_codes)
+
+    check_types = SqlSource.check_types
+
+    def batches(self) -> Iterator[dict[str, list[Any]]]:
+        q: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=64)
+        writer = _QueueWriter(q)
+        raw = self.engine.raw_connection()
+
+        def pump() -> None:
+            try:
+                with raw.cursor() as cur:
+                    cur.execute("SET DateStyle TO ISO")
+                    cur.copy_expert(f"COPY ({self.sql}) TO STDOUT", writer, size=1 << 16)
+                q.put(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
+                q.put(exc)
+
+        thread = threading.Thread(target=pump, name="pseudonymise-copy-out", daemon=True)
+        thread.start()
+        width = len(self.columns)
+        names = self.columns
+        pending = b""
+        cols: list[list[Any]] = [[] for _ in range(width)]
+        count = 0
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise DataIOError(f"reading the source {self.label} failed ({item.__class__.__name__}: "
+                                      f"{_first_line(item)})") from item
+                if item is None:
+                    break
+                pending += item
+                cut = pending.rfind(b"\n")
+                if cut < 0:
+                    continue
+                block, pending = pending[:cut], pending[cut + 1:]
+                for line in block.decode("utf-8").split("\n"):
+                    fields = copy_text_fields(line)
+                    for i in range(width):
+                        cols[i].append(fields[i])
+                    count += 1
+                    if count >= self.batch_size:
+                        yield dict(zip(names, cols, strict=True))
+                        cols, count = [[] for _ in range(width)], 0
+            if count:
+                yield dict(zip(names, cols, strict=True))
+        finally:
+            writer.cancelled = True
+            while thread.is_alive():
+                try:
+                    q.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            raw.close()
+
+
+# --- targets ----------------------------------------------------------------------------------
+def reflect_table(conn: Connection, table: str, schema: str | None) -> sa.Table | None:
+    try:
+        return sa.Table(table, sa.MetaData(), autoload_with=conn, schema=schema)
+    except sa.exc.NoSuchTableError:
+        return None
+
+
+def _python_type(values: Sequence[Any]) -> sa.types.TypeEngine[Any]:
+    for v in values:
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            return sa.Boolean()
+        if isinstance(v, int):
+            return sa.BigInteger()
+        if isinstance(v, dt.datetime):
+            return sa.DateTime(timezone=v.tzinfo is not None)
+        if isinstance(v, dt.date):
+            return sa.Date()
+        if isinstance(v, decimal.Decimal):
+            return sa.Numeric()
+        if isinstance(v, float):
+            return sa.Float()
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            return sa.LargeBinary()
+        if isinstance(v, uuid.UUID):
+            return sa.Uuid()
+        return sa.Text()
+    return sa.Text()
+
+
+def _coerce(value: Any, coltype: sa.types.TypeEngine[Any]) -> Any:
+    """Bind a templated partition bound (text) as the column's own type."""
+    if isinstance(value, str):
+        if isinstance(coltype, sa.DateTime):
+            return dt.datetime.fromisoformat(value)
+        if isinstance(coltype, sa.Date):
+            return dt.date.fromisoformat(value[:10])
+        if isinstance(coltype, sa.Integer):
+            return int(value)
+    return value
+
+
+def _pg_text(value: Any) -> str:
+    """A Python value in PostgreSQL's COPY text format."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, str):
+        s = value
+    elif isinstance(value, bool):
+        return "t" if value else "f"
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        return "\\\\x" + bytes(value).hex()
+    elif isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    else:
+        s = str(value)
+    if "\\" in s or "\t" in s or "\n" in s or "\r" in s:
+        s = s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return s
+
+
+class TableTarget:
+    """A target table and how a run writes it.
+
+    :param mode: ``append``; ``replace_partition`` (delete rows whose ``partition_column`` lies in
+        ``[partition_start, partition_end)``, then insert, in one transaction); ``upsert`` on
+        ``upsert_key``; or ``replace`` (delete every row, then insert, in one transaction).
+    :param create: create the table when it does not exist (types from the source).
+    """
+
+    def __init__(self, table: str, schema: str | None = None, mode: str = "append",
+                 partition_column: str | None = None, partition_start: Any = None, partition_end: Any = None,
+                 upsert_key: Sequence[str] | None = None, create: bool = True) -> None:
+        if mode not in WRITE_MODES:
+            raise PolicyError(f"write mode {mode!r} is unknown; use one of {', '.join(WRITE_MODES)}")
+        if mode == "replace_partition" and (not partition_column or partition_start is None):
+            raise PolicyError("write mode 'replace_partition' needs partition_column and partition_start "
+                              "(and partition_end, unless the partition is open-ended)")
+        if mode == "upsert" and not upsert_key:
+            raise PolicyError("write mode 'upsert' needs upsert_key (the columns of a unique key of the target)")
+        self.table, self.schema, self.mode = table, schema, mode
+        self.partition_column, self.partition_start, self.partition_end = partition_column, partition_start, partition_end
+        self.upsert_key = list(upsert_key or [])
+        self.create = create
+
+    @property
+    def label(self) -> str:
+        return f"table:{self.schema + '.' if self.schema else ''}{self.table}"
+
+    def sink(self, conn: Connection, columns: Sequence[str], *, use_copy: bool | None = None,
+             pseudonymised: Sequence[str] = (), type_names: Mapping[str, str] | None = None) -> TableSink:
+        copy = conn.dialect.name == "postgresql" if use_copy is None else use_copy
+        return TableSink(self, conn, list(columns), copy=copy, pseudonymised=pseudonymised, type_names=type_names)
+
+
+class TableSink:
+    """Writes batches into a :class:`TableTarget` on ``conn``, inside the caller's transaction."""
+
+    def __init__(self, target: TableTarget, conn: Connection, columns: list[str], *, copy: bool,
+                 pseudonymised: Sequence[str] = (), type_names: Mapping[str, str] | None = None) -> None:
+        self.target, self.conn, self.columns = target, conn, columns
+        self.copy = copy and conn.dialect.name == "postgresql"
+        self.pseudonymised = set(pseudonymised)
+        self.type_names = dict(type_names or {})
+        self.rows_written = 0
+        self._prepared = False
+        self._staging: str | None = None
+        try:
+            self.table = reflect_table(conn, target.table, target.schema)
+        except sa.exc.SQLAlchemyError as exc:
+            raise DataIOError(f"the target {target.label} could not be inspected ({_first_line(exc)})") from exc
+        if self.table is not None:
+            self._check_columns(self.table)
+            self._prepare()
+
+    def _check_columns(self, table: sa.Table) -> None:
+        missing = [c for c in self.columns if c not in table.c]
+        if missing:
+            raise PolicyError(
+                f"column(s) {', '.join(map(repr, missing))} are not in the target {self.target.label}; "
+                "add them to the table or drop them in the column policy"
+            )
+        for name in (self.target.partition_column, *self.target.upsert_key):
+            if name and name not in table.c:
+                raise PolicyError(f"column {name!r} is not in the target {self.target.label}")
+
+    def _create(self, batch: Mapping[str, Sequence[Any]]) -> None:
+        if not self.target.create:
+            raise DataIOError(f"the target {self.target.label} does not exist; create it or set create=True")
+        if self.conn.dialect.name == "postgresql" and self.type_names:
+            prep = self.conn.dialect.identifier_preparer
+            cols = ", ".join(
+                f"{prep.quote(c)} {'text' if c in self.pseudonymised else self.type_names.get(c, 'text')}"
+                for c in self.columns
+            )
+            name = f"{prep.quote(self.target.schema) + '.' if self.target.schema else ''}{prep.quote(self.target.table)}"
+            self.conn.execute(sa.text(f"CREATE TABLE {name} ({cols})"))
+        else:
+            meta = sa.MetaData()
+            sa.Table(self.target.table, meta,
+                     *[sa.Column(c, sa.Text() if c in self.pseudonymised else _python_type(batch.get(c, ())))
+                       for c in self.columns], schema=self.target.schema)
+            meta.create_all(self.conn)
+        if self.target.mode == "upsert":
+            prep = self.conn.dialect.identifier_preparer
+            name = f"{prep.quote(self.target.schema) + '.' if self.target.schema else ''}{prep.quote(self.target.table)}"
+            keys = ", ".join(prep.quote(k) for k in self.target.upsert_key)
+            index = prep.quote(f"{self.target.table}_upsert_key")
+            self.conn.execute(sa.text(f"CREATE UNIQUE INDEX {index} ON {name} ({keys})"))
+        self.table = reflect_table(self.conn, self.target.table, self.target.schema)
+        assert self.table is not None
+        self._check_columns(self.table)
+
+    def _prepare(self) -> None:
+        """Apply the write mode's deletion, in the same transaction as the rows to come."""
+        t, target = self.table, self.target
+        assert t is not None
+        if target.mode == "replace":
+            self.conn.execute(sa.delete(t))
+        elif target.mode == "replace_partition":
+            col = t.c[target.partition_column]  # type: ignore[index]
+            cond = col >= _coerce(target.partition_start, col.type)
+            if target.partition_end is not None:
+                cond = sa.and_(cond, col < _coerce(target.partition_end, col.type))
+            self.conn.execute(sa.delete(t).where(cond))
+        self._prepared = True
+
+    def write(self, batch: dict[str, list[Any]]) -> None:
+        if self.table is None:
+            self._create(batch)
+            self._prepare()
+        cols = [batch[c] for c in self.columns]
+        n = len(cols[0]) if cols else 0
+        if n == 0:
+            return
+        try:
+            if self.copy:
+                self._copy(cols)
+            else:
+                self._insert(cols)
+        except sa.exc.SQLAlchemyError as exc:
+            raise DataIOError(f"writing the target {self.target.label} failed ({exc.__class__.__name__}: "
+                              f"{_first_line(exc)}); nothing was committed") from exc
+        self.rows_written += n
+
+    def _insert(self, cols: list[list[Any]]) -> None:
+        assert self.table is not None
+        rows = [dict(zip(self.columns, r, strict=True)) for r in zip(*cols, strict=True)]
+        if self.target.mode == "upsert":
+            self.conn.execute(self._upsert_statement(), rows)
+        else:
+            self.conn.execute(self.table.insert(), rows)
+
+    def _upsert_statement(self) -> Any:
+        assert self.table is not None
+        name = self.conn.dialect.name
+        if name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif name == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            raise PolicyError(f"write mode 'upsert' is supported on PostgreSQL and SQLite, not {name}")
+        stmt = insert(self.table)
+        updates = {c: stmt.excluded[c] for c in self.columns if c not in self.target.upsert_key}
+        return stmt.on_conflict_do_update(index_elements=self.target.upsert_key, set_=updates) if updates \
+            else stmt.on_conflict_do_nothing(index_elements=self.target.upsert_key)
+
+    def _copy(self, cols: list[list[Any]]) -> None:
+        assert self.table is not None
+        prep = self.conn.dialect.identifier_preparer
+        if self.target.mode == "upsert" and self._staging is None:
+            self._staging = prep.quote(f"_pseudonymise_stage_{uuid.uuid4().hex[:12]}")
+            self.conn.execute(sa.text(
+                f"CREATE TEMP TABLE {self._staging} AS SELECT {', '.join(prep.quote(c) for c in self.columns)} "
+                f"FROM {prep.format_table(self.table)} WITH NO DATA"))
+        into = self._staging or prep.format_table(self.table)
+        buffer = io.StringIO()
+        write = buffer.write
+        for row in zip(*cols, strict=True):
+            write("\t".join([_pg_text(v) for v in row]))
+            write("\n")
+        buffer.seek(0)
+        cursor = self.conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.copy_expert(f"COPY {into} ({', '.join(prep.quote(c) for c in self.columns)}) FROM STDIN", buffer,
+                               size=1 << 18)
+        except Exception as exc:
+            raise DataIOError(f"COPY into the target {self.target.label} failed ({exc.__class__.__name__}: "
+                              f"{_first_line(exc)}); nothing was committed") from exc
+        finally:
+            cursor.close()
+
+    def commit(self) -> None:
+        """Finish the write inside the transaction (the caller commits it with the audit row)."""
+        if self.table is None:  # no row at all: still create the table so downstream sees it
+            self._create({})
+            self._prepare()
+        if self._staging is not None:
+            prep = self.conn.dialect.identifier_preparer
+            cols = ", ".join(prep.quote(c) for c in self.columns)
+            keys = ", ".join(prep.quote(k) for k in self.target.upsert_key)
+            updates = ", ".join(f"{prep.quote(c)} = EXCLUDED.{prep.quote(c)}" for c in self.columns
+                                if c not in self.target.upsert_key)
+            action = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
+            self.conn.execute(sa.text(
+                f"INSERT INTO {prep.format_table(self.table)} ({cols}) SELECT {cols} FROM {self._staging} "  # type: ignore[arg-type]
+                f"ON CONFLICT ({keys}) {action}"))
+            self.conn.execute(sa.text(f"DROP TABLE {self._staging}"))
+
+    def abort(self) -> None:
+        """Nothing to undo here: the caller's transaction rolls back."""

@@ -1,0 +1,214 @@
+"""Airflow hooks: where tokens come from (a connection, HashiCorp Vault) and where data lives.
+
+:class:`PseudonymisationTokenHook` reads a token from a ``pseudonymise`` connection: its
+password, or a HashiCorp Vault KV secret the connection points to (through the hashicorp
+provider's ``VaultHook``). A connection served by Airflow's ``VaultBackend`` secrets backend is
+just a connection, so it works unchanged. Every token is registered with Airflow's secret
+masker the moment it is read. :class:`SqlDataHook` turns any SQL connection into a SQLAlchemy
+engine for sources, targets and the audit/escrow store.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from typing import Any
+
+import sqlalchemy as sa
+from airflow.sdk import BaseHook
+from airflow.sdk.log import mask_secret
+from sqlalchemy.engine import Engine
+
+from pseudonymise.core.db import make_engine
+from pseudonymise.core.errors import DataIOError, TokenError
+from pseudonymise.core.tokens import TrustedKeys, b64url_decode, verify_token
+
+
+class TokenUnavailableError(TokenError):
+    """The token could not be read from its connection or from Vault."""
+
+
+def _mask_token(token: str) -> None:
+    """Mask the token and every secret claim inside it, so neither can reach a log."""
+    mask_secret(token)
+    try:
+        claims = json.loads(b64url_decode(token.split(".")[1]))
+        for name in ("key", "escrow_private_key", "escrow_public_key"):
+            if isinstance(claims.get(name), str):
+                mask_secret(claims[name])
+    except (ValueError, IndexError, AttributeError):
+        pass  # a malformed token is refused later, with the reason
+
+
+class PseudonymisationTokenHook(BaseHook):
+    """Reads a pseudonymisation, reverse or secondary token and the issuer keys that verify it.
+
+    Connection fields:
+
+    * ``password``: the token (unless the extras point to Vault);
+    * extra ``issuer_keys``: the trusted issuer public keys (JWKS from ``pseudonymise issuer public-key``);
+    * extra ``project``: optional, refuse tokens of any other project;
+    * extras ``vault_conn_id``, ``vault_path``, ``vault_key`` (default ``token``): read the token from
+      the KV secret at ``vault_path`` through that Vault connection instead of the password.
+
+    :param pseudonymise_conn_id: the connection id (default ``pseudonymise_default``).
+    """
+
+    conn_name_attr = "pseudonymise_conn_id"
+    default_conn_name = "pseudonymise_default"
+    conn_type = "pseudonymise"
+    hook_name = "Pseudonymisation token"
+
+    def __init__(self, pseudonymise_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pseudonymise_conn_id = pseudonymise_conn_id
+
+    @cached_property
+    def connection(self) -> Any:
+        try:
+            return self.get_connection(self.pseudonymise_conn_id)
+        except Exception as exc:  # noqa: BLE001 - Airflow raises several types for a missing connection
+            raise TokenUnavailableError(
+                f"connection {self.pseudonymise_conn_id!r} could not be read ({exc.__class__.__name__}); "
+                "create it with type 'pseudonymise' (or check the secrets backend)"
+            ) from exc
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        return self.connection.extra_dejson or {}
+
+    @property
+    def project(self) -> str | None:
+        return self.extras.get("project") or None
+
+    def get_token(self) -> str:
+        """The raw token, masked in logs from this moment on."""
+        extras = self.extras
+        if extras.get("vault_conn_id") or extras.get("vault_path"):
+            token = self._token_from_vault(extras)
+        else:
+            token = self.connection.password
+            if not token:
+                raise TokenUnavailableError(
+                    f"connection {self.pseudonymise_conn_id!r} holds no token: put it in the password field, "
+                    "or set the extras vault_conn_id and vault_path"
+                )
+        token = token.strip()
+        _mask_token(token)
+        return token
+
+    def _token_from_vault(self, extras: dict[str, Any]) -> str:
+        from airflow.providers.hashicorp.hooks.vault import VaultHook
+
+        vault_conn_id, path = extras.get("vault_conn_id"), extras.get("vault_path")
+        key = extras.get("vault_key") or "token"
+        if not vault_conn_id or not path:
+            raise TokenUnavailableError(
+                f"connection {self.pseudonymise_conn_id!r} names Vault but lacks vault_conn_id or vault_path"
+            )
+        try:
+            secret = VaultHook(vault_conn_id=vault_conn_id).get_secret(secret_path=path)
+        except Exception as exc:  # noqa: BLE001 - hvac/requests raise many types; none may leak the token
+            raise TokenUnavailableError(
+                f"the token could not be read from Vault (connection {vault_conn_id!r}, path {path!r}): "
+                f"{exc.__class__.__name__}; check that Vault is reachable and the policy allows reading the path"
+            ) from exc
+        if not secret or not isinstance(secret.get(key), str):
+            raise TokenUnavailableError(
+                f"the Vault secret at {path!r} (connection {vault_conn_id!r}) has no text key {key!r}; "
+                "store the token under that key or set the extra vault_key"
+            )
+        return secret[key]
+
+    def get_trusted_keys(self) -> TrustedKeys:
+        keys = self.extras.get("issuer_keys")
+        if not keys:
+            raise TokenUnavailableError(
+                f"connection {self.pseudonymise_conn_id!r} has no issuer_keys extra; paste the JWKS printed by "
+                "`pseudonymise issuer public-key` so tokens can be verified"
+            )
+        return TrustedKeys.from_jwks(keys)
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Verify the token (signature, validity) without using it; says nothing secret."""
+        try:
+            token = verify_token(self.get_token(), self.get_trusted_keys(), project=self.project)
+        except TokenError as exc:
+            return False, str(exc)
+        return True, (f"{token.kind} token {token.jti} for project {token.project!r}, valid until "
+                      f"{token.expires.isoformat()}")
+
+
+class SqlDataHook(BaseHook):
+    """A SQLAlchemy engine for any SQL connection (PostgreSQL, SQLite, or any DB-API hook's engine).
+
+    ``postgres`` connections use psycopg2 (so COPY is available); ``sqlite`` connections take the
+    database file from ``host``; an extra ``sqlalchemy_url`` overrides everything; other types use
+    their provider hook's ``get_sqlalchemy_engine()``.
+
+    :param sql_conn_id: the connection id.
+    """
+
+    conn_name_attr = "sql_conn_id"
+    hook_name = "Pseudonymise SQL data"
+    _engines: dict[str, Engine] = {}
+
+    def __init__(self, sql_conn_id: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sql_conn_id = sql_conn_id
+
+    def get_engine(self) -> Engine:
+        engine = self._engines.get(self.sql_conn_id)
+        if engine is None:
+            engine = self._engines[self.sql_conn_id] = self._make_engine()
+        return engine
+
+    def _make_engine(self) -> Engine:
+        try:
+            conn = self.get_connection(self.sql_conn_id)
+        except Exception as exc:  # noqa: BLE001
+            raise DataIOError(f"connection {self.sql_conn_id!r} could not be read ({exc.__class__.__name__})") from exc
+        extra = conn.extra_dejson or {}
+        if extra.get("sqlalchemy_url"):
+            return make_engine(extra["sqlalchemy_url"])
+        if conn.conn_type in ("postgres", "postgresql"):
+            url = sa.URL.create("postgresql+psycopg2", username=conn.login or None, password=conn.password or None,
+                                host=conn.host or None, port=conn.port or None, database=conn.schema or None)
+            connect_args = {k: extra[k] for k in ("sslmode", "sslcert", "sslkey", "sslrootcert", "application_name",
+                                                  "connect_timeout", "options") if k in extra}
+            connect_args.setdefault("connect_timeout", 10)
+            return make_engine(url.render_as_string(hide_password=False), connect_args=connect_args, pool_pre_ping=True)
+        if conn.conn_type == "sqlite":
+            path = conn.host or conn.schema
+            if not path:
+                raise DataIOError(f"sqlite connection {self.sql_conn_id!r} has no database file in 'host'")
+            return make_engine(f"sqlite:///{path}")
+        hook = conn.get_hook()
+        if not hasattr(hook, "get_sqlalchemy_engine"):
+            raise DataIOError(f"connection {self.sql_conn_id!r} of type {conn.conn_type!r} is not a SQL database")
+        return hook.get_sqlalchemy_engine()
+
+    def key_ranges(self, table: str, key_column: str, parts: int, schema: str | None = None) -> list[dict[str, Any]]:
+        """Split ``table`` into ``parts`` ranges of ``key_column`` for dynamic task mapping.
+
+        Returns ``[{"lo": ..., "hi": ...}, ...]``: half-open ranges ``lo <= key < hi`` covering every
+        row (the last ``hi`` is one past the maximum for integer keys). Boundaries come from the
+        data (``NTILE``), so skewed keys still give balanced ranges.
+        """
+        if parts < 1:
+            raise ValueError("parts must be at least 1")
+        engine = self.get_engine()
+        t = sa.Table(table, sa.MetaData(), autoload_with=engine, schema=schema)
+        key = t.c[key_column]
+        bucket = sa.func.ntile(parts).over(order_by=key).label("bucket")
+        inner = sa.select(key.label("k"), bucket).subquery()
+        query = sa.select(sa.func.min(inner.c.k), sa.func.max(inner.c.k)).group_by(inner.c.bucket).order_by(inner.c.bucket)
+        with engine.connect() as conn:
+            bounds = conn.execute(query).all()
+        if not bounds:
+            return []
+        ranges = []
+        for i, (lo, hi) in enumerate(bounds):
+            nxt = bounds[i + 1][0] if i + 1 < len(bounds) else (hi + 1 if isinstance(hi, int) else None)
+            ranges.append({"lo": lo, "hi": nxt})
+        return ranges

@@ -1,0 +1,358 @@
+"""Airflow operators: pseudonymise, secondary-pseudonymise, reverse and purge, each one audited use.
+
+Every task follows the same flow: read the token (masked at once), commit the audit ``started``
+row, verify the token, stream the source in batches through the pseudonymiser, write the
+target and escrow, and commit the audit ``finished`` row in the same transaction as the data
+when the audit lives in the target's database (the default). The XCom result is a summary of
+counts and ids, never a value or a secret.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlencode
+
+from airflow.sdk import Asset, BaseOperator, BaseOperatorLink
+from airflow.sdk.exceptions import AirflowFailException
+
+from pseudonymise.core.audit import AuditUse
+from pseudonymise.core.errors import PolicyError, PseudonymiseError, TokenError
+from pseudonymise.core.files import open_sink, open_source
+from pseudonymise.core.pipeline import Sink, Source, Store, run_pseudonymisation, run_purge, run_reversal
+from pseudonymise.core.pseudonymiser import ColumnPolicy, Stats
+from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableTarget, table_query
+from pseudonymise.hooks import PseudonymisationTokenHook, SqlDataHook
+
+AUDIT_PAGE = "/pseudonymise/audit"
+
+
+class AuditTrailLink(BaseOperatorLink):
+    """From a task instance to its rows on the plugin's audit page."""
+
+    name = "Pseudonymisation audit"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
+        query = {"dag_id": ti_key.dag_id, "task_id": ti_key.task_id, "run_id": ti_key.run_id}
+        if getattr(ti_key, "map_index", -1) >= 0:
+            query["map_index"] = ti_key.map_index
+        return f"{AUDIT_PAGE}?{urlencode(query)}"
+
+
+def audit_context(context: Mapping[str, Any]) -> dict[str, Any]:
+    """Who and when, for the audit: DAG, task, run, try, dates and the user who triggered the run."""
+    ti, dag_run = context.get("ti"), context.get("dag_run")
+    return {
+        "dag_id": getattr(ti, "dag_id", None),
+        "task_id": getattr(ti, "task_id", None),
+        "run_id": getattr(ti, "run_id", None),
+        "map_index": getattr(ti, "map_index", None),
+        "try_number": getattr(ti, "try_number", None),
+        "logical_date": context.get("logical_date"),
+        "data_interval_start": context.get("data_interval_start"),
+        "data_interval_end": context.get("data_interval_end"),
+        "triggered_by": getattr(dag_run, "triggering_user_name", None),
+    }
+
+
+class _OwnTransactionSink:
+    """A table sink in a database other than the audit's: it commits its own transaction first, so a
+    crash can leave data whose audit use shows ``started`` without ``finished``, never the reverse."""
+
+    def __init__(self, target: TableTarget, hook: SqlDataHook, columns: list[str], **kwargs: Any) -> None:
+        self._conn = hook.get_engine().connect()
+        self._txn = self._conn.begin()
+        self._sink = target.sink(self._conn, columns, **kwargs)
+
+    def write(self, batch: dict[str, list[Any]]) -> None:
+        self._sink.write(batch)
+
+    def commit(self) -> None:
+        self._sink.commit()
+        self._txn.commit()
+        self._conn.close()
+
+    def abort(self) -> None:
+        if self._txn.is_active:
+            self._txn.rollback()
+        self._conn.close()
+
+
+class _ProgressLog:
+    def __init__(self, log: Any, every: float = 10.0) -> None:
+        self.log, self.every, self.start, self.last = log, every, time.monotonic(), time.monotonic()
+
+    def __call__(self, stats: Stats) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self.log.info("progress: %d rows (%.0f rows/s)", stats.rows_in, stats.rows_in / (now - self.start))
+
+
+class _DataTaskMixin:
+    """Source, target and audit plumbing shared by the data-moving operators."""
+
+    log: Any
+
+    def _store(self) -> Store:
+        conn_id = self.audit_conn_id or self.target_conn_id or self.source_conn_id
+        if not conn_id:
+            raise PolicyError("no database for the audit table: set audit_conn_id (file-to-file runs need one)")
+        return Store(SqlDataHook(conn_id).get_engine(), self.audit_table, self.audit_schema)
+
+    def _targets_postgres(self) -> bool:
+        return bool(self.target_table and self.target_conn_id
+                    and SqlDataHook(self.target_conn_id).get_engine().dialect.name == "postgresql")
+
+    def _open_source(self, pseudonymised: Sequence[str]) -> Source:
+        if self.source_path:
+            return open_source(str(self.source_path), self.source_format, self.batch_size)
+        if not self.source_conn_id or not (self.sql or self.source_table):
+            raise PolicyError("give a source: source_conn_id with sql or source_table, or source_path")
+        engine = SqlDataHook(self.source_conn_id).get_engine()
+        query = self.sql or table_query(self.source_table, self.source_schema, engine.dialect)
+        label = f"table:{self.source_table}" if self.source_table else "query"
+        if engine.dialect.name == "postgresql" and self._targets_postgres() and self.use_copy is not False:
+            copy_source = PostgresCopySource(engine, query, self.parameters, self.batch_size, label)
+            copy_source.check_types(pseudonymised)
+            if copy_source.usable(pseudonymised):
+                return copy_source
+            self.log.info("pseudonymised columns have types COPY text cannot carry canonically; using the cursor path")
+        source = SqlSource(engine, query, self.parameters, self.batch_size, label)
+        source.check_types(pseudonymised)
+        return source
+
+    def _sink_factory(self, store: Store, source: Source, pseudonymised: Sequence[str]) -> Any:
+        def factory(columns: list[str], conn: Any) -> Sink:
+            if self.target_path:
+                return open_sink(str(self.target_path), columns, self.target_format)
+            if not (self.target_table and self.target_conn_id):
+                raise PolicyError("give a target: target_conn_id with target_table, or target_path")
+            target = TableTarget(self.target_table, self.target_schema, self.write_mode, self.partition_column,
+                                 self.partition_start, self.partition_end, self.upsert_key, self.create_table)
+            options = {"use_copy": isinstance(source, PostgresCopySource) or (False if self.use_copy is False else None),
+                       "pseudonymised": pseudonymised, "type_names": getattr(source, "type_names", None)}
+            hook = SqlDataHook(self.target_conn_id)
+            if hook.get_engine() is store.engine:
+                return target.sink(conn, columns, **options)
+            return _OwnTransactionSink(target, hook, columns, **options)
+        return factory
+
+    def _labels(self) -> tuple[str, str]:
+        source = f"file:{self.source_path}" if self.source_path else (
+            f"{self.source_conn_id}:{self.source_table}" if self.source_table else f"{self.source_conn_id}:query")
+        target = f"file:{self.target_path}" if self.target_path else f"{self.target_conn_id}:{self.target_table}"
+        return source, target
+
+
+_DATA_TEMPLATE_FIELDS = ("sql", "parameters", "source_table", "source_path", "target_table", "target_path",
+                         "partition_start", "partition_end")
+
+
+class PseudonymiseOperator(_DataTaskMixin, BaseOperator):
+    """Pseudonymise chosen columns of a table, query or file into a target table or file.
+
+    :param columns: the column policy: ``{"patient_id": {"action": "pseudonymise", "normalise": ["strip"],
+        "domain": ""}, "name": "drop", "birth_year": "keep"}``, or a list of columns to pseudonymise.
+    :param unlisted_columns: what happens to source columns the policy does not name: ``error``
+        (default, so a new column never leaves unnoticed), ``keep`` or ``drop``.
+    :param pseudonymise_conn_id: ``pseudonymise`` connection holding the token (default ``pseudonymise_default``).
+    :param source_conn_id: SQL connection of the source; with ``sql`` (templated, ``.sql`` files, ``:name``
+        bind ``parameters``) or ``source_table``/``source_schema``. Or ``source_path``: a CSV/Parquet file.
+    :param target_conn_id: SQL connection of the target table ``target_table``/``target_schema``; or
+        ``target_path``: a CSV/Parquet file, written atomically.
+    :param write_mode: ``append``; ``replace_partition`` (delete ``partition_column`` in
+        ``[partition_start, partition_end)`` then insert; by default the run's data interval dates);
+        ``upsert`` on ``upsert_key``; ``replace`` (the whole table). Always one transaction.
+    :param batch_size: rows per batch (memory is proportional to it, not to the table).
+    :param audit_conn_id: database of the audit and escrow tables; default the target's, so the audit row
+        commits with the data.
+    :param use_copy: PostgreSQL COPY both ways when source and target are PostgreSQL (default: when possible).
+    """
+
+    template_fields: Sequence[str] = (*_DATA_TEMPLATE_FIELDS, "columns")
+    template_ext: Sequence[str] = (".sql",)
+    template_fields_renderers = {"sql": "sql", "parameters": "json", "columns": "json"}
+    ui_color = "#d8f3dc"
+    operator_extra_links = (AuditTrailLink(),)
+    secondary = False
+    token_kind = "pseudonymisation"
+
+    def __init__(self, *, columns: Mapping[str, Any] | Sequence[str], unlisted_columns: str = "error",
+                 pseudonymise_conn_id: str = PseudonymisationTokenHook.default_conn_name,
+                 source_conn_id: str | None = None, sql: str | None = None, parameters: Mapping[str, Any] | None = None,
+                 source_table: str | None = None, source_schema: str | None = None,
+                 source_path: str | None = None, source_format: str | None = None,
+                 target_conn_id: str | None = None, target_table: str | None = None, target_schema: str | None = None,
+                 target_path: str | None = None, target_format: str | None = None,
+                 write_mode: str = "append", partition_column: str | None = None,
+                 partition_start: Any = "{{ data_interval_start | ds }}",
+                 partition_end: Any = "{{ data_interval_end | ds }}",
+                 upsert_key: Sequence[str] | None = None, create_table: bool = True, batch_size: int = 50_000,
+                 audit_conn_id: str | None = None, audit_table: str = "pseudonymise_audit",
+                 audit_schema: str | None = None, use_copy: bool | None = None, **kwargs: Any) -> None:
+        if target_table and target_conn_id and "outlets" not in kwargs and "{{" not in target_table:
+            kwargs["outlets"] = [Asset(name=f"pseudonymise/{target_conn_id}/{target_schema or 'default'}/{target_table}")]
+        super().__init__(**kwargs)
+        self.columns, self.unlisted_columns = columns, unlisted_columns
+        self.pseudonymise_conn_id = pseudonymise_conn_id
+        self.source_conn_id, self.sql, self.parameters = source_conn_id, sql, parameters
+        self.source_table, self.source_schema = source_table, source_schema
+        self.source_path, self.source_format = source_path, source_format
+        self.target_conn_id, self.target_table, self.target_schema = target_conn_id, target_table, target_schema
+        self.target_path, self.target_format = target_path, target_format
+        self.write_mode, self.partition_column = write_mode, partition_column
+        self.partition_start, self.partition_end = partition_start, partition_end
+        self.upsert_key, self.create_table, self.batch_size = upsert_key, create_table, batch_size
+        self.audit_conn_id, self.audit_table, self.audit_schema = audit_conn_id, audit_table, audit_schema
+        self.use_copy = use_copy
+
+    def policy(self) -> ColumnPolicy:
+        if isinstance(self.columns, Mapping):
+            data = dict(self.columns) if "columns" in self.columns else {"columns": self.columns}
+            data.setdefault("default", self.unlisted_columns)
+            return ColumnPolicy.from_mapping(data)
+        return ColumnPolicy.from_mapping({"columns": list(self.columns), "default": self.unlisted_columns})
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        ctx = audit_context(context)
+        store = self._store()
+        token_hook = PseudonymisationTokenHook(self.pseudonymise_conn_id)
+        try:
+            raw, keys = token_hook.get_token(), token_hook.get_trusted_keys()
+        except TokenError as exc:
+            _audit_unreadable_token(store, self.secondary and "secondary" or "pseudonymise", token_hook, ctx, exc)
+            raise AirflowFailException(str(exc)) from exc
+        policy = self.policy()
+        source_label, target_label = self._labels()
+        try:
+            source = self._open_source(policy.pseudonymised_columns)
+            summary = run_pseudonymisation(
+                store, raw, keys, policy, source, self._sink_factory(store, source, policy.pseudonymised_columns),
+                secondary=self.secondary, project=token_hook.project, source_label=source_label,
+                target_label=target_label, context=ctx, progress=_ProgressLog(self.log),
+            )
+        except (TokenError, PolicyError) as exc:
+            raise AirflowFailException(str(exc)) from exc  # retrying cannot help: fix the token or policy
+        self.log.info(
+            "%s: %d rows in, %d out, %d values pseudonymised, %d NULL, %d escrow rows; audit use %s",
+            summary.operation, summary.counts["rows_in"], summary.counts["rows_out"],
+            summary.counts["values_pseudonymised"], summary.counts["nulls"], summary.counts["escrow_rows"],
+            summary.use_id,
+        )
+        return summary.as_dict()
+
+
+class SecondaryPseudonymiseOperator(PseudonymiseOperator):
+    """Re-pseudonymise a source project's pseudonyms with a ``secondary`` token, for a third party.
+
+    Same parameters as :class:`PseudonymiseOperator`; the columns marked ``pseudonymise`` must hold
+    first-level pseudonyms (normalisers and domains do not apply).
+    """
+
+    ui_color = "#b7e4c7"
+    secondary = True
+    token_kind = "secondary"
+
+
+class ReversePseudonymsOperator(_DataTaskMixin, BaseOperator):
+    """Reveal the originals of chosen pseudonyms with a ``reverse`` token, into a target the DAG names.
+
+    The audit ``started`` row (with the user who triggered the run) commits before anything is
+    revealed; originals go only to the target, never to XCom or the log.
+
+    :param pseudonym_columns: the columns of the source that hold pseudonyms to reverse.
+    :param require_all: fail, writing nothing, if a pseudonym has no escrow (unknown, or purged).
+    Other parameters as :class:`PseudonymiseOperator` (source, target, write mode, audit).
+    """
+
+    template_fields: Sequence[str] = (*_DATA_TEMPLATE_FIELDS, "pseudonym_columns")
+    template_ext: Sequence[str] = (".sql",)
+    template_fields_renderers = {"sql": "sql", "parameters": "json"}
+    ui_color = "#ffd6a5"
+    operator_extra_links = (AuditTrailLink(),)
+
+    def __init__(self, *, pseudonym_columns: Sequence[str], pseudonymise_conn_id: str,
+                 source_conn_id: str | None = None, sql: str | None = None, parameters: Mapping[str, Any] | None = None,
+                 source_table: str | None = None, source_schema: str | None = None,
+                 source_path: str | None = None, source_format: str | None = None,
+                 target_conn_id: str | None = None, target_table: str | None = None, target_schema: str | None = None,
+                 target_path: str | None = None, target_format: str | None = None, write_mode: str = "replace",
+                 require_all: bool = False, batch_size: int = 10_000, audit_conn_id: str | None = None,
+                 audit_table: str = "pseudonymise_audit", audit_schema: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pseudonym_columns, self.pseudonymise_conn_id = pseudonym_columns, pseudonymise_conn_id
+        self.source_conn_id, self.sql, self.parameters = source_conn_id, sql, parameters
+        self.source_table, self.source_schema = source_table, source_schema
+        self.source_path, self.source_format = source_path, source_format
+        self.target_conn_id, self.target_table, self.target_schema = target_conn_id, target_table, target_schema
+        self.target_path, self.target_format = target_path, target_format
+        self.write_mode, self.require_all, self.batch_size = write_mode, require_all, batch_size
+        self.partition_column = self.partition_start = self.partition_end = self.upsert_key = None
+        self.create_table, self.use_copy = True, False
+        self.audit_conn_id, self.audit_table, self.audit_schema = audit_conn_id, audit_table, audit_schema
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        ctx = audit_context(context)
+        store = self._store()
+        token_hook = PseudonymisationTokenHook(self.pseudonymise_conn_id)
+        try:
+            raw, keys = token_hook.get_token(), token_hook.get_trusted_keys()
+        except TokenError as exc:
+            _audit_unreadable_token(store, "reverse", token_hook, ctx, exc)
+            raise AirflowFailException(str(exc)) from exc
+        source_label, target_label = self._labels()
+        try:
+            source = self._open_source([])
+            summary = run_reversal(
+                store, raw, keys, list(self.pseudonym_columns), source, self._sink_factory(store, source, []),
+                project=token_hook.project, triggered_by=ctx.get("triggered_by"), source_label=source_label,
+                target_label=target_label, context=ctx, require_all=self.require_all,
+            )
+        except (TokenError, PolicyError) as exc:
+            raise AirflowFailException(str(exc)) from exc
+        self.log.info("reverse: %d rows, %d pseudonyms revealed, %d without escrow; audit use %s",
+                      summary.counts["rows_in"], summary.counts["values_pseudonymised"],
+                      summary.counts["not_found"], summary.use_id)
+        return summary.as_dict()
+
+
+class EscrowPurgeOperator(BaseOperator):
+    """Delete escrow rows past their project's retention end; the purge and its audit row commit together.
+
+    :param audit_conn_id: the database holding the escrow and audit tables.
+    :param project: only this project's escrow (default: every project).
+    """
+
+    template_fields: Sequence[str] = ("project",)
+    ui_color = "#ffadad"
+    operator_extra_links = (AuditTrailLink(),)
+
+    def __init__(self, *, audit_conn_id: str, project: str | None = None, audit_table: str = "pseudonymise_audit",
+                 audit_schema: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.audit_conn_id, self.project = audit_conn_id, project
+        self.audit_table, self.audit_schema = audit_table, audit_schema
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        store = Store(SqlDataHook(self.audit_conn_id).get_engine(), self.audit_table, self.audit_schema)
+        summary = run_purge(store, project=self.project, context=audit_context(context))
+        self.log.info("purge: %d escrow rows past retention deleted; audit use %s",
+                      summary.counts["escrow_rows"], summary.use_id)
+        return summary.as_dict()
+
+
+def _audit_unreadable_token(store: Store, operation: str, hook: PseudonymisationTokenHook,
+                            ctx: Mapping[str, Any], exc: PseudonymiseError) -> None:
+    """A token that cannot even be read is still an attempted use: audit it as ``denied``."""
+    use = AuditUse(operation=operation, project=hook.project if _safe(hook) else None, context=dict(ctx))
+    store.audit.start(use)
+    store.audit.finish(use, "denied", error=exc)
+
+
+def _safe(hook: PseudonymisationTokenHook) -> bool:
+    try:
+        return hook.project is not None
+    except PseudonymiseError:
+        return False
