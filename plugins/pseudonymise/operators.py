@@ -343,6 +343,20 @@ class EscrowPurgeOperator(BaseOperator):
         return summary.as_dict()
 
 
+def key_range_kwargs(sql_conn_id: str, table: str, key_column: str, parts: int,
+                     schema: str | None = None) -> list[dict[str, Any]]:
+    """Split a table into key ranges for ``PseudonymiseOperator.partial(...).expand_kwargs(...)``.
+
+    Each dict binds ``:lo``/``:hi`` for a source query such as
+    ``WHERE id >= :lo AND (:hi IS NULL OR id < :hi)`` and sets the same bounds as the replaced
+    partition of the target (``partition_column`` = the key), so each mapped task owns its range
+    and re-runs replace exactly it. Call it from a ``@task`` so the ranges follow the data.
+    """
+    ranges = SqlDataHook(sql_conn_id).key_ranges(table, key_column, parts, schema)
+    return [{"parameters": {"lo": r["lo"], "hi": r["hi"]}, "partition_start": r["lo"], "partition_end": r["hi"]}
+            for r in ranges]
+
+
 def _audit_unreadable_token(store: Store, operation: str, hook: PseudonymisationTokenHook,
                             ctx: Mapping[str, Any], exc: PseudonymiseError) -> None:
     """A token that cannot even be read is still an attempted use: audit it as ``denied``."""

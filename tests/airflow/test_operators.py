@@ -1,0 +1,316 @@
+"""The operators in real Airflow (``airflow dags test``) against real PostgreSQL.
+
+Source, target, audit and escrow are PostgreSQL databases of the session's throwaway cluster;
+tokens come from a plain ``pseudonymise`` connection unless a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from pseudonymise.core.audit import AuditLog
+from pseudonymise.core.canonical import build_normaliser
+from pseudonymise.core.issuer import Issuer
+from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser
+from pseudonymise.core.tokens import verify_token
+from tests.airflow.conftest import ROOT, AirflowWorld, forged_token, pg_conn, token_conn
+
+pytestmark = [pytest.mark.airflow, pytest.mark.postgres]
+EXAMPLE_DAGS = ROOT / "dags"
+TARGET = "patient_visits_pseudonymised"
+
+
+def load_hospital(url: str, extra_rows: int = 0) -> int:
+    """The sample patient visits in PostgreSQL, typed (date, integer), with a visit_id key."""
+    engine = sa.create_engine(url)
+    with open(ROOT / "include/sample/patients.csv", encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "CREATE TABLE patient_visits (visit_id bigint PRIMARY KEY, patient_id text, name text, birth_year integer,"
+            " visit_date date, diagnosis_code text, ward text)"))
+        payload = [{"visit_id": i, **{k: (v or None) for k, v in r.items()}} for i, r in enumerate(rows, 1)]
+        for r in payload:
+            r["birth_year"] = int(r["birth_year"])
+        conn.execute(sa.text(
+            "INSERT INTO patient_visits VALUES (:visit_id, :patient_id, :name, :birth_year, :visit_date,"
+            " :diagnosis_code, :ward)"), payload)
+        if extra_rows:
+            conn.execute(sa.text(
+                "INSERT INTO patient_visits SELECT 1000 + g, 'X' || g, 'Name ' || g, 1950 + g % 50,"
+                " DATE '2026-11-05', NULL, 'general' FROM generate_series(1, :n) g"), {"n": extra_rows})
+    engine.dispose()
+    return len(rows) + extra_rows
+
+
+@pytest.fixture
+def world(airflow_world: AirflowWorld, issuer: Issuer, postgres: Any, tmp_path: Path) -> dict[str, Any]:
+    """Hospital (source) and research (target + audit) databases and the connections to reach them."""
+    import uuid
+
+    admin = sa.create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
+    names = {k: f"{k}_{uuid.uuid4().hex[:8]}" for k in ("hospital", "research", "vendor")}
+    with admin.connect() as conn:
+        for name in names.values():
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    urls = {k: postgres.url(v) for k, v in names.items()}
+    load_hospital(urls["hospital"])
+    token = issuer.issue("research-a", "pseudonymisation")
+    connections = {
+        "hospital_db": pg_conn(urls["hospital"]),
+        "research_db": pg_conn(urls["research"]),
+        "vendor_db": pg_conn(urls["vendor"]),
+        "pseudonymise_research": token_conn(token, issuer, "research-a"),
+    }
+    return {"urls": urls, "connections": connections, "token": token, "issuer": issuer, "airflow": airflow_world}
+
+
+def rows(url: str, table: str = TARGET, order: str = "patient_id, visit_date, birth_year") -> list[tuple[Any, ...]]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        result = [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY {order}"))]
+    engine.dispose()
+    return result
+
+
+def audit_rows(url: str) -> list[dict[str, Any]]:
+    engine = sa.create_engine(url)
+    log = AuditLog(engine)
+    result = list(log.iter_rows())
+    assert log.verify().ok, log.verify()
+    engine.dispose()
+    return result
+
+
+def expected_pseudonyms(token: str, issuer: Issuer, url: str, start: str, end: str) -> list[str]:
+    """An independent computation: the core pseudonymiser on the normalised source values."""
+    tok = verify_token(token, issuer.public_keys())
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        ids = [r[0] for r in conn.execute(sa.text(
+            "SELECT patient_id FROM patient_visits WHERE visit_date >= :s AND visit_date < :e"), {"s": start, "e": end})]
+    engine.dispose()
+    normalise = build_normaliser(["strip", "upper"], "patient_id")
+    assert normalise is not None
+    pz = Pseudonymiser(tok, ColumnPolicy.pseudonymise("patient_id"))
+    return sorted(pz.pseudonymise_batch({"patient_id": [normalise(i) for i in ids]}).columns["patient_id"])
+
+
+def test_example_dag_end_to_end_on_postgres(world: dict[str, Any]) -> None:
+    run = world["airflow"].dags_test("pseudonymise_patient_extract", "2026-11-04", world["connections"],
+                                     dags_folder=EXAMPLE_DAGS)
+    assert run.returncode == 0, run.output[-4000:]
+    out = rows(world["urls"]["research"])
+    # interval [2026-11-03, 2026-11-04): the sample has 24 visits that day
+    assert len(out) == 24
+    assert all(r[2] == dt.date(2026, 11, 3) for r in out)  # visit_date kept, typed as date (COPY carried the type)
+    assert sorted(r[0] for r in out) == expected_pseudonyms(world["token"], world["issuer"], world["urls"]["hospital"],
+                                                            "2026-11-03", "2026-11-04")
+    audit = audit_rows(world["urls"]["research"])
+    assert [a["outcome"] for a in audit] == ["started", "success"]
+    finished = audit[1]
+    assert finished["dag_id"] == "pseudonymise_patient_extract" and finished["task_id"] == "pseudonymise_visits"
+    assert finished["rows_in"] == finished["rows_out"] == 24 and finished["escrow_rows"] > 0
+    assert finished["data_interval_start"].startswith("2026-11-03")
+    assert finished["token_jti"] == verify_token(world["token"], world["issuer"].public_keys()).jti
+    assert world["token"] not in run.output
+    assert world["token"] not in json.dumps(audit, default=str)
+
+
+def test_backfill_three_days_twice_gives_identical_rows_and_one_use_per_run(world: dict[str, Any]) -> None:
+    days = ["2026-11-03", "2026-11-04", "2026-11-05"]
+    snapshots = []
+    for _ in range(2):
+        for day in days:
+            run = world["airflow"].dags_test("pseudonymise_patient_extract", day, world["connections"],
+                                             dags_folder=EXAMPLE_DAGS)
+            assert run.returncode == 0, run.output[-3000:]
+        snapshots.append(rows(world["urls"]["research"]))
+    assert snapshots[0] == snapshots[1]
+    assert len(snapshots[0]) == 24 * 3
+    audit = audit_rows(world["urls"]["research"])
+    uses = {a["use_id"] for a in audit}
+    assert len(uses) == 6
+    assert sorted(a["outcome"] for a in audit if a["event"] == "finished") == ["success"] * 6
+
+
+def _spec(world: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    task = {
+        "operator": "PseudonymiseOperator",
+        "task_id": "pseudonymise",
+        "pseudonymise_conn_id": "pseudonymise_research",
+        "source_conn_id": "hospital_db",
+        "sql": "SELECT visit_id, patient_id, birth_year, visit_date, ward FROM patient_visits"
+               " WHERE visit_date >= :start AND visit_date < :end",
+        "parameters": {"start": "{{ data_interval_start | ds }}", "end": "{{ data_interval_end | ds }}"},
+        "columns": {"patient_id": {"action": "pseudonymise", "normalise": ["strip", "upper"]}},
+        "unlisted_columns": "keep",
+        "target_conn_id": "research_db",
+        "target_table": "visits",
+    }
+    task.update(overrides)
+    return {"tasks": [task]}
+
+
+@pytest.mark.parametrize("mode, expected_factor", [("append", 2), ("replace_partition", 1), ("upsert", 1),
+                                                   ("replace", 1)])
+def test_write_modes_on_a_rerun(world: dict[str, Any], mode: str, expected_factor: int) -> None:
+    extra: dict[str, Any] = {"write_mode": mode}
+    if mode == "replace_partition":
+        extra["partition_column"] = "visit_date"
+    if mode == "upsert":
+        extra["upsert_key"] = ["visit_id"]
+    spec = _spec(world, **extra)
+    for _ in range(2):
+        run = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", world["connections"], spec=spec)
+        assert run.returncode == 0, run.output[-3000:]
+    out = rows(world["urls"]["research"], "visits", "visit_id")
+    assert len(out) == 24 * expected_factor
+    assert len({r[0] for r in out}) == 24
+
+
+def test_replace_partition_keeps_other_days(world: dict[str, Any]) -> None:
+    spec = _spec(world, write_mode="replace_partition", partition_column="visit_date")
+    for day in ("2026-11-04", "2026-11-05", "2026-11-04"):
+        run = world["airflow"].dags_test("pseudonymise_test", day, world["connections"], spec=spec)
+        assert run.returncode == 0, run.output[-3000:]
+    out = rows(world["urls"]["research"], "visits", "visit_id")
+    assert sorted({r[3] for r in out}) == [dt.date(2026, 11, 3), dt.date(2026, 11, 4)]
+    assert len(out) == 48
+
+
+def test_missing_column_fails_before_any_write(world: dict[str, Any]) -> None:
+    spec = _spec(world, columns={"patient_id": "pseudonymise", "no_such_column": "pseudonymise"})
+    run = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", world["connections"], spec=spec)
+    assert run.returncode != 0
+    assert "no_such_column" in run.output and "not in the source" in run.output
+    engine = sa.create_engine(world["urls"]["research"])
+    assert not sa.inspect(engine).has_table("visits")
+    audit = audit_rows(world["urls"]["research"])
+    assert [a["outcome"] for a in audit] == ["started", "failed"]
+    assert audit[1]["error_class"] == "PolicyError"
+
+
+def test_unsupported_type_fails_before_any_write(world: dict[str, Any]) -> None:
+    spec = _spec(world, sql="SELECT visit_id, birth_year::float8 AS score FROM patient_visits",
+                 columns={"score": "pseudonymise"}, parameters={})
+    run = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", world["connections"], spec=spec)
+    assert run.returncode != 0
+    assert "score" in run.output and "double precision" in run.output
+    engine = sa.create_engine(world["urls"]["research"])
+    assert not sa.inspect(engine).has_table("visits")
+
+
+@pytest.mark.parametrize("case", ["expired", "not_yet_valid", "wrong_kind", "wrong_project", "unknown_issuer",
+                                  "tampered"])
+def test_denied_uses_are_audited_and_write_nothing(world: dict[str, Any], case: str, tmp_path: Path) -> None:
+    issuer: Issuer = world["issuer"]
+    project = "research-a"
+    if case == "expired":
+        token = forged_token(issuer, project, exp_offset=-3600)
+    elif case == "not_yet_valid":
+        token = forged_token(issuer, project, nbf_offset=3600, exp_offset=7200)
+    elif case == "wrong_kind":
+        token = issuer.issue(project, "reverse")
+    elif case == "wrong_project":
+        token, project = issuer.issue("research-b", "pseudonymisation"), "research-a"
+    elif case == "unknown_issuer":
+        from pseudonymise.core.issuer import DirectoryStore
+
+        other = Issuer.init(DirectoryStore(tmp_path / "other"), "rogue")
+        other.create_project(project)
+        token = other.issue(project, "pseudonymisation")
+    else:
+        head, payload, sig = issuer.issue(project, "pseudonymisation").split(".")
+        from pseudonymise.core.tokens import b64url_decode, b64url_encode
+
+        claims = json.loads(b64url_decode(payload))
+        claims["sub"] = "research-b"
+        token = ".".join([head, b64url_encode(json.dumps(claims).encode()), sig])
+    connections = {**world["connections"], "pseudonymise_research": token_conn(token, issuer, project)}
+    run = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", connections, spec=_spec(world))
+    assert run.returncode != 0
+    expected = {"expired": "TokenExpiredError", "not_yet_valid": "TokenNotYetValidError", "wrong_kind": "TokenKindError",
+                "wrong_project": "TokenProjectError", "unknown_issuer": "UnknownIssuerKeyError",
+                "tampered": "TokenSignatureError"}[case]
+    audit = audit_rows(world["urls"]["research"])
+    assert [a["outcome"] for a in audit] == ["started", "denied"]
+    assert audit[1]["error_class"] == expected
+    assert token not in run.output and token not in json.dumps(audit, default=str)
+    assert not sa.inspect(sa.create_engine(world["urls"]["research"])).has_table("visits")
+
+
+def test_mapped_key_ranges_equal_single_task(world: dict[str, Any]) -> None:
+    base = _spec(world, sql="SELECT visit_id, patient_id, birth_year, visit_date, ward FROM patient_visits",
+                 parameters={}, write_mode="replace", target_table="visits_single")["tasks"][0]
+    single = {"tasks": [base]}
+    run = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", world["connections"], spec=single)
+    assert run.returncode == 0, run.output[-3000:]
+    mapped_task = {k: v for k, v in base.items() if k not in ("operator", "task_id", "parameters")}
+    mapped_task.update({
+        "sql": "SELECT visit_id, patient_id, birth_year, visit_date, ward FROM patient_visits"
+               " WHERE visit_id >= :lo AND (CAST(:hi AS bigint) IS NULL OR visit_id < :hi)",
+        "target_table": "visits_mapped", "write_mode": "replace_partition", "partition_column": "visit_id",
+    })
+    spec = {"mapped": {"conn_id": "hospital_db", "table": "patient_visits", "key": "visit_id", "parts": 2,
+                       "task": mapped_task}}
+    for _ in range(2):  # re-running the mapped tasks replaces exactly their ranges
+        run = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", world["connections"], spec=spec)
+        assert run.returncode == 0, run.output[-3000:]
+    assert rows(world["urls"]["research"], "visits_mapped", "visit_id") == rows(world["urls"]["research"],
+                                                                                "visits_single", "visit_id")
+    audit = audit_rows(world["urls"]["research"])
+    mapped_uses = {(a["use_id"], a["map_index"]) for a in audit if a["task_id"] == "mapped"}
+    assert sorted(m for _, m in mapped_uses) == [0, 0, 1, 1]
+
+
+def test_secondary_reverse_and_purge_example_dags(world: dict[str, Any], tmp_path: Path) -> None:
+    issuer: Issuer = world["issuer"]
+    run = world["airflow"].dags_test("pseudonymise_patient_extract", "2026-11-04", world["connections"],
+                                     dags_folder=EXAMPLE_DAGS)
+    assert run.returncode == 0, run.output[-3000:]
+    vendor_token = issuer.issue("vendor-x", "secondary", source_project="research-a")
+    reverse_token = issuer.issue("research-a", "reverse")
+    connections = {**world["connections"],
+                   "pseudonymise_vendor": token_conn(vendor_token, issuer, "vendor-x"),
+                   "pseudonymise_research_reverse": token_conn(reverse_token, issuer, "research-a")}
+    run = world["airflow"].dags_test("pseudonymise_vendor_share", "2026-11-04", connections, dags_folder=EXAMPLE_DAGS)
+    assert run.returncode == 0, run.output[-3000:]
+    research = rows(world["urls"]["research"])
+    vendor = rows(world["urls"]["vendor"], "vendor_patient_visits", "patient_id")
+    assert len(vendor) == len(research) == 24
+    assert not {r[0] for r in vendor} & {r[0] for r in research}
+
+    requests = tmp_path / "requests.csv"
+    picked = sorted({r[0] for r in research})[:3]
+    requests.write_text("patient_id\n" + "\n".join(picked) + "\nunknownpseudonym\n")
+    output = tmp_path / "revealed.csv"
+    run = world["airflow"].dags_test("pseudonymise_audit_reversal", "2026-11-04", connections,
+                                     dags_folder=EXAMPLE_DAGS,
+                                     conf={"requests_file": str(requests), "output_file": str(output)})
+    assert run.returncode == 0, run.output[-3000:]
+    revealed = [r["patient_id"] for r in csv.DictReader(output.open())]
+    engine = sa.create_engine(world["urls"]["hospital"])
+    with engine.connect() as conn:
+        originals = {str(r[0]).strip().upper() for r in conn.execute(sa.text("SELECT patient_id FROM patient_visits"))}
+    assert all(v in originals for v in revealed[:3]) and revealed[3] == ""
+    for value in revealed[:3]:
+        assert value not in run.output  # originals go to the target only, never to the log
+    audit = audit_rows(world["urls"]["research"])
+    reverse_rows = [a for a in audit if a["operation"] == "reverse"]
+    assert [a["outcome"] for a in reverse_rows] == ["started", "success"]
+    assert reverse_rows[0]["seq"] < reverse_rows[1]["seq"]
+
+    run = world["airflow"].dags_test("pseudonymise_retention_purge", "2026-11-04", connections,
+                                     dags_folder=EXAMPLE_DAGS)
+    assert run.returncode == 0, run.output[-3000:]
+    assert [a["outcome"] for a in audit_rows(world["urls"]["research"]) if a["operation"] == "purge"] == \
+        ["started", "success"]
