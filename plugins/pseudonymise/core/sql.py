@@ -23,6 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from pseudonymise.core.db import advisory_lock
 from pseudonymise.core.errors import DataIOError, PolicyError, UnsupportedTypeError
 
 WRITE_MODES = ("append", "replace_partition", "upsert", "replace")
@@ -363,6 +364,13 @@ class TableSink:
     def _create(self, batch: Mapping[str, Sequence[Any]]) -> None:
         if not self.target.create:
             raise DataIOError(f"the target {self.target.label} does not exist; create it or set create=True")
+        # Tasks starting together on a fresh target: the first creates it, the others wait for its
+        # commit (the lock lasts until then) and then find the table.
+        advisory_lock(self.conn, f"pseudonymise-target-create:{self.target.label}")
+        self.table = reflect_table(self.conn, self.target.table, self.target.schema)
+        if self.table is not None:
+            self._check_columns(self.table)
+            return
         if self.conn.dialect.name == "postgresql" and self.type_names:
             prep = self.conn.dialect.identifier_preparer
             cols = ", ".join(
@@ -391,9 +399,14 @@ class TableSink:
         """Apply the write mode's deletion, in the same transaction as the rows to come."""
         t, target = self.table, self.target
         assert t is not None
+        # Two runs replacing the same rows at once (overlapping backfills) must not both insert:
+        # the second waits for the first to commit, then deletes what it wrote.
         if target.mode == "replace":
+            advisory_lock(self.conn, f"pseudonymise-target:{target.label}")
             self.conn.execute(sa.delete(t))
         elif target.mode == "replace_partition":
+            advisory_lock(self.conn, f"pseudonymise-target:{target.label}:{target.partition_start!r}:"
+                                     f"{target.partition_end!r}")
             col = t.c[target.partition_column]  # type: ignore[index]
             cond = col >= _coerce(target.partition_start, col.type)
             if target.partition_end is not None:

@@ -1,0 +1,251 @@
+"""The production-like stack from plain processes: PostgreSQL, OpenBao, and Airflow's API server,
+scheduler and DAG processor (LocalExecutor), with the token connection served by the VaultBackend.
+
+    .venv/bin/python scripts/full_stack.py            # start, run the demo below, stop
+    .venv/bin/python scripts/full_stack.py --keep     # ... and keep it running (Ctrl-C stops it)
+
+The demo triggers the patient-extract DAG through the REST API (/api/v2) as a real client would,
+runs `airflow backfill create` over three days twice, waits for success and prints the target and
+audit rows. The end-to-end test tests/stack/test_full_stack.py drives the same class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import hvac
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.services import free_port, start_openbao, start_postgres  # noqa: E402
+
+BIN = Path(sys.executable).parent
+DAG_ID = "pseudonymise_patient_extract"
+
+
+class FullStack:
+    """Start everything in a temporary folder; ``stop()`` ends every process."""
+
+    def __init__(self, workdir: Path | None = None) -> None:
+        self.work = Path(workdir or tempfile.mkdtemp(prefix="pseudonymise-stack-"))
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.pg = self.bao = None
+        self.api_token: str | None = None
+
+    # --- setup ------------------------------------------------------------------------------
+    def start(self) -> FullStack:
+        t0 = time.monotonic()
+        self.pg = start_postgres()
+        admin = sa.create_engine(self.pg.url(), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            for db in ("airflow_meta", "hospital", "research"):
+                conn.execute(sa.text(f'CREATE DATABASE "{db}"'))
+        admin.dispose()
+        self._load_hospital()
+        self.bao = start_openbao()
+        self._issue_token_into_vault()
+        self.port = free_port()
+        self.password = secrets.token_urlsafe(12)
+        (self.work / "passwords.json").write_text(json.dumps({"admin": self.password}))
+        self.env = self._airflow_env()
+        self._run("db", "migrate")
+        for name in ("api-server", "scheduler", "dag-processor"):
+            args = [str(BIN / "airflow"), name] + (["--port", str(self.port)] if name == "api-server" else [])
+            log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 - closed when the process ends
+            self.procs[name] = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
+        self._wait_for_api()
+        self.started_in = time.monotonic() - t0
+        return self
+
+    def _load_hospital(self) -> None:
+        engine = sa.create_engine(self.pg.url("hospital"))
+        with open(ROOT / "include/sample/patients.csv", encoding="utf-8", newline="") as fh, engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE patient_visits (patient_id text, name text, birth_year integer,"
+                                 " visit_date date, diagnosis_code text, ward text)"))
+            rows = [{k: (v or None) for k, v in r.items()} for r in csv.DictReader(fh)]
+            conn.execute(sa.text("INSERT INTO patient_visits VALUES (:patient_id, :name, CAST(:birth_year AS int),"
+                                 " :visit_date, :diagnosis_code, :ward)"), rows)
+        engine.dispose()
+
+    def _issue_token_into_vault(self) -> None:
+        from pseudonymise.core.issuer import DirectoryStore, Issuer
+
+        issuer = Issuer.init(DirectoryStore(self.work / "issuer"), "stack-issuer")
+        issuer.create_project("research-a", method="reversible")
+        self.token = issuer.issue("research-a", "pseudonymisation")
+        self.issuer = issuer
+        conn = {"conn_type": "pseudonymise", "password": self.token,
+                "extra": {"issuer_keys": json.dumps(issuer.public_keys().to_jwks()), "project": "research-a"}}
+        client = hvac.Client(url=self.bao.addr, token=self.bao.token)
+        client.secrets.kv.v2.create_or_update_secret(path="connections/pseudonymise_research", secret=conn,
+                                                     mount_point="secret")
+
+    def _airflow_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PSEUDONYMISE"))}
+
+        def pg(db: str) -> str:
+            return json.dumps({"conn_type": "postgres", "host": self.pg.host, "port": self.pg.port,
+                               "login": self.pg.user, "schema": db})
+
+        env.update({
+            "AIRFLOW_HOME": str(self.work / "airflow"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "2",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.work / "passwords.json"),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{self.port}/execution/",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.pg.url("airflow_meta"),
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__SECRETS__BACKEND": "airflow.providers.hashicorp.secrets.vault.VaultBackend",
+            "AIRFLOW__SECRETS__BACKEND_KWARGS": json.dumps({
+                "connections_path": "connections", "variables_path": None, "config_path": None,
+                "mount_point": "secret", "url": self.bao.addr, "token": self.bao.token, "kv_engine_version": 2}),
+            "AIRFLOW__PSEUDONYMISE__AUDIT_CONN_ID": "research_db",
+            "AIRFLOW_CONN_HOSPITAL_DB": pg("hospital"),
+            "AIRFLOW_CONN_RESEARCH_DB": pg("research"),
+        })
+        return env
+
+    def _run(self, *args: str) -> str:
+        proc = subprocess.run([str(BIN / "airflow"), *args], env=self.env, capture_output=True, text=True,
+                              timeout=600, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"airflow {' '.join(args)} failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        return proc.stdout
+
+    # --- REST API ---------------------------------------------------------------------------
+    def request(self, method: str, path: str, body: Any = None, auth: bool = True) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if auth:
+            req.add_header("Authorization", f"Bearer {self.api_token}")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            text = resp.read().decode()
+        return json.loads(text) if text else None
+
+    def _wait_for_api(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited: {(self.work / f'{name}.log').read_text()[-3000:]}")
+            try:
+                self.api_token = self.request("POST", "/auth/token", {"username": "admin", "password": self.password},
+                                              auth=False)["access_token"]
+                return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(1)
+        raise RuntimeError("the API server did not answer within its timeout")
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.request("GET", f"/api/v2/dags/{dag_id}")
+                self.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+                return
+            except urllib.error.HTTPError:
+                time.sleep(2)
+        raise RuntimeError(f"DAG {dag_id} was not parsed within {timeout} s")
+
+    def trigger(self, dag_id: str, logical_date: str) -> str:
+        run = self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": logical_date})
+        return run["dag_run_id"]
+
+    def wait_for_runs(self, dag_id: str, expected: int, timeout: float = 600) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            runs = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
+            done = [r for r in runs if r["state"] in ("success", "failed")]
+            if len(done) >= expected and len(done) == len(runs):
+                return runs
+            time.sleep(2)
+        raise RuntimeError(f"{dag_id}: runs did not finish within {timeout} s")
+
+    def backfill(self, dag_id: str, start: str, end: str, reprocess: str = "none", timeout: float = 600) -> None:
+        """``airflow backfill create`` and wait until the backfill has completed."""
+        self._run("backfill", "create", "--dag-id", dag_id, "--from-date", start, "--to-date", end,
+                  "--reprocess-behavior", reprocess)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            backfills = self.request("GET", f"/api/v2/backfills?dag_id={dag_id}")["backfills"]
+            if backfills and all(b.get("completed_at") for b in backfills):
+                return
+            time.sleep(2)
+        raise RuntimeError(f"the backfill of {dag_id} did not complete within {timeout} s")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        if self.bao:
+            self.bao.stop()
+        if self.pg:
+            self.pg.stop("immediate")
+
+    def research_rows(self, sql: str) -> list[tuple[Any, ...]]:
+        engine = sa.create_engine(self.pg.url("research"))
+        with engine.connect() as conn:
+            rows = [tuple(r) for r in conn.execute(sa.text(sql))]
+        engine.dispose()
+        return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep", action="store_true", help="keep the stack running after the demo")
+    args = parser.parse_args()
+    stack = FullStack()
+    try:
+        t0 = time.monotonic()
+        stack.start()
+        print(f"stack up in {stack.started_in:.0f} s: API http://127.0.0.1:{stack.port} (admin / {stack.password}),"
+              f" logs in {stack.work}")
+        stack.wait_for_dag(DAG_ID)
+        stack.trigger(DAG_ID, "2026-11-06T00:00:00Z")
+        stack.wait_for_runs(DAG_ID, 1)
+        for reprocess in ("none", "completed"):
+            stack.backfill(DAG_ID, "2026-11-03", "2026-11-05", reprocess)
+        runs = stack.wait_for_runs(DAG_ID, 4)
+        print("runs:", ", ".join(f"{r['logical_date'][:10]} {r['state']}" for r in runs))
+        print("target rows per day:", stack.research_rows(
+            "SELECT visit_date, count(*) FROM patient_visits_pseudonymised GROUP BY 1 ORDER BY 1"))
+        print("audit uses:", stack.research_rows(
+            "SELECT outcome, count(*) FROM pseudonymise_audit GROUP BY 1 ORDER BY 1"))
+        print(f"total wall time {time.monotonic() - t0:.0f} s")
+        if args.keep:
+            print("running; Ctrl-C stops everything")
+            signal.pause()
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()
