@@ -343,6 +343,53 @@ class EscrowPurgeOperator(BaseOperator):
         return summary.as_dict()
 
 
+class TokenExpiryCheckOperator(BaseOperator):
+    """Check the tokens of ``pseudonymise`` connections: warn ``warn_days`` before expiry, fail at ``fail_days``.
+
+    Each token is verified (signature, issuer, validity) without being used. The task fails, naming
+    the connections to renew, if any token is invalid, expired or within ``fail_days`` of its
+    expiry; it logs a warning for those within ``warn_days``. Returns one line per connection
+    (id, token id, project, kind, expiry, days left, status): never the token.
+
+    :param conn_ids: the ``pseudonymise`` connections to check.
+    """
+
+    template_fields: Sequence[str] = ("conn_ids",)
+    ui_color = "#fde68a"
+
+    def __init__(self, *, conn_ids: Sequence[str], warn_days: float = 14, fail_days: float = 3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.conn_ids, self.warn_days, self.fail_days = conn_ids, warn_days, fail_days
+
+    def execute(self, context: Any) -> list[dict[str, Any]]:
+        from pseudonymise.core.tokens import verify_token
+
+        report, failures = [], []
+        for conn_id in self.conn_ids:
+            hook = PseudonymisationTokenHook(conn_id)
+            try:
+                token = verify_token(hook.get_token(), hook.get_trusted_keys(), project=hook.project)
+            except TokenError as exc:
+                report.append({"conn_id": conn_id, "status": "invalid", "reason": type(exc).__name__})
+                failures.append(f"{conn_id}: {exc}")
+                continue
+            days_left = (token.expires_at - time.time()) / 86400
+            status = "fail" if days_left < self.fail_days else "warn" if days_left < self.warn_days else "ok"
+            report.append({"conn_id": conn_id, "jti": token.jti, "project": token.project, "kind": token.kind,
+                           "expires_at": token.expires.isoformat(), "days_left": round(days_left, 2), "status": status})
+            if status == "fail":
+                failures.append(f"{conn_id}: token {token.jti} of project {token.project!r} expires at "
+                                f"{token.expires.isoformat()} ({days_left:.1f} days left)")
+            elif status == "warn":
+                self.log.warning("%s: token %s of project %r expires in %.1f days (%s); issue a new one",
+                                 conn_id, token.jti, token.project, days_left, token.expires.isoformat())
+            else:
+                self.log.info("%s: token %s valid for %.1f more days", conn_id, token.jti, days_left)
+        if failures:
+            raise AirflowFailException("renew these tokens: " + "; ".join(failures))
+        return report
+
+
 def key_range_kwargs(sql_conn_id: str, table: str, key_column: str, parts: int,
                      schema: str | None = None) -> list[dict[str, Any]]:
     """Split a table into key ranges for ``PseudonymiseOperator.partial(...).expand_kwargs(...)``.

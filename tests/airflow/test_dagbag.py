@@ -28,7 +28,8 @@ def test_example_dags_import_without_errors(airflow_world: AirflowWorld) -> None
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["errors"] == {}
     assert result["dags"] == ["pseudonymise_audit_reversal", "pseudonymise_patient_extract",
-                              "pseudonymise_retention_purge", "pseudonymise_vendor_share"]
+                              "pseudonymise_retention_purge", "pseudonymise_token_expiry_check",
+                              "pseudonymise_vendor_share"]
 
 
 def test_provider_and_connection_type_are_registered(airflow_world: AirflowWorld) -> None:
