@@ -10,7 +10,6 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import DAG, Param
-
 from pseudonymise.operators import ReversePseudonymsOperator
 
 with DAG(

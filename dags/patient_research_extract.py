@@ -12,7 +12,6 @@ from datetime import datetime
 from pathlib import Path
 
 from airflow.sdk import DAG, CronDataIntervalTimetable
-
 from pseudonymise.operators import PseudonymiseOperator
 
 INCLUDE = Path(__file__).resolve().parent.parent / "include"

@@ -9,7 +9,6 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import DAG
-
 from pseudonymise.operators import EscrowPurgeOperator
 
 with DAG(

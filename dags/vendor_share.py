@@ -9,7 +9,6 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import DAG, Asset
-
 from pseudonymise.operators import SecondaryPseudonymiseOperator
 
 RESEARCH_TABLE = Asset(name="pseudonymise/research_db/default/patient_visits_pseudonymised")

@@ -89,7 +89,7 @@ def main() -> None:
     print(f"4. airflow dags test pseudonymise_patient_extract {args.day}")
     out = sh(str(BIN / "airflow"), "dags", "test", "pseudonymise_patient_extract", args.day, env=env)
     (work / "dags-test.log").write_text(out)
-    if token in out or claims["jti"] not in open(work / "research.db", "rb").read().decode("latin1"):
+    if token in out or claims["jti"] not in (work / "research.db").read_bytes().decode("latin1"):
         raise SystemExit("unexpected: the token appeared in the task log, or no audit row names the token")
 
     with sqlite3.connect(work / "hospital.db") as src, sqlite3.connect(work / "research.db") as dst:

@@ -10,9 +10,10 @@ engine for sources, targets and the audit/escrow store.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from airflow.sdk import BaseHook
@@ -67,7 +68,7 @@ class PseudonymisationTokenHook(BaseHook):
     def connection(self) -> Any:
         try:
             return self.get_connection(self.pseudonymise_conn_id)
-        except Exception as exc:  # noqa: BLE001 - Airflow raises several types for a missing connection
+        except Exception as exc:  # Airflow raises several types for a missing connection
             raise TokenUnavailableError(
                 f"connection {self.pseudonymise_conn_id!r} could not be read ({exc.__class__.__name__}); "
                 "create it with type 'pseudonymise' (or check the secrets backend)"
@@ -108,7 +109,7 @@ class PseudonymisationTokenHook(BaseHook):
             )
         try:
             secret = VaultHook(vault_conn_id=vault_conn_id).get_secret(secret_path=path)
-        except Exception as exc:  # noqa: BLE001 - hvac/requests raise many types; none may leak the token
+        except Exception as exc:  # hvac/requests raise many types; the message must not quote the token
             raise TokenUnavailableError(
                 f"the token could not be read from Vault (connection {vault_conn_id!r}, path {path!r}): "
                 f"{exc.__class__.__name__}; check that Vault is reachable and the policy allows reading the path"
@@ -151,7 +152,7 @@ class SqlDataHook(BaseHook):
 
     conn_name_attr = "sql_conn_id"
     hook_name = "Pseudonymise SQL data"
-    _engines: dict[str, Engine] = {}
+    _engines: ClassVar[dict[str, Engine]] = {}
 
     def __init__(self, sql_conn_id: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -166,7 +167,7 @@ class SqlDataHook(BaseHook):
     def _make_engine(self) -> Engine:
         try:
             conn = self.get_connection(self.sql_conn_id)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise DataIOError(f"connection {self.sql_conn_id!r} could not be read ({exc.__class__.__name__})") from exc
         extra = conn.extra_dejson or {}
         if extra.get("sqlalchemy_url"):
@@ -212,3 +213,72 @@ class SqlDataHook(BaseHook):
             nxt = bounds[i + 1][0] if i + 1 < len(bounds) else (hi + 1 if isinstance(hi, int) else None)
             ranges.append({"lo": lo, "hi": nxt})
         return ranges
+
+
+def is_object_storage(path: str) -> bool:
+    """``s3://…``, ``gs://…``, ``file://…`` and the like go through Airflow's ObjectStoragePath."""
+    return "://" in str(path)
+
+
+class ObjectStorageHook(BaseHook):
+    """CSV/Parquet files on object storage, through Airflow's ``ObjectStoragePath``.
+
+    Sources are copied to a local temporary file in chunks (the readers stream from it); targets
+    are written locally, atomically, then uploaded when the run commits, and removed again if the
+    audit cannot record the success.
+
+    :param storage_conn_id: the connection of the storage (e.g. an AWS or GCP connection), if any.
+    """
+
+    hook_name = "Pseudonymise object storage"
+
+    def __init__(self, storage_conn_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.storage_conn_id = storage_conn_id
+
+    def path(self, uri: str) -> Any:
+        from airflow.sdk import ObjectStoragePath
+
+        return ObjectStoragePath(uri, conn_id=self.storage_conn_id)
+
+    def download(self, uri: str, directory: str) -> str:
+        import os
+        import shutil
+
+        remote = self.path(uri)
+        local = os.path.join(directory, "source" + os.path.splitext(remote.name)[1])
+        try:
+            with remote.open("rb") as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except Exception as exc:
+            raise DataIOError(f"cannot read {uri!r} ({exc.__class__.__name__}); check the path and storage connection") from exc
+        return local
+
+    def uploading_sink(self, sink: Any, local: str, uri: str) -> Any:
+        return _UploadingSink(self, sink, local, uri)
+
+
+class _UploadingSink:
+    def __init__(self, hook: ObjectStorageHook, sink: Any, local: str, uri: str) -> None:
+        self.hook, self.sink, self.local, self.uri = hook, sink, local, uri
+        self.uploaded = False
+
+    def write(self, batch: dict[str, list[Any]]) -> None:
+        self.sink.write(batch)
+
+    def commit(self) -> None:
+        import shutil
+
+        self.sink.commit()
+        try:
+            with open(self.local, "rb") as src, self.hook.path(self.uri).open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except Exception as exc:
+            raise DataIOError(f"cannot write {self.uri!r} ({exc.__class__.__name__}); check the path and storage connection") from exc
+        self.uploaded = True
+
+    def abort(self) -> None:
+        self.sink.abort()
+        if self.uploaded:
+            with contextlib.suppress(Exception):  # best effort: the audit shows the use as failed
+                self.hook.path(self.uri).unlink()

@@ -9,9 +9,11 @@ counts and ids, never a value or a secret.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 from airflow.sdk import Asset, BaseOperator, BaseOperatorLink
@@ -23,7 +25,7 @@ from pseudonymise.core.files import open_sink, open_source
 from pseudonymise.core.pipeline import Sink, Source, Store, run_pseudonymisation, run_purge, run_reversal
 from pseudonymise.core.pseudonymiser import ColumnPolicy, Stats
 from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableTarget, table_query
-from pseudonymise.hooks import PseudonymisationTokenHook, SqlDataHook
+from pseudonymise.hooks import ObjectStorageHook, PseudonymisationTokenHook, SqlDataHook, is_object_storage
 
 AUDIT_PAGE = "/pseudonymise/audit"
 
@@ -94,6 +96,7 @@ class _DataTaskMixin:
     """Source, target and audit plumbing shared by the data-moving operators."""
 
     log: Any
+    storage_conn_id: str | None = None
 
     def _store(self) -> Store:
         conn_id = self.audit_conn_id or self.target_conn_id or self.source_conn_id
@@ -107,7 +110,11 @@ class _DataTaskMixin:
 
     def _open_source(self, pseudonymised: Sequence[str]) -> Source:
         if self.source_path:
-            return open_source(str(self.source_path), self.source_format, self.batch_size)
+            path = str(self.source_path)
+            if is_object_storage(path):
+                self._scratch = tempfile.TemporaryDirectory(prefix="pseudonymise-")
+                path = ObjectStorageHook(self.storage_conn_id).download(path, self._scratch.name)
+            return open_source(path, self.source_format, self.batch_size)
         if not self.source_conn_id or not (self.sql or self.source_table):
             raise PolicyError("give a source: source_conn_id with sql or source_table, or source_path")
         engine = SqlDataHook(self.source_conn_id).get_engine()
@@ -126,7 +133,13 @@ class _DataTaskMixin:
     def _sink_factory(self, store: Store, source: Source, pseudonymised: Sequence[str]) -> Any:
         def factory(columns: list[str], conn: Any) -> Sink:
             if self.target_path:
-                return open_sink(str(self.target_path), columns, self.target_format)
+                path = str(self.target_path)
+                if is_object_storage(path):
+                    self._scratch_out = tempfile.TemporaryDirectory(prefix="pseudonymise-")
+                    local = os.path.join(self._scratch_out.name, "target" + os.path.splitext(path)[1])
+                    hook = ObjectStorageHook(self.storage_conn_id)
+                    return hook.uploading_sink(open_sink(local, columns, self.target_format), local, path)
+                return open_sink(path, columns, self.target_format)
             if not (self.target_table and self.target_conn_id):
                 raise PolicyError("give a target: target_conn_id with target_table, or target_path")
             target = TableTarget(self.target_table, self.target_schema, self.write_mode, self.partition_column,
@@ -169,11 +182,13 @@ class PseudonymiseOperator(_DataTaskMixin, BaseOperator):
     :param audit_conn_id: database of the audit and escrow tables; default the target's, so the audit row
         commits with the data.
     :param use_copy: PostgreSQL COPY both ways when source and target are PostgreSQL (default: when possible).
+    :param storage_conn_id: connection for ``source_path``/``target_path`` URIs on object storage
+        (``s3://``, ``gs://``, ``file://`` …, through Airflow's ObjectStoragePath).
     """
 
     template_fields: Sequence[str] = (*_DATA_TEMPLATE_FIELDS, "columns")
     template_ext: Sequence[str] = (".sql",)
-    template_fields_renderers = {"sql": "sql", "parameters": "json", "columns": "json"}
+    template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json", "columns": "json"}
     ui_color = "#d8f3dc"
     operator_extra_links = (AuditTrailLink(),)
     secondary = False
@@ -191,7 +206,8 @@ class PseudonymiseOperator(_DataTaskMixin, BaseOperator):
                  partition_end: Any = "{{ data_interval_end | ds }}",
                  upsert_key: Sequence[str] | None = None, create_table: bool = True, batch_size: int = 50_000,
                  audit_conn_id: str | None = None, audit_table: str = "pseudonymise_audit",
-                 audit_schema: str | None = None, use_copy: bool | None = None, **kwargs: Any) -> None:
+                 audit_schema: str | None = None, use_copy: bool | None = None,
+                 storage_conn_id: str | None = None, **kwargs: Any) -> None:
         if target_table and target_conn_id and "outlets" not in kwargs and "{{" not in target_table:
             kwargs["outlets"] = [Asset(name=f"pseudonymise/{target_conn_id}/{target_schema or 'default'}/{target_table}")]
         super().__init__(**kwargs)
@@ -206,7 +222,7 @@ class PseudonymiseOperator(_DataTaskMixin, BaseOperator):
         self.partition_start, self.partition_end = partition_start, partition_end
         self.upsert_key, self.create_table, self.batch_size = upsert_key, create_table, batch_size
         self.audit_conn_id, self.audit_table, self.audit_schema = audit_conn_id, audit_table, audit_schema
-        self.use_copy = use_copy
+        self.use_copy, self.storage_conn_id = use_copy, storage_conn_id
 
     def policy(self) -> ColumnPolicy:
         if isinstance(self.columns, Mapping):
@@ -222,7 +238,7 @@ class PseudonymiseOperator(_DataTaskMixin, BaseOperator):
         try:
             raw, keys = token_hook.get_token(), token_hook.get_trusted_keys()
         except TokenError as exc:
-            _audit_unreadable_token(store, self.secondary and "secondary" or "pseudonymise", token_hook, ctx, exc)
+            _audit_unreadable_token(store, (self.secondary and "secondary") or "pseudonymise", token_hook, ctx, exc)
             raise AirflowFailException(str(exc)) from exc
         policy = self.policy()
         source_label, target_label = self._labels()
@@ -269,7 +285,7 @@ class ReversePseudonymsOperator(_DataTaskMixin, BaseOperator):
 
     template_fields: Sequence[str] = (*_DATA_TEMPLATE_FIELDS, "pseudonym_columns")
     template_ext: Sequence[str] = (".sql",)
-    template_fields_renderers = {"sql": "sql", "parameters": "json"}
+    template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json"}
     ui_color = "#ffd6a5"
     operator_extra_links = (AuditTrailLink(),)
 
@@ -280,7 +296,8 @@ class ReversePseudonymsOperator(_DataTaskMixin, BaseOperator):
                  target_conn_id: str | None = None, target_table: str | None = None, target_schema: str | None = None,
                  target_path: str | None = None, target_format: str | None = None, write_mode: str = "replace",
                  require_all: bool = False, batch_size: int = 10_000, audit_conn_id: str | None = None,
-                 audit_table: str = "pseudonymise_audit", audit_schema: str | None = None, **kwargs: Any) -> None:
+                 audit_table: str = "pseudonymise_audit", audit_schema: str | None = None,
+                 storage_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pseudonym_columns, self.pseudonymise_conn_id = pseudonym_columns, pseudonymise_conn_id
         self.source_conn_id, self.sql, self.parameters = source_conn_id, sql, parameters
@@ -290,7 +307,7 @@ class ReversePseudonymsOperator(_DataTaskMixin, BaseOperator):
         self.target_path, self.target_format = target_path, target_format
         self.write_mode, self.require_all, self.batch_size = write_mode, require_all, batch_size
         self.partition_column = self.partition_start = self.partition_end = self.upsert_key = None
-        self.create_table, self.use_copy = True, False
+        self.create_table, self.use_copy, self.storage_conn_id = True, False, storage_conn_id
         self.audit_conn_id, self.audit_table, self.audit_schema = audit_conn_id, audit_table, audit_schema
 
     def execute(self, context: Any) -> dict[str, Any]:

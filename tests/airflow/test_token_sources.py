@@ -26,12 +26,12 @@ def _vault_conn(openbao: Any) -> dict[str, Any]:
             "extra": {"auth_type": "token", "kv_engine_version": 2}}
 
 
-def _secret_strings(world: dict[str, Any]) -> list[str]:
+def _secret_strings(env: dict[str, Any]) -> list[str]:
     """The token and every key it carries: none may appear in any log."""
     from pseudonymise.core.tokens import b64url_decode
 
-    claims = json.loads(b64url_decode(world["token"].split(".")[1]))
-    return [world["token"], claims["key"], claims["escrow_public_key"]]
+    claims = json.loads(b64url_decode(env["token"].split(".")[1]))
+    return [env["token"], claims["key"], claims["escrow_public_key"]]
 
 
 def test_token_from_vault_kv_reference(world: dict[str, Any], openbao: Any) -> None:  # noqa: F811

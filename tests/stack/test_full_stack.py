@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-
 from pseudonymise.core.audit import AuditLog
+
 from scripts.full_stack import DAG_ID, FullStack
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.vault]
