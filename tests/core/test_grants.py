@@ -1,0 +1,68 @@
+"""The documented least-privilege grants (include/sql/least_privilege.sql) work on PostgreSQL: the
+pipeline role pseudonymises and escrows, but cannot rewrite the audit or read escrow ciphertexts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from pseudonymise.core.audit import AuditLog
+from pseudonymise.core.escrow import reveal
+from pseudonymise.core.issuer import Issuer
+from pseudonymise.core.pipeline import Store, run_pseudonymisation
+from pseudonymise.core.pseudonymiser import ColumnPolicy
+from pseudonymise.core.tokens import verify_token
+
+pytestmark = pytest.mark.postgres
+GRANTS = Path(__file__).resolve().parents[2] / "include/sql/least_privilege.sql"
+
+
+class _Rows:
+    columns = ["id"]
+
+    def batches(self):  # type: ignore[no-untyped-def]
+        yield {"id": ["A1", "A2", "A3"]}
+
+
+class _Discard:
+    def write(self, batch): ...  # type: ignore[no-untyped-def]
+    def commit(self): ...  # type: ignore[no-untyped-def]
+    def abort(self): ...  # type: ignore[no-untyped-def]
+
+
+def test_pipeline_role_can_append_but_not_rewrite(pg_url: str, issuer: Issuer, postgres) -> None:  # type: ignore[no-untyped-def]
+    owner = sa.create_engine(pg_url)
+    Store(owner).create()
+    with owner.begin() as conn:
+        conn.execute(sa.text("DROP ROLE IF EXISTS pseudonymise_pipeline"))
+        conn.execute(sa.text("DROP ROLE IF EXISTS pseudonymise_auditor"))
+        for statement in GRANTS.read_text().split(";"):
+            code = "\n".join(line for line in statement.splitlines() if not line.strip().startswith("--")).strip()
+            if code:
+                conn.execute(sa.text(code))
+    pipeline = sa.create_engine(sa.make_url(pg_url).set(username="pseudonymise_pipeline"))
+    token = issuer.issue("research-a", "pseudonymisation")
+    summary = run_pseudonymisation(Store(pipeline), token, issuer.public_keys(), ColumnPolicy.pseudonymise("id"),
+                                   _Rows(), lambda cols, conn: _Discard())
+    assert summary.counts["escrow_rows"] == 3
+    for statement in ("UPDATE pseudonymise_audit SET outcome = 'success'", "DELETE FROM pseudonymise_audit",
+                      "SELECT ciphertext FROM pseudonymise_escrow", "DELETE FROM pseudonymise_escrow"):
+        with pipeline.connect() as conn, pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+            conn.execute(sa.text(statement))
+    assert AuditLog(owner).verify().ok
+
+    auditor = sa.create_engine(sa.make_url(pg_url).set(username="pseudonymise_auditor"))
+    reverse = verify_token(issuer.issue("research-a", "reverse"), issuer.public_keys())
+    with auditor.connect() as conn:
+        pseudonyms = [r[0] for r in conn.execute(sa.text("SELECT pseudonym FROM pseudonymise_escrow"))]
+        assert sorted(reveal(conn, Store(auditor).escrow, reverse, pseudonyms).values.values()) == ["A1", "A2", "A3"]
+    for engine in (pipeline, auditor, owner):
+        engine.dispose()
+    with sa.create_engine(postgres.url(), isolation_level="AUTOCOMMIT").connect() as conn:
+        db = sa.make_url(pg_url).database
+        conn.execute(sa.text(f'DROP DATABASE "{db}" WITH (FORCE)'))
+        conn.execute(sa.text("DROP ROLE pseudonymise_pipeline"))
+        conn.execute(sa.text("DROP ROLE pseudonymise_auditor"))
+        conn.execute(sa.text(f'CREATE DATABASE "{db}"'))
