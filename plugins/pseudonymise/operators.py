@@ -22,7 +22,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from pseudonymise.core.audit import AuditUse
 from pseudonymise.core.errors import PolicyError, PseudonymiseError, TokenError
 from pseudonymise.core.files import open_sink, open_source
-from pseudonymise.core.pipeline import Sink, Source, Store, run_pseudonymisation, run_purge, run_reversal
+from pseudonymise.core.pipeline import Sink, Source, Store, run_pseudonymisation, run_purge, run_rekey, run_reversal
 from pseudonymise.core.pseudonymiser import ColumnPolicy, Stats
 from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableTarget, table_query
 from pseudonymise.hooks import ObjectStorageHook, PseudonymisationTokenHook, SqlDataHook, is_object_storage
@@ -357,6 +357,50 @@ class EscrowPurgeOperator(BaseOperator):
         summary = run_purge(store, project=self.project, context=audit_context(context))
         self.log.info("purge: %d escrow rows past retention deleted; audit use %s",
                       summary.counts["escrow_rows"], summary.use_id)
+        return summary.as_dict()
+
+
+class RekeyPseudonymsOperator(BaseOperator):
+    """After a key rotation, re-key a reversible project's pseudonyms in a table, in place.
+
+    Old pseudonyms are opened through escrow with the reverse token and pseudonymised again with
+    the new (rotated) pseudonymisation token, in one transaction with the new escrow rows and both
+    audited token uses; joins across re-keyed tables survive. Irreversible projects are re-keyed by
+    re-running their DAG from the source with the new token (``airflow backfill create
+    --reprocess-behavior completed``), secondary shares by re-running the secondary task.
+
+    :param columns: the pseudonym columns to re-key, mapped to their domain (``""`` by default).
+    :param reverse_conn_id: connection holding the project's reverse token.
+    :param pseudonymise_conn_id: connection holding the new pseudonymisation token.
+    :param target_conn_id: the database of the table; it must also hold the audit and escrow tables.
+    """
+
+    template_fields: Sequence[str] = ("target_table",)
+    ui_color = "#caf0f8"
+    operator_extra_links = (AuditTrailLink(),)
+
+    def __init__(self, *, columns: Mapping[str, str] | Sequence[str], reverse_conn_id: str, pseudonymise_conn_id: str,
+                 target_conn_id: str, target_table: str, target_schema: str | None = None,
+                 audit_table: str = "pseudonymise_audit", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.columns = dict(columns) if isinstance(columns, Mapping) else {c: "" for c in columns}
+        self.reverse_conn_id, self.pseudonymise_conn_id = reverse_conn_id, pseudonymise_conn_id
+        self.target_conn_id, self.target_table, self.target_schema = target_conn_id, target_table, target_schema
+        self.audit_table = audit_table
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        store = Store(SqlDataHook(self.target_conn_id).get_engine(), self.audit_table, self.target_schema)
+        reverse_hook = PseudonymisationTokenHook(self.reverse_conn_id)
+        new_hook = PseudonymisationTokenHook(self.pseudonymise_conn_id)
+        ctx = audit_context(context)
+        try:
+            reverse_raw, new_raw = reverse_hook.get_token(), new_hook.get_token()
+            summary = run_rekey(store, reverse_raw, new_raw, new_hook.get_trusted_keys(), self.target_table,
+                                self.columns, schema=self.target_schema, project=new_hook.project, context=ctx)
+        except (TokenError, PolicyError) as exc:
+            raise AirflowFailException(str(exc)) from exc
+        self.log.info("rekey: %d pseudonyms re-keyed to key version %s; audit use %s",
+                      summary.counts["values_pseudonymised"], "new", summary.use_id)
         return summary.as_dict()
 
 

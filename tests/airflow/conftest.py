@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.tokens import new_jti, sign_claims
 
@@ -124,4 +123,4 @@ def forged_token(issuer: Issuer, project: str, kind: str = "pseudonymisation", *
 
         escrow = X25519PrivateKey.from_private_bytes(p.escrow_private_key)  # type: ignore[arg-type]
         claims["escrow_public_key"] = b64url_encode(escrow.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
-    return sign_claims(claims, issuer._private, issuer.kid)  # noqa: SLF001 - tests forge validity on purpose
+    return sign_claims(claims, issuer._private, issuer.kid)

@@ -6,8 +6,8 @@ import json
 from datetime import timedelta
 
 import pytest
-
 from pseudonymise.core.issuer import Issuer
+
 from tests.airflow.conftest import ROOT, AirflowWorld, forged_token, token_conn
 
 pytestmark = pytest.mark.airflow

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-
 from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.canonical import build_normaliser
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser
 from pseudonymise.core.tokens import verify_token
+
 from tests.airflow.conftest import ROOT, AirflowWorld, forged_token, pg_conn, token_conn
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres]

@@ -15,7 +15,8 @@ import secrets
 import stat
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,7 +41,7 @@ from pseudonymise.core.tokens import (
     sign_claims,
 )
 
-PROJECT_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}$")
+PROJECT_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}\Z")  # \Z: "$" would accept a trailing newline
 
 
 class ProjectStore(Protocol):
@@ -150,6 +151,16 @@ class Project:
     created_at: datetime
     key: bytes
     escrow_private_key: bytes | None = None
+    #: Earlier pseudonymisation keys by version; ``key`` is version ``key_version``.
+    previous_keys: Mapping[int, bytes] = field(default_factory=dict)
+    key_version: int = 1
+
+    def key_of(self, version: int) -> bytes:
+        if version == self.key_version:
+            return self.key
+        if version not in self.previous_keys:
+            raise IssuerError(f"project {self.id!r} has no key version {version}")
+        return self.previous_keys[version]
 
     @property
     def reversible(self) -> bool:
@@ -163,10 +174,12 @@ class Project:
             "retention_until": _iso(self.retention_until),
             "format": self.format.to_claim(),
             "created_at": _iso(self.created_at),
+            "key_version": self.key_version,
         }
 
     def to_document(self) -> dict[str, Any]:
-        doc = {**self.settings(), "key": b64url_encode(self.key)}
+        doc = {**self.settings(), "key": b64url_encode(self.key), "key_version": self.key_version,
+               "previous_keys": {str(v): b64url_encode(k) for v, k in self.previous_keys.items()}}
         if self.escrow_private_key is not None:
             doc["escrow_private_key"] = b64url_encode(self.escrow_private_key)
         return doc
@@ -179,6 +192,8 @@ class Project:
             format=PseudonymFormat.from_claim(doc["format"]),
             created_at=parse_instant(doc["created_at"]),
             key=b64url_decode(doc["key"]),
+            key_version=int(doc.get("key_version", 1)),
+            previous_keys={int(v): b64url_decode(k) for v, k in (doc.get("previous_keys") or {}).items()},
             escrow_private_key=b64url_decode(doc["escrow_private_key"]) if doc.get("escrow_private_key") else None,
         )
 
@@ -256,9 +271,24 @@ class Issuer:
     def projects(self) -> list[Project]:
         return [self.project(name.split("/", 1)[1]) for name in self.store.names("projects")]
 
+    def rotate_key(self, project_id: str) -> Project:
+        """Give the project a new pseudonymisation key (version + 1); earlier versions stay for re-keying.
+
+        Tokens issued afterwards carry the new key and ``key_version``; the escrow key pair is kept, so
+        reverse tokens keep opening escrow written under any key version.
+        """
+        project = self.project(project_id)
+        rotated = dataclasses.replace(
+            project, key=secrets.token_bytes(32), key_version=project.key_version + 1,
+            previous_keys={**project.previous_keys, project.key_version: project.key},
+        )
+        self.store.write(f"projects/{project_id}", rotated.to_document())
+        return rotated
+
     # --- tokens ---------------------------------------------------------------------------------
     def issue(self, project_id: str, kind: str, *, expires_in: timedelta = timedelta(days=30),
-              source_project: str | None = None, not_before: datetime | None = None) -> str:
+              source_project: str | None = None, not_before: datetime | None = None,
+              key_version: int | None = None) -> str:
         """Issue a signed token of ``kind`` for ``project_id``.
 
         Reverse tokens are refused for irreversible projects and never outlive the retention end;
@@ -287,8 +317,11 @@ class Issuer:
             "retention_until": _iso(project.retention_until),
             "format": project.format.to_claim(),
         }
+        version = project.key_version if key_version is None else key_version
+        if kind in ("pseudonymisation", "secondary"):
+            claims["key_version"] = version
         if kind == "pseudonymisation":
-            claims["key"] = b64url_encode(project.key)
+            claims["key"] = b64url_encode(project.key_of(version))
             if project.reversible:
                 escrow = X25519PrivateKey.from_private_bytes(project.escrow_private_key)  # type: ignore[arg-type]
                 claims["escrow_public_key"] = b64url_encode(escrow.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
@@ -304,5 +337,5 @@ class Issuer:
                 raise IssuerError("a secondary token's source project must be another project")
             self.project(source_project)  # must exist
             claims["source_project"] = source_project
-            claims["key"] = b64url_encode(project.key)
+            claims["key"] = b64url_encode(project.key_of(version))
         return sign_claims(claims, self._private, self.kid)

@@ -19,7 +19,7 @@ from pseudonymise.core.audit import AuditLog, AuditUse
 from pseudonymise.core.db import make_engine
 from pseudonymise.core.errors import EscrowError, PolicyError
 from pseudonymise.core.escrow import EscrowTables, EscrowWriter, purge, reveal
-from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser, SecondaryPseudonymiser, Stats
+from pseudonymise.core.pseudonymiser import ColumnPolicy, ColumnRule, Pseudonymiser, SecondaryPseudonymiser, Stats
 from pseudonymise.core.tokens import TrustedKeys
 from pseudonymise.core.use import TokenUse
 
@@ -117,7 +117,7 @@ def run_pseudonymisation(store: Store, raw_token: str, keys: TrustedKeys, policy
                     if progress:
                         progress(engine.stats)
                 sink.commit()
-                use.succeed(conn, engine.stats.as_dict())
+                use.succeed(conn, engine.stats.as_dict(), details={"key_version": use.token.key_version})
         except BaseException:
             if sink is not None:
                 sink.abort()
@@ -193,3 +193,58 @@ def run_purge(store: Store, *, project: str | None = None, context: Mapping[str,
         store.audit.finish(use, "failed", error=exc)
         raise
     return RunSummary("purge", use.use_id, project, None, None, [], {"escrow_rows": deleted})
+
+
+def run_rekey(store: Store, reverse_token: str, new_token: str, keys: TrustedKeys, table: str,
+              columns: Mapping[str, str], *, schema: str | None = None, project: str | None = None,
+              context: Mapping[str, Any] | None = None, batch_size: int = 5_000) -> RunSummary:
+    """Re-key a reversible project's pseudonyms in ``table`` after a key rotation, in one transaction.
+
+    For each column (mapped to its pseudonymisation domain), every distinct old pseudonym is opened
+    through escrow with ``reverse_token`` and pseudonymised again with ``new_token`` (new escrow rows
+    are written); the table is updated in place. Both token uses are audited; the table must live in
+    the store's database so the new pseudonyms, their escrow and both audit rows commit together. A
+    pseudonym without escrow (purged, or made by another project) fails the whole run: nothing changes.
+    """
+    store.create()
+    ctx = dict(context or {})
+    target = f"table:{schema + '.' if schema else ''}{table}"
+    with TokenUse(store.audit, "rekey", reverse_token, keys, kind="reverse", project=project, source=target,
+                  target=target, columns=list(columns), context=ctx) as reverse_use, \
+            TokenUse(store.audit, "rekey", new_token, keys, kind="pseudonymisation", project=project, source=target,
+                     target=target, columns=list(columns), context=ctx) as new_use:
+        assert reverse_use.token is not None and new_use.token is not None
+        if reverse_use.token.project != new_use.token.project:
+            raise PolicyError("the reverse token and the new pseudonymisation token belong to different projects")
+        policy = ColumnPolicy({c: ColumnRule(c, domain=d) for c, d in columns.items()}, "keep")
+        pz = Pseudonymiser(new_use.token, policy)
+        escrow = EscrowWriter(new_use.token, store.escrow) if new_use.token.reversible else None
+        stats = Stats()
+        with store.engine.begin() as conn:
+            t = sa.Table(table, sa.MetaData(), autoload_with=conn, schema=schema)
+            missing = [c for c in columns if c not in t.c]
+            if missing:
+                raise PolicyError(f"column(s) {', '.join(map(repr, missing))} are not in {target}")
+            for column, _domain in columns.items():
+                col = t.c[column]
+                old = [r[0] for r in conn.execute(sa.select(col).where(col.is_not(None)).distinct())]
+                for start in range(0, len(old), batch_size):
+                    chunk = old[start:start + batch_size]
+                    revealed = reveal(conn, store.escrow, reverse_use.token, chunk)
+                    if revealed.not_found:
+                        raise EscrowError(
+                            f"{len(revealed.not_found)} pseudonym(s) of column {column!r} have no escrow (purged "
+                            "after retention, or not made by this project); they cannot be re-keyed. Nothing was changed"
+                        )
+                    batch = pz.pseudonymise_batch({column: [revealed.values[p] for p in chunk]})
+                    if escrow is not None:
+                        stats.escrow_rows += escrow.write(conn, batch.escrow)
+                    pairs = [{"old": o, "new": n} for o, n in zip(chunk, batch.columns[column], strict=True)]
+                    conn.execute(sa.update(t).where(col == sa.bindparam("old")).values({column: sa.bindparam("new")}),
+                                 pairs)
+                    stats.values_pseudonymised += len(pairs)
+            counts = {**stats.as_dict(), "rows_in": stats.values_pseudonymised, "rows_out": stats.values_pseudonymised}
+            reverse_use.succeed(conn, counts, details={"rekey_to_key_version": new_use.token.key_version})
+            new_use.succeed(conn, counts, details={"key_version": new_use.token.key_version,
+                                                   "rekeyed_from_key_version": "escrow"})
+        return _summary(new_use, list(columns), counts)

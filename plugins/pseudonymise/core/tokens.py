@@ -46,6 +46,8 @@ TREATMENTS: tuple[str, ...] = ("deterministic", "randomised")
 LEEWAY_SECONDS = 30
 _MAX_TOKEN_LENGTH = 16_384
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
+#: The last second a datetime can show (9999-12-31T23:59:59Z): later times would crash, not refuse.
+_MAX_TIME = 253_402_300_799
 
 
 def b64url_encode(data: bytes) -> str:
@@ -95,7 +97,7 @@ class IssuerKey:
 
     @classmethod
     def from_jwk(cls, jwk: Mapping[str, Any]) -> IssuerKey:
-        if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519" or not jwk.get("kid") or "x" not in jwk:
+        if not isinstance(jwk, Mapping) or jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519" or not jwk.get("kid") or "x" not in jwk:
             raise MalformedTokenError(
                 "issuer key is not an Ed25519 JWK with a kid: expected "
                 '{"kty": "OKP", "crv": "Ed25519", "x": ..., "kid": ...}; '
@@ -130,6 +132,11 @@ class TrustedKeys:
             items = [jwks]
         else:
             items = jwks
+        if not isinstance(items, list):
+            raise MalformedTokenError(
+                'trusted issuer keys must be a JWKS ({"keys": [...]}), a list of JWKs or one JWK; '
+                "paste the output of `pseudonymise issuer public-key`"
+            )
         return cls(IssuerKey.from_jwk(k) for k in items)
 
     def to_jwks(self) -> dict[str, Any]:
@@ -247,6 +254,7 @@ class Token:
     escrow_public_key: X25519PublicKey | None = field(default=None, repr=False)
     escrow_private_key: X25519PrivateKey | None = field(default=None, repr=False)
     source_project: str | None = None
+    key_version: int = 1
 
     @property
     def fingerprint(self) -> str:
@@ -276,6 +284,7 @@ class Token:
             "retention_until": _iso_utc(self.retention_until),
             "format": self.format.to_claim(),
             **({"source_project": self.source_project} if self.source_project else {}),
+            "key_version": self.key_version,
             "fingerprint": self.fingerprint,
         }
 
@@ -283,6 +292,23 @@ class Token:
         return f"Token(jti={self.jti!r}, project={self.project!r}, kind={self.kind!r}, fingerprint={self.fingerprint!r})"
 
     __str__ = __repr__
+
+
+def _time_claim(claims: Mapping[str, Any], name: str) -> int:
+    value = _claim(claims, name, int)
+    if not 0 <= value <= _MAX_TIME:
+        raise MalformedTokenError(f"token claim {name!r} is not a time between 1970 and 9999")
+    return value
+
+
+def _key_version(claims: Mapping[str, Any]) -> int:
+    """The key version (rotation); tokens issued before rotation existed carry none: version 1."""
+    if "key_version" not in claims:
+        return 1
+    value = _claim(claims, "key_version", int)
+    if value < 1:
+        raise MalformedTokenError("token claim 'key_version' must be a positive integer")
+    return value
 
 
 def _claim(claims: Mapping[str, Any], name: str, typ: type | tuple[type, ...]) -> Any:
@@ -342,9 +368,9 @@ def token_from_claims(raw: str, header: Mapping[str, Any], claims: Mapping[str, 
         jti=claims["jti"],
         project=_claim(claims, "sub", str),
         kind=kind,
-        issued_at=_claim(claims, "iat", int),
-        not_before=_claim(claims, "nbf", int),
-        expires_at=_claim(claims, "exp", int),
+        issued_at=_time_claim(claims, "iat"),
+        not_before=_time_claim(claims, "nbf"),
+        expires_at=_time_claim(claims, "exp"),
         method=method,
         treatment=treatment,
         retention_until=retention_until,
@@ -353,6 +379,7 @@ def token_from_claims(raw: str, header: Mapping[str, Any], claims: Mapping[str, 
         escrow_public_key=escrow_public,
         escrow_private_key=escrow_private,
         source_project=source_project,
+        key_version=_key_version(claims),
     )
 
 

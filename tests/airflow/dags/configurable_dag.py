@@ -11,7 +11,6 @@ import os
 from datetime import datetime
 
 from airflow.sdk import DAG, CronDataIntervalTimetable, task
-
 from pseudonymise import operators
 
 spec = json.loads(os.environ.get("PSEUDONYMISE_TEST_DAG", "{}"))
