@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-
 from pseudonymise.core.issuer import DirectoryStore, Issuer
+
 from tests.services import OpenBaoServer, PostgresServer, start_openbao, start_postgres
+
+
+pytest_plugins = ["tests.secrets_scan"]
 
 
 @pytest.fixture(scope="session")

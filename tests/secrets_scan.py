@@ -1,0 +1,101 @@
+"""After the whole suite: search every log, captured output and audit database the tests produced
+for every token and key the tests used. Any hit fails the run (issue: secrets never appear).
+
+Secrets are collected from every JWS signed in the test process (tokens.jws_sign is wrapped) and,
+at the end, from the token files and issuer stores the tests and their subprocesses wrote (those
+files are where secrets are meant to live, so they are sources, not scan targets). Scanned: captured
+stdout/stderr/log of every test, failure reports, and every *.log, *.db, *.csv, *.parquet and *.json
+file under the session's temporary folder, except token files and issuer stores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pseudonymise.core import tokens as _tokens
+
+_SIGNED: set[str] = set()
+_OUTPUTS: list[str] = []
+_original_jws_sign = _tokens.jws_sign
+
+
+def _recording_jws_sign(*args: Any, **kwargs: Any) -> str:
+    token = _original_jws_sign(*args, **kwargs)
+    _SIGNED.add(token)
+    return token
+
+
+_tokens.jws_sign = _recording_jws_sign
+
+
+def _claims_secrets(token: str) -> set[str]:
+    out = {token}
+    try:
+        claims = json.loads(_tokens.b64url_decode(token.split(".")[1]))
+    except (ValueError, IndexError):
+        return out
+    for name in ("key", "escrow_private_key"):
+        if isinstance(claims.get(name), str) and len(claims[name]) >= 40:
+            out.add(claims[name])
+    return out
+
+
+def _is_secret_home(path: Path, text: str) -> bool:
+    return path.suffix == ".token" or '"private_key"' in text or '"escrow_private_key"' in text or \
+        path.name in ("passwords.json",)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for _name, content in report.sections:
+        _OUTPUTS.append(content)
+    if report.failed and report.longrepr is not None:
+        _OUTPUTS.append(str(report.longrepr))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None or os.environ.get("PSEUDONYMISE_SKIP_SECRET_SCAN"):
+        return
+    base = factory.getbasetemp()
+    secrets: set[str] = set()
+    for token in _SIGNED:
+        secrets |= _claims_secrets(token)
+    targets: list[tuple[str, str]] = [(f"captured output #{i}", text) for i, text in enumerate(_OUTPUTS)]
+    for path in base.rglob("*"):
+        if not path.is_file() or path.stat().st_size > 200 * 1024 * 1024:
+            continue
+        try:
+            text = path.read_bytes().decode("utf-8", "replace")
+        except OSError:
+            continue
+        if _is_secret_home(path, text):
+            if path.suffix == ".token":
+                secrets |= _claims_secrets(text.strip())
+            elif path.suffix == ".json" and text.lstrip().startswith("{"):
+                doc = json.loads(text)
+                for name in ("private_key", "key", "escrow_private_key"):
+                    if isinstance(doc.get(name), str):
+                        secrets.add(doc[name])
+                secrets.update(v for v in (doc.get("previous_keys") or {}).values() if isinstance(v, str))
+            continue
+        if path.suffix in (".log", ".db", ".csv", ".parquet", ".json", ".txt", ".out"):
+            targets.append((str(path.relative_to(base)), text))
+    hits = [(where, secret[:12] + "…") for where, text in targets for secret in secrets if secret in text]
+    summary = {"secrets_searched": len(secrets), "places_scanned": len(targets), "hits": len(hits)}
+    artifacts = Path(__file__).resolve().parent.parent / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    (artifacts / "secrets-scan.json").write_text(json.dumps({**summary, "where": hits[:50]}, indent=2))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"secrets scan: {summary['secrets_searched']} tokens/keys searched in "
+                            f"{summary['places_scanned']} logs, outputs and files: {summary['hits']} found")
+    if hits:
+        if reporter is not None:
+            for where, secret in hits[:20]:
+                reporter.write_line(f"  secret {secret} found in {where}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
