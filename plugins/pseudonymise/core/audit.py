@@ -38,11 +38,14 @@ FIELDS: tuple[str, ...] = (
     "source", "target", "columns",
     "rows_in", "rows_out", "rows_null", "values_pseudonymised", "escrow_rows",
     "error_class", "error_message", "details",
+    "token_expires_at", "retention_until",
 )
+#: Columns added after the first release: hashed only when set, so chains written before still verify.
+_OPTIONAL_FIELDS = ("token_expires_at", "retention_until")
 _TEXT_FIELDS = {"operation": 40, "outcome": 16, "project": 200, "token_jti": 64, "token_kind": 32,
                 "token_fingerprint": 16, "token_issuer": 200, "dag_id": 250, "task_id": 250, "run_id": 250,
                 "logical_date": 40, "data_interval_start": 40, "data_interval_end": 40, "triggered_by": 250,
-                "host": 250, "error_class": 200}
+                "host": 250, "error_class": 200, "token_expires_at": 40, "retention_until": 40}
 _INT_FIELDS = ("map_index", "try_number", "rows_in", "rows_out", "rows_null", "values_pseudonymised", "escrow_rows")
 _LONG_TEXT_FIELDS = ("source", "target", "columns", "error_message", "details")
 
@@ -83,6 +86,8 @@ def canonical_row(row: Mapping[str, Any]) -> bytes:
     doc = {}
     for name in FIELDS:
         value = row.get(name)
+        if value is None and name in _OPTIONAL_FIELDS:
+            continue
         if isinstance(value, datetime):
             value = _instant(value)
         doc[name] = value
@@ -117,6 +122,9 @@ class AuditUse:
     target: str | None = None
     columns: Sequence[str] | None = None
     context: dict[str, Any] = field(default_factory=dict)
+    #: From the verified token (ISO 8601 UTC), so the audit shows which tokens expire when.
+    token_expires_at: str | None = None
+    retention_until: str | None = None
     use_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def record(self) -> dict[str, Any]:
@@ -132,6 +140,8 @@ class AuditUse:
             "target": self.target,
             "columns": json.dumps(list(self.columns)) if self.columns is not None else None,
             "host": self.context.get("host") or socket.gethostname(),
+            "token_expires_at": self.token_expires_at,
+            "retention_until": self.retention_until,
         }
         for key in ("dag_id", "task_id", "run_id", "map_index", "try_number", "logical_date",
                     "data_interval_start", "data_interval_end", "triggered_by"):
@@ -174,12 +184,29 @@ class AuditLog:
                 advisory_lock(conn, self._lock_name)
                 if conn.execute(sa.select(self.head.c.id).where(self.head.c.id == 1)).first() is None:
                     conn.execute(self.head.insert().values(id=1, seq=0, row_hash=GENESIS))
+                self._add_missing_columns(conn)
         except SQLAlchemyError as exc:
             raise AuditError(
                 f"cannot create the audit table {self.table.fullname!r} ({exc.__class__.__name__}); "
                 "check that the audit database is reachable and the role may create tables"
             ) from exc
         self._created = True
+
+    def _missing_columns(self, conn: Connection) -> list[str]:
+        present = {c["name"] for c in sa.inspect(conn).get_columns(self.table.name, schema=self.table.schema)}
+        return [name for name in _OPTIONAL_FIELDS if name not in present]
+
+    def _add_missing_columns(self, conn: Connection) -> None:
+        """Give a table made by an earlier release the optional columns (NULL in its old rows)."""
+        if not self._missing_columns(conn):
+            return
+        # Without advisory locks (SQLite) a write takes the database's lock; then look again.
+        conn.execute(sa.update(self.head).where(self.head.c.id == 1).values(seq=self.head.c.seq))
+        quote = conn.dialect.identifier_preparer
+        for name in self._missing_columns(conn):
+            column = self.table.c[name]
+            conn.execute(sa.text(f"ALTER TABLE {quote.format_table(self.table)} ADD COLUMN "
+                                 f"{quote.format_column(column)} {column.type.compile(conn.dialect)}"))
 
     # --- writing --------------------------------------------------------------------------------
     def append(self, conn: Connection, record: Mapping[str, Any]) -> dict[str, Any]:

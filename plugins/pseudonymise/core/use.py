@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -17,6 +18,10 @@ from sqlalchemy.engine import Connection
 from pseudonymise.core.audit import AuditLog, AuditUse
 from pseudonymise.core.errors import TokenError
 from pseudonymise.core.tokens import Token, TrustedKeys, fingerprint, peek_claims, verify_token
+
+
+def _instant(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def current_user() -> str | None:
@@ -77,6 +82,8 @@ class TokenUse:
             self.audit.finish(self.use, "denied", error=exc)
             self._finished = True
             raise
+        self.use.token_expires_at = _instant(self.token.expires)
+        self.use.retention_until = _instant(self.token.retention_until)
         return self
 
     def succeed(self, conn: Connection | None = None, counts: Mapping[str, int] | None = None,
