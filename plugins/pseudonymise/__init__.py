@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 
 def get_provider_info() -> dict:
     """Provider metadata Airflow reads through the ``apache_airflow_provider`` entry point."""
+    from pseudonymise.plugin.config import provider_config
+
     return {
         "package-name": "airflow-provider-pseudonymise",
         "name": "Pseudonymise",
@@ -26,6 +28,10 @@ def get_provider_info() -> dict:
         "hooks": [{"integration-name": "Pseudonymise", "python-modules": ["pseudonymise.hooks"]}],
         "operators": [{"integration-name": "Pseudonymise", "python-modules": ["pseudonymise.operators"]}],
         "extra-links": ["pseudonymise.operators.AuditTrailLink"],
+        # The UI pages and HTTP API are an Airflow plugin registered by the ``airflow.plugins`` entry
+        # point, not listed under "plugins" here: Airflow would then load it twice when
+        # [core] lazy_discover_providers is off, and report the second as an import error.
+        "config": provider_config(),
         "connection-types": [
             {
                 "connection-type": "pseudonymise",

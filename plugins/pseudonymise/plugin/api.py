@@ -1,0 +1,411 @@
+"""The HTTP API: pseudonymise, re-pseudonymise or reverse a small batch, and read the audit.
+
+Each ``POST`` is one audited token use, run by the same flows as the operators and the CLI
+(:func:`run_pseudonymisation`, :func:`run_reversal`) on an in-memory batch, with the store on the
+audit connection. The token never leaves the connection that holds it: no response, error or log
+carries a token or a key, and originals appear only in the answer to an enabled, authorised
+reversal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from airflow.api_fastapi.core_api.security import GetUserDep
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+
+from pseudonymise.core.audit import AuditUse
+from pseudonymise.core.errors import AuditError, PseudonymiseError, TokenError
+from pseudonymise.core.pipeline import RunSummary, Store, run_pseudonymisation, run_reversal
+from pseudonymise.core.pseudonymiser import ColumnPolicy
+from pseudonymise.hooks import PseudonymisationTokenHook, TokenUnavailableError
+from pseudonymise.plugin.access import DagScopeDep, ReadAudit, UseConnection, user_name
+from pseudonymise.plugin.audit_store import ConfigDep, StoreDep, TrailFilterDep
+from pseudonymise.plugin.batch import (
+    BatchError,
+    MemorySink,
+    from_csv,
+    from_records,
+    parse_json,
+    policy_from_query,
+    to_csv,
+    to_records,
+)
+from pseudonymise.plugin.config import PluginConfig
+from pseudonymise.plugin.trail import Trail
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/v1")
+#: Request bodies are read up to this many bytes per allowed record (plus a margin), then refused.
+BYTES_PER_RECORD = 16 * 1024
+
+
+# --- models -------------------------------------------------------------------------------------
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="What was wrong and what to do; never a token, key or data value.")
+
+
+class PseudonymiseRequest(BaseModel):
+    """JSON body of a (secondary) pseudonymisation."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {
+        "policy": {"patient_id": {"action": "pseudonymise", "normalise": ["strip", "upper"]}, "name": "drop",
+                   "birth_year": "keep"},
+        "records": [{"patient_id": "P-0001", "name": "Ada", "birth_year": 1960}]}})
+
+    policy: dict[str, Any] = Field(description='Column policy, as in a DAG: {"column": "pseudonymise" | "keep" | '
+                                               '"drop" | {"action": ..., "normalise": [...], "domain": ...}}, or '
+                                               '{"columns": {...}, "default": "error" | "keep" | "drop"}.')
+    records: list[dict[str, Any]] = Field(description="The records, each with the same fields; at most "
+                                                      "[pseudonymise] api_max_rows of them.")
+
+
+class ReverseRequest(BaseModel):
+    """JSON body of a reversal."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    columns: list[str] = Field(description="The fields that hold pseudonyms to reveal.")
+    records: list[dict[str, Any]] = Field(description="The records, each with the same fields.")
+    require_all: bool = Field(False, description="Fail, revealing nothing, if a pseudonym has no escrow.")
+
+
+class BatchResponse(BaseModel):
+    """The output records and what the use did; the audit holds the same counts under ``use_id``."""
+
+    use_id: str
+    operation: str
+    project: str | None
+    token_jti: str | None
+    token_fingerprint: str | None
+    columns: list[str]
+    counts: dict[str, int]
+    records: list[dict[str, Any]]
+
+
+class AuditRow(BaseModel):
+    seq: int
+    use_id: str
+    event: str
+    recorded_at: datetime
+    operation: str | None = None
+    outcome: str | None = None
+    project: str | None = None
+    token_jti: str | None = None
+    token_kind: str | None = None
+    token_fingerprint: str | None = None
+    token_issuer: str | None = None
+    token_expires_at: str | None = None
+    retention_until: str | None = None
+    dag_id: str | None = None
+    task_id: str | None = None
+    run_id: str | None = None
+    map_index: int | None = None
+    try_number: int | None = None
+    logical_date: str | None = None
+    data_interval_start: str | None = None
+    data_interval_end: str | None = None
+    triggered_by: str | None = None
+    host: str | None = None
+    source: str | None = None
+    target: str | None = None
+    columns: str | None = None
+    rows_in: int | None = None
+    rows_out: int | None = None
+    rows_null: int | None = None
+    values_pseudonymised: int | None = None
+    escrow_rows: int | None = None
+    error_class: str | None = None
+    error_message: str | None = None
+    details: str | None = None
+    prev_hash: str
+    row_hash: str
+
+
+class AuditRowsResponse(BaseModel):
+    rows: list[AuditRow]
+    offset: int
+    limit: int
+
+
+class VerifyResponse(BaseModel):
+    ok: bool
+    rows_checked: int
+    last_seq: int = Field(description="The last row of the verified chain.")
+    broken_at: int | None = Field(None, description="The first row where the chain breaks.")
+    reason: str | None = None
+    checked_at: datetime
+
+
+class TokenResponse(BaseModel):
+    jti: str
+    project: str | None
+    kind: str | None
+    issuer: str | None
+    expires_at: datetime | None
+    retention_until: datetime | None
+    state: str = Field(description="valid, expiring (within [pseudonymise] expiry_warning_days), expired or unknown.")
+    first_use: datetime
+    last_use: datetime
+    uses: int
+    outcomes: dict[str, int]
+    expired_uses: int = Field(description="Uses refused because the token had expired.")
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text} for code, text in (
+        (400, "Malformed JSON or CSV."),
+        (401, "Not authenticated: send an Airflow JWT (Authorization: Bearer, from POST /auth/token)."),
+        (403, "Authenticated, but not allowed."),
+        (422, "Invalid request, policy or token (expired, wrong kind or project); token uses are audited."),
+        (503, "The plugin's audit database is not configured or not reachable."),
+    )
+}
+_BATCH_ERRORS = {**_ERRORS, **{code: {"model": ErrorResponse, "description": text} for code, text in (
+    (404, "No such connection."),
+    (413, "More records than [pseudonymise] api_max_rows, or a body too large."),
+)}}
+
+
+def _batch_openapi(json_model: type[BaseModel], csv_help: str) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": json_model.model_json_schema()},
+        "text/csv": {"schema": {"type": "string", "description": csv_help}},
+    }}}
+
+
+_BATCH_200: dict[int | str, dict[str, Any]] = {200: {
+    "description": "JSON in, JSON out; CSV in, CSV out (the use id in the X-Pseudonymise-Use-Id header).",
+    "content": {"text/csv": {"schema": {"type": "string"}}}}}
+
+
+# --- running a batch ----------------------------------------------------------------------------
+async def _read_body(request: Request, cfg: PluginConfig) -> bytes:
+    limit = cfg.api_max_rows * BYTES_PER_RECORD + 64 * 1024
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
+                                f"the request body is larger than {limit} bytes; send at most "
+                                f"{cfg.api_max_rows} records ([pseudonymise] api_max_rows)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _is_csv(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() == "text/csv"
+
+
+def _audit_refused(store: Store, operation: str, connection_id: str, who: str, exc: PseudonymiseError,
+                   project: str | None = None) -> None:
+    """A token that cannot even be read is still an attempted use: audit it as ``denied``."""
+    use = AuditUse(operation=operation, project=project, source=f"api:{connection_id}", target="api:response",
+                   context={"triggered_by": who})
+    store.audit.start(use)
+    store.audit.finish(use, "denied", error=exc)
+
+
+def _read_token(store: Store, operation: str, connection_id: str, who: str,
+                kind: str) -> tuple[PseudonymisationTokenHook, str, Any]:
+    hook = PseudonymisationTokenHook(connection_id)
+    try:
+        connection = hook.connection
+    except TokenUnavailableError as exc:
+        _audit_refused(store, operation, connection_id, who, exc)
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    if connection.conn_type != "pseudonymise":
+        # Never read, fingerprint or audit another kind of connection's password as if it were a token.
+        exc = TokenUnavailableError(f"connection {connection_id!r} is of type {connection.conn_type!r}; a {kind} "
+                                    "token must be held in a connection of type 'pseudonymise'")
+        _audit_refused(store, operation, connection_id, who, exc)
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc))
+    try:
+        return hook, hook.get_token(), hook.get_trusted_keys()
+    except TokenError as exc:
+        _audit_refused(store, operation, connection_id, who, exc, project=_project_of(hook))
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+
+
+def _project_of(hook: PseudonymisationTokenHook) -> str | None:
+    try:
+        return hook.project
+    except PseudonymiseError:
+        return None
+
+
+def _run(run: Callable[[], RunSummary]) -> RunSummary:
+    try:
+        return run()
+    except AuditError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
+    except PseudonymiseError as exc:  # token, policy, data, escrow: audited by the flow as denied or failed
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+
+
+def _respond(summary: RunSummary, sink: MemorySink, as_csv: bool) -> Any:
+    if as_csv:
+        return Response(to_csv(sink.columns, sink.rows), media_type="text/csv",
+                        headers={"X-Pseudonymise-Use-Id": summary.use_id})
+    return BatchResponse(use_id=summary.use_id, operation=summary.operation, project=summary.project,
+                         token_jti=summary.token_jti, token_fingerprint=summary.token_fingerprint,
+                         columns=sink.columns, counts=summary.counts, records=to_records(sink.columns, sink.rows))
+
+
+def _sink(holder: list[MemorySink]) -> Callable[[list[str], Any], MemorySink]:
+    def factory(columns: list[str], _conn: Any) -> MemorySink:
+        holder.append(MemorySink(columns))
+        return holder[-1]
+    return factory
+
+
+async def _pseudonymise(request: Request, connection_id: str, user: Any, cfg: PluginConfig, store: Store,
+                        policy_text: str | None, secondary: bool) -> Any:
+    body = await _read_body(request, cfg)
+    as_csv = _is_csv(request)
+    try:
+        if as_csv:
+            policy_data, batch = policy_from_query(policy_text), from_csv(body, cfg.api_max_rows)
+        else:
+            document = parse_json(body)
+            if not isinstance(document, dict) or set(document) != {"policy", "records"}:
+                raise BatchError('the JSON body must be an object with exactly "policy" and "records"', 422)
+            if not isinstance(document["policy"], dict):
+                raise BatchError('"policy" must be a JSON object', 422)
+            policy_data, batch = document["policy"], from_records(document["records"], cfg.api_max_rows)
+        policy = ColumnPolicy.from_mapping(policy_data)
+    except BatchError as exc:
+        raise HTTPException(exc.status, str(exc)) from exc
+    except PseudonymiseError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+    operation = "secondary" if secondary else "pseudonymise"
+    who = user_name(user)
+
+    def run() -> Any:
+        hook, raw, keys = _read_token(store, operation, connection_id, who, "secondary" if secondary else "pseudonymisation")
+        sinks: list[MemorySink] = []
+        summary = _run(lambda: run_pseudonymisation(
+            store, raw, keys, policy, batch, _sink(sinks), secondary=secondary, project=hook.project,
+            source_label=f"api:{connection_id}", target_label="api:response", context={"triggered_by": who}))
+        log.info("%s through the API by %s: %d records; audit use %s", operation, who, len(batch), summary.use_id)
+        return _respond(summary, sinks[0], as_csv)
+
+    return await run_in_threadpool(run)
+
+
+_CSV_POLICY = ('Column policy as JSON, for a text/csv body (a JSON body carries it in "policy"), '
+               'e.g. {"patient_id": "pseudonymise", "name": "drop", "birth_year": "keep"}.')
+
+
+@router.post("/connections/{connection_id}/pseudonymise", response_model=BatchResponse, tags=["Pseudonymise"],
+             summary="Pseudonymise a small batch", dependencies=[UseConnection],
+             responses={**_BATCH_ERRORS, **_BATCH_200},
+             openapi_extra=_batch_openapi(PseudonymiseRequest, "CSV with a header row; an empty field is NULL."))
+async def pseudonymise(request: Request, connection_id: str, user: GetUserDep, cfg: ConfigDep, store: StoreDep,
+                       policy: Annotated[str | None, Query(description=_CSV_POLICY)] = None) -> Any:
+    """Pseudonymise records with the **pseudonymisation** token held in the Airflow connection
+    ``connection_id`` (type ``pseudonymise``; you need read access to it). The use is audited with
+    your user name as ``triggered_by``; escrow (for reversible projects) goes to the audit database.
+    """
+    return await _pseudonymise(request, connection_id, user, cfg, store, policy, secondary=False)
+
+
+@router.post("/connections/{connection_id}/secondary", response_model=BatchResponse, tags=["Pseudonymise"],
+             summary="Re-pseudonymise a small batch with a secondary token", dependencies=[UseConnection],
+             responses={**_BATCH_ERRORS, **_BATCH_200},
+             openapi_extra=_batch_openapi(PseudonymiseRequest, "CSV with a header row; an empty field is NULL."))
+async def secondary(request: Request, connection_id: str, user: GetUserDep, cfg: ConfigDep, store: StoreDep,
+                    policy: Annotated[str | None, Query(description=_CSV_POLICY)] = None) -> Any:
+    """Turn first-level pseudonyms into second-level ones with the **secondary** token held in the
+    connection ``connection_id``, for a third party. Audited like any token use."""
+    return await _pseudonymise(request, connection_id, user, cfg, store, policy, secondary=True)
+
+
+@router.post("/connections/{connection_id}/reverse", response_model=BatchResponse, tags=["Reverse"],
+             summary="Reveal the originals of pseudonyms (only if enabled)", dependencies=[UseConnection],
+             responses={**_BATCH_ERRORS, **_BATCH_200},
+             openapi_extra=_batch_openapi(ReverseRequest, "CSV with a header row; name the columns in ?columns=."))
+async def reverse(request: Request, connection_id: str, user: GetUserDep, cfg: ConfigDep, store: StoreDep,
+                  columns: Annotated[str | None, Query(description="For a text/csv body: the comma-separated "
+                                                                   "columns that hold pseudonyms.")] = None,
+                  require_all: Annotated[bool, Query(description="For a text/csv body: fail if a pseudonym "
+                                                                 "has no escrow.")] = False) -> Any:
+    """Replace pseudonyms by their originals with the **reverse** token held in the connection
+    ``connection_id``. Refused unless ``[pseudonymise] api_allow_reversal`` is true. The audit
+    ``started`` row, with your user name as ``triggered_by``, commits before anything is revealed.
+    """
+    if not cfg.api_allow_reversal:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "reversal through the HTTP API is disabled; an administrator "
+                            "can enable it with [pseudonymise] api_allow_reversal = True")
+    body = await _read_body(request, cfg)
+    as_csv = _is_csv(request)
+    try:
+        if as_csv:
+            wanted = [c.strip() for c in (columns or "").split(",") if c.strip()]
+            batch, require = from_csv(body, cfg.api_max_rows), require_all
+        else:
+            document = parse_json(body)
+            if not isinstance(document, dict) or not {"columns", "records"} <= set(document) <= {
+                    "columns", "records", "require_all"}:
+                raise BatchError('the JSON body must be an object with "columns", "records" and optionally '
+                                 '"require_all"', 422)
+            wanted, require = document["columns"], document.get("require_all", False)
+            if not isinstance(wanted, list) or not all(isinstance(c, str) for c in wanted) or not isinstance(require, bool):
+                raise BatchError('"columns" must be a list of field names and "require_all" true or false', 422)
+            batch = from_records(document["records"], cfg.api_max_rows)
+        if not wanted:
+            raise BatchError("name the columns that hold pseudonyms", 422)
+    except BatchError as exc:
+        raise HTTPException(exc.status, str(exc)) from exc
+    who = user_name(user)
+
+    def run() -> Any:
+        hook, raw, keys = _read_token(store, "reverse", connection_id, who, "reverse")
+        sinks: list[MemorySink] = []
+        summary = _run(lambda: run_reversal(
+            store, raw, keys, wanted, batch, _sink(sinks), project=hook.project, triggered_by=who,
+            source_label=f"api:{connection_id}", target_label="api:response", context={"triggered_by": who},
+            require_all=require))
+        log.info("reverse through the API by %s: %d records; audit use %s", who, len(batch), summary.use_id)
+        return _respond(summary, sinks[0], as_csv)
+
+    return await run_in_threadpool(run)
+
+
+# --- reading the audit --------------------------------------------------------------------------
+@router.get("/audit", response_model=AuditRowsResponse, tags=["Audit"], summary="Audit rows, newest first",
+            dependencies=[ReadAudit], responses=_ERRORS)
+def audit_rows(flt: TrailFilterDep, store: StoreDep, scope: DagScopeDep, cfg: ConfigDep,
+               offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
+               limit: Annotated[int, Query(ge=1, description="At most [pseudonymise] api_max_rows.")] = 100) -> Any:
+    """The audit rows (``started`` and ``finished``) matching the filters, of the DAGs you may read
+    and of uses outside any DAG; the same filters as the audit page."""
+    rows = Trail(store, scope).rows(flt, offset, min(limit, cfg.api_max_rows))
+    return AuditRowsResponse(rows=[AuditRow.model_validate(r) for r in rows], offset=offset,
+                             limit=min(limit, cfg.api_max_rows))
+
+
+@router.get("/audit/verify", response_model=VerifyResponse, tags=["Audit"], dependencies=[ReadAudit],
+            summary="Verify the audit hash chain", responses=_ERRORS)
+def audit_verify(store: StoreDep, scope: DagScopeDep) -> Any:
+    """Walk the whole chain and name the first row where it breaks (re-checked at most once a minute)."""
+    result, checked = Trail(store, scope).verify()
+    return VerifyResponse(ok=result.ok, rows_checked=result.rows_checked, last_seq=result.last_seq,
+                          broken_at=result.broken_at, reason=result.reason,
+                          checked_at=datetime.fromtimestamp(checked, UTC))
+
+
+@router.get("/tokens", response_model=list[TokenResponse], tags=["Audit"], dependencies=[ReadAudit],
+            summary="Tokens seen in the audit", responses=_ERRORS)
+def tokens(store: StoreDep, scope: DagScopeDep, cfg: ConfigDep) -> Any:
+    """Every token the audit has seen (by id, never the token), with its expiry and uses."""
+    now = datetime.now(UTC)
+    return [TokenResponse(jti=t.jti, project=t.project, kind=t.kind, issuer=t.issuer, expires_at=t.expires_at,
+                          retention_until=t.retention_until, state=t.state, first_use=t.first_use,
+                          last_use=t.last_use, uses=t.uses, outcomes=t.outcomes, expired_uses=t.expired_uses)
+            for t in Trail(store, scope).tokens(now, timedelta(days=cfg.expiry_warning_days))]

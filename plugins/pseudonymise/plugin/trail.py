@@ -1,0 +1,307 @@
+"""Reading the audit trail for the pages and the API: filters, token uses, tokens, daily counts.
+
+A *use* is the pair of rows one token use writes: its ``started`` row and, unless it crashed or
+is still running, its ``finished`` row. Every query is limited to what the user may see
+(:class:`~pseudonymise.plugin.access.DagScope`) and runs on the audit connection's engine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from pseudonymise.core.audit import VerifyResult
+from pseudonymise.core.pipeline import Store
+from pseudonymise.plugin.access import DagScope
+
+#: Outcomes a filter may ask for: a use's final outcome, or ``incomplete`` (started, never finished).
+USE_OUTCOMES = ("success", "failed", "denied", "incomplete")
+OPERATIONS = ("pseudonymise", "secondary", "reverse", "purge")
+_VERIFY_TTL_SECONDS = 60.0
+_verified: dict[tuple[str, str], tuple[float, VerifyResult]] = {}
+_verified_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class TrailFilter:
+    """What the audit page and ``GET /api/v1/audit`` filter on; ``None`` means any."""
+
+    project: str | None = None
+    dag_id: str | None = None
+    task_id: str | None = None
+    run_id: str | None = None
+    map_index: int | None = None
+    operation: str | None = None
+    outcome: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    use_id: str | None = None
+    token_jti: str | None = None
+
+    def query_items(self) -> list[tuple[str, str]]:
+        """The filter as URL query items (for pagination links)."""
+        items = []
+        for name in ("project", "dag_id", "task_id", "run_id", "map_index", "operation", "outcome", "use_id",
+                     "token_jti"):
+            value = getattr(self, name)
+            if value is not None:
+                items.append((name, str(value)))
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None:
+                items.append((name, value.strftime("%Y-%m-%dT%H:%M:%S")))
+        return items
+
+
+@dataclass
+class Use:
+    """One token use: its ``started`` row and its ``finished`` row (``None`` while incomplete)."""
+
+    started: dict[str, Any]
+    finished: dict[str, Any] | None = None
+
+    @property
+    def outcome(self) -> str:
+        return self.finished["outcome"] if self.finished else "incomplete"
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.finished or self.started
+
+
+@dataclass
+class TokenSummary:
+    """Everything the audit knows about one token (by ``jti``); never the token itself."""
+
+    jti: str
+    project: str | None
+    projects_seen: int
+    kind: str | None
+    issuer: str | None
+    first_use: datetime
+    last_use: datetime
+    uses: int
+    outcomes: dict[str, int]
+    expired_uses: int
+    expires_at: datetime | None
+    retention_until: datetime | None
+    state: str = "unknown"  # valid | expiring | expired | unknown
+
+    def classify(self, now: datetime, warning: timedelta) -> None:
+        if self.expires_at is None:
+            self.state = "unknown"
+        elif self.expires_at <= now:
+            self.state = "expired"
+        elif self.expires_at <= now + warning:
+            self.state = "expiring"
+        else:
+            self.state = "valid"
+
+
+@dataclass
+class ProjectEscrow:
+    project: str
+    values: int
+    retention_from: datetime | None
+    retention_to: datetime | None
+
+
+@dataclass
+class DailyUses:
+    day: date
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _instant(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Trail:
+    """Read-only queries over one store's audit (and escrow) tables, for one user's scope."""
+
+    def __init__(self, store: Store, scope: DagScope) -> None:
+        self.store = store
+        self.table = store.audit.table
+        self.scope = scope
+
+    # --- filters --------------------------------------------------------------------------------
+    def _conditions(self, t: sa.Table, flt: TrailFilter) -> list[sa.ColumnElement[bool]]:
+        conds = [self.scope.clause(t.c.dag_id)]
+        for name in ("project", "dag_id", "task_id", "run_id", "operation", "use_id", "token_jti"):
+            value = getattr(flt, name)
+            if value is not None:
+                conds.append(t.c[name] == value)
+        if flt.map_index is not None:
+            conds.append(t.c.map_index == flt.map_index)
+        if flt.since is not None:
+            conds.append(t.c.recorded_at >= flt.since)
+        if flt.until is not None:
+            conds.append(t.c.recorded_at < flt.until)
+        return conds
+
+    def _finished(self, use_id: sa.ColumnElement[Any], outcome: str | None = None) -> sa.Exists:
+        f = self.table.alias("f")
+        conds = [f.c.use_id == use_id, f.c.event == "finished"]
+        if outcome is not None:
+            conds.append(f.c.outcome == outcome)
+        return sa.exists().where(*conds)
+
+    # --- uses and rows --------------------------------------------------------------------------
+    def uses(self, flt: TrailFilter, offset: int = 0, limit: int = 50) -> tuple[int, list[Use]]:
+        """Token uses matching ``flt``, newest first: (total, one page)."""
+        t = self.table
+        conds = [t.c.event == "started", *self._conditions(t, flt)]
+        if flt.outcome == "incomplete":
+            conds.append(~self._finished(t.c.use_id))
+        elif flt.outcome is not None:
+            conds.append(self._finished(t.c.use_id, flt.outcome))
+        with self.store.engine.connect() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(t).where(*conds)).scalar_one()
+            started = [dict(r) for r in conn.execute(
+                sa.select(t).where(*conds).order_by(t.c.seq.desc()).offset(offset).limit(limit)).mappings()]
+            ids = [r["use_id"] for r in started]
+            finished = {r["use_id"]: dict(r) for r in conn.execute(
+                sa.select(t).where(t.c.use_id.in_(ids), t.c.event == "finished")).mappings()} if ids else {}
+        return total, [Use(r, finished.get(r["use_id"])) for r in started]
+
+    def rows(self, flt: TrailFilter, offset: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        """Audit rows matching ``flt``, newest first; ``outcome`` matches the row's own outcome
+        (``started`` for started rows), or ``incomplete`` for started rows never finished."""
+        t = self.table
+        conds = self._conditions(t, flt)
+        if flt.outcome == "incomplete":
+            conds += [t.c.event == "started", ~self._finished(t.c.use_id)]
+        elif flt.outcome is not None:
+            conds.append(t.c.outcome == flt.outcome)
+        query = sa.select(t).where(*conds).order_by(t.c.seq.desc()).offset(offset).limit(limit)
+        with self.store.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    # --- tokens and projects --------------------------------------------------------------------
+    def tokens(self, now: datetime, warning: timedelta) -> list[TokenSummary]:
+        t = self.table
+        finished = t.c.event == "finished"
+
+        def count(cond: sa.ColumnElement[bool]) -> Any:
+            return sa.func.sum(sa.case((cond, 1), else_=0))
+
+        query = (
+            sa.select(
+                t.c.token_jti, sa.func.max(t.c.project), sa.func.count(sa.distinct(t.c.project)),
+                sa.func.max(t.c.token_kind), sa.func.max(t.c.token_issuer),
+                sa.func.min(t.c.recorded_at), sa.func.max(t.c.recorded_at), sa.func.count(sa.distinct(t.c.use_id)),
+                count(finished & (t.c.outcome == "success")), count(finished & (t.c.outcome == "failed")),
+                count(finished & (t.c.outcome == "denied")), count(finished & (t.c.error_class == "TokenExpiredError")),
+                sa.func.max(t.c.token_expires_at), sa.func.max(t.c.retention_until),
+            )
+            .where(t.c.token_jti.is_not(None), self.scope.clause(t.c.dag_id))
+            .group_by(t.c.token_jti)
+            .order_by(sa.func.max(t.c.recorded_at).desc())
+        )
+        out = []
+        with self.store.engine.connect() as conn:
+            for (jti, project, projects, kind, issuer, first, last, uses, ok, failed, denied, expired,
+                 expires, retention) in conn.execute(query):
+                summary = TokenSummary(
+                    jti=jti, project=project, projects_seen=projects, kind=kind, issuer=issuer,
+                    first_use=first, last_use=last, uses=uses,
+                    outcomes={"success": ok or 0, "failed": failed or 0, "denied": denied or 0},
+                    expired_uses=expired or 0, expires_at=_instant(expires), retention_until=_instant(retention))
+                summary.classify(now, warning)
+                out.append(summary)
+        return out
+
+    def escrow_by_project(self) -> list[ProjectEscrow]:
+        """Sealed values held per project and when their retention ends (counts only, never a value)."""
+        v = self.store.escrow.values
+        query = (sa.select(v.c.project, sa.func.count(), sa.func.min(v.c.retention_until), sa.func.max(v.c.retention_until))
+                 .group_by(v.c.project).order_by(v.c.project))
+        with self.store.engine.connect() as conn:
+            return [ProjectEscrow(p, n, lo, hi) for p, n, lo, hi in conn.execute(query)]
+
+    # --- charts ---------------------------------------------------------------------------------
+    def daily_uses(self, since: datetime, until: datetime) -> list[DailyUses]:
+        """Uses per day (of their start, UTC) by final outcome, every day of the midnight-aligned
+        window present (see :func:`window`)."""
+        t = self.table
+        f = t.alias("f")
+        query = (
+            sa.select(t.c.recorded_at, f.c.outcome)
+            .select_from(t.outerjoin(f, sa.and_(f.c.use_id == t.c.use_id, f.c.event == "finished")))
+            .where(t.c.event == "started", t.c.recorded_at >= since, t.c.recorded_at < until,
+                   self.scope.clause(t.c.dag_id))
+        )
+        days: dict[date, DailyUses] = {}
+        day = since.date()
+        while day < until.date():
+            days[day] = DailyUses(day)
+            day += timedelta(days=1)
+        with self.store.engine.connect() as conn:
+            for recorded_at, outcome in conn.execute(query):
+                bucket = days.setdefault(recorded_at.date(), DailyUses(recorded_at.date()))
+                key = outcome or "incomplete"
+                bucket.counts[key] = bucket.counts.get(key, 0) + 1
+        return [days[d] for d in sorted(days)]
+
+    def rows_by_project(self, since: datetime, until: datetime) -> list[tuple[str, int, int]]:
+        """(project, rows pseudonymised, values pseudonymised) of successful (secondary) pseudonymisations."""
+        t = self.table
+        query = (
+            sa.select(t.c.project, sa.func.sum(t.c.rows_out), sa.func.sum(t.c.values_pseudonymised))
+            .where(t.c.event == "finished", t.c.outcome == "success", t.c.operation.in_(("pseudonymise", "secondary")),
+                   t.c.recorded_at >= since, t.c.recorded_at < until, self.scope.clause(t.c.dag_id))
+            .group_by(t.c.project)
+        )
+        totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        with self.store.engine.connect() as conn:
+            for project, rows, values in conn.execute(query):
+                totals[project or "(none)"][0] += int(rows or 0)
+                totals[project or "(none)"][1] += int(values or 0)
+        return sorted(((p, r, v) for p, (r, v) in totals.items()), key=lambda x: (-x[1], x[0]))
+
+    # --- verification ---------------------------------------------------------------------------
+    def verify(self) -> tuple[VerifyResult, float]:
+        """The chain's verification and when it ran (epoch seconds); re-run at most once a minute,
+        because it reads every row."""
+        key = (self.store.engine.url.render_as_string(hide_password=True), self.table.fullname)
+        now = time.time()
+        with _verified_lock:
+            cached = _verified.get(key)
+        if cached and now - cached[0] < _VERIFY_TTL_SECONDS:
+            return cached[1], cached[0]
+        result = self.store.audit.verify()
+        with _verified_lock:
+            _verified[key] = (now, result)
+        return result, now
+
+
+def window(days: int, now: datetime) -> tuple[datetime, datetime]:
+    """The last ``days`` whole UTC days up to and including today."""
+    end = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
+    return end - timedelta(days=days), end
+
+
+def distinct_values(store: Store, scope: DagScope, column: str, limit: int = 200) -> Sequence[str]:
+    """Values seen in an audit column, for the filter drop-downs."""
+    t = store.audit.table
+    query = (sa.select(t.c[column]).where(t.c[column].is_not(None), scope.clause(t.c.dag_id))
+             .group_by(t.c[column]).order_by(t.c[column]).limit(limit))
+    with store.engine.connect() as conn:
+        return [r[0] for r in conn.execute(query)]

@@ -1,0 +1,396 @@
+"""The HTTP API through Airflow's real API server app: every call an audited token use, behind Airflow auth."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser, SecondaryPseudonymiser
+from pseudonymise.core.tokens import verify_token
+
+from tests.plugin.conftest import Api, AuditDb, TokenConnections, crashed_use, secrets_of, task_use
+
+BASE = "/pseudonymise/api/v1"
+POLICY = {"patient_id": {"action": "pseudonymise", "normalise": ["strip", "upper"]}, "name": "drop",
+          "birth_year": "keep"}
+RECORDS = [{"patient_id": "p-0001 ", "name": "Ada", "birth_year": 1960},
+           {"patient_id": "P-0002", "name": "Grace", "birth_year": None},
+           {"patient_id": None, "name": "Alan", "birth_year": 1954}]
+
+
+def url(conns: TokenConnections, name: str, action: str = "pseudonymise") -> str:
+    return f"{BASE}/connections/{conns[name]}/{action}"
+
+
+def assert_no_secret(text: str, conns: TokenConnections) -> None:
+    for token in conns.tokens.values():
+        for secret in secrets_of(token):
+            assert secret not in text
+
+
+def expected_pseudonyms(conns: TokenConnections, values: list[Any]) -> list[Any]:
+    """What the core engine (as the operators and the CLI use it) makes of these values."""
+    token = verify_token(conns.tokens["pseudonymise"], conns.issuer.public_keys())
+    engine = Pseudonymiser(token, ColumnPolicy.from_mapping({"columns": POLICY}))
+    return engine.pseudonymise_batch({"patient_id": values, "name": [None] * len(values),
+                                      "birth_year": [None] * len(values)}).columns["patient_id"]
+
+
+# --- pseudonymise -------------------------------------------------------------------------------
+def test_pseudonymise_json_records(api: Api, audit_db: AuditDb, token_connections: TokenConnections) -> None:
+    response = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"),
+                               json={"policy": POLICY, "records": RECORDS})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["columns"] == ["patient_id", "birth_year"]  # name dropped
+    assert [r["birth_year"] for r in body["records"]] == [1960, None, 1954]
+    assert [r["patient_id"] for r in body["records"]] == expected_pseudonyms(
+        token_connections, ["p-0001 ", "P-0002", None])
+    assert body["records"][0]["patient_id"] != body["records"][1]["patient_id"]
+    assert body["counts"] == {"rows_in": 3, "rows_out": 3, "nulls": 1, "values_pseudonymised": 2, "escrow_rows": 2}
+    rows = audit_db.rows()
+    assert [(r["event"], r["outcome"]) for r in rows] == [("started", "started"), ("finished", "success")]
+    finished = rows[1]
+    assert finished["use_id"] == body["use_id"] and finished["triggered_by"] == "admin"
+    assert finished["source"] == f"api:{token_connections['pseudonymise']}" and finished["target"] == "api:response"
+    assert finished["token_jti"] == body["token_jti"] and finished["rows_in"] == 3
+    assert finished["token_expires_at"] and finished["retention_until"]
+    assert audit_db.store.audit.verify().ok
+    assert_no_secret(response.text + json.dumps(rows, default=str), token_connections)
+    with audit_db.store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(audit_db.store.escrow.values)).scalar_one() == 2
+
+
+def test_pseudonymise_csv_in_csv_out(api: Api, audit_db: AuditDb, token_connections: TokenConnections) -> None:
+    body = "patient_id,name,birth_year\np-0001 ,Ada,1960\nP-0002,Grace,\n,Alan,1954\n"
+    response = api.client.post(url(token_connections, "pseudonymise"), headers={
+        **api.auth("op"), "Content-Type": "text/csv"}, params={"policy": json.dumps(POLICY)}, content=body.encode())
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/csv")
+    out = list(csv.reader(io.StringIO(response.text)))
+    assert out[0] == ["patient_id", "birth_year"]
+    assert [r[0] for r in out[1:]] == [p or "" for p in expected_pseudonyms(token_connections, ["p-0001 ", "P-0002", None])]
+    assert [r[1] for r in out[1:]] == ["1960", "", "1954"]
+    use_id = response.headers["X-Pseudonymise-Use-Id"]
+    assert [(r["use_id"], r["outcome"], r["triggered_by"]) for r in audit_db.rows()] == [
+        (use_id, "started", "op"), (use_id, "success", "op")]
+
+
+def test_integers_and_their_text_give_the_same_pseudonym(api: Api, audit_db: AuditDb,
+                                                          token_connections: TokenConnections) -> None:
+    response = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"), json={
+        "policy": {"id": "pseudonymise"}, "records": [{"id": 123}, {"id": "123"}]})
+    assert response.status_code == 200, response.text
+    first, second = (r["id"] for r in response.json()["records"])
+    assert first == second
+
+
+def test_secondary_pseudonymisation(api: Api, audit_db: AuditDb, token_connections: TokenConnections) -> None:
+    first = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"),
+                            json={"policy": {"patient_id": "pseudonymise"}, "records": [{"patient_id": "P-1"}]})
+    pseudonym = first.json()["records"][0]["patient_id"]
+    response = api.client.post(url(token_connections, "secondary", "secondary"), headers=api.auth("admin"),
+                               json={"policy": {"patient_id": "pseudonymise"}, "records": [{"patient_id": pseudonym}]})
+    assert response.status_code == 200, response.text
+    second = response.json()["records"][0]["patient_id"]
+    token = verify_token(token_connections.tokens["secondary"], token_connections.issuer.public_keys())
+    engine = SecondaryPseudonymiser(token, ColumnPolicy.pseudonymise("patient_id"))
+    assert second == engine.pseudonymise_batch({"patient_id": [pseudonym]}).columns["patient_id"][0] != pseudonym
+    assert [r["operation"] for r in audit_db.rows()] == ["pseudonymise"] * 2 + ["secondary"] * 2
+    assert response.json()["project"] == "vendor-x"
+
+
+# --- reverse ------------------------------------------------------------------------------------
+def test_reversal_is_refused_unless_enabled(api: Api, audit_db: AuditDb, token_connections: TokenConnections) -> None:
+    response = api.client.post(url(token_connections, "reverse", "reverse"), headers=api.auth("admin"),
+                               json={"columns": ["patient_id"], "records": [{"patient_id": "x" * 26}]})
+    assert response.status_code == 403
+    assert "api_allow_reversal" in response.json()["detail"]
+    assert audit_db.rows() == []
+
+
+def test_reversal_when_enabled_reveals_and_audits_the_caller(api: Api, audit_db: AuditDb,
+                                                             token_connections: TokenConnections,
+                                                             allow_reversal: None) -> None:
+    made = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"),
+                           json={"policy": POLICY, "records": RECORDS}).json()
+    records = [{"patient_id": r["patient_id"], "visit": i} for i, r in enumerate(made["records"])]
+    records.append({"patient_id": "unknownpseudonym0000000000", "visit": 9})
+    response = api.client.post(url(token_connections, "reverse", "reverse"), headers=api.auth("op"),
+                               json={"columns": ["patient_id"], "records": records})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    # Canonical originals: the normalised text (strip, upper) the pseudonyms were made of.
+    assert [r["patient_id"] for r in body["records"]] == ["P-0001", "P-0002", None, None]
+    assert [r["visit"] for r in body["records"]] == [0, 1, 2, 9]
+    assert body["counts"]["not_found"] == 1 and body["counts"]["values_pseudonymised"] == 2
+    rows = [r for r in audit_db.rows() if r["operation"] == "reverse"]
+    assert [(r["event"], r["outcome"], r["triggered_by"]) for r in rows] == [
+        ("started", "started", "op"), ("finished", "success", "op")]
+    assert rows[0]["seq"] < rows[1]["seq"]
+
+    strict = api.client.post(url(token_connections, "reverse", "reverse"), headers=api.auth("op"),
+                             json={"columns": ["patient_id"], "records": records, "require_all": True})
+    assert strict.status_code == 422 and "no escrow" in strict.json()["detail"]
+    assert audit_db.rows()[-1]["outcome"] == "failed"
+
+
+def test_reversal_of_csv(api: Api, audit_db: AuditDb, token_connections: TokenConnections, allow_reversal: None) -> None:
+    made = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"),
+                           json={"policy": {"id": "pseudonymise"}, "records": [{"id": 42}]}).json()
+    pseudonym = made["records"][0]["id"]
+    response = api.client.post(url(token_connections, "reverse", "reverse"), params={"columns": "id"},
+                               headers={**api.auth("admin"), "Content-Type": "text/csv"},
+                               content=f"id,note\n{pseudonym},x\n".encode())
+    assert response.status_code == 200, response.text
+    assert response.text.splitlines() == ["id,note", "42,x"]
+
+
+def test_reversal_with_a_pseudonymisation_token_is_denied(api: Api, audit_db: AuditDb,
+                                                          token_connections: TokenConnections,
+                                                          allow_reversal: None) -> None:
+    response = api.client.post(url(token_connections, "pseudonymise", "reverse"), headers=api.auth("admin"),
+                               json={"columns": ["id"], "records": [{"id": "abc"}]})
+    assert response.status_code == 422 and "'reverse' token" in response.json()["detail"]
+    assert audit_db.outcomes() == [("started", None), ("denied", "TokenKindError")]
+
+
+# --- auth ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("action", ["pseudonymise", "secondary", "reverse"])
+def test_using_a_token_needs_read_access_to_its_connection(api: Api, audit_db: AuditDb,
+                                                           token_connections: TokenConnections,
+                                                           allow_reversal: None, action: str) -> None:
+    path = url(token_connections, "pseudonymise", action)
+    body = {"policy": {"id": "pseudonymise"}, "records": [{"id": 1}]}
+    assert api.client.post(path, json=body).status_code == 401
+    assert api.client.post(path, json=body, headers={"Authorization": "Bearer not-a-jwt"}).status_code == 403
+    viewer = api.client.post(path, json=body, headers=api.auth("viewer"))
+    assert viewer.status_code == 403 and viewer.json() == {"detail": "Forbidden"}
+    assert audit_db.rows() == []  # refused before any token was touched
+
+
+def test_reading_the_audit_needs_an_airflow_user(api: Api, audit_db: AuditDb) -> None:
+    for path in ("/audit", "/audit/verify", "/tokens"):
+        assert api.client.get(BASE + path).status_code == 401
+        assert api.client.get(BASE + path, headers={"Authorization": "Bearer x.y.z"}).status_code == 403
+        assert api.client.get(BASE + path, headers=api.auth("viewer")).status_code == 200
+
+
+# --- bad input ----------------------------------------------------------------------------------
+def test_unknown_connection_is_404_and_a_denied_use(api: Api, audit_db: AuditDb) -> None:
+    response = api.client.post(f"{BASE}/connections/no_such_conn/pseudonymise", headers=api.auth("admin"),
+                               json={"policy": {"id": "pseudonymise"}, "records": [{"id": 1}]})
+    assert response.status_code == 404
+    assert "no_such_conn" in response.json()["detail"] and "type 'pseudonymise'" in response.json()["detail"]
+    assert audit_db.outcomes() == [("started", None), ("denied", "TokenUnavailableError")]
+    assert audit_db.rows()[1]["triggered_by"] == "admin"
+
+
+def test_expired_token_is_refused_clearly_and_audited_denied(api: Api, audit_db: AuditDb,
+                                                              token_connections: TokenConnections) -> None:
+    response = api.client.post(url(token_connections, "expired"), headers=api.auth("admin"),
+                               json={"policy": {"id": "pseudonymise"}, "records": [{"id": "P-1"}]})
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert "expired at" in detail and "ask the issuer for a new token" in detail
+    assert "records" not in response.json()
+    assert audit_db.outcomes() == [("started", None), ("denied", "TokenExpiredError")]
+    denied = audit_db.rows()[1]
+    assert denied["token_jti"] and denied["token_expires_at"] is None  # unverified claims are not recorded as fact
+    assert_no_secret(response.text + json.dumps(audit_db.rows(), default=str), token_connections)
+
+
+@pytest.mark.parametrize(("name", "error"), [("untrusted", "UnknownIssuerKeyError"), ("reverse", "TokenKindError"),
+                                             ("secondary", "TokenKindError")])
+def test_unusable_tokens_are_denied(api: Api, audit_db: AuditDb, token_connections: TokenConnections,
+                                    name: str, error: str) -> None:
+    response = api.client.post(url(token_connections, name), headers=api.auth("admin"),
+                               json={"policy": {"id": "pseudonymise"}, "records": [{"id": "P-1"}]})
+    assert response.status_code == 422, response.text
+    assert audit_db.outcomes() == [("started", None), ("denied", error)]
+    assert_no_secret(response.text, token_connections)
+
+
+def test_a_connection_of_another_type_is_never_read_as_a_token(api: Api, audit_db: AuditDb,
+                                                               token_connections: TokenConnections) -> None:
+    response = api.client.post(url(token_connections, "database"), headers=api.auth("admin"),
+                               json={"policy": {"id": "pseudonymise"}, "records": [{"id": "P-1"}]})
+    assert response.status_code == 422
+    assert "of type 'postgres'" in response.json()["detail"]
+    rows = audit_db.rows()
+    assert [r["outcome"] for r in rows] == ["started", "denied"]
+    assert all(r["token_fingerprint"] is None for r in rows)
+    assert "db-password-123" not in response.text + json.dumps(rows, default=str)
+
+
+def test_a_connection_without_a_token(api: Api, audit_db: AuditDb, token_connections: TokenConnections) -> None:
+    response = api.client.post(url(token_connections, "empty"), headers=api.auth("admin"),
+                               json={"policy": {"id": "pseudonymise"}, "records": [{"id": "P-1"}]})
+    assert response.status_code == 422 and "holds no token" in response.json()["detail"]
+    assert audit_db.outcomes() == [("started", None), ("denied", "TokenUnavailableError")]
+
+
+def test_too_many_rows(api: Api, audit_db: AuditDb, token_connections: TokenConnections,
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW__PSEUDONYMISE__API_MAX_ROWS", "3")
+    records = [{"id": i} for i in range(4)]
+    response = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"),
+                               json={"policy": {"id": "pseudonymise"}, "records": records})
+    assert response.status_code == 413
+    assert "4 records" in response.json()["detail"] and "api_max_rows" in response.json()["detail"]
+    csv_body = "id\n" + "".join(f"{i}\n" for i in range(4))
+    response = api.client.post(url(token_connections, "pseudonymise"), params={"policy": '{"id": "pseudonymise"}'},
+                               headers={**api.auth("admin"), "Content-Type": "text/csv"}, content=csv_body.encode())
+    assert response.status_code == 413
+    huge = json.dumps({"policy": {"id": "pseudonymise"}, "records": [{"id": "x" * 300_000}]})
+    response = api.client.post(url(token_connections, "pseudonymise"), headers={
+        **api.auth("admin"), "Content-Type": "application/json"}, content=huge.encode())
+    assert response.status_code == 413 and "larger than" in response.json()["detail"]
+    assert audit_db.rows() == []
+    ok = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"),
+                         json={"policy": {"id": "pseudonymise"}, "records": records[:3]})
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(("content_type", "body", "status", "message"), [
+    ("application/json", b'{"policy": {"id": "pseudonymise"}, "records": [', 400, "not valid JSON"),
+    ("application/json", b"[1, 2]", 422, 'exactly "policy" and "records"'),
+    ("application/json", b'{"policy": {"id": "pseudonymise"}, "records": [1]}', 422, "record 1 is not a JSON object"),
+    ("application/json", b'{"policy": {"id": "pseudonymise"}, "records": []}', 422, "non-empty list"),
+    ("application/json", b'{"policy": {"id": "pseudonymise"}, "records": [{"id": 1}, {"ID": 2}]}', 422,
+     "record 2 has other fields than record 1"),
+    ("application/json", b'{"policy": "id", "records": [{"id": 1}]}', 422, '"policy" must be a JSON object'),
+    ("application/json", b'{"policy": {"id": "scramble"}, "records": [{"id": 1}]}', 422, "scramble"),
+    ("text/csv", b'id,name\n1,"unterminated\n', 400, "malformed CSV"),
+    ("text/csv", b"id,name\n1,a,b\n", 400, "line 2: 3 fields where the header has 2"),
+    ("text/csv", b"id,id\n1,2\n", 400, "duplicate column names"),
+    ("text/csv", b"", 400, "empty"),
+    ("text/csv", b"id\n\xff\xfe\n", 400, "not valid UTF-8"),
+])
+def test_malformed_input_is_refused_before_the_token_is_used(api: Api, audit_db: AuditDb,
+                                                             token_connections: TokenConnections,
+                                                             content_type: str, body: bytes, status: int,
+                                                             message: str) -> None:
+    response = api.client.post(url(token_connections, "pseudonymise"), params={"policy": '{"id": "pseudonymise"}'},
+                               headers={**api.auth("admin"), "Content-Type": content_type}, content=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+    assert audit_db.rows() == []
+
+
+def test_csv_needs_a_policy(api: Api, audit_db: AuditDb, token_connections: TokenConnections) -> None:
+    response = api.client.post(url(token_connections, "pseudonymise"), content=b"id\n1\n",
+                               headers={**api.auth("admin"), "Content-Type": "text/csv"})
+    assert response.status_code == 422 and '"policy" query parameter' in response.json()["detail"]
+
+
+@pytest.mark.parametrize(("records", "policy", "message", "error"), [
+    ([{"id": 1.5}], {"id": "pseudonymise"}, "float", "UnsupportedTypeError"),
+    ([{"id": 1, "extra": 2}], {"id": "pseudonymise"}, "'extra'", "PolicyError"),
+    ([{"id": 1}], {"other": "pseudonymise"}, "'other'", "PolicyError"),
+])
+def test_data_that_does_not_fit_the_policy_fails_the_use(api: Api, audit_db: AuditDb,
+                                                         token_connections: TokenConnections,
+                                                         records: list[dict[str, Any]], policy: dict[str, Any],
+                                                         message: str, error: str) -> None:
+    response = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"),
+                               json={"policy": policy, "records": records})
+    assert response.status_code == 422, response.text
+    assert message in response.json()["detail"]
+    assert "1.5" not in response.json()["detail"]  # messages name columns, never values
+    assert audit_db.outcomes() == [("started", None), ("failed", error)]
+
+
+def test_no_audit_database_configured(api: Api, token_connections: TokenConnections,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIRFLOW__PSEUDONYMISE__AUDIT_CONN_ID", raising=False)
+    response = api.client.get(f"{BASE}/audit", headers=api.auth("admin"))
+    assert response.status_code == 503
+    assert "AIRFLOW__PSEUDONYMISE__AUDIT_CONN_ID" in response.json()["detail"]
+    response = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"),
+                               json={"policy": {"id": "pseudonymise"}, "records": [{"id": 1}]})
+    assert response.status_code == 503
+
+
+@pytest.mark.parametrize(("name", "value"), [("API_MAX_ROWS", "0"), ("EXPIRY_WARNING_DAYS", "soon"),
+                                             ("API_ALLOW_REVERSAL", "maybe")])
+def test_invalid_configuration_is_named(api: Api, audit_db: AuditDb, monkeypatch: pytest.MonkeyPatch,
+                                        name: str, value: str) -> None:
+    monkeypatch.setenv(f"AIRFLOW__PSEUDONYMISE__{name}", value)
+    response = api.client.get(f"{BASE}/tokens", headers=api.auth("admin"))
+    assert response.status_code == 503
+    assert name.lower() in response.json()["detail"]
+
+
+# --- reading the audit --------------------------------------------------------------------------
+def _fill(audit_db: AuditDb, conns: TokenConnections) -> dict[str, str]:
+    token = conns.tokens["pseudonymise"]
+    return {
+        "a1": task_use(audit_db.store, token, conns.issuer, dag_id="dag_a", task_id="t1", run_id="r1"),
+        "a2": task_use(audit_db.store, token, conns.issuer, dag_id="dag_a", task_id="t2", run_id="r1", map_index=3),
+        "b1": task_use(audit_db.store, token, conns.issuer, dag_id="dag_b", task_id="t1", run_id="r2"),
+        "crash": crashed_use(audit_db.store, dag_id="dag_b", task_id="t9", run_id="r2"),
+    }
+
+
+def test_audit_rows_newest_first_with_filters(api: Api, audit_db: AuditDb, token_connections: TokenConnections) -> None:
+    uses = _fill(audit_db, token_connections)
+
+    def get(**params: Any) -> list[dict[str, Any]]:
+        response = api.client.get(f"{BASE}/audit", params=params, headers=api.auth("viewer"))
+        assert response.status_code == 200, response.text
+        return response.json()["rows"]
+
+    everything = get()
+    assert [r["seq"] for r in everything] == [7, 6, 5, 4, 3, 2, 1]
+    assert {r["use_id"] for r in get(dag_id="dag_a")} == {uses["a1"], uses["a2"]}
+    assert {r["use_id"] for r in get(dag_id="dag_a", task_id="t2", run_id="r1", map_index="3")} == {uses["a2"]}
+    assert get(dag_id="dag_a", map_index="4") == []
+    assert [r["event"] for r in get(outcome="success")] == ["finished"] * 3
+    assert [r["use_id"] for r in get(outcome="incomplete")] == [uses["crash"]]
+    assert len(get(outcome="started")) == 4
+    assert len(get(limit=2)) == 2 and get(limit=2, offset=6)[0]["seq"] == 1
+    assert len(get(project="research-a", operation="pseudonymise")) == 7 and get(project="other") == []
+    assert len(get(token_jti=everything[-1]["token_jti"])) == 6
+    assert get(since="2999-01-01") == [] and len(get(until="2999-01-01")) == 7
+    today = everything[0]["recorded_at"][:10]
+    assert len(get(since=today, until=today)) == 7  # a bare "until" date includes that day
+    bad = api.client.get(f"{BASE}/audit", params={"since": "yesterday"}, headers=api.auth("viewer"))
+    assert bad.status_code == 422 and "since must be a date" in bad.json()["detail"]
+    bad = api.client.get(f"{BASE}/audit", params={"outcome": "ok"}, headers=api.auth("viewer"))
+    assert bad.status_code == 422 and "outcome must be one of" in bad.json()["detail"]
+
+
+def test_audit_rows_are_capped_at_api_max_rows(api: Api, audit_db: AuditDb, token_connections: TokenConnections,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _fill(audit_db, token_connections)
+    monkeypatch.setenv("AIRFLOW__PSEUDONYMISE__API_MAX_ROWS", "5")
+    body = api.client.get(f"{BASE}/audit", params={"limit": 100}, headers=api.auth("viewer")).json()
+    assert len(body["rows"]) == 5 and body["limit"] == 5
+
+
+def test_verify_names_the_first_broken_row(api: Api, audit_db: AuditDb, token_connections: TokenConnections) -> None:
+    _fill(audit_db, token_connections)
+    t = audit_db.store.audit.table
+    with audit_db.store.engine.begin() as conn:
+        conn.execute(sa.update(t).where(t.c.seq == 4).values(rows_out=999))
+    body = api.client.get(f"{BASE}/audit/verify", headers=api.auth("viewer")).json()
+    assert body["ok"] is False and body["broken_at"] == 4 and body["last_seq"] == 3
+    assert "edited" in body["reason"]
+
+
+def test_tokens_with_expiry_and_expired_uses(api: Api, audit_db: AuditDb, token_connections: TokenConnections) -> None:
+    for name in ("pseudonymise", "expiring", "expired"):
+        api.client.post(url(token_connections, name), headers=api.auth("admin"),
+                        json={"policy": {"id": "pseudonymise"}, "records": [{"id": 1}]})
+    tokens = {t["project"] + ":" + t["state"]: t for t in api.client.get(
+        f"{BASE}/tokens", headers=api.auth("viewer")).json()}
+    assert set(tokens) == {"research-a:valid", "research-a:expiring", "research-a:unknown"}
+    assert tokens["research-a:unknown"]["expired_uses"] == 1
+    assert tokens["research-a:unknown"]["outcomes"] == {"success": 0, "failed": 0, "denied": 1}
+    assert tokens["research-a:expiring"]["expires_at"] is not None
+    assert tokens["research-a:valid"]["uses"] == 1 and tokens["research-a:valid"]["outcomes"]["success"] == 1
