@@ -225,7 +225,11 @@ def _file_io(args: argparse.Namespace) -> tuple[Any, Any]:
 
     def sink_factory(columns: list[str], _conn: Any) -> Any:
         schema = None
-        if getattr(source, "schema", None) is not None and Path(args.output).suffix.lower() in (".parquet", ".pq"):
+        # A reversal writes originals of any type where the source held text pseudonyms: the sink
+        # infers the output schema from the first batch instead of copying the source's.
+        revealing = getattr(args, "revealing", False)
+        if (getattr(source, "schema", None) is not None and not revealing
+                and Path(args.output).suffix.lower() in (".parquet", ".pq")):
             import pyarrow as pa
 
             fields = []
@@ -273,7 +277,7 @@ def cmd_file_secondary(args: argparse.Namespace) -> int:
 def cmd_file_reverse(args: argparse.Namespace) -> int:
     columns = _split(args.columns)
     raw, keys = read_token(args), trusted_keys(args)
-    args.command_columns = set()
+    args.command_columns, args.revealing = set(), True
     source, sink_factory = _file_io(args)
     started = time.monotonic()
     summary = run_reversal(

@@ -11,7 +11,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
 from pseudonymise.core.formats import PseudonymFormat
 from pseudonymise.core.issuer import DirectoryStore, Issuer
 from pseudonymise.core.tokens import Token, verify_token

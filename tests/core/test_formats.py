@@ -8,7 +8,6 @@ import string
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from pseudonymise.core.errors import PolicyError
 from pseudonymise.core.formats import ALPHABETS, DEFAULT_ALPHABET, DEFAULT_LENGTH, PseudonymFormat
 

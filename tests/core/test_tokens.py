@@ -7,14 +7,13 @@ import hashlib
 import hmac
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-
 from pseudonymise.core.errors import (
     IssuerError,
     MalformedTokenError,
@@ -86,7 +85,8 @@ def test_pseudonymisation_token_of_a_reversible_project(issuer: Issuer) -> None:
     assert _header(raw) == {"alg": "EdDSA", "typ": "JWT", "kid": issuer.kid}
     claims = _claims(raw)
     assert set(claims) == {"iss", "jti", "sub", "kind", "iat", "nbf", "exp", "method", "treatment",
-                           "retention_until", "format", "key", "escrow_public_key"}
+                           "retention_until", "format", "key", "escrow_public_key", "key_version"}
+    assert claims["key_version"] == token.key_version == 1
     assert claims["exp"] - claims["iat"] == 30 * 86400
 
 
@@ -290,7 +290,7 @@ def test_expired_by_the_clock(issuer: Issuer) -> None:
 
 
 def test_not_yet_valid(issuer: Issuer) -> None:
-    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    later = datetime.now(UTC) + timedelta(hours=1)
     raw = issuer.issue("research-a", "pseudonymisation", not_before=later)
     key_claim = _claims(raw)["key"]
     _refused(raw, issuer.public_keys(), TokenNotYetValidError, (key_claim,))
@@ -362,6 +362,13 @@ def test_signed_token_with_invalid_claims_is_malformed(issuer: Issuer, raw: str,
     assert claim in str(error)
 
 
+@pytest.mark.parametrize("claim", ["iat", "nbf", "exp"])
+@pytest.mark.parametrize("value", [10**20, -(10**20), 253_402_300_800])
+def test_signed_token_with_out_of_range_times_is_malformed(issuer: Issuer, raw: str, claim: str, value: int) -> None:
+    """Times no calendar can show are refused as malformed, not as an arithmetic crash."""
+    _refused(_resign(issuer, {**_claims(raw), claim: value}), issuer.public_keys(), MalformedTokenError)
+
+
 def test_signed_reverse_token_of_an_irreversible_project_is_malformed(issuer: Issuer) -> None:
     claims = _claims(issuer.issue("research-a", "reverse"))
     claims["method"] = "irreversible"
@@ -400,6 +407,12 @@ def test_trusted_keys_round_trip_and_refuse_bad_jwks(issuer: Issuer, raw: str) -
         TrustedKeys.from_jwks({"kty": "OKP", "crv": "Ed25519", "kid": "k", "x": "AAAA"})
 
 
+@pytest.mark.parametrize("junk", ["[1]", "5", '"text"', '{"keys": 5}', '{"keys": ["x"]}', "null"])
+def test_trusted_keys_refuse_json_that_is_no_jwks(junk: str) -> None:
+    with pytest.raises(MalformedTokenError):
+        TrustedKeys.from_jwks(junk)
+
+
 # --- fuzzing ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, TrustedKeys]:
@@ -408,7 +421,7 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, TrustedK
     return issuer.issue("research-a", "pseudonymisation"), issuer.public_keys()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None)
 @given(text=st.text(max_size=400) | st.from_regex(r"[A-Za-z0-9_\-]{0,60}\.[A-Za-z0-9_\-=.]{0,60}", fullmatch=True))
 def test_fuzz_arbitrary_text_only_raises_token_errors(fuzz_target: tuple[str, TrustedKeys], text: str) -> None:
     _raw, keys = fuzz_target
@@ -420,7 +433,7 @@ def _b64_json(data: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None)
 @given(header=st.dictionaries(st.sampled_from(["alg", "kid", "typ", "crit"]),
                               st.one_of(st.none(), st.integers(), st.text(max_size=8), st.lists(st.integers()))),
        payload=st.binary(max_size=64), sig=st.binary(max_size=70))
@@ -450,7 +463,7 @@ def mutations(draw: st.DrawFn, raw: str) -> str:
     return raw[:position]
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None)
 @given(data=st.data())
 def test_fuzz_mutated_token_is_never_accepted(fuzz_target: tuple[str, TrustedKeys], data: st.DataObject) -> None:
     raw, keys = fuzz_target
@@ -461,7 +474,7 @@ def test_fuzz_mutated_token_is_never_accepted(fuzz_target: tuple[str, TrustedKey
     assert raw not in str(info.value)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None)
 @given(last=st.sampled_from("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
 def test_fuzz_signature_last_character_is_canonical(fuzz_target: tuple[str, TrustedKeys], last: str) -> None:
     """The 86th character of a signature carries 2 bits and 4 padding bits: only one spelling is valid."""

@@ -14,7 +14,6 @@ from cryptography.hazmat.bindings._rust import openssl as rust_openssl
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
 from pseudonymise.core.errors import EscrowIntegrityError, UnknownIssuerKeyError
 from pseudonymise.core.escrow import HPKE_INFO, SUITE, open_key, seal_key
 from pseudonymise.core.pseudonymiser import _Keyed

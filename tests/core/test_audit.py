@@ -1,0 +1,389 @@
+"""The audit log (DESIGN §6) on SQLite and PostgreSQL: pairs, the hash chain and its verifier, fail closed."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from pseudonymise.core.audit import FIELDS, GENESIS, AuditLog, AuditUse, row_hash
+from pseudonymise.core.db import make_engine
+from pseudonymise.core.errors import AuditError, MalformedTokenError, TokenProjectError
+from pseudonymise.core.issuer import Issuer
+from pseudonymise.core.tokens import b64url_decode, fingerprint
+from pseudonymise.core.use import TokenUse
+
+from tests.services import free_port
+
+CONTEXT = {"dag_id": "patients_daily", "task_id": "pseudonymise", "run_id": "scheduled__2026-11-01",
+           "map_index": -1, "try_number": 1, "logical_date": datetime(2026, 11, 1, tzinfo=UTC),
+           "host": "worker-1"}
+
+
+@pytest.fixture
+def audit(db_url: str) -> Iterator[AuditLog]:
+    log = AuditLog(make_engine(db_url))
+    log.create()
+    yield log
+    log.engine.dispose()
+
+
+def a_use(n: int = 0, **kwargs: Any) -> AuditUse:
+    return AuditUse(operation="pseudonymise", project="research-a", token_jti=f"jti-{n}", token_kind="pseudonymisation",
+                    token_fingerprint=f"{n:016x}", source="table:patients", target="table:patients_p",
+                    columns=["patient_id"], context=dict(CONTEXT), **kwargs)
+
+
+def fill(audit: AuditLog, uses: int = 3) -> list[dict[str, Any]]:
+    for n in range(uses):
+        use = a_use(n)
+        audit.start(use)
+        audit.finish(use, "success", counts={"rows_in": 10 + n, "rows_out": 10 + n, "nulls": n, "escrow_rows": 1})
+    return list(audit.iter_rows())
+
+
+def execute(audit: AuditLog, *statements: Any) -> None:
+    with audit.engine.begin() as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+# --- writing ---------------------------------------------------------------------------------
+def test_start_and_finish_pairs(audit: AuditLog) -> None:
+    before = datetime.now(UTC) - timedelta(minutes=5)
+    use = a_use()
+    started = audit.start(use)
+    assert started["seq"] == 1 and started["prev_hash"] == GENESIS
+    assert audit.incomplete_uses() == [use.use_id]
+    finished = audit.finish(use, "success", counts={"rows_in": 5, "rows_out": 5, "nulls": 2, "escrow_rows": 3},
+                            details={"note": "ok"})
+    assert finished["prev_hash"] == started["row_hash"]
+    assert audit.incomplete_uses() == []
+    rows = list(audit.iter_rows())
+    assert [(r["seq"], r["event"], r["outcome"]) for r in rows] == [(1, "started", "started"), (2, "finished", "success")]
+    assert {r["use_id"] for r in rows} == {use.use_id}
+    done = rows[1]
+    assert (done["rows_in"], done["rows_out"], done["rows_null"], done["escrow_rows"]) == (5, 5, 2, 3)
+    assert done["rows_in"] is not None and rows[0]["rows_in"] is None
+    assert json.loads(done["columns"]) == ["patient_id"]
+    assert json.loads(done["details"]) == {"note": "ok"}
+    assert (done["dag_id"], done["task_id"], done["run_id"], done["map_index"], done["try_number"]) == (
+        "patients_daily", "pseudonymise", "scheduled__2026-11-01", -1, 1)
+    assert done["logical_date"] == "2026-11-01T00:00:00+00:00"
+    assert done["host"] == "worker-1"
+    for row in rows:  # the database's clock, as an aware UTC instant
+        assert row["recorded_at"].tzinfo is not None
+        assert before < row["recorded_at"] < datetime.now(UTC) + timedelta(minutes=5)
+    assert rows[0]["recorded_at"] <= rows[1]["recorded_at"]
+    result = audit.verify()
+    assert result.ok and result.rows_checked == 2 and result.last_seq == 2 and result.broken_at is None
+
+
+def test_unknown_outcome_is_refused(audit: AuditLog) -> None:
+    with pytest.raises(ValueError, match="outcome"):
+        audit.finish(a_use(), "maybe")
+
+
+def test_error_messages_of_foreign_exceptions_are_not_recorded(audit: AuditLog) -> None:
+    use = a_use()
+    audit.start(use)
+    try:
+        raise ValueError("invalid literal for int(): 'P100000'")
+    except ValueError as exc:
+        row = audit.finish(use, "failed", error=exc)
+    assert row["error_class"] == "ValueError"
+    assert "P100000" not in row["error_message"]
+    assert "test_audit.py" in row["error_message"]
+
+
+def test_empty_chain_verifies(audit: AuditLog) -> None:
+    result = audit.verify()
+    assert result.ok and result.rows_checked == 0 and result.last_seq == 0
+
+
+def test_chain_of_several_uses_verifies(audit: AuditLog) -> None:
+    rows = fill(audit)
+    assert [r["seq"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for prev, row in itertools.pairwise(rows):
+        assert row["prev_hash"] == prev["row_hash"]
+        assert row["row_hash"] == row_hash(row["prev_hash"], row)
+    assert audit.verify().ok
+    assert "6 rows" in str(audit.verify())
+
+
+# --- the verifier catches tampering ----------------------------------------------------------
+def test_edited_row(audit: AuditLog) -> None:
+    fill(audit)
+    t = audit.table
+    execute(audit, sa.update(t).where(t.c.seq == 3).values(rows_in=999_999))
+    result = audit.verify()
+    assert not result.ok and result.broken_at == 3 and result.rows_checked == 2
+    assert "edited" in (result.reason or "")
+    assert "BROKEN at row 3" in str(result)
+
+
+@pytest.mark.parametrize("column", ["outcome", "project", "error_message", "recorded_at", "use_id"])
+def test_edit_of_any_column_is_caught(audit: AuditLog, column: str) -> None:
+    fill(audit)
+    t = audit.table
+    value: Any = datetime(2020, 1, 1, tzinfo=UTC) if column == "recorded_at" else "forged"
+    execute(audit, sa.update(t).where(t.c.seq == 4).values({column: value}))
+    assert audit.verify().broken_at == 4
+
+
+def test_edited_row_with_its_hash_recomputed(audit: AuditLog) -> None:
+    rows = fill(audit)
+    t = audit.table
+    forged = {**rows[2], "outcome": "denied"}
+    execute(audit, sa.update(t).where(t.c.seq == 3).values(outcome="denied", row_hash=row_hash(forged["prev_hash"], forged)))
+    result = audit.verify()
+    assert not result.ok and result.broken_at == 4
+    assert "prev_hash" in (result.reason or "")
+
+
+def test_deleted_middle_row(audit: AuditLog) -> None:
+    fill(audit)
+    t = audit.table
+    execute(audit, sa.delete(t).where(t.c.seq == 3))
+    result = audit.verify()
+    assert not result.ok and result.broken_at == 4
+    assert "3..3 are missing" in (result.reason or "")
+
+
+def test_deleted_first_row(audit: AuditLog) -> None:
+    fill(audit)
+    t = audit.table
+    execute(audit, sa.delete(t).where(t.c.seq == 1))
+    assert audit.verify().broken_at == 2
+
+
+def test_deleted_last_row(audit: AuditLog) -> None:
+    fill(audit)
+    t = audit.table
+    execute(audit, sa.delete(t).where(t.c.seq == 6))
+    result = audit.verify()
+    assert not result.ok and result.broken_at == 6 and result.rows_checked == 5
+    assert "head" in (result.reason or "")
+
+
+def test_row_appended_outside_the_plugin(audit: AuditLog) -> None:
+    rows = fill(audit)
+    forged = {**rows[-1], "seq": 7, "prev_hash": rows[-1]["row_hash"], "outcome": "success"}
+    forged["row_hash"] = row_hash(forged["prev_hash"], forged)
+    execute(audit, sa.insert(audit.table).values(**forged))
+    result = audit.verify()
+    assert not result.ok and result.broken_at == 7
+
+
+def test_inserted_row(audit: AuditLog) -> None:
+    rows = fill(audit)
+    t = audit.table
+    renumber = [sa.update(t).where(t.c.seq == seq).values(seq=seq + 1) for seq in range(6, 2, -1)]
+    forged = {name: rows[1].get(name) for name in FIELDS}
+    forged.update(seq=3, use_id="00000000-0000-0000-0000-000000000000", event="finished", outcome="success",
+                  prev_hash=rows[1]["row_hash"])
+    forged["row_hash"] = row_hash(forged["prev_hash"], forged)
+    execute(audit, *renumber, sa.insert(t).values(**forged))
+    assert [r["seq"] for r in audit.iter_rows()] == [1, 2, 3, 4, 5, 6, 7]
+    result = audit.verify()
+    assert not result.ok and result.broken_at == 4  # the forged row is consistent; its successor is not
+    assert "prev_hash" in (result.reason or "")
+
+
+def test_reordered_rows(audit: AuditLog) -> None:
+    fill(audit)
+    t = audit.table
+    execute(audit,
+            sa.update(t).where(t.c.seq == 3).values(seq=-1),
+            sa.update(t).where(t.c.seq == 4).values(seq=3),
+            sa.update(t).where(t.c.seq == -1).values(seq=4))
+    result = audit.verify()
+    assert not result.ok and result.broken_at == 3
+
+
+def test_head_missing_is_refused_for_appends(audit: AuditLog) -> None:
+    fill(audit, 1)
+    execute(audit, sa.delete(audit.head))
+    with pytest.raises(AuditError, match="head"):
+        audit.start(a_use())
+    assert not audit.verify().ok
+
+
+# --- concurrency --------------------------------------------------------------------------------
+def test_concurrent_appends_keep_one_chain(audit: AuditLog, db_url: str) -> None:
+    threads, uses_each = 8, 10
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(threads)
+
+    def worker(n: int) -> None:
+        log = AuditLog(make_engine(db_url))  # its own engine and connections, like another worker
+        try:
+            barrier.wait()
+            for i in range(uses_each):
+                use = a_use(n * 100 + i)
+                log.start(use)
+                log.finish(use, "success", counts={"rows_in": i})
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            log.engine.dispose()
+
+    pool = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(120)
+    assert errors == []
+    rows = list(audit.iter_rows())
+    assert len(rows) == threads * uses_each * 2
+    assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
+    per_use = Counter(r["use_id"] for r in rows)
+    assert len(per_use) == threads * uses_each and set(per_use.values()) == {2}
+    result = audit.verify()
+    assert result.ok and result.rows_checked == len(rows)
+    assert audit.incomplete_uses() == []
+
+
+def test_first_use_by_many_workers_creates_the_tables_once(db_url: str) -> None:
+    """Mapped tasks start together on a fresh database: each creates the tables if absent."""
+    workers = 8
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(workers)
+
+    def worker() -> None:
+        log = AuditLog(make_engine(db_url))
+        try:
+            barrier.wait()
+            log.start(a_use())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            log.engine.dispose()
+
+    pool = [threading.Thread(target=worker) for _ in range(workers)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(120)
+    assert errors == []
+    log = AuditLog(make_engine(db_url))
+    result = log.verify()
+    assert result.ok and result.rows_checked == workers
+    log.engine.dispose()
+
+
+def test_context_values_are_hashed_as_the_database_stores_them(audit: AuditLog) -> None:
+    """Templated context often arrives as text ("1"); the chain must not break when it is read back as 1."""
+    use = AuditUse(operation="pseudonymise", context={"try_number": "2", "map_index": "7", "run_id": 42,
+                                                      "host": "worker-1"})
+    audit.start(use)
+    audit.finish(use, "success", counts={"rows_in": 3})
+    row = next(iter(audit.iter_rows()))
+    assert (row["try_number"], row["map_index"], row["run_id"]) == (2, 7, "42")
+    assert audit.verify().ok
+
+
+# --- fail closed ---------------------------------------------------------------------------------
+def test_unreachable_audit_database_raises_audit_error() -> None:
+    log = AuditLog(make_engine(f"postgresql://postgres@127.0.0.1:{free_port()}/x"))
+    with pytest.raises(AuditError) as info:
+        log.start(a_use())
+    assert "NOT used" in str(info.value) or "reachable" in str(info.value)
+
+
+def test_unwritable_sqlite_audit_raises_audit_error(tmp_path: Any) -> None:
+    log = AuditLog(make_engine(f"sqlite:///{tmp_path}/no/such/folder/audit.db"))
+    with pytest.raises(AuditError):
+        log.start(a_use())
+
+
+def test_token_is_not_used_when_the_audit_is_unreachable(issuer: Issuer) -> None:
+    log = AuditLog(make_engine(f"postgresql://postgres@127.0.0.1:{free_port()}/x"))
+    raw = issuer.issue("research-a", "pseudonymisation")
+    # the wrong kind: had the token been verified first, the error would be TokenKindError
+    wrong_kind = TokenUse(log, "reverse", raw, issuer.public_keys(), kind="reverse")
+    entered = False
+    with pytest.raises(AuditError), wrong_kind:
+        entered = True
+    assert not entered and wrong_kind.token is None
+    valid = TokenUse(log, "pseudonymise", raw, issuer.public_keys(), kind="pseudonymisation")
+    with pytest.raises(AuditError):
+        valid.__enter__()
+    assert valid.token is None
+
+
+def test_denied_use_is_audited_without_the_token(audit: AuditLog, issuer: Issuer) -> None:
+    raw = issuer.issue("research-a", "pseudonymisation")
+    claims = json.loads(b64url_decode(raw.split(".")[1]))
+    entered = False
+    with pytest.raises(TokenProjectError), TokenUse(audit, "pseudonymise", raw, issuer.public_keys(),
+                                                    kind="pseudonymisation", project="research-b",
+                                                    source="table:patients", context=CONTEXT):
+        entered = True
+    assert not entered
+    rows = list(audit.iter_rows())
+    assert [(r["event"], r["outcome"]) for r in rows] == [("started", "started"), ("finished", "denied")]
+    denied = rows[1]
+    assert denied["error_class"] == "TokenProjectError"
+    assert "research-b" in denied["error_message"]
+    assert denied["token_jti"] == claims["jti"]
+    assert denied["token_fingerprint"] == fingerprint(raw)
+    assert denied["token_kind"] == "pseudonymisation"
+    assert denied["project"] == "research-b"
+    secrets = [raw, *raw.split("."), claims["key"], claims["escrow_public_key"]]
+    for row in rows:
+        for column, value in row.items():
+            for secret in secrets:
+                assert secret not in str(value), column
+    assert audit.verify().ok
+
+
+def test_audited_fingerprint_is_the_tokens_whatever_the_whitespace(audit: AuditLog, issuer: Issuer) -> None:
+    raw = issuer.issue("research-a", "pseudonymisation")
+    with TokenUse(audit, "pseudonymise", f"  {raw}\n", issuer.public_keys(), kind="pseudonymisation") as use:
+        assert use.token is not None
+        fingerprint_of_token = use.token.fingerprint
+    rows = list(audit.iter_rows())
+    assert fingerprint_of_token == fingerprint(raw)
+    assert {r["token_fingerprint"] for r in rows} == {fingerprint(raw)}
+
+
+def test_garbage_token_use_is_denied(audit: AuditLog, issuer: Issuer) -> None:
+    with pytest.raises(MalformedTokenError), TokenUse(audit, "reverse", "not-a-token", issuer.public_keys(),
+                                                      kind="reverse"):
+        pass
+    rows = list(audit.iter_rows())
+    assert [r["outcome"] for r in rows] == ["started", "denied"]
+    assert rows[0]["token_jti"] is None and rows[0]["token_fingerprint"] == fingerprint("not-a-token")
+
+
+def test_successful_and_failed_uses(audit: AuditLog, issuer: Issuer) -> None:
+    raw = issuer.issue("research-a", "pseudonymisation")
+    with TokenUse(audit, "pseudonymise", raw, issuer.public_keys(), kind="pseudonymisation") as use:
+        assert use.token is not None and use.token.project == "research-a"
+        use.counts.update({"rows_in": 3, "rows_out": 3})
+    with pytest.raises(RuntimeError), TokenUse(audit, "pseudonymise", raw, issuer.public_keys(),
+                                               kind="pseudonymisation"):
+        raise RuntimeError("target table is locked by P100000")
+    rows = list(audit.iter_rows())
+    assert [r["outcome"] for r in rows] == ["started", "success", "started", "failed"]
+    assert rows[1]["rows_in"] == 3
+    assert rows[3]["error_class"] == "RuntimeError" and "P100000" not in rows[3]["error_message"]
+    assert audit.verify().ok
+
+
+def test_success_rolled_back_with_the_data_becomes_failed(audit: AuditLog, issuer: Issuer) -> None:
+    raw = issuer.issue("research-a", "pseudonymisation")
+    with pytest.raises(RuntimeError), TokenUse(audit, "pseudonymise", raw, issuer.public_keys(),
+                                               kind="pseudonymisation") as use, audit.engine.begin() as conn:
+        use.succeed(conn, counts={"rows_in": 5})
+        raise RuntimeError("load failed")
+    rows = list(audit.iter_rows())
+    assert [r["outcome"] for r in rows] == ["started", "failed"]
+    assert audit.verify().ok

@@ -1,0 +1,284 @@
+"""Sealed escrow (DESIGN §5) on SQLite and PostgreSQL: round trips, integrity, refusals and purge."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from pseudonymise.core.db import make_engine
+from pseudonymise.core.errors import (
+    EscrowIntegrityError,
+    IssuerError,
+    RetentionEndedError,
+    TokenExpiredError,
+    TokenKindError,
+    TokenProjectError,
+)
+from pseudonymise.core.escrow import EscrowTables, EscrowWriter, purge, reveal
+from pseudonymise.core.issuer import Issuer
+from pseudonymise.core.pseudonymiser import Batch, ColumnPolicy, Pseudonymiser
+from pseudonymise.core.tokens import Token, verify_token
+from sqlalchemy.engine import Engine
+
+from tests.core.conftest import Mint
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[tuple[Engine, EscrowTables]]:
+    engine = make_engine(db_url)
+    metadata = sa.MetaData()
+    tables = EscrowTables.define(metadata)
+    metadata.create_all(engine)
+    yield engine, tables
+    engine.dispose()
+
+
+def pseudonymise(token: Token, columns: dict[str, list[Any]]) -> tuple[Pseudonymiser, Batch]:
+    engine = Pseudonymiser(token, ColumnPolicy.pseudonymise(*columns))
+    return engine, engine.pseudonymise_batch(columns)
+
+
+def write(db: tuple[Engine, EscrowTables], token: Token, batch: Batch) -> int:
+    engine, tables = db
+    with engine.begin() as conn:
+        return EscrowWriter(token, tables).write(conn, batch.escrow)
+
+
+def open_escrow(db: tuple[Engine, EscrowTables], token: Token, pseudonyms: list[str],
+                now: dt.datetime | None = None) -> Any:
+    engine, tables = db
+    with engine.connect() as conn:
+        return reveal(conn, tables, token, pseudonyms, now=now)
+
+
+def count(db: tuple[Engine, EscrowTables], table: str = "values", **where: Any) -> int:
+    engine, tables = db
+    t = getattr(tables, table)
+    query = sa.select(sa.func.count()).select_from(t)
+    for name, value in where.items():
+        query = query.where(t.c[name] == value)
+    with engine.connect() as conn:
+        return conn.execute(query).scalar_one()
+
+
+VALUES: dict[str, list[Any]] = {
+    "text": ["Zoë Ünïcödé", "日本語の名前", "P100000", "", "emoji 🙂 and\nnewline"],
+    "number": [-42, 0, 10**25, -(10**25), 7],
+    "flag": [True, False, True, False, True],
+    "day": [dt.date(1942, 1, 31), dt.date(2026, 11, 1), dt.date(1, 1, 1), dt.date(9999, 12, 31), dt.date(2000, 2, 29)],
+    "instant": [
+        dt.datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+        dt.datetime(2026, 3, 1, 11, 30, 15, 123456, tzinfo=dt.UTC),
+        dt.datetime(1999, 12, 31, 23, 59, 59, tzinfo=dt.timezone(-dt.timedelta(hours=5, minutes=30))),
+        dt.datetime(2026, 3, 1, 12, 30),
+        dt.datetime(2026, 7, 4, tzinfo=dt.UTC),
+    ],
+    "uid": [uuid.UUID(int=0), uuid.UUID("A8098C1A-F86E-11DA-BD1A-00112444BE1E"), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()],
+    "raw": [b"\x00\xff", b"binary\x00value", bytes(range(256)), b"\x80", b"x" * 5000],
+}
+
+
+def test_reverse_round_trip_of_every_type(db: tuple[Engine, EscrowTables], mint: Mint) -> None:
+    token = mint("research-a")
+    _engine, batch = pseudonymise(token, VALUES)
+    distinct = {p for column in batch.columns.values() for p in column}
+    assert write(db, token, batch) == len(distinct) == 32  # 7 columns of 5, but flag has two distinct values
+    revealed = open_escrow(db, mint("research-a", "reverse"), sorted(distinct))
+    assert revealed.not_found == []
+    for column, originals in VALUES.items():
+        for pseudonym, original in zip(batch.columns[column], originals, strict=True):
+            back = revealed.values[pseudonym]
+            assert back == original and type(back) is type(original), column
+            if isinstance(original, dt.datetime):
+                assert back.utcoffset() == original.utcoffset()
+
+
+def test_escrow_holds_no_plaintext(db: tuple[Engine, EscrowTables], mint: Mint) -> None:
+    token = mint("research-a")
+    _e, batch = pseudonymise(token, {"id": ["P100000SECRET", "P200000SECRET"]})
+    write(db, token, batch)
+    engine, tables = db
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(tables.values)).mappings().all()
+        sealed = conn.execute(sa.select(tables.batches.c.sealed_dek)).scalars().all()
+    assert len(rows) == 2 and len(sealed) == 1
+    for row in rows:
+        assert b"SECRET" not in bytes(row["ciphertext"])
+        assert len(bytes(row["nonce"])) == 12
+    assert len({bytes(r["nonce"]) for r in rows}) == 2  # counter nonces are unique within the batch
+    assert {r["pseudonym"] for r in rows} == set(batch.columns["id"])
+    assert all(r["project"] == "research-a" for r in rows)
+
+
+def test_deterministic_keeps_one_row_per_pseudonym(db: tuple[Engine, EscrowTables], mint: Mint) -> None:
+    token = mint("research-a")
+    engine = Pseudonymiser(token, ColumnPolicy.pseudonymise("id"))
+    first = engine.pseudonymise_batch({"id": ["a", "b", "a", "a"]})
+    assert len(first.escrow) == 4
+    assert write(db, token, first) == 2
+    second = engine.pseudonymise_batch({"id": ["a", "c", "b"]})
+    assert write(db, token, second) == 1  # only "c" is new
+    # another run (another writer, another token of the project) adds nothing known
+    third = Pseudonymiser(mint("research-a"), ColumnPolicy.pseudonymise("id")).pseudonymise_batch({"id": ["c", "a"]})
+    assert write(db, token, third) == 0
+    assert count(db) == 3
+    revealed = open_escrow(db, mint("research-a", "reverse"), [*first.columns["id"], *second.columns["id"]])  # type: ignore[list-item]
+    assert sorted(revealed.values.values()) == ["a", "b", "c"]
+
+
+def test_randomised_keeps_one_row_per_occurrence(db: tuple[Engine, EscrowTables], mint: Mint) -> None:
+    token = mint("random-r")
+    engine = Pseudonymiser(token, ColumnPolicy.pseudonymise("id"))
+    first = engine.pseudonymise_batch({"id": ["X"] * 5 + ["Y", None, "Y"]})
+    assert write(db, token, first) == 7
+    second = engine.pseudonymise_batch({"id": ["X"]})
+    assert write(db, token, second) == 1
+    assert count(db, project="random-r") == 8
+    pseudonyms = [p for p in first.columns["id"] + second.columns["id"] if p is not None]
+    revealed = open_escrow(db, mint("random-r", "reverse"), pseudonyms)
+    assert [revealed.values[p] for p in pseudonyms] == ["X"] * 5 + ["Y", "Y", "X"]
+
+
+def test_ciphertext_moved_to_another_pseudonym_fails(db: tuple[Engine, EscrowTables], mint: Mint) -> None:
+    token = mint("research-a")
+    _e, batch = pseudonymise(token, {"id": ["alice", "bob"]})
+    write(db, token, batch)
+    alice, bob = batch.columns["id"]
+    engine, tables = db
+    v = tables.values
+    with engine.begin() as conn:
+        bobs = conn.execute(sa.select(v.c.ciphertext, v.c.nonce, v.c.batch_id).where(v.c.pseudonym == bob)).one()
+        conn.execute(sa.update(v).where(v.c.pseudonym == alice).values(
+            ciphertext=bobs.ciphertext, nonce=bobs.nonce, batch_id=bobs.batch_id))
+    reverse = mint("research-a", "reverse")
+    with pytest.raises(EscrowIntegrityError) as info:
+        open_escrow(db, reverse, [alice])  # type: ignore[list-item]
+    assert "bob" not in str(info.value) and "alice" not in str(info.value)
+    assert open_escrow(db, reverse, [bob]).values == {bob: "bob"}  # type: ignore[list-item]
+
+
+def test_altered_ciphertext_fails(db: tuple[Engine, EscrowTables], mint: Mint) -> None:
+    token = mint("research-a")
+    _e, batch = pseudonymise(token, {"id": ["alice"]})
+    write(db, token, batch)
+    engine, tables = db
+    v = tables.values
+    with engine.begin() as conn:
+        ciphertext = bytearray(conn.execute(sa.select(v.c.ciphertext)).scalar_one())
+        ciphertext[0] ^= 0x80
+        conn.execute(sa.update(v).values(ciphertext=bytes(ciphertext)))
+    with pytest.raises(EscrowIntegrityError):
+        open_escrow(db, mint("research-a", "reverse"), batch.columns["id"])  # type: ignore[arg-type]
+
+
+def test_reveal_refused_after_retention(db: tuple[Engine, EscrowTables], issuer: Issuer, mint: Mint) -> None:
+    token = mint("research-a")
+    _e, batch = pseudonymise(token, {"id": ["alice", "bob"]})
+    write(db, token, batch)
+    raw = issuer.issue("research-a", "reverse")
+    reverse = verify_token(raw, issuer.public_keys(), kind="reverse", project="research-a")
+    end = reverse.retention_until
+    with pytest.raises(RetentionEndedError):
+        verify_token(raw, issuer.public_keys(), kind="reverse", project="research-a", now=end.timestamp() + 1)
+    assert open_escrow(db, reverse, batch.columns["id"], now=end - timedelta(seconds=1)).not_found == []  # type: ignore[arg-type]
+    after = open_escrow(db, reverse, batch.columns["id"], now=end + timedelta(seconds=1))  # type: ignore[arg-type]
+    assert after.values == {} and after.not_found == batch.columns["id"]
+    assert open_escrow(db, reverse, batch.columns["id"], now=end).values == {}  # type: ignore[arg-type]
+
+
+def test_reveal_refused_after_token_expiry(issuer: Issuer) -> None:
+    raw = issuer.issue("research-a", "reverse", expires_in=timedelta(hours=1))
+    token = verify_token(raw, issuer.public_keys(), kind="reverse")
+    with pytest.raises(TokenExpiredError):
+        verify_token(raw, issuer.public_keys(), kind="reverse", now=token.expires_at + 60)
+
+
+def test_irreversible_project_has_no_escrow(db: tuple[Engine, EscrowTables], issuer: Issuer, mint: Mint) -> None:
+    with pytest.raises(IssuerError):
+        issuer.issue("research-b", "reverse")
+    token = mint("research-b")
+    assert token.escrow_public_key is None
+    with pytest.raises(TokenKindError):
+        EscrowWriter(token, db[1])
+    _e, batch = pseudonymise(token, {"id": ["alice"]})
+    assert batch.escrow == []  # nothing to seal is even collected
+
+
+def test_another_projects_reverse_token(db: tuple[Engine, EscrowTables], issuer: Issuer, mint: Mint) -> None:
+    token = mint("research-a")
+    _e, batch = pseudonymise(token, {"id": ["alice", "bob"]})
+    write(db, token, batch)
+    other_raw = issuer.issue("random-r", "reverse")
+    with pytest.raises(TokenProjectError):
+        verify_token(other_raw, issuer.public_keys(), kind="reverse", project="research-a")
+    other = verify_token(other_raw, issuer.public_keys(), kind="reverse")
+    # without a project to check, the other project's token finds nothing of research-a ...
+    found = open_escrow(db, other, batch.columns["id"])  # type: ignore[arg-type]
+    assert found.values == {} and found.not_found == batch.columns["id"]
+    # ... and rows relabelled to its project do not open: they are sealed to research-a's escrow key
+    engine, tables = db
+    with engine.begin() as conn:
+        conn.execute(sa.update(tables.values).values(project="random-r"))
+    with pytest.raises(EscrowIntegrityError):
+        open_escrow(db, other, batch.columns["id"])  # type: ignore[arg-type]
+
+
+def test_pseudonymisation_token_cannot_reveal(db: tuple[Engine, EscrowTables], issuer: Issuer, mint: Mint) -> None:
+    token = mint("research-a")
+    _e, batch = pseudonymise(token, {"id": ["alice"]})
+    write(db, token, batch)
+    with pytest.raises(TokenKindError):
+        open_escrow(db, token, batch.columns["id"])  # type: ignore[arg-type]
+    with pytest.raises(TokenKindError):
+        verify_token(issuer.issue("research-a", "pseudonymisation"), issuer.public_keys(), kind="reverse")
+    with pytest.raises(TokenKindError):
+        EscrowWriter(mint("research-a", "reverse"), db[1])
+
+
+def test_reveal_reports_unknown_and_ignores_nulls(db: tuple[Engine, EscrowTables], mint: Mint) -> None:
+    token = mint("research-a")
+    _e, batch = pseudonymise(token, {"id": ["alice"]})
+    write(db, token, batch)
+    alice = batch.columns["id"][0]
+    revealed = open_escrow(db, mint("research-a", "reverse"), [alice, None, "unknown", alice])  # type: ignore[list-item]
+    assert revealed.values == {alice: "alice"}
+    assert revealed.not_found == ["unknown"]
+
+
+def test_reveal_in_chunks(db: tuple[Engine, EscrowTables], mint: Mint) -> None:
+    token = mint("research-a")
+    originals = [f"P{i:05d}" for i in range(1_234)]
+    _e, batch = pseudonymise(token, {"id": originals})
+    assert write(db, token, batch) == 1_234
+    revealed = open_escrow(db, mint("research-a", "reverse"), batch.columns["id"])  # type: ignore[arg-type]
+    assert [revealed.values[p] for p in batch.columns["id"]] == originals  # type: ignore[index]
+
+
+def test_purge_deletes_rows_past_retention_only(db: tuple[Engine, EscrowTables], issuer: Issuer, mint: Mint) -> None:
+    issuer.create_project("short", method="reversible", retention=timedelta(days=1))
+    short, long = mint("short"), mint("research-a")
+    _e, short_batch = pseudonymise(short, {"id": ["s1", "s2", "s3"]})
+    _e, long_batch = pseudonymise(long, {"id": ["l1", "l2"]})
+    write(db, short, short_batch)
+    write(db, long, long_batch)
+    engine, tables = db
+    later = short.retention_until + timedelta(seconds=1)
+    assert later < long.retention_until
+    with engine.begin() as conn:
+        assert purge(conn, tables, now=short.retention_until - timedelta(seconds=1)) == 0
+        assert purge(conn, tables, project="research-a", now=later) == 0
+        assert purge(conn, tables, now=later) == 3
+    assert count(db, project="short") == 0
+    assert count(db, "batches", project="short") == 0
+    assert count(db, project="research-a") == 2
+    assert count(db, "batches", project="research-a") == 1
+    revealed = open_escrow(db, mint("research-a", "reverse"), long_batch.columns["id"])  # type: ignore[arg-type]
+    assert sorted(revealed.values.values()) == ["l1", "l2"]
+    # the severed link stays severed: the same pseudonyms are not found any more
+    with engine.begin() as conn:
+        assert purge(conn, tables, now=later) == 0

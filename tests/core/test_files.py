@@ -1,0 +1,226 @@
+"""CSV and Parquet sources and sinks: encodings, quoting, ragged rows, types and atomic writes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pseudonymise.core.errors import DataIOError, InvalidTextError
+from pseudonymise.core.files import (
+    CsvSink,
+    CsvSource,
+    ParquetSink,
+    ParquetSource,
+    file_format,
+    open_sink,
+    open_source,
+)
+
+
+def read_all(source: CsvSource | ParquetSource) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {c: [] for c in source.columns}
+    for batch in source.batches():
+        for column, values in batch.items():
+            out[column].extend(values)
+    return out
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".partial") or p.name.startswith("."))
+
+
+# --- CSV sources -----------------------------------------------------------------------------
+def test_csv_with_bom(tmp_path: Path) -> None:
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbfpatient_id,name\r\nP1,Zo\xc3\xab\r\n")
+    source = CsvSource(path)
+    assert source.columns == ["patient_id", "name"]
+    assert read_all(source) == {"patient_id": ["P1"], "name": ["Zoë"]}
+
+
+def test_csv_quoted_fields_with_newlines_and_delimiters(tmp_path: Path) -> None:
+    path = tmp_path / "quoted.csv"
+    path.write_text('id,note\n1,"line one\nline two"\n2,"a, b and ""c"""\n3,plain\n', encoding="utf-8")
+    assert read_all(CsvSource(path)) == {"id": ["1", "2", "3"], "note": ["line one\nline two", 'a, b and "c"', "plain"]}
+
+
+def test_csv_ragged_row_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "ragged.csv"
+    path.write_text("a,b\n1,2\n3,4\nP100000\n7,8\n", encoding="utf-8")
+    with pytest.raises(DataIOError) as info:
+        read_all(CsvSource(path))
+    assert "line 4" in str(info.value) and "1 fields" in str(info.value)
+    assert "P100000" not in str(info.value)  # no data value
+    (tmp_path / "long.csv").write_text("a,b\n1,2,3\n", encoding="utf-8")
+    with pytest.raises(DataIOError, match="line 2"):
+        read_all(CsvSource(tmp_path / "long.csv"))
+
+
+def test_csv_ragged_row_after_a_multiline_field_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "ragged.csv"
+    path.write_text('a,b\n1,"x\ny"\n3\n', encoding="utf-8")
+    with pytest.raises(DataIOError, match="line 4"):
+        read_all(CsvSource(path))
+
+
+def test_csv_blank_lines_are_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "blank.csv"
+    path.write_text("a,b\n1,2\n\n3,4\n", encoding="utf-8")
+    assert read_all(CsvSource(path)) == {"a": ["1", "3"], "b": ["2", "4"]}
+
+
+def test_csv_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("name\nZoë\n".encode("latin-1"))
+    with pytest.raises(InvalidTextError, match="UTF-8"):
+        read_all(CsvSource(path))
+
+
+def test_csv_not_utf8_far_into_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "late.csv"
+    path.write_bytes(b"name\n" + b"plain\n" * 50_000 + "Zoë\n".encode("latin-1"))
+    source = CsvSource(path, batch_size=1000)
+    with pytest.raises(InvalidTextError) as info:
+        read_all(source)
+    assert "Zo" not in str(info.value)
+
+
+def test_csv_empty_field_is_null(tmp_path: Path) -> None:
+    path = tmp_path / "nulls.csv"
+    path.write_text('a,b,c\n1,,""\n,x,\n', encoding="utf-8")
+    assert read_all(CsvSource(path)) == {"a": ["1", None], "b": [None, "x"], "c": [None, None]}
+
+
+def test_csv_batches(tmp_path: Path) -> None:
+    path = tmp_path / "rows.csv"
+    path.write_text("id\n" + "".join(f"{i}\n" for i in range(7)), encoding="utf-8")
+    sizes = [len(batch["id"]) for batch in CsvSource(path, batch_size=3).batches()]
+    assert sizes == [3, 3, 1]
+
+
+@pytest.mark.parametrize(("content", "match"), [(b"", "empty"), (b"a,a\n1,2\n", "duplicate"), (b"a,,c\n", "empty")])
+def test_csv_bad_header(tmp_path: Path, content: bytes, match: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataIOError, match=match):
+        CsvSource(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DataIOError, match="cannot open"):
+        CsvSource(tmp_path / "absent.csv")
+    with pytest.raises(DataIOError):
+        ParquetSource(tmp_path / "absent.parquet")
+    (tmp_path / "not.parquet").write_text("a,b\n")
+    with pytest.raises(DataIOError, match="Parquet"):
+        ParquetSource(tmp_path / "not.parquet")
+
+
+def test_file_format_from_extension(tmp_path: Path) -> None:
+    assert file_format("a.CSV") == "csv" and file_format("a.txt") == "csv"
+    assert file_format("a.parquet") == "parquet" and file_format("a.pq") == "parquet"
+    assert file_format("a.data", "csv") == "csv"
+    with pytest.raises(DataIOError, match="extension"):
+        file_format("a.xlsx")
+    with pytest.raises(DataIOError, match="unknown"):
+        file_format("a.csv", "json")
+
+
+# --- Parquet --------------------------------------------------------------------------------
+def test_parquet_round_trip_keeps_types(tmp_path: Path) -> None:
+    path = tmp_path / "out.parquet"
+    data = {"id": [1, 2, None, 2**62], "name": ["Zoë", None, "b", "c"], "flag": [True, False, None, True],
+            "day": [dt.date(2026, 1, 1), None, dt.date(1942, 5, 6), dt.date(2000, 2, 29)]}
+    sink = ParquetSink(path, list(data))
+    sink.write({c: v[:2] for c, v in data.items()})
+    sink.write({c: v[2:] for c, v in data.items()})
+    sink.commit()
+    source = ParquetSource(path, batch_size=3)
+    assert source.schema.field("id").type == pa.int64()
+    got = read_all(source)
+    assert got == data
+    assert all(type(v) is int for v in got["id"] if v is not None)
+    assert [len(b["id"]) for b in ParquetSource(path, batch_size=3).batches()] == [3, 1]
+
+
+def test_parquet_sink_with_schema_and_all_null_first_batch(tmp_path: Path) -> None:
+    path = tmp_path / "nulls.parquet"
+    sink = ParquetSink(path, ["p"])
+    sink.write({"p": [None, None]})
+    sink.write({"p": ["x"]})
+    sink.commit()
+    assert pq.read_schema(path).field("p").type == pa.string()
+    assert read_all(ParquetSource(path)) == {"p": [None, None, "x"]}
+
+
+def test_parquet_batch_that_does_not_fit_the_schema(tmp_path: Path) -> None:
+    path = tmp_path / "bad.parquet"
+    sink = ParquetSink(path, ["id"], schema=pa.schema([pa.field("id", pa.int64())]))
+    with pytest.raises(DataIOError, match="schema"):
+        sink.write({"id": ["not a number"]})
+    assert not path.exists() and leftovers(tmp_path) == []
+
+
+def test_empty_parquet_output_still_has_columns(tmp_path: Path) -> None:
+    path = tmp_path / "empty.parquet"
+    sink = ParquetSink(path, ["a", "b"])
+    sink.commit()
+    assert pq.read_schema(path).names == ["a", "b"]
+    assert pq.read_table(path).num_rows == 0
+
+
+# --- CSV sinks and atomic writes ----------------------------------------------------------------
+def test_csv_sink_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "out.csv"
+    sink = CsvSink(path, ["id", "note"])
+    sink.write({"id": ["1", "2"], "note": ["line\nbreak", None]})
+    sink.commit()
+    assert path.read_bytes() == b'id,note\r\n1,"line\nbreak"\r\n2,\r\n'
+    assert read_all(CsvSource(path)) == {"id": ["1", "2"], "note": ["line\nbreak", None]}
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_sink_is_invisible_until_commit_and_abort_leaves_nothing(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"out.{suffix}"
+    sink = open_sink(path, ["a"])
+    sink.write({"a": ["1", "2"]})
+    assert not path.exists()
+    assert len(leftovers(tmp_path)) == 1  # the partial file beside the target
+    sink.abort()
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_abort_keeps_the_previous_file(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"out.{suffix}"
+    first = open_sink(path, ["a"])
+    first.write({"a": ["old"]})
+    first.commit()
+    before = path.read_bytes()
+    second = open_sink(path, ["a"])
+    second.write({"a": ["new", "rows"]})
+    second.abort()
+    assert path.read_bytes() == before
+    assert leftovers(tmp_path) == []
+    assert read_all(open_source(path)) == {"a": ["old"]}
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_commit_replaces_and_leaves_no_partial_file(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"out.{suffix}"
+    for rows in (["1"], ["2", "3"]):
+        sink = open_sink(path, ["a"])
+        sink.write({"a": rows})
+        sink.commit()
+    assert read_all(open_source(path)) == {"a": ["2", "3"]}
+    assert leftovers(tmp_path) == []
+
+
+def test_sink_into_a_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataIOError, match="does not exist"):
+        open_sink(tmp_path / "nope" / "out.csv", ["a"])

@@ -1,0 +1,395 @@
+"""The pseudonym engine (DESIGN §4), checked against an independent reimplementation with stdlib hmac."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pseudonymise.core import formats
+from pseudonymise.core.errors import CollisionError, PolicyError, TokenKindError, UnsupportedTypeError
+from pseudonymise.core.formats import PseudonymFormat
+from pseudonymise.core.issuer import Issuer
+from pseudonymise.core.pseudonymiser import ColumnPolicy, ColumnRule, Pseudonymiser, SecondaryPseudonymiser
+from pseudonymise.core.tokens import Token, verify_token
+
+from tests.core.conftest import Mint
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# --- the reference: DESIGN §4 steps 2-5 written out again -----------------------------------
+def reference_canonical(value: Any) -> bytes:
+    if isinstance(value, str):
+        return unicodedata.normalize("NFC", value).encode("utf-8")
+    if isinstance(value, bool):
+        return b"true" if value else b"false"
+    if isinstance(value, int):
+        return str(value).encode()
+    raise AssertionError(f"the reference does not handle {type(value)}")
+
+
+def reference_encode(mac: bytes, fmt: PseudonymFormat) -> str:
+    if fmt.alphabet == "hex":
+        text = mac.hex()
+    elif fmt.alphabet == "base32":
+        text = base64.b32encode(mac).decode().lower().replace("=", "")
+    elif fmt.alphabet == "base64url":
+        text = base64.urlsafe_b64encode(mac).decode().replace("=", "")
+    else:
+        text = str(int.from_bytes(mac, "big") % 10**fmt.length).rjust(fmt.length, "0")
+    return fmt.prefix + text[: fmt.length]
+
+
+def reference(key: bytes, value: Any, fmt: PseudonymFormat, domain: str = "") -> str:
+    message = b"pseudonymise/v1\x00" + domain.encode("utf-8") + b"\x00" + reference_canonical(value)
+    return reference_encode(hmac.new(key, message, hashlib.sha256).digest(), fmt)
+
+
+def reference_secondary(key: bytes, pseudonym: str, fmt: PseudonymFormat) -> str:
+    return reference_encode(
+        hmac.new(key, b"pseudonymise/v1/secondary\x00" + pseudonym.encode("utf-8"), hashlib.sha256).digest(), fmt
+    )
+
+
+def run(token: Token, values: list[Any], column: str = "id", **rule: Any) -> list[str | None]:
+    policy = ColumnPolicy({column: ColumnRule(column, **rule)})
+    return Pseudonymiser(token, policy).pseudonymise_batch({column: values}).columns[column]
+
+
+# --- exact pseudonyms ---------------------------------------------------------------------------
+FORMAT_PROJECTS = ["fmt-hex-64", "fmt-base32-52", "fmt-base64url-43", "fmt-digits-77",
+                   "fmt-hex-16", "fmt-base32-13", "fmt-base64url-11", "fmt-digits-20"]
+identifiers = st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
+                       | st.integers(-(10**30), 10**30) | st.booleans(), min_size=1, max_size=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(project=st.sampled_from(FORMAT_PROJECTS), values=identifiers,
+       domain=st.sampled_from(["", "patients", "visité"]))
+def test_pseudonyms_equal_the_reference(long_lived_issuer: Issuer, long_lived_mint: Mint, project: str,
+                                        values: list[Any], domain: str) -> None:
+    token = long_lived_mint(project)
+    key = long_lived_issuer.project(project).key
+    assert run(token, values, domain=domain) == [reference(key, v, token.format, domain) for v in values]
+
+
+def test_default_format_pseudonym_equals_the_reference(issuer: Issuer, mint: Mint) -> None:
+    token = mint("research-b")
+    out = run(token, ["P100000", 42, "Zoë"])
+    key = issuer.project("research-b").key
+    assert out == [reference(key, v, PseudonymFormat()) for v in ["P100000", 42, "Zoë"]]
+    assert all(len(p) == 26 for p in out if p)
+
+
+def test_deterministic_across_processes(issuer: Issuer) -> None:
+    raw = issuer.issue("research-a", "pseudonymisation")
+    values = ["P100000", "Zoë", "", "x" * 1000, 12345]
+    script = (
+        "import json, os, sys\n"
+        "from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser\n"
+        "from pseudonymise.core.tokens import TrustedKeys, verify_token\n"
+        "token = verify_token(os.environ['PSEUDO_TEST_TOKEN'], TrustedKeys.from_jwks(os.environ['PSEUDO_TEST_JWKS']))\n"
+        "values = json.loads(sys.stdin.read())\n"
+        "out = Pseudonymiser(token, ColumnPolicy.pseudonymise('id')).pseudonymise_batch({'id': values})\n"
+        "print(json.dumps(out.columns['id']))\n"
+    )
+    env = {**os.environ, "PSEUDO_TEST_TOKEN": raw, "PSEUDO_TEST_JWKS": json.dumps(issuer.public_keys().to_jwks()),
+           "PYTHONHASHSEED": "12345"}
+    proc = subprocess.run([sys.executable, "-c", script], input=json.dumps(values), capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=60, check=True)
+    here = run(verify_token(raw, issuer.public_keys()), values)
+    assert json.loads(proc.stdout) == here
+    assert here == [reference(issuer.project("research-a").key, v, PseudonymFormat()) for v in values]
+
+
+def test_differ_across_projects(mint: Mint) -> None:
+    values = [f"P{i:06d}" for i in range(200)]
+    a, b, v = run(mint("research-a"), values), run(mint("research-b"), values), run(mint("vendor-x"), values)
+    assert not set(a) & set(b)
+    assert not set(a) & set(v)
+    assert not set(b) & set(v)
+
+
+def test_differ_across_domains(issuer: Issuer, mint: Mint) -> None:
+    token = mint("research-a")
+    values = [f"P{i:06d}" for i in range(100)]
+    none, patients, visits = run(token, values), run(token, values, domain="patients"), run(token, values, domain="visits")
+    assert not set(none) & set(patients)
+    assert not set(patients) & set(visits)
+    key = issuer.project("research-a").key
+    assert patients == [reference(key, v, PseudonymFormat(), "patients") for v in values]
+
+
+def test_same_across_tables_and_runs_without_domain(mint: Mint) -> None:
+    token = mint("research-a")
+    ids = ["P1", "P2", "P3"]
+    patients = Pseudonymiser(token, ColumnPolicy.pseudonymise("patient_id")).pseudonymise_batch(
+        {"patient_id": ids, "name": ["a", "b", "c"]})
+    visits = Pseudonymiser(token, ColumnPolicy.pseudonymise("patient_id")).pseudonymise_batch(
+        {"visit": [1, 2, 3, 4], "patient_id": ["P3", "P1", "P1", "P2"]})
+    by_id = dict(zip(ids, patients.columns["patient_id"], strict=True))
+    assert visits.columns["patient_id"] == [by_id["P3"], by_id["P1"], by_id["P1"], by_id["P2"]]
+    # another column name, same identifier: the same pseudonym (the domain is empty by default)
+    labs = Pseudonymiser(token, ColumnPolicy.pseudonymise("pid", default="error")).pseudonymise_batch({"pid": ["P2"]})
+    assert labs.columns["pid"] == [by_id["P2"]]
+
+
+def test_string_and_integer_spellings_meet(mint: Mint) -> None:
+    token = mint("research-b")
+    assert run(token, [123, "123", -7, "-7"]) == [run(token, [123])[0]] * 2 + [run(token, [-7])[0]] * 2
+    assert run(token, [True])[0] == run(token, ["true"])[0] != run(token, [1])[0]
+
+
+@pytest.mark.parametrize(
+    ("normalise", "variants", "canonical_value"),
+    [
+        (("strip",), [" P100 ", "P100\t", "\nP100"], "P100"),
+        (("upper",), ["p100", "P100"], "P100"),
+        (("casefold",), ["STRASSE", "Straße", "strasse"], "strasse"),
+        (("remove_whitespace",), ["P 1 0 0", " P100", "P\t100"], "P100"),
+        (("remove:-.",), ["1-2.3", "12.3", "1.2-3", "123"], "123"),
+        (("strip", "upper"), [" p100000 ", "P100000", "p100000"], "P100000"),
+    ],
+)
+def test_normalisers_run_first(issuer: Issuer, mint: Mint, normalise: tuple[str, ...], variants: list[str],
+                               canonical_value: str) -> None:
+    out = run(mint("research-b"), variants, normalise=normalise)
+    assert out == [reference(issuer.project("research-b").key, canonical_value, PseudonymFormat())] * len(variants)
+    # without the normaliser the spellings stay apart
+    assert len(set(run(mint("research-b"), variants))) == len(variants)
+
+
+def test_null_stays_null_and_is_counted(mint: Mint) -> None:
+    pseudonymiser = Pseudonymiser(mint("research-a"), ColumnPolicy({
+        "id": ColumnRule("id"), "ward": ColumnRule("ward", "keep"), "name": ColumnRule("name", "drop")}))
+    batch = pseudonymiser.pseudonymise_batch({"id": [None, "P1", None, "P2"], "ward": ["a", None, "c", "d"],
+                                              "name": ["x", "y", None, "z"]})
+    assert list(batch.columns) == ["id", "ward"]
+    assert batch.columns["id"][0] is None and batch.columns["id"][2] is None
+    assert None not in (batch.columns["id"][1], batch.columns["id"][3])
+    assert batch.columns["ward"] == ["a", None, "c", "d"]
+    assert batch.stats.as_dict() == {"rows_in": 4, "rows_out": 4, "nulls": 2, "values_pseudonymised": 2,
+                                     "escrow_rows": 0}
+    assert [item.pseudonym for item in batch.escrow] == [batch.columns["id"][1], batch.columns["id"][3]]
+    pseudonymiser.pseudonymise_batch({"id": [None], "ward": [None], "name": [None]})
+    assert pseudonymiser.stats.nulls == 3 and pseudonymiser.stats.rows_in == 5
+
+
+def test_output_columns_follow_the_input_order_without_dropped(mint: Mint) -> None:
+    policy = ColumnPolicy.from_mapping(json.loads((REPO / "include/policies/patients.json").read_text()))
+    header = (REPO / "include/sample/patients.csv").read_text().splitlines()[0].split(",")
+    assert Pseudonymiser(mint("research-a"), policy).output_columns(header) == [
+        "patient_id", "birth_year", "visit_date", "diagnosis_code", "ward"]
+
+
+def test_randomised_never_repeats(issuer: Issuer, mint: Mint) -> None:
+    token = mint("random-r")
+    pseudonymiser = Pseudonymiser(token, ColumnPolicy.pseudonymise("id"))
+    out = pseudonymiser.pseudonymise_batch({"id": ["P100000"] * 10_000})
+    assert len(set(out.columns["id"])) == 10_000
+    assert all(p is not None and len(p) == 26 for p in out.columns["id"])
+    assert reference(issuer.project("random-r").key, "P100000", PseudonymFormat()) not in set(out.columns["id"])
+    assert len(out.escrow) == 10_000  # one escrow row per occurrence
+    again = pseudonymiser.pseudonymise_batch({"id": ["P100000"]}).columns["id"][0]
+    assert again not in set(out.columns["id"])
+
+
+# --- secondary -------------------------------------------------------------------------------
+def test_secondary_equals_the_reference(issuer: Issuer, mint: Mint) -> None:
+    first = run(mint("research-a"), [f"P{i}" for i in range(50)])
+    secondary = mint("vendor-x", "secondary", source_project="research-a")
+    engine = SecondaryPseudonymiser(secondary, ColumnPolicy.pseudonymise("patient_id"))
+    out = engine.pseudonymise_batch({"patient_id": [*first, None], "ward": ["w"] * 51})
+    key = issuer.project("vendor-x").key
+    assert out.columns["patient_id"] == [reference_secondary(key, p, secondary.format) for p in first] + [None]  # type: ignore[arg-type]
+    assert out.columns["ward"] == ["w"] * 51
+    assert out.stats.nulls == 1 and out.stats.values_pseudonymised == 50
+
+
+def test_secondary_with_its_own_format(issuer: Issuer) -> None:
+    issuer.create_project("vendor-digits", format=PseudonymFormat("digits", 24, "V"))
+    first = run(verify_token(issuer.issue("research-a", "pseudonymisation"), issuer.public_keys()), ["P1", "P2"])
+    secondary = verify_token(issuer.issue("vendor-digits", "secondary", source_project="research-a"),
+                             issuer.public_keys())
+    out = SecondaryPseudonymiser(secondary, ColumnPolicy.pseudonymise("id")).pseudonymise_values(first, "id")
+    key = issuer.project("vendor-digits").key
+    assert out == [reference_secondary(key, p, PseudonymFormat("digits", 24, "V")) for p in first]  # type: ignore[arg-type]
+    assert all(p is not None and len(p) == 25 and p.startswith("V") for p in out)
+
+
+def test_secondary_is_not_linkable(issuer: Issuer, mint: Mint) -> None:
+    issuer.create_project("vendor-y")
+    originals = [f"P{i:06d}" for i in range(300)]
+    first = run(mint("research-a"), originals)
+    x = SecondaryPseudonymiser(mint("vendor-x", "secondary", source_project="research-a"),
+                               ColumnPolicy.pseudonymise("id")).pseudonymise_values(first, "id")
+    y = SecondaryPseudonymiser(mint("vendor-y", "secondary", source_project="research-a"),
+                               ColumnPolicy.pseudonymise("id")).pseudonymise_values(first, "id")
+    assert not set(x) & set(first)  # not the first-level pseudonyms
+    assert not set(x) & set(y)  # two vendors cannot correlate
+    assert not set(x) & set(run(mint("vendor-x"), originals))  # nor with the vendor's own first-level ones
+    assert not set(x) & set(originals)
+    # deterministic: the same first-level pseudonym always gives the same second-level one
+    again = SecondaryPseudonymiser(mint("vendor-x", "secondary", source_project="research-a"),
+                                   ColumnPolicy.pseudonymise("id")).pseudonymise_values(first, "id")
+    assert again == x
+
+
+def test_secondary_refuses_wrong_tokens_values_and_rules(mint: Mint) -> None:
+    with pytest.raises(TokenKindError):
+        SecondaryPseudonymiser(mint("research-a"), ColumnPolicy.pseudonymise("id"))
+    with pytest.raises(TokenKindError):
+        Pseudonymiser(mint("vendor-x", "secondary", source_project="research-a"), ColumnPolicy.pseudonymise("id"))
+    with pytest.raises(TokenKindError):
+        Pseudonymiser(mint("research-a", "reverse"), ColumnPolicy.pseudonymise("id"))
+    secondary = mint("vendor-x", "secondary", source_project="research-a")
+    with pytest.raises(PolicyError, match="normalise/domain"):
+        SecondaryPseudonymiser(secondary, ColumnPolicy({"id": ColumnRule("id", normalise=("upper",))}))
+    engine = SecondaryPseudonymiser(secondary, ColumnPolicy.pseudonymise("id"))
+    with pytest.raises(PolicyError, match="'id'") as info:
+        engine.pseudonymise_values(["abc", 98765], "id")
+    assert "98765" not in str(info.value)
+
+
+# --- collisions ------------------------------------------------------------------------------
+@pytest.fixture
+def constant_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every MAC encodes to one base32 text: a stand-in for a format far too short for the data."""
+    monkeypatch.setitem(formats._ENCODERS, "base32", lambda _mac, length: "a" * length)
+
+
+def test_collision_of_two_values_fails_the_run(mint: Mint, constant_encoder: None) -> None:
+    engine = Pseudonymiser(mint("research-b"), ColumnPolicy.pseudonymise("patient_id"))
+    with pytest.raises(CollisionError) as info:
+        engine.pseudonymise_batch({"patient_id": ["P100000", "P200000"]})
+    assert "'patient_id'" in str(info.value)
+    assert "P100000" not in str(info.value) and "P200000" not in str(info.value)
+
+
+def test_repeated_value_is_no_collision(mint: Mint, constant_encoder: None) -> None:
+    engine = Pseudonymiser(mint("research-b"), ColumnPolicy.pseudonymise("id"))
+    out = engine.pseudonymise_batch({"id": ["P1", "P1", None, "P1"]})
+    assert out.columns["id"] == ["a" * 26, "a" * 26, None, "a" * 26]
+    engine.pseudonymise_batch({"id": ["P1"]})
+    assert engine.stats.values_pseudonymised == 4
+
+
+def test_collision_across_batches_and_columns_of_one_run(mint: Mint, constant_encoder: None) -> None:
+    engine = Pseudonymiser(mint("research-b"), ColumnPolicy.pseudonymise("a", "b"))
+    engine.pseudonymise_batch({"a": ["x"], "b": ["x"]})  # one value in two columns: one MAC
+    with pytest.raises(CollisionError):
+        engine.pseudonymise_batch({"a": ["y"], "b": ["x"]})
+    # a new run starts with a fresh memory
+    Pseudonymiser(mint("research-b"), ColumnPolicy.pseudonymise("a")).pseudonymise_batch({"a": ["y"]})
+
+
+def test_collision_between_domains(mint: Mint, constant_encoder: None) -> None:
+    engine = Pseudonymiser(mint("research-b"), ColumnPolicy({"a": ColumnRule("a", domain="d1"),
+                                                             "b": ColumnRule("b", domain="d2")}))
+    with pytest.raises(CollisionError):
+        engine.pseudonymise_batch({"a": ["x"], "b": ["x"]})
+
+
+def test_randomised_collision_fails_even_for_one_value(mint: Mint, constant_encoder: None) -> None:
+    engine = Pseudonymiser(mint("random-r"), ColumnPolicy.pseudonymise("id"))
+    with pytest.raises(CollisionError):
+        engine.pseudonymise_batch({"id": ["P1", "P1"]})
+
+
+def test_secondary_collision(mint: Mint, constant_encoder: None) -> None:
+    engine = SecondaryPseudonymiser(mint("vendor-x", "secondary", source_project="research-a"),
+                                    ColumnPolicy.pseudonymise("id"))
+    assert engine.pseudonymise_values(["p1", "p1"], "id") == ["a" * 26] * 2
+    with pytest.raises(CollisionError):
+        engine.pseudonymise_values(["p2"], "id")
+
+
+# --- policy errors ------------------------------------------------------------------------------
+def test_column_named_by_the_policy_missing_from_the_source(mint: Mint) -> None:
+    engine = Pseudonymiser(mint("research-b"), ColumnPolicy.pseudonymise("patient_id", default="keep"))
+    with pytest.raises(PolicyError) as info:
+        engine.pseudonymise_batch({"id": ["P1"], "ward": ["w"]})
+    assert "'patient_id'" in str(info.value) and "'ward'" in str(info.value)
+    assert "P1" not in str(info.value)
+
+
+def test_unlisted_column_with_default_error(mint: Mint) -> None:
+    engine = Pseudonymiser(mint("research-b"), ColumnPolicy({"id": ColumnRule("id")}))
+    assert engine.policy.default == "error"
+    with pytest.raises(PolicyError) as info:
+        engine.pseudonymise_batch({"id": ["P1"], "email": ["someone@example.org"]})
+    assert "'email'" in str(info.value)
+    assert "someone@example.org" not in str(info.value)
+    for default, expected in (("keep", ["id", "email"]), ("drop", ["id"])):
+        out = Pseudonymiser(mint("research-b"), ColumnPolicy({"id": ColumnRule("id")}, default)).pseudonymise_batch(
+            {"id": ["P1"], "email": ["e"]})
+        assert list(out.columns) == expected
+
+
+def test_unknown_normaliser_in_a_policy() -> None:
+    with pytest.raises(PolicyError) as info:
+        ColumnPolicy.from_mapping({"columns": {"patient_id": {"normalise": ["strip", "trim"]}}})
+    assert "'patient_id'" in str(info.value) and "'trim'" in str(info.value)
+    with pytest.raises(PolicyError):
+        ColumnPolicy.from_mapping({"columns": {"patient_id": {"normalise": "remove:"}}})
+
+
+def test_unknown_action_and_rule_fields() -> None:
+    with pytest.raises(PolicyError) as info:
+        ColumnPolicy.from_mapping({"columns": {"patient_id": "hash"}})
+    assert "'hash'" in str(info.value) and "'patient_id'" in str(info.value)
+    with pytest.raises(PolicyError):
+        ColumnPolicy.from_mapping({"columns": {"patient_id": {"action": "encrypt"}}})
+    with pytest.raises(PolicyError, match="salt"):
+        ColumnPolicy.from_mapping({"columns": {"patient_id": {"action": "pseudonymise", "salt": "x"}}})
+    with pytest.raises(PolicyError, match="only apply"):
+        ColumnPolicy.from_mapping({"columns": {"name": {"action": "keep", "normalise": ["strip"]}}})
+    with pytest.raises(PolicyError):
+        ColumnPolicy.from_mapping({"columns": {"id": 5}})
+    with pytest.raises(PolicyError, match="default"):
+        ColumnPolicy.from_mapping({"columns": {"id": "pseudonymise"}, "default": "ignore"})
+    with pytest.raises(PolicyError, match="names no column"):
+        ColumnPolicy.from_mapping({"columns": {}})
+    with pytest.raises(PolicyError, match="NUL"):
+        ColumnRule("id", domain="a\x00b")
+
+
+def test_policy_forms_and_round_trip(tmp_path: Path) -> None:
+    policy = ColumnPolicy.from_file(REPO / "include/policies/patients.json")
+    assert policy.rules["patient_id"] == ColumnRule("patient_id", "pseudonymise", ("strip", "upper"))
+    assert policy.rules["name"].action == "drop"
+    assert policy.pseudonymised_columns == ["patient_id"]
+    assert ColumnPolicy.from_mapping(policy.to_mapping()) == policy
+    assert ColumnPolicy.from_mapping({"columns": ["a", "b"]}).pseudonymised_columns == ["a", "b"]
+    assert ColumnPolicy.from_mapping({"a": "pseudonymise", "b": "keep"}).default == "error"
+    with pytest.raises(PolicyError, match="JSON object"):
+        ColumnPolicy.from_mapping(["a", "b"])  # type: ignore[arg-type]
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(PolicyError, match=r"bad\.json"):
+        ColumnPolicy.from_file(tmp_path / "bad.json")
+    with pytest.raises(PolicyError):
+        ColumnPolicy.from_file(tmp_path / "missing.json")
+
+
+def test_float_column_is_refused_naming_it(mint: Mint) -> None:
+    engine = Pseudonymiser(mint("research-b"), ColumnPolicy.pseudonymise("weight"))
+    with pytest.raises(UnsupportedTypeError) as info:
+        engine.pseudonymise_batch({"weight": ["x", 71.25]})
+    assert "'weight'" in str(info.value) and "71.25" not in str(info.value)
+
+
+def test_ragged_batch_is_refused(mint: Mint) -> None:
+    engine = Pseudonymiser(mint("research-b"), ColumnPolicy.pseudonymise("a", default="keep"))
+    with pytest.raises(PolicyError, match="different lengths"):
+        engine.pseudonymise_batch({"a": ["1", "2"], "b": ["x"]})

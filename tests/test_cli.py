@@ -1,0 +1,439 @@
+"""The ``pseudonymise`` command, run as a real subprocess against a store, files and a SQLite database.
+
+Every run is checked for leaks: no token string and no project key ever appears in its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import sqlite3
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from pseudonymise.cli import build_parser
+from pseudonymise.core.escrow import EscrowWriter
+from pseudonymise.core.issuer import DirectoryStore, Issuer
+from pseudonymise.core.pipeline import Store
+from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser
+from pseudonymise.core.tokens import b64url_decode, b64url_encode, verify_token
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "include" / "sample" / "patients.csv"
+POLICY = REPO / "include" / "policies" / "patients.json"
+
+
+@dataclass
+class Cli:
+    """A working folder with its issuer store, tokens and audit database; runs the CLI there."""
+
+    home: Path
+    secrets: set[str] = field(default_factory=set)
+    tokens: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def store(self) -> Path:
+        return self.home / "store"
+
+    @property
+    def db(self) -> str:
+        return f"sqlite:///{self.home / 'pseudonymise.db'}"
+
+    def run(self, *args: str | Path, stdin: str | None = None, env: dict[str, str] | None = None,
+            expect: int | None = 0) -> subprocess.CompletedProcess[str]:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PSEUDONYMISE_", "VAULT_"))}
+        full_env.update({"PSEUDONYMISE_STORE": str(self.store), **(env or {})})
+        proc = subprocess.run(
+            [sys.executable, "-m", "pseudonymise.cli", *map(str, args)],
+            input=stdin, stdin=subprocess.DEVNULL if stdin is None else None,
+            capture_output=True, text=True, env=full_env, cwd=self.home, timeout=120,
+        )
+        for secret in self.secrets:
+            assert secret not in proc.stdout, f"a secret leaked to stdout of {args[:2]}"
+            assert secret not in proc.stderr, f"a secret leaked to stderr of {args[:2]}"
+        if expect is not None:
+            assert proc.returncode == expect, proc.stderr
+        return proc
+
+    def issue(self, name: str, project: str, kind: str, *extra: str) -> Path:
+        path = self.home / f"{name}.token"
+        proc = self.run("token", "issue", "--project", project, "--kind", kind, "--output", path, *extra)
+        raw = path.read_text().strip()
+        self.secrets.update({raw, raw.split(".")[1], raw.split(".")[2]})
+        assert str(path) in proc.stderr
+        self.tokens[name] = path
+        return path
+
+    def token(self, name: str) -> str:
+        return self.tokens[name].read_text().strip()
+
+    def audit_rows(self, db: str | None = None) -> list[dict[str, Any]]:
+        with sqlite3.connect((db or self.db).removeprefix("sqlite:///")) as conn:
+            conn.row_factory = sqlite3.Row
+            return [dict(r) for r in conn.execute("SELECT * FROM pseudonymise_audit ORDER BY seq")]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def mac_base32(key: bytes, message: bytes, length: int = 26) -> str:
+    digest = hmac.new(key, message, hashlib.sha256).digest()
+    return base64.b32encode(digest).decode().lower().rstrip("=")[:length]
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> Cli:
+    cli = Cli(tmp_path_factory.mktemp("cli"))
+    init = cli.run("issuer", "init", "--issuer-id", "cli-org")
+    assert "cli-org" in init.stdout
+    created = cli.run("project", "create", "research-a", "--method", "reversible", "--retention", "30d")
+    assert json.loads(created.stdout)["method"] == "reversible"
+    cli.run("project", "create", "research-b")
+    cli.run("project", "create", "vendor-x", "--alphabet", "hex", "--length", "32", "--prefix", "V-")
+    issuer = Issuer(DirectoryStore(cli.store))
+    for project in issuer.projects():
+        cli.secrets.add(b64url_encode(project.key))
+        if project.escrow_private_key:
+            cli.secrets.add(b64url_encode(project.escrow_private_key))
+    cli.issue("research-a", "research-a", "pseudonymisation")
+    cli.issue("reverse-a", "research-a", "reverse", "--expires-in", "7d")
+    cli.issue("research-b", "research-b", "pseudonymisation")
+    cli.issue("vendor-x", "vendor-x", "secondary", "--source-project", "research-a")
+    return cli
+
+
+@pytest.fixture(scope="module")
+def pseudonymised(cli: Cli) -> Path:
+    """The sample pseudonymised for research-a with the shipped policy (CSV to CSV)."""
+    out = cli.home / "patients.pseudonymised.csv"
+    proc = cli.run("file", "pseudonymise", SAMPLE, out, "--policy", POLICY, "--db", cli.db,
+                   "--token-file", cli.tokens["research-a"])
+    assert "240 rows in, 240 out" in proc.stderr
+    return out
+
+
+def project_key(cli: Cli, project: str) -> bytes:
+    return Issuer(DirectoryStore(cli.store)).project(project).key
+
+
+# --- issuer, projects, tokens ---------------------------------------------------------------
+def test_store_and_token_files_are_private(cli: Cli) -> None:
+    assert stat.S_IMODE(cli.store.stat().st_mode) == 0o700
+    for file in cli.store.rglob("*.json"):
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600
+    for path in cli.tokens.values():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        raw = path.read_text()
+        assert raw.endswith("\n") and raw.count(".") == 2
+
+
+def test_issuer_init_refuses_overwrite(cli: Cli) -> None:
+    proc = cli.run("issuer", "init", "--issuer-id", "again", expect=1)
+    assert proc.stderr.startswith("error:") and "refusing to overwrite" in proc.stderr
+
+
+def test_project_create_validation_and_listing(cli: Cli) -> None:
+    proc = cli.run("project", "create", "Bad_Id", expect=1)
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli.run("project", "create", "short", "--alphabet", "hex", "--length", "8", expect=1)
+    assert "64 bits" in proc.stderr
+    listed = json.loads(cli.run("project", "list").stdout)
+    assert [p["id"] for p in listed] == ["research-a", "research-b", "vendor-x"]
+    assert all("key" not in p and "escrow_private_key" not in p for p in listed)
+    shown = json.loads(cli.run("project", "show", "vendor-x").stdout)
+    assert shown["format"] == {"alphabet": "hex", "length": 32, "prefix": "V-"}
+
+
+def test_token_inspect_shows_claims_not_secrets(cli: Cli) -> None:
+    keys = cli.home / "issuer-keys.json"
+    cli.run("issuer", "public-key", "--output", keys)
+    for args in (("--token-file", cli.tokens["research-a"]), ("--token-file", cli.tokens["research-a"],
+                                                              "--issuer-keys", keys)):
+        proc = cli.run("token", "inspect", *args)
+        claims = json.loads(proc.stdout)
+        assert claims["valid"] is True
+        assert (claims["sub"], claims["kind"], claims["method"]) == ("research-a", "pseudonymisation", "reversible")
+        assert "key" not in claims and "escrow_public_key" not in claims
+        assert claims["fingerprint"] == hashlib.sha256(cli.token("research-a").encode()).hexdigest()[:16]
+    reverse = json.loads(cli.run("token", "inspect", "--token-file", cli.tokens["reverse-a"]).stdout)
+    assert reverse["kind"] == "reverse" and "escrow_private_key" not in reverse
+
+
+def test_token_inspect_of_a_tampered_token(cli: Cli) -> None:
+    header, payload, sig = cli.token("research-b").split(".")
+    claims = json.loads(b64url_decode(payload))
+    claims["sub"] = "research-a"
+    forged = f"{header}.{b64url_encode(json.dumps(claims).encode())}.{sig}"
+    cli.secrets.add(forged)
+    proc = cli.run("token", "inspect", stdin=forged + "\n", expect=1)
+    result = json.loads(proc.stdout)
+    assert result == {"valid": False, "error": "TokenSignatureError", "reason": result["reason"]}
+
+
+# --- file pseudonymise ----------------------------------------------------------------------
+def test_file_pseudonymise_csv_with_the_policy(cli: Cli, pseudonymised: Path) -> None:
+    source, out = read_csv(SAMPLE), read_csv(pseudonymised)
+    assert list(out[0]) == ["patient_id", "birth_year", "visit_date", "diagnosis_code", "ward"]
+    key = project_key(cli, "research-a")
+    for before, after in zip(source, out, strict=True):
+        canonical = before["patient_id"].strip().upper().encode()
+        assert after["patient_id"] == mac_base32(key, b"pseudonymise/v1\x00\x00" + canonical)
+        for column in ("birth_year", "visit_date", "diagnosis_code", "ward"):
+            assert after[column] == before[column]
+    assert source[0]["patient_id"] == " p100000 " and source[0]["diagnosis_code"] == ""
+    names = {row["name"] for row in source}
+    assert not any(name in pseudonymised.read_text() for name in names)
+
+
+def test_file_pseudonymise_is_audited(cli: Cli, pseudonymised: Path) -> None:
+    rows = [r for r in cli.audit_rows() if r["target"] == f"file:{pseudonymised}"]
+    assert [(r["event"], r["outcome"]) for r in rows] == [("started", "started"), ("finished", "success")]
+    done = rows[1]
+    assert (done["rows_in"], done["rows_out"], done["rows_null"], done["values_pseudonymised"]) == (240, 240, 0, 240)
+    assert done["escrow_rows"] == 240
+    assert done["project"] == "research-a" and json.loads(done["columns"]) == ["patient_id"]
+    token = verify_token(cli.token("research-a"), Issuer(DirectoryStore(cli.store)).public_keys())
+    assert done["token_jti"] == token.jti and done["token_fingerprint"] == token.fingerprint
+
+
+def test_file_pseudonymise_csv_to_parquet(cli: Cli, pseudonymised: Path) -> None:
+    out = cli.home / "patients.parquet"
+    cli.run("file", "pseudonymise", SAMPLE, out, "--policy", POLICY, "--db", cli.db,
+            "--token-file", cli.tokens["research-a"])
+    table = pq.read_table(out)
+    assert table.column_names == ["patient_id", "birth_year", "visit_date", "diagnosis_code", "ward"]
+    expected = read_csv(pseudonymised)
+    assert table.column("patient_id").to_pylist() == [r["patient_id"] for r in expected]
+    assert table.column("diagnosis_code").to_pylist()[0] is None  # an empty CSV field is NULL
+
+
+def test_file_pseudonymise_with_column_flags(cli: Cli, pseudonymised: Path) -> None:
+    out = cli.home / "flags.csv"
+    cli.run("file", "pseudonymise", SAMPLE, out, "--columns", "patient_id", "--normalise", "patient_id=strip,upper",
+            "--keep", "birth_year,visit_date,diagnosis_code,ward", "--drop", "name", "--db", cli.db,
+            "--token-file", cli.tokens["research-a"])
+    assert out.read_bytes() == pseudonymised.read_bytes()
+
+
+def test_unlisted_column_is_an_error_before_anything_is_written(cli: Cli) -> None:
+    out = cli.home / "unlisted.csv"
+    proc = cli.run("file", "pseudonymise", SAMPLE, out, "--columns", "patient_id", "--db", cli.db,
+                   "--token-file", cli.tokens["research-a"], expect=1)
+    assert proc.stderr.startswith("error:") and "'name'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("how", ["token-file", "env", "token-env", "stdin", "token-file-dash"])
+def test_token_sources(cli: Cli, pseudonymised: Path, how: str) -> None:
+    out = cli.home / f"via-{how}.csv"
+    raw = cli.token("research-a")
+    base = ("file", "pseudonymise", SAMPLE, out, "--policy", POLICY, "--db", cli.db)
+    if how == "token-file":
+        cli.run(*base, "--token-file", cli.tokens["research-a"])
+    elif how == "env":
+        cli.run(*base, env={"PSEUDONYMISE_TOKEN": raw})
+    elif how == "token-env":
+        cli.run(*base, "--token-env", "MY_PROJECT_TOKEN", env={"MY_PROJECT_TOKEN": raw})
+    elif how == "stdin":
+        cli.run(*base, stdin=raw + "\n")
+    else:
+        cli.run(*base, "--token-file", "-", stdin=raw)
+    assert out.read_bytes() == pseudonymised.read_bytes()
+
+
+def test_no_token_at_all(cli: Cli) -> None:
+    proc = cli.run("file", "pseudonymise", SAMPLE, cli.home / "none.csv", "--policy", POLICY, "--db", cli.db, expect=1)
+    assert proc.stderr.startswith("error:") and "empty" in proc.stderr
+    proc = cli.run("file", "pseudonymise", SAMPLE, cli.home / "none.csv", "--policy", POLICY, "--db", cli.db,
+                   "--token-env", "UNSET_VARIABLE", expect=1)
+    assert "UNSET_VARIABLE" in proc.stderr
+
+
+# --- secondary and reverse --------------------------------------------------------------------
+def test_file_secondary(cli: Cli, pseudonymised: Path) -> None:
+    out = cli.home / "vendor.csv"
+    cli.run("file", "secondary", pseudonymised, out, "--columns", "patient_id", "--default", "keep", "--db", cli.db,
+            "--token-file", cli.tokens["vendor-x"])
+    first, second = read_csv(pseudonymised), read_csv(out)
+    key = project_key(cli, "vendor-x")
+    for before, after in zip(first, second, strict=True):
+        digest = hmac.new(key, b"pseudonymise/v1/secondary\x00" + before["patient_id"].encode(), hashlib.sha256).digest()
+        assert after["patient_id"] == "V-" + digest.hex()[:32]
+        assert after["ward"] == before["ward"]
+    assert not {r["patient_id"] for r in first} & {r["patient_id"] for r in second}
+
+
+def test_file_reverse_gives_back_the_normalised_originals(cli: Cli, pseudonymised: Path) -> None:
+    out = cli.home / "revealed.csv"
+    proc = cli.run("file", "reverse", pseudonymised, out, "--columns", "patient_id", "--db", cli.db,
+                   "--token-file", cli.tokens["reverse-a"], "--project", "research-a", "--require-all")
+    assert "warning" not in proc.stderr
+    source, revealed, pseudo = read_csv(SAMPLE), read_csv(out), read_csv(pseudonymised)
+    assert [r["patient_id"] for r in revealed] == [r["patient_id"].strip().upper() for r in source]
+    assert revealed[0]["patient_id"] == "P100000"
+    for after, before in zip(revealed, pseudo, strict=True):
+        assert {k: v for k, v in after.items() if k != "patient_id"} == {k: v for k, v in before.items()
+                                                                         if k != "patient_id"}
+    rows = [r for r in cli.audit_rows() if r["operation"] == "reverse"]
+    assert [r["outcome"] for r in rows] == ["started", "success"]
+    assert rows[0]["triggered_by"]  # the user who asked for the reversal
+
+
+def test_file_reverse_of_unknown_pseudonyms(cli: Cli) -> None:
+    source = cli.home / "unknown.csv"
+    source.write_text("patient_id\nnot-a-known-pseudonym\n\n", encoding="utf-8")
+    out = cli.home / "unknown.out.csv"
+    proc = cli.run("file", "reverse", source, out, "--columns", "patient_id", "--db", cli.db,
+                   "--token-file", cli.tokens["reverse-a"])
+    assert "1 pseudonym(s) had no escrow" in proc.stderr
+    assert read_csv(out) == [{"patient_id": ""}]
+    proc = cli.run("file", "reverse", source, cli.home / "strict.csv", "--columns", "patient_id", "--db", cli.db,
+                   "--token-file", cli.tokens["reverse-a"], "--require-all", expect=1)
+    assert "no escrow" in proc.stderr and not (cli.home / "strict.csv").exists()
+
+
+def test_file_pseudonymise_and_reverse_parquet_with_integers(cli: Cli) -> None:
+    import pyarrow as pa
+
+    source = cli.home / "ints.parquet"
+    pq.write_table(pa.table({"id": pa.array([10, -7, None, 10**12], pa.int64()), "n": [1, 2, 3, 4]}), source)
+    out, back = cli.home / "ints.p.parquet", cli.home / "ints.back.parquet"
+    cli.run("file", "pseudonymise", source, out, "--columns", "id", "--keep", "n", "--db", cli.db,
+            "--token-file", cli.tokens["research-a"])
+    pseudonyms = pq.read_table(out)
+    assert pseudonyms.schema.field("id").type == pa.string() and pseudonyms.schema.field("n").type == pa.int64()
+    assert pseudonyms.column("id").to_pylist()[2] is None
+    cli.run("file", "reverse", out, back, "--columns", "id", "--db", cli.db, "--token-file", cli.tokens["reverse-a"])
+    assert pq.read_table(back).column("id").to_pylist() == [10, -7, None, 10**12]
+
+
+# --- escrow purge ------------------------------------------------------------------------------
+def test_escrow_purge(cli: Cli) -> None:
+    db = f"sqlite:///{cli.home / 'purge.db'}"
+    store = Store(db)
+    store.create()
+    keys = Issuer(DirectoryStore(cli.store)).public_keys()
+    token = verify_token(cli.token("research-a"), keys)
+    past = replace(token, retention_until=datetime.now(UTC) - timedelta(seconds=1))
+    with store.engine.begin() as conn:
+        for tok, values in ((past, ["old-1", "old-2", "old-3"]), (token, ["kept-1"])):
+            batch = Pseudonymiser(tok, ColumnPolicy.pseudonymise("id")).pseudonymise_batch({"id": values})
+            EscrowWriter(tok, store.escrow).write(conn, batch.escrow)
+    proc = cli.run("escrow", "purge", "--db", db)
+    assert proc.stdout.startswith("purged 3 escrow row(s)")
+    with sqlite3.connect(cli.home / "purge.db") as conn:
+        assert conn.execute("SELECT count(*) FROM pseudonymise_escrow").fetchone() == (1,)
+    assert "purged 0 escrow row(s)" in cli.run("escrow", "purge", "--db", db, "--project", "research-a").stdout
+    purges = [r for r in cli.audit_rows(db) if r["operation"] == "purge"]
+    assert [(r["outcome"], r["escrow_rows"]) for r in purges] == [("started", None), ("success", 3),
+                                                                  ("started", None), ("success", 0)]
+
+
+# --- audit ----------------------------------------------------------------------------------
+def test_audit_verify_and_tampering(cli: Cli, pseudonymised: Path) -> None:
+    copy = cli.home / "tampered.db"
+    shutil.copy(cli.home / "pseudonymise.db", copy)
+    db = f"sqlite:///{copy}"
+    proc = cli.run("audit", "verify", "--db", db)
+    assert proc.stdout.startswith("audit chain verified:")
+    with sqlite3.connect(copy) as conn:
+        conn.execute("UPDATE pseudonymise_audit SET rows_out = 1 WHERE seq = 2")
+    proc = cli.run("audit", "verify", "--db", db, expect=1)
+    assert "BROKEN at row 2" in proc.stdout
+
+
+def test_audit_show(cli: Cli, pseudonymised: Path) -> None:
+    text = cli.run("audit", "show", "--db", cli.db, "--limit", "500").stdout
+    assert "pseudonymise success  project=research-a" in text
+    rows = json.loads(cli.run("audit", "show", "--db", cli.db, "--project", "research-a", "--outcome", "success",
+                              "--json").stdout)
+    assert rows and all(r["project"] == "research-a" and r["outcome"] == "success" for r in rows)
+
+
+# --- refusals -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("case", "error"),
+    [("other-project", "TokenProjectError"), ("wrong-kind", "TokenKindError"), ("tampered", "TokenSignatureError"),
+     ("garbage", "MalformedTokenError")],
+)
+def test_wrong_token_is_denied_and_audited(cli: Cli, tmp_path: Path, case: str, error: str) -> None:
+    db = f"sqlite:///{tmp_path / 'denied.db'}"
+    out = tmp_path / "out.csv"
+    if case == "other-project":
+        raw, extra = cli.token("research-b"), ["--project", "research-a"]
+    elif case == "wrong-kind":
+        raw, extra = cli.token("reverse-a"), []
+    elif case == "tampered":
+        header, payload, sig = cli.token("research-b").split(".")
+        claims = json.loads(b64url_decode(payload))
+        claims["exp"] += 3600
+        raw, extra = f"{header}.{b64url_encode(json.dumps(claims).encode())}.{sig}", []
+        cli.secrets.add(raw)
+    else:
+        raw, extra = "this is not a token", []
+    proc = cli.run("file", "pseudonymise", SAMPLE, out, "--policy", POLICY, "--db", db, *extra, stdin=raw, expect=1)
+    assert proc.stderr.startswith("error:")
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1  # one clear line
+    assert not out.exists()
+    rows = cli.audit_rows(db)
+    assert [(r["event"], r["outcome"]) for r in rows] == [("started", "started"), ("finished", "denied")]
+    assert rows[1]["error_class"] == error
+    for row in rows:
+        for value in row.values():
+            assert raw not in str(value)
+    assert cli.run("audit", "verify", "--db", db).returncode == 0
+
+
+def test_unreachable_audit_database_refuses_the_token(cli: Cli, tmp_path: Path) -> None:
+    from tests.services import free_port
+
+    out = tmp_path / "out.csv"
+    proc = cli.run("file", "pseudonymise", SAMPLE, out, "--policy", POLICY,
+                   "--db", f"postgresql://postgres@127.0.0.1:{free_port()}/x",
+                   "--token-file", cli.tokens["research-a"], expect=1)
+    assert proc.stderr.startswith("error:") and "audit" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+# --- help -----------------------------------------------------------------------------------
+def _subcommands() -> list[tuple[str, ...]]:
+    found: list[tuple[str, ...]] = []
+
+    def walk(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, (*path, name))
+                return
+        found.append(path)
+
+    walk(build_parser(), ())
+    return found
+
+
+def test_every_subcommand_is_listed() -> None:
+    assert len(_subcommands()) == 13
+    assert ("file", "reverse") in _subcommands() and ("audit", "verify") in _subcommands()
+
+
+@pytest.mark.parametrize("command", [(), *_subcommands()], ids=lambda c: " ".join(c) or "top")
+def test_help_has_an_example(cli: Cli, command: tuple[str, ...]) -> None:
+    proc = cli.run(*command, "--help")
+    assert "example" in proc.stdout
+    assert "pseudonymise" in proc.stdout.split("example", 1)[1]
