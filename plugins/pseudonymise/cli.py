@@ -19,6 +19,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
+
 from pseudonymise import __version__
 from pseudonymise.core.errors import IssuerError, PolicyError, PseudonymiseError, TokenError
 from pseudonymise.core.files import open_sink, open_source
@@ -385,7 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    issuer = groups.add_parser("issuer", help="the token issuer's own key").add_subparsers(dest="cmd", required=True)
+    def group(name: str, help_: str, example: str) -> Any:
+        return groups.add_parser(name, help=help_, description=help_, formatter_class=_Formatter,
+                                 epilog="example:\n  " + example).add_subparsers(dest="cmd", required=True)
+
+    issuer = group("issuer", "the token issuer's own key", "pseudonymise issuer init --issuer-id my-org")
     p = command(issuer, "init", "Create the issuer and its Ed25519 signing key in the store.",
                 "pseudonymise --store ~/.pseudonymise issuer init --issuer-id my-org", cmd_issuer_init)
     p.add_argument("--issuer-id", required=True, help="the issuer's name, written in every token's 'iss'")
@@ -393,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "pseudonymise issuer public-key --output issuer-keys.json", cmd_issuer_public_key)
     p.add_argument("--output", help="write to FILE instead of standard output")
 
-    project = groups.add_parser("project", help="projects and their settings").add_subparsers(dest="cmd", required=True)
+    project = group("project", "projects and their settings", "pseudonymise project create research-a --method reversible")
     p = command(project, "create", "Create a project with its own secret key (and escrow key pair if reversible).",
                 "pseudonymise project create research-a --method reversible --treatment deterministic --retention 2y",
                 cmd_project_create)
@@ -410,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_project_show)
     p.add_argument("project")
 
-    token = groups.add_parser("token", help="issue and inspect tokens").add_subparsers(dest="cmd", required=True)
+    token = group("token", "issue and inspect tokens",
+                  "pseudonymise token issue --project research-a --kind pseudonymisation --output research-a.token")
     p = command(token, "issue", "Issue a signed token of a project.",
                 "pseudonymise token issue --project research-a --kind reverse --expires-in 7d --output reverse.token",
                 cmd_token_issue)
@@ -423,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "pseudonymise token inspect --token-file research-a.token --issuer-keys issuer-keys.json", cmd_token_inspect)
     _add_token_args(p)
 
-    files = groups.add_parser("file", help="pseudonymise, re-pseudonymise or reverse CSV/Parquet files").add_subparsers(
-        dest="cmd", required=True)
+    files = group("file", "pseudonymise, re-pseudonymise or reverse CSV/Parquet files",
+                  "pseudonymise file pseudonymise in.csv out.csv --columns patient_id --default keep --token-file t.token")
     p = command(files, "pseudonymise", "Pseudonymise chosen columns of a CSV or Parquet file.",
                 "pseudonymise file pseudonymise in.csv out.parquet --columns patient_id --normalise patient_id=strip,upper"
                 " --keep visit_date --drop name --token-file research-a.token", cmd_file_pseudonymise)
@@ -445,13 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", required=True, help="comma-separated pseudonym columns to reverse")
     p.add_argument("--require-all", action="store_true", help="fail, writing nothing, if any pseudonym has no escrow")
 
-    escrow = groups.add_parser("escrow", help="the sealed escrow of reversible projects").add_subparsers(dest="cmd", required=True)
+    escrow = group("escrow", "the sealed escrow of reversible projects", "pseudonymise escrow purge --db sqlite:///pseudonymise.db")
     p = command(escrow, "purge", "Delete escrow rows past their retention end (audited).",
                 "pseudonymise escrow purge --db postgresql://warehouse/research", cmd_escrow_purge)
     p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB))
     p.add_argument("--project", help="only this project")
 
-    audit = groups.add_parser("audit", help="the tamper-evident audit table").add_subparsers(dest="cmd", required=True)
+    audit = group("audit", "the tamper-evident audit table", "pseudonymise audit verify --db sqlite:///pseudonymise.db")
     for name, help_, example, func in (
         ("verify", "Verify the audit hash chain; name the first broken row.", "pseudonymise audit verify --db sqlite:///pseudonymise.db", cmd_audit_verify),
         ("show", "Show recent audit rows.", "pseudonymise audit show --limit 50 --project research-a", cmd_audit_show),
@@ -474,6 +481,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except PseudonymiseError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except sa_exc.ArgumentError as exc:
+        print(f"error: the database URL is not valid ({exc}); write it like sqlite:///pseudonymise.db or "
+              "postgresql://user@host/db", file=sys.stderr)
+        return 1
+    except sa_exc.SQLAlchemyError as exc:
+        print(f"error: the database could not be used ({exc.__class__.__name__}); check --db and that the "
+              "server is reachable", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; nothing was committed", file=sys.stderr)

@@ -8,6 +8,7 @@ KV v2. Tokens are issued from it; DAG authors only ever hold tokens, never the s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -15,9 +16,8 @@ import secrets
 import stat
 import time
 from collections.abc import Mapping
-import dataclasses
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -202,7 +202,7 @@ class Project:
 
 
 def _iso(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Issuer:
@@ -249,7 +249,7 @@ class Issuer:
             raise IssuerError(f"treatment {treatment!r} is unknown; use {' or '.join(TREATMENTS)}")
         if self.store.read(f"projects/{project_id}") is not None:
             raise IssuerError(f"project {project_id!r} already exists; its key cannot be replaced by re-creating it")
-        now = datetime.now(timezone.utc).replace(microsecond=0)
+        now = datetime.now(UTC).replace(microsecond=0)
         if retention_until is None:
             retention_until = now + (retention if retention is not None else timedelta(days=365))
         if retention_until <= now:
@@ -257,7 +257,7 @@ class Issuer:
         escrow = None
         if method == "reversible":
             escrow = X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-        project = Project(project_id, method, treatment, retention_until.astimezone(timezone.utc),
+        project = Project(project_id, method, treatment, retention_until.astimezone(UTC),
                           format or PseudonymFormat(), now, secrets.token_bytes(32), escrow)
         self.store.write(f"projects/{project_id}", project.to_document())
         return project
@@ -301,6 +301,8 @@ class Issuer:
         if expires_in <= timedelta(0):
             raise IssuerError("the token lifetime must be positive")
         exp = now + int(expires_in.total_seconds())
+        if not_before is not None and int(not_before.timestamp()) >= exp:
+            raise IssuerError("the token's not-before time must come before its expiry")
         retention_end = int(project.retention_until.timestamp())
         if now >= retention_end and kind == "reverse":
             raise IssuerError(f"project {project_id!r}'s retention has ended; reverse tokens can no longer be issued")
