@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from html.parser import HTMLParser
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
@@ -138,6 +139,22 @@ def test_task_view_is_where_the_extra_link_lands(api: Api, audit_db: AuditDb, us
     unmapped = link.get_link(None, ti_key=TaskInstanceKey("dag_b", "load", "manual__2", 1, -1))  # type: ignore[arg-type]
     found = parse(api.client.get(unmapped, headers=api.auth("viewer")).text)
     assert [(r["use-id"], r["outcome"]) for r in found.rows] == [(uses["crash"], "incomplete")]
+
+
+def test_task_instance_tab_of_the_airflow_ui(api: Api, audit_db: AuditDb, uses: dict[str, str]) -> None:
+    """The tab the plugin adds to task instances: Airflow fills in the ids and, for an unmapped task,
+    leaves ``{MAP_INDEX}`` as it is."""
+    from pseudonymise.plugin import PseudonymisePlugin
+
+    href = next(v["href"] for v in PseudonymisePlugin.external_views if v.get("destination") == "task_instance")
+    for name, value in (("DAG_ID", "dag_b"), ("TASK_ID", "load"), ("RUN_ID", "manual__2")):
+        href = href.replace("{" + name + "}", quote(value, safe=""))
+    response = api.client.get(href, headers=api.auth("viewer"))
+    assert response.status_code == 200, response.text
+    assert [r["use-id"] for r in parse(response.text).rows] == [uses["crash"]]
+    mapped = href.replace("dag_b", "dag_a").replace("load", "ranges").replace("manual__2", "scheduled__1")
+    response = api.client.get(mapped.replace("{MAP_INDEX}", "0"), headers=api.auth("viewer"))
+    assert [r["use-id"] for r in parse(response.text).rows] == [uses["a_map0"]]
 
 
 def test_task_view_escapes_what_it_shows(api: Api, audit_db: AuditDb, token_connections: TokenConnections) -> None:

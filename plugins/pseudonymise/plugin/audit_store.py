@@ -7,6 +7,7 @@ on first use.
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import UTC, datetime, time, timedelta
 from typing import Annotated
@@ -79,8 +80,7 @@ def trail_filter(
     dag_id: Annotated[str | None, Query(description="DAG id.")] = None,
     task_id: Annotated[str | None, Query(description="Task id.")] = None,
     run_id: Annotated[str | None, Query(description="DAG run id.")] = None,
-    map_index: Annotated[str | None, Query(description="Map index of a mapped task instance (-1: not mapped).",
-                                           pattern=r"^(-?[0-9]{1,9})?$")] = None,
+    map_index: Annotated[str | None, Query(description="Map index of a mapped task instance (-1: not mapped).")] = None,
     operation: Annotated[str | None, Query(description="pseudonymise, secondary, reverse or purge.")] = None,
     outcome: Annotated[str | None, Query(description="success, failed, denied or incomplete (started, never "
                                                      "finished); for rows also started.")] = None,
@@ -89,6 +89,11 @@ def trail_filter(
     use_id: Annotated[str | None, Query(description="One token use.")] = None,
     token_jti: Annotated[str | None, Query(description="One token (its id).")] = None,
 ) -> TrailFilter:
+    # The Airflow UI leaves the {MAP_INDEX} of the task-instance tab in place for unmapped tasks.
+    if map_index == "{MAP_INDEX}":
+        map_index = None
+    if map_index and not re.fullmatch(r"-?[0-9]{1,9}", map_index):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "map_index must be an integer")
     if outcome and outcome not in (*USE_OUTCOMES, "started"):
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                             f"outcome must be one of {', '.join(USE_OUTCOMES)} (or started, for rows)")

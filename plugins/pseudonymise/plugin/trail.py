@@ -25,7 +25,7 @@ from pseudonymise.plugin.access import DagScope
 USE_OUTCOMES = ("success", "failed", "denied", "incomplete")
 OPERATIONS = ("pseudonymise", "secondary", "reverse", "purge")
 _VERIFY_TTL_SECONDS = 60.0
-_verified: dict[tuple[str, str], tuple[float, VerifyResult]] = {}
+_verified: dict[tuple[str, str], tuple[float, tuple[Any, ...], VerifyResult]] = {}
 _verified_lock = threading.Lock()
 
 
@@ -202,10 +202,15 @@ class Trail:
         def count(cond: sa.ColumnElement[bool]) -> Any:
             return sa.func.sum(sa.case((cond, 1), else_=0))
 
+        def claim(column: sa.ColumnElement[Any]) -> Any:
+            # As the verified token said (rows with its expiry), else as a refused use claimed it.
+            verified = sa.func.max(sa.case((t.c.token_expires_at.is_not(None), column)))
+            return sa.func.coalesce(verified, sa.func.max(column))
+
         query = (
             sa.select(
-                t.c.token_jti, sa.func.max(t.c.project), sa.func.count(sa.distinct(t.c.project)),
-                sa.func.max(t.c.token_kind), sa.func.max(t.c.token_issuer),
+                t.c.token_jti, claim(t.c.project), sa.func.count(sa.distinct(t.c.project)),
+                claim(t.c.token_kind), claim(t.c.token_issuer),
                 sa.func.min(t.c.recorded_at), sa.func.max(t.c.recorded_at), sa.func.count(sa.distinct(t.c.use_id)),
                 count(finished & (t.c.outcome == "success")), count(finished & (t.c.outcome == "failed")),
                 count(finished & (t.c.outcome == "denied")), count(finished & (t.c.error_class == "TokenExpiredError")),
@@ -278,17 +283,20 @@ class Trail:
 
     # --- verification ---------------------------------------------------------------------------
     def verify(self) -> tuple[VerifyResult, float]:
-        """The chain's verification and when it ran (epoch seconds); re-run at most once a minute,
-        because it reads every row."""
+        """The chain's verification and when it ran (epoch seconds). It reads every row, so a result is
+        reused for up to a minute while the chain's head stays the same; any append re-runs it."""
+        head_table = self.store.audit.head
+        with self.store.engine.connect() as conn:
+            head = tuple(conn.execute(sa.select(head_table.c.seq, head_table.c.row_hash)).first() or ())
         key = (self.store.engine.url.render_as_string(hide_password=True), self.table.fullname)
         now = time.time()
         with _verified_lock:
             cached = _verified.get(key)
-        if cached and now - cached[0] < _VERIFY_TTL_SECONDS:
-            return cached[1], cached[0]
+        if cached and cached[1] == head and now - cached[0] < _VERIFY_TTL_SECONDS:
+            return cached[2], cached[0]
         result = self.store.audit.verify()
         with _verified_lock:
-            _verified[key] = (now, result)
+            _verified[key] = (now, head, result)
         return result, now
 
 
