@@ -16,7 +16,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
-
 from pseudonymise.core.escrow import EscrowTables, EscrowWriter
 from pseudonymise.core.issuer import DirectoryStore, Issuer
 from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser, SecondaryPseudonymiser

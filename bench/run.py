@@ -1,0 +1,605 @@
+"""Side-by-side benchmark: our PostgreSQL streaming path against a raw copy, pandas and pgcrypto.
+
+    .venv/bin/python bench/run.py [--rows 1000000] [--big-rows 5000000] [--smoke]
+
+Starts its own throwaway PostgreSQL (tests/services.py), generates one table (id bigint, patient_id
+text, mrn text, visit_date date, ward text; patient_id and mrn are pseudonymised) and runs, each
+case in a fresh process so peak memory is per case:
+
+  (a) raw COPY out of the source and COPY into the target through this worker, no transformation;
+  (b) PseudonymiseOperator.execute(), deterministic and irreversible;
+  (c) the same, reversible (sealed escrow);
+  (d) SecondaryPseudonymiseOperator.execute() over (b)'s output;
+  (e) the naive way: pandas read_sql, map of hmac, to_sql;
+  (f) pgcrypto hmac() in INSERT ... SELECT, inside the database;
+  (b) again at --big-rows, to show memory stays flat;
+  (b) as two mapped key ranges (operators.key_range_kwargs) run as two concurrent processes.
+
+The operator cases run the operator's own execute() with a minimal context (connections from
+AIRFLOW_CONN_* variables), so the measured code is what a worker runs. Afterwards the outputs are
+checked against an independent computation (pgcrypto's hmac() with DESIGN §4's message layout,
+base32 in Python or in SQL): speed must never come from doing less. The exit code is non-zero if
+any check fails. ``--smoke`` runs everything on 2,000 rows, without the big run, for CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RESULT = "BENCH-RESULT "
+LABEL = b"pseudonymise/v1\x00"
+SECONDARY_LABEL = b"pseudonymise/v1/secondary\x00"
+B32 = "abcdefghijklmnopqrstuvwxyz234567"
+PSEUDONYMISED = ("patient_id", "mrn")
+COLUMNS = ("id", "patient_id", "mrn", "visit_date", "ward")
+WARDS = ("cardiology", "oncology", "general", "paediatrics", "neurology", "Notaufnahme Süd", "maternité", "icu")
+CASES = {
+    "a": "(a) raw COPY out -> COPY in through the worker, no transformation",
+    "b": "(b) pseudonymise: deterministic, irreversible",
+    "c": "(c) pseudonymise: reversible (sealed escrow)",
+    "d": "(d) secondary pseudonymisation of (b)'s output",
+    "e": "(e) naive: pandas read_sql + map(hmac) + to_sql",
+    "f": "(f) in-database: pgcrypto hmac() in INSERT ... SELECT",
+    "big": "(b) at the big size",
+    "ranges": "(b) as 2 mapped key ranges, 2 concurrent processes",
+}
+
+
+# --- the worker side: one case per process -------------------------------------------------------
+def peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process so far (all threads, user + system)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_busy_seconds() -> float:
+    """CPU time every core of the machine has spent busy since boot (from /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class Stopwatch:
+    """Wall time, this process's CPU time and the whole machine's busy CPU time of one measured stretch."""
+
+    def __enter__(self) -> Stopwatch:
+        self.started_at = time.time()
+        self._wall, self._cpu, self._busy = time.perf_counter(), cpu_seconds(), machine_busy_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._wall
+        self.cpu = cpu_seconds() - self._cpu
+        self.machine = machine_busy_seconds() - self._busy
+        self.ended_at = time.time()
+
+    def result(self, rows: int, driven: str, **extra: Any) -> dict[str, Any]:
+        return {"rows": rows, "seconds": self.seconds, "worker_cpu": self.cpu, "machine_cpu": self.machine,
+                "started_at": self.started_at, "ended_at": self.ended_at, "driven": driven, **extra}
+
+
+def dsn(cfg: Mapping[str, Any], db: str) -> str:
+    return f"host={cfg['host']} port={cfg['port']} user={cfg['user']} dbname={db}"
+
+
+def url(cfg: Mapping[str, Any], db: str) -> str:
+    return f"postgresql+psycopg2://{cfg['user']}@{cfg['host']}:{cfg['port']}/{db}"
+
+
+def worker(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    runner = {"a": _raw_copy, "e": _pandas, "f": _pgcrypto}.get(case, _operator)
+    return runner(case, cfg)
+
+
+def _raw_copy(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """COPY out on a thread into a pipe, COPY in from the pipe on the main thread, one transaction."""
+    import threading
+
+    import psycopg2
+
+    src, dst = psycopg2.connect(dsn(cfg, cfg["src_db"])), psycopg2.connect(dsn(cfg, cfg["dst_db"]))
+    failure: list[BaseException] = []
+    read_fd, write_fd = os.pipe()
+
+    def pump() -> None:
+        try:
+            with os.fdopen(write_fd, "wb", buffering=1 << 16) as out, src.cursor() as cur:
+                cur.copy_expert(f"COPY (SELECT * FROM {cfg['source']}) TO STDOUT", out, size=1 << 16)
+        except BaseException as exc:
+            failure.append(exc)
+
+    with Stopwatch() as watch:
+        with dst.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {cfg['target']}; CREATE TABLE {cfg['target']} "
+                        "(id bigint, patient_id text, mrn text, visit_date date, ward text)")
+        thread = threading.Thread(target=pump)
+        thread.start()
+        with os.fdopen(read_fd, "rb") as data, dst.cursor() as cur:
+            cur.copy_expert(f"COPY {cfg['target']} FROM STDIN", data, size=1 << 18)
+            rows = cur.rowcount
+        thread.join()
+        if failure:
+            raise failure[0]
+        dst.commit()
+    return watch.result(rows, "psycopg2 copy_expert both ways, a thread and a pipe")
+
+
+def _pandas(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    import hashlib
+    import hmac
+
+    import pandas as pd
+    import sqlalchemy as sa
+    from pseudonymise.core.tokens import TrustedKeys, verify_token
+
+    token = verify_token(cfg["tokens"]["det"], TrustedKeys.from_jwks(cfg["jwks"]))
+    key = token.key
+    assert key is not None
+
+    def pseudonym(value: str) -> str:
+        mac = hmac.new(key, LABEL + b"\x00" + unicodedata.normalize("NFC", value).encode(), hashlib.sha256).digest()
+        return base64.b32encode(mac).decode().lower()[:26]
+
+    with Stopwatch() as watch:
+        frame = pd.read_sql(f"SELECT * FROM {cfg['source']}", sa.create_engine(url(cfg, cfg["src_db"])))
+        for column in PSEUDONYMISED:
+            frame[column] = frame[column].map(pseudonym, na_action="ignore")
+        frame.to_sql(cfg["target"], sa.create_engine(url(cfg, cfg["dst_db"])), if_exists="replace", index=False)
+    return watch.result(len(frame), "pandas.read_sql, Series.map(hmac), DataFrame.to_sql (defaults)")
+
+
+def sql_base32(bits: str, length: int = 26) -> str:
+    """SQL text of the base32 (lowercase, RFC 4648) of the leading bits of a bit-string expression."""
+    return " || ".join(f"substr('{B32}', substring({bits} from {5 * i + 1} for 5)::int + 1, 1)" for i in range(length))
+
+
+def sql_hmac(value: str, key_hex: str, label: bytes = LABEL + b"\x00") -> str:
+    """pgcrypto's HMAC-SHA256 over DESIGN §4's message (as bytea: NUL is not allowed in text)."""
+    return (f"hmac(decode('{label.hex()}', 'hex') || convert_to(normalize({value}, NFC), 'UTF8'), "
+            f"decode('{key_hex}', 'hex'), 'sha256')")
+
+
+def _pgcrypto(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    import psycopg2
+
+    key_hex = cfg["keys"]["det"]
+    conn = psycopg2.connect(dsn(cfg, cfg["src_db"]))
+    with Stopwatch() as watch, conn.cursor() as cur:
+        cur.execute(f"DROP TABLE IF EXISTS {cfg['target']}; CREATE TABLE {cfg['target']} "
+                    "(id bigint, patient_id text, mrn text, visit_date date, ward text)")
+        cur.execute(
+            f"INSERT INTO {cfg['target']} SELECT s.id, {sql_base32('p.b')}, {sql_base32('m.b')}, s.visit_date, s.ward "
+            f"FROM {cfg['source']} s "
+            f"CROSS JOIN LATERAL (SELECT ('x' || encode({sql_hmac('s.patient_id', key_hex)}, 'hex'))::bit(256) AS b "
+            "OFFSET 0) p "
+            f"CROSS JOIN LATERAL (SELECT ('x' || encode({sql_hmac('s.mrn', key_hex)}, 'hex'))::bit(256) AS b "
+            "OFFSET 0) m")
+        rows = cur.rowcount
+        conn.commit()
+    return watch.result(rows, "one INSERT ... SELECT in the source database (pgcrypto hmac, base32 in SQL)")
+
+
+def _operator(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    import logging
+
+    logging.disable(logging.INFO)
+    from pseudonymise.operators import PseudonymiseOperator, SecondaryPseudonymiseOperator
+
+    secondary = case == "d"
+    kwargs: dict[str, Any] = {}
+    if cfg.get("range"):
+        kwargs = {"sql": f"SELECT * FROM {cfg['source']} WHERE id >= :lo AND (CAST(:hi AS bigint) IS NULL OR id < :hi)",
+                  "parameters": cfg["range"]["parameters"], "write_mode": "replace_partition",
+                  "partition_column": "id", "partition_start": cfg["range"]["partition_start"],
+                  "partition_end": cfg["range"]["partition_end"]}
+    else:
+        kwargs = {"source_table": cfg["source"], "write_mode": "replace"}
+    operator_class = SecondaryPseudonymiseOperator if secondary else PseudonymiseOperator
+    operator = operator_class(
+        task_id=f"bench_{case}", pseudonymise_conn_id=cfg["token_conn"], source_conn_id=cfg["source_conn"],
+        columns={c: "pseudonymise" for c in PSEUDONYMISED}, unlisted_columns="keep",
+        target_conn_id="bench_dst", target_table=cfg["target"], batch_size=cfg["batch_size"], **kwargs)
+    with Stopwatch() as watch:
+        summary = operator.execute(context={})
+    return watch.result(summary["rows_out"], f"{operator_class.__name__}.execute() with a minimal context",
+                        escrow_rows=summary["escrow_rows"])
+
+
+def worker_main(case: str) -> None:
+    cfg = json.loads(os.environ["BENCH_CONFIG"])
+    result = worker(case, cfg)
+    result["peak_rss_mib"] = peak_rss_mib()
+    print(RESULT + json.dumps(result), flush=True)
+
+
+# --- the parent side -----------------------------------------------------------------------------
+@dataclass
+class Result:
+    case: str
+    rows: int
+    seconds: float
+    peak_rss_mib: float
+    driven: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from tests.services import start_postgres
+
+        self.args = args
+        self.work = Path(tempfile.mkdtemp(prefix="pseudonymise-bench-"))
+        print(f"starting PostgreSQL ({self.work})", flush=True)
+        self.server = start_postgres()
+        self.cfg: dict[str, Any] = {"host": self.server.host, "port": self.server.port, "user": self.server.user,
+                                    "src_db": "hospital", "dst_db": "research", "batch_size": args.batch_size}
+        self.env: dict[str, str] = {}
+        self.failures: list[str] = []
+
+    def close(self) -> None:
+        self.server.stop("immediate")
+
+    def server_cpu(self) -> float:
+        """CPU seconds the whole PostgreSQL cluster has used: postmaster, live children, reaped children."""
+        tick = os.sysconf("SC_CLK_TCK")
+        postmaster = int((self.server.datadir / "postmaster.pid").read_text().split()[0])
+
+        def stat(pid: int) -> list[int]:
+            text = Path(f"/proc/{pid}/stat").read_text()
+            return [int(x) for x in text[text.rindex(")") + 2 :].split()[11:15]]  # utime stime cutime cstime
+
+        total = sum(stat(postmaster))
+        for child in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # exited: counted once reaped
+                total += sum(stat(int(child))[:2])
+        return total / tick
+
+    # setup ---------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        import psycopg2
+        from pseudonymise.core.issuer import DirectoryStore, Issuer
+        from pseudonymise.core.tokens import TrustedKeys, verify_token
+
+        admin = psycopg2.connect(dsn(self.cfg, "postgres"))
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            for db in (self.cfg["src_db"], self.cfg["dst_db"]):
+                cur.execute(f"CREATE DATABASE {db}")
+        admin.close()
+        for db in (self.cfg["src_db"], self.cfg["dst_db"]):
+            self.sql(db, "CREATE EXTENSION pgcrypto")
+        self.generate("visits", self.args.rows)
+        issuer = Issuer.init(DirectoryStore(self.work / "issuer"), "bench")
+        issuer.create_project("det", method="irreversible")
+        issuer.create_project("rev", method="reversible", retention=timedelta(days=30))
+        issuer.create_project("sec", method="irreversible")
+        tokens = {"det": issuer.issue("det", "pseudonymisation"), "rev": issuer.issue("rev", "pseudonymisation"),
+                  "sec": issuer.issue("sec", "secondary", source_project="det")}
+        jwks = json.dumps(issuer.public_keys().to_jwks())
+        keys = TrustedKeys.from_jwks(jwks)
+        self.cfg.update(tokens=tokens, jwks=jwks,
+                        keys={k: verify_token(t, keys).key.hex() for k, t in tokens.items()})  # type: ignore[union-attr]
+        self.reverse_token = issuer.issue("rev", "reverse")
+        self.keys = keys
+        for name, db in (("bench_src", self.cfg["src_db"]), ("bench_dst", self.cfg["dst_db"])):
+            self.env[f"AIRFLOW_CONN_{name.upper()}"] = json.dumps({
+                "conn_type": "postgres", "host": self.cfg["host"], "port": self.cfg["port"],
+                "login": self.cfg["user"], "schema": db})
+        for name, token in tokens.items():
+            self.env[f"AIRFLOW_CONN_BENCH_{name.upper()}"] = json.dumps(
+                {"conn_type": "pseudonymise", "password": token, "extra": {"issuer_keys": jwks}})
+        self.env.update({"AIRFLOW_HOME": str(self.work / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                         "AIRFLOW__CORE__UNIT_TEST_MODE": "False", "PYTHONPATH": str(ROOT)})
+
+    def sql(self, db: str, statement: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        import psycopg2
+
+        conn = psycopg2.connect(dsn(self.cfg, db))
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement, params)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+    def generate(self, table: str, rows: int) -> None:
+        """Visits: ~4 per patient, 2% without MRN, a few identifiers in NFD or with a tab or backslash."""
+        t0 = time.perf_counter()
+        patients = max(rows // 4, 1)
+        wards = "ARRAY[" + ", ".join(f"'{w}'" for w in WARDS) + "]"
+        self.sql(self.cfg["src_db"], f"""
+            CREATE TABLE {table} (id bigint PRIMARY KEY, patient_id text, mrn text, visit_date date, ward text);
+            INSERT INTO {table}
+            SELECT g,
+                   CASE WHEN p % 997 = 0 THEN 'Pe' || chr(769) || p WHEN p % 1999 = 0 THEN 'P' || chr(9) || p || '\\'
+                        ELSE 'P' || lpad(p::text, 9, '0') END,
+                   CASE WHEN g % 50 = 0 THEN NULL ELSE 'MRN-' || lpad((p * 7 + 13)::text, 10, '0') END,
+                   DATE '2020-01-01' + (g % 1826)::int,
+                   ({wards})[1 + g % {len(WARDS)}]
+            FROM (SELECT g, 1 + (g * 2654435761) % {patients} AS p FROM generate_series(1, {rows}) g) s""")
+        self.sql(self.cfg["src_db"], f"VACUUM ANALYZE {table}")
+        print(f"generated {table}: {rows:,} rows, {patients:,} patients in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    # running -------------------------------------------------------------------------------------
+    def spawn(self, case: str, **overrides: Any) -> subprocess.Popen[str]:
+        cfg = {**self.cfg, **overrides}
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}, **self.env,
+               "BENCH_CONFIG": json.dumps(cfg)}
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", case]
+        if self.args.profile:
+            # py-spy: collapsed stacks of the thread holding the GIL (the pipeline is GIL-bound)
+            out = Path(self.args.profile) / f"{case}-{cfg.get('target', case)}-{time.time_ns()}.txt"
+            command = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw", "--threads",
+                       "--gil", "--nonblocking", "--rate", "250", "--output", str(out), "--", *command]
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def collect(self, case: str, proc: subprocess.Popen[str]) -> Result:
+        out, err = proc.communicate()
+        lines = [line for line in out.splitlines() if line.startswith(RESULT)]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"case {case} failed (exit {proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}")
+        data = json.loads(lines[-1][len(RESULT):])
+        return Result(case, data.pop("rows"), data.pop("seconds"), data.pop("peak_rss_mib"), data.pop("driven"), data)
+
+    def run(self, case: str, **overrides: Any) -> Result:
+        self.sql(self.cfg["dst_db"], "CHECKPOINT")
+        server = self.server_cpu()
+        result = self.collect(case, self.spawn(case, **overrides))
+        time.sleep(0.2)  # let the postmaster reap the case's backends
+        result.extra["server_cpu"] = self.server_cpu() - server
+        print(f"  {CASES[case]:<70} {result.rows:>10,} rows {result.seconds:8.2f} s "
+              f"{result.rate:>10,.0f} rows/s  {result.peak_rss_mib:6.0f} MiB  "
+              f"(CPU s: worker {result.extra['worker_cpu']:.1f}, PostgreSQL {result.extra['server_cpu']:.1f}, "
+              f"machine {result.extra['machine_cpu']:.1f})", flush=True)
+        return result
+
+    def run_ranges(self, source: str, target: str) -> tuple[Result, list[Result]]:
+        env_backup = dict(os.environ)
+        os.environ.update(self.env)
+        try:
+            from pseudonymise.operators import key_range_kwargs
+
+            ranges = key_range_kwargs("bench_src", source, "id", 2)
+        finally:
+            os.environ.clear()
+            os.environ.update(env_backup)
+        self.sql(self.cfg["dst_db"], "CHECKPOINT")
+        common = {"source": source, "source_conn": "bench_src", "token_conn": "bench_det", "target": target}
+        procs = [self.spawn("ranges", range=r, **common) for r in ranges]
+        parts = [self.collect("ranges", p) for p in procs]
+        wall = max(p.extra["ended_at"] for p in parts) - min(p.extra["started_at"] for p in parts)
+        total = Result("ranges", sum(p.rows for p in parts), wall, max(p.peak_rss_mib for p in parts),
+                       parts[0].driven + ", 2 processes at once")
+        print(f"  {CASES['ranges']:<70} {total.rows:>10,} rows {total.seconds:8.2f} s "
+              f"{total.rate:>10,.0f} rows/s  {total.peak_rss_mib:6.0f} MiB (each)", flush=True)
+        return total, parts
+
+    # checks --------------------------------------------------------------------------------------
+    def check(self, name: str, ok: bool, detail: str) -> None:
+        print(f"  [{'ok' if ok else 'FAILED'}] {name}: {detail}", flush=True)
+        if not ok:
+            self.failures.append(name)
+
+    def stream(self, db: str, query: str) -> Iterator[tuple[Any, ...]]:
+        import psycopg2
+
+        conn = psycopg2.connect(dsn(self.cfg, db))
+        try:
+            with conn.cursor(name="bench_stream") as cur:
+                cur.itersize = 20_000
+                cur.execute(query)
+                yield from cur
+        finally:
+            conn.close()
+
+    def check_against_pgcrypto(self, case: str, project: str, source: str, target: str,
+                               with_f: str | None = None) -> None:
+        """Every row of ``target`` equals the source with pgcrypto's HMACs, base32-encoded in Python."""
+        key = self.cfg["keys"][project]
+        extra = ", f.patient_id, f.mrn" if with_f else ""
+        join = f" LEFT JOIN {with_f} f USING (id)" if with_f else ""
+        expected = self.stream(self.cfg["src_db"],
+                               f"SELECT s.id, encode({sql_hmac('s.patient_id', key)}, 'hex'), "
+                               f"encode({sql_hmac('s.mrn', key)}, 'hex'), s.visit_date, s.ward{extra} "
+                               f"FROM {source} s{join} ORDER BY s.id")
+        actual = self.stream(self.cfg["dst_db"], f"SELECT id, patient_id, mrn, visit_date, ward FROM {target} ORDER BY id")
+
+        def b32(hex_mac: str | None) -> str | None:
+            return None if hex_mac is None else base64.b32encode(bytes.fromhex(hex_mac)).decode().lower()[:26]
+
+        rows = mismatched = f_mismatched = 0
+        for exp, act in zip(expected, actual, strict=False):
+            rows += 1
+            want = (exp[0], b32(exp[1]), b32(exp[2]), exp[3], exp[4])
+            if tuple(act) != want:
+                mismatched += 1
+            if with_f and (exp[5], exp[6]) != want[1:3]:
+                f_mismatched += 1
+        total = self.sql(self.cfg["src_db"], f"SELECT count(*) FROM {source}")[0][0]
+        out = self.sql(self.cfg["dst_db"], f"SELECT count(*) FROM {target}")[0][0]
+        self.check(f"{case} equals pgcrypto", mismatched == 0 and rows == total == out,
+                   f"{rows:,} rows compared, {mismatched} differ ({out:,} in the target, {total:,} in the source)")
+        if with_f:
+            self.check("(f) equals pgcrypto + Python base32", f_mismatched == 0,
+                       f"{rows:,} rows compared, {f_mismatched} differ")
+
+    def check_escrow(self, source: str) -> None:
+        from pseudonymise.core.escrow import reveal
+        from pseudonymise.core.pipeline import Store
+        from pseudonymise.core.tokens import verify_token
+
+        distinct = self.sql(self.cfg["src_db"],
+                            f"SELECT count(*) FROM (SELECT normalize(patient_id, NFC) FROM {source} UNION "
+                            f"SELECT normalize(mrn, NFC) FROM {source}) u(v) WHERE v IS NOT NULL")[0][0]
+        stored = self.sql(self.cfg["dst_db"], "SELECT count(*) FROM pseudonymise_escrow WHERE project = 'rev'")[0][0]
+        self.check("(c) one escrow row per distinct value", stored == distinct,
+                   f"{stored:,} escrow rows, {distinct:,} distinct values")
+        sample = self.sql(self.cfg["dst_db"], "SELECT c.patient_id, c.id FROM c_out c ORDER BY c.id LIMIT 200")
+        originals = dict(self.sql(self.cfg["src_db"], f"SELECT id, normalize(patient_id, NFC) FROM {source} "
+                                                      f"ORDER BY id LIMIT 200"))
+        import sqlalchemy as sa
+
+        store = Store(sa.create_engine(url(self.cfg, self.cfg["dst_db"])))
+        token = verify_token(self.reverse_token, self.keys)
+        with store.engine.connect() as conn:
+            revealed = reveal(conn, store.escrow, token, [p for p, _ in sample if p is not None]).values
+        good = all(revealed.get(p) == originals[i] for p, i in sample if p is not None)
+        self.check("(c) escrow reveals the originals", good, f"{len(sample)} sampled pseudonyms opened with a reverse token")
+
+    def check_secondary(self) -> None:
+        key = self.cfg["keys"]["sec"]
+        label = SECONDARY_LABEL.hex()
+
+        def expr(column: str) -> str:
+            mac = f"hmac(decode('{label}', 'hex') || convert_to(b.{column}, 'UTF8'), decode('{key}', 'hex'), 'sha256')"
+            return f"(SELECT {sql_base32('x.b')} FROM (SELECT ('x' || encode({mac}, 'hex'))::bit(256) AS b) x)"
+
+        bad = self.sql(self.cfg["dst_db"],
+                       f"SELECT count(*) FROM b_out b FULL JOIN d_out d USING (id) WHERE "
+                       f"(d.patient_id, d.mrn, d.visit_date, d.ward) IS DISTINCT FROM "
+                       f"({expr('patient_id')}, {expr('mrn')}, b.visit_date, b.ward)")[0][0]
+        self.check("(d) equals pgcrypto over (b)'s pseudonyms", bad == 0, f"{bad} rows differ")
+
+    def check_same(self, name: str, left: str, right: str) -> None:
+        bad = self.sql(self.cfg["dst_db"],
+                       f"SELECT count(*) FROM {left} l FULL JOIN {right} r USING (id) WHERE "
+                       "(l.patient_id, l.mrn, l.visit_date, l.ward) IS DISTINCT FROM (r.patient_id, r.mrn, r.visit_date, r.ward)"
+                       )[0][0]
+        self.check(name, bad == 0, f"{bad} rows differ")
+
+
+def table(results: Mapping[str, Result], base: Result, speedup: float | None) -> list[str]:
+    lines = ["| case | rows | seconds | rows/s | vs (a) | peak RSS MiB |", "|---|---:|---:|---:|---:|---:|"]
+    for key, r in results.items():
+        label = CASES[key] + (f" (speedup {speedup:.2f}x over one task)" if key == "ranges" and speedup else "")
+        lines.append(f"| {label} | {r.rows:,} | {r.seconds:.2f} | {r.rate:,.0f} | {r.rate / base.rate:.2f} | "
+                     f"{r.peak_rss_mib:.0f} |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--big-rows", type=int, default=5_000_000, help="rows of the big run of (b); 0: none")
+    parser.add_argument("--batch-size", type=int, default=50_000)
+    parser.add_argument("--smoke", action="store_true", help="2,000 rows, no big run: a quick check for CI")
+    parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,ranges,big")
+    parser.add_argument("--profile", metavar="DIR", help="record each case with py-spy (pip install py-spy) into DIR")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker_main(args.worker)
+        return 0
+    if args.smoke:
+        args.rows, args.big_rows = 2_000, 0
+    skip = set(filter(None, args.skip.split(",")))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the cluster below is stopped
+    bench = Bench(args)
+    started = time.perf_counter()
+    try:
+        bench.setup()
+        print(f"\n{os.cpu_count()} CPUs; {args.rows:,} rows; batches of {args.batch_size:,}; each case in its own process",
+              flush=True)
+        results: dict[str, Result] = {}
+        primary = {"source_conn": "bench_src", "token_conn": "bench_det"}
+        results["a"] = bench.run("a", source="visits", target="a_out")
+        results["b"] = bench.run("b", source="visits", target="b_out", **primary)
+        if "c" not in skip:
+            results["c"] = bench.run("c", source="visits", target="c_out", source_conn="bench_src", token_conn="bench_rev")
+        if "d" not in skip:
+            results["d"] = bench.run("d", source="b_out", target="d_out", source_conn="bench_dst", token_conn="bench_sec")
+        for case in ("e", "f"):
+            if case not in skip:
+                results[case] = bench.run(case, source="visits", target=f"{case}_out")
+        speedup = None
+        if "ranges" not in skip:
+            results["ranges"], parts = bench.run_ranges("visits", "p_out")
+            speedup = results["b"].seconds / results["ranges"].seconds
+        if args.big_rows and "big" not in skip:
+            bench.generate("visits_big", args.big_rows)
+            results["big"] = bench.run("big", source="visits_big", target="big_out", **primary)
+
+        print("\ncorrectness", flush=True)
+        bench.check_against_pgcrypto("(b)", "det", "visits", "b_out", with_f="f_out" if "f" in results else None)
+        if "c" in results:
+            bench.check_against_pgcrypto("(c)", "rev", "visits", "c_out")
+            bench.check_escrow("visits")
+        if "d" in results:
+            bench.check_secondary()
+        if "ranges" in results:
+            bench.check_same("2 mapped ranges equal (b)", "b_out", "p_out")
+        if "big" in results:
+            out = bench.sql(bench.cfg["dst_db"], "SELECT count(*) FROM big_out")[0][0]
+            bench.check("big run: every row written", out == args.big_rows == results["big"].rows,
+                        f"{out:,} rows in the target")
+
+        a, b = results["a"], results["b"]
+        print(f"\nresults: {args.rows:,} rows (big run: {args.big_rows:,}); rows/s, ratio to (a), peak RSS of the "
+              "case's process\n")
+        print("\n".join(table(results, a, speedup)))
+        print("\nhow each case ran:")
+        for key, r in results.items():
+            print(f"  {key}: {r.driven}")
+        if "ranges" in results:
+            print(f"  ranges: key_range_kwargs split: {', '.join(f'{p.rows:,}' for p in parts)} rows")
+
+        print("\ntargets" + (" (smoke run: not judged)" if args.smoke else ""))
+        targets = [("(b) rows/s / (a) rows/s", b.rate / a.rate, ">= 0.5", b.rate >= 0.5 * a.rate)]
+        if "c" in results:
+            c = results["c"]
+            targets.append(("(c) rows/s / (a) rows/s", c.rate / a.rate, ">= 0.3", c.rate >= 0.3 * a.rate))
+        if "e" in results:
+            e = results["e"]
+            targets.append(("(b) rows/s / (e) rows/s", b.rate / e.rate, ">= 10", b.rate >= 10 * e.rate))
+        if "big" in results:
+            big = results["big"]
+            targets.append((f"peak RSS at {args.big_rows:,} / at {args.rows:,}", big.peak_rss_mib / b.peak_rss_mib,
+                            "<= 1.2", big.peak_rss_mib <= 1.2 * b.peak_rss_mib))
+            targets.append((f"peak RSS at {args.big_rows:,} (MiB)", big.peak_rss_mib, "< 500", big.peak_rss_mib < 500))
+        for name, value, bar, met in targets:
+            verdict = "" if args.smoke else ("met" if met else "NOT met")
+            print(f"  {name:<44} {value:8.2f}  (target {bar:>6})  {verdict}")
+        print(f"\nchecks: {'all passed' if not bench.failures else 'FAILED: ' + ', '.join(bench.failures)}; "
+              f"total {time.perf_counter() - started:.0f} s")
+        return 1 if bench.failures else 0
+    finally:
+        bench.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
