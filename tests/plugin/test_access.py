@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -15,7 +16,7 @@ from tests.plugin.conftest import Api
 
 
 @pytest.fixture
-def store(tmp_path: object) -> Store:
+def store(tmp_path: Path) -> Store:
     store = Store(sa.create_engine(f"sqlite:///{tmp_path}/audit.db"))
     store.create()
     for dag_id in ("readable", "hidden", "deleted_long_ago", None):

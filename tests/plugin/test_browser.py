@@ -63,7 +63,8 @@ def _http(url: str, *, token: str | None = None, body: Any = None) -> tuple[int,
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The main job's world (scripts/run_example.py), served by ``airflow api-server`` as the README says."""
+    """The main job's world (scripts/run_example.py), served by ``airflow api-server`` through
+    scripts/ui.sh, as the README says."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run scripts/test.sh, which installs Debian's chromium with apt")
     work = tmp_path_factory.mktemp("ui") / "example"
@@ -74,25 +75,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                           check=True, env={**os.environ, "PSEUDONYMISE_STORE": str(work / "issuer")}).stdout
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PSEUDONYMISE"))}
-    env.update({
-        "AIRFLOW_HOME": str(work / "airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-        "AIRFLOW_CONN_RESEARCH_DB": json.dumps({"conn_type": "sqlite", "host": str(work / "research.db")}),
-        "AIRFLOW__PSEUDONYMISE__AUDIT_CONN_ID": "research_db",
-        # The project's token, as the DAG has it, for one call of the HTTP API.
-        "AIRFLOW_CONN_PSEUDONYMISE_RESEARCH": json.dumps({
-            "conn_type": "pseudonymise", "password": (work / "research-a.token").read_text().strip(),
-            "extra": {"issuer_keys": jwks, "project": "research-a"}}),
-        "AIRFLOW_CONN_PSEUDONYMISE_MISCONFIGURED": json.dumps({
-            "conn_type": "pseudonymise", "password": (work / "research-a.token").read_text().strip(),
-            "extra": {"issuer_keys": jwks, "project": "research-b"}}),
-    })
+    # A connection naming the wrong project, for a use the API must refuse (and audit).
+    env["AIRFLOW_CONN_PSEUDONYMISE_MISCONFIGURED"] = json.dumps({
+        "conn_type": "pseudonymise", "password": (work / "research-a.token").read_text().strip(),
+        "extra": {"issuer_keys": jwks, "project": "research-b"}})
     log = work / "api-server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(BIN / "airflow"), "api-server", "--host", "127.0.0.1", "--port", str(port),
+    with open(log, "w") as out:  # as the README says, through scripts/ui.sh
+        proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "ui.sh"), "--work", str(work), "--port", str(port),
                                  "--workers", "1"], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 from airflow import plugins_manager
 from airflow.api_fastapi.core_api.datamodels.plugins import ExternalViewResponse
@@ -11,6 +12,8 @@ from pseudonymise import get_provider_info
 from pseudonymise.operators import AUDIT_PAGE
 
 from tests.plugin.conftest import AIRFLOW, Api
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_airflow_loads_the_plugin_from_the_installed_package(api: Api) -> None:
@@ -45,7 +48,7 @@ def test_the_provider_publishes_the_config_section_not_a_second_plugin() -> None
         "expiry_warning_days": "14", "api_max_rows": "1000", "api_allow_reversal": "False"}
 
 
-def test_airflow_reports_the_plugin_and_its_defaults(api: Api, tmp_path: object) -> None:
+def test_airflow_reports_the_plugin_and_its_defaults(api: Api) -> None:
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__PSEUDONYMISE")}
@@ -57,3 +60,19 @@ def test_airflow_reports_the_plugin_and_its_defaults(api: Api, tmp_path: object)
     value = subprocess.run([AIRFLOW, "config", "get-value", "pseudonymise", "expiry_warning_days"], env=env,
                            capture_output=True, text=True, check=True, timeout=120)
     assert value.stdout.strip() == "14"
+
+
+def test_loaded_once_when_the_repository_is_the_plugins_folder(tmp_path: Path) -> None:
+    """docker-compose.yaml mounts plugins/ as Airflow's plugins folder while the package is installed."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update({"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins")})
+    script = ("import json; from airflow import plugins_manager as m; p, e = m._get_plugins(); "
+              "print(json.dumps([[x.name for x in p], e]))")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
+                         timeout=120).stdout
+    names, errors = json.loads(out.strip().splitlines()[-1])
+    assert names.count("pseudonymise") == 1 and errors == {}

@@ -50,6 +50,27 @@ def canonical(value: Any, column: str) -> tuple[str, bytes]:
     )
 
 
+def canonical_many(values: Sequence[Any], column: str) -> tuple[list[str], list[bytes]]:
+    """:func:`canonical` of many non-NULL values: (type tags, canonical bytes), a whole column at once.
+
+    A column of plain ``str`` takes a short road: ASCII text is its own NFC form, so it is only
+    encoded; other text is normalised value by value. Anything else goes through :func:`canonical`.
+    """
+    if set(map(type, values)) == {str}:
+        try:
+            if "".join(values).isascii():
+                return ["str"] * len(values), list(map(str.encode, values))
+            return ["str"] * len(values), [v.encode() if v.isascii() else unicodedata.normalize("NFC", v).encode()
+                                           for v in values]
+        except UnicodeEncodeError as exc:
+            raise InvalidTextError(
+                f"column {column!r} holds text that is not valid Unicode (undecodable bytes or lone surrogates); "
+                "fix the source encoding or read the file with the right encoding"
+            ) from exc
+    pairs = [canonical(v, column) for v in values]
+    return [tag for tag, _ in pairs], [data for _, data in pairs]
+
+
 def from_canonical(tag: str, data: bytes) -> Any:
     """Inverse of :func:`canonical` for the reverse path."""
     text = data.decode("utf-8") if tag != "bytes" else ""

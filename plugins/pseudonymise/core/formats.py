@@ -1,15 +1,20 @@
 """Pseudonym output formats (DESIGN.md §4 step 4): encode a 32-byte MAC as text.
 
 A format is an alphabet, a length and a prefix. Formats carrying fewer than 64 bits are refused,
-so pseudonyms stay collision-resistant at any realistic table size.
+so pseudonyms stay collision-resistant at any realistic table size. Whole batches are encoded at
+once (:meth:`PseudonymFormat.encode_many`) with array arithmetic for the bit-slicing alphabets;
+the per-value encoders below are the definition those are tested against.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
+
+import numpy as np
 
 from pseudonymise.core.errors import PolicyError
 
@@ -48,6 +53,47 @@ _ENCODERS: dict[str, Callable[[bytes, int], str]] = {
 }
 
 
+class _BitSlicer:
+    """Encodes many MACs at once for an alphabet of ``2**bits`` symbols read from the MAC's leading bits.
+
+    Symbol ``j`` is bits ``[bits*j, bits*j + bits)`` of the MAC (RFC 4648 order, zero bits past the
+    end), read from the 16-bit big-endian window starting at its first byte; symbols become ASCII by
+    adding each run's offset (``runs``: first symbol and character of each contiguous run of the
+    alphabet). The per-value encoders are the definition; the tests check these equal them.
+    """
+
+    def __init__(self, bits: int, runs: Sequence[tuple[int, str]]) -> None:
+        self.bits = bits
+        self.runs = [(first, ord(char) - first) for first, char in runs]
+
+    def __call__(self, macs: bytes, count: int, length: int) -> list[str]:
+        if count == 0:
+            return []
+        j = np.arange(length)
+        start = self.bits * j // 8
+        raw = np.zeros((count, int(start[-1]) + 2), dtype=np.uint8)
+        used = min(32, raw.shape[1])
+        raw[:, :used] = np.frombuffer(macs, dtype=np.uint8).reshape(count, 32)[:, :used]
+        window = (raw[:, start].astype(np.uint16) << 8) | raw[:, start + 1]
+        symbols = ((window >> (16 - self.bits - self.bits * j % 8).astype(np.uint16))
+                   & ((1 << self.bits) - 1)).astype(np.int16)
+        chars = np.empty((count, length + 1), dtype=np.uint8)
+        ascii_ = symbols + self.runs[0][1]
+        for (first, offset), (_, previous) in zip(self.runs[1:], self.runs, strict=False):
+            ascii_ += (symbols >= first) * np.int16(offset - previous)
+        chars[:, :length] = ascii_
+        chars[:, length] = ord("\n")  # a separator no symbol uses: one split gives every pseudonym
+        return chars.tobytes().decode("ascii").split("\n")[:count]
+
+
+#: Batch twins of the per-value encoders; an encoder without one is applied value by value.
+_SLICERS: dict[Callable[[bytes, int], str], _BitSlicer] = {
+    _hex: _BitSlicer(4, [(0, "0"), (10, "a")]),
+    _base32: _BitSlicer(5, [(0, "a"), (26, "2")]),
+    _base64url: _BitSlicer(6, [(0, "A"), (26, "a"), (52, "0"), (62, "-"), (63, "_")]),
+}
+
+
 @dataclass(frozen=True)
 class PseudonymFormat:
     """How a pseudonym is written: ``alphabet``, ``length`` characters, then ``prefix`` in front."""
@@ -76,6 +122,16 @@ class PseudonymFormat:
 
     def encode(self, mac: bytes) -> str:
         return self.prefix + _ENCODERS[self.alphabet](mac, self.length)
+
+    def encode_many(self, macs: Sequence[bytes]) -> list[str]:
+        """The pseudonyms of many 32-byte MACs, in order: ``[self.encode(m) for m in macs]``, faster."""
+        encoder = _ENCODERS[self.alphabet]
+        slicer = _SLICERS.get(encoder)
+        if slicer is not None:
+            encoded = slicer(b"".join(macs), len(macs), self.length)
+        else:
+            encoded = list(map(encoder, macs, repeat(self.length)))
+        return list(map(self.prefix.__add__, encoded)) if self.prefix else encoded
 
     @property
     def width(self) -> int:

@@ -3,10 +3,16 @@
 Each flow reads a :class:`Source` in batches, writes a :class:`Sink`, and keeps escrow and the
 audit ``finished`` row in one transaction of the :class:`Store`'s database. The CLI, the
 operators and the HTTP API only choose sources, sinks and where the token comes from.
+
+When the store is PostgreSQL, a pseudonymisation run hands each batch's writes (target rows,
+escrow) to one background thread, in order, so the database works on batch *n* while batch
+*n + 1* is being pseudonymised; at most two batches wait, so memory stays flat.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -87,6 +93,63 @@ def _summary(use: TokenUse, columns: Sequence[str], counts: Mapping[str, int]) -
                       token.jti if token else None, use.use.token_fingerprint, list(columns), dict(counts))
 
 
+class _Writes:
+    """Runs a run's writes in submission order, on a background thread or (``background=False``) at once.
+
+    The first failure stops the writes; it is raised on the next :meth:`submit` or by :meth:`drain`.
+    Leaving the ``with`` block stops the thread (dropping writes not yet started), so the caller's
+    transaction is never used by two threads at once.
+    """
+
+    def __init__(self, background: bool, depth: int = 2) -> None:
+        self._error: BaseException | None = None
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._work, name="pseudonymise-writer", daemon=True)
+            self._thread.start()
+
+    def __enter__(self) -> _Writes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop(drop_waiting=True)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as exc:
+                    self._error = exc
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._thread is None:
+            job()
+        else:
+            self._jobs.put(job)
+
+    def drain(self) -> None:
+        """Wait until every write is done; raise the first failure."""
+        self._stop(drop_waiting=False)
+        if self._error is not None:
+            raise self._error
+
+    def _stop(self, drop_waiting: bool) -> None:
+        if self._thread is None:
+            return
+        while drop_waiting:
+            try:
+                self._jobs.get_nowait()
+            except queue.Empty:
+                break
+        self._jobs.put(None)
+        self._thread.join()
+        self._thread = None
+
+
 def run_pseudonymisation(store: Store, raw_token: str, keys: TrustedKeys, policy: ColumnPolicy, source: Source,
                          sink_factory: SinkFactory, *, secondary: bool = False, project: str | None = None,
                          source_label: str | None = None, target_label: str | None = None,
@@ -103,26 +166,37 @@ def run_pseudonymisation(store: Store, raw_token: str, keys: TrustedKeys, policy
         )
         out_columns = engine.output_columns(source.columns)  # policy errors before anything is written
         escrow = EscrowWriter(use.token, store.escrow) if not secondary and use.token.reversible else None
+        escrow_rows = [0]  # counted by the writer, added to the stats once the writes are done
         sink: Sink | None = None
         try:
-            with store.engine.begin() as conn:
+            with store.engine.begin() as conn, _Writes(background=store.engine.dialect.name == "postgresql") as writes:
                 sink = sink_factory(out_columns, conn)
                 for batch in source.batches():
                     out = engine.pseudonymise_batch(batch)
-                    sink.write(out.columns)
-                    if escrow is not None:
-                        written = escrow.write(conn, out.escrow)
-                        engine.stats.escrow_rows += written
-                    use.counts.update(engine.stats.as_dict())
+                    writes.submit(_writer(sink, escrow, conn, out.columns, out.escrow, escrow_rows))
+                    use.counts.update(engine.stats.as_dict(), escrow_rows=escrow_rows[0])
                     if progress:
                         progress(engine.stats)
+                engine.finish()  # the collision check completes before anything commits
+                writes.drain()
+                engine.stats.escrow_rows += escrow_rows[0]
                 sink.commit()
                 use.succeed(conn, engine.stats.as_dict(), details={"key_version": use.token.key_version})
         except BaseException:
+            engine.close()
             if sink is not None:
                 sink.abort()
             raise
         return _summary(use, out_columns, engine.stats.as_dict())
+
+
+def _writer(sink: Sink, escrow: EscrowWriter | None, conn: Connection, columns: dict[str, list[Any]],
+            items: Sequence[Any], escrow_rows: list[int]) -> Callable[[], None]:
+    def write() -> None:
+        sink.write(columns)
+        if escrow is not None:
+            escrow_rows[0] += escrow.write(conn, items)
+    return write
 
 
 def run_reversal(store: Store, raw_token: str, keys: TrustedKeys, columns: Sequence[str], source: Source,

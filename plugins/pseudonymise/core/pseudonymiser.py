@@ -5,20 +5,28 @@ A :class:`Pseudonymiser` is made from a verified pseudonymisation token and a
 the output batch, counts NULLs and values, collects what escrow must seal for reversible
 projects, and fails the run if two different values ever meet in one pseudonym.
 :class:`SecondaryPseudonymiser` does the same with a secondary token over existing pseudonyms.
+
+Work is done a column at a time: canonical bytes of the whole column, then its MACs in one tight
+loop, then all pseudonyms at once (:meth:`PseudonymFormat.encode_many`), with no object per value
+beyond the bytes and texts themselves. Call ``finish()`` once the last batch is done and before
+committing the output: large runs complete their collision check there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
-from pseudonymise.core.canonical import build_normaliser, canonical
-from pseudonymise.core.errors import CollisionError, PolicyError, TokenKindError
+from pseudonymise.core.canonical import build_normaliser, canonical_many
+from pseudonymise.core.collisions import CollisionGuard
+from pseudonymise.core.errors import PolicyError, TokenKindError
 from pseudonymise.core.formats import PseudonymFormat
 from pseudonymise.core.tokens import Token
 
@@ -88,7 +96,7 @@ class ColumnPolicy:
         """``{"columns": {"id": "pseudonymise", "name": "drop", ...}, "default": "error"}``, or just the columns."""
         if not isinstance(data, Mapping):
             raise PolicyError("a column policy must be a JSON object")
-        columns = data["columns"] if "columns" in data else data
+        columns = data.get("columns", data)
         default = data.get("default", "error") if "columns" in data else "error"
         if isinstance(columns, (list, tuple)):
             columns = {c: "pseudonymise" for c in columns}
@@ -157,6 +165,40 @@ class _Keyed:
         outer.update(inner.digest())
         return outer.digest()
 
+    def mac_many(self, messages: Sequence[bytes]) -> list[bytes]:
+        """``[self.mac(m) for m in messages]`` with the method lookups hoisted out of the loop."""
+        inner_copy, outer_copy = self._inner.copy, self._outer.copy
+        out: list[bytes] = []
+        append = out.append
+        for message in messages:
+            inner = inner_copy()
+            inner.update(message)
+            outer = outer_copy()
+            outer.update(inner.digest())
+            append(outer.digest())
+        return out
+
+
+def _random_macs(count: int) -> list[bytes]:
+    """``count`` MACs of 32 bytes from the OS CSPRNG (randomised treatment: a fresh one per occurrence)."""
+    pool = os.urandom(32 * count)
+    return [pool[i : i + 32] for i in range(0, 32 * count, 32)]
+
+
+def _without_nulls(values: Sequence[Any]) -> tuple[list[Any], int]:
+    """The non-NULL values of a column, and how many NULLs there were (by identity: no ``__eq__`` runs)."""
+    values = values if isinstance(values, list) else list(values)
+    nulls = sum(map(operator.is_, values, repeat(None)))
+    return ([v for v in values if v is not None] if nulls else values), nulls
+
+
+def _with_nulls(values: Sequence[Any], pseudonyms: list[str], nulls: int) -> list[str | None]:
+    """``pseudonyms`` put back in the rows of the non-NULL ``values``, NULL elsewhere."""
+    if not nulls:
+        return pseudonyms  # type: ignore[return-value]
+    it = iter(pseudonyms)
+    return [None if v is None else next(it) for v in values]
+
 
 # --- results ----------------------------------------------------------------------------------
 @dataclass
@@ -192,37 +234,57 @@ class EscrowItem:
     canonical: bytes = field(repr=False)
 
 
+class EscrowItems(Sequence[EscrowItem]):
+    """The :class:`EscrowItem` of a batch held column by column (no object per value until one is asked for)."""
+
+    __slots__ = ("canonicals", "pseudonyms", "type_tags")
+
+    def __init__(self) -> None:
+        self.pseudonyms: list[str] = []
+        self.type_tags: list[str] = []
+        self.canonicals: list[bytes] = []
+
+    def add(self, pseudonyms: Sequence[str], type_tags: Sequence[str], canonicals: Sequence[bytes]) -> None:
+        self.pseudonyms.extend(pseudonyms)
+        self.type_tags.extend(type_tags)
+        self.canonicals.extend(canonicals)
+
+    def __len__(self) -> int:
+        return len(self.pseudonyms)
+
+    @overload
+    def __getitem__(self, index: int) -> EscrowItem: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[EscrowItem]: ...
+
+    def __getitem__(self, index: int | slice) -> EscrowItem | list[EscrowItem]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return EscrowItem(self.pseudonyms[index], self.type_tags[index], self.canonicals[index])
+
+    def __iter__(self) -> Iterator[EscrowItem]:
+        return map(EscrowItem, self.pseudonyms, self.type_tags, self.canonicals)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"EscrowItems({len(self)} items)"
+
+
 @dataclass
 class Batch:
     """An output batch: columns in order, their counts, and the items escrow must seal."""
 
     columns: dict[str, list[Any]]
     stats: Stats
-    escrow: list[EscrowItem] = field(default_factory=list)
+    escrow: Sequence[EscrowItem] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
         return self.stats.rows_out
-
-
-class _CollisionGuard:
-    """Remembers, for the whole run, which MAC each pseudonym came from.
-
-    Memory grows with the number of distinct pseudonyms of the run (about 150 bytes each).
-    """
-
-    def __init__(self, randomised: bool) -> None:
-        self._seen: dict[str, bytes] = {}
-        self._randomised = randomised
-
-    def check(self, column: str, pseudonym: str, mac: bytes) -> None:
-        key = mac[:16]
-        prior = self._seen.setdefault(pseudonym, key)
-        if prior is not key and (self._randomised or prior != key):
-            raise CollisionError(
-                f"column {column!r}: two different values gave the same pseudonym in this run; "
-                "the project's pseudonym format is too short for this data: issue a token with a longer format"
-            )
 
 
 def _batch_size(columns: Mapping[str, Sequence[Any]]) -> int:
@@ -247,7 +309,7 @@ class Pseudonymiser:
         self.randomised = token.treatment == "randomised"
         self.reversible = token.reversible
         self.stats = Stats()
-        self._guard = _CollisionGuard(self.randomised)
+        self._guard = CollisionGuard(self.format, self.randomised)
         self._keyed: dict[str, _Keyed] = {}
         self._key = token.key
 
@@ -261,56 +323,54 @@ class Pseudonymiser:
         return [r.column for r in self.policy.plan(columns) if r.action != "drop"]
 
     def pseudonymise_values(self, values: Sequence[Any], rule: ColumnRule, stats: Stats | None = None,
-                            escrow: list[EscrowItem] | None = None) -> list[str | None]:
+                            escrow: EscrowItems | list[EscrowItem] | None = None) -> list[str | None]:
         """Pseudonymise one column of a batch under ``rule``."""
         stats = stats if stats is not None else Stats()
+        present, nulls = _without_nulls(values)
         normalise = build_normaliser(rule.normalise, rule.column)
-        encode = self.format.encoder
-        length, prefix = self.format.length, self.format.prefix
-        column = rule.column
-        check = self._guard.check
-        mac_of: Callable[[bytes], bytes]
-        if self.randomised:
-            mac_of = lambda _c: os.urandom(32)  # noqa: E731 - a fresh pseudonym every occurrence
-        else:
-            mac_of = self._keyed_for(rule.domain).mac
-        out: list[str | None] = []
-        append = out.append
-        nulls = 0
-        for value in values:
-            if value is None:
-                append(None)
-                nulls += 1
-                continue
-            if normalise is not None:
-                value = normalise(value)
-            tag, data = canonical(value, column)
-            mac = mac_of(data)
-            pseudonym = prefix + encode(mac, length)
-            check(column, pseudonym, mac)
-            append(pseudonym)
-            if escrow is not None:
-                escrow.append(EscrowItem(pseudonym, tag, data))
+        if normalise is not None:
+            present = list(map(normalise, present))
+        tags, data = canonical_many(present, rule.column)
+        macs = _random_macs(len(data)) if self.randomised else self._keyed_for(rule.domain).mac_many(data)
+        pseudonyms = self.format.encode_many(macs)
+        self._guard.add(rule.column, macs, pseudonyms)
+        if isinstance(escrow, EscrowItems):
+            escrow.add(pseudonyms, tags, data)
+        elif escrow is not None:
+            escrow.extend(map(EscrowItem, pseudonyms, tags, data))
         stats.nulls += nulls
-        stats.values_pseudonymised += len(out) - nulls
-        return out
+        stats.values_pseudonymised += len(pseudonyms)
+        return _with_nulls(values, pseudonyms, nulls)
 
     def pseudonymise_batch(self, columns: Mapping[str, Sequence[Any]]) -> Batch:
         """Apply the policy to one batch; the policy is checked against the batch's columns first."""
         rows = _batch_size(columns)
         plan = self.policy.plan(list(columns))
         stats = Stats(rows_in=rows, rows_out=rows)
-        escrow: list[EscrowItem] | None = [] if self.reversible else None
+        escrow = EscrowItems() if self.reversible else None
         out: dict[str, list[Any]] = {}
         for rule in plan:
             if rule.action == "drop":
                 continue
             if rule.action == "keep":
-                out[rule.column] = list(columns[rule.column])
+                out[rule.column] = _as_list(columns[rule.column])
             else:
                 out[rule.column] = self.pseudonymise_values(columns[rule.column], rule, stats, escrow)
         self.stats.add(stats)
         return Batch(out, stats, escrow or [])
+
+    def finish(self) -> None:
+        """End of the run: complete the collision check (DESIGN §4.6); raise before anything is committed."""
+        self._guard.finish()
+
+    def close(self) -> None:
+        """Release what the run holds (temporary files of the collision check), e.g. after a failure."""
+        self._guard.close()
+
+
+def _as_list(values: Sequence[Any]) -> list[Any]:
+    """A kept column passes through: lists (and their subclasses) as they are, anything else copied."""
+    return values if isinstance(values, list) else list(values)
 
 
 class SecondaryPseudonymiser:
@@ -330,34 +390,26 @@ class SecondaryPseudonymiser:
         self.format = token.format
         self.stats = Stats()
         self._keyed = _Keyed(token.key, SECONDARY_LABEL)
-        self._guard = _CollisionGuard(randomised=False)
+        self._guard = CollisionGuard(self.format, randomised=False)
 
     def output_columns(self, columns: Sequence[str]) -> list[str]:
         return [r.column for r in self.policy.plan(columns) if r.action != "drop"]
 
     def pseudonymise_values(self, values: Sequence[Any], column: str, stats: Stats | None = None) -> list[str | None]:
         stats = stats if stats is not None else Stats()
-        mac_of, encode = self._keyed.mac, self.format.encoder
-        length, prefix = self.format.length, self.format.prefix
-        out: list[str | None] = []
-        nulls = 0
-        for value in values:
-            if value is None:
-                out.append(None)
-                nulls += 1
-                continue
-            if not isinstance(value, str):
-                raise PolicyError(
-                    f"column {column!r} holds {type(value).__name__} values; secondary pseudonymisation takes "
-                    "the text pseudonyms of the source project"
-                )
-            mac = mac_of(value.encode("utf-8"))
-            pseudonym = prefix + encode(mac, length)
-            self._guard.check(column, pseudonym, mac)
-            out.append(pseudonym)
+        present, nulls = _without_nulls(values)
+        if not all(map(isinstance, present, repeat(str))):
+            kind = next(type(v).__name__ for v in present if not isinstance(v, str))
+            raise PolicyError(
+                f"column {column!r} holds {kind} values; secondary pseudonymisation takes "
+                "the text pseudonyms of the source project"
+            )
+        macs = self._keyed.mac_many(list(map(str.encode, present)))
+        pseudonyms = self.format.encode_many(macs)
+        self._guard.add(column, macs, pseudonyms)
         stats.nulls += nulls
-        stats.values_pseudonymised += len(out) - nulls
-        return out
+        stats.values_pseudonymised += len(pseudonyms)
+        return _with_nulls(values, pseudonyms, nulls)
 
     def pseudonymise_batch(self, columns: Mapping[str, Sequence[Any]]) -> Batch:
         rows = _batch_size(columns)
@@ -365,8 +417,15 @@ class SecondaryPseudonymiser:
         out: dict[str, list[Any]] = {}
         for rule in self.policy.plan(list(columns)):
             if rule.action == "keep":
-                out[rule.column] = list(columns[rule.column])
+                out[rule.column] = _as_list(columns[rule.column])
             elif rule.action == "pseudonymise":
                 out[rule.column] = self.pseudonymise_values(columns[rule.column], rule.column, stats)
         self.stats.add(stats)
         return Batch(out, stats)
+
+    def finish(self) -> None:
+        """End of the run: complete the collision check; raise before anything is committed."""
+        self._guard.finish()
+
+    def close(self) -> None:
+        self._guard.close()

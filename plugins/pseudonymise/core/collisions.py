@@ -1,0 +1,141 @@
+"""The run's collision check (DESIGN.md §4 step 6) in bounded memory: one pseudonym, two MACs, is an error.
+
+For every pseudonymised value the guard keeps a fixed-size record: a 64-bit key that equal
+pseudonyms share (the text's hash), the whole 32-byte MAC, and the column. Two records with
+equal keys are compared exactly (the pseudonyms are encoded again from their MACs), so a shared
+key between different pseudonyms is never reported and a real collision never missed.
+
+Small runs keep the records in memory, sorted, and fail on the batch that collides. Past
+``memory_records`` records the guard spills them to anonymous temporary files, partitioned by
+key, and checks each partition by sorting in :meth:`CollisionGuard.finish`, which the pipeline
+calls before it commits anything. Memory then stays flat whatever the number of distinct values;
+disk use is 42 bytes per value until the run ends.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from typing import IO
+
+import numpy as np
+
+from pseudonymise.core.errors import CollisionError
+from pseudonymise.core.formats import PseudonymFormat
+
+RECORD = np.dtype([("key", "<u8"), ("mac", "V32"), ("column", "<u2")])
+PARTITION_BITS = 6
+MEMORY_RECORDS = 1 << 17
+
+
+class CollisionGuard:
+    """Remembers every (pseudonym, MAC) of a run and fails it if one pseudonym ever comes from two MACs.
+
+    :param randomised: every occurrence has its own MAC, so any pseudonym seen twice is a collision.
+    :param memory_records: records kept in memory before spilling to temporary files.
+    """
+
+    def __init__(self, fmt: PseudonymFormat, randomised: bool, memory_records: int = MEMORY_RECORDS) -> None:
+        self.format = fmt
+        self.randomised = randomised
+        self.memory_records = memory_records
+        self._columns: list[str] = []
+        self._resident = np.empty(0, dtype=RECORD)  # sorted by key
+        self._spill: list[IO[bytes] | None] | None = None
+        self.spilled_records = 0
+
+    def _column_index(self, column: str) -> int:
+        try:
+            return self._columns.index(column)
+        except ValueError:
+            self._columns.append(column)
+            return len(self._columns) - 1
+
+    def add(self, column: str, macs: Sequence[bytes], pseudonyms: Sequence[str]) -> None:
+        """Record a batch of one column; while the run is small, raise :class:`CollisionError` at once."""
+        if not macs:
+            return
+        records = np.empty(len(macs), dtype=RECORD)
+        records["key"] = np.fromiter(map(hash, pseudonyms), dtype=np.int64, count=len(pseudonyms)).view(np.uint64)
+        records["mac"] = np.frombuffer(b"".join(macs), dtype="V32")
+        records["column"] = self._column_index(column)
+        if self._spill is not None:
+            self._write(records)
+            return
+        merged = np.concatenate([self._resident, records])
+        merged = merged[np.argsort(merged["key"], kind="stable")]
+        self._check(merged)
+        if len(merged) <= self.memory_records:
+            self._resident = merged
+            return
+        self._spill = [None] * (1 << PARTITION_BITS)
+        self._resident = np.empty(0, dtype=RECORD)
+        self._write(merged)
+
+    def _write(self, records: np.ndarray) -> None:
+        """Append ``records`` to the partition files; the key's top bits name the partition."""
+        assert self._spill is not None
+        partition = (records["key"] >> np.uint64(64 - PARTITION_BITS)).astype(np.uint8)
+        order = np.argsort(partition, kind="stable")  # a radix sort for 8-bit keys
+        records = records[order]
+        bounds = np.searchsorted(partition[order], np.arange((1 << PARTITION_BITS) + 1)).tolist()
+        for p in range(1 << PARTITION_BITS):
+            lo, hi = bounds[p], bounds[p + 1]
+            if lo == hi:
+                continue
+            handle = self._spill[p]
+            if handle is None:
+                handle = self._spill[p] = tempfile.TemporaryFile(prefix="pseudonymise-collisions-")  # noqa: SIM115
+            handle.write(records[lo:hi].tobytes())
+        self.spilled_records += len(records)
+
+    def finish(self) -> None:
+        """Check everything spilled to disk (memory-resident records were checked as they came)."""
+        if self._spill is None:
+            return
+        try:
+            for handle in self._spill:
+                if handle is None:
+                    continue
+                handle.seek(0)
+                records = np.frombuffer(handle.read(), dtype=RECORD)
+                self._check(records[np.argsort(records["key"], kind="stable")])
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Forget the run (the temporary files are unlinked already; this closes them)."""
+        for handle in self._spill or ():
+            if handle is not None:
+                handle.close()
+        self._spill = [None] * (1 << PARTITION_BITS) if self._spill is not None else None
+
+    def _check(self, records: np.ndarray) -> None:
+        """``records`` sorted by key: compare exactly the few groups whose keys are equal."""
+        if len(records) < 2:
+            return
+        keys = records["key"]
+        same_key = keys[1:] == keys[:-1]
+        if not same_key.any():
+            return
+        if not self.randomised:
+            # a group made of one MAC repeated is one value seen several times: no collision
+            same_key &= records["mac"][1:] != records["mac"][:-1]
+            if not same_key.any():
+                return
+        for key in np.unique(keys[1:][same_key]):
+            group = records[keys == key]
+            first: dict[str, tuple[bytes, int]] = {}
+            for mac, column in zip(group["mac"].tolist(), group["column"].tolist(), strict=True):
+                pseudonym = self.format.encode(mac)
+                prior = first.setdefault(pseudonym, (mac, column))
+                if prior[0] is mac or (prior[0] == mac and not self.randomised):
+                    continue
+                names = sorted({self._columns[prior[1]], self._columns[column]})
+                raise CollisionError(
+                    f"column {' and '.join(map(repr, names))}: two different values gave the same pseudonym "
+                    "in this run; the project's pseudonym format is too short for this data: issue a token "
+                    "with a longer format"
+                )
+
+

@@ -1,0 +1,122 @@
+"""The run's collision check in bounded memory (core/collisions.py): exact, whether in memory or spilled."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from pseudonymise.core import formats
+from pseudonymise.core.collisions import RECORD, CollisionGuard
+from pseudonymise.core.errors import CollisionError
+from pseudonymise.core.formats import PseudonymFormat
+from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser, SecondaryPseudonymiser
+
+from tests.core.conftest import Mint
+
+
+@pytest.fixture
+def constant_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every MAC encodes to one base32 text: a stand-in for a format far too short for the data."""
+    monkeypatch.setitem(formats._ENCODERS, "base32", lambda _mac, length: "a" * length)
+
+
+def macs(count: int) -> list[bytes]:
+    return [os.urandom(32) for _ in range(count)]
+
+
+def add(guard: CollisionGuard, column: str, batch: list[bytes]) -> None:
+    guard.add(column, batch, guard.format.encode_many(batch))
+
+
+def test_distinct_values_and_repeats_pass_in_memory_and_spilled() -> None:
+    for memory_records in (1 << 20, 10):
+        guard = CollisionGuard(PseudonymFormat(), randomised=False, memory_records=memory_records)
+        values = macs(500)
+        for start in range(0, 500, 50):
+            add(guard, "a", values[start:start + 50])
+            add(guard, "b", values[start:start + 50][::-1])  # the same values again, another column
+        guard.finish()
+        assert (guard.spilled_records > 0) == (memory_records == 10)
+
+
+def test_small_run_fails_on_the_colliding_batch(constant_encoder: None) -> None:
+    guard = CollisionGuard(PseudonymFormat(), randomised=False)
+    first = macs(1)
+    add(guard, "a", first * 3)  # one value, three times: no collision
+    with pytest.raises(CollisionError, match="'a' and 'b'"):
+        add(guard, "b", macs(1))
+
+
+def test_spilled_run_fails_in_finish_before_anything_commits(constant_encoder: None) -> None:
+    guard = CollisionGuard(PseudonymFormat(), randomised=False, memory_records=4)
+    add(guard, "patient_id", macs(1) * 5)  # spills: five records of one value
+    add(guard, "patient_id", macs(1))  # a second value, same pseudonym: found when the run ends
+    with pytest.raises(CollisionError, match="'patient_id'"):
+        guard.finish()
+
+
+def test_randomised_fails_on_any_repeated_pseudonym(constant_encoder: None) -> None:
+    guard = CollisionGuard(PseudonymFormat(), randomised=True, memory_records=0)
+    one = macs(1)
+    add(guard, "id", one)
+    add(guard, "id", macs(2))  # spilled: checked when the run ends
+    with pytest.raises(CollisionError):
+        guard.finish()
+    with pytest.raises(CollisionError):
+        add(CollisionGuard(PseudonymFormat(), randomised=True), "id", one * 2)  # even one MAC twice
+
+
+def test_equal_keys_of_different_pseudonyms_are_not_a_collision() -> None:
+    """Keys are 64-bit hashes: two pseudonyms may share one. The exact comparison clears them."""
+    fmt = PseudonymFormat("hex", 16)
+    guard = CollisionGuard(fmt, randomised=False)
+    guard._columns.append("id")
+    records = np.zeros(2, dtype=RECORD)
+    records["key"] = 42
+    records["mac"] = np.frombuffer(b"\x00" * 32 + b"\xff" * 32, dtype="V32")
+    guard._check(records)  # different pseudonyms ("0000…" and "ffff…"): no error
+    records["mac"] = np.frombuffer(b"\x00" * 8 + b"\x01" * 24 + b"\x00" * 8 + b"\x02" * 24, dtype="V32")
+    with pytest.raises(CollisionError):  # same 64 leading bits: one hex-16 pseudonym, two MACs
+        guard._check(records)
+
+
+def test_a_real_short_format_collision_is_found_with_the_real_encoder() -> None:
+    """Two MACs equal in their leading 64 bits give one hex-16 pseudonym: a collision, found spilled too."""
+    fmt = PseudonymFormat("hex", 16)
+    base = os.urandom(8)
+    one, two = base + os.urandom(24), base + os.urandom(24)
+    for memory_records in (1 << 20, 1):
+        guard = CollisionGuard(fmt, randomised=False, memory_records=memory_records)
+        add(guard, "id", [*macs(100), one])
+        try:
+            add(guard, "id", [two, *macs(100)])
+            guard.finish()
+        except CollisionError:
+            continue
+        pytest.fail("the collision was not reported")
+
+
+def test_pseudonymiser_spills_and_finish_checks(mint: Mint, constant_encoder: None) -> None:
+    engine = Pseudonymiser(mint("research-b"), ColumnPolicy.pseudonymise("id"))
+    engine._guard.memory_records = 3
+    engine.pseudonymise_batch({"id": ["P1", "P1", "P1", "P1"]})
+    engine.pseudonymise_batch({"id": ["P2"]})  # spilled: no error yet
+    with pytest.raises(CollisionError, match="'id'"):
+        engine.finish()
+    secondary = SecondaryPseudonymiser(mint("vendor-x", "secondary", source_project="research-a"),
+                                       ColumnPolicy.pseudonymise("id"))
+    secondary._guard.memory_records = 1
+    secondary.pseudonymise_values(["p1", "p1"], "id")
+    secondary.pseudonymise_values(["p2"], "id")
+    with pytest.raises(CollisionError):
+        secondary.finish()
+
+
+def test_memory_stays_bounded_when_spilled() -> None:
+    guard = CollisionGuard(PseudonymFormat(), randomised=False, memory_records=1000)
+    for _ in range(20):
+        add(guard, "id", macs(2000))
+    assert len(guard._resident) == 0 and guard.spilled_records == 40_000
+    guard.finish()
+    guard.close()
