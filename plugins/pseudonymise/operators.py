@@ -124,6 +124,8 @@ class _DataTaskMixin:
             copy_source = PostgresCopySource(engine, query, self.parameters, self.batch_size, label)
             copy_source.check_types(pseudonymised)
             if copy_source.usable(pseudonymised):
+                # the target is written with COPY too: what is not pseudonymised stays COPY text
+                copy_source.carry_as_text([c for c in copy_source.columns if c not in pseudonymised])
                 return copy_source
             self.log.info("pseudonymised columns have types COPY text cannot carry canonically; using the cursor path")
         source = SqlSource(engine, query, self.parameters, self.batch_size, label)

@@ -1,20 +1,22 @@
 """SQL sources and table targets: streamed reads, one-transaction writes, PostgreSQL COPY both ways.
 
 Sources yield batches of columns with flat memory: a server-side cursor on any SQLAlchemy
-database, or ``COPY (query) TO STDOUT`` on PostgreSQL, parsed block by block in the text format
-while a reader thread keeps the next block coming. Targets write inside the caller's transaction
-with ``INSERT`` (generic) or ``COPY FROM STDIN`` (PostgreSQL), after the write mode's preparation
-(delete the run's partition, or the whole table) in that same transaction, so a failed or killed
-task leaves the target as it was.
+database, or ``COPY (query) TO STDOUT`` on PostgreSQL, read through a pipe from a reader thread
+and cut into columns block by block in the text format (:mod:`pseudonymise.core.copytext`).
+Targets write inside the caller's transaction with ``INSERT`` (generic) or ``COPY FROM STDIN``
+(PostgreSQL), after the write mode's preparation (delete the run's partition, or the whole table)
+in that same transaction, so a failed or killed task leaves the target as it was. Columns that
+go from a COPY source to a COPY target unchanged stay in COPY text all the way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import decimal
+import fcntl
 import io
-import queue
-import re
+import os
 import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,6 +25,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from pseudonymise.core.copytext import CopyText, build_rows, decode_column, encode_column, split_rows
+from pseudonymise.core.copytext import _pg_text as _pg_text
+from pseudonymise.core.copytext import copy_text_fields as copy_text_fields
 from pseudonymise.core.db import advisory_lock
 from pseudonymise.core.errors import DataIOError, PolicyError, UnsupportedTypeError
 
@@ -100,48 +105,8 @@ def _first_line(exc: BaseException) -> str:
     return str(orig).strip().splitlines()[0][:300] if str(orig).strip() else type(orig).__name__
 
 
-_UNESCAPE = re.compile(r"\\(x[0-9a-fA-F]{1,2}|[0-7]{1,3}|.)")
-_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
-
-
-def _unescape_match(m: re.Match[str]) -> str:
-    s = m.group(1)
-    if s[0] == "x" and len(s) > 1:
-        return chr(int(s[1:], 16))
-    if s[0] in "01234567":
-        return chr(int(s, 8))
-    return _ESCAPES.get(s, s)
-
-
-def copy_text_fields(line: str) -> list[str | None]:
-    """Fields of one line of PostgreSQL's COPY text format (``\\N`` is NULL)."""
-    fields: list[str | None] = []
-    for f in line.split("\t"):
-        if "\\" not in f:
-            fields.append(f)
-        elif f == "\\N":
-            fields.append(None)
-        else:
-            fields.append(_UNESCAPE.sub(_unescape_match, f))
-    return fields
-
-
-class _QueueWriter(io.RawIOBase):
-    """A file object psycopg2's ``copy_expert`` writes into; a bounded queue gives back-pressure."""
-
-    def __init__(self, q: queue.Queue[bytes | BaseException | None]) -> None:
-        self.q = q
-        self.cancelled = False
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        if self.cancelled:
-            raise DataIOError("the reader stopped")
-        data = bytes(b)
-        self.q.put(data)
-        return len(data)
+_PIPE_BYTES = 1 << 20
+_F_SETPIPE_SZ = 1031  # Linux: grow the pipe so the reader thread runs ahead by up to this much
 
 
 class PostgresCopySource:
@@ -157,6 +122,7 @@ class PostgresCopySource:
         self.engine = engine
         self.batch_size = batch_size
         self.label = label or "query"
+        self._as_text: set[str] = set()
         stmt = sa.text(query).bindparams(**dict(parameters or {})) if parameters else sa.text(query)
         self.sql = str(stmt.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
         try:
@@ -179,58 +145,71 @@ class PostgresCopySource:
 
     check_types = SqlSource.check_types
 
+    def carry_as_text(self, columns: Sequence[str]) -> None:
+        """Yield ``columns`` as :class:`CopyText` (still escaped), for a COPY target that writes them as they are."""
+        self._as_text = {c for c in columns if c in self.columns}
+
     def batches(self) -> Iterator[dict[str, list[Any]]]:
-        q: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=64)
-        writer = _QueueWriter(q)
+        """Batches of exactly ``batch_size`` rows (the last one shorter)."""
+        read_fd, write_fd = os.pipe()
+        with contextlib.suppress(OSError):  # not Linux, or above the system's limit: the default size works too
+            fcntl.fcntl(write_fd, _F_SETPIPE_SZ, _PIPE_BYTES)
         raw = self.engine.raw_connection()
+        failure: list[BaseException] = []
 
         def pump() -> None:
             try:
-                with raw.cursor() as cur:
-                    cur.execute("SET DateStyle TO ISO")
-                    cur.copy_expert(f"COPY ({self.sql}) TO STDOUT", writer, size=1 << 16)
-                q.put(None)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
-                q.put(exc)
+                with os.fdopen(write_fd, "wb", buffering=1 << 16) as out, raw.cursor() as cur:
+                    cur.execute("SET DateStyle TO ISO; SET client_encoding TO 'UTF8'")
+                    cur.copy_expert(f"COPY ({self.sql}) TO STDOUT", out)
+            except BaseException as exc:
+                failure.append(exc)
 
         thread = threading.Thread(target=pump, name="pseudonymise-copy-out", daemon=True)
         thread.start()
-        width = len(self.columns)
-        names = self.columns
-        pending = b""
-        cols: list[list[Any]] = [[] for _ in range(width)]
-        count = 0
+        width, per_batch = len(self.columns), self.batch_size * len(self.columns)
+        pending: list[str] = []
+        tail = b""
+        finished = False
         try:
-            while True:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise DataIOError(f"reading the source {self.label} failed ({item.__class__.__name__}: "
-                                      f"{_first_line(item)})") from item
-                if item is None:
-                    break
-                pending += item
-                cut = pending.rfind(b"\n")
-                if cut < 0:
-                    continue
-                block, pending = pending[:cut], pending[cut + 1:]
-                for line in block.decode("utf-8").split("\n"):
-                    fields = copy_text_fields(line)
-                    for i in range(width):
-                        cols[i].append(fields[i])
-                    count += 1
-                    if count >= self.batch_size:
-                        yield dict(zip(names, cols, strict=True))
-                        cols, count = [[] for _ in range(width)], 0
-            if count:
-                yield dict(zip(names, cols, strict=True))
+            with os.fdopen(read_fd, "rb", buffering=0) as reader:
+                while chunk := reader.read(_PIPE_BYTES):
+                    data = tail + chunk if tail else chunk
+                    cut = data.rfind(b"\n")
+                    if cut < 0:
+                        tail = data
+                        continue
+                    tail = data[cut + 1 :]
+                    fields = split_rows(data[:cut].decode("utf-8"), width)
+                    if fields is None:
+                        raise DataIOError(f"reading the source {self.label} failed: a COPY row does not have "
+                                          f"{width} fields")
+                    pending += fields
+                    while len(pending) >= per_batch:
+                        yield self._batch(pending[:per_batch])
+                        del pending[:per_batch]
+                thread.join()
+                if failure:
+                    raise DataIOError(f"reading the source {self.label} failed ({failure[0].__class__.__name__}: "
+                                      f"{_first_line(failure[0])})") from failure[0]
+                if tail:
+                    raise DataIOError(f"reading the source {self.label} failed: the COPY data ended mid-row")
+                if pending:
+                    yield self._batch(pending)
+                finished = True
         finally:
-            writer.cancelled = True
-            while thread.is_alive():
-                try:
-                    q.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-            raw.close()
+            if not finished and thread.is_alive():
+                raw.dbapi_connection.cancel()  # type: ignore[union-attr]  # the server stops the COPY
+                thread.join()
+            if finished:
+                raw.close()
+            else:
+                raw.invalidate()  # it may be mid-COPY: never hand it back to the pool
+
+    def _batch(self, fields: list[str]) -> dict[str, list[Any]]:
+        width = len(self.columns)
+        return {name: CopyText(fields[i::width]) if name in self._as_text else decode_column(fields[i::width])
+                for i, name in enumerate(self.columns)}
 
 
 # --- targets ----------------------------------------------------------------------------------
@@ -275,25 +254,6 @@ def _coerce(value: Any, coltype: sa.types.TypeEngine[Any]) -> Any:
         if isinstance(coltype, sa.Integer):
             return int(value)
     return value
-
-
-def _pg_text(value: Any) -> str:
-    """A Python value in PostgreSQL's COPY text format."""
-    if value is None:
-        return "\\N"
-    if isinstance(value, str):
-        s = value
-    elif isinstance(value, bool):
-        return "t" if value else "f"
-    elif isinstance(value, (bytes, bytearray, memoryview)):
-        return "\\\\x" + bytes(value).hex()
-    elif isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    else:
-        s = str(value)
-    if "\\" in s or "\t" in s or "\n" in s or "\r" in s:
-        s = s.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-    return s
 
 
 class TableTarget:
@@ -426,7 +386,7 @@ class TableSink:
             if self.copy:
                 self._copy(cols)
             else:
-                self._insert(cols)
+                self._insert([decode_column(c) if isinstance(c, CopyText) else c for c in cols])
         except sa.exc.SQLAlchemyError as exc:
             raise DataIOError(f"writing the target {self.target.label} failed ({exc.__class__.__name__}: "
                               f"{_first_line(exc)}); nothing was committed") from exc
@@ -463,16 +423,11 @@ class TableSink:
                 f"CREATE TEMP TABLE {self._staging} AS SELECT {', '.join(prep.quote(c) for c in self.columns)} "
                 f"FROM {prep.format_table(self.table)} WITH NO DATA"))
         into = self._staging or prep.format_table(self.table)
-        buffer = io.StringIO()
-        write = buffer.write
-        for row in zip(*cols, strict=True):
-            write("\t".join([_pg_text(v) for v in row]))
-            write("\n")
-        buffer.seek(0)
         cursor = self.conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
-            cursor.copy_expert(f"COPY {into} ({', '.join(prep.quote(c) for c in self.columns)}) FROM STDIN", buffer,
-                               size=1 << 18)
+            data = io.BytesIO(build_rows([encode_column(c) for c in cols]))
+            cursor.copy_expert(f"COPY {into} ({', '.join(prep.quote(c) for c in self.columns)}) FROM STDIN", data,
+                               size=1 << 20)
         except Exception as exc:
             raise DataIOError(f"COPY into the target {self.target.label} failed ({exc.__class__.__name__}: "
                               f"{_first_line(exc)}); nothing was committed") from exc
