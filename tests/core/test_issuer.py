@@ -73,7 +73,7 @@ def test_issuer_files_hold_secrets_only_their_owner_reads(tmp_path: Path) -> Non
         assert mode(file) == 0o600
     doc = json.loads((tmp_path / "store" / "projects" / "p1.json").read_text())
     assert set(doc) == {"id", "method", "treatment", "retention_until", "format", "created_at", "key",
-                        "escrow_private_key", "key_version", "previous_keys"}
+                        "escrow_private_key", "key_version", "previous_keys", "custody"}
     assert (doc["key_version"], doc["previous_keys"]) == (1, {})
     assert "key" not in project.settings() and "escrow_private_key" not in project.settings()
     assert doc["key"] not in repr(project)

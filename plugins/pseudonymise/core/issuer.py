@@ -154,6 +154,8 @@ class Project:
     #: Earlier pseudonymisation keys by version; ``key`` is version ``key_version``.
     previous_keys: Mapping[int, bytes] = field(default_factory=dict)
     key_version: int = 1
+    #: ``None``: the key is in the store and travels in tokens; else the Vault Transit key that holds it.
+    transit: Mapping[str, str] | None = None
 
     def key_of(self, version: int) -> bytes:
         if version == self.key_version:
@@ -175,6 +177,8 @@ class Project:
             "format": self.format.to_claim(),
             "created_at": _iso(self.created_at),
             "key_version": self.key_version,
+            "custody": "transit" if self.transit else "local",
+            **({"transit": dict(self.transit)} if self.transit else {}),
         }
 
     def to_document(self) -> dict[str, Any]:
@@ -195,6 +199,7 @@ class Project:
             key_version=int(doc.get("key_version", 1)),
             previous_keys={int(v): b64url_decode(k) for v, k in (doc.get("previous_keys") or {}).items()},
             escrow_private_key=b64url_decode(doc["escrow_private_key"]) if doc.get("escrow_private_key") else None,
+            transit=doc.get("transit") or None,
         )
 
     def __repr__(self) -> str:
@@ -208,8 +213,11 @@ def _iso(dt: datetime) -> str:
 class Issuer:
     """Creates projects and issues signed tokens from a :class:`ProjectStore`."""
 
-    def __init__(self, store: ProjectStore) -> None:
+    def __init__(self, store: ProjectStore, transit_client: Any = None) -> None:
+        """:param transit_client: an ``hvac.Client`` for projects whose key lives in Vault Transit
+        (default: the store's own client when the store is Vault)."""
         self.store = store
+        self.transit_client = transit_client or getattr(store, "client", None)
         doc = store.read("issuer")
         if doc is None:
             raise IssuerError(f"no issuer in {store}; create one with `pseudonymise issuer init`")
@@ -238,7 +246,10 @@ class Issuer:
     # --- projects -------------------------------------------------------------------------------
     def create_project(self, project_id: str, *, method: str = "irreversible", treatment: str = "deterministic",
                        retention_until: datetime | None = None, retention: timedelta | None = None,
-                       format: PseudonymFormat | None = None) -> Project:
+                       format: PseudonymFormat | None = None, custody: str = "local",
+                       transit_mount: str = "transit") -> Project:
+        """Create a project with its own key. With ``custody="transit"`` the pseudonymisation key is
+        created inside Vault Transit and never leaves it: tokens carry a reference to it instead."""
         if not PROJECT_ID.match(project_id or ""):
             raise IssuerError(
                 f"project id {project_id!r} is invalid: use lowercase letters, digits, '.', '_' and '-' (at most 100)"
@@ -254,11 +265,18 @@ class Issuer:
             retention_until = now + (retention if retention is not None else timedelta(days=365))
         if retention_until <= now:
             raise IssuerError("the retention end must be in the future")
+        if custody not in ("local", "transit"):
+            raise IssuerError(f"custody {custody!r} is unknown; use local or transit")
+        transit = None
+        if custody == "transit":
+            transit = {"mount": transit_mount, "name": f"pseudonymise-{project_id}"}
+            self._transit("create the Transit key", lambda c: c.secrets.transit.create_key(
+                name=transit["name"], key_type="aes256-gcm96", exportable=False, mount_point=transit_mount))
         escrow = None
         if method == "reversible":
             escrow = X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
         project = Project(project_id, method, treatment, retention_until.astimezone(UTC),
-                          format or PseudonymFormat(), now, secrets.token_bytes(32), escrow)
+                          format or PseudonymFormat(), now, secrets.token_bytes(32), escrow, transit=transit)
         self.store.write(f"projects/{project_id}", project.to_document())
         return project
 
@@ -271,6 +289,15 @@ class Issuer:
     def projects(self) -> list[Project]:
         return [self.project(name.split("/", 1)[1]) for name in self.store.names("projects")]
 
+    def _transit(self, what: str, call: Any) -> Any:
+        if self.transit_client is None:
+            raise IssuerError(f"cannot {what}: no Vault client; set VAULT_ADDR and VAULT_TOKEN")
+        try:
+            return call(self.transit_client)
+        except Exception as exc:  # hvac/requests raise many types
+            raise IssuerError(f"cannot {what} in Vault ({exc.__class__.__name__}); check that the Transit engine "
+                              "is enabled and the Vault token may use it") from exc
+
     def rotate_key(self, project_id: str) -> Project:
         """Give the project a new pseudonymisation key (version + 1); earlier versions stay for re-keying.
 
@@ -278,6 +305,9 @@ class Issuer:
         reverse tokens keep opening escrow written under any key version.
         """
         project = self.project(project_id)
+        if project.transit:
+            self._transit("rotate the Transit key", lambda c: c.secrets.transit.rotate_key(
+                name=project.transit["name"], mount_point=project.transit["mount"]))
         rotated = dataclasses.replace(
             project, key=secrets.token_bytes(32), key_version=project.key_version + 1,
             previous_keys={**project.previous_keys, project.key_version: project.key},
@@ -322,7 +352,9 @@ class Issuer:
         version = project.key_version if key_version is None else key_version
         if kind in ("pseudonymisation", "secondary"):
             claims["key_version"] = version
-        if kind == "pseudonymisation":
+        if kind == "pseudonymisation" and project.transit:
+            claims["key_ref"] = {"engine": "transit", **project.transit}
+        elif kind == "pseudonymisation":
             claims["key"] = b64url_encode(project.key_of(version))
             if project.reversible:
                 escrow = X25519PrivateKey.from_private_bytes(project.escrow_private_key)  # type: ignore[arg-type]
@@ -339,5 +371,8 @@ class Issuer:
                 raise IssuerError("a secondary token's source project must be another project")
             self.project(source_project)  # must exist
             claims["source_project"] = source_project
-            claims["key"] = b64url_encode(project.key_of(version))
+            if project.transit:
+                claims["key_ref"] = {"engine": "transit", **project.transit}
+            else:
+                claims["key"] = b64url_encode(project.key_of(version))
         return sign_claims(claims, self._private, self.kid)

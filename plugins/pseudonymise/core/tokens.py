@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from cryptography.exceptions import InvalidSignature
@@ -222,7 +222,7 @@ def jws_verify(token: str, keys: TrustedKeys) -> tuple[dict[str, Any], bytes]:
 
 # --- the token --------------------------------------------------------------------------------
 def _iso_utc(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_instant(text: str) -> datetime:
@@ -230,7 +230,7 @@ def parse_instant(text: str) -> datetime:
     dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if dt.tzinfo is None:
         raise ValueError("instant has no time zone")
-    return dt.astimezone(timezone.utc)
+    return dt.astimezone(UTC)
 
 
 @dataclass(frozen=True, repr=False)
@@ -255,6 +255,8 @@ class Token:
     escrow_private_key: X25519PrivateKey | None = field(default=None, repr=False)
     source_project: str | None = None
     key_version: int = 1
+    #: For keys held in Vault Transit: ``{"engine": "transit", "mount": ..., "name": ...}`` instead of ``key``.
+    key_ref: dict[str, str] | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -266,7 +268,7 @@ class Token:
 
     @property
     def expires(self) -> datetime:
-        return datetime.fromtimestamp(self.expires_at, timezone.utc)
+        return datetime.fromtimestamp(self.expires_at, UTC)
 
     def public_claims(self) -> dict[str, Any]:
         """The claims without any secret: safe to print, log or audit."""
@@ -285,6 +287,7 @@ class Token:
             "format": self.format.to_claim(),
             **({"source_project": self.source_project} if self.source_project else {}),
             "key_version": self.key_version,
+            **({"key_ref": self.key_ref} if self.key_ref else {}),
             "fingerprint": self.fingerprint,
         }
 
@@ -299,6 +302,14 @@ def _time_claim(claims: Mapping[str, Any], name: str) -> int:
     if not 0 <= value <= _MAX_TIME:
         raise MalformedTokenError(f"token claim {name!r} is not a time between 1970 and 9999")
     return value
+
+
+def _key_ref_claim(claims: Mapping[str, Any]) -> dict[str, str]:
+    ref = claims.get("key_ref")
+    if not isinstance(ref, dict) or ref.get("engine") != "transit" or \
+            not all(isinstance(ref.get(k), str) and ref.get(k) for k in ("mount", "name")):
+        raise MalformedTokenError('token claim \'key_ref\' must be {"engine": "transit", "mount": ..., "name": ...}')
+    return {"engine": "transit", "mount": ref["mount"], "name": ref["name"]}
 
 
 def _key_version(claims: Mapping[str, Any]) -> int:
@@ -349,9 +360,12 @@ def token_from_claims(raw: str, header: Mapping[str, Any], claims: Mapping[str, 
         fmt = PseudonymFormat.from_claim(_claim(claims, "format", dict))
     except PolicyError as exc:
         raise MalformedTokenError(f"token claim 'format' is invalid: {exc}") from exc
-    key = escrow_public = escrow_private = None
+    key = escrow_public = escrow_private = key_ref = None
     if kind in ("pseudonymisation", "secondary"):
-        key = _key_claim(claims, "key")
+        if "key_ref" in claims:
+            key_ref = _key_ref_claim(claims)
+        else:
+            key = _key_claim(claims, "key")
     if kind == "pseudonymisation" and method == "reversible":
         escrow_public = X25519PublicKey.from_public_bytes(_key_claim(claims, "escrow_public_key"))
     if kind == "reverse":
@@ -380,6 +394,7 @@ def token_from_claims(raw: str, header: Mapping[str, Any], claims: Mapping[str, 
         escrow_private_key=escrow_private,
         source_project=source_project,
         key_version=_key_version(claims),
+        key_ref=key_ref,
     )
 
 
@@ -403,7 +418,7 @@ def verify_token(
     now = time.time() if now is None else now
     if now + LEEWAY_SECONDS < token.not_before:
         raise TokenNotYetValidError(
-            f"token {token.jti} is not valid before {_iso_utc(datetime.fromtimestamp(token.not_before, timezone.utc))}; "
+            f"token {token.jti} is not valid before {_iso_utc(datetime.fromtimestamp(token.not_before, UTC))}; "
             "wait, or ask the issuer for a token valid now"
         )
     if now - LEEWAY_SECONDS >= token.expires_at:
@@ -433,7 +448,7 @@ def peek_claims(raw: str) -> dict[str, Any]:
     try:
         jws = _parse_jws(raw)
         claims = json.loads(jws.payload)
-    except Exception:  # noqa: BLE001 - a denied use is audited with whatever can be read
+    except Exception:
         return {}
     if not isinstance(claims, dict):
         return {}
