@@ -59,6 +59,11 @@ def get_provider_info() -> dict:
                         "description": "Read the token from HashiCorp Vault through this connection.",
                     },
                     "vault_path": {"label": "Vault KV v2 path", "schema": {"type": ["string", "null"]}},
+                    "transit_vault_conn_id": {
+                        "label": "Vault connection for Transit custody",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "For projects whose key never leaves Vault Transit.",
+                    },
                     "vault_key": {
                         "label": "Vault secret key",
                         "schema": {"type": ["string", "null"], "default": "token"},

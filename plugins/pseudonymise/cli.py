@@ -99,6 +99,19 @@ def trusted_keys(args: argparse.Namespace) -> TrustedKeys:
         ) from exc
 
 
+def transit_from_environment(token: Any) -> Any:
+    """For tokens whose key is held in Vault Transit: a client from VAULT_ADDR and VAULT_TOKEN."""
+    import hvac
+
+    from pseudonymise.core.transit import TransitMac
+
+    addr, vault_token = os.environ.get("VAULT_ADDR"), os.environ.get("VAULT_TOKEN")
+    if not addr or not vault_token:
+        raise TokenError(f"token {token.jti}'s key is held in Vault Transit: set VAULT_ADDR and VAULT_TOKEN")
+    return TransitMac(hvac.Client(url=addr, token=vault_token), token.key_ref["mount"], token.key_ref["name"],
+                      key_version=token.key_version)
+
+
 def build_policy(args: argparse.Namespace) -> ColumnPolicy:
     if args.policy:
         policy = ColumnPolicy.from_file(args.policy)
@@ -175,11 +188,19 @@ def cmd_issuer_public_key(args: argparse.Namespace) -> int:
 
 
 def cmd_project_create(args: argparse.Namespace) -> int:
-    issuer = Issuer(open_store(args.store))
+    transit_client = None
+    if args.custody == "transit":
+        import hvac
+
+        if not os.environ.get("VAULT_ADDR") or not os.environ.get("VAULT_TOKEN"):
+            raise IssuerError("--custody transit needs VAULT_ADDR and VAULT_TOKEN in the environment")
+        transit_client = hvac.Client(url=os.environ["VAULT_ADDR"], token=os.environ["VAULT_TOKEN"])
+    issuer = Issuer(open_store(args.store), transit_client=transit_client)
     retention_until = parse_instant(args.retention_until) if args.retention_until else None
     project = issuer.create_project(
         args.project, method=args.method, treatment=args.treatment, retention_until=retention_until,
         retention=args.retention, format=PseudonymFormat(args.alphabet, args.length, args.prefix),
+        custody=args.custody, transit_mount=args.transit_mount,
     )
     _emit(project.settings())
     return 0
@@ -267,6 +288,7 @@ def cmd_file_pseudonymise(args: argparse.Namespace, secondary: bool = False) -> 
         Store(args.db), raw, keys, policy, source, sink_factory, secondary=secondary, project=args.project,
         source_label=f"file:{args.input}", target_label=f"file:{args.output}",
         context={"triggered_by": current_user()}, progress=ProgressPrinter(args.progress),
+        transit=transit_from_environment,
     )
     _report(summary, started)
     return 0
@@ -411,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphabet", choices=tuple(ALPHABETS), default=DEFAULT_ALPHABET)
     p.add_argument("--length", type=int, default=DEFAULT_LENGTH, help=f"pseudonym length (default {DEFAULT_LENGTH})")
     p.add_argument("--prefix", default="", help="text put in front of every pseudonym")
+    p.add_argument("--custody", choices=("local", "transit"), default="local",
+                   help="transit: the key is created in Vault Transit and never leaves it (needs VAULT_ADDR, VAULT_TOKEN)")
+    p.add_argument("--transit-mount", default="transit", help="the Transit engine's mount (default transit)")
     command(project, "list", "List projects and their settings (no secrets).", "pseudonymise project list", cmd_project_list)
     p = command(project, "show", "Show one project's settings (no secrets).", "pseudonymise project show research-a",
                 cmd_project_show)

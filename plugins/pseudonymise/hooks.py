@@ -130,6 +130,25 @@ class PseudonymisationTokenHook(BaseHook):
             )
         return TrustedKeys.from_jwks(keys)
 
+    def get_transit(self, token: Any) -> Any:
+        """The Vault Transit HMAC client for a token whose key never leaves Vault (``key_ref``), through
+        the connection's ``transit_vault_conn_id`` (a HashiCorp Vault connection)."""
+        from airflow.providers.hashicorp.hooks.vault import VaultHook
+
+        from pseudonymise.core.transit import TransitMac
+
+        conn_id = self.extras.get("transit_vault_conn_id")
+        if not conn_id:
+            raise TokenUnavailableError(
+                f"token {token.jti}'s key is held in Vault Transit; set the extra transit_vault_conn_id of connection "
+                f"{self.pseudonymise_conn_id!r} to a Vault connection allowed to use {token.key_ref['mount']}/hmac"
+            )
+        try:
+            client = VaultHook(vault_conn_id=conn_id).get_conn()
+        except Exception as exc:  # hvac/requests raise many types
+            raise TokenUnavailableError(f"Vault connection {conn_id!r} could not be opened ({exc.__class__.__name__})") from exc
+        return TransitMac(client, token.key_ref["mount"], token.key_ref["name"], key_version=token.key_version)
+
     def test_connection(self) -> tuple[bool, str]:
         """Verify the token (signature, validity) without using it; says nothing secret."""
         try:

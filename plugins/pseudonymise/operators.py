@@ -250,6 +250,7 @@ class PseudonymiseOperator(_DataTaskMixin, BaseOperator):
                 store, raw, keys, policy, source, self._sink_factory(store, source, policy.pseudonymised_columns),
                 secondary=self.secondary, project=token_hook.project, source_label=source_label,
                 target_label=target_label, context=ctx, progress=_ProgressLog(self.log),
+                transit=token_hook.get_transit,
             )
         except (TokenError, PolicyError) as exc:
             raise AirflowFailException(str(exc)) from exc  # retrying cannot help: fix the token or policy

@@ -26,7 +26,7 @@ from pseudonymise.core.db import make_engine
 from pseudonymise.core.errors import EscrowError, PolicyError
 from pseudonymise.core.escrow import EscrowTables, EscrowWriter, purge, reveal
 from pseudonymise.core.pseudonymiser import ColumnPolicy, ColumnRule, Pseudonymiser, SecondaryPseudonymiser, Stats
-from pseudonymise.core.tokens import TrustedKeys
+from pseudonymise.core.tokens import Token, TrustedKeys
 from pseudonymise.core.use import TokenUse
 
 
@@ -153,16 +153,21 @@ class _Writes:
 def run_pseudonymisation(store: Store, raw_token: str, keys: TrustedKeys, policy: ColumnPolicy, source: Source,
                          sink_factory: SinkFactory, *, secondary: bool = False, project: str | None = None,
                          source_label: str | None = None, target_label: str | None = None,
-                         context: Mapping[str, Any] | None = None, progress: Progress | None = None) -> RunSummary:
-    """Pseudonymise (or, with ``secondary``, re-pseudonymise) ``source`` into the sink, audited."""
+                         context: Mapping[str, Any] | None = None, progress: Progress | None = None,
+                         transit: Callable[[Token], Any] | None = None) -> RunSummary:
+    """Pseudonymise (or, with ``secondary``, re-pseudonymise) ``source`` into the sink, audited.
+
+    ``transit`` makes the HMAC client of a token whose key is held in Vault Transit (``key_ref``).
+    """
     store.create()
     operation = "secondary" if secondary else "pseudonymise"
     with TokenUse(store.audit, operation, raw_token, keys, kind="secondary" if secondary else "pseudonymisation",
                   project=project, source=source_label, target=target_label,
                   columns=policy.pseudonymised_columns, context=context) as use:
         assert use.token is not None
+        mac = transit(use.token) if transit is not None and use.token.key_ref is not None else None
         engine: Pseudonymiser | SecondaryPseudonymiser = (
-            SecondaryPseudonymiser(use.token, policy) if secondary else Pseudonymiser(use.token, policy)
+            SecondaryPseudonymiser(use.token, policy, mac) if secondary else Pseudonymiser(use.token, policy, mac)
         )
         out_columns = engine.output_columns(source.columns)  # policy errors before anything is written
         escrow = EscrowWriter(use.token, store.escrow) if not secondary and use.token.reversible else None

@@ -179,6 +179,27 @@ class _Keyed:
         return out
 
 
+class _TransitKeyed:
+    """The same messages as :class:`_Keyed`, HMAC'd by Vault Transit in whole batches."""
+
+    def __init__(self, transit: Any, label: bytes) -> None:
+        self._transit, self._label = transit, label
+
+    def mac_many(self, messages: Sequence[bytes]) -> list[bytes]:
+        label = self._label
+        return self._transit.macs([label + m for m in messages])
+
+
+def _require_transit(token: Token, transit: Any) -> None:
+    if token.key_ref is not None and transit is None:
+        raise TokenKindError(
+            f"token {token.jti}'s key is held in Vault Transit ({token.key_ref['mount']}/{token.key_ref['name']}); "
+            "give the connection a transit_vault_conn_id so HMACs can be computed there"
+        )
+    if token.key_ref is None and transit is not None:
+        raise TokenKindError(f"token {token.jti} carries its key; it does not use Vault Transit")
+
+
 def _random_macs(count: int) -> list[bytes]:
     """``count`` MACs of 32 bytes from the OS CSPRNG (randomised treatment: a fresh one per occurrence)."""
     pool = os.urandom(32 * count)
@@ -298,11 +319,15 @@ def _batch_size(columns: Mapping[str, Sequence[Any]]) -> int:
 class Pseudonymiser:
     """Applies a column policy with a verified ``pseudonymisation`` token to batches of a run."""
 
-    def __init__(self, token: Token, policy: ColumnPolicy) -> None:
-        if token.kind != "pseudonymisation" or token.key is None:
+    def __init__(self, token: Token, policy: ColumnPolicy, transit: Any = None) -> None:
+        """:param transit: a :class:`~pseudonymise.core.transit.TransitMac` when the token's key is held in
+        Vault Transit (the token then carries ``key_ref`` instead of ``key``)."""
+        if token.kind != "pseudonymisation" or (token.key is None and token.key_ref is None):
             raise TokenKindError(
                 f"token {token.jti} is a {token.kind!r} token; pseudonymising needs a 'pseudonymisation' token"
             )
+        _require_transit(token, transit)
+        self._transit = transit
         self.token = token
         self.policy = policy
         self.format: PseudonymFormat = token.format
@@ -316,7 +341,10 @@ class Pseudonymiser:
     def _keyed_for(self, domain: str) -> _Keyed:
         keyed = self._keyed.get(domain)
         if keyed is None:
-            keyed = self._keyed[domain] = _Keyed(self._key, PRIMARY_LABEL + domain.encode("utf-8") + b"\x00")
+            label = PRIMARY_LABEL + domain.encode("utf-8") + b"\x00"
+            keyed = self._keyed[domain] = (
+                _TransitKeyed(self._transit, label) if self._transit is not None else _Keyed(self._key, label)  # type: ignore[assignment]
+            )
         return keyed
 
     def output_columns(self, columns: Sequence[str]) -> list[str]:
@@ -376,9 +404,10 @@ def _as_list(values: Sequence[Any]) -> list[Any]:
 class SecondaryPseudonymiser:
     """Turns a source project's pseudonyms into second-level ones with a ``secondary`` token (§4 step 5)."""
 
-    def __init__(self, token: Token, policy: ColumnPolicy) -> None:
-        if token.kind != "secondary" or token.key is None:
+    def __init__(self, token: Token, policy: ColumnPolicy, transit: Any = None) -> None:
+        if token.kind != "secondary" or (token.key is None and token.key_ref is None):
             raise TokenKindError(f"token {token.jti} is a {token.kind!r} token; this operation needs a 'secondary' token")
+        _require_transit(token, transit)
         for rule in policy.rules.values():
             if rule.action == "pseudonymise" and (rule.normalise or rule.domain):
                 raise PolicyError(
@@ -389,7 +418,8 @@ class SecondaryPseudonymiser:
         self.policy = policy
         self.format = token.format
         self.stats = Stats()
-        self._keyed = _Keyed(token.key, SECONDARY_LABEL)
+        self._keyed = _TransitKeyed(transit, SECONDARY_LABEL) if transit is not None else \
+            _Keyed(token.key, SECONDARY_LABEL)  # type: ignore[arg-type]
         self._guard = CollisionGuard(self.format, randomised=False)
 
     def output_columns(self, columns: Sequence[str]) -> list[str]:
