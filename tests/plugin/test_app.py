@@ -46,8 +46,13 @@ OPERATIONS = [("POST", "/api/v1/connections/{connection_id}/pseudonymise"),
               ("GET", "/api/v1/audit"), ("GET", "/api/v1/audit/verify"), ("GET", "/api/v1/tokens")]
 
 
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
-@pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
+# Invalid requests only where there is an input to get wrong (the JWT is fixed in every case).
+CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
+    (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if p not in ("/api/v1/audit/verify", "/api/v1/tokens")]
+
+
+@pytest.mark.parametrize(("method", "path", "mode"), CASES,
+                         ids=[f"{m} {p} {'valid' if g == GenerationMode.POSITIVE else 'invalid'}" for m, p, g in CASES])
 def test_generated_requests(api: Api, audit_db: AuditDb, token_connections: TokenConnections, allow_reversal: None,
                             method: str, path: str, mode: GenerationMode) -> None:
     """Requests generated from the served schema (valid and invalid ones), as an admin who may use every
@@ -59,13 +64,14 @@ def test_generated_requests(api: Api, audit_db: AuditDb, token_connections: Toke
     operation = schema[path][method]
     secrets = [s for token in token_connections.tokens.values() for s in secrets_of(token)]
 
-    @given(case=operation.as_strategy(generation_mode=mode))
+    # The JWT is fixed, so an invalid case is invalid in what the API itself reads, not in its login.
+    @given(case=operation.as_strategy(generation_mode=mode, headers=api.auth("admin")))
     @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
     def check(case: Case) -> None:
         if case.path_parameters and hash(repr(case.body)) % 2 == 0:
             case.path_parameters["connection_id"] = token_connections["pseudonymise"]
-        response = case.call_and_validate(headers=api.auth("admin"), excluded_checks=[positive_data_acceptance])
+        response = case.call_and_validate(excluded_checks=[positive_data_acceptance])
         assert response.status_code < 500
         assert not any(secret in response.text for secret in secrets)
 

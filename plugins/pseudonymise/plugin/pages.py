@@ -36,8 +36,10 @@ templates.env.globals["version"] = __version__
 
 
 def _page(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    # Links into the Airflow UI keep the API server's own path prefix (this app is mounted one level below).
+    airflow_base = str(request.scope.get("root_path", "")).rsplit("/", 1)[0]
     return templates.TemplateResponse(request, name, {"page": name.removesuffix(".html"), "status_code": status_code,
-                                                      **context}, status_code=status_code)
+                                                      "airflow": airflow_base, **context}, status_code=status_code)
 
 
 @router.get("/")
