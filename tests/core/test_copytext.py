@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pseudonymise.core.copytext import (
@@ -45,6 +46,8 @@ def test_build_rows() -> None:
     assert build_rows([["1", "2"], ["a", NULL]]) == b"1\ta\n2\t\\N\n"
     assert build_rows([[], []]) == b""
     assert build_rows([["é"]]) == "é\n".encode()
+    with pytest.raises(ValueError, match="one field per row"):
+        build_rows([["1", "2"], ["a"]])
 
 
 @settings(max_examples=200, deadline=None)

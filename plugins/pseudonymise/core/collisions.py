@@ -1,7 +1,8 @@
 """The run's collision check (DESIGN.md §4 step 6) in bounded memory: one pseudonym, two MACs, is an error.
 
 For every pseudonymised value the guard keeps a fixed-size record: a 64-bit key that equal
-pseudonyms share (the text's hash), the whole 32-byte MAC, and the column. Two records with
+pseudonyms share (the MAC's first 64 bits when the pseudonym spells the MAC's leading bits, else
+the hash of its text), the whole 32-byte MAC, and the column. Two records with
 equal keys are compared exactly (the pseudonyms are encoded again from their MACs), so a shared
 key between different pseudonyms is never reported and a real collision never missed.
 
@@ -51,13 +52,18 @@ class CollisionGuard:
             self._columns.append(column)
             return len(self._columns) - 1
 
-    def add(self, column: str, macs: Sequence[bytes], pseudonyms: Sequence[str]) -> None:
-        """Record a batch of one column; while the run is small, raise :class:`CollisionError` at once."""
-        if not macs:
+    def add(self, column: str, macs: bytes | Sequence[bytes], pseudonyms: Sequence[str]) -> None:
+        """Record a batch of one column (its MACs as a list, or one after the other, and its pseudonyms);
+        while the run is small, raise :class:`CollisionError` at once."""
+        if not pseudonyms:
             return
-        records = np.empty(len(macs), dtype=RECORD)
-        records["key"] = np.fromiter(map(hash, pseudonyms), dtype=np.int64, count=len(pseudonyms)).view(np.uint64)
-        records["mac"] = np.frombuffer(b"".join(macs), dtype="V32")
+        blob = macs if isinstance(macs, bytes) else b"".join(macs)
+        records = np.empty(len(pseudonyms), dtype=RECORD)
+        if self.format.spells_leading_bits:
+            records["key"] = np.frombuffer(blob, dtype=">u8")[::4]
+        else:
+            records["key"] = np.fromiter(map(hash, pseudonyms), dtype=np.int64, count=len(pseudonyms)).view(np.uint64)
+        records["mac"] = np.frombuffer(blob, dtype="V32")
         records["column"] = self._column_index(column)
         if self._spill is not None:
             self._write(records)

@@ -93,7 +93,20 @@ def encode_column(values: Sequence[Any]) -> Sequence[str]:
 
 
 def build_rows(columns: Sequence[Sequence[str]]) -> bytes:
-    """UTF-8 COPY text of rows made of the given columns of fields (all of one length)."""
+    """UTF-8 COPY text of rows made of the given columns of fields (all of one length).
+
+    Fields and separators are laid out in one list by slice assignment and joined once, which is
+    about twice as fast as joining each row.
+    """
     if not columns or not columns[0]:
         return b""
-    return ("\n".join(map("\t".join, zip(*columns, strict=True))) + "\n").encode("utf-8")
+    rows, width = len(columns[0]), 2 * len(columns)
+    if any(len(c) != rows for c in columns):
+        raise ValueError("the columns of a COPY block must have one field per row")
+    parts: list[str | None] = [None] * (rows * width)
+    tabs = ["\t"] * rows
+    for i, column in enumerate(columns):
+        parts[2 * i :: width] = column
+        parts[2 * i + 1 :: width] = tabs
+    parts[width - 1 :: width] = ["\n"] * rows
+    return "".join(parts).encode("utf-8")  # type: ignore[arg-type]

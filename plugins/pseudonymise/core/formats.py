@@ -123,15 +123,25 @@ class PseudonymFormat:
     def encode(self, mac: bytes) -> str:
         return self.prefix + _ENCODERS[self.alphabet](mac, self.length)
 
-    def encode_many(self, macs: Sequence[bytes]) -> list[str]:
-        """The pseudonyms of many 32-byte MACs, in order: ``[self.encode(m) for m in macs]``, faster."""
+    def encode_many(self, macs: bytes | Sequence[bytes]) -> list[str]:
+        """The pseudonyms of many 32-byte MACs (a list, or all of them one after the other), in order:
+        ``[self.encode(m) for m in macs]``, faster."""
+        blob = macs if isinstance(macs, bytes) else b"".join(macs)
+        count = len(blob) // 32
         encoder = _ENCODERS[self.alphabet]
         slicer = _SLICERS.get(encoder)
         if slicer is not None:
-            encoded = slicer(b"".join(macs), len(macs), self.length)
+            encoded = slicer(blob, count, self.length)
         else:
-            encoded = list(map(encoder, macs, repeat(self.length)))
+            pieces = [blob[i : i + 32] for i in range(0, 32 * count, 32)]
+            encoded = list(map(encoder, pieces, repeat(self.length)))
         return list(map(self.prefix.__add__, encoded)) if self.prefix else encoded
+
+    @property
+    def spells_leading_bits(self) -> bool:
+        """Whether a pseudonym spells the MAC's leading bits (hex, base32, base64url): equal pseudonyms
+        then share at least the MAC's first 64 bits, as every format carries 64 bits or more."""
+        return _ENCODERS[self.alphabet] in _SLICERS
 
     @property
     def width(self) -> int:

@@ -165,8 +165,9 @@ class _Keyed:
         outer.update(inner.digest())
         return outer.digest()
 
-    def mac_many(self, messages: Sequence[bytes]) -> list[bytes]:
-        """``[self.mac(m) for m in messages]`` with the method lookups hoisted out of the loop."""
+    def mac_many(self, messages: Sequence[bytes]) -> bytes:
+        """The MACs of ``messages``, 32 bytes each, one after the other (the method lookups hoisted
+        out of the loop: this loop is where a run spends most of its time)."""
         inner_copy, outer_copy = self._inner.copy, self._outer.copy
         out: list[bytes] = []
         append = out.append
@@ -176,7 +177,7 @@ class _Keyed:
             outer = outer_copy()
             outer.update(inner.digest())
             append(outer.digest())
-        return out
+        return b"".join(out)
 
 
 class _TransitKeyed:
@@ -185,9 +186,9 @@ class _TransitKeyed:
     def __init__(self, transit: Any, label: bytes) -> None:
         self._transit, self._label = transit, label
 
-    def mac_many(self, messages: Sequence[bytes]) -> list[bytes]:
+    def mac_many(self, messages: Sequence[bytes]) -> bytes:
         label = self._label
-        return self._transit.macs([label + m for m in messages])
+        return b"".join(self._transit.macs([label + m for m in messages]))
 
 
 def _require_transit(token: Token, transit: Any) -> None:
@@ -200,10 +201,9 @@ def _require_transit(token: Token, transit: Any) -> None:
         raise TokenKindError(f"token {token.jti} carries its key; it does not use Vault Transit")
 
 
-def _random_macs(count: int) -> list[bytes]:
+def _random_macs(count: int) -> bytes:
     """``count`` MACs of 32 bytes from the OS CSPRNG (randomised treatment: a fresh one per occurrence)."""
-    pool = os.urandom(32 * count)
-    return [pool[i : i + 32] for i in range(0, 32 * count, 32)]
+    return os.urandom(32 * count)
 
 
 def _without_nulls(values: Sequence[Any]) -> tuple[list[Any], int]:
