@@ -22,8 +22,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.schema import CreateIndex, CreateTable
 
-from pseudonymise.core.db import UTCDateTime, advisory_lock, database_now
+from pseudonymise.core.db import UTCDateTime, advisory_lock, database_now, insert_ignoring_duplicates
 from pseudonymise.core.errors import AuditError, PseudonymiseError
 
 GENESIS = "0" * 64
@@ -180,10 +181,19 @@ class AuditLog:
             return
         try:
             with self.engine.begin() as conn:
-                self.metadata.create_all(conn, checkfirst=True)
+                # Workers starting together on a fresh database race to create the tables: the lock
+                # serialises them on PostgreSQL (whose DDL is transactional), IF NOT EXISTS on SQLite.
                 advisory_lock(conn, self._lock_name)
+                if conn.dialect.name == "sqlite":
+                    for table in self.metadata.sorted_tables:
+                        conn.execute(CreateTable(table, if_not_exists=True))
+                        for index in sorted(table.indexes, key=lambda i: str(i.name)):
+                            conn.execute(CreateIndex(index, if_not_exists=True))
+                else:
+                    self.metadata.create_all(conn, checkfirst=True)
+                # Look first: a least-privilege pipeline role may update the head but not insert it.
                 if conn.execute(sa.select(self.head.c.id).where(self.head.c.id == 1)).first() is None:
-                    conn.execute(self.head.insert().values(id=1, seq=0, row_hash=GENESIS))
+                    insert_ignoring_duplicates(self.head, ["id"]).execute(conn, [{"id": 1, "seq": 0, "row_hash": GENESIS}])
                 self._add_missing_columns(conn)
         except SQLAlchemyError as exc:
             raise AuditError(
@@ -219,6 +229,11 @@ class AuditLog:
             raise AuditError("the audit head row is missing; the audit table was altered: run `pseudonymise audit verify`")
         row = {name: None for name in FIELDS}
         row.update({k: v for k, v in record.items() if k in FIELDS})
+        # Hash what the database will give back: "2" read from an integer column comes back as 2.
+        for name in FIELDS[4:]:
+            value = row[name]
+            if value is not None:
+                row[name] = int(value) if name in _INT_FIELDS else value if isinstance(value, str) else str(value)
         row["seq"] = head.seq + 1
         row["recorded_at"] = database_now(conn)
         row["prev_hash"] = head.row_hash

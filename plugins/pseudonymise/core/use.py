@@ -55,7 +55,8 @@ class TokenUse:
             project=project or peek.get("sub"),
             token_jti=peek.get("jti"),
             token_kind=peek.get("kind"),
-            token_fingerprint=fingerprint(raw_token) if raw_token else None,
+            # of the stripped token, as Token.fingerprint and `token inspect` show it
+            token_fingerprint=fingerprint(raw_token.strip()) if raw_token else None,
             token_issuer=peek.get("iss"),
             source=source,
             target=target,
