@@ -253,9 +253,19 @@ class Result:
     driven: str
     extra: dict[str, Any] = field(default_factory=dict)
 
+    runs: list[float] = field(default_factory=list)
+
     @property
     def rate(self) -> float:
         return self.rows / self.seconds if self.seconds else 0.0
+
+
+def median(results: Sequence[Result]) -> Result:
+    """The run of median time (the lower one of an even number), with every run's seconds."""
+    ordered = sorted(results, key=lambda r: r.seconds)
+    chosen = ordered[(len(ordered) - 1) // 2]
+    chosen.runs = [r.seconds for r in results]
+    return chosen
 
 
 class Bench:
@@ -306,10 +316,13 @@ class Bench:
         self.generate("visits", self.args.rows)
         issuer = Issuer.init(DirectoryStore(self.work / "issuer"), "bench")
         issuer.create_project("det", method="irreversible")
-        issuer.create_project("rev", method="reversible", retention=timedelta(days=30))
         issuer.create_project("sec", method="irreversible")
-        tokens = {"det": issuer.issue("det", "pseudonymisation"), "rev": issuer.issue("rev", "pseudonymisation"),
+        tokens = {"det": issuer.issue("det", "pseudonymisation"),
                   "sec": issuer.issue("sec", "secondary", source_project="det")}
+        for rep in range(1, self.args.repeat + 1):  # each repetition of (c) escrows a project of its own
+            name = "rev" if rep == 1 else f"rev_{rep}"
+            issuer.create_project(name, method="reversible", retention=timedelta(days=30))
+            tokens[name] = issuer.issue(name, "pseudonymisation")
         jwks = json.dumps(issuer.public_keys().to_jwks())
         keys = TrustedKeys.from_jwks(jwks)
         self.cfg.update(tokens=tokens, jwks=jwks,
@@ -506,10 +519,11 @@ class Bench:
 
 
 def table(results: Mapping[str, Result], base: Result, speedup: float | None) -> list[str]:
-    lines = ["| case | rows | seconds | rows/s | vs (a) | peak RSS MiB |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| case | rows | seconds (range) | rows/s | vs (a) | peak RSS MiB |", "|---|---:|---:|---:|---:|---:|"]
     for key, r in results.items():
         label = CASES[key] + (f" (speedup {speedup:.2f}x over one task)" if key == "ranges" and speedup else "")
-        lines.append(f"| {label} | {r.rows:,} | {r.seconds:.2f} | {r.rate:,.0f} | {r.rate / base.rate:.2f} | "
+        spread = f" ({min(r.runs):.2f}–{max(r.runs):.2f})" if len(r.runs) > 1 else ""
+        lines.append(f"| {label} | {r.rows:,} | {r.seconds:.2f}{spread} | {r.rate:,.0f} | {r.rate / base.rate:.2f} | "
                      f"{r.peak_rss_mib:.0f} |")
     return lines
 
@@ -521,6 +535,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=50_000)
     parser.add_argument("--smoke", action="store_true", help="2,000 rows, no big run: a quick check for CI")
     parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,ranges,big")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run (a)-(d), (f) and the ranges this many times, interleaved, and report the median")
     parser.add_argument("--profile", metavar="DIR", help="record each case with py-spy (pip install py-spy) into DIR")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -537,24 +553,35 @@ def main() -> int:
         bench.setup()
         print(f"\n{os.cpu_count()} CPUs; {args.rows:,} rows; batches of {args.batch_size:,}; each case in its own process",
               flush=True)
-        results: dict[str, Result] = {}
+        runs: dict[str, list[Result]] = {}
         primary = {"source_conn": "bench_src", "token_conn": "bench_det"}
-        results["a"] = bench.run("a", source="visits", target="a_out")
-        results["b"] = bench.run("b", source="visits", target="b_out", **primary)
-        if "c" not in skip:
-            results["c"] = bench.run("c", source="visits", target="c_out", source_conn="bench_src", token_conn="bench_rev")
-        if "d" not in skip:
-            results["d"] = bench.run("d", source="b_out", target="d_out", source_conn="bench_dst", token_conn="bench_sec")
-        for case in ("e", "f"):
-            if case not in skip:
-                results[case] = bench.run(case, source="visits", target=f"{case}_out")
-        speedup = None
-        if "ranges" not in skip:
-            results["ranges"], parts = bench.run_ranges("visits", "p_out")
-            speedup = results["b"].seconds / results["ranges"].seconds
+        parts: list[Result] = []
+        for rep in range(1, args.repeat + 1):
+            if args.repeat > 1:
+                print(f"repetition {rep} of {args.repeat}", flush=True)
+            x = "" if rep == 1 else f"_{rep}"  # fresh targets (and escrow project) for every repetition
+            runs.setdefault("a", []).append(bench.run("a", source="visits", target=f"a_out{x}"))
+            runs.setdefault("b", []).append(bench.run("b", source="visits", target=f"b_out{x}", **primary))
+            if "c" not in skip:
+                runs.setdefault("c", []).append(bench.run("c", source="visits", target=f"c_out{x}",
+                                                          source_conn="bench_src", token_conn=f"bench_rev{x}"))
+            if "d" not in skip:
+                runs.setdefault("d", []).append(bench.run("d", source=f"b_out{x}", target=f"d_out{x}",
+                                                          source_conn="bench_dst", token_conn="bench_sec"))
+            if "f" not in skip:
+                runs.setdefault("f", []).append(bench.run("f", source="visits", target=f"f_out{x}"))
+            if "ranges" not in skip:
+                total, split = bench.run_ranges("visits", f"p_out{x}")
+                runs.setdefault("ranges", []).append(total)
+                parts = parts or split
+        if "e" not in skip:  # slow and memory-hungry: once
+            runs["e"] = [bench.run("e", source="visits", target="e_out")]
         if args.big_rows and "big" not in skip:
             bench.generate("visits_big", args.big_rows)
-            results["big"] = bench.run("big", source="visits_big", target="big_out", **primary)
+            runs["big"] = [bench.run("big", source="visits_big", target="big_out", **primary)]
+        order = ("a", "b", "c", "d", "e", "f", "ranges", "big")
+        results = {case: median(runs[case]) for case in order if case in runs}
+        speedup = results["b"].seconds / results["ranges"].seconds if "ranges" in results else None
 
         print("\ncorrectness", flush=True)
         bench.check_against_pgcrypto("(b)", "det", "visits", "b_out", with_f="f_out" if "f" in results else None)
@@ -571,8 +598,8 @@ def main() -> int:
                         f"{out:,} rows in the target")
 
         a, b = results["a"], results["b"]
-        print(f"\nresults: {args.rows:,} rows (big run: {args.big_rows:,}); rows/s, ratio to (a), peak RSS of the "
-              "case's process\n")
+        print(f"\nresults: {args.rows:,} rows (big run: {args.big_rows:,}); median of {args.repeat} run(s) but (e) "
+              "and the big run (once); rows/s, ratio to (a), peak RSS of the case's process\n")
         print("\n".join(table(results, a, speedup)))
         print("\nhow each case ran:")
         for key, r in results.items():

@@ -24,6 +24,8 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any, Literal, overload
 
+import numpy as np
+
 from pseudonymise.core.canonical import build_normaliser, canonical_many
 from pseudonymise.core.collisions import CollisionGuard
 from pseudonymise.core.errors import PolicyError, TokenKindError
@@ -213,6 +215,38 @@ def _without_nulls(values: Sequence[Any]) -> tuple[list[Any], int]:
     return ([v for v in values if v is not None] if nulls else values), nulls
 
 
+class _Escrowed:
+    """The MACs a deterministic run has already handed to escrow, in a fixed table (32 MiB at most).
+
+    A value sealed in an earlier batch of the run is not sealed and written again: its row is
+    already in this run's transaction. The table is direct-mapped on the MAC's first bits and holds
+    whole MACs, so a value is skipped only when its exact MAC is there; a slot another value took
+    merely forgets (the value is then sealed again and escrow keeps its first row).
+    """
+
+    def __init__(self, slots: int = 1 << 20) -> None:
+        self._macs = np.zeros((slots, 4), dtype=np.uint64)  # zero pages cost nothing until touched
+        self._used = np.zeros(slots, dtype=bool)
+        self._mask = np.uint64(slots - 1)
+        self._batch: list[np.ndarray] = []
+
+    def unsealed(self, macs: bytes) -> np.ndarray | None:
+        """Positions of the MACs an earlier batch did not seal; ``None`` when it sealed none of them."""
+        words = np.frombuffer(macs, dtype=np.uint64).reshape(-1, 4)
+        self._batch.append(words)
+        slot = (words[:, 0] & self._mask).astype(np.intp)
+        known = self._used[slot] & (self._macs[slot] == words).all(axis=1)
+        return np.flatnonzero(~known) if known.any() else None
+
+    def end_batch(self) -> None:
+        """The batch's MACs are sealed (its escrow is written before the next batch's, in one transaction)."""
+        for words in self._batch:
+            slot = (words[:, 0] & self._mask).astype(np.intp)
+            self._macs[slot] = words
+            self._used[slot] = True
+        self._batch.clear()
+
+
 def _with_nulls(values: Sequence[Any], pseudonyms: list[str], nulls: int) -> list[str | None]:
     """``pseudonyms`` put back in the rows of the non-NULL ``values``, NULL elsewhere."""
     if not nulls:
@@ -297,7 +331,11 @@ class EscrowItems(Sequence[EscrowItem]):
 
 @dataclass
 class Batch:
-    """An output batch: columns in order, their counts, and the items escrow must seal."""
+    """An output batch: columns in order, their counts, and the items escrow must seal.
+
+    In a deterministic run, a value already sealed by an earlier batch of the same run is mostly not
+    listed again (see :class:`_Escrowed`): write every batch's escrow, in order, in the run's transaction.
+    """
 
     columns: dict[str, list[Any]]
     stats: Stats
@@ -335,6 +373,7 @@ class Pseudonymiser:
         self.reversible = token.reversible
         self.stats = Stats()
         self._guard = CollisionGuard(self.format, self.randomised)
+        self._escrowed = _Escrowed() if self.reversible and not self.randomised else None
         self._keyed: dict[str, _Keyed] = {}
         self._key = token.key
 
@@ -352,8 +391,11 @@ class Pseudonymiser:
 
     def pseudonymise_values(self, values: Sequence[Any], rule: ColumnRule, stats: Stats | None = None,
                             escrow: EscrowItems | list[EscrowItem] | None = None) -> list[str | None]:
-        """Pseudonymise one column of a batch under ``rule``."""
-        stats = stats if stats is not None else Stats()
+        """Pseudonymise one column of a batch under ``rule``; what escrow must seal goes to ``escrow``."""
+        return self._pseudonymise(values, rule, stats if stats is not None else Stats(), escrow, None)
+
+    def _pseudonymise(self, values: Sequence[Any], rule: ColumnRule, stats: Stats,
+                      escrow: EscrowItems | list[EscrowItem] | None, escrowed: _Escrowed | None) -> list[str | None]:
         present, nulls = _without_nulls(values)
         normalise = build_normaliser(rule.normalise, rule.column)
         if normalise is not None:
@@ -362,10 +404,18 @@ class Pseudonymiser:
         macs = _random_macs(len(data)) if self.randomised else self._keyed_for(rule.domain).mac_many(data)
         pseudonyms = self.format.encode_many(macs)
         self._guard.add(rule.column, macs, pseudonyms)
-        if isinstance(escrow, EscrowItems):
-            escrow.add(pseudonyms, tags, data)
-        elif escrow is not None:
-            escrow.extend(map(EscrowItem, pseudonyms, tags, data))
+        if escrow is not None:
+            sealed, sealed_tags, sealed_data = pseudonyms, tags, data
+            fresh = escrowed.unsealed(macs) if escrowed is not None else None
+            if fresh is not None:
+                keep = fresh.tolist()
+                sealed = [pseudonyms[i] for i in keep]
+                sealed_tags = [tags[i] for i in keep]
+                sealed_data = [data[i] for i in keep]
+            if isinstance(escrow, EscrowItems):
+                escrow.add(sealed, sealed_tags, sealed_data)
+            else:
+                escrow.extend(map(EscrowItem, sealed, sealed_tags, sealed_data))
         stats.nulls += nulls
         stats.values_pseudonymised += len(pseudonyms)
         return _with_nulls(values, pseudonyms, nulls)
@@ -383,7 +433,9 @@ class Pseudonymiser:
             if rule.action == "keep":
                 out[rule.column] = _as_list(columns[rule.column])
             else:
-                out[rule.column] = self.pseudonymise_values(columns[rule.column], rule, stats, escrow)
+                out[rule.column] = self._pseudonymise(columns[rule.column], rule, stats, escrow, self._escrowed)
+        if self._escrowed is not None:
+            self._escrowed.end_batch()
         self.stats.add(stats)
         return Batch(out, stats, escrow or [])
 
