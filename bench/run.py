@@ -29,6 +29,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -283,6 +284,8 @@ class Bench:
 
     def close(self) -> None:
         self.server.stop("immediate")
+        shutil.rmtree(self.work, ignore_errors=True)  # the issuer store in it holds project keys
+        shutil.rmtree(self.server.datadir.parent, ignore_errors=True)
 
     def server_cpu(self) -> float:
         """CPU seconds the whole PostgreSQL cluster has used: postmaster, live children, reaped children."""
