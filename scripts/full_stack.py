@@ -76,11 +76,13 @@ class FullStack:
     def _load_hospital(self) -> None:
         engine = sa.create_engine(self.pg.url("hospital"))
         with open(ROOT / "include/sample/patients.csv", encoding="utf-8", newline="") as fh, engine.begin() as conn:
-            conn.execute(sa.text("CREATE TABLE patient_visits (patient_id text, name text, birth_year integer,"
-                                 " visit_date date, diagnosis_code text, ward text)"))
+            conn.execute(sa.text("CREATE TABLE patient_visits (visit_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+                                 " patient_id text, name text, birth_year integer, visit_date date,"
+                                 " diagnosis_code text, ward text)"))
             rows = [{k: (v or None) for k, v in r.items()} for r in csv.DictReader(fh)]
-            conn.execute(sa.text("INSERT INTO patient_visits VALUES (:patient_id, :name, CAST(:birth_year AS int),"
-                                 " :visit_date, :diagnosis_code, :ward)"), rows)
+            conn.execute(sa.text("INSERT INTO patient_visits (patient_id, name, birth_year, visit_date, diagnosis_code,"
+                                 " ward) VALUES (:patient_id, :name, CAST(:birth_year AS int), :visit_date,"
+                                 " :diagnosis_code, :ward)"), rows)
         engine.dispose()
 
     def _issue_token_into_vault(self) -> None:
@@ -108,7 +110,7 @@ class FullStack:
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__PARALLELISM": "2",
+            "AIRFLOW__CORE__PARALLELISM": "8",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.work / "passwords.json"),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{self.port}/execution/",
@@ -208,7 +210,7 @@ class FullStack:
         if self.bao:
             self.bao.stop()
         if self.pg:
-            self.pg.stop("immediate")
+            self.pg.stop("immediate", remove=True)
 
     def research_rows(self, sql: str) -> list[tuple[Any, ...]]:
         engine = sa.create_engine(self.pg.url("research"))

@@ -21,7 +21,7 @@ pytest_plugins = ["tests.secrets_scan"]
 def postgres() -> Iterator[PostgresServer]:
     server = start_postgres()
     yield server
-    server.stop("immediate")
+    server.stop("immediate", remove=True)
 
 
 @pytest.fixture

@@ -63,9 +63,12 @@ class PostgresServer:
     def _cmd(self, *args: str) -> list[str]:
         return ["runuser", "-u", self.run_as, "--", *args] if self.run_as else list(args)
 
-    def stop(self, mode: str = "fast") -> None:
+    def stop(self, mode: str = "fast", remove: bool = False) -> None:
+        """Stop the server; with ``remove`` also delete its data directory (the fixtures do)."""
         subprocess.run(self._cmd(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"),
                        capture_output=True, check=False)
+        if remove:
+            shutil.rmtree(self.datadir.parent, ignore_errors=True)
 
     def start(self) -> None:
         opts = (f"-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1 -c fsync=off "

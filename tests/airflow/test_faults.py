@@ -119,7 +119,7 @@ def test_target_database_restarted_mid_run(world: dict[str, Any]) -> None:  # no
         assert retry.returncode == 0, retry.output[-3000:]
         assert len(rows(target_url, "visits", "visit_id")) == 24
     finally:
-        server.stop("immediate")
+        server.stop("immediate", remove=True)
 
 
 def test_unreachable_audit_database_refuses_the_token(world: dict[str, Any]) -> None:  # noqa: F811

@@ -54,6 +54,25 @@ def test_full_stack_rest_trigger_and_backfill_twice(tmp_path: Path) -> None:
         assert {r["token_kind"] for r in finished} == {"pseudonymisation"}
         engine.dispose()
 
+        # 8 mapped tasks over key ranges, running at once (parallelism 8) on one target and one audit
+        mapped_dag = "pseudonymise_visits_by_key_range"
+        stack.wait_for_dag(mapped_dag)
+        run_id = stack.request("POST", f"/api/v2/dags/{mapped_dag}/dagRuns", {"logical_date": None})["dag_run_id"]
+        runs = stack.wait_for_runs(mapped_dag, 1)
+        assert {r["state"] for r in runs} == {"success"}, runs
+        tis = stack.request("GET", f"/api/v2/dags/{mapped_dag}/dagRuns/{run_id}/taskInstances?limit=100")
+        mapped = [t for t in tis["task_instances"] if t["task_id"] == "pseudonymise_range"]
+        assert sorted(t["map_index"] for t in mapped) == list(range(8)) and {t["state"] for t in mapped} == {"success"}
+        assert stack.research_rows("SELECT count(*), count(DISTINCT visit_id) FROM patient_visits_all_pseudonymised") \
+            == [(240, 240)]
+        engine = sa.create_engine(stack.pg.url("research"))
+        audit = AuditLog(engine)
+        assert audit.verify().ok
+        mapped_uses = [r for r in audit.iter_rows() if r["dag_id"] == mapped_dag and r["event"] == "finished"]
+        assert sorted(r["map_index"] for r in mapped_uses) == list(range(8))
+        assert {r["outcome"] for r in mapped_uses} == {"success"}
+        engine.dispose()
+
         logs = "\n".join(p.read_text(errors="replace") for p in (stack.work / "airflow").rglob("*.log"))
         logs += "\n".join(p.read_text(errors="replace") for p in stack.work.glob("*.log"))
         assert "pseudonymise: 24 rows in" in logs
