@@ -16,11 +16,12 @@ import hvac
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pseudonymise.core.issuer import DirectoryStore, Issuer  # noqa: E402
-from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser  # noqa: E402
-from pseudonymise.core.tokens import verify_token  # noqa: E402
-from pseudonymise.core.transit import MAX_ITEMS, TransitMac  # noqa: E402
-from tests.services import start_openbao  # noqa: E402
+from pseudonymise.core.issuer import DirectoryStore, Issuer
+from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser
+from pseudonymise.core.tokens import verify_token
+from pseudonymise.core.transit import MAX_ITEMS, TransitMac
+
+from tests.services import start_openbao
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ from datetime import datetime
 from pathlib import Path
 
 from airflow.sdk import DAG, task
-
 from pseudonymise.operators import PseudonymiseOperator, key_range_kwargs
 
 INCLUDE = Path(__file__).resolve().parent.parent / "include"

@@ -13,7 +13,6 @@ from pseudonymise.core.issuer import DirectoryStore, Issuer
 
 from tests.services import OpenBaoServer, PostgresServer, start_openbao, start_postgres
 
-
 pytest_plugins = ["tests.secrets_scan"]
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from pseudonymise.core import tokens as _tokens
 
 _SIGNED: set[str] = set()

@@ -16,17 +16,17 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-
 from pseudonymise.core.issuer import Issuer
-from tests.airflow.conftest import AIRFLOW, ROOT, pg_conn, token_conn
+
+from tests.airflow.conftest import AIRFLOW, ROOT, pg_conn
 from tests.airflow.test_operators import _spec, audit_rows, rows, world  # noqa: F401
 from tests.services import free_port, start_postgres
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres]
 
 
-def _start_run(world: dict[str, Any], spec: dict[str, Any], connections: dict[str, Any] | None = None) -> Any:
-    env = world["airflow"].env(connections or world["connections"], extra={"PSEUDONYMISE_TEST_DAG": json.dumps(spec)})
+def _start_run(env_: dict[str, Any], spec: dict[str, Any], connections: dict[str, Any] | None = None) -> Any:
+    env = env_["airflow"].env(connections or env_["connections"], extra={"PSEUDONYMISE_TEST_DAG": json.dumps(spec)})
     return subprocess.Popen([AIRFLOW, "dags", "test", "pseudonymise_test", "2026-11-04"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -170,7 +170,7 @@ def test_disk_full_for_a_file_target_leaves_no_file(issuer: Issuer, tmp_path: Pa
 
     cmd = [sys.executable, "-m", "pseudonymise.cli", "file", "pseudonymise", str(big), str(out), "--columns",
            "patient_id", "--keep", "note", "--token-file", str(token), "--issuer-keys", str(keys), "--db", db]
-    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit, check=False)  # noqa: PLW1509
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit, check=False)
     assert proc.returncode == 1, proc.stderr
     assert "error: cannot write" in proc.stderr and "nothing was written" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
-
 from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.issuer import Issuer
+
 from tests.airflow.conftest import ROOT, AirflowWorld, token_conn
 
 pytestmark = pytest.mark.airflow

@@ -7,8 +7,8 @@ import json
 from typing import Any
 
 import pytest
-
 from pseudonymise.core.issuer import Issuer
+
 from tests.airflow.conftest import token_conn
 from tests.airflow.test_operators import _spec, audit_rows, rows, world  # noqa: F401
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import hvac
 import pytest
-
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser
 from pseudonymise.core.tokens import verify_token
 from pseudonymise.core.transit import TransitMac
+
 from tests.airflow.conftest import token_conn
 from tests.airflow.test_operators import _spec, audit_rows, rows, world  # noqa: F401
 from tests.airflow.test_token_sources import _vault_conn

@@ -10,7 +10,6 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from pseudonymise.core.errors import DataIOError, InvalidTextError, UnsupportedTypeError
 from pseudonymise.core.escrow import EscrowTables, EscrowWriter, reveal
 from pseudonymise.core.files import CsvSource
@@ -58,7 +57,7 @@ def test_unicode_normal_forms_give_one_pseudonym(issuer: Issuer) -> None:
 def test_lone_surrogates_and_floats_are_refused_by_name(issuer: Issuer) -> None:
     with pytest.raises(InvalidTextError, match="'id'"):
         _pz(issuer).pseudonymise_batch({"id": ["ok", "bad\udcff"]})
-    with pytest.raises(UnsupportedTypeError, match="'id'.*floating-point"):
+    with pytest.raises(UnsupportedTypeError, match=r"'id'.*floating-point"):
         _pz(issuer).pseudonymise_batch({"id": [1.5]})
 
 

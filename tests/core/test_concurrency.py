@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-
 from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import Store, run_pseudonymisation
@@ -39,7 +38,7 @@ def _task(url: str, token: str, jwks: dict[str, Any], lo: int, hi: int, mode: st
                                                    type_names=source.type_names),
             context={"task_id": f"range_{lo}", "map_index": lo // 1000})
         queue.put(("ok", summary.counts["rows_out"]))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+    except BaseException as exc:
         queue.put(("error", repr(exc)))
 
 

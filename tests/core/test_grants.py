@@ -4,10 +4,10 @@ pipeline role pseudonymises and escrows, but cannot rewrite the audit or read es
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import sqlalchemy as sa
-
 from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.escrow import reveal
 from pseudonymise.core.issuer import Issuer
@@ -20,7 +20,7 @@ GRANTS = Path(__file__).resolve().parents[2] / "include/sql/least_privilege.sql"
 
 
 class _Rows:
-    columns = ["id"]
+    columns: ClassVar[list[str]] = ["id"]
 
     def batches(self):  # type: ignore[no-untyped-def]
         yield {"id": ["A1", "A2", "A3"]}

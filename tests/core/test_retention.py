@@ -8,9 +8,8 @@ from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
-
 from pseudonymise.core.issuer import Issuer
-from pseudonymise.core.pipeline import Store, run_purge, run_pseudonymisation, run_reversal
+from pseudonymise.core.pipeline import Store, run_pseudonymisation, run_purge, run_reversal
 from pseudonymise.core.pseudonymiser import ColumnPolicy
 
 

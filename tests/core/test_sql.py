@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-
 from pseudonymise.core.errors import DataIOError, PolicyError, UnsupportedTypeError
 from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableTarget, _pg_text, copy_text_fields
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import hvac
 import pytest
-
 from pseudonymise.core import transit as transit_module
 from pseudonymise.core.errors import TokenKindError
 from pseudonymise.core.issuer import DirectoryStore, Issuer

@@ -7,7 +7,7 @@ and PostgreSQL; the few dialect differences (advisory locks, ``ON CONFLICT``) li
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,7 +25,7 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given where an aware UTC instant is required")
-        value = value.astimezone(timezone.utc)
+        value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: Any, dialect: sa.Dialect) -> datetime | None:
@@ -33,7 +33,7 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
             return None
         if isinstance(value, str):
             value = datetime.fromisoformat(value)
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def database_now(conn: Connection) -> datetime:
@@ -47,7 +47,7 @@ def database_now(conn: Connection) -> datetime:
         value = conn.execute(sa.select(sa.func.current_timestamp())).scalar_one()
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def advisory_lock(conn: Connection, name: str) -> None:
@@ -88,7 +88,7 @@ class _InsertIgnore:
         wanted = {tuple(r[k] for k in self.index_elements) for r in rows}
         existing: set[tuple[Any, ...]] = set()
         for chunk in _chunks(sorted(wanted), 500):
-            cond = sa.or_(*[sa.and_(*[c == v for c, v in zip(keycols, key)]) for key in chunk])
+            cond = sa.or_(*[sa.and_(*[c == v for c, v in zip(keycols, key, strict=True)]) for key in chunk])
             existing.update(tuple(r) for r in conn.execute(sa.select(*keycols).where(cond)))
         fresh = [r for r in rows if tuple(r[k] for k in self.index_elements) not in existing]
         if fresh:

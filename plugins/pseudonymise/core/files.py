@@ -7,6 +7,7 @@ failed run never leaves a half-written file. CSV is read as text: an empty field
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import tempfile
@@ -177,10 +178,8 @@ class CsvSink:
 
     def abort(self) -> None:
         if not self._fh.closed:
-            try:
+            with contextlib.suppress(OSError):
                 self._fh.close()
-            except OSError:
-                pass
         self._file.abort()
 
 
@@ -222,10 +221,8 @@ class ParquetSink:
 
     def abort(self) -> None:
         if self._writer is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort before deleting the partial file
                 self._writer.close()
-            except Exception:  # noqa: BLE001 - best effort before deleting the partial file
-                pass
         self._file.abort()
 
 

@@ -27,7 +27,7 @@ def _instant(value: datetime) -> str:
 def current_user() -> str | None:
     try:
         return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no user name in some containers
+    except Exception:
         return None
 
 
