@@ -97,6 +97,19 @@ class _DataTaskMixin:
 
     log: Any
     storage_conn_id: str | None = None
+    pseudonymise_conn_id: str
+
+    def _begin(self, context: Any, operation: str) -> tuple[dict[str, Any], Store, PseudonymisationTokenHook, str, Any]:
+        """Audit context, store, and the token (masked as it is read); a token that cannot be read is
+        audited as a ``denied`` use and fails the task without retries."""
+        ctx = audit_context(context)
+        store = self._store()
+        token_hook = PseudonymisationTokenHook(self.pseudonymise_conn_id)
+        try:
+            return ctx, store, token_hook, token_hook.get_token(), token_hook.get_trusted_keys()
+        except TokenError as exc:
+            _audit_unreadable_token(store, operation, token_hook, ctx, exc)
+            raise AirflowFailException(str(exc)) from exc
 
     def _store(self) -> Store:
         conn_id = self.audit_conn_id or self.target_conn_id or self.source_conn_id
@@ -234,14 +247,8 @@ class PseudonymiseOperator(_DataTaskMixin, BaseOperator):
         return ColumnPolicy.from_mapping({"columns": list(self.columns), "default": self.unlisted_columns})
 
     def execute(self, context: Any) -> dict[str, Any]:
-        ctx = audit_context(context)
-        store = self._store()
-        token_hook = PseudonymisationTokenHook(self.pseudonymise_conn_id)
-        try:
-            raw, keys = token_hook.get_token(), token_hook.get_trusted_keys()
-        except TokenError as exc:
-            _audit_unreadable_token(store, (self.secondary and "secondary") or "pseudonymise", token_hook, ctx, exc)
-            raise AirflowFailException(str(exc)) from exc
+        operation = "secondary" if self.secondary else "pseudonymise"
+        ctx, store, token_hook, raw, keys = self._begin(context, operation)
         policy = self.policy()
         source_label, target_label = self._labels()
         try:
@@ -314,14 +321,7 @@ class ReversePseudonymsOperator(_DataTaskMixin, BaseOperator):
         self.audit_conn_id, self.audit_table, self.audit_schema = audit_conn_id, audit_table, audit_schema
 
     def execute(self, context: Any) -> dict[str, Any]:
-        ctx = audit_context(context)
-        store = self._store()
-        token_hook = PseudonymisationTokenHook(self.pseudonymise_conn_id)
-        try:
-            raw, keys = token_hook.get_token(), token_hook.get_trusted_keys()
-        except TokenError as exc:
-            _audit_unreadable_token(store, "reverse", token_hook, ctx, exc)
-            raise AirflowFailException(str(exc)) from exc
+        ctx, store, token_hook, raw, keys = self._begin(context, "reverse")
         source_label, target_label = self._labels()
         try:
             source = self._open_source([])
