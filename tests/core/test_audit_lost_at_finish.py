@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-
 from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.errors import AuditError
 from pseudonymise.core.issuer import Issuer
