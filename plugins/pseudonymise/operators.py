@@ -402,8 +402,8 @@ class RekeyPseudonymsOperator(BaseOperator):
                                 self.columns, schema=self.target_schema, project=new_hook.project, context=ctx)
         except (TokenError, PolicyError) as exc:
             raise AirflowFailException(str(exc)) from exc
-        self.log.info("rekey: %d pseudonyms re-keyed to key version %s; audit use %s",
-                      summary.counts["values_pseudonymised"], "new", summary.use_id)
+        self.log.info("rekey: %d pseudonyms re-keyed with the new token; audit use %s",
+                      summary.counts["values_pseudonymised"], summary.use_id)
         return summary.as_dict()
 
 
