@@ -11,7 +11,17 @@ if [ ! -x .venv/bin/python ]; then
     echo "==> creating the virtual environment (.venv)"
     "$PYTHON" -m venv .venv
 fi
-want="$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+# The package's C engine (plugins/pseudonymise/core/_native.c) is built by the install below; it
+# needs gcc and OpenSSL's headers. Without them the package still installs and runs its pure-Python
+# engine (same pseudonyms, slower), and the test suite fails test_the_c_engine_is_built.
+if ! command -v gcc >/dev/null 2>&1 || [ ! -f /usr/include/openssl/evp.h ]; then
+    echo "==> installing with apt: gcc libssl-dev (to build the C engine)"
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq gcc libc6-dev libssl-dev \
+        >/dev/null || echo "warning: could not install gcc/libssl-dev; the pure-Python engine will be used" >&2
+fi
+want="$(cat requirements.txt pyproject.toml setup.py plugins/pseudonymise/core/_native.c | sha256sum | cut -d' ' -f1)"
 if [ "$(cat .venv/.installed 2>/dev/null || true)" != "$want" ]; then
     echo "==> installing pinned requirements (first run only)"
     .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
@@ -20,7 +30,9 @@ if [ "$(cat .venv/.installed 2>/dev/null || true)" != "$want" ]; then
     # The editable build leaves an egg-info in plugins/, which is on sys.path: Airflow would see the
     # package twice and report its plugin as "already registered".
     rm -rf plugins/*.egg-info
-    .venv/bin/python -c "import pseudonymise, airflow, hvac" 
+    .venv/bin/python -c "import pseudonymise, airflow, hvac"
+    .venv/bin/python -c "import pseudonymise.core._native" 2>/dev/null \
+        || echo "warning: the C engine did not build (gcc, libssl-dev?); running the pure-Python engine" >&2
     echo "$want" > .venv/.installed
 fi
 

@@ -67,7 +67,11 @@ class _OwnTransactionSink:
         self._txn = self._conn.begin()
         self._sink = target.sink(self._conn, columns, **kwargs)
 
-    def write(self, batch: dict[str, list[Any]]) -> None:
+    @property
+    def takes_copy_blocks(self) -> bool:
+        return self._sink.takes_copy_blocks
+
+    def write(self, batch: Any) -> None:
         self._sink.write(batch)
 
     def commit(self) -> None:

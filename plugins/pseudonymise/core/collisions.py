@@ -25,8 +25,10 @@ from pseudonymise.core.errors import CollisionError
 from pseudonymise.core.formats import PseudonymFormat
 
 RECORD = np.dtype([("key", "<u8"), ("mac", "V32"), ("column", "<u2")])
+_RAW = np.dtype(f"V{RECORD.itemsize}")  # a record as opaque bytes: gathered much faster than the structure
 PARTITION_BITS = 6
 MEMORY_RECORDS = 1 << 17
+_SPILL_BUFFER = 1 << 18  # bytes buffered per partition file: few, large writes
 
 
 class CollisionGuard:
@@ -52,17 +54,22 @@ class CollisionGuard:
             self._columns.append(column)
             return len(self._columns) - 1
 
-    def add(self, column: str, macs: bytes | Sequence[bytes], pseudonyms: Sequence[str]) -> None:
-        """Record a batch of one column (its MACs as a list, or one after the other, and its pseudonyms);
+    def add(self, column: str, macs: bytes | Sequence[bytes], pseudonyms: Sequence[str] | None,
+            count: int | None = None) -> None:
+        """Record a batch of one column (its MACs as a list, or one after the other, and its pseudonyms,
+        which may be ``None`` when the format spells the MAC's leading bits: they are not needed then);
         while the run is small, raise :class:`CollisionError` at once."""
-        if not pseudonyms:
-            return
         blob = macs if isinstance(macs, bytes) else b"".join(macs)
-        records = np.empty(len(pseudonyms), dtype=RECORD)
+        count = len(blob) // 32 if count is None else count
+        if not count:
+            return
+        records = np.empty(count, dtype=RECORD)
         if self.format.spells_leading_bits:
             records["key"] = np.frombuffer(blob, dtype=">u8")[::4]
         else:
-            records["key"] = np.fromiter(map(hash, pseudonyms), dtype=np.int64, count=len(pseudonyms)).view(np.uint64)
+            if pseudonyms is None:
+                pseudonyms = self.format.encode_many(blob)
+            records["key"] = np.fromiter(map(hash, pseudonyms), dtype=np.int64, count=count).view(np.uint64)
         records["mac"] = np.frombuffer(blob, dtype="V32")
         records["column"] = self._column_index(column)
         if self._spill is not None:
@@ -83,16 +90,18 @@ class CollisionGuard:
         assert self._spill is not None
         partition = (records["key"] >> np.uint64(64 - PARTITION_BITS)).astype(np.uint8)
         order = np.argsort(partition, kind="stable")  # a radix sort for 8-bit keys
-        records = records[order]
-        bounds = np.searchsorted(partition[order], np.arange((1 << PARTITION_BITS) + 1)).tolist()
+        data = memoryview(records.view(_RAW).take(order).tobytes())  # plain bytes: a fast gather
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(partition, minlength=1 << PARTITION_BITS))])
+        bounds = (bounds * RECORD.itemsize).tolist()
         for p in range(1 << PARTITION_BITS):
             lo, hi = bounds[p], bounds[p + 1]
             if lo == hi:
                 continue
             handle = self._spill[p]
             if handle is None:
-                handle = self._spill[p] = tempfile.TemporaryFile(prefix="pseudonymise-collisions-")  # noqa: SIM115
-            handle.write(records[lo:hi].tobytes())
+                handle = self._spill[p] = tempfile.TemporaryFile(prefix="pseudonymise-collisions-",  # noqa: SIM115
+                                                                 buffering=_SPILL_BUFFER)
+            handle.write(data[lo:hi])
         self.spilled_records += len(records)
 
     def finish(self) -> None:
@@ -105,7 +114,8 @@ class CollisionGuard:
                     continue
                 handle.seek(0)
                 records = np.frombuffer(handle.read(), dtype=RECORD)
-                self._check(records[np.argsort(records["key"], kind="stable")])
+                order = np.argsort(records["key"])
+                self._check(records.view(_RAW).take(order).view(RECORD))
         finally:
             self.close()
 

@@ -12,12 +12,22 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 _UNESCAPE = re.compile(r"\\(x[0-9a-fA-F]{1,2}|[0-7]{1,3}|.)")
 _ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
 NULL = "\\N"
 _TEXT_OR_NULL = {str, type(None)}
+
+
+@dataclass(frozen=True)
+class CopyBlock:
+    """Whole rows of COPY text (every row ends with a newline), ``rows`` of them: read from a COPY
+    source and written to a COPY target without being cut into fields in Python."""
+
+    data: bytes = field(repr=False)
+    rows: int
 
 
 class CopyText(list[str]):

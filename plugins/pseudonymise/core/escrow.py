@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from itertools import repeat
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
@@ -31,10 +32,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.engine import Connection
 
 from pseudonymise.core.canonical import TYPE_TAGS, from_canonical
-from pseudonymise.core.copytext import build_rows, encode_column
+from pseudonymise.core.copytext import _pg_text, build_rows, encode_column
 from pseudonymise.core.db import UTCDateTime, insert_ignoring_duplicates
 from pseudonymise.core.errors import EscrowError, EscrowIntegrityError, TokenKindError
-from pseudonymise.core.pseudonymiser import EscrowItem, EscrowItems
+from pseudonymise.core.pseudonymiser import EscrowBlock, EscrowItem, EscrowItems, _native
 from pseudonymise.core.tokens import Token
 
 HPKE_INFO = b"pseudonymise/v1/escrow"
@@ -77,6 +78,9 @@ def associated_data(project: str, pseudonym: str) -> bytes:
     return project.encode("utf-8") + b"\x00" + pseudonym.encode("utf-8")
 
 
+_ESCROW_COLUMNS = ("project", "pseudonym", "batch_id", "nonce", "ciphertext", "retention_until")
+
+
 @dataclass(frozen=True)
 class EscrowTables:
     """The escrow tables: one row per sealed batch key, one per sealed value."""
@@ -101,10 +105,14 @@ class EscrowTables:
             metadata,
             sa.Column("project", sa.String(200), primary_key=True),
             sa.Column("pseudonym", sa.String(200), primary_key=True),
-            sa.Column("batch_id", sa.String(36), nullable=False, index=True),
+            sa.Column("batch_id", sa.String(36), nullable=False),
             sa.Column("nonce", sa.LargeBinary, nullable=False),
             sa.Column("ciphertext", sa.LargeBinary, nullable=False),
-            sa.Column("retention_until", UTCDateTime, nullable=False, index=True),
+            sa.Column("retention_until", UTCDateTime, nullable=False),
+            # For the retention purge. Every value row costs each index an insertion, the pipeline's
+            # main cost on a reversible run: on PostgreSQL it is a BRIN index (rows arrive roughly in
+            # retention order, and BRIN costs almost nothing to maintain); reveal goes by primary key.
+            sa.Index(f"ix_{prefix}_escrow_retention_until", "retention_until", postgresql_using="brin"),
             schema=schema,
         )
         return cls(batches, values)
@@ -127,6 +135,10 @@ class EscrowWriter:
         """Seal ``items`` as one batch and insert them in the caller's transaction; return rows written."""
         if not items:
             return 0
+        if isinstance(items, EscrowBlock):
+            if conn.dialect.name == "postgresql" and _native is not None and b"\\" not in items.pseudonyms:
+                return self._copy_block(conn, items, now)
+            items = items.items()
         if isinstance(items, EscrowItems):
             pseudonyms, tags, canonicals = items.pseudonyms, items.type_tags, items.canonicals
         else:
@@ -145,10 +157,8 @@ class EscrowWriter:
         if count >= 2**64:
             raise EscrowError("an escrow batch is limited to 2**64 values; use a smaller batch size")
         project = self._token.project
-        dek = AESGCM.generate_key(bit_length=256)
+        dek, batch_id = self._new_batch(conn, now)
         aead = AESGCM(dek)
-        batch_id = str(uuid.uuid4())
-        now = now or datetime.now(UTC)
         retention = self._token.retention_until
         nonces, nonces_text = _counter_nonces(count)
         if len(set(tags)) == 1:
@@ -158,13 +168,6 @@ class EscrowWriter:
         ad_prefix = associated_data(project, "")
         ads = map(ad_prefix.__add__, map(str.encode, pseudonyms))
         ciphertexts = list(map(aead.encrypt, nonces, plaintexts, ads))
-        conn.execute(self._tables.batches.insert(), {
-            "batch_id": batch_id,
-            "project": project,
-            "sealed_dek": seal_key(dek, self._token.escrow_public_key),  # type: ignore[arg-type]
-            "created_at": now,
-            "retention_until": retention,
-        })
         if conn.dialect.name == "postgresql":
             return self._copy(conn, project, pseudonyms, batch_id, nonces_text, ciphertexts, retention)
         rows: list[dict[str, Any]] = [
@@ -177,31 +180,69 @@ class EscrowWriter:
         conn.execute(self._tables.values.insert(), rows)
         return len(rows)
 
+    def _new_batch(self, conn: Connection, now: datetime | None) -> tuple[bytes, str]:
+        """A fresh data key, sealed to the escrow public key in a new batch row: (key, batch id)."""
+        dek = AESGCM.generate_key(bit_length=256)
+        batch_id = str(uuid.uuid4())
+        conn.execute(self._tables.batches.insert(), {
+            "batch_id": batch_id,
+            "project": self._token.project,
+            "sealed_dek": seal_key(dek, self._token.escrow_public_key),  # type: ignore[arg-type]
+            "created_at": now or datetime.now(UTC),
+            "retention_until": self._token.retention_until,
+        })
+        return dek, batch_id
+
+    def _copy_block(self, conn: Connection, block: EscrowBlock, now: datetime | None) -> int:
+        """An :class:`EscrowBlock` sealed and written by the C engine (OpenSSL's AES-256-GCM): the same rows
+        as :meth:`_copy` writes, without an object per value."""
+        if self._deterministic:  # one row per (project, pseudonym): the first occurrence in the batch
+            names = np.frombuffer(block.pseudonyms, dtype=f"S{block.width}")
+            _, first = np.unique(names, return_index=True)
+            if len(first) < len(names):
+                block = block.take(np.sort(first))
+        if len(block) >= 2**64:
+            raise EscrowError("an escrow batch is limited to 2**64 values; use a smaller batch size")
+        project = self._token.project
+        dek, batch_id = self._new_batch(conn, now)
+        retention = self._token.retention_until.astimezone(UTC).isoformat()
+        assert _native is not None
+        rows = _native.seal_rows(dek, associated_data(project, ""), block.type_tag.encode("ascii") + b"\x00",
+                                 block.pseudonyms, block.width, block.canonicals, block.ends.tobytes(),
+                                 (_pg_text(project) + "\t").encode("utf-8"), f"\t{batch_id}\t".encode("ascii"),
+                                 f"\t{retention}\n".encode("ascii"))
+        return self._copy_rows(conn, rows, len(block))
+
     def _copy(self, conn: Connection, project: str, pseudonyms: list[str], batch_id: str, nonces: list[str],
               ciphertexts: list[bytes], retention: datetime) -> int:
         """COPY the sealed rows (deterministic: through a staging table, keeping existing pseudonyms)."""
         count = len(pseudonyms)
-        values = self._tables.values
-        prep = conn.dialect.identifier_preparer
-        names = ("project", "pseudonym", "batch_id", "nonce", "ciphertext", "retention_until")
         columns = [encode_column([project]) * count, encode_column(pseudonyms), [batch_id] * count, nonces,
                    list(map("\\\\x".__add__, map(bytes.hex, ciphertexts))),
                    [retention.astimezone(UTC).isoformat()] * count]
+        return self._copy_rows(conn, build_rows(columns), count)
+
+    def _copy_rows(self, conn: Connection, rows: bytes, count: int) -> int:
+        """COPY escrow rows (COPY text of ``_ESCROW_COLUMNS``); deterministic: through a staging table,
+        keeping existing pseudonyms. Returns the rows written."""
+        values = self._tables.values
+        prep = conn.dialect.identifier_preparer
         table = prep.format_table(values)
-        listed = ", ".join(names)
+        listed = ", ".join(_ESCROW_COLUMNS)
         into = table
         if self._deterministic:
             # Spelled out rather than LIKE, which needs SELECT on the escrow table: the pipeline's
             # role may only insert there (include/sql/least_privilege.sql).
             into = prep.quote(f"_pseudonymise_escrow_stage_{values.name}"[:63])
-            spec = ", ".join(f"{n} {values.c[n].type.compile(conn.dialect)}" for n in names)
+            spec = ", ".join(f"{n} {values.c[n].type.compile(conn.dialect)}" for n in _ESCROW_COLUMNS)
             conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {into} ({spec}) ON COMMIT DROP")
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
-            cursor.copy_expert(f"COPY {into} ({listed}) FROM STDIN", io.BytesIO(build_rows(columns)), size=1 << 20)
+            cursor.copy_expert(f"COPY {into} ({listed}) FROM STDIN", io.BytesIO(rows), size=1 << 20)
             if not self._deterministic:
                 return count
-            cursor.execute(f"INSERT INTO {table} ({listed}) SELECT {listed} FROM {into} "
+            # in key order: the primary key's index is then written page after page, not at random
+            cursor.execute(f"INSERT INTO {table} ({listed}) SELECT {listed} FROM {into} ORDER BY pseudonym "
                            "ON CONFLICT (project, pseudonym) DO NOTHING")
             written = cursor.rowcount
             cursor.execute(f"TRUNCATE {into}")

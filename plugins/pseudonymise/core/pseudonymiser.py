@@ -18,6 +18,7 @@ import hashlib
 import json
 import operator
 import os
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -28,7 +29,8 @@ import numpy as np
 
 from pseudonymise.core.canonical import build_normaliser, canonical_many
 from pseudonymise.core.collisions import CollisionGuard
-from pseudonymise.core.errors import PolicyError, TokenKindError
+from pseudonymise.core.copytext import CopyBlock, _pg_text
+from pseudonymise.core.errors import DataIOError, InvalidTextError, PolicyError, TokenKindError
 from pseudonymise.core.formats import PseudonymFormat
 from pseudonymise.core.tokens import Token
 
@@ -37,6 +39,18 @@ ACTIONS: tuple[str, ...] = ("pseudonymise", "keep", "drop")
 DEFAULTS: tuple[str, ...] = ("error", "keep", "drop")
 PRIMARY_LABEL = b"pseudonymise/v1\x00"
 SECONDARY_LABEL = b"pseudonymise/v1/secondary\x00"
+
+try:  # the C engine (core/_native.c); the pure-Python one below gives the same pseudonyms
+    from pseudonymise.core import _native
+except ImportError:  # pragma: no cover - built with the package wherever a C compiler and libcrypto are
+    _native = None  # type: ignore[assignment]
+if os.environ.get("PSEUDONYMISE_PURE_PYTHON") == "1":
+    _native = None  # type: ignore[assignment]
+
+
+def native_engine() -> bool:
+    """Whether the C engine is in use (set ``PSEUDONYMISE_PURE_PYTHON=1`` to run without it)."""
+    return _native is not None
 
 
 # --- policy -----------------------------------------------------------------------------------
@@ -182,6 +196,11 @@ class _Keyed:
         return b"".join(out)
 
 
+def _make_keyed(key: bytes, label: bytes) -> Any:
+    """:class:`_Keyed`, or its C twin with the same ``mac``/``mac_many`` when the C engine is there."""
+    return _native.Keyed(key, label) if _native is not None else _Keyed(key, label)
+
+
 class _TransitKeyed:
     """The same messages as :class:`_Keyed`, HMAC'd by Vault Transit in whole batches."""
 
@@ -255,6 +274,39 @@ def _with_nulls(values: Sequence[Any], pseudonyms: list[str], nulls: int) -> lis
     return [None if v is None else next(it) for v in values]
 
 
+# --- COPY text blocks (the C engine) ----------------------------------------------------------
+_ALPHABET_CODES = {"hex": 0, "base32": 1, "base64url": 2, "digits": 3}
+_KEEP = (0, None, 0, 0, "", False, False)
+_DROP = (1, None, 0, 0, "", False, False)
+
+
+def _nfc_utf8(value: bytes) -> bytes:
+    """The C engine's callback for non-ASCII values: canonical bytes of text (NFC, UTF-8)."""
+    return unicodedata.normalize("NFC", value.decode("utf-8")).encode("utf-8")
+
+
+def _pseudonymise_block(block: CopyBlock, plan: list[tuple[Any, ...]]) -> tuple[bytes, int, list[tuple[Any, ...]]]:
+    """Run the C engine over a block; its errors become the engine's own."""
+    assert _native is not None
+    try:
+        return _native.copy_block(block.data, plan, _nfc_utf8)
+    except UnicodeError as exc:
+        raise InvalidTextError(
+            "a pseudonymised column holds text that is not valid UTF-8; fix the source encoding"
+        ) from exc
+    except ValueError as exc:
+        raise DataIOError(f"the source's COPY text could not be read: {exc}") from exc
+
+
+def _column_plan(fmt: PseudonymFormat, keyed: Any, collect: bool, nfc: bool) -> tuple[Any, ...]:
+    return (2, keyed, _ALPHABET_CODES[fmt.alphabet], fmt.length, _pg_text(fmt.prefix), collect, nfc)
+
+
+def _guard_pseudonyms(fmt: PseudonymFormat, macs: bytes) -> list[str] | None:
+    """What the collision guard needs beside the MACs: nothing for formats spelling the MAC's bits."""
+    return None if fmt.spells_leading_bits else fmt.encode_many(macs)
+
+
 # --- results ----------------------------------------------------------------------------------
 @dataclass
 class Stats:
@@ -289,7 +341,26 @@ class EscrowItem:
     canonical: bytes = field(repr=False)
 
 
-class EscrowItems(Sequence[EscrowItem]):
+class _Items(Sequence[EscrowItem]):
+    """A sequence of :class:`EscrowItem` made on demand from column-wise storage (``_item``)."""
+
+    __slots__ = ()
+
+    def _item(self, index: int) -> EscrowItem:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> EscrowItem: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[EscrowItem]: ...
+
+    def __getitem__(self, index: int | slice) -> EscrowItem | list[EscrowItem]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._item(range(len(self))[index])
+
+
+class EscrowItems(_Items):
     """The :class:`EscrowItem` of a batch held column by column (no object per value until one is asked for)."""
 
     __slots__ = ("canonicals", "pseudonyms", "type_tags")
@@ -307,14 +378,7 @@ class EscrowItems(Sequence[EscrowItem]):
     def __len__(self) -> int:
         return len(self.pseudonyms)
 
-    @overload
-    def __getitem__(self, index: int) -> EscrowItem: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[EscrowItem]: ...
-
-    def __getitem__(self, index: int | slice) -> EscrowItem | list[EscrowItem]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+    def _item(self, index: int) -> EscrowItem:
         return EscrowItem(self.pseudonyms[index], self.type_tags[index], self.canonicals[index])
 
     def __iter__(self) -> Iterator[EscrowItem]:
@@ -329,6 +393,60 @@ class EscrowItems(Sequence[EscrowItem]):
         return f"EscrowItems({len(self)} items)"
 
 
+class EscrowBlock(_Items):
+    """What escrow must seal for a block of COPY text rows, without an object per value: the pseudonyms
+    (UTF-8, ``width`` bytes each, one after the other), the canonical bytes one after the other with
+    their ``ends`` (``ends[i]:ends[i+1]`` is value ``i``; ``ends[0] == 0``), and one type tag for all."""
+
+    __slots__ = ("canonicals", "ends", "pseudonyms", "type_tag", "width")
+
+    def __init__(self, pseudonyms: bytes, width: int, canonicals: bytes, ends: np.ndarray, type_tag: str = "str") -> None:
+        self.pseudonyms, self.width, self.canonicals, self.type_tag = pseudonyms, width, canonicals, type_tag
+        self.ends = np.asarray(ends, dtype=np.uint64)
+        if len(self.ends) != len(pseudonyms) // max(width, 1) + 1 or len(pseudonyms) % max(width, 1):
+            raise ValueError("an escrow block needs n pseudonyms of `width` bytes and n + 1 ends")
+
+    @classmethod
+    def concat(cls, blocks: Sequence[EscrowBlock]) -> EscrowBlock:
+        first = blocks[0]
+        if len(blocks) == 1:
+            return first
+        offsets = np.cumsum([0] + [len(b.canonicals) for b in blocks[:-1]], dtype=np.uint64)
+        ends = np.concatenate([blocks[0].ends[:1]] + [b.ends[1:] + o for b, o in zip(blocks, offsets, strict=True)])
+        return cls(b"".join(b.pseudonyms for b in blocks), first.width, b"".join(b.canonicals for b in blocks),
+                   ends, first.type_tag)
+
+    def take(self, positions: Sequence[int] | np.ndarray) -> EscrowBlock:
+        """The values at ``positions`` (in that order)."""
+        positions = np.asarray(positions, dtype=np.intp)
+        starts, stops = self.ends[:-1][positions], self.ends[1:][positions]
+        canonicals = b"".join(map(self.canonicals.__getitem__, map(slice, starts.tolist(), stops.tolist())))
+        ends = np.zeros(len(positions) + 1, dtype=np.uint64)
+        np.cumsum(stops - starts, out=ends[1:])
+        names = (np.frombuffer(self.pseudonyms, dtype=f"S{self.width}")[positions].tobytes()
+                 if self.width and len(positions) else b"")
+        return EscrowBlock(names, self.width, canonicals, ends, self.type_tag)
+
+    def __len__(self) -> int:
+        return len(self.ends) - 1
+
+    def _item(self, index: int) -> EscrowItem:
+        pseudonym = self.pseudonyms[index * self.width:(index + 1) * self.width].decode("utf-8")
+        return EscrowItem(pseudonym, self.type_tag, self.canonicals[int(self.ends[index]):int(self.ends[index + 1])])
+
+    def items(self) -> EscrowItems:
+        """The same values as :class:`EscrowItems` (for a store other than PostgreSQL)."""
+        out = EscrowItems()
+        bounds = self.ends.tolist()
+        out.add([self.pseudonyms[i:i + self.width].decode("utf-8") for i in range(0, len(self.pseudonyms), self.width)],
+                [self.type_tag] * len(self),
+                list(map(self.canonicals.__getitem__, map(slice, bounds[:-1], bounds[1:]))))
+        return out
+
+    def __repr__(self) -> str:
+        return f"EscrowBlock({len(self)} items)"
+
+
 @dataclass
 class Batch:
     """An output batch: columns in order, their counts, and the items escrow must seal.
@@ -337,7 +455,7 @@ class Batch:
     listed again (see :class:`_Escrowed`): write every batch's escrow, in order, in the run's transaction.
     """
 
-    columns: dict[str, list[Any]]
+    columns: dict[str, list[Any]] | CopyBlock
     stats: Stats
     escrow: Sequence[EscrowItem] = field(default_factory=list)
 
@@ -376,13 +494,14 @@ class Pseudonymiser:
         self._escrowed = _Escrowed() if self.reversible and not self.randomised else None
         self._keyed: dict[str, _Keyed] = {}
         self._key = token.key
+        self._plans: dict[tuple[str, ...], list[tuple[Any, ...]] | None] = {}
 
     def _keyed_for(self, domain: str) -> _Keyed:
         keyed = self._keyed.get(domain)
         if keyed is None:
             label = PRIMARY_LABEL + domain.encode("utf-8") + b"\x00"
             keyed = self._keyed[domain] = (
-                _TransitKeyed(self._transit, label) if self._transit is not None else _Keyed(self._key, label)  # type: ignore[assignment]
+                _TransitKeyed(self._transit, label) if self._transit is not None else _make_keyed(self._key, label)  # type: ignore[assignment]
             )
         return keyed
 
@@ -420,8 +539,67 @@ class Pseudonymiser:
         stats.values_pseudonymised += len(pseudonyms)
         return _with_nulls(values, pseudonyms, nulls)
 
-    def pseudonymise_batch(self, columns: Mapping[str, Sequence[Any]]) -> Batch:
-        """Apply the policy to one batch; the policy is checked against the batch's columns first."""
+    def takes_copy_blocks(self, columns: Sequence[str]) -> bool:
+        """Whether :meth:`pseudonymise_batch` can take :class:`CopyBlock` rows of these source columns:
+        with the C engine, the key at hand (not in Vault Transit) and no normaliser in the policy."""
+        return self._copy_plan(columns) is not None
+
+    def _copy_plan(self, columns: Sequence[str]) -> list[tuple[Any, ...]] | None:
+        key = tuple(columns)
+        if key not in self._plans:
+            self._plans[key] = self._make_copy_plan(columns)
+        return self._plans[key]
+
+    def _make_copy_plan(self, columns: Sequence[str]) -> list[tuple[Any, ...]] | None:
+        if _native is None or self._transit is not None:
+            return None
+        plan: list[tuple[Any, ...]] = []
+        for rule in self.policy.plan(columns):
+            if rule.action == "pseudonymise":
+                if rule.normalise:
+                    return None
+                keyed = None if self.randomised else self._keyed_for(rule.domain)
+                plan.append(_column_plan(self.format, keyed, self.reversible, True))
+            else:
+                plan.append(_KEEP if rule.action == "keep" else _DROP)
+        return plan if any(p[0] != 1 for p in plan) else None
+
+    def _pseudonymise_copy(self, block: CopyBlock, columns: Sequence[str]) -> Batch:
+        plan = self._copy_plan(columns)
+        if plan is None:
+            raise PolicyError("this run cannot pseudonymise COPY text directly; read the source as columns")
+        rules = [r for r in self.policy.plan(columns) if r.action == "pseudonymise"]
+        out, rows, results = _pseudonymise_block(block, plan)
+        stats = Stats(rows_in=rows, rows_out=rows)
+        sealed: list[EscrowBlock] = []
+        for rule, (macs, nulls, canonicals, ends) in zip(rules, results, strict=True):
+            count = len(macs) // 32
+            self._guard.add(rule.column, macs, _guard_pseudonyms(self.format, macs), count=count)
+            if self.reversible:
+                fresh = self._escrowed.unsealed(macs) if self._escrowed is not None else None
+                width = len(self.format.prefix.encode("utf-8")) + self.format.length
+                names = _native.encode(macs, _ALPHABET_CODES[self.format.alphabet], self.format.length,
+                                       self.format.prefix.encode("utf-8"))
+                # COPY text gives text: the same type tag as the column path, which decodes it to str
+                block_items = EscrowBlock(names, width, canonicals, np.frombuffer(ends, dtype=np.uint64))
+                sealed.append(block_items if fresh is None else block_items.take(fresh))
+            stats.nulls += nulls
+            stats.values_pseudonymised += count
+        if self._escrowed is not None:
+            self._escrowed.end_batch()
+        self.stats.add(stats)
+        escrow = EscrowBlock.concat(sealed) if sealed else None
+        return Batch(CopyBlock(out, rows), stats, escrow if escrow is not None else [])
+
+    def pseudonymise_batch(self, columns: Mapping[str, Sequence[Any]] | CopyBlock,
+                           source_columns: Sequence[str] | None = None) -> Batch:
+        """Apply the policy to one batch; the policy is checked against the batch's columns first.
+
+        A :class:`CopyBlock` (rows of ``source_columns`` in COPY text) gives a :class:`Batch` whose
+        ``columns`` is a :class:`CopyBlock` too, when :meth:`takes_copy_blocks` says so.
+        """
+        if isinstance(columns, CopyBlock):
+            return self._pseudonymise_copy(columns, source_columns or ())
         rows = _batch_size(columns)
         plan = self.policy.plan(list(columns))
         stats = Stats(rows_in=rows, rows_out=rows)
@@ -471,8 +649,36 @@ class SecondaryPseudonymiser:
         self.format = token.format
         self.stats = Stats()
         self._keyed = _TransitKeyed(transit, SECONDARY_LABEL) if transit is not None else \
-            _Keyed(token.key, SECONDARY_LABEL)  # type: ignore[arg-type]
+            _make_keyed(token.key, SECONDARY_LABEL)  # type: ignore[arg-type]
         self._guard = CollisionGuard(self.format, randomised=False)
+        self._transit = transit
+        self._plans: dict[tuple[str, ...], list[tuple[Any, ...]] | None] = {}
+
+    def takes_copy_blocks(self, columns: Sequence[str]) -> bool:
+        """Whether :meth:`pseudonymise_batch` can take :class:`CopyBlock` rows of these source columns."""
+        key = tuple(columns)
+        if key not in self._plans:
+            plan = None
+            if _native is not None and self._transit is None:
+                plan = [_column_plan(self.format, self._keyed, False, False) if r.action == "pseudonymise"
+                        else _KEEP if r.action == "keep" else _DROP for r in self.policy.plan(columns)]
+                plan = plan if any(p[0] != 1 for p in plan) else None
+            self._plans[key] = plan
+        return self._plans[key] is not None
+
+    def _pseudonymise_copy(self, block: CopyBlock, columns: Sequence[str]) -> Batch:
+        if not self.takes_copy_blocks(columns):
+            raise PolicyError("this run cannot pseudonymise COPY text directly; read the source as columns")
+        rules = [r for r in self.policy.plan(columns) if r.action == "pseudonymise"]
+        out, rows, results = _pseudonymise_block(block, self._plans[tuple(columns)])  # type: ignore[arg-type]
+        stats = Stats(rows_in=rows, rows_out=rows)
+        for rule, (macs, nulls, _, _) in zip(rules, results, strict=True):
+            count = len(macs) // 32
+            self._guard.add(rule.column, macs, _guard_pseudonyms(self.format, macs), count=count)
+            stats.nulls += nulls
+            stats.values_pseudonymised += count
+        self.stats.add(stats)
+        return Batch(CopyBlock(out, rows), stats)
 
     def output_columns(self, columns: Sequence[str]) -> list[str]:
         return [r.column for r in self.policy.plan(columns) if r.action != "drop"]
@@ -493,7 +699,10 @@ class SecondaryPseudonymiser:
         stats.values_pseudonymised += len(pseudonyms)
         return _with_nulls(values, pseudonyms, nulls)
 
-    def pseudonymise_batch(self, columns: Mapping[str, Sequence[Any]]) -> Batch:
+    def pseudonymise_batch(self, columns: Mapping[str, Sequence[Any]] | CopyBlock,
+                           source_columns: Sequence[str] | None = None) -> Batch:
+        if isinstance(columns, CopyBlock):
+            return self._pseudonymise_copy(columns, source_columns or ())
         rows = _batch_size(columns)
         stats = Stats(rows_in=rows, rows_out=rows)
         out: dict[str, list[Any]] = {}

@@ -25,7 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from pseudonymise.core.copytext import CopyText, build_rows, decode_column, encode_column, split_rows
+from pseudonymise.core.copytext import CopyBlock, CopyText, build_rows, decode_column, encode_column, split_rows
 from pseudonymise.core.copytext import _pg_text as _pg_text
 from pseudonymise.core.copytext import copy_text_fields as copy_text_fields
 from pseudonymise.core.db import advisory_lock
@@ -149,8 +149,9 @@ class PostgresCopySource:
         """Yield ``columns`` as :class:`CopyText` (still escaped), for a COPY target that writes them as they are."""
         self._as_text = {c for c in columns if c in self.columns}
 
-    def batches(self) -> Iterator[dict[str, list[Any]]]:
-        """Batches of exactly ``batch_size`` rows (the last one shorter)."""
+    def _chunks(self) -> Iterator[bytes]:
+        """The COPY text as it arrives, cut after the last complete row of each read (so every chunk
+        is whole rows, each ending with a newline)."""
         read_fd, write_fd = os.pipe()
         with contextlib.suppress(OSError):  # not Linux, or above the system's limit: the default size works too
             fcntl.fcntl(write_fd, _F_SETPIPE_SZ, _PIPE_BYTES)
@@ -167,8 +168,6 @@ class PostgresCopySource:
 
         thread = threading.Thread(target=pump, name="pseudonymise-copy-out", daemon=True)
         thread.start()
-        width, per_batch = len(self.columns), self.batch_size * len(self.columns)
-        pending: list[str] = []
         tail = b""
         finished = False
         try:
@@ -180,22 +179,13 @@ class PostgresCopySource:
                         tail = data
                         continue
                     tail = data[cut + 1 :]
-                    fields = split_rows(data[:cut].decode("utf-8"), width)
-                    if fields is None:
-                        raise DataIOError(f"reading the source {self.label} failed: a COPY row does not have "
-                                          f"{width} fields")
-                    pending += fields
-                    while len(pending) >= per_batch:
-                        yield self._batch(pending[:per_batch])
-                        del pending[:per_batch]
+                    yield data[: cut + 1] if tail else data
                 thread.join()
                 if failure:
                     raise DataIOError(f"reading the source {self.label} failed ({failure[0].__class__.__name__}: "
                                       f"{_first_line(failure[0])})") from failure[0]
                 if tail:
                     raise DataIOError(f"reading the source {self.label} failed: the COPY data ended mid-row")
-                if pending:
-                    yield self._batch(pending)
                 finished = True
         finally:
             if not finished and thread.is_alive():
@@ -205,6 +195,39 @@ class PostgresCopySource:
                 raw.close()
             else:
                 raw.invalidate()  # it may be mid-COPY: never hand it back to the pool
+
+    def batches(self) -> Iterator[dict[str, list[Any]]]:
+        """Batches of exactly ``batch_size`` rows (the last one shorter)."""
+        width, per_batch = len(self.columns), self.batch_size * len(self.columns)
+        pending: list[str] = []
+        with contextlib.closing(self._chunks()) as chunks:
+            for data in chunks:
+                fields = split_rows(data[:-1].decode("utf-8"), width)
+                if fields is None:
+                    raise DataIOError(f"reading the source {self.label} failed: a COPY row does not have "
+                                      f"{width} fields")
+                pending += fields
+                while len(pending) >= per_batch:
+                    yield self._batch(pending[:per_batch])
+                    del pending[:per_batch]
+        if pending:
+            yield self._batch(pending)
+
+    def copy_blocks(self) -> Iterator[CopyBlock]:
+        """The COPY text itself in blocks of whole rows, about ``batch_size`` rows each (at least
+        ``batch_size``, but for the last), for an engine that works on COPY text directly."""
+        pending: list[bytes] = []
+        rows = 0
+        with contextlib.closing(self._chunks()) as chunks:
+            for data in chunks:
+                pending.append(data)
+                rows += data.count(b"\n")
+                if rows >= self.batch_size:
+                    yield CopyBlock(b"".join(pending), rows)
+                    pending.clear()
+                    rows = 0
+        if pending:
+            yield CopyBlock(b"".join(pending), rows)
 
     def _batch(self, fields: list[str]) -> dict[str, list[Any]]:
         width = len(self.columns)
@@ -374,17 +397,29 @@ class TableSink:
             self.conn.execute(sa.delete(t).where(cond))
         self._prepared = True
 
-    def write(self, batch: dict[str, list[Any]]) -> None:
+    @property
+    def takes_copy_blocks(self) -> bool:
+        """Whether :meth:`write` takes :class:`CopyBlock` rows as well as columns (a COPY target)."""
+        return self.copy
+
+    def write(self, batch: dict[str, list[Any]] | CopyBlock) -> None:
         if self.table is None:
-            self._create(batch)
+            self._create(batch if isinstance(batch, dict) else {})
             self._prepare()
+        if isinstance(batch, CopyBlock):
+            if not self.copy:
+                raise PolicyError("COPY text rows can only be written to a PostgreSQL target with COPY")
+            if batch.rows:
+                self._copy(batch.data)
+                self.rows_written += batch.rows
+            return
         cols = [batch[c] for c in self.columns]
         n = len(cols[0]) if cols else 0
         if n == 0:
             return
         try:
             if self.copy:
-                self._copy(cols)
+                self._copy(build_rows([encode_column(c) for c in cols]))
             else:
                 self._insert([decode_column(c) if isinstance(c, CopyText) else c for c in cols])
         except sa.exc.SQLAlchemyError as exc:
@@ -414,7 +449,8 @@ class TableSink:
         return stmt.on_conflict_do_update(index_elements=self.target.upsert_key, set_=updates) if updates \
             else stmt.on_conflict_do_nothing(index_elements=self.target.upsert_key)
 
-    def _copy(self, cols: list[list[Any]]) -> None:
+    def _copy(self, rows: bytes) -> None:
+        """COPY rows of COPY text into the target (or the upsert's staging table)."""
         assert self.table is not None
         prep = self.conn.dialect.identifier_preparer
         if self.target.mode == "upsert" and self._staging is None:
@@ -425,7 +461,7 @@ class TableSink:
         into = self._staging or prep.format_table(self.table)
         cursor = self.conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
-            data = io.BytesIO(build_rows([encode_column(c) for c in cols]))
+            data = io.BytesIO(rows)
             cursor.copy_expert(f"COPY {into} ({', '.join(prep.quote(c) for c in self.columns)}) FROM STDIN", data,
                                size=1 << 20)
         except Exception as exc:
