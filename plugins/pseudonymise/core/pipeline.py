@@ -170,7 +170,7 @@ def run_pseudonymisation(store: Store, raw_token: str, keys: TrustedKeys, policy
             SecondaryPseudonymiser(use.token, policy, mac) if secondary else Pseudonymiser(use.token, policy, mac)
         )
         out_columns = engine.output_columns(source.columns)  # policy errors before anything is written
-        escrow = EscrowWriter(use.token, store.escrow) if not secondary and use.token.reversible else None
+        escrow = EscrowWriter(use.token, store.escrow, defer=True) if not secondary and use.token.reversible else None
         escrow_rows = [0]  # counted by the writer, added to the stats once the writes are done
         sink: Sink | None = None
         try:
@@ -184,6 +184,8 @@ def run_pseudonymisation(store: Store, raw_token: str, keys: TrustedKeys, policy
                         progress(engine.stats)
                 engine.finish()  # the collision check completes before anything commits
                 writes.drain()
+                if escrow is not None:
+                    escrow_rows[0] += escrow.flush(conn)
                 engine.stats.escrow_rows += escrow_rows[0]
                 sink.commit()
                 use.succeed(conn, engine.stats.as_dict(), details={"key_version": use.token.key_version})
