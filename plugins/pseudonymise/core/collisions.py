@@ -31,6 +31,45 @@ MEMORY_RECORDS = 1 << 17
 _SPILL_BUFFER = 1 << 18  # bytes buffered per partition file: few, large writes
 
 
+class RecentMacs:
+    """A fixed table of MACs seen lately (32 MiB at most, touched as used), direct-mapped on the MAC's
+    first bits. A MAC is only ever reported as known when that exact MAC is in its slot; a slot taken by
+    another MAC merely forgets the earlier one."""
+
+    def __init__(self, slots: int = 1 << 20) -> None:
+        self._macs = np.zeros((slots, 4), dtype=np.uint64)  # zero pages cost nothing until touched
+        self._rows = self._macs.view("V32").reshape(-1)
+        self._used = np.zeros(slots, dtype=bool)
+        self._mask = np.uint64(slots - 1)
+
+    @staticmethod
+    def words(macs: bytes) -> np.ndarray:
+        return np.frombuffer(macs, dtype=np.uint64).reshape(-1, 4)
+
+    def _slots(self, words: np.ndarray) -> np.ndarray:
+        return (words[:, 0] & self._mask).astype(np.intp)
+
+    def known(self, words: np.ndarray) -> np.ndarray:
+        """Whether each MAC (rows of four 64-bit words) is in the table."""
+        slot = self._slots(words)
+        held = np.take(self._macs, slot, axis=0)  # take and per-word compares: several times faster than fancy indexing
+        same = (held[:, 0] == words[:, 0]) & (held[:, 1] == words[:, 1]) & (held[:, 2] == words[:, 2]) \
+            & (held[:, 3] == words[:, 3])
+        return same & self._used[slot]
+
+    def remember(self, words: np.ndarray) -> None:
+        slot = self._slots(words)
+        self._rows[slot] = np.ascontiguousarray(words).view("V32").reshape(-1)
+        self._used[slot] = True
+
+    def unseen(self, macs: bytes) -> np.ndarray | None:
+        """Positions of the MACs not seen before (``None``: none was seen); all are remembered."""
+        words = self.words(macs)
+        known = self.known(words)
+        self.remember(words)
+        return np.flatnonzero(~known) if known.any() else None
+
+
 class CollisionGuard:
     """Remembers every (pseudonym, MAC) of a run and fails it if one pseudonym ever comes from two MACs.
 
@@ -46,6 +85,9 @@ class CollisionGuard:
         self._resident = np.empty(0, dtype=RECORD)  # sorted by key
         self._spill: list[IO[bytes] | None] | None = None
         self.spilled_records = 0
+        # a deterministic run sees most values again and again: a value whose exact MAC is already
+        # recorded adds nothing to the check (a randomised run records every occurrence)
+        self._recent = None if randomised else RecentMacs()
 
     def _column_index(self, column: str) -> int:
         try:
@@ -63,6 +105,14 @@ class CollisionGuard:
         count = len(blob) // 32 if count is None else count
         if not count:
             return
+        if self._recent is not None:
+            fresh = self._recent.unseen(blob)
+            if fresh is not None:
+                if not len(fresh):
+                    return
+                blob = np.frombuffer(blob, dtype=np.uint8).reshape(-1, 32)[fresh].tobytes()
+                pseudonyms = [pseudonyms[i] for i in fresh.tolist()] if pseudonyms is not None else None
+                count = len(fresh)
         records = np.empty(count, dtype=RECORD)
         if self.format.spells_leading_bits:
             records["key"] = np.frombuffer(blob, dtype=">u8")[::4]

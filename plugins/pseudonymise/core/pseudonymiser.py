@@ -28,7 +28,7 @@ from typing import Any, Literal, overload
 import numpy as np
 
 from pseudonymise.core.canonical import build_normaliser, canonical_many
-from pseudonymise.core.collisions import CollisionGuard
+from pseudonymise.core.collisions import CollisionGuard, RecentMacs
 from pseudonymise.core.copytext import CopyBlock, _pg_text
 from pseudonymise.core.errors import DataIOError, InvalidTextError, PolicyError, TokenKindError
 from pseudonymise.core.formats import PseudonymFormat
@@ -235,34 +235,29 @@ def _without_nulls(values: Sequence[Any]) -> tuple[list[Any], int]:
 
 
 class _Escrowed:
-    """The MACs a deterministic run has already handed to escrow, in a fixed table (32 MiB at most).
+    """The MACs a deterministic run has already handed to escrow (a :class:`RecentMacs` table).
 
     A value sealed in an earlier batch of the run is not sealed and written again: its row is
-    already in this run's transaction. The table is direct-mapped on the MAC's first bits and holds
-    whole MACs, so a value is skipped only when its exact MAC is there; a slot another value took
-    merely forgets (the value is then sealed again and escrow keeps its first row).
+    already in this run's transaction. Only whole MACs match, so a value is skipped only when its
+    exact MAC is there; a slot another value took merely forgets (the value is then sealed again and
+    escrow keeps one row). A batch's MACs are remembered once the batch is done.
     """
 
     def __init__(self, slots: int = 1 << 20) -> None:
-        self._macs = np.zeros((slots, 4), dtype=np.uint64)  # zero pages cost nothing until touched
-        self._used = np.zeros(slots, dtype=bool)
-        self._mask = np.uint64(slots - 1)
+        self._table = RecentMacs(slots)
         self._batch: list[np.ndarray] = []
 
     def unsealed(self, macs: bytes) -> np.ndarray | None:
         """Positions of the MACs an earlier batch did not seal; ``None`` when it sealed none of them."""
-        words = np.frombuffer(macs, dtype=np.uint64).reshape(-1, 4)
+        words = RecentMacs.words(macs)
         self._batch.append(words)
-        slot = (words[:, 0] & self._mask).astype(np.intp)
-        known = self._used[slot] & (self._macs[slot] == words).all(axis=1)
+        known = self._table.known(words)
         return np.flatnonzero(~known) if known.any() else None
 
     def end_batch(self) -> None:
         """The batch's MACs are sealed (its escrow is written before the next batch's, in one transaction)."""
         for words in self._batch:
-            slot = (words[:, 0] & self._mask).astype(np.intp)
-            self._macs[slot] = words
-            self._used[slot] = True
+            self._table.remember(words)
         self._batch.clear()
 
 
