@@ -380,10 +380,11 @@ class Bench:
                "BENCH_CONFIG": json.dumps(cfg)}
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", case]
         if self.args.profile:
-            # py-spy: collapsed stacks of the thread holding the GIL (the pipeline is GIL-bound)
+            # py-spy: collapsed stacks of every busy thread, C frames included (the C engine runs
+            # without the GIL, on the main thread, while the COPY threads move the data)
             out = Path(self.args.profile) / f"{case}-{cfg.get('target', case)}-{time.time_ns()}.txt"
             command = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw", "--threads",
-                       "--gil", "--nonblocking", "--rate", "250", "--output", str(out), "--", *command]
+                       "--native", "--rate", "250", "--output", str(out), "--", *command]
         return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def collect(self, case: str, proc: subprocess.Popen[str]) -> Result:
@@ -540,7 +541,7 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,ranges,big")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run (a)-(d), (f) and the ranges this many times, interleaved, and report the median")
-    parser.add_argument("--profile", metavar="DIR", help="record each case with py-spy (pip install py-spy) into DIR")
+    parser.add_argument("--profile", metavar="DIR", help="record each case with py-spy (pinned in requirements.txt) into DIR")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
