@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -306,8 +307,6 @@ def run_rekey(store: Store, reverse_token: str, new_token: str, keys: TrustedKey
         assert reverse_use.token is not None and new_use.token is not None
         if reverse_use.token.project != new_use.token.project:
             raise PolicyError("the reverse token and the new pseudonymisation token belong to different projects")
-        policy = ColumnPolicy({c: ColumnRule(c, domain=d) for c, d in columns.items()}, "keep")
-        pz = Pseudonymiser(new_use.token, policy)
         escrow = EscrowWriter(new_use.token, store.escrow) if new_use.token.reversible else None
         stats = Stats()
         with store.engine.begin() as conn:
@@ -315,9 +314,16 @@ def run_rekey(store: Store, reverse_token: str, new_token: str, keys: TrustedKey
             missing = [c for c in columns if c not in t.c]
             if missing:
                 raise PolicyError(f"column(s) {', '.join(map(repr, missing))} are not in {target}")
-            for column, _domain in columns.items():
+            for column, domain in columns.items():
+                pz = Pseudonymiser(new_use.token, ColumnPolicy({column: ColumnRule(column, domain=domain)}))
                 col = t.c[column]
                 old = [r[0] for r in conn.execute(sa.select(col).where(col.is_not(None)).distinct())]
+                # old -> new in a temporary table, then one UPDATE … FROM: every row changes once, even
+                # where a new pseudonym happens to equal another old one
+                mapping = sa.Table(f"_pseudonymise_rekey_{uuid.uuid4().hex[:12]}", sa.MetaData(),
+                                   sa.Column("old", sa.Text, primary_key=True), sa.Column("new", sa.Text),
+                                   prefixes=["TEMPORARY"])
+                mapping.create(conn)
                 for start in range(0, len(old), batch_size):
                     chunk = old[start:start + batch_size]
                     revealed = reveal(conn, store.escrow, reverse_use.token, chunk)
@@ -329,10 +335,11 @@ def run_rekey(store: Store, reverse_token: str, new_token: str, keys: TrustedKey
                     batch = pz.pseudonymise_batch({column: [revealed.values[p] for p in chunk]})
                     if escrow is not None:
                         stats.escrow_rows += escrow.write(conn, batch.escrow)
-                    pairs = [{"old": o, "new": n} for o, n in zip(chunk, batch.columns[column], strict=True)]
-                    conn.execute(sa.update(t).where(col == sa.bindparam("old")).values({column: sa.bindparam("new")}),
-                                 pairs)
-                    stats.values_pseudonymised += len(pairs)
+                    conn.execute(mapping.insert(), [{"old": o, "new": n}
+                                                    for o, n in zip(chunk, batch.columns[column], strict=True)])
+                    stats.values_pseudonymised += len(chunk)
+                conn.execute(sa.update(t).values({column: mapping.c.new}).where(col == mapping.c.old))
+                mapping.drop(conn)
             counts = {**stats.as_dict(), "rows_in": stats.values_pseudonymised, "rows_out": stats.values_pseudonymised}
             reverse_use.succeed(conn, counts, details={"rekey_to_key_version": new_use.token.key_version})
             new_use.succeed(conn, counts, details={"key_version": new_use.token.key_version,
