@@ -63,9 +63,12 @@ def test_sigkill_while_extracting_or_committing(world: dict[str, Any], point: st
         _wait_for(world["urls"]["hospital"], "SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND datname = current_database()")
     else:
         engine = sa.create_engine(research)
-        with engine.begin() as conn:  # a deferred trigger that sleeps inside COMMIT, after the load
-            conn.execute(sa.text("CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
-                                 "$$ BEGIN PERFORM pg_sleep(5); RETURN NULL; END $$"))
+        with engine.begin() as conn:  # a deferred trigger that sleeps inside COMMIT (once), after the load
+            conn.execute(sa.text(
+                "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                " IF current_setting('pseudonymise_test.slept', true) IS DISTINCT FROM 'yes' THEN"
+                " PERFORM set_config('pseudonymise_test.slept', 'yes', true); PERFORM pg_sleep(5); END IF;"
+                " RETURN NULL; END $$"))
             conn.execute(sa.text("CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON visits DEFERRABLE INITIALLY DEFERRED"
                                  " FOR EACH ROW EXECUTE FUNCTION slow_commit()"))
         engine.dispose()
