@@ -19,7 +19,10 @@ import sqlalchemy as sa
 from pseudonymise.core.issuer import Issuer
 
 from tests.airflow.conftest import AIRFLOW, ROOT, pg_conn
+from tests.airflow.retry import fault_then_retry
 from tests.airflow.test_operators import _spec, audit_rows, rows, world  # noqa: F401
+from tests.airflow.test_token_sources import _vault_conn
+from tests.restartable_openbao import RestartableOpenBao, restartable_openbao  # noqa: F401
 from tests.services import free_port, start_postgres
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres]
@@ -135,21 +138,24 @@ def test_unreachable_audit_database_refuses_the_token(world: dict[str, Any]) -> 
     assert not sa.inspect(sa.create_engine(world["urls"]["research"])).has_table("visits")
 
 
-def test_unreachable_vault_is_a_clear_denied_use(world: dict[str, Any]) -> None:  # noqa: F811
+@pytest.mark.vault
+def test_unreachable_vault_is_a_clear_denied_use_and_the_retry_gives_identical_rows(
+        world: dict[str, Any], restartable_openbao: RestartableOpenBao) -> None:  # noqa: F811
+    """Its own OpenBao, with storage on disk, so stopping it disturbs no other test and it comes back
+    with the secret on the same address."""
+    bao = restartable_openbao
+    bao.client().secrets.kv.v2.create_or_update_secret(
+        path="pseudonymise/research-a", secret={"token": world["token"]}, mount_point="secret")
     keys = world["connections"]["pseudonymise_research"]["extra"]["issuer_keys"]
     connections = {
         **world["connections"],
-        "vault_default": {"conn_type": "vault", "host": "127.0.0.1", "port": free_port(), "password": "x",
-                          "schema": "secret", "extra": {"auth_type": "token", "kv_engine_version": 2}},
+        "vault_default": _vault_conn(bao),
         "pseudonymise_research": {"conn_type": "pseudonymise", "extra": {
             "issuer_keys": keys, "vault_conn_id": "vault_default", "vault_path": "pseudonymise/research-a"}},
     }
-    run = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", connections, spec=_spec(world))
-    assert run.returncode != 0
-    assert "could not be read from Vault" in run.output
-    audit = audit_rows(world["urls"]["research"])
-    assert [a["outcome"] for a in audit] == ["started", "denied"]
-    assert audit[1]["error_class"] == "TokenUnavailableError"
+    fault_then_retry(world, connections, bao.stop, bao.start, message="could not be read from Vault",
+                     outcome="denied", secrets=[world["token"]],
+                     spec=_spec(world, write_mode="replace_partition", partition_column="visit_date"))
 
 
 def test_disk_full_for_a_file_target_leaves_no_file(issuer: Issuer, tmp_path: Path) -> None:

@@ -4,12 +4,14 @@ Airflow's VaultBackend secrets backend (real OpenBao dev server); no secret in a
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import hvac
 import pytest
 
 from tests.airflow.conftest import ROOT, AirflowWorld
+from tests.airflow.retry import fault_then_retry
 from tests.airflow.test_operators import audit_rows, rows, world  # noqa: F401 - the shared fixture
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.vault]
@@ -54,21 +56,28 @@ def test_token_from_vault_kv_reference(world: dict[str, Any], openbao: Any) -> N
         assert secret not in airflow.all_logs()
 
 
-def test_vault_secret_missing_is_a_clear_denied_use(world: dict[str, Any], openbao: Any) -> None:  # noqa: F811
+def test_vault_secret_missing_is_a_clear_denied_use_and_the_retry_gives_identical_rows(
+        world: dict[str, Any], openbao: Any) -> None:  # noqa: F811
+    path = f"pseudonymise/missing-{uuid.uuid4().hex[:8]}"
+    kv = _kv(openbao).secrets.kv.v2
+
+    def write_secret() -> None:
+        kv.create_or_update_secret(path=path, secret={"token": world["token"]}, mount_point="secret")
+
+    write_secret()
     keys = world["connections"]["pseudonymise_research"]["extra"]["issuer_keys"]
     connections = {
         **world["connections"],
         "vault_default": _vault_conn(openbao),
         "pseudonymise_research": {"conn_type": "pseudonymise", "extra": {
-            "issuer_keys": keys, "vault_conn_id": "vault_default", "vault_path": "pseudonymise/does-not-exist"}},
+            "issuer_keys": keys, "vault_conn_id": "vault_default", "vault_path": path}},
     }
-    run = world["airflow"].dags_test("pseudonymise_patient_extract", "2026-11-04", connections,
-                                     dags_folder=EXAMPLE_DAGS)
-    assert run.returncode != 0
-    assert "pseudonymise/does-not-exist" in run.output and "has no text key 'token'" in run.output
-    audit = audit_rows(world["urls"]["research"])
-    assert [a["outcome"] for a in audit] == ["started", "denied"]
-    assert audit[1]["error_class"] == "TokenUnavailableError"
+    # the secret deleted, then written back
+    fault_then_retry(
+        world, connections, lambda: kv.delete_metadata_and_all_versions(path=path, mount_point="secret"),
+        write_secret, message=f"the Vault secret at {path!r} (connection 'vault_default') has no text key 'token'",
+        outcome="denied", secrets=_secret_strings(world), dag_id="pseudonymise_patient_extract",
+        dags_folder=EXAMPLE_DAGS, table="patient_visits_pseudonymised", order="patient_id, visit_date, birth_year")
 
 
 def test_token_connection_served_by_vault_backend(world: dict[str, Any], openbao: Any) -> None:  # noqa: F811
