@@ -129,9 +129,13 @@ class FullStack:
         })
         return env
 
-    def _run(self, *args: str) -> str:
-        proc = subprocess.run([str(BIN / "airflow"), *args], env=self.env, capture_output=True, text=True,
+    def airflow(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``airflow <args>`` with the stack's environment, whatever its exit status."""
+        return subprocess.run([str(BIN / "airflow"), *args], env=self.env, capture_output=True, text=True,
                               timeout=600, check=False)
+
+    def _run(self, *args: str) -> str:
+        proc = self.airflow(*args)
         if proc.returncode != 0:
             raise RuntimeError(f"airflow {' '.join(args)} failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
         return proc.stdout
@@ -186,16 +190,22 @@ class FullStack:
             time.sleep(2)
         raise RuntimeError(f"{dag_id}: runs did not finish within {timeout} s")
 
-    def backfill(self, dag_id: str, start: str, end: str, reprocess: str = "none", timeout: float = 600) -> None:
-        """``airflow backfill create`` and wait until the backfill has completed."""
+    def backfill(self, dag_id: str, start: str, end: str, reprocess: str = "none", timeout: float = 600,
+                 wait: bool = True) -> None:
+        """``airflow backfill create`` and (unless ``wait`` is false) wait until the backfill has completed."""
         self._run("backfill", "create", "--dag-id", dag_id, "--from-date", start, "--to-date", end,
                   "--reprocess-behavior", reprocess)
+        if wait:
+            self.wait_for_backfills(dag_id, timeout)
+
+    def wait_for_backfills(self, dag_id: str, timeout: float = 600) -> None:
+        """Wait until every backfill of ``dag_id`` is marked completed (the scheduler does so every 30 s)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             backfills = self.request("GET", f"/api/v2/backfills?dag_id={dag_id}")["backfills"]
             if backfills and all(b.get("completed_at") for b in backfills):
                 return
-            time.sleep(2)
+            time.sleep(1)
         raise RuntimeError(f"the backfill of {dag_id} did not complete within {timeout} s")
 
     def stop(self) -> None:
