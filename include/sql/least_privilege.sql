@@ -5,6 +5,12 @@
 -- them anyway: only a reverse token holds the escrow private key).
 CREATE ROLE pseudonymise_pipeline LOGIN;
 
+-- The write modes' interval lock (replace, replace_partition): one row per open writer, removed
+-- before it commits. A role that may create tables makes it on first use, this makes it otherwise.
+CREATE TABLE IF NOT EXISTS pseudonymise_write_lock (holder text PRIMARY KEY, target text NOT NULL,
+    span box NOT NULL, EXCLUDE USING gist (span WITH &&));
+GRANT SELECT, INSERT, DELETE ON pseudonymise_write_lock TO pseudonymise_pipeline;
+
 GRANT SELECT, INSERT ON pseudonymise_audit TO pseudonymise_pipeline;
 GRANT SELECT, UPDATE ON pseudonymise_audit_head TO pseudonymise_pipeline;   -- the chain's head pointer
 GRANT INSERT ON pseudonymise_escrow_batch TO pseudonymise_pipeline;

@@ -21,12 +21,21 @@ from airflow.sdk.log import mask_secret
 from sqlalchemy.engine import Engine
 
 from pseudonymise.core.db import make_engine
-from pseudonymise.core.errors import DataIOError, TokenError
+from pseudonymise.core.errors import DataIOError, ServiceUnavailableError, TokenError, is_unreachable
 from pseudonymise.core.tokens import TrustedKeys, b64url_decode, verify_token
 
 
 class TokenUnavailableError(TokenError):
     """The token could not be read from its connection or from Vault."""
+
+
+class VaultUnreachableError(TokenUnavailableError, ServiceUnavailableError):
+    """Vault could not be reached to read the token or to compute HMACs: a retry may succeed."""
+
+
+def _unavailable(message: str, exc: BaseException) -> TokenUnavailableError:
+    """The error for a failed Vault call: retryable when Vault could not be reached."""
+    return (VaultUnreachableError if is_unreachable(exc) else TokenUnavailableError)(message)
 
 
 def _mask_token(token: str) -> None:
@@ -110,9 +119,9 @@ class PseudonymisationTokenHook(BaseHook):
         try:
             secret = VaultHook(vault_conn_id=vault_conn_id).get_secret(secret_path=path)
         except Exception as exc:  # hvac/requests raise many types; the message must not quote the token
-            raise TokenUnavailableError(
+            raise _unavailable(
                 f"the token could not be read from Vault (connection {vault_conn_id!r}, path {path!r}): "
-                f"{exc.__class__.__name__}; check that Vault is reachable and the policy allows reading the path"
+                f"{exc.__class__.__name__}; check that Vault is reachable and the policy allows reading the path", exc
             ) from exc
         if not secret or not isinstance(secret.get(key), str):
             raise TokenUnavailableError(
@@ -146,7 +155,7 @@ class PseudonymisationTokenHook(BaseHook):
         try:
             client = VaultHook(vault_conn_id=conn_id).get_conn()
         except Exception as exc:  # hvac/requests raise many types
-            raise TokenUnavailableError(f"Vault connection {conn_id!r} could not be opened ({exc.__class__.__name__})") from exc
+            raise _unavailable(f"Vault connection {conn_id!r} could not be opened ({exc.__class__.__name__})", exc) from exc
         return TransitMac(client, token.key_ref["mount"], token.key_ref["name"], key_version=token.key_version)
 
     def test_connection(self) -> tuple[bool, str]:

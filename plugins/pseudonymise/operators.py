@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 from airflow.sdk import Asset, BaseOperator, BaseOperatorLink
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from pseudonymise.core.audit import AuditUse
-from pseudonymise.core.errors import PolicyError, PseudonymiseError, TokenError
+from pseudonymise.core.errors import PolicyError, PseudonymiseError, ServiceUnavailableError, TokenError
 from pseudonymise.core.files import open_sink, open_source
 from pseudonymise.core.pipeline import Sink, Source, Store, run_pseudonymisation, run_purge, run_rekey, run_reversal
 from pseudonymise.core.pseudonymiser import ColumnPolicy, Stats
@@ -56,6 +56,15 @@ def audit_context(context: Mapping[str, Any]) -> dict[str, Any]:
         "data_interval_end": context.get("data_interval_end"),
         "triggered_by": getattr(dag_run, "triggering_user_name", None),
     }
+
+
+def _task_failure(exc: Exception) -> Exception:
+    """How a token or policy error fails the task: at once (``AirflowFailException``: retrying cannot help,
+    fix the token or the policy), unless a service could not be reached (Vault, Transit): then a plain
+    ``AirflowException``, so the task's ``retries`` apply."""
+    if isinstance(exc, ServiceUnavailableError):
+        return AirflowException(f"{exc} (retryable)")
+    return AirflowFailException(str(exc))
 
 
 class _OwnTransactionSink:
@@ -113,7 +122,7 @@ class _DataTaskMixin:
             return ctx, store, token_hook, token_hook.get_token(), token_hook.get_trusted_keys()
         except TokenError as exc:
             _audit_unreadable_token(store, operation, token_hook, ctx, exc)
-            raise AirflowFailException(str(exc)) from exc
+            raise _task_failure(exc) from exc
 
     def _store(self) -> Store:
         conn_id = self.audit_conn_id or self.target_conn_id or self.source_conn_id
@@ -264,7 +273,7 @@ class PseudonymiseOperator(_DataTaskMixin, BaseOperator):
                 transit=token_hook.get_transit,
             )
         except (TokenError, PolicyError) as exc:
-            raise AirflowFailException(str(exc)) from exc  # retrying cannot help: fix the token or policy
+            raise _task_failure(exc) from exc
         self.log.info(
             "%s: %d rows in, %d out, %d values pseudonymised, %d NULL, %d escrow rows; audit use %s",
             summary.operation, summary.counts["rows_in"], summary.counts["rows_out"],
@@ -335,7 +344,7 @@ class ReversePseudonymsOperator(_DataTaskMixin, BaseOperator):
                 target_label=target_label, context=ctx, require_all=self.require_all,
             )
         except (TokenError, PolicyError) as exc:
-            raise AirflowFailException(str(exc)) from exc
+            raise _task_failure(exc) from exc
         self.log.info("reverse: %d rows, %d pseudonyms revealed, %d without escrow; audit use %s",
                       summary.counts["rows_in"], summary.counts["values_pseudonymised"],
                       summary.counts["not_found"], summary.use_id)
@@ -405,7 +414,7 @@ class RekeyPseudonymsOperator(BaseOperator):
             summary = run_rekey(store, reverse_raw, new_raw, new_hook.get_trusted_keys(), self.target_table,
                                 self.columns, schema=self.target_schema, project=new_hook.project, context=ctx)
         except (TokenError, PolicyError) as exc:
-            raise AirflowFailException(str(exc)) from exc
+            raise _task_failure(exc) from exc
         self.log.info("rekey: %d pseudonyms re-keyed with the new token; audit use %s",
                       summary.counts["values_pseudonymised"], summary.use_id)
         return summary.as_dict()

@@ -14,11 +14,13 @@ from tests.airflow.test_operators import audit_rows, rows
 
 def fault_then_retry(world: dict[str, Any], connections: dict[str, Any], fault: Callable[[], Any],
                      repair: Callable[[], Any], *, message: str, outcome: str, secrets: list[str],
+                     error_class: str = "TokenUnavailableError", retryable: bool = False,
                      dag_id: str = "pseudonymise_test", spec: Any = None, dags_folder: Path | None = None,
                      table: str = "visits", order: str = "visit_id") -> None:
     """The DAG run of 4 November without the fault, into another database (the rows a good run gives);
     then with the fault: it must fail saying ``message``, write nothing, and leave its use audited
-    with ``outcome`` (``denied``, ``failed``) and the token's error class; then, the fault repaired,
+    with ``outcome`` (``denied``, ``failed``) and ``error_class``, the task failing for good or, when
+    ``retryable`` (a service could not be reached), so that Airflow's ``retries`` apply; then, the fault repaired,
     the same run again (a retry), which must leave in the target exactly the good run's rows and a
     ``success``. No string of ``secrets`` may appear in the runs' output."""
     airflow, research, vendor = world["airflow"], world["urls"]["research"], world["urls"]["vendor"]
@@ -41,6 +43,7 @@ def fault_then_retry(world: dict[str, Any], connections: dict[str, Any], fault: 
     assert message in failed.output
     audit = audit_rows(research)
     assert [a["outcome"] for a in audit] == ["started", outcome, "started", "success"]
-    assert audit[1]["error_class"] == "TokenUnavailableError"
+    assert audit[1]["error_class"] == error_class
+    assert ("(retryable)" in failed.output) is retryable
     for secret in secrets:
         assert secret not in failed.output + retry.output

@@ -154,6 +154,7 @@ def test_unreachable_vault_is_a_clear_denied_use_and_the_retry_gives_identical_r
             "issuer_keys": keys, "vault_conn_id": "vault_default", "vault_path": "pseudonymise/research-a"}},
     }
     fault_then_retry(world, connections, bao.stop, bao.start, message="could not be read from Vault",
+                     error_class="VaultUnreachableError", retryable=True,
                      outcome="denied", secrets=[world["token"]],
                      spec=_spec(world, write_mode="replace_partition", partition_column="visit_date"))
 

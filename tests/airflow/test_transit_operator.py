@@ -69,5 +69,6 @@ def test_unreachable_transit_fails_cleanly_and_the_retry_gives_identical_rows(
     # so its use starts, and fails (not denied) for want of its key
     fault_then_retry(world, connections, bao.stop, bao.start,
                      message="Vault connection 'vault_default' could not be opened (ConnectionError)",
+                     error_class="VaultUnreachableError", retryable=True,
                      outcome="failed", secrets=[raw],
                      spec=_spec(world, write_mode="replace_partition", partition_column="visit_date"))

@@ -13,6 +13,7 @@ from pseudonymise.core.escrow import reveal
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import Store, run_pseudonymisation
 from pseudonymise.core.pseudonymiser import ColumnPolicy
+from pseudonymise.core.sql import TableTarget
 from pseudonymise.core.tokens import verify_token
 
 pytestmark = pytest.mark.postgres
@@ -52,6 +53,17 @@ def test_pipeline_role_can_append_but_not_rewrite(pg_url: str, issuer: Issuer, p
         with pipeline.connect() as conn, pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
             conn.execute(sa.text(statement))
     assert AuditLog(owner).verify().ok
+    # the write modes' interval lock works for the pipeline role too (a target the owner made)
+    with owner.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE dst (id text)"))
+        conn.execute(sa.text("GRANT SELECT, INSERT, DELETE ON dst TO pseudonymise_pipeline"))
+    for _ in range(2):
+        run_pseudonymisation(Store(pipeline), issuer.issue("research-b", "pseudonymisation"), issuer.public_keys(),
+                             ColumnPolicy.pseudonymise("id"), _Rows(),
+                             lambda cols, conn: TableTarget("dst", mode="replace").sink(conn, cols))
+    with owner.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM dst")).scalar() == 3
+        assert conn.execute(sa.text("SELECT count(*) FROM pseudonymise_write_lock")).scalar() == 0
 
     auditor = sa.create_engine(sa.make_url(pg_url).set(username="pseudonymise_auditor"))
     reverse = verify_token(issuer.issue("research-a", "reverse"), issuer.public_keys())

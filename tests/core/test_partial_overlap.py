@@ -1,10 +1,10 @@
 """Two runs at once whose ``replace_partition`` intervals overlap without being equal.
 
 A run over [4th, 6th) (a REST-triggered run with an explicit data interval, say) while a backfill run
-replaces [4th, 5th): both replace the 4th. The write mode's lock is keyed on the exact bounds, so the
-two writers do not wait for each other; each DELETEs without seeing the other's uncommitted rows and
-inserts its own. Known defect, kept here as a strict xfail so that the fix is noticed; the full-stack
-test shows the same with Airflow (two copies of the overlapped days).
+replaces [4th, 5th): both replace the 4th. Found by this test when the write mode's lock was keyed on
+the exact bounds: the two writers did not wait for each other, each DELETEd without seeing the
+other's uncommitted rows, and the 4th ended up twice. The lock is now an interval
+(``db.lock_interval``): the second writer waits for the first to commit, then replaces its rows.
 """
 
 from __future__ import annotations
@@ -44,8 +44,6 @@ def _replace(url: str, token: str, jwks: dict[str, Any], start: str, end: str, q
         queue.put(repr(exc))
 
 
-@pytest.mark.xfail(strict=True, reason="the replace_partition lock is keyed on the exact interval: runs over "
-                                       "overlapping but different intervals both insert the overlap")
 def test_partially_overlapping_intervals_leave_one_copy(pg_url: str, issuer: Issuer) -> None:
     engine = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:

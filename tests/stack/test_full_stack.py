@@ -125,11 +125,13 @@ class Gate:
         self.conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": GATE_KEY})
 
     def waiting(self) -> dict[str, int]:
-        """Backends of the target's database waiting on a lock: at the gate, on another advisory lock
-        (the write mode's), or on something else (named by its lock type)."""
+        """Backends of the target's database waiting on a lock: at the gate, on the write mode's interval
+        lock (an insert into its lock table, waiting for the transaction holding an overlapping
+        interval), or on something else (named by its lock type)."""
         rows = self.conn.execute(sa.text(
             "SELECT CASE WHEN l.locktype = 'advisory' AND l.classid = 0 AND l.objid = :k THEN 'gate'"
-            " WHEN l.locktype = 'advisory' THEN 'write lock' ELSE l.locktype END, count(*)"
+            " WHEN l.locktype = 'transactionid' AND a.query LIKE '%pseudonymise_write_lock%' THEN 'write lock'"
+            " ELSE l.locktype END, count(*)"
             " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
             " WHERE NOT l.granted AND a.datname = current_database() GROUP BY 1"), {"k": GATE_KEY})
         return dict(rows.all())

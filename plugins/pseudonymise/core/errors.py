@@ -87,3 +87,29 @@ class AuditError(PseudonymiseError):
 # --- I/O --------------------------------------------------------------------------------------
 class DataIOError(PseudonymiseError):
     """A source or target could not be read or written."""
+
+
+class ServiceUnavailableError(PseudonymiseError):
+    """Marks an error caused by a service that could not be reached (Vault down, a timeout): the same
+    task may succeed when retried, so the operators let Airflow's ``retries`` apply to it."""
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says a service could not be reached (connection refused or reset, timeout, Vault
+    sealed or down, a 5xx answer), as opposed to a refusal that a retry cannot change (403, 404)."""
+    try:
+        import requests
+
+        if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+            return True
+    except ImportError:  # pragma: no cover - requests comes with hvac and Airflow
+        pass
+    try:
+        from hvac import exceptions as vault
+
+        if isinstance(exc, (vault.VaultDown, vault.InternalServerError, vault.BadGateway, vault.VaultNotInitialized)):
+            return True
+    except ImportError:  # pragma: no cover - hvac is a dependency of the Vault extras only
+        pass
+    return isinstance(exc, (ConnectionError, TimeoutError))
+

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 from pseudonymise.core.copytext import CopyBlock, CopyText, build_rows, decode_column, encode_column, split_rows
 from pseudonymise.core.copytext import _pg_text as _pg_text
 from pseudonymise.core.copytext import copy_text_fields as copy_text_fields
-from pseudonymise.core.db import advisory_lock
+from pseudonymise.core.db import advisory_lock, lock_interval, unlock_interval
 from pseudonymise.core.errors import DataIOError, PolicyError, UnsupportedTypeError
 
 WRITE_MODES = ("append", "replace_partition", "upsert", "replace")
@@ -325,6 +325,7 @@ class TableSink:
         self.rows_written = 0
         self._prepared = False
         self._staging: str | None = None
+        self._lock: str | None = None
         try:
             self.table = reflect_table(conn, target.table, target.schema)
         except sa.exc.SQLAlchemyError as exc:
@@ -382,18 +383,20 @@ class TableSink:
         """Apply the write mode's deletion, in the same transaction as the rows to come."""
         t, target = self.table, self.target
         assert t is not None
-        # Two runs replacing the same rows at once (overlapping backfills) must not both insert:
-        # the second waits for the first to commit, then deletes what it wrote.
+        # Two runs replacing overlapping rows at once (overlapping backfills, a manual run over a
+        # backfill's days) must not both insert: the second waits for the first to commit, then
+        # deletes what it wrote. Runs over disjoint intervals go on side by side.
         if target.mode == "replace":
-            advisory_lock(self.conn, f"pseudonymise-target:{target.label}")
+            self._lock = lock_interval(self.conn, target.schema, target.label, whole=True)
             self.conn.execute(sa.delete(t))
         elif target.mode == "replace_partition":
-            advisory_lock(self.conn, f"pseudonymise-target:{target.label}:{target.partition_start!r}:"
-                                     f"{target.partition_end!r}")
             col = t.c[target.partition_column]  # type: ignore[index]
-            cond = col >= _coerce(target.partition_start, col.type)
-            if target.partition_end is not None:
-                cond = sa.and_(cond, col < _coerce(target.partition_end, col.type))
+            start = _coerce(target.partition_start, col.type)
+            end = None if target.partition_end is None else _coerce(target.partition_end, col.type)
+            self._lock = lock_interval(self.conn, target.schema, target.label, start, end)
+            cond = col >= start
+            if end is not None:
+                cond = sa.and_(cond, col < end)
             self.conn.execute(sa.delete(t).where(cond))
         self._prepared = True
 
@@ -486,6 +489,8 @@ class TableSink:
                 f"INSERT INTO {prep.format_table(self.table)} ({cols}) SELECT {cols} FROM {self._staging} "  # type: ignore[arg-type]
                 f"ON CONFLICT ({keys}) {action}"))
             self.conn.execute(sa.text(f"DROP TABLE {self._staging}"))
+        unlock_interval(self.conn, self.target.schema, self._lock)
+        self._lock = None
 
     def abort(self) -> None:
         """Nothing to undo here: the caller's transaction rolls back."""

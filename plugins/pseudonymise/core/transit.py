@@ -12,7 +12,7 @@ import base64
 from collections.abc import Sequence
 from typing import Any
 
-from pseudonymise.core.errors import TokenError
+from pseudonymise.core.errors import ServiceUnavailableError, TokenError, is_unreachable
 
 #: Items and bytes per Transit request. OpenBao refuses JSON bodies of more than 1,000 strings by
 #: default ("high complexity"; each item is two strings), and both servers cap requests at 32 MiB.
@@ -22,6 +22,10 @@ MAX_BYTES = 4 * 1024 * 1024
 
 class TransitUnavailableError(TokenError):
     """Vault Transit could not compute the HMACs (unreachable, forbidden, or no such key)."""
+
+
+class TransitUnreachableError(TransitUnavailableError, ServiceUnavailableError):
+    """Vault Transit could not be reached: a retry may succeed."""
 
 
 class TransitMac:
@@ -54,7 +58,7 @@ class TransitMac:
                 body["key_version"] = self.key_version
             response = self.client.adapter.post(f"/v1/{self.mount}/hmac/{self.name}/sha2-256", json=body)
         except Exception as exc:  # hvac/requests raise many types; none may quote the data
-            raise TransitUnavailableError(
+            raise (TransitUnreachableError if is_unreachable(exc) else TransitUnavailableError)(
                 f"Vault Transit could not compute HMACs with key {self.name!r} on mount {self.mount!r} "
                 f"({exc.__class__.__name__}); check that Vault is reachable and the policy allows transit/hmac"
             ) from exc

@@ -1,0 +1,78 @@
+"""The write modes' interval lock (db.lock_interval) on PostgreSQL: overlapping intervals of one target
+wait for each other, adjacent or disjoint ones and other targets do not."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from pseudonymise.core.db import _coordinate, lock_interval, unlock_interval
+
+pytestmark = pytest.mark.postgres
+
+
+def _waits(url: str, first: dict[str, Any], second: dict[str, Any]) -> bool:
+    """Whether a second transaction's lock waits for a first one's (still open)."""
+    engine = sa.create_engine(url)
+    with engine.connect() as a, engine.connect() as b:
+        ta = a.begin()
+        lock_interval(a, None, **first)
+        tb = b.begin()
+        b.execute(sa.text("SET LOCAL lock_timeout = '300ms'"))
+        try:
+            lock_interval(b, None, **second)
+            waited = False
+        except sa.exc.OperationalError as exc:
+            assert "lock timeout" in str(exc)
+            waited = True
+        tb.rollback()
+        ta.rollback()
+    engine.dispose()
+    return waited
+
+
+DAY = dt.date(2026, 11, 4)
+CASES = [
+    ({"start": DAY, "end": DAY + dt.timedelta(1)}, {"start": DAY, "end": DAY + dt.timedelta(2)}, True),
+    ({"start": DAY, "end": DAY + dt.timedelta(1)}, {"start": DAY + dt.timedelta(1), "end": DAY + dt.timedelta(2)}, False),
+    ({"start": 1, "end": 5000}, {"start": 5000, "end": None}, False),
+    ({"start": 1, "end": 5001}, {"start": 5000, "end": None}, True),
+    ({"start": dt.datetime(2026, 11, 4, 12), "end": dt.datetime(2026, 11, 5)},
+     {"start": dt.datetime(2026, 11, 5), "end": dt.datetime(2026, 11, 6)}, False),
+    ({"start": dt.datetime(2026, 11, 4, 12), "end": dt.datetime(2026, 11, 5, 0, 0, 0, 1)},
+     {"start": dt.datetime(2026, 11, 5), "end": dt.datetime(2026, 11, 6)}, True),
+    ({"start": 2**60, "end": 2**60 + 1}, {"start": 2**60 + 1, "end": 2**60 + 2}, True),  # rounds: waits, to be safe
+    ({"start": "a", "end": "m"}, {"start": "x", "end": "z"}, True),  # text bounds: the whole table
+    ({"whole": True}, {"start": 1, "end": 2}, True),
+]
+
+
+@pytest.mark.parametrize(("first", "second", "waits"), CASES,
+                         ids=["days-overlap", "days-adjacent", "ints-adjacent", "ints-overlap", "times-adjacent",
+                              "times-overlap-1us", "huge-ints", "text", "whole-table"])
+def test_which_intervals_wait(pg_url: str, first: dict[str, Any], second: dict[str, Any], waits: bool) -> None:
+    assert _waits(pg_url, {"target": "table:dst", **first}, {"target": "table:dst", **second}) is waits
+
+
+def test_other_targets_never_wait_and_a_released_lock_frees_at_commit(pg_url: str) -> None:
+    assert not _waits(pg_url, {"target": "table:a", "whole": True}, {"target": "table:b", "whole": True})
+    engine = sa.create_engine(pg_url)
+    with engine.connect() as conn:
+        with conn.begin():
+            holder = lock_interval(conn, None, "table:c", whole=True)
+            unlock_interval(conn, None, holder)
+        with conn.begin():  # committed without its row: nothing is left behind
+            assert conn.execute(sa.text("SELECT count(*) FROM pseudonymise_write_lock")).scalar() == 0
+    engine.dispose()
+
+
+def test_coordinates_keep_order_and_say_when_exact() -> None:
+    assert _coordinate(DAY) == (DAY.toordinal(), True)
+    assert _coordinate(Decimal("2.5")) == (2.5, True)
+    assert _coordinate(2**60 + 1)[1] is False and _coordinate(2**53)[1] is True
+    naive, aware = dt.datetime(2026, 1, 1), dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    assert _coordinate(naive) == _coordinate(aware)
+    assert _coordinate("text") is None and _coordinate(True) is None and _coordinate(float("nan")) is None
