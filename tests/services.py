@@ -104,6 +104,7 @@ class OpenBaoServer:
     addr: str
     token: str
     process: subprocess.Popen[bytes]
+    log: Path | None = None
 
     def stop(self) -> None:
         self.process.terminate()
@@ -111,6 +112,8 @@ class OpenBaoServer:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
             self.process.kill()
+        if self.log is not None:
+            self.log.unlink(missing_ok=True)  # the dev server's own output: nothing to keep
 
 
 def bao_binary() -> str:
@@ -138,7 +141,7 @@ def start_openbao() -> OpenBaoServer:
         try:
             with urllib.request.urlopen(f"{addr}/v1/sys/health", timeout=1) as resp:
                 if resp.status == 200:
-                    return OpenBaoServer(addr, token, proc)
+                    return OpenBaoServer(addr, token, proc, Path(log.name))
         except OSError:
             time.sleep(0.2)
     proc.kill()
