@@ -13,7 +13,9 @@ case in a fresh process so peak memory is per case:
   (e) the naive way: pandas read_sql, map of hmac, to_sql;
   (f) pgcrypto hmac() in INSERT ... SELECT, inside the database;
   (b) again at --big-rows, to show memory stays flat;
-  (b) as two mapped key ranges (operators.key_range_kwargs) run as two concurrent processes.
+  (b) as two mapped key ranges (operators.key_range_kwargs) run as two concurrent processes;
+  the same two ranges as mapped tasks on a real Airflow, LocalExecutor with parallelism 2
+  (bench/airflow_ranges.py: scheduler, API server, DAG processor), one task against two.
 
 The operator cases run the operator's own execute() with a minimal context (connections from
 AIRFLOW_CONN_* variables), so the measured code is what a worker runs. Afterwards the outputs are
@@ -64,6 +66,23 @@ CASES = {
     "big": "(b) at the big size",
     "ranges": "(b) as 2 mapped key ranges, 2 concurrent processes",
 }
+
+
+def visits_sql(table: str, rows: int) -> str:
+    """The benchmark's table: ~4 visits per patient spread over the table, 2% without MRN, one identifier
+    in a thousand in NFD or holding a tab and a backslash."""
+    patients = max(rows // 4, 1)
+    wards = "ARRAY[" + ", ".join(f"'{w}'" for w in WARDS) + "]"
+    return f"""
+        CREATE TABLE {table} (id bigint PRIMARY KEY, patient_id text, mrn text, visit_date date, ward text);
+        INSERT INTO {table}
+        SELECT g,
+               CASE WHEN p % 997 = 0 THEN 'Pe' || chr(769) || p WHEN p % 1999 = 0 THEN 'P' || chr(9) || p || '\\'
+                    ELSE 'P' || lpad(p::text, 9, '0') END,
+               CASE WHEN g % 50 = 0 THEN NULL ELSE 'MRN-' || lpad((p * 7 + 13)::text, 10, '0') END,
+               DATE '2020-01-01' + (g % 1826)::int,
+               ({wards})[1 + g % {len(WARDS)}]
+        FROM (SELECT g, 1 + (g * 2654435761) % {patients} AS p FROM generate_series(1, {rows}) g) s"""
 
 
 # --- the worker side: one case per process -------------------------------------------------------
@@ -358,22 +377,11 @@ class Bench:
     def generate(self, table: str, rows: int) -> None:
         """Visits: ~4 per patient, 2% without MRN, a few identifiers in NFD or with a tab or backslash."""
         t0 = time.perf_counter()
-        patients = max(rows // 4, 1)
-        wards = "ARRAY[" + ", ".join(f"'{w}'" for w in WARDS) + "]"
-        self.sql(self.cfg["src_db"], f"""
-            CREATE TABLE {table} (id bigint PRIMARY KEY, patient_id text, mrn text, visit_date date, ward text);
-            INSERT INTO {table}
-            SELECT g,
-                   CASE WHEN p % 997 = 0 THEN 'Pe' || chr(769) || p WHEN p % 1999 = 0 THEN 'P' || chr(9) || p || '\\'
-                        ELSE 'P' || lpad(p::text, 9, '0') END,
-                   CASE WHEN g % 50 = 0 THEN NULL ELSE 'MRN-' || lpad((p * 7 + 13)::text, 10, '0') END,
-                   DATE '2020-01-01' + (g % 1826)::int,
-                   ({wards})[1 + g % {len(WARDS)}]
-            FROM (SELECT g, 1 + (g * 2654435761) % {patients} AS p FROM generate_series(1, {rows}) g) s""")
+        self.sql(self.cfg["src_db"], visits_sql(table, rows))
         self.sql(self.cfg["src_db"], f"VACUUM ANALYZE {table}")
-        print(f"generated {table}: {rows:,} rows, {patients:,} patients in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"generated {table}: {rows:,} rows, {max(rows // 4, 1):,} patients in {time.perf_counter() - t0:.1f} s",
+              flush=True)
 
-    # running -------------------------------------------------------------------------------------
     def spawn(self, case: str, **overrides: Any) -> subprocess.Popen[str]:
         cfg = {**self.cfg, **overrides}
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}, **self.env,
@@ -538,7 +546,7 @@ def main() -> int:
     parser.add_argument("--big-rows", type=int, default=5_000_000, help="rows of the big run of (b); 0: none")
     parser.add_argument("--batch-size", type=int, default=50_000)
     parser.add_argument("--smoke", action="store_true", help="2,000 rows, no big run: a quick check for CI")
-    parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,ranges,big")
+    parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,ranges,big,airflow")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run (a)-(d), (f) and the ranges this many times, interleaved, and report the median")
     parser.add_argument("--profile", metavar="DIR", help="record each case with py-spy (pinned in requirements.txt) into DIR")
@@ -583,6 +591,19 @@ def main() -> int:
         if args.big_rows and "big" not in skip:
             bench.generate("visits_big", args.big_rows)
             runs["big"] = [bench.run("big", source="visits_big", target="big_out", **primary)]
+        airflow_lines: list[str] = []
+        if "airflow" not in skip:  # the same split on a real Airflow (LocalExecutor, parallelism 2)
+            print("mapped ranges on Airflow's LocalExecutor (bench/airflow_ranges.py)", flush=True)
+            # at the big size when there is one: a task must run long against the scheduler's loop (a
+            # second or two between queueing and running) for two tasks to overlap
+            rows = args.big_rows if args.big_rows and "big" not in skip else args.rows
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "airflow_ranges.py"),
+                                   "--rows", str(rows)], capture_output=True, text=True, timeout=3600)
+            airflow_lines = [line for line in proc.stdout.splitlines() if line.startswith("  ")]
+            print("\n".join(airflow_lines), flush=True)
+            if proc.returncode != 0 or any("[FAILED]" in line for line in airflow_lines):
+                bench.failures.append("mapped ranges on LocalExecutor")
+                print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
         order = ("a", "b", "c", "d", "e", "f", "ranges", "big")
         results = {case: median(runs[case]) for case in order if case in runs}
         speedup = results["b"].seconds / results["ranges"].seconds if "ranges" in results else None
@@ -610,6 +631,10 @@ def main() -> int:
             print(f"  {key}: {r.driven}")
         if "ranges" in results:
             print(f"  the 2 key ranges (operators.key_range_kwargs): {' + '.join(f'{p.rows:,}' for p in parts)} rows")
+        if airflow_lines:
+            print("\nthe same 2 key ranges as mapped tasks on Airflow (LocalExecutor, parallelism 2), task durations "
+                  "as Airflow recorded them:")
+            print("\n".join(airflow_lines))
 
         print("\ntargets" + (" (smoke run: not judged)" if args.smoke else ""))
         targets = [("(b) rows/s / (a) rows/s", b.rate / a.rate, ">= 0.5", b.rate >= 0.5 * a.rate)]

@@ -41,8 +41,9 @@ DAG_ID = "pseudonymise_patient_extract"
 class FullStack:
     """Start everything in a temporary folder; ``stop()`` ends every process."""
 
-    def __init__(self, workdir: Path | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, *, parallelism: int = 8, dags_folder: Path | None = None) -> None:
         self.work = Path(workdir or tempfile.mkdtemp(prefix="pseudonymise-stack-"))
+        self.parallelism, self.dags_folder = parallelism, Path(dags_folder or ROOT / "dags")
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.pg = self.bao = None
         self.api_token: str | None = None
@@ -107,10 +108,10 @@ class FullStack:
 
         env.update({
             "AIRFLOW_HOME": str(self.work / "airflow"),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__PARALLELISM": "8",
+            "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.work / "passwords.json"),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{self.port}/execution/",
@@ -176,9 +177,9 @@ class FullStack:
                 time.sleep(2)
         raise RuntimeError(f"DAG {dag_id} was not parsed within {timeout} s")
 
-    def trigger(self, dag_id: str, logical_date: str) -> str:
-        run = self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": logical_date})
-        return run["dag_run_id"]
+    def trigger(self, dag_id: str, logical_date: str, conf: dict[str, Any] | None = None) -> str:
+        body: dict[str, Any] = {"logical_date": logical_date, **({"conf": conf} if conf else {})}
+        return self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", body)["dag_run_id"]
 
     def wait_for_runs(self, dag_id: str, expected: int, timeout: float = 600) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
