@@ -189,12 +189,41 @@ def test_secondary_blocks_equal_the_definition(issuer: Issuer) -> None:
     assert [line.split("\t")[1] for line in out] == expected
 
 
+SPACED = ["  P1 ", "\\t p-2.x\\n", "\x1c\x1fP3", " Mixed Case ", "a-b.c/d", "  ", "", "STRASSE", "Straße ",
+          " e\u0301 ", "\u00a0nbsp\u00a0", "\u212bngström-1", "ǅ ǆ", "x" * 5000, "-.-"]
+
+
 @needs_native
-def test_normalisers_keep_the_column_path(issuer: Issuer) -> None:
+@pytest.mark.parametrize("names", [("strip",), ("strip", "upper"), ("lower",), ("casefold",), ("remove_whitespace",),
+                                   ("remove:-./",), ("remove:é-", "strip", "lower"), ("upper", "remove:P")],
+                         ids=lambda n: "+".join(n))
+def test_normalisers_in_copy_blocks_equal_the_definition(issuer: Issuer, names: tuple[str, ...]) -> None:
     token = _token(issuer, "research-b")
-    policy = ColumnPolicy({"pid": ColumnRule("pid", normalise=("strip",))}, "keep")
-    assert not Pseudonymiser(token, policy).takes_copy_blocks(["pid"])
-    assert Pseudonymiser(token, ColumnPolicy.pseudonymise("pid", default="keep")).takes_copy_blocks(["pid", "x"])
+    policy = ColumnPolicy({"id": ColumnRule("id", "keep"), "pid": ColumnRule("pid", normalise=names)})
+    engine = Pseudonymiser(token, policy)
+    assert engine.takes_copy_blocks(["id", "pid"])
+    rng = random.Random(len(names))
+    rows = [[str(i), rng.choice(SPACED + AWKWARD)] for i in range(2000)]
+    out = engine.pseudonymise_batch(_block(rows), ["id", "pid"]).columns.data.decode("utf-8").splitlines()
+    normalise = pz.build_normaliser(names, "pid")
+    label = PRIMARY_LABEL + b"\x00"
+
+    def expected(field: str) -> str:
+        value = unescape(field)
+        if value is None:
+            return "\\N"
+        canonical = unicodedata.normalize("NFC", normalise(value)).encode("utf-8")
+        return token.format.encode(hmac.digest(token.key, label + canonical, "sha256"))
+
+    assert [line.split("\t")[1] for line in out] == [expected(r[1]) for r in rows]
+
+
+@needs_native
+def test_a_bad_normaliser_program_is_refused() -> None:
+    keyed = native.Keyed(b"k" * 32, b"")
+    for program in (b"x", b"r", b"r\x05ab"):
+        with pytest.raises(ValueError, match="normaliser program"):
+            native.copy_block(b"a\n", [(2, keyed, 1, 26, "", False, None, program)])
 
 
 @needs_native

@@ -337,7 +337,9 @@ typedef struct {
     const char *prefix;
     Py_ssize_t prefix_len;
     int collect; /* keep the canonical bytes (escrow) */
-    int nfc;     /* normalise non-ASCII values through the callback */
+    PyObject *callback;           /* non-ASCII values: callable(bytes) -> canonical bytes; NULL: as they are */
+    const unsigned char *program; /* normalisers for ASCII values (see ascii_normalise) */
+    Py_ssize_t program_len;
     PyObject *macs;   /* bytes, 32 per value (resized at the end) */
     size_t count, nulls;
     Buf canon, offsets;
@@ -367,13 +369,48 @@ static int random_mac(Random *r, unsigned char *out) {
     return 0;
 }
 
+/* Python's str.isspace() for ASCII: \t \n \v \f \r, \x1c-\x1f and space. */
+static inline int ascii_space(unsigned char c) { return c == ' ' || (c >= 9 && c <= 13) || (c >= 28 && c <= 31); }
+
+/*
+ * The column's normalisers on an ASCII value, in place (canonical.build_normaliser is the definition):
+ * 's' strip, 'l' lower (and casefold, the same on ASCII), 'u' upper, 'w' remove whitespace,
+ * 'r' n c1..cn remove those characters. Every step keeps or shortens the value. Returns the new length.
+ */
+static size_t ascii_normalise(const unsigned char *prog, size_t prog_len, unsigned char *v, size_t n) {
+    for (size_t k = 0; k < prog_len; k++) {
+        unsigned char op = prog[k];
+        if (op == 's') {
+            size_t a = 0, b = n;
+            while (a < b && ascii_space(v[a])) a++;
+            while (b > a && ascii_space(v[b - 1])) b--;
+            memmove(v, v + a, b - a);
+            n = b - a;
+        } else if (op == 'l') {
+            for (size_t i = 0; i < n; i++) if (v[i] >= 'A' && v[i] <= 'Z') v[i] += 32;
+        } else if (op == 'u') {
+            for (size_t i = 0; i < n; i++) if (v[i] >= 'a' && v[i] <= 'z') v[i] -= 32;
+        } else if (op == 'w' || op == 'r') {
+            const unsigned char *set = op == 'r' ? prog + k + 2 : NULL;
+            size_t set_len = op == 'r' ? prog[k + 1] : 0, m = 0;
+            for (size_t i = 0; i < n; i++) {
+                int drop = set == NULL ? ascii_space(v[i]) : memchr(set, v[i], set_len) != NULL;
+                if (!drop) v[m++] = v[i];
+            }
+            n = m;
+            if (op == 'r') k += 1 + set_len;
+        }
+    }
+    return n;
+}
+
 typedef struct {
     const char *message; /* set on failure, raised once the GIL is back */
     PyObject *exc_type;
     Py_ssize_t row;
 } Failure;
 
-/* Normalise a non-ASCII value with the callback (GIL held). Returns a new bytes object or NULL. */
+/* A non-ASCII value through the column's callback (GIL held). Returns a new bytes object or NULL. */
 static PyObject *call_nfc(PyObject *nfc, const unsigned char *value, size_t len) {
     PyObject *arg = PyBytes_FromStringAndSize((const char *)value, (Py_ssize_t)len);
     if (arg == NULL)
@@ -390,15 +427,15 @@ static PyObject *call_nfc(PyObject *nfc, const unsigned char *value, size_t len)
 
 /*
  * The loop. Returns 0, or -1 with `fail` filled in (or a Python exception set when `*pyerr`).
- * Runs without the GIL; takes it back only to call `nfc`.
+ * Runs without the GIL; takes it back only to call a column's callback.
  */
-static int transform(const unsigned char *data, size_t len, int width, Column *cols, PyObject *nfc,
+static int transform(const unsigned char *data, size_t len, int width, Column *cols,
                      unsigned char *out, size_t *out_len, Py_ssize_t *rows_out, Failure *fail, int *pyerr,
                      PyThreadState **ts) {
     const unsigned char *p = data, *end = data + len;
     unsigned char *w = out;
     Py_ssize_t rows = 0;
-    Buf scratch = {0};
+    Buf scratch = {0}, normal_buf = {0};
     Random rnd = {.left = 0};
     int status = -1;
     int first_out = -1;
@@ -440,13 +477,22 @@ static int transform(const unsigned char *data, size_t len, int width, Column *c
                         vlen = unescape(p, flen, scratch.data);
                         value = scratch.data;
                     }
-                    if (col->nfc) {
-                        int ascii = 1;
-                        for (size_t i = 0; i < vlen; i++)
-                            if (value[i] & 0x80) { ascii = 0; break; }
+                    int ascii = 1;
+                    for (size_t i = 0; i < vlen; i++)
+                        if (value[i] & 0x80) { ascii = 0; break; }
+                    if (ascii && col->program_len) {
+                        if (buf_reserve(&normal_buf, vlen + 1) < 0) {
+                            fail->message = "out of memory";
+                            goto done;
+                        }
+                        memcpy(normal_buf.data, value, vlen);
+                        vlen = ascii_normalise(col->program, (size_t)col->program_len, normal_buf.data, vlen);
+                        value = normal_buf.data;
+                    }
+                    if (col->callback != NULL) {
                         if (!ascii) {
                             PyEval_RestoreThread(*ts);
-                            normal = call_nfc(nfc, value, vlen);
+                            normal = call_nfc(col->callback, value, vlen);
                             *ts = PyEval_SaveThread();
                             if (normal == NULL) {
                                 *pyerr = 1;
@@ -498,6 +544,7 @@ static int transform(const unsigned char *data, size_t len, int width, Column *c
     status = 0;
 done:
     free(scratch.data);
+    free(normal_buf.data);
     OPENSSL_cleanse(&rnd, sizeof rnd);
     *out_len = (size_t)(w - out);
     *rows_out = rows;
@@ -511,20 +558,20 @@ static PyObject *bytes_from_buf(Buf *b) {
 }
 
 /*
- * copy_block(data, columns, nfc) -> (out, rows, results)
+ * copy_block(data, columns) -> (out, rows, results)
  *
  * data: complete rows of COPY text, each ending with a newline.
- * columns: one entry per field: (action, keyed or None, alphabet, length, prefix, collect, nfc);
- *     prefix is already COPY-escaped UTF-8.
- * nfc: callable(bytes) -> bytes for non-ASCII values of columns whose nfc flag is set.
+ * columns: one entry per field: (action, keyed or None, alphabet, length, prefix, collect, callback, program);
+ *     prefix is already COPY-escaped UTF-8; callback (or None) turns a non-ASCII value's UTF-8 into its
+ *     canonical bytes (normalisers, NFC); program holds the normalisers for ASCII values (ascii_normalise).
  * results: for each pseudonymised column, in order: (macs, nulls, canonicals or None, ends or None),
  *     where canonicals are the values' canonical bytes one after the other and ends their
  *     end offsets (native-endian uint64).
  */
 static PyObject *py_copy_block(PyObject *module, PyObject *args) {
     Py_buffer data;
-    PyObject *spec, *nfc;
-    if (!PyArg_ParseTuple(args, "y*OO", &data, &spec, &nfc))
+    PyObject *spec;
+    if (!PyArg_ParseTuple(args, "y*O", &data, &spec))
         return NULL;
     PyObject *result = NULL, *out = NULL, *results = NULL;
     Column *cols = NULL;
@@ -553,11 +600,25 @@ static PyObject *py_copy_block(PyObject *module, PyObject *args) {
     }
     size_t grow = 1;  /* bytes an output row may have beyond its input row */
     for (int c = 0; c < width; c++) {
-        PyObject *entry = PySequence_Fast_GET_ITEM(fast, c), *keyed;
+        PyObject *entry = PySequence_Fast_GET_ITEM(fast, c), *keyed, *callback;
         Column *col = &cols[c];
-        if (!PyArg_ParseTuple(entry, "iOiis#pp", &col->action, &keyed, &col->alphabet, &col->length, &col->prefix,
-                              &col->prefix_len, &col->collect, &col->nfc))
+        if (!PyArg_ParseTuple(entry, "iOiis#pOy#", &col->action, &keyed, &col->alphabet, &col->length, &col->prefix,
+                              &col->prefix_len, &col->collect, &callback, &col->program, &col->program_len))
             goto cleanup;
+        if (callback != Py_None && !PyCallable_Check(callback)) {
+            PyErr_SetString(PyExc_TypeError, "a column's callback must be callable or None");
+            goto cleanup;
+        }
+        col->callback = callback == Py_None ? NULL : callback;
+        for (Py_ssize_t k = 0; k < col->program_len; k++) {  /* check the program once, not per value */
+            unsigned char op = col->program[k];
+            if (op == 'r' && k + 1 < col->program_len && k + 1 + col->program[k + 1] < col->program_len) {
+                k += 1 + col->program[k + 1];
+            } else if (op != 's' && op != 'l' && op != 'u' && op != 'w') {
+                PyErr_SetString(PyExc_ValueError, "a normaliser program holds only s, l, u, w and r<n><chars>");
+                goto cleanup;
+            }
+        }
         if (col->action < ACT_KEEP || col->action > ACT_PSEUDONYMISE) {
             PyErr_SetString(PyExc_ValueError, "column action must be 0 (keep), 1 (drop) or 2 (pseudonymise)");
             goto cleanup;
@@ -570,10 +631,6 @@ static PyObject *py_copy_block(PyObject *module, PyObject *args) {
         }
         if (col->alphabet < 0 || col->alphabet > 3 || col->length < 1 || col->length > 77) {
             PyErr_SetString(PyExc_ValueError, "alphabet must be 0-3 and length 1-77");
-            goto cleanup;
-        }
-        if (col->nfc && !PyCallable_Check(nfc)) {
-            PyErr_SetString(PyExc_TypeError, "nfc must be callable");
             goto cleanup;
         }
         col->keyed = keyed == Py_None ? NULL : (KeyedObject *)keyed;
@@ -598,7 +655,7 @@ static PyObject *py_copy_block(PyObject *module, PyObject *args) {
         size_t out_len = 0;
         Py_ssize_t rows = 0;
         PyThreadState *ts = PyEval_SaveThread();
-        status = transform(bytes, len, width, cols, nfc, (unsigned char *)PyBytes_AS_STRING(out), &out_len, &rows,
+        status = transform(bytes, len, width, cols, (unsigned char *)PyBytes_AS_STRING(out), &out_len, &rows,
                            &fail, &pyerr, &ts);
         PyEval_RestoreThread(ts);
         if (status < 0) {

@@ -271,8 +271,9 @@ def _with_nulls(values: Sequence[Any], pseudonyms: list[str], nulls: int) -> lis
 
 # --- COPY text blocks (the C engine) ----------------------------------------------------------
 _ALPHABET_CODES = {"hex": 0, "base32": 1, "base64url": 2, "digits": 3}
-_KEEP = (0, None, 0, 0, "", False, False)
-_DROP = (1, None, 0, 0, "", False, False)
+_KEEP = (0, None, 0, 0, "", False, None, b"")
+_DROP = (1, None, 0, 0, "", False, None, b"")
+_ASCII_STEPS = {"strip": b"s", "lower": b"l", "casefold": b"l", "upper": b"u", "remove_whitespace": b"w"}
 
 
 def _nfc_utf8(value: bytes) -> bytes:
@@ -280,11 +281,36 @@ def _nfc_utf8(value: bytes) -> bytes:
     return unicodedata.normalize("NFC", value.decode("utf-8")).encode("utf-8")
 
 
+def _canonical_callback(names: Sequence[str], column: str) -> Any:
+    """The C engine's callback for a column's non-ASCII values: its normalisers, then NFC, as UTF-8."""
+    normalise = build_normaliser(names, column)
+    if normalise is None:
+        return _nfc_utf8
+
+    def canonical_text(value: bytes) -> bytes:
+        return unicodedata.normalize("NFC", normalise(value.decode("utf-8"))).encode("utf-8")
+
+    return canonical_text
+
+
+def _ascii_program(names: Sequence[str]) -> bytes:
+    """The column's normalisers as the C engine's program for ASCII values (``ascii_normalise`` in
+    _native.c): on ASCII text, casefold is lower and only ASCII characters can be removed."""
+    program = b""
+    for name in names:
+        if name in _ASCII_STEPS:
+            program += _ASCII_STEPS[name]
+        else:  # remove:<characters> (build_normaliser has checked the names)
+            chars = bytes(sorted({ord(c) for c in name[len("remove:"):] if ord(c) < 128}))
+            program += b"r" + bytes([len(chars)]) + chars
+    return program
+
+
 def _pseudonymise_block(block: CopyBlock, plan: list[tuple[Any, ...]]) -> tuple[bytes, int, list[tuple[Any, ...]]]:
     """Run the C engine over a block; its errors become the engine's own."""
     assert _native is not None
     try:
-        return _native.copy_block(block.data, plan, _nfc_utf8)
+        return _native.copy_block(block.data, plan)
     except UnicodeError as exc:
         raise InvalidTextError(
             "a pseudonymised column holds text that is not valid UTF-8; fix the source encoding"
@@ -293,8 +319,9 @@ def _pseudonymise_block(block: CopyBlock, plan: list[tuple[Any, ...]]) -> tuple[
         raise DataIOError(f"the source's COPY text could not be read: {exc}") from exc
 
 
-def _column_plan(fmt: PseudonymFormat, keyed: Any, collect: bool, nfc: bool) -> tuple[Any, ...]:
-    return (2, keyed, _ALPHABET_CODES[fmt.alphabet], fmt.length, _pg_text(fmt.prefix), collect, nfc)
+def _column_plan(fmt: PseudonymFormat, keyed: Any, collect: bool, callback: Any = None,
+                 program: bytes = b"") -> tuple[Any, ...]:
+    return (2, keyed, _ALPHABET_CODES[fmt.alphabet], fmt.length, _pg_text(fmt.prefix), collect, callback, program)
 
 
 def _guard_pseudonyms(fmt: PseudonymFormat, macs: bytes) -> list[str] | None:
@@ -536,7 +563,7 @@ class Pseudonymiser:
 
     def takes_copy_blocks(self, columns: Sequence[str]) -> bool:
         """Whether :meth:`pseudonymise_batch` can take :class:`CopyBlock` rows of these source columns:
-        with the C engine, the key at hand (not in Vault Transit) and no normaliser in the policy."""
+        with the C engine and the key at hand (not in Vault Transit)."""
         return self._copy_plan(columns) is not None
 
     def _copy_plan(self, columns: Sequence[str]) -> list[tuple[Any, ...]] | None:
@@ -551,10 +578,9 @@ class Pseudonymiser:
         plan: list[tuple[Any, ...]] = []
         for rule in self.policy.plan(columns):
             if rule.action == "pseudonymise":
-                if rule.normalise:
-                    return None
                 keyed = None if self.randomised else self._keyed_for(rule.domain)
-                plan.append(_column_plan(self.format, keyed, self.reversible, True))
+                plan.append(_column_plan(self.format, keyed, self.reversible,
+                                         _canonical_callback(rule.normalise, rule.column), _ascii_program(rule.normalise)))
             else:
                 plan.append(_KEEP if rule.action == "keep" else _DROP)
         return plan if any(p[0] != 1 for p in plan) else None
@@ -655,7 +681,7 @@ class SecondaryPseudonymiser:
         if key not in self._plans:
             plan = None
             if _native is not None and self._transit is None:
-                plan = [_column_plan(self.format, self._keyed, False, False) if r.action == "pseudonymise"
+                plan = [_column_plan(self.format, self._keyed, False) if r.action == "pseudonymise"
                         else _KEEP if r.action == "keep" else _DROP for r in self.policy.plan(columns)]
                 plan = plan if any(p[0] != 1 for p in plan) else None
             self._plans[key] = plan
