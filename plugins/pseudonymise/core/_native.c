@@ -411,11 +411,11 @@ typedef struct {
 } Failure;
 
 /* A non-ASCII value through the column's callback (GIL held). Returns a new bytes object or NULL. */
-static PyObject *call_nfc(PyObject *nfc, const unsigned char *value, size_t len) {
+static PyObject *call_callback(PyObject *callback, const unsigned char *value, size_t len) {
     PyObject *arg = PyBytes_FromStringAndSize((const char *)value, (Py_ssize_t)len);
     if (arg == NULL)
         return NULL;
-    PyObject *res = PyObject_CallOneArg(nfc, arg);
+    PyObject *res = PyObject_CallOneArg(callback, arg);
     Py_DECREF(arg);
     if (res != NULL && !PyBytes_Check(res)) {
         Py_DECREF(res);
@@ -492,7 +492,7 @@ static int transform(const unsigned char *data, size_t len, int width, Column *c
                     if (col->callback != NULL) {
                         if (!ascii) {
                             PyEval_RestoreThread(*ts);
-                            normal = call_nfc(col->callback, value, vlen);
+                            normal = call_callback(col->callback, value, vlen);
                             *ts = PyEval_SaveThread();
                             if (normal == NULL) {
                                 *pyerr = 1;

@@ -19,6 +19,7 @@ import json
 import operator
 import os
 import unicodedata
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -324,9 +325,62 @@ def _column_plan(fmt: PseudonymFormat, keyed: Any, collect: bool, callback: Any 
     return (2, keyed, _ALPHABET_CODES[fmt.alphabet], fmt.length, _pg_text(fmt.prefix), collect, callback, program)
 
 
-def _guard_pseudonyms(fmt: PseudonymFormat, macs: bytes) -> list[str] | None:
-    """What the collision guard needs beside the MACs: nothing for formats spelling the MAC's bits."""
-    return None if fmt.spells_leading_bits else fmt.encode_many(macs)
+@dataclass(frozen=True)
+class _CopyPlan:
+    """The C engine's entry for every source column, and the pseudonymised columns its results follow."""
+
+    entries: list[tuple[Any, ...]]
+    pseudonymised: list[str]
+
+
+class _CopyBlocks(ABC):
+    """What both engines share for :class:`CopyBlock` rows: the C engine's plan for a set of source
+    columns (made once), and one block run through it with its collision records and counts."""
+
+    policy: ColumnPolicy
+    format: PseudonymFormat
+    _guard: CollisionGuard
+    _transit: Any
+    _plans: dict[tuple[str, ...], _CopyPlan | None]
+
+    @abstractmethod
+    def _column_entry(self, rule: ColumnRule) -> tuple[Any, ...]:
+        """The C engine's entry for a pseudonymised column (each engine says how it pseudonymises)."""
+
+    def takes_copy_blocks(self, columns: Sequence[str]) -> bool:
+        """Whether :meth:`pseudonymise_batch` can take :class:`CopyBlock` rows of these source columns:
+        with the C engine and the key at hand (not in Vault Transit)."""
+        return self._copy_plan(columns) is not None
+
+    def _copy_plan(self, columns: Sequence[str]) -> _CopyPlan | None:
+        key = tuple(columns)
+        if key not in self._plans:
+            plan = None
+            if _native is not None and self._transit is None:
+                rules = self.policy.plan(columns)
+                if any(r.action != "drop" for r in rules):
+                    plan = _CopyPlan([self._column_entry(r) if r.action == "pseudonymise" else
+                                      _KEEP if r.action == "keep" else _DROP for r in rules],
+                                     [r.column for r in rules if r.action == "pseudonymise"])
+            self._plans[key] = plan
+        return self._plans[key]
+
+    def _run_block(self, block: CopyBlock, columns: Sequence[str]) -> tuple[bytes, int, Stats, list[Any]]:
+        """The block through the C engine: output rows, their count, the block's counts, and per
+        pseudonymised column ``(column, macs, canonicals, ends)``; the collision check has seen them."""
+        plan = self._copy_plan(columns)
+        if plan is None:
+            raise PolicyError("this run cannot pseudonymise COPY text directly; read the source as columns")
+        out, rows, results = _pseudonymise_block(block, plan.entries)
+        stats = Stats(rows_in=rows, rows_out=rows)
+        columns_out = []
+        for column, (macs, nulls, canonicals, ends) in zip(plan.pseudonymised, results, strict=True):
+            count = len(macs) // 32
+            self._guard.add(column, macs, None, count=count)
+            stats.nulls += nulls
+            stats.values_pseudonymised += count
+            columns_out.append((column, macs, canonicals, ends))
+        return out, rows, stats, columns_out
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -368,8 +422,9 @@ class _Items(Sequence[EscrowItem]):
 
     __slots__ = ()
 
+    @abstractmethod
     def _item(self, index: int) -> EscrowItem:
-        raise NotImplementedError
+        """Item ``index`` (already checked to be in range)."""
 
     @overload
     def __getitem__(self, index: int) -> EscrowItem: ...
@@ -494,7 +549,7 @@ def _batch_size(columns: Mapping[str, Sequence[Any]]) -> int:
 
 
 # --- pseudonymisers ---------------------------------------------------------------------------
-class Pseudonymiser:
+class Pseudonymiser(_CopyBlocks):
     """Applies a column policy with a verified ``pseudonymisation`` token to batches of a run."""
 
     def __init__(self, token: Token, policy: ColumnPolicy, transit: Any = None) -> None:
@@ -516,7 +571,7 @@ class Pseudonymiser:
         self._escrowed = _Escrowed() if self.reversible and not self.randomised else None
         self._keyed: dict[str, _Keyed] = {}
         self._key = token.key
-        self._plans: dict[tuple[str, ...], list[tuple[Any, ...]] | None] = {}
+        self._plans: dict[tuple[str, ...], _CopyPlan | None] = {}
 
     def _keyed_for(self, domain: str) -> _Keyed:
         keyed = self._keyed.get(domain)
@@ -561,56 +616,27 @@ class Pseudonymiser:
         stats.values_pseudonymised += len(pseudonyms)
         return _with_nulls(values, pseudonyms, nulls)
 
-    def takes_copy_blocks(self, columns: Sequence[str]) -> bool:
-        """Whether :meth:`pseudonymise_batch` can take :class:`CopyBlock` rows of these source columns:
-        with the C engine and the key at hand (not in Vault Transit)."""
-        return self._copy_plan(columns) is not None
-
-    def _copy_plan(self, columns: Sequence[str]) -> list[tuple[Any, ...]] | None:
-        key = tuple(columns)
-        if key not in self._plans:
-            self._plans[key] = self._make_copy_plan(columns)
-        return self._plans[key]
-
-    def _make_copy_plan(self, columns: Sequence[str]) -> list[tuple[Any, ...]] | None:
-        if _native is None or self._transit is not None:
-            return None
-        plan: list[tuple[Any, ...]] = []
-        for rule in self.policy.plan(columns):
-            if rule.action == "pseudonymise":
-                keyed = None if self.randomised else self._keyed_for(rule.domain)
-                plan.append(_column_plan(self.format, keyed, self.reversible,
-                                         _canonical_callback(rule.normalise, rule.column), _ascii_program(rule.normalise)))
-            else:
-                plan.append(_KEEP if rule.action == "keep" else _DROP)
-        return plan if any(p[0] != 1 for p in plan) else None
+    def _column_entry(self, rule: ColumnRule) -> tuple[Any, ...]:
+        keyed = None if self.randomised else self._keyed_for(rule.domain)
+        return _column_plan(self.format, keyed, self.reversible, _canonical_callback(rule.normalise, rule.column),
+                            _ascii_program(rule.normalise))
 
     def _pseudonymise_copy(self, block: CopyBlock, columns: Sequence[str]) -> Batch:
-        plan = self._copy_plan(columns)
-        if plan is None:
-            raise PolicyError("this run cannot pseudonymise COPY text directly; read the source as columns")
-        rules = [r for r in self.policy.plan(columns) if r.action == "pseudonymise"]
-        out, rows, results = _pseudonymise_block(block, plan)
-        stats = Stats(rows_in=rows, rows_out=rows)
+        out, rows, stats, results = self._run_block(block, columns)
         sealed: list[EscrowBlock] = []
-        for rule, (macs, nulls, canonicals, ends) in zip(rules, results, strict=True):
-            count = len(macs) // 32
-            self._guard.add(rule.column, macs, _guard_pseudonyms(self.format, macs), count=count)
-            if self.reversible:
+        if self.reversible:
+            prefix = self.format.prefix.encode("utf-8")
+            for _column, macs, canonicals, ends in results:
                 fresh = self._escrowed.unsealed(macs) if self._escrowed is not None else None
-                width = len(self.format.prefix.encode("utf-8")) + self.format.length
-                names = _native.encode(macs, _ALPHABET_CODES[self.format.alphabet], self.format.length,
-                                       self.format.prefix.encode("utf-8"))
+                names = _native.encode(macs, _ALPHABET_CODES[self.format.alphabet], self.format.length, prefix)
                 # COPY text gives text: the same type tag as the column path, which decodes it to str
-                block_items = EscrowBlock(names, width, canonicals, np.frombuffer(ends, dtype=np.uint64))
-                sealed.append(block_items if fresh is None else block_items.take(fresh))
-            stats.nulls += nulls
-            stats.values_pseudonymised += count
+                items = EscrowBlock(names, len(prefix) + self.format.length, canonicals,
+                                    np.frombuffer(ends, dtype=np.uint64))
+                sealed.append(items if fresh is None else items.take(fresh))
         if self._escrowed is not None:
             self._escrowed.end_batch()
         self.stats.add(stats)
-        escrow = EscrowBlock.concat(sealed) if sealed else None
-        return Batch(CopyBlock(out, rows), stats, escrow if escrow is not None else [])
+        return Batch(CopyBlock(out, rows), stats, EscrowBlock.concat(sealed) if sealed else [])
 
     def pseudonymise_batch(self, columns: Mapping[str, Sequence[Any]] | CopyBlock,
                            source_columns: Sequence[str] | None = None) -> Batch:
@@ -652,7 +678,7 @@ def _as_list(values: Sequence[Any]) -> list[Any]:
     return values if isinstance(values, list) else list(values)
 
 
-class SecondaryPseudonymiser:
+class SecondaryPseudonymiser(_CopyBlocks):
     """Turns a source project's pseudonyms into second-level ones with a ``secondary`` token (§4 step 5)."""
 
     def __init__(self, token: Token, policy: ColumnPolicy, transit: Any = None) -> None:
@@ -673,31 +699,13 @@ class SecondaryPseudonymiser:
             _make_keyed(token.key, SECONDARY_LABEL)  # type: ignore[arg-type]
         self._guard = CollisionGuard(self.format, randomised=False)
         self._transit = transit
-        self._plans: dict[tuple[str, ...], list[tuple[Any, ...]] | None] = {}
+        self._plans: dict[tuple[str, ...], _CopyPlan | None] = {}
 
-    def takes_copy_blocks(self, columns: Sequence[str]) -> bool:
-        """Whether :meth:`pseudonymise_batch` can take :class:`CopyBlock` rows of these source columns."""
-        key = tuple(columns)
-        if key not in self._plans:
-            plan = None
-            if _native is not None and self._transit is None:
-                plan = [_column_plan(self.format, self._keyed, False) if r.action == "pseudonymise"
-                        else _KEEP if r.action == "keep" else _DROP for r in self.policy.plan(columns)]
-                plan = plan if any(p[0] != 1 for p in plan) else None
-            self._plans[key] = plan
-        return self._plans[key] is not None
+    def _column_entry(self, rule: ColumnRule) -> tuple[Any, ...]:
+        return _column_plan(self.format, self._keyed, False)  # pseudonyms as they are: no normaliser, no NFC
 
     def _pseudonymise_copy(self, block: CopyBlock, columns: Sequence[str]) -> Batch:
-        if not self.takes_copy_blocks(columns):
-            raise PolicyError("this run cannot pseudonymise COPY text directly; read the source as columns")
-        rules = [r for r in self.policy.plan(columns) if r.action == "pseudonymise"]
-        out, rows, results = _pseudonymise_block(block, self._plans[tuple(columns)])  # type: ignore[arg-type]
-        stats = Stats(rows_in=rows, rows_out=rows)
-        for rule, (macs, nulls, _, _) in zip(rules, results, strict=True):
-            count = len(macs) // 32
-            self._guard.add(rule.column, macs, _guard_pseudonyms(self.format, macs), count=count)
-            stats.nulls += nulls
-            stats.values_pseudonymised += count
+        out, rows, stats, _ = self._run_block(block, columns)
         self.stats.add(stats)
         return Batch(CopyBlock(out, rows), stats)
 
