@@ -8,7 +8,7 @@ project) are audited like any other.
 from __future__ import annotations
 
 import getpass
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -43,8 +43,12 @@ class TokenUse:
     def __init__(self, audit: AuditLog, operation: str, raw_token: str | None, keys: TrustedKeys, *,
                  kind: str | None, project: str | None = None, source: str | None = None,
                  target: str | None = None, columns: Sequence[str] | None = None,
-                 context: Mapping[str, Any] | None = None) -> None:
+                 context: Mapping[str, Any] | None = None,
+                 on_finished: Callable[[AuditLog], None] | None = None) -> None:
+        """:param on_finished: called with the audit log once the use's ``finished`` row is committed (for
+            instance to write a signed checkpoint of the chain's head); not called for a crashed use."""
         self.audit = audit
+        self.on_finished = on_finished
         self.raw = raw_token
         self.keys = keys
         self.kind = kind
@@ -82,6 +86,8 @@ class TokenUse:
         except TokenError as exc:
             self.audit.finish(self.use, "denied", error=exc)
             self._finished = True
+            if self.on_finished is not None:
+                self.on_finished(self.audit)
             raise
         self.use.token_expires_at = _instant(self.token.expires)
         self.use.retention_until = _instant(self.token.retention_until)
@@ -101,13 +107,14 @@ class TokenUse:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if self._finished:
-            return
-        if exc is None:
-            if not self._succeeded_in_transaction:
-                self.succeed()
-            return
-        try:
-            self.audit.finish(self.use, "failed", counts=self.counts, error=exc, details=self.details or None)
-        finally:
-            self._finished = True
+        if not self._finished:
+            if exc is None:
+                if not self._succeeded_in_transaction:
+                    self.succeed()
+            else:
+                try:
+                    self.audit.finish(self.use, "failed", counts=self.counts, error=exc, details=self.details or None)
+                finally:
+                    self._finished = True
+        if self.on_finished is not None:
+            self.on_finished(self.audit)
