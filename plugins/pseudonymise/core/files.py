@@ -3,6 +3,11 @@
 Sources yield ``{column: [values...]}`` batches so memory stays flat in the file size. Sinks
 write to a temporary file beside the target and rename it into place on :meth:`commit`, so a
 failed run never leaves a half-written file. CSV is read as text: an empty field is NULL.
+
+The errors of the file libraries can quote a cell (pyarrow: ``Could not convert 'P770839' with type
+str``; a decoding error names the bytes it could not decode): the plugin's error names the file,
+the line or column and the library's exception class, and is raised alone (without that error as
+its cause or context) so that no traceback prints the library's text.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pseudonymise.core.errors import DataIOError, InvalidTextError
+from pseudonymise.core.errors import DataIOError, InvalidTextError, raise_alone
 
 FORMATS = ("csv", "parquet")
 csv.field_size_limit(64 * 1024 * 1024)
@@ -62,13 +67,17 @@ class CsvSource:
             return next(self._reader)
         except StopIteration:
             return None
-        except UnicodeDecodeError as exc:
-            raise InvalidTextError(
+        except UnicodeDecodeError:
+            error: DataIOError | InvalidTextError = InvalidTextError(
                 f"{self.path!r} is not valid UTF-8 near line {self._reader.line_num + 1}; convert it to UTF-8 "
                 "(for example `iconv -f latin1 -t utf-8`)"
-            ) from exc
+            )
         except csv.Error as exc:
-            raise DataIOError(f"{self.path!r} line {self._reader.line_num}: malformed CSV ({exc})") from exc
+            # the csv module's messages are its own fixed sentences (a quote where a delimiter belongs, a field
+            # over the size limit), never a cell
+            error = DataIOError(f"{self.path!r} line {self._reader.line_num}: malformed CSV ({exc}); fix the quoting "
+                                "of that line")
+        raise_alone(error)
 
     def batches(self) -> Iterator[dict[str, list[Any]]]:
         width, null = len(self.columns), self._null
@@ -106,14 +115,28 @@ class ParquetSource:
         self.batch_size = batch_size
         try:
             self._file = pq.ParquetFile(self.path)
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise DataIOError(f"cannot read {self.path!r} as Parquet ({exc.__class__.__name__}); check the file") from exc
-        self.schema = self._file.schema_arrow
-        self.columns: list[str] = list(self.schema.names)
+        except (OSError, pa.ArrowException) as exc:
+            error = DataIOError(f"cannot read {self.path!r} as Parquet ({exc.__class__.__name__}); check the file")
+        else:
+            self.schema = self._file.schema_arrow
+            self.columns: list[str] = list(self.schema.names)
+            return
+        raise_alone(error)
 
     def batches(self) -> Iterator[dict[str, list[Any]]]:
-        for batch in self._file.iter_batches(batch_size=self.batch_size):
-            yield {name: batch.column(i).to_pylist() for i, name in enumerate(batch.schema.names)}
+        batches = self._file.iter_batches(batch_size=self.batch_size)
+        while True:
+            try:
+                batch = next(batches)
+                columns = {name: batch.column(i).to_pylist() for i, name in enumerate(batch.schema.names)}
+            except StopIteration:
+                return
+            except (OSError, pa.ArrowException) as exc:
+                error = DataIOError(f"reading {self.path!r} as Parquet failed ({exc.__class__.__name__}); check the "
+                                    "file (it may be truncated or damaged)")
+                break
+            yield columns
+        raise_alone(error)
 
     def close(self) -> None:
         self._file.close()
@@ -194,24 +217,45 @@ class ParquetSink:
 
     def write(self, batch: dict[str, list[Any]]) -> None:
         try:
+            table = self._table(batch)
             if self._writer is None:
-                if self._schema is None:
-                    inferred = pa.Table.from_pydict({c: batch[c] for c in self.columns}).schema
-                    self._schema = pa.schema(
-                        [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in inferred]
-                    )
                 self._writer = pq.ParquetWriter(self._file.tmp, self._schema)
-            table = pa.Table.from_pydict({c: batch[c] for c in self.columns}, schema=self._schema)
             self._writer.write_table(table)
-        except OSError as exc:
+        except OSError as exc:  # the operating system's reason (a full disk, say) names no cell
             self.abort()
-            raise DataIOError(f"cannot write {os.fspath(self._file.path)!r}: {exc}; nothing was written") from exc
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise DataIOError(f"cannot write {os.fspath(self._file.path)!r}: {exc.strerror or type(exc).__name__}; "
+                              "nothing was written") from exc
+        except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
             self.abort()
-            raise DataIOError(
-                f"a batch does not fit the Parquet schema of {os.fspath(self._file.path)!r} "
-                f"({exc.__class__.__name__}); give the sink an explicit schema"
-            ) from exc
+            error = DataIOError(f"writing {os.fspath(self._file.path)!r} failed ({exc.__class__.__name__}); nothing "
+                                "was written")
+        else:
+            return
+        raise_alone(error)
+
+    def _table(self, batch: dict[str, list[Any]]) -> pa.Table:
+        """The batch as a table of the sink's schema (the first batch's types when none was given), column by
+        column, so that a value that does not fit is reported by its column (never by its value)."""
+        arrays = []
+        for name in self._schema.names if self._schema is not None else self.columns:
+            field = self._schema.field(name) if self._schema is not None else None
+            try:
+                array = pa.array(batch[name], type=field.type if field is not None else None)
+            except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+                expected = f"the Parquet type {field.type}" if field is not None else "one Parquet type"
+                error = DataIOError(
+                    f"column {name!r} holds a value that does not fit {expected} ({exc.__class__.__name__}) in "
+                    f"{os.fspath(self._file.path)!r}; give the sink an explicit schema, or cast the column to one "
+                    "type in the source; nothing was written"
+                )
+                break
+            arrays.append(array.cast(pa.string()) if pa.types.is_null(array.type) and field is None else array)
+        else:
+            if self._schema is None:
+                self._schema = pa.schema([pa.field(n, a.type) for n, a in zip(self.columns, arrays, strict=True)])
+            return pa.Table.from_arrays(arrays, schema=self._schema)
+        self.abort()
+        raise_alone(error)
 
     def commit(self) -> None:
         if self._writer is None:

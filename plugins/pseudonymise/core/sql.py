@@ -29,7 +29,17 @@ from pseudonymise.core.copytext import CopyBlock, CopyText, build_rows, decode_c
 from pseudonymise.core.copytext import _pg_text as _pg_text
 from pseudonymise.core.copytext import copy_text_fields as copy_text_fields
 from pseudonymise.core.db import advisory_lock, lock_interval, unlock_interval
-from pseudonymise.core.errors import DataIOError, PolicyError, UnsupportedTypeError
+from pseudonymise.core.errors import (
+    SOURCE_DATA_FIX,
+    TARGET_DATA_FIX,
+    DataIOError,
+    PolicyError,
+    UnsupportedTypeError,
+    database_error,
+    database_errors,
+    is_database_error,
+    raise_alone,
+)
 
 WRITE_MODES = ("append", "replace_partition", "upsert", "replace")
 
@@ -55,16 +65,14 @@ class SqlSource:
         self.parameters = dict(parameters or {})
         self.batch_size = batch_size
         self.label = label or "query"
-        try:
-            self._conn = engine.connect()
-            self._result = self._conn.execution_options(stream_results=True, yield_per=batch_size).execute(
-                sa.text(query), self.parameters)
-        except sa.exc.SQLAlchemyError as exc:
-            self.close()
-            raise DataIOError(
-                f"the source {self.label} could not be read ({exc.__class__.__name__}: {_first_line(exc)}); "
-                "check the connection and the query"
-            ) from exc
+        with database_errors(f"the source {self.label} could not be read", data_fix=SOURCE_DATA_FIX):
+            try:
+                self._conn = engine.connect()
+                self._result = self._conn.execution_options(stream_results=True, yield_per=batch_size).execute(
+                    sa.text(query), self.parameters)
+            except BaseException:
+                self.close()
+                raise
         self.columns: list[str] = list(self._result.keys())
         self.type_codes = _type_codes(self._result) if engine.dialect.name == "postgresql" else {}
 
@@ -80,11 +88,10 @@ class SqlSource:
 
     def batches(self) -> Iterator[dict[str, list[Any]]]:
         try:
-            for part in self._result.partitions(self.batch_size):
-                cols = list(zip(*part, strict=True)) if part else []
-                yield {name: list(col) for name, col in zip(self.columns, cols, strict=True)}
-        except sa.exc.SQLAlchemyError as exc:
-            raise DataIOError(f"reading the source {self.label} failed ({exc.__class__.__name__}: {_first_line(exc)})") from exc
+            with database_errors(f"reading the source {self.label} failed", data_fix=SOURCE_DATA_FIX):
+                for part in self._result.partitions(self.batch_size):
+                    cols = list(zip(*part, strict=True)) if part else []
+                    yield {name: list(col) for name, col in zip(self.columns, cols, strict=True)}
         finally:
             self.close()
 
@@ -95,14 +102,19 @@ class SqlSource:
             self._conn = None  # type: ignore[assignment]
 
 
+def _read_failure(exc: BaseException, label: str) -> DataIOError:
+    """The error of a failed ``COPY … TO STDOUT``: a database error without the driver's text (it quotes
+    values), anything else by its class (and the operating system's reason)."""
+    what = f"reading the source {label} failed"
+    if is_database_error(exc):
+        return database_error(exc, what, data_fix=SOURCE_DATA_FIX)
+    reason = f"{type(exc).__name__}: {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+    return DataIOError(f"{what} ({reason}); check the connection and the query, then run the task again")
+
+
 def _type_codes(result: sa.CursorResult[Any]) -> dict[str, int]:
     description = getattr(result.cursor, "description", None) or ()
     return {d[0]: int(d[1]) for d in description if d[1] is not None}
-
-
-def _first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    return str(orig).strip().splitlines()[0][:300] if str(orig).strip() else type(orig).__name__
 
 
 _PIPE_BYTES = 1 << 20
@@ -123,9 +135,10 @@ class PostgresCopySource:
         self.batch_size = batch_size
         self.label = label or "query"
         self._as_text: set[str] = set()
-        stmt = sa.text(query).bindparams(**dict(parameters or {})) if parameters else sa.text(query)
-        self.sql = str(stmt.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
-        try:
+        # (SQLAlchemy's compile errors quote the parameters, which can be key values of the data)
+        with database_errors(f"the source {self.label} could not be read", data_fix=SOURCE_DATA_FIX):
+            stmt = sa.text(query).bindparams(**dict(parameters or {})) if parameters else sa.text(query)
+            self.sql = str(stmt.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
             with engine.connect() as conn:
                 probe = conn.execute(sa.text(f"SELECT * FROM ({self.sql}) AS q LIMIT 0"))
                 self.columns: list[str] = list(probe.keys())
@@ -134,11 +147,6 @@ class PostgresCopySource:
                 names = dict(conn.execute(sa.text("SELECT oid::int, format_type(oid, NULL) FROM pg_type WHERE oid = ANY(:o)"),
                                           {"o": oids}).all()) if oids else {}
                 self.type_names = {c: names.get(o, "text") for c, o in self.type_codes.items()}
-        except sa.exc.SQLAlchemyError as exc:
-            raise DataIOError(
-                f"the source {self.label} could not be read ({exc.__class__.__name__}: {_first_line(exc)}); "
-                "check the connection and the query"
-            ) from exc
 
     def usable(self, pseudonymised: Sequence[str]) -> bool:
         return all(self.type_codes.get(c) in _PG_TEXT_SAFE for c in pseudonymised if c in self.type_codes)
@@ -182,8 +190,7 @@ class PostgresCopySource:
                     yield data[: cut + 1] if tail else data
                 thread.join()
                 if failure:
-                    raise DataIOError(f"reading the source {self.label} failed ({failure[0].__class__.__name__}: "
-                                      f"{_first_line(failure[0])})") from failure[0]
+                    raise_alone(_read_failure(failure.pop(), self.label))
                 if tail:
                     raise DataIOError(f"reading the source {self.label} failed: the COPY data ended mid-row")
                 finished = True
@@ -267,16 +274,24 @@ def _python_type(values: Sequence[Any]) -> sa.types.TypeEngine[Any]:
     return sa.Text()
 
 
-def _coerce(value: Any, coltype: sa.types.TypeEngine[Any]) -> Any:
+def _coerce(value: Any, coltype: sa.types.TypeEngine[Any], column: str) -> Any:
     """Bind a templated partition bound (text) as the column's own type."""
-    if isinstance(value, str):
+    if not isinstance(value, str):
+        return value
+    try:
         if isinstance(coltype, sa.DateTime):
             return dt.datetime.fromisoformat(value)
         if isinstance(coltype, sa.Date):
             return dt.date.fromisoformat(value[:10])
         if isinstance(coltype, sa.Integer):
             return int(value)
-    return value
+    except ValueError:  # its text quotes the bound, which can be a key value (mapped key ranges)
+        pass
+    else:
+        return value
+    raise_alone(PolicyError(f"a partition bound does not convert to the type of column {column!r} ({coltype}); give "
+                            "partition_start and partition_end of that type (ISO dates for dates, integers for "
+                            "integers)"))
 
 
 class TableTarget:
@@ -326,13 +341,15 @@ class TableSink:
         self._prepared = False
         self._staging: str | None = None
         self._lock: str | None = None
-        try:
+        with self._errors(f"inspecting the target {target.label} failed"):
             self.table = reflect_table(conn, target.table, target.schema)
-        except sa.exc.SQLAlchemyError as exc:
-            raise DataIOError(f"the target {target.label} could not be inspected ({_first_line(exc)})") from exc
         if self.table is not None:
             self._check_columns(self.table)
             self._prepare()
+
+    def _errors(self, what: str) -> database_errors:
+        """Database errors of the target as the plugin's, naming only this sink's columns (never a value)."""
+        return database_errors(what, columns=self.columns, data_fix=TARGET_DATA_FIX)
 
     def _check_columns(self, table: sa.Table) -> None:
         missing = [c for c in self.columns if c not in table.c]
@@ -346,6 +363,10 @@ class TableSink:
                 raise PolicyError(f"column {name!r} is not in the target {self.target.label}")
 
     def _create(self, batch: Mapping[str, Sequence[Any]]) -> None:
+        with self._errors(f"creating the target {self.target.label} failed"):
+            self._create_table(batch)
+
+    def _create_table(self, batch: Mapping[str, Sequence[Any]]) -> None:
         if not self.target.create:
             raise DataIOError(f"the target {self.target.label} does not exist; create it or set create=True")
         # Tasks starting together on a fresh target: the first creates it, the others wait for its
@@ -381,6 +402,10 @@ class TableSink:
 
     def _prepare(self) -> None:
         """Apply the write mode's deletion, in the same transaction as the rows to come."""
+        with self._errors(f"preparing the target {self.target.label} (write mode {self.target.mode!r}) failed"):
+            self._delete_for_mode()
+
+    def _delete_for_mode(self) -> None:
         t, target = self.table, self.target
         assert t is not None
         # Two runs replacing overlapping rows at once (overlapping backfills, a manual run over a
@@ -391,8 +416,8 @@ class TableSink:
             self.conn.execute(sa.delete(t))
         elif target.mode == "replace_partition":
             col = t.c[target.partition_column]  # type: ignore[index]
-            start = _coerce(target.partition_start, col.type)
-            end = None if target.partition_end is None else _coerce(target.partition_end, col.type)
+            start = _coerce(target.partition_start, col.type, col.name)
+            end = None if target.partition_end is None else _coerce(target.partition_end, col.type, col.name)
             self._lock = lock_interval(self.conn, target.schema, target.label, start, end)
             cond = col >= start
             if end is not None:
@@ -420,14 +445,11 @@ class TableSink:
         n = len(cols[0]) if cols else 0
         if n == 0:
             return
-        try:
-            if self.copy:
-                self._copy(build_rows([encode_column(c) for c in cols]))
-            else:
+        if self.copy:
+            self._copy(build_rows([encode_column(c) for c in cols]))
+        else:
+            with self._errors(f"writing the target {self.target.label} failed; nothing was committed"):
                 self._insert([decode_column(c) if isinstance(c, CopyText) else c for c in cols])
-        except sa.exc.SQLAlchemyError as exc:
-            raise DataIOError(f"writing the target {self.target.label} failed ({exc.__class__.__name__}: "
-                              f"{_first_line(exc)}); nothing was committed") from exc
         self.rows_written += n
 
     def _insert(self, cols: list[list[Any]]) -> None:
@@ -454,6 +476,10 @@ class TableSink:
 
     def _copy(self, rows: bytes) -> None:
         """COPY rows of COPY text into the target (or the upsert's staging table)."""
+        with self._errors(f"COPY into the target {self.target.label} failed; nothing was committed"):
+            self._copy_rows(rows)
+
+    def _copy_rows(self, rows: bytes) -> None:
         assert self.table is not None
         prep = self.conn.dialect.identifier_preparer
         if self.target.mode == "upsert" and self._staging is None:
@@ -464,12 +490,8 @@ class TableSink:
         into = self._staging or prep.format_table(self.table)
         cursor = self.conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
-            data = io.BytesIO(rows)
-            cursor.copy_expert(f"COPY {into} ({', '.join(prep.quote(c) for c in self.columns)}) FROM STDIN", data,
-                               size=1 << 20)
-        except Exception as exc:
-            raise DataIOError(f"COPY into the target {self.target.label} failed ({exc.__class__.__name__}: "
-                              f"{_first_line(exc)}); nothing was committed") from exc
+            cursor.copy_expert(f"COPY {into} ({', '.join(prep.quote(c) for c in self.columns)}) FROM STDIN",
+                               io.BytesIO(rows), size=1 << 20)
         finally:
             cursor.close()
 
@@ -478,6 +500,10 @@ class TableSink:
         if self.table is None:  # no row at all: still create the table so downstream sees it
             self._create({})
             self._prepare()
+        with self._errors(f"finishing the write into the target {self.target.label} failed; nothing was committed"):
+            self._finish()
+
+    def _finish(self) -> None:
         if self._staging is not None:
             prep = self.conn.dialect.identifier_preparer
             cols = ", ".join(prep.quote(c) for c in self.columns)
