@@ -6,7 +6,17 @@ import uuid
 from datetime import date, datetime
 
 import pytest
-from pseudonymise.plugin.batch import BatchError, MemorySink, from_csv, from_records, json_value, to_csv, to_records
+from pseudonymise.plugin.batch import (
+    BatchError,
+    MemorySink,
+    body_format,
+    csv_cell,
+    from_csv,
+    from_records,
+    json_value,
+    to_csv,
+    to_records,
+)
 
 
 def test_csv_like_the_file_sources() -> None:
@@ -50,6 +60,51 @@ def test_output_values() -> None:
     sink = MemorySink(["id", "when"])
     sink.write({"id": ["x", None], "when": [day, None], "dropped": [1, 2]})
     assert to_records(sink.columns, sink.rows) == [{"id": "x", "when": "2026-01-02"}, {"id": None, "when": None}]
-    assert to_csv(sink.columns, sink.rows) == "id,when\nx,2026-01-02\n,\n"
+    assert to_csv(sink.columns, sink.rows) == "id,when\r\nx,2026-01-02\r\n,\r\n"
     sink.abort()
     assert sink.rows == []
+
+
+@pytest.mark.parametrize(("value", "cell"), [
+    ('=HYPERLINK("http://evil.example/","x")', '\'=HYPERLINK("http://evil.example/","x")'),
+    ("+1+1", "'+1+1"), ("@SUM(A1)", "'@SUM(A1)"), ("\t=1", "'\t=1"), ("\r=1", "'\r=1"),
+    ("-2+3+cmd|' /C calc'!A0", "'-2+3+cmd|' /C calc'!A0"),
+    ("-AbC_9xYz012", "'-AbC_9xYz012"),  # a base64url pseudonym: a spreadsheet would evaluate it too
+    ("-", "'-"), ("-1-1", "'-1-1"), ("-1e5x", "'-1e5x"), ("-inf", "'-inf"), ("+12", "'+12"),
+    ("'=1", "''=1"), ("'quoted", "''quoted"),  # so the prefix is exact to undo
+    ("-12", "-12"), ("-0.5", "-0.5"), ("-1.5e3", "-1.5e3"), (-7, "-7"), (-2.5, "-2.5"),
+    ("P-0001", "P-0001"), ("a=b", "a=b"), ("", ""), (None, ""),
+])
+def test_csv_cells_a_spreadsheet_would_run_are_neutralised(value: object, cell: str) -> None:
+    assert csv_cell(value) == cell
+    if isinstance(value, str) and cell != value:  # the documented way back
+        assert cell[0] == "'" and cell[1] in "=+-@\t\r'" and cell[1:] == value
+
+
+def test_csv_answers_quote_line_breaks_so_no_row_starts_unprotected() -> None:
+    text = to_csv(["=a", "b"], [["x\r=HYPERLINK(1)", "y\n@SUM(1)"], ["\r=1", -3]])
+    assert text == '\'=a,b\r\n"x\r=HYPERLINK(1)","y\n@SUM(1)"\r\n"\'\r=1",-3\r\n'
+
+
+@pytest.mark.parametrize(("content_type", "found"), [
+    ("application/json", "json"), ("Application/JSON; charset=UTF-8", "json"), ("text/csv", "csv"),
+    ('text/csv; charset="utf-8"; header=present', "csv"), ("text/csv;charset=utf8", "csv"),
+])
+def test_bodies_are_read_as_declared(content_type: str, found: str) -> None:
+    assert body_format(content_type) == found
+
+
+@pytest.mark.parametrize(("content_type", "message"), [
+    (None, "not declared"), ("", "not declared"), ("text/plain", "declared as 'text/plain'"),
+    ("application/x-www-form-urlencoded", "declared as 'application/x-www-form-urlencoded'"),
+    ("multipart/form-data; boundary=x", "declared as 'multipart/form-data'"),
+    ("application/json-seq", "declared as 'application/json-seq'"), ("text/csv2", "'text/csv2'"),
+    ("<script>/x y", "declared as something else"),
+    ("application/json; charset=latin-1", "must be UTF-8"), ("text/csv; charset=utf-16", "must be UTF-8"),
+])
+def test_other_bodies_are_refused_with_415(content_type: str | None, message: str) -> None:
+    with pytest.raises(BatchError, match=message) as caught:
+        body_format(content_type)
+    assert caught.value.status == 415
+    if "UTF-8" not in message:
+        assert "'application/json'" in str(caught.value) and "'text/csv'" in str(caught.value)

@@ -34,10 +34,16 @@ _SECURITY_HEADERS = {
 DESCRIPTION = """Pseudonymise small batches on request and read the pseudonymisation audit, inside the
 Airflow API server.
 
-**Authentication**: an Airflow JWT, `Authorization: Bearer <jwt>` (get one from `POST /auth/token`),
-or the Airflow UI's session cookie. **Authorisation**: using a token needs read access to the Airflow
-connection that holds it; reading the audit needs read access to DAG audit logs (rows are limited to
-the DAGs you may read). Every call that uses a token is audited with your user name.
+**Authentication**: an Airflow JWT, `Authorization: Bearer <jwt>` (get one from `POST /auth/token`).
+Every `POST` (each uses a token) needs that header: the Airflow UI's session cookie alone is refused
+(403), so that no other web page open in your browser can use a token; the cookie is enough for the
+`GET` routes. **Bodies**: `Content-Type: application/json` or `text/csv` (UTF-8), anything else is
+refused (415). **Authorisation**: using a token needs read access to the Airflow connection that
+holds it; reading the audit needs read access to DAG audit logs (rows are limited to the DAGs you may
+read). Every call that uses a token is audited with your user name. **CSV answers**: a cell that a
+spreadsheet would run as a formula (first character `=`, `+`, `-`, `@`, tab or carriage return; not a
+negative number) gets a leading `'`, as does a cell that already starts with `'`; JSON answers are
+never altered.
 """
 
 

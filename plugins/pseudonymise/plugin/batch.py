@@ -2,7 +2,9 @@
 
 :class:`RecordBatch` is the pipeline's :class:`~pseudonymise.core.pipeline.Source` and
 :class:`MemorySink` its sink, so the API runs the very flows the operators and the CLI run.
-Parse errors name the line, record or field, never a value.
+A body is read only as what its ``Content-Type`` declares (:func:`body_format`); CSV answers have
+formula cells neutralised (:func:`csv_cell`). Parse errors name the line, record or field, never a
+value.
 """
 
 from __future__ import annotations
@@ -11,11 +13,19 @@ import base64
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
+
+#: The request bodies the API reads, by declared media type.
+BODY_FORMATS = {"application/json": "json", "text/csv": "csv"}
+#: A cell starting with one of these is a formula to a spreadsheet (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"-[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
 
 
 class BatchError(ValueError):
@@ -121,6 +131,29 @@ def from_csv(body: bytes, max_rows: int) -> RecordBatch:
     return RecordBatch(header, rows)
 
 
+def body_format(content_type: str | None) -> str:
+    """``"json"`` or ``"csv"``: how to read a request body, from its declared ``Content-Type`` only.
+
+    Anything else, or none, is refused (415) rather than guessed: a page on another site can send
+    ``text/plain``, form or multipart bodies (or none) without asking the browser's permission, but
+    not ``application/json`` or ``text/csv``. A ``charset`` other than UTF-8 is refused too.
+    """
+    media, _, parameters = (content_type or "").partition(";")
+    media = media.strip().lower()
+    found = BODY_FORMATS.get(media)
+    if found is None:
+        declared = (f"declared as {media!r}" if _MEDIA_TYPE.fullmatch(media) else
+                    "declared as something else" if media else "not declared")
+        raise BatchError(f"the request body's Content-Type is {declared}; send it as 'application/json' (a JSON "
+                         "object) or 'text/csv' (CSV with a header row), with that Content-Type header", 415)
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise BatchError(f"the request body must be UTF-8; declare it as '{media}' or '{media}; charset=utf-8' "
+                             "and send UTF-8", 415)
+    return found
+
+
 def parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
@@ -146,12 +179,36 @@ def to_records(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[di
     return [{c: json_value(v) for c, v in zip(columns, row, strict=True)} for row in rows]
 
 
+def csv_cell(value: Any) -> str:
+    """A value as a cell of a CSV answer, which a spreadsheet must not run as a formula.
+
+    Following OWASP's advice on CSV injection, a cell that starts with ``=``, ``+``, ``-``, ``@``, a
+    tab or a carriage return gets a leading ``'``, whatever made the value: an original revealed by
+    a reversal, a kept column, a column name, or a pseudonym (base64url pseudonyms start with ``-``
+    one time in 64, and a project's prefix may start with any of these). One exception: a negative
+    plain decimal number (``-12``, ``-0.5``, ``-1.5e3``) is left as it is, because a spreadsheet
+    reads it as a number, never as a formula, and kept numeric columns stay numbers.
+
+    A cell that already starts with ``'`` gets a second one, so the change is exact to undo: a
+    program reading a CSV answer drops the first character of every cell that starts with ``'``
+    followed by ``=``, ``+``, ``-``, ``@``, tab, carriage return or ``'``. Programs had better ask for
+    JSON (``Content-Type: application/json``), whose values are never altered.
+    """
+    text = "" if value is None else str(json_value(value))
+    if text.startswith("'") or (text.startswith(FORMULA_STARTS) and not _PLAIN_NUMBER.fullmatch(text)):
+        return "'" + text
+    return text
+
+
 def to_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """CSV with a header row, formula cells neutralised (:func:`csv_cell`), lines ending in CRLF
+    (RFC 4180), so that a value holding a carriage return or a newline is always quoted: a bare
+    carriage return would otherwise start a new row whose first cell no ``'`` protects."""
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(columns)
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow([csv_cell(c) for c in columns])
     for row in rows:
-        writer.writerow(["" if v is None else str(json_value(v)) for v in row])
+        writer.writerow([csv_cell(v) for v in row])
     return out.getvalue()
 
 
