@@ -107,8 +107,8 @@ def test_pseudonymiser_spills_and_finish_checks(mint: Mint, constant_encoder: No
     secondary = SecondaryPseudonymiser(mint("vendor-x", "secondary", source_project="research-a"),
                                        ColumnPolicy.pseudonymise("id"))
     secondary._guard.memory_records = 1
-    secondary.pseudonymise_values(["p1", "p1"], "id")
-    secondary.pseudonymise_values(["p2"], "id")
+    secondary.pseudonymise_values(["b" * 26, "b" * 26], "id")  # first-level pseudonyms of the source format
+    secondary.pseudonymise_values(["c" * 26], "id")
     with pytest.raises(CollisionError):
         secondary.finish()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -9,12 +10,18 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import hvac
 import pytest
-from pseudonymise.core.errors import IssuerError
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pseudonymise.core.errors import IssuerError, PolicyError
 from pseudonymise.core.formats import PseudonymFormat
-from pseudonymise.core.issuer import DirectoryStore, Issuer, Project, VaultStore
-from pseudonymise.core.tokens import verify_token
+from pseudonymise.core.issuer import DirectoryStore, Issuer, Project, VaultStore, derive_secondary_key
+from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser, SecondaryPseudonymiser
+from pseudonymise.core.tokens import MAX_TOKEN_LENGTH, b64url_decode, b64url_encode, verify_token
+from pseudonymise.core.transit import TransitMac
 
+from tests.core.test_tokens import hkdf_sha256
 from tests.services import OpenBaoServer, free_port
 
 
@@ -190,3 +197,92 @@ def test_unreachable_vault() -> None:
     assert "root-token-value" not in str(info.value)
     with pytest.raises(IssuerError, match="unreachable"):
         store.write("issuer", {"a": 1})
+
+
+# --- v1.1: secondary keys of their own, verify_keys ------------------------------------------------
+def test_secondary_key_is_hkdf_of_the_issuing_projects_key(issuer: Issuer) -> None:
+    """DESIGN §4 step 5: HKDF-SHA256(key of the project the token is issued for, salt b"", info
+    b"pseudonymise/v1/secondary-key\\x00" + source project, 32 bytes): checked against the cryptography
+    package's HKDF and RFC 5869 written out with hmac; it is neither project's key."""
+    vendor, source = issuer.project("vendor-x"), issuer.project("research-a")
+    derived = derive_secondary_key(vendor.key, "research-a")
+    info = b"pseudonymise/v1/secondary-key\x00research-a"
+    assert derived == HKDF(algorithm=hashes.SHA256(), length=32, salt=b"", info=info).derive(vendor.key)
+    assert derived == hkdf_sha256(vendor.key, info)
+    assert len(derived) == 32 and derived not in (vendor.key, source.key)
+    token = verify_token(issuer.issue("vendor-x", "secondary", source_project="research-a"), issuer.public_keys())
+    assert token.key == derived
+    assert derive_secondary_key(source.key, "vendor-x") != derived  # whose key: the issuing project's
+
+
+def test_secondary_key_follows_the_key_version(issuer: Issuer) -> None:
+    first = issuer.project("vendor-x").key
+    rotated = issuer.rotate_key("vendor-x")
+    keys = issuer.public_keys()
+    old = verify_token(issuer.issue("vendor-x", "secondary", source_project="research-a", key_version=1), keys)
+    new = verify_token(issuer.issue("vendor-x", "secondary", source_project="research-a"), keys)
+    assert (old.key_version, new.key_version) == (1, 2)
+    assert old.key == derive_secondary_key(first, "research-a")
+    assert new.key == derive_secondary_key(rotated.key, "research-a") != old.key
+
+
+def test_a_secondary_token_cannot_make_first_level_pseudonyms(issuer: Issuer) -> None:
+    """Issue 11 item 5: the secondary token carried its project's own key, so its holder could make that
+    project's first-level pseudonyms (its key used as a pseudonymisation token's). Not any more."""
+    raw = issuer.issue("vendor-x", "secondary", source_project="research-a")
+    assert json.loads(b64url_decode(raw.split(".")[1]))["key"] not in {b64url_encode(p.key) for p in issuer.projects()}
+    keys, rule = issuer.public_keys(), ColumnPolicy.pseudonymise("id").rules["id"]
+    genuine = verify_token(issuer.issue("vendor-x", "pseudonymisation"), keys)
+    stolen = dataclasses.replace(verify_token(raw, keys), kind="pseudonymisation", source_project=None,
+                                 source_format=None)
+    first_level = Pseudonymiser(genuine, ColumnPolicy.pseudonymise("id")).pseudonymise_values(["P100000"], rule)
+    assert Pseudonymiser(stolen, ColumnPolicy.pseudonymise("id")).pseudonymise_values(["P100000"], rule) != first_level
+
+
+def test_issuer_refuses_a_token_longer_than_consumers_accept(issuer: Issuer) -> None:
+    """verify_keys grows with every key version: the issuer refuses to issue what no consumer reads."""
+    project = issuer.project("research-a")
+    many = {v: os.urandom(32) for v in range(1, 400)}
+    issuer.store.write("projects/research-a", {**project.to_document(), "key_version": 400,
+                                               "previous_keys": {str(v): b64url_encode(k) for v, k in many.items()}})
+    with pytest.raises(IssuerError, match=str(MAX_TOKEN_LENGTH)):
+        issuer.issue("research-a", "reverse")
+    assert verify_token(issuer.issue("research-a", "pseudonymisation"), issuer.public_keys()).key_version == 400
+
+
+@pytest.fixture
+def transit_issuer(openbao: OpenBaoServer, tmp_path: Path) -> tuple[Issuer, hvac.Client, str]:
+    client = hvac.Client(url=openbao.addr, token=openbao.token)
+    mount = "transit-" + uuid.uuid4().hex[:8]
+    client.sys.enable_secrets_engine("transit", path=mount)
+    issuer = Issuer.init(DirectoryStore(tmp_path / "transit-store"), "transit-issuer")
+    issuer.transit_client = client
+    issuer.create_project("research-a", method="reversible", retention=timedelta(days=30))
+    issuer.create_project("tr", method="reversible", custody="transit", transit_mount=mount)
+    return issuer, client, mount
+
+
+@pytest.mark.vault
+def test_transit_projects_reverse_tokens_carry_no_verify_keys(transit_issuer: tuple[Issuer, hvac.Client, str]) -> None:
+    """Their key never leaves Vault Transit, so it cannot travel in a reverse token either."""
+    issuer, _client, _mount = transit_issuer
+    raw = issuer.issue("tr", "reverse")
+    assert "verify_keys" not in json.loads(b64url_decode(raw.split(".")[1]))
+    assert verify_token(raw, issuer.public_keys()).verify_keys is None
+
+
+@pytest.mark.vault
+def test_transit_secondary_token_checks_its_input_before_any_transit_request(
+        transit_issuer: tuple[Issuer, hvac.Client, str]) -> None:
+    """A Transit project's secondary token carries a key reference (HKDF cannot run inside Vault) and the
+    source format: raw identifiers are refused before one of them is sent to Vault."""
+    issuer, client, mount = transit_issuer
+    token = verify_token(issuer.issue("tr", "secondary", source_project="research-a"), issuer.public_keys())
+    assert token.key is None and token.key_ref == {"engine": "transit", "mount": mount, "name": "pseudonymise-tr"}
+    assert token.source_format == issuer.project("research-a").format
+    mac = TransitMac(client, mount, "pseudonymise-tr", key_version=token.key_version)
+    engine = SecondaryPseudonymiser(token, ColumnPolicy.pseudonymise("id"), mac)
+    with pytest.raises(PolicyError, match="'id': 2 of 3 values"):
+        engine.pseudonymise_values(["P100000", "a" * 26, "P100001"], "id")
+    assert mac.requests == 0
+    assert len(engine.pseudonymise_values(["a" * 26, "b" * 26], "id")) == 2 and mac.requests == 1

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import subprocess
 import sys
 import unicodedata
@@ -60,6 +61,13 @@ def reference_secondary(key: bytes, pseudonym: str, fmt: PseudonymFormat) -> str
     return reference_encode(
         hmac.new(key, b"pseudonymise/v1/secondary\x00" + pseudonym.encode("utf-8"), hashlib.sha256).digest(), fmt
     )
+
+
+def reference_secondary_key(project_key: bytes, source_project: str) -> bytes:
+    """DESIGN §4 step 5 (v1.1), RFC 5869 HKDF-SHA256 with an empty salt, written out with hmac."""
+    prk = hmac.new(b"", project_key, hashlib.sha256).digest()
+    info = b"pseudonymise/v1/secondary-key\x00" + source_project.encode("utf-8")
+    return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
 
 
 def run(token: Token, values: list[Any], column: str = "id", **rule: Any) -> list[str | None]:
@@ -207,12 +215,18 @@ def test_randomised_never_repeats(issuer: Issuer, mint: Mint) -> None:
 
 # --- secondary -------------------------------------------------------------------------------
 def test_secondary_equals_the_reference(issuer: Issuer, mint: Mint) -> None:
+    """Second-level pseudonyms are the design's HMAC under the secondary key derived from the vendor
+    project's key (v1.1), not under that key itself: tokens issued before v1.1 gave other values."""
     first = run(mint("research-a"), [f"P{i}" for i in range(50)])
     secondary = mint("vendor-x", "secondary", source_project="research-a")
     engine = SecondaryPseudonymiser(secondary, ColumnPolicy.pseudonymise("patient_id"))
     out = engine.pseudonymise_batch({"patient_id": [*first, None], "ward": ["w"] * 51})
-    key = issuer.project("vendor-x").key
+    project_key = issuer.project("vendor-x").key
+    key = reference_secondary_key(project_key, "research-a")
+    assert secondary.key == key != project_key
     assert out.columns["patient_id"] == [reference_secondary(key, p, secondary.format) for p in first] + [None]  # type: ignore[arg-type]
+    before_v1_1 = [reference_secondary(project_key, p, secondary.format) for p in first]  # type: ignore[arg-type]
+    assert not set(before_v1_1) & set(out.columns["patient_id"])
     assert out.columns["ward"] == ["w"] * 51
     assert out.stats.nulls == 1 and out.stats.values_pseudonymised == 50
 
@@ -223,7 +237,7 @@ def test_secondary_with_its_own_format(issuer: Issuer) -> None:
     secondary = verify_token(issuer.issue("vendor-digits", "secondary", source_project="research-a"),
                              issuer.public_keys())
     out = SecondaryPseudonymiser(secondary, ColumnPolicy.pseudonymise("id")).pseudonymise_values(first, "id")
-    key = issuer.project("vendor-digits").key
+    key = reference_secondary_key(issuer.project("vendor-digits").key, "research-a")
     assert out == [reference_secondary(key, p, PseudonymFormat("digits", 24, "V")) for p in first]  # type: ignore[arg-type]
     assert all(p is not None and len(p) == 25 and p.startswith("V") for p in out)
 
@@ -260,6 +274,79 @@ def test_secondary_refuses_wrong_tokens_values_and_rules(mint: Mint) -> None:
     with pytest.raises(PolicyError, match="'id'") as info:
         engine.pseudonymise_values(["abc", 98765], "id")
     assert "98765" not in str(info.value)
+
+
+# --- secondary input: the source project's pseudonyms only (v1.1) ------------------------------
+def _bad_inputs(fmt: PseudonymFormat, good: str) -> list[str]:
+    """Values a format's pseudonyms never are: raw identifiers, and near misses of ``good``."""
+    body = good[len(fmt.prefix):]
+    other = {"hex": "g", "base32": "1", "base64url": "+", "digits": "a"}[fmt.alphabet]
+    return ["P100000", "", " " + good, good + " ", good[:-1], good + body[-1], fmt.prefix + other + body[1:],
+            "Q" + good[1:] if fmt.prefix else good.upper() if fmt.alphabet == "base32" else good.lower() + "É",
+            good[:5] + "\n" + good[5:], good.replace(body[0], "é", 1), "\ud800" + good[1:], good + "\x00"]
+
+
+@pytest.mark.parametrize("project", ["research-a", "src-hex", "src-b64", "src-digits"])
+def test_secondary_refuses_values_not_in_the_source_format(issuer: Issuer, mint: Mint, project: str) -> None:
+    """Issue 11 item 5: a secondary token applied to raw identifiers pseudonymised them. It now refuses
+    every value that is not written in the source project's format, naming the column and how many."""
+    formats_ = {"src-hex": PseudonymFormat("hex", 20, "H-"), "src-b64": PseudonymFormat("base64url", 22, ""),
+                "src-digits": PseudonymFormat("digits", 24, "9")}
+    if project in formats_:
+        issuer.create_project(project, format=formats_[project])
+    good = run(mint(project), [f"P{i}" for i in range(20)])
+    engine = SecondaryPseudonymiser(mint("vendor-x", "secondary", source_project=project),
+                                    ColumnPolicy.pseudonymise("pid", default="keep"))
+    assert len(engine.pseudonymise_values([*good, None], "pid")) == 21  # the source's pseudonyms pass
+    bad = _bad_inputs(engine.source_format, good[0])  # type: ignore[arg-type]
+    for value in bad:
+        assert not engine.source_format.matches(value), repr(value)
+        with pytest.raises(PolicyError) as info:
+            engine.pseudonymise_batch({"pid": [*good[:3], value, None], "ward": ["w"] * 5})
+        message = str(info.value)
+        assert "'pid'" in message and "1 of 4 values" in message and repr(project) in message
+        if value.strip():
+            assert value not in message
+        for g in good[:3]:
+            assert g not in message
+    with pytest.raises(PolicyError, match=f"'pid': {len(bad)} of {len(bad) + 1} values"):
+        engine.pseudonymise_values([good[0], *bad], "pid")
+    assert engine.stats.values_pseudonymised == 0 and engine.stats.rows_in == 0
+
+
+def test_secondary_input_check_equals_the_definition(long_lived_mint: Mint) -> None:
+    """count_mismatches (whole batches at once) counts exactly the values ``matches`` refuses."""
+    for project in ("fmt-hex-16", "fmt-base32-52", "fmt-base64url-11", "fmt-digits-77"):
+        fmt = long_lived_mint(project).format
+        good = fmt.encode_many(os.urandom(32 * 200))
+        mixed = [v if i % 7 else _bad_inputs(fmt, v)[i % 12] for i, v in enumerate(good)]
+        symbol = {"hex": "[0-9a-f]", "base32": "[a-z2-7]", "base64url": "[A-Za-z0-9_-]", "digits": "[0-9]"}
+        pattern = re.escape(fmt.prefix) + symbol[fmt.alphabet] + f"{{{fmt.length}}}"
+        expected = sum(re.fullmatch(pattern, v) is None for v in mixed)
+        assert expected == sum(1 for v in mixed if not fmt.matches(v)) == fmt.count_mismatches(mixed) > 0
+        assert fmt.count_mismatches(good) == 0 and fmt.count_mismatches([]) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), fmt=st.sampled_from([PseudonymFormat("hex", 16, "a-"), PseudonymFormat("base32", 13, "é"),
+                                            PseudonymFormat("base64url", 11, "-_x"), PseudonymFormat("digits", 20)]))
+def test_fuzz_batch_check_counts_exactly_the_values_matches_refuses(data: st.DataObject, fmt: PseudonymFormat) -> None:
+    """Values near the format (its symbols, prefix characters, newlines, other bytes, lengths around its
+    width): the whole-batch check and the per-value definition always agree."""
+    chars = st.sampled_from(sorted(set(formats.SYMBOLS[fmt.alphabet][:6] + fmt.prefix + "\n\\é\ud800Z0")))
+    near = st.lists(chars, min_size=fmt.width - 2, max_size=fmt.width + 2).map("".join)
+    good = st.binary(min_size=32, max_size=32).map(fmt.encode)
+    values = data.draw(st.lists(good | near, max_size=12))
+    assert fmt.count_mismatches(values) == sum(1 for v in values if not fmt.matches(v))
+
+
+def test_secondary_token_without_source_format_is_refused(mint: Mint) -> None:
+    """A Token made without source_format (as tokens issued before v1.1 are): re-issue it."""
+    import dataclasses
+
+    old = dataclasses.replace(mint("vendor-x", "secondary", source_project="research-a"), source_format=None)
+    with pytest.raises(TokenKindError, match="re-issue"):
+        SecondaryPseudonymiser(old, ColumnPolicy.pseudonymise("id"))
 
 
 # --- collisions ------------------------------------------------------------------------------
@@ -310,9 +397,9 @@ def test_randomised_collision_fails_even_for_one_value(mint: Mint, constant_enco
 def test_secondary_collision(mint: Mint, constant_encoder: None) -> None:
     engine = SecondaryPseudonymiser(mint("vendor-x", "secondary", source_project="research-a"),
                                     ColumnPolicy.pseudonymise("id"))
-    assert engine.pseudonymise_values(["p1", "p1"], "id") == ["a" * 26] * 2
+    assert engine.pseudonymise_values(["b" * 26, "b" * 26], "id") == ["a" * 26] * 2
     with pytest.raises(CollisionError):
-        engine.pseudonymise_values(["p2"], "id")
+        engine.pseudonymise_values(["c" * 26], "id")
 
 
 # --- policy errors ------------------------------------------------------------------------------

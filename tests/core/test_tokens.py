@@ -26,6 +26,7 @@ from pseudonymise.core.errors import (
     TokenSignatureError,
     UnknownIssuerKeyError,
 )
+from pseudonymise.core.formats import PseudonymFormat
 from pseudonymise.core.issuer import DirectoryStore, Issuer
 from pseudonymise.core.tokens import (
     LEEWAY_SECONDS,
@@ -35,6 +36,7 @@ from pseudonymise.core.tokens import (
     fingerprint,
     jws_sign,
     peek_claims,
+    secret_parts,
     sign_claims,
     verify_token,
 )
@@ -110,13 +112,129 @@ def test_reverse_token(issuer: Issuer) -> None:
     assert raw_private == issuer.project("research-a").escrow_private_key
 
 
+def hkdf_sha256(ikm: bytes, info: bytes, length: int = 32, salt: bytes = b"") -> bytes:
+    """RFC 5869 written out with stdlib hmac: an independent check of the issuer's HKDF."""
+    prk = hmac.new(salt or b"\x00" * 32, ikm, hashlib.sha256).digest()
+    out, block, counter = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def test_hkdf_reference_gives_the_rfc5869_vectors() -> None:
+    """RFC 5869 appendix A.1 and A.3 (A.3: empty salt and info, as the secondary key's salt)."""
+    ikm = bytes.fromhex("0b" * 22)
+    assert hkdf_sha256(ikm, bytes.fromhex("f0f1f2f3f4f5f6f7f8f9"), 42, bytes.fromhex("000102030405060708090a0b0c")) \
+        == bytes.fromhex("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865")
+    assert hkdf_sha256(ikm, b"", 42) == bytes.fromhex(
+        "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8")
+
+
 def test_secondary_token(issuer: Issuer) -> None:
+    """v1.1: the key is the vendor project's key through HKDF (DESIGN §4 step 5), never a project's own
+    key, and the token says which format its input must have."""
     raw = issuer.issue("vendor-x", "secondary", source_project="research-a")
     token = verify_token(raw, issuer.public_keys(), kind="secondary", project="vendor-x")
+    vendor, source = issuer.project("vendor-x"), issuer.project("research-a")
     assert token.source_project == "research-a"
-    assert token.key == issuer.project("vendor-x").key
-    assert token.key != issuer.project("research-a").key
+    assert token.key == hkdf_sha256(vendor.key, b"pseudonymise/v1/secondary-key\x00research-a")
+    assert token.key != vendor.key and token.key != source.key
+    other = verify_token(issuer.issue("vendor-x", "secondary", source_project="research-b"), issuer.public_keys())
+    assert other.key == hkdf_sha256(vendor.key, b"pseudonymise/v1/secondary-key\x00research-b") != token.key
+    assert token.source_format == source.format
+    assert _claims(raw)["source_format"] == source.format.to_claim()
     assert token.public_claims()["source_project"] == "research-a"
+    assert token.public_claims()["source_format"] == source.format.to_claim()
+    assert token.verify_keys is None
+
+
+def test_secondary_token_carries_the_source_projects_own_format(issuer: Issuer) -> None:
+    issuer.create_project("research-hex", format=PseudonymFormat("hex", 20, "R-"))
+    token = verify_token(issuer.issue("vendor-x", "secondary", source_project="research-hex"), issuer.public_keys())
+    assert token.source_format == PseudonymFormat("hex", 20, "R-")
+    assert token.format == issuer.project("vendor-x").format != token.source_format
+
+
+def test_secondary_token_issued_before_v1_1_is_refused(issuer: Issuer) -> None:
+    """A secondary token as the issuer made them before v1.1: the project's own key, no source_format.
+    It is signed by the trusted issuer key, so the refusal is about what it is, not its signature."""
+    claims = _claims(issuer.issue("vendor-x", "secondary", source_project="research-a"))
+    del claims["source_format"]
+    claims["key"] = b64url_encode(issuer.project("vendor-x").key)
+    error = _refused(_resign(issuer, claims), issuer.public_keys(), MalformedTokenError, (claims["key"],))
+    assert "source_format" in str(error) and "re-issue" in str(error)
+
+
+@pytest.mark.parametrize("bad", [None, "base32", {"alphabet": "hex", "length": 4, "prefix": ""},
+                                 {"alphabet": "hex", "length": 16, "prefix": "", "extra": 1}])
+def test_secondary_token_with_an_invalid_source_format_is_malformed(issuer: Issuer, bad: Any) -> None:
+    claims = {**_claims(issuer.issue("vendor-x", "secondary", source_project="research-a")), "source_format": bad}
+    error = _refused(_resign(issuer, claims), issuer.public_keys(), MalformedTokenError)
+    assert "source_format" in str(error)
+
+
+# --- verify_keys (DESIGN §5.1) ------------------------------------------------------------------
+def test_reverse_token_of_a_deterministic_project_carries_every_key_version(issuer: Issuer) -> None:
+    first = issuer.project("research-a").key
+    token = verify_token(issuer.issue("research-a", "reverse"), issuer.public_keys())
+    assert token.verify_keys == {1: first}
+    issuer.rotate_key("research-a")
+    issuer.rotate_key("research-a")
+    project = issuer.project("research-a")
+    raw = issuer.issue("research-a", "reverse")
+    token = verify_token(raw, issuer.public_keys())
+    assert token.verify_keys == {1: first, 2: project.previous_keys[2], 3: project.key}
+    assert all(type(v) is int for v in token.verify_keys) and all(len(k) == 32 for k in token.verify_keys.values())
+    assert _claims(raw)["verify_keys"] == {str(v): b64url_encode(k) for v, k in token.verify_keys.items()}
+    assert token.public_claims()["verify_key_versions"] == [1, 2, 3]
+    shown = [repr(token), str(token), json.dumps(token.public_claims())]
+    for key in token.verify_keys.values():
+        for form in (b64url_encode(key), key.hex(), base64.b64encode(key).decode()):
+            assert not any(form in text for text in shown)
+
+
+def test_reverse_token_of_a_randomised_project_and_other_kinds_carry_no_verify_keys(issuer: Issuer) -> None:
+    assert verify_token(issuer.issue("random-r", "reverse"), issuer.public_keys()).verify_keys is None
+    assert "verify_keys" not in _claims(issuer.issue("random-r", "reverse"))
+    for project, kind, extra in (("research-a", "pseudonymisation", {}),
+                                 ("vendor-x", "secondary", {"source_project": "research-a"})):
+        raw = issuer.issue(project, kind, **extra)
+        assert "verify_keys" not in _claims(raw)
+        assert verify_token(raw, issuer.public_keys()).verify_keys is None
+
+
+def test_reverse_token_issued_before_v1_1_still_verifies_without_verify_keys(issuer: Issuer) -> None:
+    """Reversal decides what a reverse token without verify_keys may do (DESIGN §5.1); parsing keeps it."""
+    claims = _claims(issuer.issue("research-a", "reverse"))
+    del claims["verify_keys"]
+    assert verify_token(_resign(issuer, claims), issuer.public_keys()).verify_keys is None
+
+
+_KEY = b64url_encode(bytes(range(32)))
+
+
+@pytest.mark.parametrize("bad", [
+    {}, [], _KEY, {"1": _KEY[:-1]}, {"1": b64url_encode(bytes(31))}, {"1": b64url_encode(bytes(33))},
+    {"1": _KEY + "="}, {"1": _KEY[:-1] + "B"}, {"1": base64.b64encode(bytes([251] * 32)).decode()}, {"1": 5},
+    {"1": None}, {"0": _KEY}, {"01": _KEY}, {"-1": _KEY}, {"1.0": _KEY}, {"one": _KEY}, {" 1": _KEY},
+    {"1\n": _KEY}, {"1": _KEY, "x": _KEY}, {"12345678901": _KEY}, {"\u0661": _KEY},
+], ids=lambda b: json.dumps(b)[:40])
+def test_signed_reverse_token_with_invalid_verify_keys_is_malformed(issuer: Issuer, bad: Any) -> None:
+    claims = {**_claims(issuer.issue("research-a", "reverse")), "verify_keys": bad}
+    error = _refused(_resign(issuer, claims), issuer.public_keys(), MalformedTokenError, (_KEY,))
+    assert "verify_keys" in str(error)
+
+
+@pytest.mark.parametrize(("project", "kind", "extra"), [
+    ("research-a", "pseudonymisation", {}), ("vendor-x", "secondary", {"source_project": "research-a"}),
+    ("random-r", "reverse", {})])
+def test_verify_keys_on_a_token_that_has_no_use_for_them_is_malformed(issuer: Issuer, project: str, kind: str,
+                                                                     extra: dict[str, str]) -> None:
+    claims = {**_claims(issuer.issue(project, kind, **extra)), "verify_keys": {"1": _KEY}}  # type: ignore[arg-type]
+    error = _refused(_resign(issuer, claims), issuer.public_keys(), MalformedTokenError, (_KEY,))
+    assert "verify_keys" in str(error)
 
 
 def test_every_issued_token_has_a_fresh_jti(issuer: Issuer) -> None:
@@ -166,8 +284,9 @@ def test_token_repr_and_public_claims_hold_no_secret(issuer: Issuer) -> None:
         raw = issuer.issue(project, kind, **extra)
         token = verify_token(raw, issuer.public_keys())
         claims = _claims(raw)
-        secrets = [raw, raw.split(".")[2]] + [claims[k] for k in ("key", "escrow_public_key", "escrow_private_key")
-                                              if k in claims]
+        secrets = [raw, raw.split(".")[1], raw.split(".")[2]] + \
+            [claims[k] for k in ("key", "escrow_public_key", "escrow_private_key") if k in claims] + \
+            list(claims.get("verify_keys", {}).values())
         shown = [repr(token), str(token), json.dumps(token.public_claims())]
         for text in shown:
             for secret in secrets:
@@ -379,6 +498,145 @@ def test_payload_that_is_not_a_json_object(issuer: Issuer) -> None:
     for payload in (b"[]", b"not json", b"\xff"):
         raw = jws_sign({"alg": "EdDSA", "kid": issuer.kid}, payload, issuer._private)
         _refused(raw, issuer.public_keys(), MalformedTokenError)
+
+
+# --- crit and duplicate members (v1.1): refused as malformed, even when signed by the issuer ----
+def _sign_raw(issuer: Issuer, header: bytes, payload: bytes) -> str:
+    """A compact JWS over exactly these header and payload bytes, signed with the trusted issuer key."""
+    signing_input = f"{b64url_encode(header)}.{b64url_encode(payload)}"
+    return f"{signing_input}.{b64url_encode(issuer._private.sign(signing_input.encode()))}"
+
+
+def _payload(raw: str) -> bytes:
+    return b64url_decode(raw.split(".")[1])
+
+
+@pytest.mark.parametrize("crit", [["exp"], ["b64"], [], "exp", None, ["crit"]], ids=json.dumps)
+def test_header_with_crit_is_malformed(issuer: Issuer, raw: str, key_claim: str, crit: Any) -> None:
+    """RFC 7515 §4.1.11: v1 understands no extension, so any ``crit`` makes the token invalid. The
+    token is signed by the trusted issuer key: without the check it would verify."""
+    header = {"alg": "EdDSA", "typ": "JWT", "kid": issuer.kid}
+    assert verify_token(_sign_raw(issuer, json.dumps(header).encode(), _payload(raw)), issuer.public_keys())
+    signed = _sign_raw(issuer, json.dumps({**header, "crit": crit}).encode(), _payload(raw))
+    error = _refused(signed, issuer.public_keys(), MalformedTokenError, (key_claim,))
+    assert "'crit'" in str(error)
+
+
+@pytest.mark.parametrize("header", [
+    '{"alg":"EdDSA","typ":"JWT","kid":"KID","kid":"KID"}',
+    '{"alg":"none","alg":"EdDSA","typ":"JWT","kid":"KID"}',
+    '{"alg":"EdDSA","typ":"JWT","kid":"KID","x":{"a":1,"a":1}}',
+    '{"alg":"EdDSA","typ":"JWT","kid":"KID","\\u0061lg":"EdDSA"}',
+], ids=["kid", "alg", "nested", "escaped-name"])
+def test_header_with_a_duplicate_member_is_malformed(issuer: Issuer, raw: str, key_claim: str, header: str) -> None:
+    signed = _sign_raw(issuer, header.replace("KID", issuer.kid).encode(), _payload(raw))
+    error = _refused(signed, issuer.public_keys(), MalformedTokenError, (key_claim,))
+    assert "twice" in str(error) and "header" in str(error)
+
+
+def _duplicated(raw: str, name: str, value: Any, nested_in: str | None = None) -> bytes:
+    """The token's payload with member ``name`` written a second time (inside ``nested_in`` if given)."""
+    claims = _claims(raw)
+    body = json.dumps(claims, separators=(",", ":"), sort_keys=True)
+    extra = f"{json.dumps(name)}:{json.dumps(value)}"
+    if nested_in is None:
+        return (body[:-1] + "," + extra + "}").encode()
+    inner = json.dumps(claims[nested_in], separators=(",", ":"), sort_keys=True)
+    assert body.count(inner) == 1
+    return body.replace(inner, inner[:-1] + "," + extra + "}").encode()
+
+
+@pytest.mark.parametrize(("name", "value", "nested_in"), [
+    ("sub", "research-b", None),
+    ("kind", "reverse", None),
+    ("jti", "00000000-0000-4000-8000-000000000000", None),
+    ("exp", 4_102_444_800, None),
+    ("key", b64url_encode(bytes(32)), None),
+    ("length", 64, "format"),
+    ("alphabet", "hex", "format"),
+], ids=lambda v: str(v)[:20])
+def test_payload_with_a_duplicate_member_is_malformed(issuer: Issuer, raw: str, key_claim: str, name: str,
+                                                      value: Any, nested_in: str | None) -> None:
+    """The standard decoder keeps the last of two members, another parser the first: the payload is
+    refused rather than read one way here and another way elsewhere. Signed by the trusted issuer key."""
+    header = json.dumps({"alg": "EdDSA", "typ": "JWT", "kid": issuer.kid}).encode()
+    payload = _duplicated(raw, name, value, nested_in)
+    assert json.loads(payload)  # the standard decoder takes it (last one wins)
+    signed = _sign_raw(issuer, header, payload)
+    error = _refused(signed, issuer.public_keys(), MalformedTokenError, (key_claim, str(value)))
+    assert "twice" in str(error) and "payload" in str(error) and repr(name) in str(error)
+    assert peek_claims(signed) == {}  # nor are its claims read for the audit
+
+
+def test_duplicate_member_deep_in_verify_keys_is_malformed(issuer: Issuer) -> None:
+    raw = issuer.issue("research-a", "reverse")
+    header = json.dumps({"alg": "EdDSA", "typ": "JWT", "kid": issuer.kid}).encode()
+    signed = _sign_raw(issuer, header, _duplicated(raw, "1", b64url_encode(bytes(32)), "verify_keys"))
+    error = _refused(signed, issuer.public_keys(), MalformedTokenError, (_claims(raw)["escrow_private_key"],))
+    assert "'1'" in str(error) and "twice" in str(error)
+
+
+def test_same_value_named_twice_is_still_malformed(issuer: Issuer, raw: str) -> None:
+    header = json.dumps({"alg": "EdDSA", "typ": "JWT", "kid": issuer.kid}).encode()
+    signed = _sign_raw(issuer, header, _duplicated(raw, "sub", "research-a"))
+    _refused(signed, issuer.public_keys(), MalformedTokenError)
+
+
+# --- what a log masker must hide ----------------------------------------------------------------
+def _forms(key: bytes) -> set[str]:
+    return {b64url_encode(key), base64.urlsafe_b64encode(key).decode(), base64.b64encode(key).decode(),
+            base64.b64encode(key).decode().rstrip("="), key.hex(), key.hex().upper()}
+
+
+def test_secret_parts_of_every_kind(issuer: Issuer) -> None:
+    issuer.rotate_key("research-a")
+    for project, kind, extra in (("research-a", "pseudonymisation", {}), ("research-a", "reverse", {}),
+                                 ("vendor-x", "secondary", {"source_project": "research-a"})):
+        raw = issuer.issue(project, kind, **extra)
+        token = verify_token(raw, issuer.public_keys())
+        parts = set(secret_parts(f"  {raw}\n"))
+        assert parts == set(token.secret_parts()) | {f"  {raw}\n"}
+        assert {raw, raw.split(".")[1]} <= parts
+        keys = [token.key] if token.key else []
+        if token.escrow_private_key is not None:
+            from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+            keys.append(token.escrow_private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()))
+        if token.escrow_public_key is not None:
+            from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+            keys.append(token.escrow_public_key.public_bytes(Encoding.Raw, PublicFormat.Raw))
+        keys += list((token.verify_keys or {}).values())
+        assert len(keys) == {"pseudonymisation": 2, "reverse": 3, "secondary": 1}[kind]
+        for key in keys:
+            assert _forms(key) <= parts, kind
+        assert raw.split(".")[0] not in parts  # the header holds no secret
+        lengths = [len(p) for p in secret_parts(raw)]
+        assert lengths == sorted(lengths, reverse=True)  # a masker replaces the whole before a piece
+
+
+def test_secret_parts_of_an_unverified_token(issuer: Issuer, raw: str) -> None:
+    """Masking happens before verification: a token with a bad signature, duplicate key claims or
+    an unknown issuer still has every key form masked; junk never raises."""
+    header, _payload_segment, sig = raw.split(".")
+    first, second = bytes(range(32)), bytes(range(32, 64))
+    payload = (json.dumps(_claims(raw))[:-1] + f', "key": "{b64url_encode(second)}"}}').replace(
+        _claims(raw)["key"], b64url_encode(first))
+    forged = f"{header}.{b64url_encode(payload.encode())}.{sig}"
+    parts = set(secret_parts(forged))
+    assert _forms(first) <= parts and _forms(second) <= parts
+    assert {forged, b64url_encode(payload.encode())} <= parts
+    for junk in ("", "   ", "a.b.c", "x" * 100_000, "...", f"{header}.!!!.{sig}", f"{header}.{b64url_encode(b'[1]')}.x"):
+        assert all(len(p) >= 3 for p in secret_parts(junk))
+    short = f"{header}.{b64url_encode(json.dumps({'key': 'c2hvcnQ', 'verify_keys': {'1': 'AAAA'}}).encode())}.x"
+    assert "c2hvcnQ" not in secret_parts(short) and "AAAA" not in secret_parts(short)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=300) | st.from_regex(r"[A-Za-z0-9_\-]{0,60}\.[A-Za-z0-9_\-=.]{0,60}", fullmatch=True))
+def test_fuzz_secret_parts_never_raises(text: str) -> None:
+    parts = secret_parts(text)
+    assert all(isinstance(p, str) and p for p in parts)
 
 
 def test_surrounding_whitespace_is_tolerated(issuer: Issuer, raw: str) -> None:

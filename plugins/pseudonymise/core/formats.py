@@ -9,8 +9,10 @@ the per-value encoders below are the definition those are tested against.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import repeat
 from typing import Any
 
@@ -27,6 +29,13 @@ ALPHABETS: dict[str, tuple[int, int]] = {
 }
 DEFAULT_ALPHABET = "base32"
 DEFAULT_LENGTH = 26
+#: The characters each alphabet's pseudonyms are written with (exactly those the encoders produce).
+SYMBOLS: dict[str, str] = {
+    "hex": "0123456789abcdef",
+    "base32": "abcdefghijklmnopqrstuvwxyz234567",
+    "base64url": "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+    "digits": "0123456789",
+}
 
 
 def _hex(mac: bytes, length: int) -> str:
@@ -94,6 +103,15 @@ _SLICERS: dict[Callable[[bytes, int], str], _BitSlicer] = {
 }
 
 
+#: Per alphabet, its symbols as bytes (for checking whole batches at once).
+_SYMBOL_BYTES: dict[str, bytes] = {name: symbols.encode("ascii") for name, symbols in SYMBOLS.items()}
+
+
+@lru_cache(maxsize=64)
+def _pattern(alphabet: str, length: int, prefix: str) -> re.Pattern[str]:
+    return re.compile(f"{re.escape(prefix)}[{re.escape(SYMBOLS[alphabet])}]{{{length}}}")
+
+
 @dataclass(frozen=True)
 class PseudonymFormat:
     """How a pseudonym is written: ``alphabet``, ``length`` characters, then ``prefix`` in front."""
@@ -142,6 +160,34 @@ class PseudonymFormat:
         """Whether a pseudonym spells the MAC's leading bits (hex, base32, base64url): equal pseudonyms
         then share at least the MAC's first 64 bits, as every format carries 64 bits or more."""
         return _ENCODERS[self.alphabet] in _SLICERS
+
+    def matches(self, value: str) -> bool:
+        """Whether ``value`` is written like a pseudonym of this format: the prefix, then ``length``
+        characters of the alphabet (it says nothing of whether a key made it)."""
+        return isinstance(value, str) and _pattern(self.alphabet, self.length, self.prefix).fullmatch(value) is not None
+
+    def count_mismatches(self, values: Sequence[str]) -> int:
+        """How many of ``values`` (text) are not written like pseudonyms of this format (:meth:`matches`).
+
+        The common case, all of them are, is checked on the whole batch at once, with no Python step per
+        value: the values' UTF-8 joined by newlines must be rows of ``prefix + length symbols + newline``
+        (no symbol and no prefix holds a newline, so rows that line up are exactly the values): every
+        row's newline and prefix bytes in place (strided slices), and no byte other than those and the
+        alphabet's symbols (``bytes.translate``). Only a batch that fails is checked value by value.
+        """
+        count = len(values)
+        if count == 0:
+            return 0
+        prefix = self.prefix.encode("utf-8")
+        stride = len(prefix) + self.length + 1
+        joined = "\n".join(values).encode("utf-8", "surrogatepass") + b"\n"
+        symbols = _SYMBOL_BYTES[self.alphabet]
+        if (len(joined) == count * stride
+                and joined[stride - 1::stride] == b"\n" * count
+                and all(joined[i::stride] == bytes((byte,)) * count for i, byte in enumerate(prefix))
+                and len(joined.translate(None, symbols)) == count * (1 + len(prefix.translate(None, symbols)))):
+            return 0
+        return sum(1 for value in values if not self.matches(value))
 
     @property
     def width(self) -> int:

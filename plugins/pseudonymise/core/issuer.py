@@ -21,14 +21,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from pseudonymise.core.errors import IssuerError
 from pseudonymise.core.formats import PseudonymFormat
 from pseudonymise.core.tokens import (
     KINDS,
+    MAX_TOKEN_LENGTH,
     METHODS,
     TREATMENTS,
     IssuerKey,
@@ -42,6 +45,21 @@ from pseudonymise.core.tokens import (
 )
 
 PROJECT_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}\Z")  # \Z: "$" would accept a trailing newline
+#: HKDF ``info`` prefix of a secondary key (DESIGN §4 step 5, v1.1); the source project id follows.
+SECONDARY_KEY_INFO = b"pseudonymise/v1/secondary-key\x00"
+
+
+def derive_secondary_key(project_key: bytes, source_project: str) -> bytes:
+    """The key a secondary token carries (DESIGN §4 step 5, v1.1): ``HKDF-SHA256(project_key, salt=b"",
+    info=b"pseudonymise/v1/secondary-key\\x00" + source_project, 32 bytes)``.
+
+    ``project_key`` is the key of the project the token is issued for (the vendor's), never the
+    source project's. One key per (project, source project, key version): it cannot make that
+    project's first-level pseudonyms, and two source projects get unrelated secondary keys.
+    """
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"",
+                info=SECONDARY_KEY_INFO + source_project.encode("utf-8"))
+    return hkdf.derive(project_key)
 
 
 class ProjectStore(Protocol):
@@ -321,8 +339,19 @@ class Issuer:
               key_version: int | None = None) -> str:
         """Issue a signed token of ``kind`` for ``project_id``.
 
-        Reverse tokens are refused for irreversible projects and never outlive the retention end;
-        secondary tokens name the ``source_project`` whose pseudonyms they turn into second-level ones.
+        Reverse tokens are refused for irreversible projects and never outlive the retention end; for
+        deterministic projects they carry ``verify_keys``, the project's HMAC key of every key version
+        it has had, so that reversal can recompute each pseudonym from the opened value (DESIGN §5.1).
+        Projects whose key is held in Vault Transit (``custody="transit"``) cannot: their key never
+        leaves Vault, so their reverse tokens carry no ``verify_keys``.
+
+        Secondary tokens name the ``source_project`` whose pseudonyms they turn into second-level ones
+        and carry its ``source_format``, so the consumer refuses input that is not such a pseudonym.
+        Their ``key`` is derived from this project's key (:func:`derive_secondary_key`), never the key
+        itself: a secondary token cannot make this project's first-level pseudonyms. A Transit project's
+        secondary token carries a ``key_ref`` instead, like its pseudonymisation tokens (HKDF cannot run
+        on a key that never leaves Vault): there, Transit's own HMAC of the secondary message layout
+        makes the secondary pseudonyms, and Vault's policy is what keeps the key's other uses apart.
         """
         if kind not in KINDS:
             raise IssuerError(f"token kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
@@ -364,15 +393,25 @@ class Issuer:
                 raise IssuerError(f"project {project_id!r} is irreversible: it has no reverse tokens")
             claims["exp"] = min(exp, retention_end)
             claims["escrow_private_key"] = b64url_encode(project.escrow_private_key)  # type: ignore[arg-type]
+            if project.treatment == "deterministic" and not project.transit:
+                versions = {**project.previous_keys, project.key_version: project.key}
+                claims["verify_keys"] = {str(v): b64url_encode(versions[v]) for v in sorted(versions)}
         else:
             if not source_project:
                 raise IssuerError("a secondary token must name its --source-project")
             if source_project == project_id:
                 raise IssuerError("a secondary token's source project must be another project")
-            self.project(source_project)  # must exist
+            source = self.project(source_project)  # must exist
             claims["source_project"] = source_project
+            claims["source_format"] = source.format.to_claim()
             if project.transit:
                 claims["key_ref"] = {"engine": "transit", **project.transit}
             else:
-                claims["key"] = b64url_encode(project.key_of(version))
-        return sign_claims(claims, self._private, self.kid)
+                claims["key"] = b64url_encode(derive_secondary_key(project.key_of(version), source_project))
+        token = sign_claims(claims, self._private, self.kid)
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise IssuerError(
+                f"the {kind} token of project {project_id!r} would be {len(token)} characters, more than the "
+                f"{MAX_TOKEN_LENGTH} a consumer accepts (too many key versions for its verify_keys)"
+            )
+        return token

@@ -1,9 +1,13 @@
 """Token format v1: compact JWS (EdDSA/Ed25519) issue, parse and verify, failing closed.
 
-DESIGN.md §3. Verification checks, in this order: structure, header (``alg`` = EdDSA, known
-``kid``), signature, claim schema, ``nbf``/``exp``, then what the caller expects (kind,
-project) and, for reverse tokens, the retention end. Each failure raises its own
+DESIGN.md §3. Verification checks, in this order: structure, header (``alg`` = EdDSA, no
+``crit``, known ``kid``), signature, claim schema, ``nbf``/``exp``, then what the caller expects
+(kind, project) and, for reverse tokens, the retention end. Header and payload are JSON objects
+without duplicate members, at any depth. Each failure raises its own
 :class:`~pseudonymise.core.errors.TokenError` subclass; no message ever contains the token.
+
+:func:`secret_parts` says what to register with a log masker for any token, even one that will
+be refused: the token, its payload segment and every key claim in every encoding.
 """
 
 from __future__ import annotations
@@ -44,8 +48,15 @@ METHODS: tuple[str, ...] = ("reversible", "irreversible")
 TREATMENTS: tuple[str, ...] = ("deterministic", "randomised")
 #: Clock skew tolerated on ``nbf``/``exp``, in seconds.
 LEEWAY_SECONDS = 30
-_MAX_TOKEN_LENGTH = 16_384
+#: The longest token a consumer accepts (and the issuer issues).
+MAX_TOKEN_LENGTH = 16_384
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
+#: ``verify_keys`` member names: a key version, a positive integer in decimal without leading zeros.
+_KEY_VERSION = re.compile(r"[1-9][0-9]{0,8}\Z")
+#: Claims that hold secret key material (or, for the escrow public key, key material we mask anyway).
+SECRET_CLAIMS: tuple[str, ...] = ("key", "escrow_private_key", "escrow_public_key", "verify_keys")
+#: Key material shorter than this (decoded) is not registered with a masker: it would mask common text.
+_MIN_SECRET_BYTES = 16
 #: The last second a datetime can show (9999-12-31T23:59:59Z): later times would crash, not refuse.
 _MAX_TIME = 253_402_300_799
 
@@ -70,6 +81,39 @@ def b64url_decode(text: str) -> bytes:
     if b64url_encode(data) != text:
         raise ValueError("not canonical base64url")
     return data
+
+
+class _DuplicateMember(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` that refuses an object naming a member twice (the standard decoder keeps
+    the last, another parser may keep the first: two readers, two tokens)."""
+    members: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in members:
+            raise _DuplicateMember(name)
+        members[name] = value
+    return members
+
+
+def _json_object(data: bytes, part: str) -> dict[str, Any]:
+    """The JSON object of a token's ``part`` (header or payload), refusing duplicate members at any depth."""
+    try:
+        value = json.loads(data, object_pairs_hook=_no_duplicates)
+    except _DuplicateMember as exc:
+        raise MalformedTokenError(
+            f"token {part} names the JSON member {exc.name[:40]!r} twice; a v1 token names every member once "
+            "(RFC 7515 section 5.2): it was altered or made by a faulty issuer, ask the issuer for a new token"
+        ) from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, deep nesting
+        raise MalformedTokenError(f"token {part} is not JSON; it may be truncated or altered") from exc
+    if not isinstance(value, dict):
+        raise MalformedTokenError(f"token {part} is not a JSON object")
+    return value
 
 
 def fingerprint(token: str) -> str:
@@ -172,8 +216,8 @@ def _parse_jws(token: str) -> _ParsedJWS:
     token = token.strip()
     if not token:
         raise MalformedTokenError("token is empty; check the connection password, Vault secret or token file")
-    if len(token) > _MAX_TOKEN_LENGTH:
-        raise MalformedTokenError(f"token is longer than {_MAX_TOKEN_LENGTH} characters; it is not a v1 token")
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise MalformedTokenError(f"token is longer than {MAX_TOKEN_LENGTH} characters; it is not a v1 token")
     parts = token.split(".")
     if len(parts) != 3:
         raise MalformedTokenError(
@@ -184,12 +228,7 @@ def _parse_jws(token: str) -> _ParsedJWS:
         header_bytes, payload, signature = (b64url_decode(p) for p in parts)
     except ValueError as exc:
         raise MalformedTokenError("token is not base64url-encoded JWS; it may be truncated or altered") from exc
-    try:
-        header = json.loads(header_bytes)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, deep nesting
-        raise MalformedTokenError("token header is not JSON; it may be truncated or altered") from exc
-    if not isinstance(header, dict):
-        raise MalformedTokenError("token header is not a JSON object")
+    header = _json_object(header_bytes, "header")
     return _ParsedJWS(header, payload, f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
 
 
@@ -199,6 +238,13 @@ def jws_verify(token: str, keys: TrustedKeys) -> tuple[dict[str, Any], bytes]:
     if jws.header.get("alg") != "EdDSA":
         raise MalformedTokenError(
             f"token algorithm {str(jws.header.get('alg'))[:20]!r} is not accepted; v1 tokens are signed with EdDSA"
+        )
+    if "crit" in jws.header:
+        # RFC 7515 §4.1.11: a recipient that does not understand every listed extension must refuse the
+        # JWS, and v1 defines none. An empty or malformed list is refused too (§4.1.11 forbids both).
+        raise MalformedTokenError(
+            "token header has a 'crit' member (critical JWS extensions), and v1 tokens use none; "
+            "the token was not issued for this consumer: ask the issuer for a v1 token"
         )
     kid = jws.header.get("kid")
     if kid is None and len(keys) == 0:
@@ -257,6 +303,12 @@ class Token:
     key_version: int = 1
     #: For keys held in Vault Transit: ``{"engine": "transit", "mount": ..., "name": ...}`` instead of ``key``.
     key_ref: dict[str, str] | None = None
+    #: Reverse tokens of deterministic projects (v1.1): the project's HMAC key of every key version,
+    #: ``{key_version: 32-byte key}``, to recompute a pseudonym from an opened escrow value. ``None``
+    #: when the token has none (tokens issued before v1.1, projects whose key is in Vault Transit).
+    verify_keys: dict[int, bytes] | None = field(default=None, repr=False)
+    #: Secondary tokens (v1.1): the source project's pseudonym format; input must match it.
+    source_format: PseudonymFormat | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -286,10 +338,16 @@ class Token:
             "retention_until": _iso_utc(self.retention_until),
             "format": self.format.to_claim(),
             **({"source_project": self.source_project} if self.source_project else {}),
+            **({"source_format": self.source_format.to_claim()} if self.source_format else {}),
             "key_version": self.key_version,
             **({"key_ref": self.key_ref} if self.key_ref else {}),
+            **({"verify_key_versions": sorted(self.verify_keys)} if self.verify_keys else {}),
             "fingerprint": self.fingerprint,
         }
+
+    def secret_parts(self) -> list[str]:
+        """What a log masker must hide for this token (see :func:`secret_parts`)."""
+        return secret_parts(self.raw)
 
     def __repr__(self) -> str:
         return f"Token(jti={self.jti!r}, project={self.project!r}, kind={self.kind!r}, fingerprint={self.fingerprint!r})"
@@ -339,6 +397,47 @@ def _key_claim(claims: Mapping[str, Any], name: str) -> bytes:
     return raw
 
 
+def _verify_keys_claim(claims: Mapping[str, Any]) -> dict[int, bytes]:
+    """``verify_keys``: ``{"<key version>": "<base64url of a 32-byte HMAC key>", ...}``, at least one."""
+    value = claims.get("verify_keys")
+    if not isinstance(value, dict) or not value:
+        raise MalformedTokenError(
+            "token claim 'verify_keys' must map key versions to keys, e.g. {\"1\": \"<base64url key>\"}; "
+            "ask the issuer for a new reverse token"
+        )
+    keys: dict[int, bytes] = {}
+    for version, key in value.items():
+        if not _KEY_VERSION.match(version):
+            raise MalformedTokenError(
+                f"token claim 'verify_keys' names key version {version[:20]!r}; key versions are positive "
+                "integers written in decimal, like \"1\""
+            )
+        try:
+            raw = b64url_decode(key) if isinstance(key, str) else b""
+        except ValueError:
+            raw = b""
+        if len(raw) != 32:
+            raise MalformedTokenError(
+                f"token claim 'verify_keys' holds no 32-byte base64url key for key version {version}; "
+                "ask the issuer for a new reverse token"
+            )
+        keys[int(version)] = raw
+    return keys
+
+
+def _source_format_claim(claims: Mapping[str, Any]) -> PseudonymFormat:
+    if "source_format" not in claims:
+        raise MalformedTokenError(
+            "this secondary token was issued before token format v1.1: it has no 'source_format' and carries "
+            "its project's own key; ask the issuer to re-issue it (`pseudonymise token issue --kind secondary "
+            "--source-project ...`), whose pseudonyms then differ from the old token's"
+        )
+    try:
+        return PseudonymFormat.from_claim(_claim(claims, "source_format", dict))
+    except PolicyError as exc:
+        raise MalformedTokenError(f"token claim 'source_format' is invalid: {exc}") from exc
+
+
 def token_from_claims(raw: str, header: Mapping[str, Any], claims: Mapping[str, Any]) -> Token:
     """Check the v1 claim schema and build a :class:`Token` (no time or expectation checks)."""
     kind = _claim(claims, "kind", str)
@@ -372,9 +471,17 @@ def token_from_claims(raw: str, header: Mapping[str, Any], claims: Mapping[str, 
         if method != "reversible":
             raise MalformedTokenError("a reverse token for an irreversible project is invalid")
         escrow_private = X25519PrivateKey.from_private_bytes(_key_claim(claims, "escrow_private_key"))
-    source_project = None
+    source_project = source_format = verify_keys = None
     if kind == "secondary":
         source_project = _claim(claims, "source_project", str)
+        source_format = _source_format_claim(claims)
+    if "verify_keys" in claims:
+        if kind != "reverse" or treatment != "deterministic":
+            raise MalformedTokenError(
+                "token claim 'verify_keys' belongs to reverse tokens of deterministic projects only; "
+                "this token should not carry keys it has no use for: ask the issuer for a new token"
+            )
+        verify_keys = _verify_keys_claim(claims)
     return Token(
         raw=raw,
         issuer=_claim(claims, "iss", str),
@@ -395,6 +502,8 @@ def token_from_claims(raw: str, header: Mapping[str, Any], claims: Mapping[str, 
         source_project=source_project,
         key_version=_key_version(claims),
         key_ref=key_ref,
+        verify_keys=verify_keys,
+        source_format=source_format,
     )
 
 
@@ -408,12 +517,7 @@ def verify_token(
 ) -> Token:
     """Verify ``raw`` completely and return the :class:`Token`; raise a specific TokenError otherwise."""
     header, payload = jws_verify(raw, keys)
-    try:
-        claims = json.loads(payload)
-    except (ValueError, RecursionError) as exc:
-        raise MalformedTokenError("token payload is not JSON") from exc
-    if not isinstance(claims, dict):
-        raise MalformedTokenError("token payload is not a JSON object")
+    claims = _json_object(payload, "payload")
     token = token_from_claims(raw.strip(), header, claims)
     now = time.time() if now is None else now
     if now + LEEWAY_SECONDS < token.not_before:
@@ -444,15 +548,87 @@ def verify_token(
 
 
 def peek_claims(raw: str) -> dict[str, Any]:
-    """Unverified, non-secret claims (jti, sub, kind, iss) for auditing a denied use; ``{}`` if unreadable."""
+    """Unverified, non-secret claims (jti, sub, kind, iss) for auditing a denied use; ``{}`` if unreadable
+    (a payload naming a member twice is unreadable: which of the two would be the claim?)."""
     try:
-        jws = _parse_jws(raw)
-        claims = json.loads(jws.payload)
+        claims = _json_object(_parse_jws(raw).payload, "payload")
     except Exception:
         return {}
-    if not isinstance(claims, dict):
-        return {}
     return {k: str(claims[k])[:200] for k in ("jti", "sub", "kind", "iss", "source_project") if k in claims}
+
+
+def key_encodings(data: bytes) -> list[str]:
+    """Every text form the code (or a user copying it) may give key material: base64url and standard
+    base64, with and without padding, and hex in lower and upper case. Register them all with a masker."""
+    url, std = base64.urlsafe_b64encode(data).decode("ascii"), base64.b64encode(data).decode("ascii")
+    return [url.rstrip("="), url, std, std.rstrip("="), data.hex(), data.hex().upper()]
+
+
+def _lenient_b64decode(text: str) -> bytes | None:
+    """Bytes of base64 or base64url text, padded or not; ``None`` if it is neither."""
+    compact = text.strip().rstrip("=")
+    if not compact or not re.fullmatch(r"[A-Za-z0-9+/_-]+", compact):
+        return None
+    try:
+        return base64.b64decode(compact.replace("-", "+").replace("_", "/") + "=" * (-len(compact) % 4))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _secret_strings(value: Any) -> list[str]:
+    """The strings in a (possibly nested) secret claim value."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _secret_strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _secret_strings(v)]
+    return []
+
+
+def _all_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` keeping every value of a member named twice (a masker hides them all)."""
+    members: dict[str, Any] = {}
+    for name, value in pairs:
+        members[name] = [members[name], value] if name in members else value
+    return members
+
+
+def secret_parts(raw: str) -> list[str]:
+    """What a log masker must hide for the token ``raw``, which need not be valid, verified or even
+    a token: the text as given and stripped; its payload segment (the middle base64url part, which
+    holds the keys in clear); and every key claim (``key``, ``escrow_public_key``,
+    ``escrow_private_key``, each ``verify_keys`` value) in every encoding the code produces
+    (base64url and standard base64, padded or not, hex in lower and upper case).
+
+    Nothing here trusts the token: it is not verified, a claim named twice gives both values, and
+    nothing raises. Parts shorter than 16 bytes of key material are left out, so junk claims cannot
+    make a masker hide common text. Longest first, so a masker replaces the whole before a piece.
+    """
+    if not isinstance(raw, str) or not raw.strip():
+        return []
+    parts = {raw, raw.strip()}
+    segments = raw.strip().split(".")
+    if len(segments) == 3 and len(raw) <= 4 * MAX_TOKEN_LENGTH:
+        payload = segments[1]
+        if len(payload) >= 16:
+            parts.add(payload)
+        decoded = _lenient_b64decode(payload)
+        claims: Any = None
+        if decoded is not None:
+            try:
+                claims = json.loads(decoded, object_pairs_hook=_all_members)
+            except (ValueError, RecursionError):
+                claims = None
+        if isinstance(claims, dict):
+            for name in SECRET_CLAIMS:
+                for text in _secret_strings(claims.get(name)):
+                    material = _lenient_b64decode(text)
+                    if material is None or len(material) < _MIN_SECRET_BYTES:
+                        continue
+                    parts.add(text)
+                    parts.update(key_encodings(material))
+    return sorted(parts, key=lambda part: (-len(part), part))
 
 
 def sign_claims(claims: Mapping[str, Any], private_key: Ed25519PrivateKey, kid: str) -> str:
