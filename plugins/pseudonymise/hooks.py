@@ -11,7 +11,6 @@ engine for sources, targets and the audit/escrow store.
 from __future__ import annotations
 
 import contextlib
-import json
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -22,7 +21,7 @@ from sqlalchemy.engine import Engine
 
 from pseudonymise.core.db import make_engine
 from pseudonymise.core.errors import DataIOError, ServiceUnavailableError, TokenError, is_unreachable
-from pseudonymise.core.tokens import TrustedKeys, b64url_decode, verify_token
+from pseudonymise.core.tokens import TrustedKeys, secret_parts, verify_token
 
 
 class TokenUnavailableError(TokenError):
@@ -39,15 +38,10 @@ def _unavailable(message: str, exc: BaseException) -> TokenUnavailableError:
 
 
 def _mask_token(token: str) -> None:
-    """Mask the token and every secret claim inside it, so neither can reach a log."""
-    mask_secret(token)
-    try:
-        claims = json.loads(b64url_decode(token.split(".")[1]))
-        for name in ("key", "escrow_private_key", "escrow_public_key"):
-            if isinstance(claims.get(name), str):
-                mask_secret(claims[name])
-    except (ValueError, IndexError, AttributeError):
-        pass  # a malformed token is refused later, with the reason
+    """Mask the token, its payload segment and every key claim in every encoding (DESIGN §3), before
+    the token is verified: a token that is then refused must not reach a log either."""
+    for part in secret_parts(token):
+        mask_secret(part)
 
 
 class PseudonymisationTokenHook(BaseHook):
@@ -310,3 +304,113 @@ class _UploadingSink:
         if self.uploaded:
             with contextlib.suppress(Exception):  # best effort: the audit shows the use as failed
                 self.hook.path(self.uri).unlink()
+
+
+class AuditSigningHook(BaseHook):
+    """The audit signing key and the witnesses of signed audit checkpoints (DESIGN §6.1), from one connection.
+
+    Connection fields (any connection type, ``generic`` for instance):
+
+    * ``password``: the private Ed25519 JWK written by ``pseudonymise audit keygen`` (masked in logs, in
+      every encoding, the moment it is read), unless the extras name a Transit key;
+    * extras ``transit_key`` (``MOUNT/NAME`` of an ``ed25519`` Transit key) and ``transit_vault_conn_id``
+      (a HashiCorp Vault connection whose policy allows ``MOUNT/sign/NAME`` and reading ``MOUNT/keys/NAME``):
+      Vault signs, the key never leaves it;
+    * extra ``witness_path``: an append-only JSON-lines file, a local or mounted path, given every checkpoint;
+    * extras ``witness_vault_path`` (``MOUNT/PATH`` on a KV v2 engine) and ``witness_vault_conn_id`` (default
+      ``transit_vault_conn_id``): the latest checkpoint of each audit, written with check-and-set;
+    * extra ``audit_id``: the audit's name in checkpoints (default ``<dialect>/<database>/<schema>/<table>``);
+    * extra ``public_keys``: earlier public keys (a JWKS) still trusted after the key was rotated.
+
+    :param audit_signing_conn_id: the connection id (default ``pseudonymise_audit_signing``).
+    """
+
+    conn_name_attr = "audit_signing_conn_id"
+    default_conn_name = "pseudonymise_audit_signing"
+    hook_name = "Pseudonymise audit signing"
+
+    def __init__(self, audit_signing_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.audit_signing_conn_id = audit_signing_conn_id
+
+    @cached_property
+    def connection(self) -> Any:
+        from pseudonymise.core.errors import CheckpointError
+
+        try:
+            return self.get_connection(self.audit_signing_conn_id)
+        except Exception as exc:  # Airflow raises several types for a missing connection
+            raise CheckpointError(
+                f"connection {self.audit_signing_conn_id!r} could not be read ({exc.__class__.__name__}); create it "
+                "with the private JWK of `pseudonymise audit keygen` as its password, or extras naming a Transit key"
+            ) from exc
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        return self.connection.extra_dejson or {}
+
+    def _vault(self, conn_id: str | None, what: str) -> Any:
+        from airflow.providers.hashicorp.hooks.vault import VaultHook
+
+        from pseudonymise.core.checkpoint import SigningUnavailableError, SigningUnreachableError
+
+        if not conn_id:
+            raise SigningUnavailableError(f"connection {self.audit_signing_conn_id!r} names {what} but no Vault "
+                                          "connection: set the extra transit_vault_conn_id (or witness_vault_conn_id)")
+        try:
+            return VaultHook(vault_conn_id=conn_id).get_conn()
+        except Exception as exc:  # hvac/requests raise many types
+            cls = SigningUnreachableError if is_unreachable(exc) else SigningUnavailableError
+            raise cls(f"Vault connection {conn_id!r} could not be opened ({exc.__class__.__name__})") from exc
+
+    def get_signer(self) -> Any:
+        """The audit signing key: a :class:`~pseudonymise.core.checkpoint.TransitSigner` or a ``LocalSigner``."""
+        from pseudonymise.core.checkpoint import CheckpointError, LocalSigner, TransitSigner
+        from pseudonymise.core.tokens import b64url_decode, key_encodings
+
+        extras = self.extras
+        if extras.get("transit_key"):
+            mount, _, name = str(extras["transit_key"]).strip("/").partition("/")
+            if not mount or not name:
+                raise CheckpointError(f"the extra transit_key of connection {self.audit_signing_conn_id!r} must be "
+                                      "MOUNT/NAME, e.g. transit/audit-signing")
+            return TransitSigner(self._vault(extras.get("transit_vault_conn_id"), "a Transit key"), mount, name)
+        secret = self.connection.password
+        if not secret:
+            raise CheckpointError(
+                f"connection {self.audit_signing_conn_id!r} holds no audit signing key: put the private JWK of "
+                "`pseudonymise audit keygen` in its password, or set the extras transit_key and transit_vault_conn_id")
+        mask_secret(secret)
+        signer = LocalSigner.from_jwk(secret)
+        for form in key_encodings(b64url_decode(signer.private_jwk()["d"])):
+            mask_secret(form)
+        return signer
+
+    def get_witnesses(self) -> list[Any]:
+        from pseudonymise.core.checkpoint import CheckpointError, FileWitness, VaultKVWitness
+
+        extras, out = self.extras, []
+        if extras.get("witness_path"):
+            path = str(extras["witness_path"])
+            if is_object_storage(path):
+                raise CheckpointError(f"the witness_path of connection {self.audit_signing_conn_id!r} is an "
+                                      "object-storage URI, which is not supported: mount it, or use witness_vault_path")
+            out.append(FileWitness(path))
+        if extras.get("witness_vault_path"):
+            mount, _, path = str(extras["witness_vault_path"]).strip("/").partition("/")
+            if not mount or not path:
+                raise CheckpointError(f"the extra witness_vault_path of connection {self.audit_signing_conn_id!r} "
+                                      "must be MOUNT/PATH, e.g. secret/pseudonymise/checkpoints")
+            client = self._vault(extras.get("witness_vault_conn_id") or extras.get("transit_vault_conn_id"),
+                                 "a Vault KV witness")
+            out.append(VaultKVWitness(client, mount, path))
+        return out
+
+    def checkpointer(self, audit: Any) -> Any:
+        """A :class:`~pseudonymise.core.checkpoint.Checkpointer` of ``audit`` with this key and these witnesses."""
+        from pseudonymise.core.checkpoint import Checkpointer, PublicKeys
+
+        extras = self.extras
+        earlier = PublicKeys.from_jwks(extras["public_keys"]) if extras.get("public_keys") else None
+        return Checkpointer(audit, self.get_signer(), self.get_witnesses(), audit_id=extras.get("audit_id") or None,
+                            public_keys=earlier)

@@ -212,6 +212,8 @@ class PseudonymiseOperator(_DataTaskMixin, BaseOperator):
     :param use_copy: PostgreSQL COPY both ways when source and target are PostgreSQL (default: when possible).
     :param storage_conn_id: connection for ``source_path``/``target_path`` URIs on object storage
         (``s3://``, ``gs://``, ``file://`` …, through Airflow's ObjectStoragePath).
+    :param audit_signing_conn_id: an audit signing connection (see :class:`AuditCheckpointOperator`): a signed
+        checkpoint of the audit is written after the use; if it fails, the use stands and a warning says why.
     """
 
     template_fields: Sequence[str] = (*_DATA_TEMPLATE_FIELDS, "columns")
@@ -235,7 +237,8 @@ class PseudonymiseOperator(_DataTaskMixin, BaseOperator):
                  upsert_key: Sequence[str] | None = None, create_table: bool = True, batch_size: int = 50_000,
                  audit_conn_id: str | None = None, audit_table: str = "pseudonymise_audit",
                  audit_schema: str | None = None, use_copy: bool | None = None,
-                 storage_conn_id: str | None = None, **kwargs: Any) -> None:
+                 storage_conn_id: str | None = None, audit_signing_conn_id: str | None = None,
+                 **kwargs: Any) -> None:
         if target_table and target_conn_id and "outlets" not in kwargs and "{{" not in target_table:
             kwargs["outlets"] = [Asset(name=f"pseudonymise/{target_conn_id}/{target_schema or 'default'}/{target_table}")]
         super().__init__(**kwargs)
@@ -251,6 +254,7 @@ class PseudonymiseOperator(_DataTaskMixin, BaseOperator):
         self.upsert_key, self.create_table, self.batch_size = upsert_key, create_table, batch_size
         self.audit_conn_id, self.audit_table, self.audit_schema = audit_conn_id, audit_table, audit_schema
         self.use_copy, self.storage_conn_id = use_copy, storage_conn_id
+        self.audit_signing_conn_id = audit_signing_conn_id
 
     def policy(self) -> ColumnPolicy:
         if isinstance(self.columns, Mapping):
@@ -270,7 +274,7 @@ class PseudonymiseOperator(_DataTaskMixin, BaseOperator):
                 store, raw, keys, policy, source, self._sink_factory(store, source, policy.pseudonymised_columns),
                 secondary=self.secondary, project=token_hook.project, source_label=source_label,
                 target_label=target_label, context=ctx, progress=_ProgressLog(self.log),
-                transit=token_hook.get_transit,
+                transit=token_hook.get_transit, on_finished=_checkpoint_after_use(self),
             )
         except (TokenError, PolicyError) as exc:
             raise _task_failure(exc) from exc
@@ -303,7 +307,7 @@ class ReversePseudonymsOperator(_DataTaskMixin, BaseOperator):
 
     :param pseudonym_columns: the columns of the source that hold pseudonyms to reverse.
     :param require_all: fail, writing nothing, if a pseudonym has no escrow (unknown, or purged).
-    Other parameters as :class:`PseudonymiseOperator` (source, target, write mode, audit).
+    Other parameters as :class:`PseudonymiseOperator` (source, target, write mode, audit, audit signing).
     """
 
     template_fields: Sequence[str] = (*_DATA_TEMPLATE_FIELDS, "pseudonym_columns")
@@ -320,9 +324,11 @@ class ReversePseudonymsOperator(_DataTaskMixin, BaseOperator):
                  target_path: str | None = None, target_format: str | None = None, write_mode: str = "replace",
                  require_all: bool = False, batch_size: int = 10_000, audit_conn_id: str | None = None,
                  audit_table: str = "pseudonymise_audit", audit_schema: str | None = None,
-                 storage_conn_id: str | None = None, **kwargs: Any) -> None:
+                 storage_conn_id: str | None = None, audit_signing_conn_id: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pseudonym_columns, self.pseudonymise_conn_id = pseudonym_columns, pseudonymise_conn_id
+        self.audit_signing_conn_id = audit_signing_conn_id
         self.source_conn_id, self.sql, self.parameters = source_conn_id, sql, parameters
         self.source_table, self.source_schema = source_table, source_schema
         self.source_path, self.source_format = source_path, source_format
@@ -342,6 +348,7 @@ class ReversePseudonymsOperator(_DataTaskMixin, BaseOperator):
                 store, raw, keys, list(self.pseudonym_columns), source, self._sink_factory(store, source, []),
                 project=token_hook.project, triggered_by=ctx.get("triggered_by"), source_label=source_label,
                 target_label=target_label, context=ctx, require_all=self.require_all,
+                on_finished=_checkpoint_after_use(self),
             )
         except (TokenError, PolicyError) as exc:
             raise _task_failure(exc) from exc
@@ -494,3 +501,58 @@ def _safe(hook: PseudonymisationTokenHook) -> bool:
         return hook.project is not None
     except PseudonymiseError:
         return False
+
+
+# --- signed audit checkpoints (DESIGN §6.1) ------------------------------------------------------
+def _checkpoint_after_use(operator: Any) -> Any:
+    """The ``TokenUse`` callback of a data operator with an ``audit_signing_conn_id``: a signed checkpoint
+    once the use's ``finished`` row is committed; a failure is a warning in the task log, never a failed use."""
+    conn_id = getattr(operator, "audit_signing_conn_id", None)
+    if not conn_id:
+        return None
+    from pseudonymise.core.checkpoint import checkpoint_after_use
+    from pseudonymise.hooks import AuditSigningHook
+
+    return checkpoint_after_use(lambda audit: AuditSigningHook(conn_id).checkpointer(audit), operator.log)
+
+
+class AuditCheckpointOperator(BaseOperator):
+    """Sign a checkpoint of the audit chain's head and send it to the witnesses (DESIGN §6.1); schedule it hourly.
+
+    The signing key and the witnesses come from one connection (:class:`~pseudonymise.hooks.AuditSigningHook`):
+    its password is the private JWK of ``pseudonymise audit keygen``, or its extras name an ``ed25519``
+    Vault Transit key (``transit_key``, ``transit_vault_conn_id``); ``witness_path`` and
+    ``witness_vault_path`` name the witnesses. The task fails without retry, naming the checkpoint, when
+    the chain contradicts the latest witnessed one (rows cut off or rewritten); it is retried when Vault
+    cannot be reached. Returns the checkpoint's audit id, row, row hash, time and key id.
+
+    :param audit_conn_id: the database of the audit table.
+    :param audit_signing_conn_id: the audit signing connection (default ``pseudonymise_audit_signing``).
+    """
+
+    ui_color = "#e9d8fd"
+
+    def __init__(self, *, audit_conn_id: str, audit_signing_conn_id: str = "pseudonymise_audit_signing",
+                 audit_table: str = "pseudonymise_audit", audit_schema: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.audit_conn_id, self.audit_signing_conn_id = audit_conn_id, audit_signing_conn_id
+        self.audit_table, self.audit_schema = audit_table, audit_schema
+
+    def execute(self, context: Any) -> dict[str, Any] | None:
+        from pseudonymise.core.audit import AuditLog
+        from pseudonymise.hooks import AuditSigningHook
+
+        audit = AuditLog(SqlDataHook(self.audit_conn_id).get_engine(), self.audit_table, self.audit_schema)
+        try:
+            checkpointer = AuditSigningHook(self.audit_signing_conn_id).checkpointer(audit)
+            if not checkpointer.witnesses:
+                self.log.warning("connection %r names no witness (witness_path, witness_vault_path): the checkpoint is "
+                                 "kept only in the audit's own database", self.audit_signing_conn_id)
+            result = checkpointer.checkpoint()
+        except PseudonymiseError as exc:
+            raise _task_failure(exc) from exc
+        if result is None:
+            self.log.info("the audit %s is empty: nothing to checkpoint yet", checkpointer.audit_id)
+            return None
+        self.log.info("audit checkpoint: %s", result)
+        return result.as_dict()

@@ -18,6 +18,10 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "audit_schema": ("", "Schema of the audit and escrow tables (empty: the database's default)."),
     "expiry_warning_days": ("14", "Tokens expiring within this many days are highlighted on the Tokens page."),
     "api_max_rows": ("1000", "Most records one HTTP API call may pseudonymise, re-pseudonymise or reverse."),
+    "audit_signing_conn_id": ("", "Airflow connection of the audit signing key and witnesses (see "
+                                  "AuditCheckpointOperator): when set, every token use through the HTTP API is "
+                                  "followed by a signed checkpoint of the audit chain. Empty: only the scheduled "
+                                  "checkpoints."),
     "api_allow_reversal": ("False", "Allow reversal through the HTTP API (audited with the calling user). "
                                     "Off by default: originals then only ever reach a target a DAG names."),
 }
@@ -35,6 +39,7 @@ class PluginConfig:
     expiry_warning_days: int
     api_max_rows: int
     api_allow_reversal: bool
+    audit_signing_conn_id: str | None = None
 
     @classmethod
     def load(cls) -> PluginConfig:
@@ -63,6 +68,7 @@ class PluginConfig:
             expiry_warning_days=integer("expiry_warning_days", 0),
             api_max_rows=integer("api_max_rows", 1),
             api_allow_reversal=reversal in ("true", "1", "yes"),
+            audit_signing_conn_id=get("audit_signing_conn_id") or None,
         )
 
 

@@ -19,7 +19,7 @@ from pseudonymise import __version__
 from pseudonymise.plugin import charts
 from pseudonymise.plugin.access import DagScopeDep, ReadAudit
 from pseudonymise.plugin.audit_store import ConfigDep, StoreDep, TrailFilterDep
-from pseudonymise.plugin.trail import OPERATIONS, USE_OUTCOMES, Trail, distinct_values, window
+from pseudonymise.plugin.trail import OPERATIONS, USE_OUTCOMES, Trail, distinct_values, latest_checkpoints, window
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -59,6 +59,7 @@ def audit_page(request: Request, flt: TrailFilterDep, store: StoreDep, scope: Da
     task_view = flt.dag_id is not None and flt.task_id is not None and flt.run_id is not None
     return _page(
         request, "audit.html", filter=flt, uses=uses, total=total, incomplete=incomplete, verified=verified,
+        checkpoint=latest_checkpoints(store),
         checked_at=datetime.fromtimestamp(checked_at, UTC), page_no=page, pages=max(1, -(-total // PAGE_SIZE)),
         page_link=lambda n: "audit?" + urlencode([*query, ("page", str(n))]), task_view=task_view,
         outcomes=USE_OUTCOMES, operations=OPERATIONS, projects=distinct_values(store, scope, "project"),
