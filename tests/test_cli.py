@@ -29,7 +29,7 @@ from pseudonymise.core.escrow import EscrowWriter
 from pseudonymise.core.issuer import DirectoryStore, Issuer
 from pseudonymise.core.pipeline import Store
 from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser
-from pseudonymise.core.tokens import b64url_decode, b64url_encode, verify_token
+from pseudonymise.core.tokens import b64url_decode, b64url_encode, secret_parts, verify_token
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "include" / "sample" / "patients.csv"
@@ -72,7 +72,7 @@ class Cli:
         path = self.home / f"{name}.token"
         proc = self.run("token", "issue", "--project", project, "--kind", kind, "--output", path, *extra)
         raw = path.read_text().strip()
-        self.secrets.update({raw, raw.split(".")[1], raw.split(".")[2]})
+        self.secrets.update({raw, raw.split(".")[1], raw.split(".")[2], *secret_parts(raw)})
         assert str(path) in proc.stderr
         self.tokens[name] = path
         return path
@@ -172,6 +172,11 @@ def test_token_inspect_shows_claims_not_secrets(cli: Cli) -> None:
         assert claims["fingerprint"] == hashlib.sha256(cli.token("research-a").encode()).hexdigest()[:16]
     reverse = json.loads(cli.run("token", "inspect", "--token-file", cli.tokens["reverse-a"]).stdout)
     assert reverse["kind"] == "reverse" and "escrow_private_key" not in reverse
+    assert reverse["verify_key_versions"] == [1] and "verify_keys" not in reverse
+    secondary = json.loads(cli.run("token", "inspect", "--token-file", cli.tokens["vendor-x"]).stdout)
+    assert (secondary["source_project"], secondary["source_format"]) == \
+        ("research-a", {"alphabet": "base32", "length": 26, "prefix": ""})
+    assert "key" not in secondary
 
 
 def test_token_inspect_of_a_tampered_token(cli: Cli) -> None:
@@ -270,12 +275,27 @@ def test_file_secondary(cli: Cli, pseudonymised: Path) -> None:
     cli.run("file", "secondary", pseudonymised, out, "--columns", "patient_id", "--default", "keep", "--db", cli.db,
             "--token-file", cli.tokens["vendor-x"])
     first, second = read_csv(pseudonymised), read_csv(out)
-    key = project_key(cli, "vendor-x")
+    # v1.1: the secondary key is HKDF-SHA256 (RFC 5869, empty salt) of vendor-x's key, not that key
+    prk = hmac.new(b"", project_key(cli, "vendor-x"), hashlib.sha256).digest()
+    key = hmac.new(prk, b"pseudonymise/v1/secondary-key\x00research-a\x01", hashlib.sha256).digest()
     for before, after in zip(first, second, strict=True):
         digest = hmac.new(key, b"pseudonymise/v1/secondary\x00" + before["patient_id"].encode(), hashlib.sha256).digest()
         assert after["patient_id"] == "V-" + digest.hex()[:32]
         assert after["ward"] == before["ward"]
     assert not {r["patient_id"] for r in first} & {r["patient_id"] for r in second}
+
+
+def test_file_secondary_refuses_raw_identifiers(cli: Cli) -> None:
+    """Issue 11 item 5: the secondary token applied to the raw sample pseudonymised it; now the run fails
+    before writing anything, naming the column and how many values are not research-a pseudonyms."""
+    out = cli.home / "vendor-raw.csv"
+    proc = cli.run("file", "secondary", SAMPLE, out, "--columns", "patient_id", "--default", "keep", "--db", cli.db,
+                   "--token-file", cli.tokens["vendor-x"], expect=1)
+    assert "'patient_id'" in proc.stderr and "240 of 240 values" in proc.stderr and "'research-a'" in proc.stderr
+    for row in read_csv(SAMPLE)[:20]:
+        assert row["patient_id"].strip() not in proc.stderr
+    assert not out.exists()
+    assert cli.audit_rows()[-1]["outcome"] == "failed"
 
 
 def test_file_reverse_gives_back_the_normalised_originals(cli: Cli, pseudonymised: Path) -> None:
@@ -428,8 +448,9 @@ def _subcommands() -> list[tuple[str, ...]]:
 
 
 def test_every_subcommand_is_listed() -> None:
-    assert len(_subcommands()) == 13
+    assert len(_subcommands()) == 15
     assert ("file", "reverse") in _subcommands() and ("audit", "verify") in _subcommands()
+    assert ("audit", "checkpoint") in _subcommands() and ("audit", "keygen") in _subcommands()
 
 
 @pytest.mark.parametrize("command", [(), *_subcommands()], ids=lambda c: " ".join(c) or "top")
@@ -437,3 +458,31 @@ def test_help_has_an_example(cli: Cli, command: tuple[str, ...]) -> None:
     proc = cli.run(*command, "--help")
     assert "example" in proc.stdout
     assert "pseudonymise" in proc.stdout.split("example", 1)[1]
+
+
+# --- audit verify --escrow ------------------------------------------------------------------------
+def test_audit_verify_escrow_names_rows_reversal_would_refuse(cli: Cli, tmp_path: Path) -> None:
+    """An escrow row written outside any audited use (here by whoever can write the SQLite file) is named
+    by pseudonym, without a value; with a reverse token every row is also opened and recomputed."""
+    db_path = tmp_path / "escrow.db"
+    db = f"sqlite:///{db_path}"
+    cli.run("file", "pseudonymise", SAMPLE, tmp_path / "out.csv", "--policy", POLICY, "--db", db,
+            "--token-file", cli.tokens["research-a"])
+    clean = cli.run("audit", "verify", "--escrow", "--db", db)
+    assert "0 row(s) reversal would refuse" in clean.stdout
+    checked = cli.run("audit", "verify", "--escrow", "--db", db, "--token-file", cli.tokens["reverse-a"])
+    assert "opened and checked with the reverse token" in checked.stdout and "0 row(s)" in checked.stdout
+    with sqlite3.connect(db_path) as conn:
+        batch, ciphertext, retention = conn.execute(
+            "SELECT batch_id, ciphertext, retention_until FROM pseudonymise_escrow LIMIT 1").fetchone()
+        conn.execute("INSERT INTO pseudonymise_escrow VALUES ('research-a', 'forgedforgedforgedforged00', ?, ?, ?, ?)",
+                     (batch, (4242).to_bytes(12, "big"), ciphertext, retention))
+    forged = cli.run("audit", "verify", "--escrow", "--db", db, expect=1)
+    assert "UNPROVEN escrow row" in forged.stdout and "differ from the digest" in forged.stdout
+    with_token = cli.run("audit", "verify", "--escrow", "--db", db, "--token-file", cli.tokens["reverse-a"], expect=1)
+    assert "forgedforgedforgedforged00" in with_token.stdout
+    for line in SAMPLE.read_text().splitlines()[1:]:
+        assert line.split(",")[1] not in forged.stdout + with_token.stdout  # no original value
+    rows = sqlite3.connect(db_path).execute(
+        "SELECT operation, outcome FROM pseudonymise_audit WHERE event = 'finished' ORDER BY seq").fetchall()
+    assert rows[-2:] == [("verify", "success"), ("verify", "success")]  # each token use is audited

@@ -1,26 +1,43 @@
--- Least-privilege grants for the role a pipeline (Airflow worker) connects as.
--- Run as the owner of the audit and escrow tables, after they exist (a first run as the owner, or
--- `pseudonymise audit verify --db ...`, creates them). The pipeline role can append to the audit
--- but never rewrite it, and can write escrow but never read its ciphertexts (it could not open
--- them anyway: only a reverse token holds the escrow private key).
+-- Least-privilege grants for the roles that use the audit and escrow tables on PostgreSQL.
+-- Run as the role that owns the audit and escrow tables (the "audit owner"), after they exist: a
+-- first run as the owner, or `pseudonymise audit verify --db ...`, creates them together with the
+-- append function `pseudonymise_audit_append(jsonb)`, a SECURITY DEFINER function owned by the
+-- audit owner. No other role appends to the audit, its head or its checkpoints except through
+-- SECURITY DEFINER functions: the server sets seq, time, prev_hash, row_hash and the caller's
+-- role, so no pipeline or API role can rewrite, delete, back-date or forge the chain's position.
+-- docs/threat-model.md says what each role can and cannot do, and which test shows it.
+
+-- The pipeline (Airflow workers): appends audit rows, writes escrow, never reads either.
 CREATE ROLE pseudonymise_pipeline LOGIN;
+GRANT EXECUTE ON FUNCTION pseudonymise_audit_append(jsonb) TO pseudonymise_pipeline;
+GRANT INSERT ON pseudonymise_escrow_batch TO pseudonymise_pipeline;
+GRANT INSERT ON pseudonymise_escrow TO pseudonymise_pipeline;
+-- ON CONFLICT and the batch digests' RETURNING: the key and the (public) counter nonce, never a ciphertext.
+GRANT SELECT (project, pseudonym, batch_id, nonce) ON pseudonymise_escrow TO pseudonymise_pipeline;
 
 -- The write modes' interval lock (replace, replace_partition): one row per open writer, removed
 -- before it commits. A role that may create tables makes it on first use, this makes it otherwise.
 CREATE TABLE IF NOT EXISTS pseudonymise_write_lock (holder text PRIMARY KEY, target text NOT NULL,
     span box NOT NULL, EXCLUDE USING gist (span WITH &&));
 GRANT SELECT, INSERT, DELETE ON pseudonymise_write_lock TO pseudonymise_pipeline;
-
-GRANT SELECT, INSERT ON pseudonymise_audit TO pseudonymise_pipeline;
-GRANT SELECT, UPDATE ON pseudonymise_audit_head TO pseudonymise_pipeline;   -- the chain's head pointer
-GRANT INSERT ON pseudonymise_escrow_batch TO pseudonymise_pipeline;
-GRANT INSERT ON pseudonymise_escrow TO pseudonymise_pipeline;
-GRANT SELECT (project, pseudonym) ON pseudonymise_escrow TO pseudonymise_pipeline;  -- ON CONFLICT … RETURNING
 -- and on the data: SELECT on the sources, INSERT/DELETE on the targets.
 
--- The auditor / reverse role reads escrow and audit, and writes only the audit:
+-- The auditor (reversal, audit verification): reads escrow and the audit, appends only through the function.
 CREATE ROLE pseudonymise_auditor LOGIN;
-GRANT SELECT, INSERT ON pseudonymise_audit TO pseudonymise_auditor;
-GRANT SELECT, UPDATE ON pseudonymise_audit_head TO pseudonymise_auditor;
+GRANT EXECUTE ON FUNCTION pseudonymise_audit_append(jsonb) TO pseudonymise_auditor;
+GRANT SELECT ON pseudonymise_audit, pseudonymise_audit_head TO pseudonymise_auditor;
 GRANT SELECT ON pseudonymise_escrow, pseudonymise_escrow_batch TO pseudonymise_auditor;
 -- The purge job additionally needs DELETE on the two escrow tables.
+
+-- The viewer (the Airflow UI's audit pages, read-only API users): reads the audit, nothing else.
+CREATE ROLE pseudonymise_viewer LOGIN;
+GRANT SELECT ON pseudonymise_audit, pseudonymise_audit_head TO pseudonymise_viewer;
+
+-- Signed audit checkpoints (DESIGN §6.1): the audit owner's first run creates
+-- pseudonymise_audit_checkpoint and its two SECURITY DEFINER functions (EXECUTE revoked from PUBLIC).
+-- Checkpointing roles get EXECUTE only: nothing on the audit, its head or the checkpoint table.
+GRANT EXECUTE ON FUNCTION pseudonymise_audit_checkpoint_head(bigint, text) TO pseudonymise_pipeline, pseudonymise_auditor;
+GRANT EXECUTE ON FUNCTION pseudonymise_audit_checkpoint_add(bigint, text, timestamptz, text, text, text, text)
+    TO pseudonymise_pipeline, pseudonymise_auditor;
+-- The audit page and auditors read the checkpoints:
+GRANT SELECT ON pseudonymise_audit_checkpoint TO pseudonymise_auditor, pseudonymise_viewer;

@@ -22,14 +22,29 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 
 from pseudonymise import __version__
-from pseudonymise.core.errors import IssuerError, PolicyError, PseudonymiseError, TokenError
+from pseudonymise.core.checkpoint import (
+    PUBLIC_KEYS_ENV,
+    SIGNING_KEY_ENV,
+    Checkpointer,
+    CheckpointSigner,
+    FileWitness,
+    LocalSigner,
+    PublicKeys,
+    TransitSigner,
+    VaultKVWitness,
+    Witness,
+    WitnessVerifyResult,
+    verify_against_witness,
+)
+from pseudonymise.core.errors import CheckpointError, IssuerError, PolicyError, PseudonymiseError, TokenError
+from pseudonymise.core.escrow import unproven_rows
 from pseudonymise.core.files import open_sink, open_source
 from pseudonymise.core.formats import ALPHABETS, DEFAULT_ALPHABET, DEFAULT_LENGTH, PseudonymFormat
 from pseudonymise.core.issuer import DirectoryStore, Issuer, ProjectStore, VaultStore
 from pseudonymise.core.pipeline import Store, run_pseudonymisation, run_purge, run_reversal
 from pseudonymise.core.pseudonymiser import ColumnPolicy, ColumnRule, Stats
 from pseudonymise.core.tokens import TrustedKeys, parse_instant, verify_token
-from pseudonymise.core.use import current_user
+from pseudonymise.core.use import TokenUse, current_user
 
 DEFAULT_STORE = "~/.pseudonymise"
 DEFAULT_DB = "sqlite:///pseudonymise.db"
@@ -324,13 +339,44 @@ def cmd_escrow_purge(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     store = Store(args.db, audit_table=args.table)
-    result = store.audit.verify()
-    print(result)
+    witnessed = _verify_witness(args, store) if args.witness else None  # the chain's verification included
+    result = witnessed.chain if witnessed is not None else store.audit.verify()
+    print(witnessed if witnessed is not None else result)
+    anchored = witnessed is None or witnessed.ok
     incomplete = store.audit.incomplete_uses()
     if incomplete:
         print(f"{len(incomplete)} use(s) started without finishing (crashed or still running): "
               + ", ".join(incomplete[:10]))
-    return 0 if result.ok else 1
+    if getattr(args, "escrow", False):
+        return 0 if _verify_escrow(args, store, result.ok) and result.ok and anchored else 1
+    return 0 if result.ok and anchored else 1
+
+
+def _verify_escrow(args: argparse.Namespace, store: Store, chain_ok: bool) -> bool:
+    """``audit verify --escrow``: list the escrow rows reversal would refuse (DESIGN.md §5.1), by pseudonym.
+    With a reverse token (an audited use) every row of its project is opened and checked, never shown."""
+    if not chain_ok:
+        print("escrow not checked: it is proven by the audit chain, which does not verify")
+        return False
+    with store.engine.connect() as conn:
+        listed = store.audit.listed_escrow_batches(conn)
+    if args.token_file or args.token_env:
+        raw, keys = read_token(args), trusted_keys(args)
+        with TokenUse(store.audit, "verify", raw, keys, kind="reverse", project=args.project, source="escrow",
+                      context={"triggered_by": current_user()}) as use, store.engine.connect() as conn:
+            assert use.token is not None
+            rows = unproven_rows(conn, store.escrow, listed, token=use.token)
+            use.counts.update(escrow_rows=len(rows))
+        checked = f"every escrow row of project {use.token.project!r} opened and checked with the reverse token"
+    else:
+        with store.engine.connect() as conn:
+            rows = unproven_rows(conn, store.escrow, listed, project=args.project)
+        checked = "escrow batches checked against the digests the audit lists (add a reverse token to check values)"
+    for row in rows:
+        print(f"UNPROVEN escrow row: project {row.project!r}, pseudonym {row.pseudonym}, batch {row.batch_id}: "
+              f"{row.reason}")
+    print(f"escrow: {checked}; {len(rows)} row(s) reversal would refuse")
+    return not rows
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
@@ -348,6 +394,122 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
         print(f"#{row['seq']:<5} {when} {row['operation']:<12} {row['outcome']:<8} project={row['project']} "
               f"token={row['token_jti']} {counts}{error}")
     return 0
+
+
+# --- signed checkpoints (DESIGN §6.1) ---------------------------------------------------------
+def _vault_client(what: str) -> Any:
+    import hvac
+
+    addr, token = os.environ.get("VAULT_ADDR"), os.environ.get("VAULT_TOKEN")
+    if not addr or not token:
+        raise CheckpointError(f"{what} needs VAULT_ADDR and VAULT_TOKEN in the environment")
+    return hvac.Client(url=addr, token=token)
+
+
+def _mount_and_name(spec: str, flag: str) -> tuple[str, str]:
+    mount, _, name = spec.strip("/").partition("/")
+    if not mount or not name:
+        raise CheckpointError(f"{flag} takes MOUNT/NAME (for example transit/audit-signing), got {spec!r}")
+    return mount, name
+
+
+def _signer(args: argparse.Namespace) -> CheckpointSigner:
+    """The audit signing key: a Transit key, or a private JWK from a file or an environment variable."""
+    if args.transit_key:
+        return TransitSigner(_vault_client("--transit-key"), *_mount_and_name(args.transit_key, "--transit-key"))
+    if args.signing_key:
+        try:
+            text = Path(args.signing_key).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CheckpointError(f"cannot read the audit signing key file {args.signing_key!r}: {exc.strerror}") from exc
+    else:
+        variable = args.signing_key_env or SIGNING_KEY_ENV
+        text = os.environ.get(variable, "")
+        if not text.strip():
+            raise CheckpointError(
+                f"no audit signing key: pass --signing-key FILE (written by `pseudonymise audit keygen`), set "
+                f"{variable}, or --transit-key MOUNT/NAME with VAULT_ADDR and VAULT_TOKEN")
+    return LocalSigner.from_jwk(text)
+
+
+def _witnesses(specs: Sequence[str]) -> list[Witness]:
+    out: list[Witness] = []
+    for spec in specs:
+        if spec.startswith("vault:"):
+            mount, path = _mount_and_name(spec[len("vault:"):], "--witness vault:")
+            out.append(VaultKVWitness(_vault_client(f"--witness {spec}"), mount, path))
+        elif "://" in spec:
+            raise CheckpointError(f"--witness {spec!r}: object-storage URIs are not supported; give a local or mounted "
+                                  "file path, or vault:MOUNT/PATH")
+        else:
+            out.append(FileWitness(spec))
+    return out
+
+
+def _public_keys(args: argparse.Namespace) -> PublicKeys:
+    spec = args.public_keys or os.environ.get(PUBLIC_KEYS_ENV)
+    if spec:
+        if spec.lstrip().startswith(("{", "[")):
+            return PublicKeys.from_jwks(spec)
+        try:
+            return PublicKeys.from_jwks(Path(spec).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise CheckpointError(f"cannot read the audit public keys from {spec!r}: {exc.strerror}") from exc
+    if args.transit_key or args.signing_key or os.environ.get(args.signing_key_env or SIGNING_KEY_ENV):
+        return _signer(args).public_keys()
+    raise CheckpointError(f"--witness needs the audit public keys: pass --public-keys FILE (the JWKS printed by "
+                          f"`pseudonymise audit keygen`), set {PUBLIC_KEYS_ENV}, or name the key with --transit-key")
+
+
+def _verify_witness(args: argparse.Namespace, store: Store) -> WitnessVerifyResult:
+    return verify_against_witness(store.audit, _witnesses(args.witness), _public_keys(args), audit_id=args.audit_id)
+
+
+def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
+    store = Store(args.db, audit_table=args.table)
+    result = Checkpointer(store.audit, _signer(args), _witnesses(args.witness), audit_id=args.audit_id).checkpoint()
+    if result is None:
+        print("the audit is empty: nothing to checkpoint yet")
+        return 0
+    print(f"{result}; recorded in {store.audit.table.name}_checkpoint" if result.recorded else str(result))
+    return 0
+
+
+def cmd_audit_keygen(args: argparse.Namespace) -> int:
+    if args.transit_key:
+        mount, name = _mount_and_name(args.transit_key, "--transit-key")
+        keys = TransitSigner.create(_vault_client("--transit-key"), mount, name).public_keys()
+        print(f"Vault Transit key {mount}/{name} (ed25519) is ready; its public keys:", file=sys.stderr)
+    else:
+        if not args.output:
+            raise CheckpointError("say where the private key goes: --output FILE (mode 0600), or create it in Vault "
+                                  "with --transit-key MOUNT/NAME")
+        signer = LocalSigner.generate()
+        try:
+            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError as exc:
+            raise CheckpointError(f"{args.output!r} exists; a signing key is never overwritten: choose another path") from exc
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(signer.private_jwk()) + "\n")
+        keys = signer.public_keys()
+        print(f"audit signing key {signer.kid} written to {args.output} (mode 0600); keep it away from the audit "
+              "database. Its public keys (give them to verifiers):", file=sys.stderr)
+    print(json.dumps(keys.to_jwks(), indent=2))
+    return 0
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser, signing: bool) -> None:
+    g = p.add_argument_group("signed checkpoints and witnesses (DESIGN §6.1)")
+    g.add_argument("--witness", action="append", default=[], metavar="FILE|vault:MOUNT/PATH",
+                   help="a JSON-lines file, or Vault KV v2 (VAULT_ADDR, VAULT_TOKEN); repeat for several")
+    g.add_argument("--audit-id", help="the audit's name in checkpoints (default <dialect>/<database>/<schema>/<table>)")
+    g.add_argument("--transit-key", metavar="MOUNT/NAME",
+                   help="an ed25519 Vault Transit key (VAULT_ADDR, VAULT_TOKEN): signs, or gives the public keys")
+    g.add_argument("--signing-key", metavar="FILE", help="the private JWK from `audit keygen`")
+    g.add_argument("--signing-key-env", metavar="VAR", help=f"read the private JWK from VAR (default {SIGNING_KEY_ENV})")
+    if not signing:
+        g.add_argument("--public-keys", metavar="FILE|JSON",
+                       help=f"the signers' public JWKS (default {PUBLIC_KEYS_ENV}, or those of --transit-key/--signing-key)")
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -491,11 +653,28 @@ def build_parser() -> argparse.ArgumentParser:
         p = command(audit, name, help_, example, func)
         p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB))
         p.add_argument("--table", default="pseudonymise_audit")
+        if name == "verify":
+            _add_checkpoint_args(p, signing=False)
+            p.add_argument("--escrow", action="store_true",
+                           help="also list escrow rows that reversal would refuse (with a reverse token: every "
+                                "row of its project opened and checked, audited)")
+            _add_token_args(p)
         if name == "show":
             p.add_argument("--limit", type=int, default=20)
             p.add_argument("--project")
             p.add_argument("--outcome", choices=("started", "success", "failed", "denied"))
             p.add_argument("--json", action="store_true")
+    p = command(audit, "checkpoint", "Sign a checkpoint of the audit chain's head; record it beside the audit and in "
+                "the witnesses.", "pseudonymise audit checkpoint --db postgresql://audit-owner@db/research "
+                "--signing-key audit-signing.jwk --witness /mnt/worm/audit-checkpoints.jsonl", cmd_audit_checkpoint)
+    p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB))
+    p.add_argument("--table", default="pseudonymise_audit")
+    _add_checkpoint_args(p, signing=True)
+    p = command(audit, "keygen", "Make an audit signing key (a private Ed25519 JWK, or an ed25519 Vault Transit key) "
+                "and print its public JWKS.", "pseudonymise audit keygen --output audit-signing.jwk > audit-public.jwks",
+                cmd_audit_keygen)
+    p.add_argument("--output", metavar="FILE", help="write the private JWK here (mode 0600; never overwritten)")
+    p.add_argument("--transit-key", metavar="MOUNT/NAME", help="create (or reuse) this ed25519 Transit key instead")
     return parser
 
 

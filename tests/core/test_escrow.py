@@ -19,7 +19,7 @@ from pseudonymise.core.errors import (
     TokenKindError,
     TokenProjectError,
 )
-from pseudonymise.core.escrow import EscrowTables, EscrowWriter, purge, reveal
+from pseudonymise.core.escrow import EscrowReader, EscrowTables, EscrowWriter, batch_digest, purge, reveal
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pseudonymiser import Batch, ColumnPolicy, Pseudonymiser
 from pseudonymise.core.tokens import Token, verify_token
@@ -43,17 +43,25 @@ def pseudonymise(token: Token, columns: dict[str, list[Any]]) -> tuple[Pseudonym
     return engine, engine.pseudonymise_batch(columns)
 
 
+#: The batch digests the writes of a test's escrow tables produced, as a successful use's audit row lists
+#: them (these tests have no audit table; tests/core/test_escrow_authenticity.py runs with the real one).
+LISTED: dict[int, dict[str, str]] = {}
+
+
 def write(db: tuple[Engine, EscrowTables], token: Token, batch: Batch) -> int:
     engine, tables = db
+    writer = EscrowWriter(token, tables)
     with engine.begin() as conn:
-        return EscrowWriter(token, tables).write(conn, batch.escrow)
+        written = writer.write(conn, batch.escrow)
+    LISTED.setdefault(id(tables), {}).update(writer.digests)
+    return written
 
 
 def open_escrow(db: tuple[Engine, EscrowTables], token: Token, pseudonyms: list[str],
                 now: dt.datetime | None = None) -> Any:
     engine, tables = db
     with engine.connect() as conn:
-        return reveal(conn, tables, token, pseudonyms, now=now)
+        return reveal(conn, tables, token, pseudonyms, lambda: LISTED.get(id(tables), {}), now=now)
 
 
 def count(db: tuple[Engine, EscrowTables], table: str = "values", **where: Any) -> int:
@@ -156,9 +164,21 @@ def test_ciphertext_moved_to_another_pseudonym_fails(db: tuple[Engine, EscrowTab
         conn.execute(sa.update(v).where(v.c.pseudonym == alice).values(
             ciphertext=bobs.ciphertext, nonce=bobs.nonce, batch_id=bobs.batch_id))
     reverse = mint("research-a", "reverse")
+    # the batch no longer matches the digest its audited use listed: none of its rows is shown
+    for wanted in ([alice], [bob]):
+        with pytest.raises(EscrowIntegrityError) as info:
+            open_escrow(db, reverse, wanted)  # type: ignore[arg-type]
+        assert "bob" not in str(info.value) and "alice" not in str(info.value)
+        assert "differ from the digest" in str(info.value)
+    # Even someone who could also rewrite the audit's digest gains nothing: the moved ciphertext is bound
+    # to bob's pseudonym by its associated data.
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(v.c.batch_id, v.c.pseudonym, v.c.nonce, v.c.ciphertext).order_by(v.c.nonce)).all()
+    LISTED[id(tables)][bobs.batch_id] = batch_digest(
+        (r.pseudonym, r.nonce, r.ciphertext) for r in rows if r.batch_id == bobs.batch_id)
     with pytest.raises(EscrowIntegrityError) as info:
         open_escrow(db, reverse, [alice])  # type: ignore[list-item]
-    assert "bob" not in str(info.value) and "alice" not in str(info.value)
+    assert "fails authentication" in str(info.value)
     assert open_escrow(db, reverse, [bob]).values == {bob: "bob"}  # type: ignore[list-item]
 
 
@@ -186,9 +206,10 @@ def test_reveal_refused_after_retention(db: tuple[Engine, EscrowTables], issuer:
     with pytest.raises(RetentionEndedError):
         verify_token(raw, issuer.public_keys(), kind="reverse", project="research-a", now=end.timestamp() + 1)
     assert open_escrow(db, reverse, batch.columns["id"], now=end - timedelta(seconds=1)).not_found == []  # type: ignore[arg-type]
-    after = open_escrow(db, reverse, batch.columns["id"], now=end + timedelta(seconds=1))  # type: ignore[arg-type]
-    assert after.values == {} and after.not_found == batch.columns["id"]
-    assert open_escrow(db, reverse, batch.columns["id"], now=end).values == {}  # type: ignore[arg-type]
+    # the database's clock past the end: refused before any row is read
+    for now in (end, end + timedelta(seconds=1)):
+        with pytest.raises(RetentionEndedError):
+            open_escrow(db, reverse, batch.columns["id"], now=now)  # type: ignore[arg-type]
 
 
 def test_reveal_refused_after_token_expiry(issuer: Issuer) -> None:
@@ -282,3 +303,68 @@ def test_purge_deletes_rows_past_retention_only(db: tuple[Engine, EscrowTables],
     # the severed link stays severed: the same pseudonyms are not found any more
     with engine.begin() as conn:
         assert purge(conn, tables, now=later) == 0
+
+
+def _write_v1(db: tuple[Engine, EscrowTables], token: Token, pseudonym: str, value: str) -> None:
+    """An escrow row as the releases before v1.1 wrote it: v1 associated data, no domain, key version,
+    associated-data version or listed digest."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from pseudonymise.core.escrow import associated_data, seal_key
+
+    engine, tables = db
+    dek, batch_id, nonce = AESGCM.generate_key(bit_length=256), str(uuid.uuid4()), bytes(12)
+    with engine.begin() as conn:
+        conn.execute(tables.batches.insert(), {
+            "batch_id": batch_id, "project": token.project, "sealed_dek": seal_key(dek, token.escrow_public_key),  # type: ignore[arg-type]
+            "created_at": dt.datetime.now(dt.UTC), "retention_until": token.retention_until})
+        conn.execute(tables.values.insert(), {
+            "project": token.project, "pseudonym": pseudonym, "batch_id": batch_id, "nonce": nonce,
+            "ciphertext": AESGCM(dek).encrypt(nonce, b"str\x00" + value.encode(), associated_data(token.project, pseudonym)),
+            "retention_until": token.retention_until})
+
+
+def test_v1_rows_of_deterministic_projects_are_proven_by_recomputing(db: tuple[Engine, EscrowTables], mint: Mint) -> None:
+    """Escrow written before v1.1 keeps working where it can be proven: the opened value must give the
+    pseudonym again with the reverse token's verify_keys (the domain, which v1 did not record, is given by
+    the caller for columns that have one)."""
+    token = mint("research-a")
+    plain = Pseudonymiser(token, ColumnPolicy.pseudonymise("id")).pseudonymise_batch({"id": ["V1-A"]}).columns["id"][0]
+    domained = Pseudonymiser(token, ColumnPolicy.from_mapping({"id": {"action": "pseudonymise", "domain": "visits"}})
+                             ).pseudonymise_batch({"id": ["V1-B"]}).columns["id"][0]
+    _write_v1(db, token, plain, "V1-A")  # type: ignore[arg-type]
+    _write_v1(db, token, domained, "V1-B")  # type: ignore[arg-type]
+    _write_v1(db, token, "forgedforgedforgedforged00", "V1-A")
+    reverse = mint("research-a", "reverse")
+    assert reverse.verify_keys
+    assert open_escrow(db, reverse, [plain]).values == {plain: "V1-A"}  # type: ignore[list-item,dict-item]
+    engine, tables = db
+    with engine.connect() as conn:
+        hinted = EscrowReader(conn, tables, reverse, dict).reveal([domained], domain_hint="visits")  # type: ignore[list-item]
+    assert hinted.values == {domained: "V1-B"}
+    with pytest.raises(EscrowIntegrityError, match="give this pseudonym again"):
+        open_escrow(db, reverse, [domained])  # type: ignore[list-item]
+    with pytest.raises(EscrowIntegrityError, match="give this pseudonym again"):
+        open_escrow(db, reverse, ["forgedforgedforgedforged00"])
+
+
+def test_v1_rows_of_randomised_projects_cannot_be_proven(db: tuple[Engine, EscrowTables], mint: Mint) -> None:
+    token = mint("random-r")
+    _write_v1(db, token, "r" * 26, "V1-R")
+    with pytest.raises(EscrowIntegrityError, match=r"before escrow v1\.1"):
+        open_escrow(db, mint("random-r", "reverse"), ["r" * 26])
+
+
+def test_v1_batch_table_gains_its_new_columns(db_url: str, mint: Mint) -> None:
+    """A batch table made before v1.1 is upgraded in place; its old rows read as v1."""
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE pseudonymise_escrow_batch (batch_id VARCHAR(36) PRIMARY KEY, "
+                             "project VARCHAR(200) NOT NULL, sealed_dek BYTEA NOT NULL, created_at TIMESTAMP "
+                             "WITH TIME ZONE NOT NULL, retention_until TIMESTAMP WITH TIME ZONE NOT NULL)"
+                             .replace("BYTEA", "BLOB" if engine.dialect.name == "sqlite" else "BYTEA")))
+    from pseudonymise.core.pipeline import Store
+
+    Store(engine).create()
+    columns = {c["name"] for c in sa.inspect(engine).get_columns("pseudonymise_escrow_batch")}
+    assert {"domain", "key_version", "ad_version"} <= columns
+    engine.dispose()

@@ -39,6 +39,7 @@ def test_pipeline_role_can_append_but_not_rewrite(pg_url: str, issuer: Issuer, p
     with owner.begin() as conn:
         conn.execute(sa.text("DROP ROLE IF EXISTS pseudonymise_pipeline"))
         conn.execute(sa.text("DROP ROLE IF EXISTS pseudonymise_auditor"))
+        conn.execute(sa.text("DROP ROLE IF EXISTS pseudonymise_viewer"))
         for statement in GRANTS.read_text().split(";"):
             code = "\n".join(line for line in statement.splitlines() if not line.strip().startswith("--")).strip()
             if code:
@@ -69,7 +70,9 @@ def test_pipeline_role_can_append_but_not_rewrite(pg_url: str, issuer: Issuer, p
     reverse = verify_token(issuer.issue("research-a", "reverse"), issuer.public_keys())
     with auditor.connect() as conn:
         pseudonyms = [r[0] for r in conn.execute(sa.text("SELECT pseudonym FROM pseudonymise_escrow"))]
-        assert sorted(reveal(conn, Store(auditor).escrow, reverse, pseudonyms).values.values()) == ["A1", "A2", "A3"]
+        store = Store(auditor)
+        revealed = reveal(conn, store.escrow, reverse, pseudonyms, lambda: store.audit.listed_escrow_batches(conn))
+        assert sorted(revealed.values.values()) == ["A1", "A2", "A3"]
     for engine in (pipeline, auditor, owner):
         engine.dispose()
     with sa.create_engine(postgres.url(), isolation_level="AUTOCOMMIT").connect() as conn:
@@ -77,4 +80,5 @@ def test_pipeline_role_can_append_but_not_rewrite(pg_url: str, issuer: Issuer, p
         conn.execute(sa.text(f'DROP DATABASE "{db}" WITH (FORCE)'))
         conn.execute(sa.text("DROP ROLE pseudonymise_pipeline"))
         conn.execute(sa.text("DROP ROLE pseudonymise_auditor"))
+        conn.execute(sa.text("DROP ROLE pseudonymise_viewer"))
         conn.execute(sa.text(f'CREATE DATABASE "{db}"'))

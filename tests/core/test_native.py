@@ -12,6 +12,7 @@ import hmac
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import unicodedata
@@ -23,7 +24,7 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pseudonymise.core import pseudonymiser as pz
 from pseudonymise.core.copytext import CopyBlock, unescape
-from pseudonymise.core.errors import DataIOError, InvalidTextError
+from pseudonymise.core.errors import DataIOError, InvalidTextError, PolicyError
 from pseudonymise.core.formats import ALPHABETS, PseudonymFormat
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pseudonymiser import (
@@ -32,6 +33,7 @@ from pseudonymise.core.pseudonymiser import (
     ColumnPolicy,
     ColumnRule,
     EscrowBlock,
+    EscrowBlocks,
     Pseudonymiser,
     SecondaryPseudonymiser,
 )
@@ -158,10 +160,14 @@ def test_copy_block_escrow_items_equal_the_column_path(issuer: Issuer) -> None:
     block_batch = Pseudonymiser(token, POLICY).pseudonymise_batch(_block(rows), COLUMNS)
     columns = {c: [unescape(r[i]) for r in rows] for i, c in enumerate(COLUMNS)}
     column_batch = Pseudonymiser(token, POLICY).pseudonymise_batch(columns)
-    assert isinstance(block_batch.escrow, EscrowBlock)
+    assert isinstance(block_batch.escrow, EscrowBlocks)
     # the block path leaves out what it sealed before in the run, the same way; order: column by column
-    assert list(block_batch.escrow) == list(column_batch.escrow)
-    assert len(block_batch.escrow.items()) == len(column_batch.escrow)
+    block_items = [item for block in block_batch.escrow for item in block]
+    assert block_items == list(column_batch.escrow)
+    assert [item.domain for item in block_items] == [item.domain for item in column_batch.escrow]
+    assert {item.domain for item in block_items} == {rule.domain for rule in POLICY.rules.values()
+                                                    if rule.action == "pseudonymise"}
+    assert sum(len(block.items()) for block in block_batch.escrow) == len(column_batch.escrow)
 
 
 @needs_native
@@ -176,17 +182,80 @@ def test_randomised_blocks_give_fresh_pseudonyms_per_occurrence(issuer: Issuer) 
     assert len(batch.escrow) == 750  # every occurrence sealed
 
 
+def _source_pseudonyms(issuer: Issuer, project: str, count: int) -> list[str]:
+    token = verify_token(issuer.issue(project, "pseudonymisation"), issuer.public_keys())
+    policy = ColumnPolicy.pseudonymise("pid")
+    return Pseudonymiser(token, policy).pseudonymise_values([f"P{i}" for i in range(count)], policy.rules["pid"])  # type: ignore[return-value]
+
+
 @needs_native
-def test_secondary_blocks_equal_the_definition(issuer: Issuer) -> None:
-    token = verify_token(issuer.issue("vendor-x", "secondary", source_project="research-b"), issuer.public_keys())
+@pytest.mark.parametrize("source_format", [None, PseudonymFormat("hex", 18, "s\\é")], ids=["base32", "escaped-prefix"])
+def test_secondary_blocks_equal_the_definition(issuer: Issuer, source_format: PseudonymFormat | None) -> None:
+    """The C engine's secondary columns: the design's HMAC of the (unescaped) first-level pseudonym under
+    the secondary key, input checked against the source format after COPY unescaping."""
+    source = "research-b"
+    if source_format is not None:
+        source = "source-escaped"
+        issuer.create_project(source, format=source_format)
+    token = verify_token(issuer.issue("vendor-x", "secondary", source_project=source), issuer.public_keys())
     engine = SecondaryPseudonymiser(token, ColumnPolicy.pseudonymise("pid", default="keep"))
-    rows = [[str(i), "\\N" if i % 9 == 0 else f"abc{i % 40}", "kept"] for i in range(700)]
+    first = _source_pseudonyms(issuer, source, 40)
+    values = [None if i % 9 == 0 else first[i % 40] for i in range(700)]
+    rows = [[str(i), "\\N" if v is None else v.replace("\\", "\\\\"), "kept"] for i, v in enumerate(values)]
     block = CopyBlock("".join("\t".join(r) + "\n" for r in rows).encode(), len(rows))
     assert engine.takes_copy_blocks(["id", "pid", "note"])
     out = engine.pseudonymise_batch(block, ["id", "pid", "note"]).columns.data.decode().splitlines()
-    expected = ["\\N" if r[1] == "\\N" else token.format.encode(hmac.digest(token.key, SECONDARY_LABEL + r[1].encode(),
-                                                                            "sha256")) for r in rows]
+    expected = ["\\N" if v is None else token.format.encode(hmac.digest(token.key, SECONDARY_LABEL + v.encode(), "sha256"))
+                for v in values]
     assert [line.split("\t")[1] for line in out] == expected
+    assert engine.pseudonymise_values(values, "pid") == [None if e == "\\N" else e for e in expected]
+
+
+@needs_native
+def test_secondary_blocks_refuse_values_not_in_the_source_format(issuer: Issuer) -> None:
+    """The COPY path (PostgreSQL to PostgreSQL) refuses raw identifiers as the column path does: the
+    column and how many values failed, no value; the block's rows never leave the engine."""
+    token = verify_token(issuer.issue("vendor-x", "secondary", source_project="research-b"), issuer.public_keys())
+    engine = SecondaryPseudonymiser(token, ColumnPolicy.pseudonymise("pid", default="keep"))
+    first = _source_pseudonyms(issuer, "research-b", 10)
+    raw = ["P100000", first[0].upper(), first[1][:-1], first[2] + "a", "\\x41" + first[3][1:], "é" + first[4][2:]]
+    rows = [[str(i), first[i % 10], "kept"] for i in range(100)] + [["x", v, "kept"] for v in raw] + [["y", "\\N", "k"]]
+    block = CopyBlock("".join("\t".join(r) + "\n" for r in rows).encode(), len(rows))
+    with pytest.raises(PolicyError) as info:
+        engine.pseudonymise_batch(block, ["id", "pid", "note"])
+    message = str(info.value)
+    assert "'pid'" in message and f"{len(raw)} of {100 + len(raw)} values" in message and "'research-b'" in message
+    for value in [*raw, *first]:
+        assert value not in message
+    assert engine.stats.rows_in == 0
+    escaped = "\\x" + format(ord(first[0][0]), "x") + first[0][1:]  # COPY escapes spell a valid pseudonym
+    ok = CopyBlock(f"1\t{escaped}\tk\n".encode(), 1)
+    assert engine.pseudonymise_batch(ok, ["id", "pid", "note"]).stats.values_pseudonymised == 1
+
+
+@needs_native
+def test_copy_block_check_counts_what_matches_refuses() -> None:
+    """``copy_block``'s check against the definition (PseudonymFormat.matches on the unescaped value)."""
+    rng = random.Random(11)
+    keyed = native.Keyed(b"k" * 32, SECONDARY_LABEL)
+    for code, alphabet in enumerate(ALPHABETS):
+        for fmt in (PseudonymFormat(alphabet, ALPHABETS[alphabet][0]), PseudonymFormat(alphabet, ALPHABETS[alphabet][1], "é-\\")):
+            good = fmt.encode_many(os.urandom(32 * 50))
+            fields = [rng.choice(good) for _ in range(300)] + AWKWARD + [g[:-1] for g in good[:5]] + \
+                [g.upper() for g in good[:5]] + [g.replace("\\", "\\\\") for g in good[:5]] + ["\\N"]
+            rng.shuffle(fields)
+            data = "".join(f"{f}\n" for f in fields).encode()
+            check = (code, fmt.length, fmt.prefix.encode())
+            _out, _rows, [(_macs, nulls, _c, _e, mismatched)] = native.copy_block(
+                data, [(2, keyed, 1, 26, "", False, None, b"", check)])
+            values = [unescape(f) for f in fields]
+            assert nulls == values.count(None)
+            assert mismatched == sum(1 for v in values if v is not None and not fmt.matches(v)) > 0
+            _out, _rows, [(_m, _n, _c, _e, unchecked)] = native.copy_block(data, [(2, keyed, 1, 26, "", False, None, b"")])
+            assert unchecked == 0
+    for bad in ((4, 16, b""), (0, 0, b""), (0, 78, b""), ("hex", 16, b"")):
+        with pytest.raises((ValueError, TypeError)):
+            native.copy_block(b"a\n", [(2, keyed, 1, 26, "", False, None, b"", bad)])
 
 
 SPACED = ["  P1 ", "\\t p-2.x\\n", "\x1c\x1fP3", " Mixed Case ", "a-b.c/d", "  ", "", "STRASSE", "Straße ",
@@ -361,6 +430,7 @@ def test_runs_with_and_without_the_c_engine_write_the_same_rows(pg_url: str, iss
                       for mode in ("native", "pure")}
             assert escrow["native"] == escrow["pure"] and len(escrow["native"]) == results["native"]["escrow_rows"]
     if project == "research-a":  # what the C engine sealed opens with the ordinary reverse path
+        from pseudonymise.core.audit import AuditLog
         from pseudonymise.core.escrow import EscrowTables, reveal
 
         tables = EscrowTables.define(sa.MetaData(), "dst_native")
@@ -368,9 +438,87 @@ def test_runs_with_and_without_the_c_engine_write_the_same_rows(pg_url: str, iss
         with engine.connect() as conn:
             sample = conn.execute(sa.text("SELECT d.pid, s.pid AS original FROM dst_native d JOIN src s USING (id) "
                                           "WHERE d.pid IS NOT NULL LIMIT 300")).all()
-            revealed = reveal(conn, tables, reverse, [r[0] for r in sample])
+            revealed = reveal(conn, tables, reverse, [r[0] for r in sample],
+                              lambda: AuditLog(engine, "dst_native_audit").listed_escrow_batches(conn))
         assert not revealed.not_found
         assert all(revealed.values[p] == unicodedata.normalize("NFC", o) for p, o in sample)
+
+
+SECONDARY_RUN = r"""
+import json, sys
+import sqlalchemy as sa
+from pseudonymise.core.errors import PolicyError
+from pseudonymise.core.issuer import DirectoryStore, Issuer
+from pseudonymise.core.pipeline import Store, run_pseudonymisation
+from pseudonymise.core.pseudonymiser import ColumnPolicy, native_engine
+from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableTarget
+cfg = json.loads(sys.argv[1])
+engine = sa.create_engine(cfg["url"])
+issuer = Issuer(DirectoryStore(cfg["store"]))
+copy = engine.dialect.name == "postgresql"
+source = (PostgresCopySource if copy else SqlSource)(engine, "SELECT * FROM src ORDER BY id", batch_size=400)
+target = TableTarget(cfg["target"], mode="replace")
+# SQLite: the target and audit in another file (the source's streaming read holds its file's lock)
+store = Store(sa.create_engine(cfg["store_url"]), audit_table=cfg["target"] + "_audit", escrow_prefix=cfg["target"])
+try:
+    run_pseudonymisation(store, open(cfg["token"]).read(), issuer.public_keys(), ColumnPolicy.pseudonymise("pid"),
+                         source, lambda cols, conn: target.sink(conn, cols, use_copy=copy, pseudonymised=["pid"],
+                                                                  type_names=getattr(source, "type_names", None)),
+                         secondary=True)
+    print(json.dumps({"native": native_engine(), "error": None}))
+except PolicyError as exc:
+    print(json.dumps({"native": native_engine(), "error": str(exc)}))
+"""
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database", ["postgres", "sqlite"])
+def test_secondary_runs_refuse_raw_identifiers_on_every_path(request: pytest.FixtureRequest, issuer: Issuer,
+                                                            tmp_path: Path, database: str) -> None:
+    """Issue 11 item 5 end to end: PostgreSQL's COPY path (C engine and pure Python) and SQLite's generic
+    SQL path; a table of research-b pseudonyms with raw identifiers among them fails the secondary run,
+    naming the column and the count, writing no target; the same table without them goes through."""
+    url = request.getfixturevalue("pg_url") if database == "postgres" else f"sqlite:///{tmp_path / 'db.sqlite'}"
+    store_url = url if database == "postgres" else f"sqlite:///{tmp_path / 'target.sqlite'}"
+    engine, store_engine = sa.create_engine(url), sa.create_engine(store_url)
+    first = _source_pseudonyms(issuer, "research-b", 900)
+    raw = {i: f"P{i:06d}" for i in range(7, 900, 90)}  # ten raw identifiers among 900 rows
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE src (id int PRIMARY KEY, pid text, ward text)"))
+        conn.execute(sa.text("INSERT INTO src VALUES (:id, :pid, :ward)"),
+                     [{"id": i, "pid": raw.get(i, first[i]) if i % 50 else None, "ward": "w"} for i in range(900)])
+    token_file = tmp_path / "token"
+    token_file.write_text(issuer.issue("vendor-x", "secondary", source_project="research-b"))
+    results = {}
+    modes = ("native", "pure") if database == "postgres" and native is not None else ("pure",)
+    for mode in modes:
+        cfg = {"url": url, "store_url": store_url, "store": str(issuer.store.path), "token": str(token_file),
+               "target": f"dst_{mode}"}
+        env = {**os.environ, "PSEUDONYMISE_PURE_PYTHON": "1" if mode == "pure" else "0"}
+        done = subprocess.run([sys.executable, "-c", SECONDARY_RUN, json.dumps(cfg)], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        error = results[mode]["error"]
+        assert error is not None and "'research-b'" in error
+        counted = re.search(r"column 'pid': (\d+) of (\d+) values", error)  # counted per batch
+        assert counted is not None and 0 < int(counted[1]) <= 10 < int(counted[2]) <= 900, error
+        for value in [*raw.values(), *first]:
+            assert value not in error
+        assert not sa.inspect(store_engine).has_table(f"dst_{mode}")
+        with store_engine.connect() as conn:
+            outcomes = conn.execute(sa.text(f"SELECT outcome FROM dst_{mode}_audit ORDER BY seq")).scalars().all()
+        assert outcomes == ["started", "failed"]
+    assert {r["native"] for r in results.values()} == {m == "native" for m in modes}
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE src SET pid = NULL WHERE pid LIKE 'P%'"))
+    cfg = {"url": url, "store_url": store_url, "store": str(issuer.store.path), "token": str(token_file),
+           "target": "dst_clean"}
+    done = subprocess.run([sys.executable, "-c", SECONDARY_RUN, json.dumps(cfg)], capture_output=True, text=True,
+                          timeout=300)
+    assert json.loads(done.stdout.strip().splitlines()[-1])["error"] is None, done.stderr[-3000:]
+    with store_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM dst_clean")).scalar() == 900
 
 
 def test_native_flag_is_reported_from_the_environment() -> None:

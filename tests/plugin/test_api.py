@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from fastapi import Request
 from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser, SecondaryPseudonymiser
 from pseudonymise.core.tokens import verify_token
 
@@ -173,6 +174,68 @@ def test_using_a_token_needs_read_access_to_its_connection(api: Api, audit_db: A
     assert audit_db.rows() == []  # refused before any token was touched
 
 
+@pytest.mark.parametrize("action", ["pseudonymise", "secondary", "reverse"])
+@pytest.mark.parametrize("authorization", [None, "Basic b3A6b3A=", "Bearer ", "bearer"])
+def test_the_ui_cookie_alone_never_uses_a_token(api: Api, audit_db: AuditDb, token_connections: TokenConnections,
+                                               allow_reversal: None, action: str, authorization: str | None) -> None:
+    """A browser adds the cookie to requests other pages make; only an Authorization header it cannot add
+    authorises a token use. With the cookie of a user who may use the token, and a valid JSON body."""
+    headers = {"Cookie": f"_token={api.tokens['op']}"}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    body = ({"columns": ["id"], "records": [{"id": "x" * 26}]} if action == "reverse"
+            else {"policy": {"id": "pseudonymise"}, "records": [{"id": "P-1"}]})
+    response = api.client.post(url(token_connections, "pseudonymise" if action != "reverse" else "reverse", action),
+                               json=body, headers=headers)
+    assert response.status_code == 403, response.text
+    detail = response.json()["detail"]
+    assert "'Authorization: Bearer <jwt>'" in detail and "POST /auth/token" in detail and "cookie" in detail
+    assert api.tokens["op"] not in response.text
+    assert audit_db.rows() == []
+    with_bearer = api.client.post(url(token_connections, "pseudonymise" if action != "reverse" else "reverse",
+                                      action), json=body, headers={**headers, **api.auth("op")})
+    assert with_bearer.status_code in (200, 422), with_bearer.text  # the use runs (the reversal finds no escrow)
+    assert audit_db.rows()[-1]["triggered_by"] == "op"
+
+
+def test_every_post_route_needs_the_bearer_header(api: Api, audit_db: AuditDb, token_connections: TokenConnections,
+                                                  allow_reversal: None) -> None:
+    """Every state-changing route the plugin serves, including any added later."""
+    doc = api.client.get("/pseudonymise/openapi.json", headers=api.auth("viewer")).json()
+    routes = [(method, path) for path, ops in doc["paths"].items() for method in ops if method != "get"]
+    assert len(routes) >= 3
+    for method, path in routes:
+        target = "/pseudonymise" + path.replace("{connection_id}", token_connections["pseudonymise"])
+        response = api.client.request(method.upper(), target, headers={"Cookie": f"_token={api.tokens['admin']}",
+                                                                       "Content-Type": "application/json"},
+                                      content=b'{"policy": {"id": "pseudonymise"}, "records": [{"id": 1}]}')
+        assert response.status_code == 403 and "Authorization: Bearer" in response.json()["detail"], (method, path)
+    assert audit_db.rows() == []
+
+
+def test_the_bearer_must_be_the_credential_that_authenticated_the_user(
+        api: Api, audit_db: AuditDb, token_connections: TokenConnections, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If Airflow ever preferred the session cookie over the header, the connection permission would be checked
+    for the cookie's user: the use is then refused rather than run for one user as another."""
+    from airflow.api_fastapi.auth.managers.base_auth_manager import COOKIE_NAME_JWT_TOKEN
+    from airflow.api_fastapi.core_api.security import get_user, resolve_user_from_token
+    from pseudonymise.plugin.app import app
+
+    async def cookie_first(request: Request) -> Any:  # the annotation is read from this module's globals
+        return await resolve_user_from_token(request.cookies.get(COOKIE_NAME_JWT_TOKEN))
+
+    monkeypatch.setitem(app.dependency_overrides, get_user, cookie_first)
+    body = {"policy": {"id": "pseudonymise"}, "records": [{"id": 1}]}
+    mixed = api.client.post(url(token_connections, "pseudonymise"), json=body,
+                            headers={**api.auth("op"), "Cookie": f"_token={api.tokens['admin']}"})
+    assert mixed.status_code == 403, mixed.text
+    assert "other than its 'Authorization: Bearer' JWT" in mixed.json()["detail"]
+    assert audit_db.rows() == []
+    same = api.client.post(url(token_connections, "pseudonymise"), json=body,
+                           headers={**api.auth("op"), "Cookie": f"_token={api.tokens['op']}"})
+    assert same.status_code == 200, same.text
+
+
 def test_reading_the_audit_needs_an_airflow_user(api: Api, audit_db: AuditDb) -> None:
     for path in ("/audit", "/audit/verify", "/tokens"):
         assert api.client.get(BASE + path).status_code == 401
@@ -200,7 +263,9 @@ def test_expired_token_is_refused_clearly_and_audited_denied(api: Api, audit_db:
     assert "records" not in response.json()
     assert audit_db.outcomes() == [("started", None), ("denied", "TokenExpiredError")]
     denied = audit_db.rows()[1]
-    assert denied["token_jti"] and denied["token_expires_at"] is None  # unverified claims are not recorded as fact
+    # what the unverified token claims is kept apart, never in the columns of verified facts
+    assert denied["token_jti"] is None and denied["token_expires_at"] is None
+    assert json.loads(denied["claimed"])["jti"] and json.loads(denied["claimed"])["kind"] == "pseudonymisation"
     assert_no_secret(response.text + json.dumps(audit_db.rows(), default=str), token_connections)
 
 
@@ -270,6 +335,15 @@ def test_too_many_rows(api: Api, audit_db: AuditDb, token_connections: TokenConn
     ("text/csv", b"id,id\n1,2\n", 400, "duplicate column names"),
     ("text/csv", b"", 400, "empty"),
     ("text/csv", b"id\n\xff\xfe\n", 400, "not valid UTF-8"),
+    # Read only as declared: a JSON body under any other type (or none) is not parsed.
+    ("text/plain", b'{"policy": {"id": "pseudonymise"}, "records": [{"id": 1}]}', 415, "'application/json'"),
+    ("", b'{"policy": {"id": "pseudonymise"}, "records": [{"id": 1}]}', 415, "Content-Type is not declared"),
+    ("application/x-www-form-urlencoded", b'{"policy": {"id": "pseudonymise"}, "records": [{"id": 1}]}', 415,
+     "declared as 'application/x-www-form-urlencoded'"),
+    ("multipart/form-data; boundary=b", b'{"policy": {"id": "pseudonymise"}, "records": [{"id": 1}]}', 415,
+     "'text/csv' (CSV with a header row)"),
+    ("application/json; charset=latin-1", b'{"policy": {"id": "pseudonymise"}, "records": [{"id": 1}]}', 415,
+     "must be UTF-8"),
 ])
 def test_malformed_input_is_refused_before_the_token_is_used(api: Api, audit_db: AuditDb,
                                                              token_connections: TokenConnections,
@@ -279,6 +353,8 @@ def test_malformed_input_is_refused_before_the_token_is_used(api: Api, audit_db:
                                headers={**api.auth("admin"), "Content-Type": content_type}, content=body)
     assert response.status_code == status, response.text
     assert message in response.json()["detail"]
+    if status == 415:
+        assert response.headers["accept-post"] == "application/json, text/csv"
     assert audit_db.rows() == []
 
 

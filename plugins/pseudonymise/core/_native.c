@@ -10,6 +10,8 @@
  *                     only for non-ASCII values), HMAC'd and encoded, kept columns copied as they
  *                     are, dropped columns left out; no Python object per row. The GIL is released
  *                     while it runs, so reading and writing the database overlap with hashing.
+ *                     Secondary columns also count the values not written in the source project's
+ *                     format (PseudonymFormat.matches is the definition).
  *
  * seal_rows(...)      escrow rows for PostgreSQL's COPY: every value sealed with AES-256-GCM under the
  *                     batch's data key (counter nonces, associated data project NUL pseudonym),
@@ -343,7 +345,25 @@ typedef struct {
     PyObject *macs;   /* bytes, 32 per value (resized at the end) */
     size_t count, nulls;
     Buf canon, offsets;
+    int check;                        /* count the values not written in the format below */
+    unsigned char symbols[256];       /* check: which bytes are symbols of the alphabet */
+    const char *check_prefix;         /* check: the prefix, UTF-8 (not COPY-escaped) */
+    Py_ssize_t check_prefix_len;
+    int check_length;                 /* check: symbols after the prefix */
+    size_t mismatched;
 } Column;
+
+/* Whether a value (unescaped) is the prefix then `check_length` symbols of the alphabet. */
+static inline int matches_format(const Column *col, const unsigned char *value, size_t len) {
+    if (len != (size_t)col->check_prefix_len + (size_t)col->check_length)
+        return 0;
+    if (col->check_prefix_len && memcmp(value, col->check_prefix, (size_t)col->check_prefix_len) != 0)
+        return 0;
+    unsigned char ok = 1; /* no early exit: the loop stays branch-free for the common case, a match */
+    for (size_t i = (size_t)col->check_prefix_len; i < len; i++)
+        ok &= col->symbols[value[i]];
+    return ok;
+}
 
 typedef struct {
     unsigned char pool[4096];
@@ -477,9 +497,12 @@ static int transform(const unsigned char *data, size_t len, int width, Column *c
                         vlen = unescape(p, flen, scratch.data);
                         value = scratch.data;
                     }
+                    if (col->check && !matches_format(col, value, vlen))
+                        col->mismatched++;
                     int ascii = 1;
-                    for (size_t i = 0; i < vlen; i++)
-                        if (value[i] & 0x80) { ascii = 0; break; }
+                    if (col->program_len || col->callback != NULL) /* secondary columns use neither */
+                        for (size_t i = 0; i < vlen; i++)
+                            if (value[i] & 0x80) { ascii = 0; break; }
                     if (ascii && col->program_len) {
                         if (buf_reserve(&normal_buf, vlen + 1) < 0) {
                             fail->message = "out of memory";
@@ -561,12 +584,14 @@ static PyObject *bytes_from_buf(Buf *b) {
  * copy_block(data, columns) -> (out, rows, results)
  *
  * data: complete rows of COPY text, each ending with a newline.
- * columns: one entry per field: (action, keyed or None, alphabet, length, prefix, collect, callback, program);
- *     prefix is already COPY-escaped UTF-8; callback (or None) turns a non-ASCII value's UTF-8 into its
- *     canonical bytes (normalisers, NFC); program holds the normalisers for ASCII values (ascii_normalise).
- * results: for each pseudonymised column, in order: (macs, nulls, canonicals or None, ends or None),
- *     where canonicals are the values' canonical bytes one after the other and ends their
- *     end offsets (native-endian uint64).
+ * columns: one entry per field: (action, keyed or None, alphabet, length, prefix, collect, callback, program
+ *     [, check]); prefix is already COPY-escaped UTF-8; callback (or None) turns a non-ASCII value's UTF-8
+ *     into its canonical bytes (normalisers, NFC); program holds the normalisers for ASCII values
+ *     (ascii_normalise); check (or None) is (alphabet, length, prefix as UTF-8): count the values
+ *     (unescaped) that are not that prefix followed by `length` symbols of that alphabet.
+ * results: for each pseudonymised column, in order: (macs, nulls, canonicals or None, ends or None,
+ *     mismatched), where canonicals are the values' canonical bytes one after the other, ends their
+ *     end offsets (native-endian uint64), and mismatched how many values failed the check (0 without one).
  */
 static PyObject *py_copy_block(PyObject *module, PyObject *args) {
     Py_buffer data;
@@ -600,11 +625,25 @@ static PyObject *py_copy_block(PyObject *module, PyObject *args) {
     }
     size_t grow = 1;  /* bytes an output row may have beyond its input row */
     for (int c = 0; c < width; c++) {
-        PyObject *entry = PySequence_Fast_GET_ITEM(fast, c), *keyed, *callback;
+        PyObject *entry = PySequence_Fast_GET_ITEM(fast, c), *keyed, *callback, *check = Py_None;
         Column *col = &cols[c];
-        if (!PyArg_ParseTuple(entry, "iOiis#pOy#", &col->action, &keyed, &col->alphabet, &col->length, &col->prefix,
-                              &col->prefix_len, &col->collect, &callback, &col->program, &col->program_len))
+        if (!PyArg_ParseTuple(entry, "iOiis#pOy#|O", &col->action, &keyed, &col->alphabet, &col->length, &col->prefix,
+                              &col->prefix_len, &col->collect, &callback, &col->program, &col->program_len, &check))
             goto cleanup;
+        if (check != Py_None) {
+            int check_alphabet;
+            if (!PyArg_ParseTuple(check, "iiy#", &check_alphabet, &col->check_length, &col->check_prefix,
+                                  &col->check_prefix_len))
+                goto cleanup;
+            if (check_alphabet < 0 || check_alphabet > 3 || col->check_length < 1 || col->check_length > 77) {
+                PyErr_SetString(PyExc_ValueError, "a check's alphabet must be 0-3 and its length 1-77");
+                goto cleanup;
+            }
+            const char *symbols = check_alphabet == ALPHA_HEX ? HEX : check_alphabet == ALPHA_BASE32 ? B32 :
+                                  check_alphabet == ALPHA_BASE64URL ? B64 : "0123456789";
+            for (const char *s = symbols; *s; s++) col->symbols[(unsigned char)*s] = 1;
+            col->check = 1;
+        }
         if (callback != Py_None && !PyCallable_Check(callback)) {
             PyErr_SetString(PyExc_TypeError, "a column's callback must be callable or None");
             goto cleanup;
@@ -676,7 +715,8 @@ static PyObject *py_copy_block(PyObject *module, PyObject *args) {
                 goto cleanup;
             PyObject *canon = col->collect ? bytes_from_buf(&col->canon) : Py_NewRef(Py_None);
             PyObject *ends = col->collect ? bytes_from_buf(&col->offsets) : Py_NewRef(Py_None);
-            PyObject *item = (canon && ends) ? Py_BuildValue("(OnOO)", col->macs, (Py_ssize_t)col->nulls, canon, ends)
+            PyObject *item = (canon && ends) ? Py_BuildValue("(OnOOn)", col->macs, (Py_ssize_t)col->nulls, canon, ends,
+                                                             (Py_ssize_t)col->mismatched)
                                              : NULL;
             Py_XDECREF(canon);
             Py_XDECREF(ends);
@@ -717,20 +757,21 @@ static inline char *put_hex(char *w, const unsigned char *p, size_t n) {
 }
 
 /*
- * seal_rows(dek, ad_prefix, plain_prefix, pseudonyms, width, canonicals, ends, row_start, row_middle, row_end)
- *     -> bytes
+ * seal_rows(dek, ad_prefix, plain_prefix, pseudonyms, width, canonicals, ends, row_start, row_middle, row_end
+ *           [, ad_suffix]) -> bytes
  *
  * Value i (pseudonym = pseudonyms[i*width:(i+1)*width], canonical = canonicals[ends[i]:ends[i+1]]) is
  * sealed as AES-256-GCM(dek, nonce = i as 96-bit big-endian, plaintext = plain_prefix + canonical,
- * associated data = ad_prefix + pseudonym) -> ciphertext || tag, and written as one COPY text row:
+ * associated data = ad_prefix + pseudonym + ad_suffix) -> ciphertext || tag, and written as one COPY text row:
  * row_start pseudonym row_middle \\x<nonce hex> TAB \\x<ciphertext hex> row_end.
  * The pseudonyms must need no COPY escaping (the caller checks).
  */
 static PyObject *py_seal_rows(PyObject *module, PyObject *args) {
     Py_buffer dek, ad_prefix, plain_prefix, pseudonyms, canonicals, ends, row_start, row_middle, row_end;
+    Py_buffer ad_suffix = {0};
     Py_ssize_t width;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*ny*y*y*y*y*", &dek, &ad_prefix, &plain_prefix, &pseudonyms, &width,
-                          &canonicals, &ends, &row_start, &row_middle, &row_end))
+    if (!PyArg_ParseTuple(args, "y*y*y*y*ny*y*y*y*y*|y*", &dek, &ad_prefix, &plain_prefix, &pseudonyms, &width,
+                          &canonicals, &ends, &row_start, &row_middle, &row_end, &ad_suffix))
         return NULL;
     PyObject *result = NULL;
     EVP_CIPHER_CTX *ctx = NULL;
@@ -753,7 +794,8 @@ static PyObject *py_seal_rows(PyObject *module, PyObject *args) {
     for (Py_ssize_t i = 0; i < n; i++)
         if (bounds[i + 1] - bounds[i] > longest) longest = (size_t)(bounds[i + 1] - bounds[i]);
     /* plaintext | associated data | sealed value (plaintext + 16-byte tag), one after the other */
-    size_t plain_max = (size_t)plain_prefix.len + longest, ad_len = (size_t)ad_prefix.len + (size_t)width;
+    size_t plain_max = (size_t)plain_prefix.len + longest;
+    size_t ad_len = (size_t)ad_prefix.len + (size_t)width + (size_t)ad_suffix.len;
     size_t scratch_len = plain_max + ad_len + plain_max + 16;
     scratch = PyMem_Malloc(scratch_len);
     ctx = EVP_CIPHER_CTX_new();
@@ -769,6 +811,8 @@ static PyObject *py_seal_rows(PyObject *module, PyObject *args) {
     unsigned char *plain = scratch, *ad = scratch + plain_max, *sealed = ad + ad_len;
     memcpy(plain, plain_prefix.buf, (size_t)plain_prefix.len);
     memcpy(ad, ad_prefix.buf, (size_t)ad_prefix.len);
+    if (ad_suffix.len)
+        memcpy(ad + ad_prefix.len + width, ad_suffix.buf, (size_t)ad_suffix.len);
     ok = EVP_EncryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, NULL, NULL) == 1 &&
          EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IVLEN, 12, NULL) == 1 &&
          EVP_EncryptInit_ex(ctx, NULL, NULL, dek.buf, NULL) == 1;
@@ -823,6 +867,8 @@ done:
     PyBuffer_Release(&row_start);
     PyBuffer_Release(&row_middle);
     PyBuffer_Release(&row_end);
+    if (ad_suffix.obj != NULL)
+        PyBuffer_Release(&ad_suffix);
     return result;
 }
 

@@ -5,6 +5,12 @@ Appends are serialised (a PostgreSQL advisory lock, plus a one-row head table th
 against the chain's tail being cut off). ``started`` rows commit before the token is used; if
 they cannot be written the token is not used (fail closed). A ``finished`` row can be appended
 inside the caller's transaction so that loaded data and its audit commit together.
+
+On PostgreSQL rows are appended only through a ``SECURITY DEFINER`` function owned by the role that
+created the audit (DESIGN.md §6.1): the server sets ``seq``, the time, ``prev_hash``, ``row_hash`` and
+the calling database role (``db_role``), so a pipeline role given EXECUTE on it, and nothing else,
+cannot rewrite, delete or back-date rows, nor move the head. SQLite (the embedded default) appends
+in-process and trusts whoever can write its file.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import json
 import socket
 import traceback
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from pseudonymise.core.db import UTCDateTime, advisory_lock, database_now, insert_ignoring_duplicates
-from pseudonymise.core.errors import AuditError, PseudonymiseError
+from pseudonymise.core.errors import AuditError, EscrowIntegrityError, PseudonymiseError
 
 GENESIS = "0" * 64
 OUTCOMES = ("started", "success", "failed", "denied")
@@ -39,16 +45,18 @@ FIELDS: tuple[str, ...] = (
     "source", "target", "columns",
     "rows_in", "rows_out", "rows_null", "values_pseudonymised", "escrow_rows",
     "error_class", "error_message", "details",
-    "token_expires_at", "retention_until",
+    "token_expires_at", "retention_until", "claimed", "db_role",
 )
 #: Columns added after the first release: hashed only when set, so chains written before still verify.
-_OPTIONAL_FIELDS = ("token_expires_at", "retention_until")
+#: ``claimed``: what an unverified token claimed (jti, project, kind, issuer), never in the verified columns;
+#: ``db_role``: the database role that appended the row, set by the server (PostgreSQL).
+_OPTIONAL_FIELDS = ("token_expires_at", "retention_until", "claimed", "db_role")
 _TEXT_FIELDS = {"operation": 40, "outcome": 16, "project": 200, "token_jti": 64, "token_kind": 32,
                 "token_fingerprint": 16, "token_issuer": 200, "dag_id": 250, "task_id": 250, "run_id": 250,
                 "logical_date": 40, "data_interval_start": 40, "data_interval_end": 40, "triggered_by": 250,
-                "host": 250, "error_class": 200, "token_expires_at": 40, "retention_until": 40}
+                "host": 250, "error_class": 200, "token_expires_at": 40, "retention_until": 40, "db_role": 128}
 _INT_FIELDS = ("map_index", "try_number", "rows_in", "rows_out", "rows_null", "values_pseudonymised", "escrow_rows")
-_LONG_TEXT_FIELDS = ("source", "target", "columns", "error_message", "details")
+_LONG_TEXT_FIELDS = ("source", "target", "columns", "error_message", "details", "claimed")
 
 
 def define_audit_tables(metadata: sa.MetaData, table: str = "pseudonymise_audit",
@@ -126,6 +134,8 @@ class AuditUse:
     #: From the verified token (ISO 8601 UTC), so the audit shows which tokens expire when.
     token_expires_at: str | None = None
     retention_until: str | None = None
+    #: What a token that failed verification claimed (unverified, kept apart from the verified columns).
+    claimed: Mapping[str, str] | None = None
     use_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def record(self) -> dict[str, Any]:
@@ -143,6 +153,7 @@ class AuditUse:
             "host": self.context.get("host") or socket.gethostname(),
             "token_expires_at": self.token_expires_at,
             "retention_until": self.retention_until,
+            "claimed": json.dumps(dict(self.claimed), sort_keys=True) if self.claimed else None,
         }
         for key in ("dag_id", "task_id", "run_id", "map_index", "try_number", "logical_date",
                     "data_interval_start", "data_interval_end", "triggered_by"):
@@ -175,11 +186,31 @@ class AuditLog:
         self._lock_name = f"pseudonymise-audit:{schema or ''}.{table}"
         self._created = False
 
+    @property
+    def append_function(self) -> str:
+        """The qualified name of the PostgreSQL append function (``<table>_append``)."""
+        prep = self.engine.dialect.identifier_preparer
+        name = prep.quote(f"{self.table.name}_append"[:63])
+        return f"{prep.quote(self.table.schema)}.{name}" if self.table.schema else name
+
+    def _ready_on_postgres(self, conn: Connection) -> bool:
+        """Whether tables, head row and append function exist (a least-privilege role can create none)."""
+        prep = conn.dialect.identifier_preparer
+        if conn.execute(sa.text("SELECT to_regclass(:t)"), {"t": prep.format_table(self.head)}).scalar() is None:
+            return False
+        fn = conn.execute(sa.text("SELECT to_regprocedure(:f)"), {"f": f"{self.append_function}(jsonb)"}).scalar()
+        return fn is not None and not self._missing_columns(conn)
+
     def create(self) -> None:
-        """Create the tables if absent (idempotent)."""
+        """Create the tables (and on PostgreSQL the append function) if absent (idempotent)."""
         if self._created:
             return
         try:
+            if self.engine.dialect.name == "postgresql":
+                with self.engine.connect() as conn:
+                    if self._ready_on_postgres(conn):
+                        self._created = True
+                        return
             with self.engine.begin() as conn:
                 # Workers starting together on a fresh database race to create the tables: the lock
                 # serialises them on PostgreSQL (whose DDL is transactional), IF NOT EXISTS on SQLite.
@@ -195,6 +226,15 @@ class AuditLog:
                 if conn.execute(sa.select(self.head.c.id).where(self.head.c.id == 1)).first() is None:
                     insert_ignoring_duplicates(self.head, ["id"]).execute(conn, [{"id": 1, "seq": 0, "row_hash": GENESIS}])
                 self._add_missing_columns(conn)
+                if conn.dialect.name == "postgresql":
+                    # through the driver's cursor with no parameters: the body's "%ROWTYPE" is no placeholder
+                    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                    try:
+                        cursor.execute(self._append_function_sql(conn))
+                        # PostgreSQL lets PUBLIC execute new functions: only the roles granted it may append
+                        cursor.execute(f"REVOKE ALL ON FUNCTION {self.append_function}(jsonb) FROM PUBLIC")
+                    finally:
+                        cursor.close()
         except SQLAlchemyError as exc:
             raise AuditError(
                 f"cannot create the audit table {self.table.fullname!r} ({exc.__class__.__name__}); "
@@ -219,8 +259,80 @@ class AuditLog:
                                  f"{quote.format_column(column)} {column.type.compile(conn.dialect)}"))
 
     # --- writing --------------------------------------------------------------------------------
+    def _append_function_sql(self, conn: Connection) -> str:
+        """The ``SECURITY DEFINER`` function through which every role appends on PostgreSQL: it takes the
+        caller's fields as JSON and sets ``seq``, ``recorded_at``, ``prev_hash``, ``row_hash`` and ``db_role``
+        itself, hashing the same canonical JSON as :func:`canonical_row` (checked by the tests)."""
+        prep = conn.dialect.identifier_preparer
+        # The function runs with a fixed search_path (no caller can shadow its tables): name them in full.
+        schema = prep.quote(self.table.schema or conn.execute(sa.text("SELECT current_schema()")).scalar_one())
+        audit, head = f"{schema}.{prep.quote(self.table.name)}", f"{schema}.{prep.quote(self.head.name)}"
+        lock = int.from_bytes(hashlib.sha256(self._lock_name.encode()).digest()[:8], "big", signed=True)
+        assign = []
+        for name in FIELDS:
+            if name in ("seq", "recorded_at", "db_role"):
+                continue
+            cast = "::bigint" if name in _INT_FIELDS else ""
+            assign.append(f"r.{prep.quote(name)} := (p->>'{name}'){cast};")
+        parts = []
+        for name in sorted(FIELDS):
+            column = f"r.{prep.quote(name)}"
+            if name == "recorded_at":
+                value = (f"'\"' || to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') "
+                         "|| '\"'")
+            elif name in _INT_FIELDS or name == "seq":
+                value = f"{column}::text"
+            else:
+                value = f"to_json({column})::text"
+            member = f"'\"{name}\":' || coalesce({value}, 'null')"
+            parts.append(f"CASE WHEN {column} IS NULL THEN NULL ELSE {member} END" if name in _OPTIONAL_FIELDS
+                         else member)
+        body = "\n    ".join(assign)
+        doc = ",\n        ".join(parts)
+        return f"""CREATE OR REPLACE FUNCTION {self.append_function}(p jsonb) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $pseudonymise$
+DECLARE
+    h record;
+    r {audit}%ROWTYPE;
+BEGIN
+    PERFORM pg_advisory_xact_lock({lock});
+    SELECT seq, row_hash INTO h FROM {head} WHERE id = 1 FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'the audit head row is missing; the audit table was altered' USING ERRCODE = 'P0001';
+    END IF;
+    {body}
+    r.seq := h.seq + 1;
+    r.recorded_at := date_trunc('microseconds', clock_timestamp());
+    r.db_role := session_user;
+    r.prev_hash := h.row_hash;
+    r.row_hash := encode(sha256(convert_to(h.row_hash || '{{' || concat_ws(',',
+        {doc}) || '}}', 'UTF8')), 'hex');
+    INSERT INTO {audit} SELECT r.*;
+    UPDATE {head} SET seq = r.seq, row_hash = r.row_hash WHERE id = 1;
+    RETURN to_jsonb(r);
+END
+$pseudonymise$"""
+
     def append(self, conn: Connection, record: Mapping[str, Any]) -> dict[str, Any]:
         """Append one row inside ``conn``'s transaction (the caller commits)."""
+        if conn.dialect.name == "postgresql":
+            fields = {}
+            for name in FIELDS[4:]:
+                value = record.get(name)
+                if value is not None and name != "db_role":
+                    fields[name] = int(value) if name in _INT_FIELDS else value if isinstance(value, str) else str(value)
+            fields["use_id"], fields["event"] = record.get("use_id"), record.get("event")
+            try:
+                stored = conn.execute(sa.text(f"SELECT {self.append_function}(CAST(:p AS jsonb))"),
+                                      {"p": json.dumps(fields)}).scalar_one()
+            except sa.exc.DBAPIError as exc:
+                if getattr(exc.orig, "pgcode", None) == "P0001":  # raised by the function itself
+                    raise AuditError("the audit head row is missing; the audit table was altered: run "
+                                     "`pseudonymise audit verify`") from None
+                raise
+            row = {name: stored.get(name) for name in (*FIELDS, "prev_hash", "row_hash")}
+            row["recorded_at"] = datetime.fromisoformat(stored["recorded_at"]).astimezone(UTC)
+            return row
         advisory_lock(conn, self._lock_name)
         # The head update comes first: it takes the write lock on databases without advisory locks.
         conn.execute(sa.update(self.head).where(self.head.c.id == 1).values(seq=self.head.c.seq))
@@ -284,13 +396,15 @@ class AuditLog:
             ) from exc
 
     # --- reading --------------------------------------------------------------------------------
-    def iter_rows(self, batch: int = 1000) -> Iterator[dict[str, Any]]:
+    def iter_rows(self, batch: int = 1000, conn: Connection | None = None) -> Iterator[dict[str, Any]]:
         last = 0
         while True:
-            with self.engine.connect() as conn:
-                rows = conn.execute(
-                    sa.select(self.table).where(self.table.c.seq > last).order_by(self.table.c.seq).limit(batch)
-                ).mappings().all()
+            query = sa.select(self.table).where(self.table.c.seq > last).order_by(self.table.c.seq).limit(batch)
+            if conn is not None:
+                rows = conn.execute(query).mappings().all()
+            else:
+                with self.engine.connect() as own:
+                    rows = own.execute(query).mappings().all()
             if not rows:
                 return
             for row in rows:
@@ -305,11 +419,16 @@ class AuditLog:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings()]
 
-    def verify(self) -> VerifyResult:
-        """Walk the chain and name the first row where it breaks (edited, deleted, inserted or reordered)."""
-        self.create()
+    def verify(self, conn: Connection | None = None,
+               visit: Callable[[Mapping[str, Any]], None] | None = None) -> VerifyResult:
+        """Walk the chain and name the first row where it breaks (edited, deleted, inserted or reordered).
+
+        :param conn: read through this connection (its transaction's view) instead of a new one.
+        :param visit: called with every row that verified, in order."""
+        if conn is None:
+            self.create()
         expected_prev, expected_seq, checked = GENESIS, 1, 0
-        for row in self.iter_rows():
+        for row in self.iter_rows(conn=conn):
             seq = row["seq"]
             if seq != expected_seq:
                 return VerifyResult(False, checked, expected_seq - 1, seq,
@@ -320,13 +439,42 @@ class AuditLog:
             if row_hash(row["prev_hash"], row) != row["row_hash"]:
                 return VerifyResult(False, checked, seq - 1, seq, "row_hash does not match its content: the row was edited")
             expected_prev, expected_seq, checked = row["row_hash"], seq + 1, checked + 1
-        with self.engine.connect() as conn:
-            head = conn.execute(sa.select(self.head.c.seq, self.head.c.row_hash).where(self.head.c.id == 1)).first()
+            if visit is not None:
+                visit(row)
+        query = sa.select(self.head.c.seq, self.head.c.row_hash).where(self.head.c.id == 1)
+        if conn is not None:
+            head = conn.execute(query).first()
+        else:
+            with self.engine.connect() as own:
+                head = own.execute(query).first()
         if head is None or head.seq != expected_seq - 1 or head.row_hash != expected_prev:
             at = expected_seq if head is None or head.seq >= expected_seq else head.seq + 1
             return VerifyResult(False, checked, expected_seq - 1, at,
                                 "the chain's head does not match its last row: rows were cut off the end or appended outside the plugin")
         return VerifyResult(True, checked, expected_seq - 1)
+
+    def listed_escrow_batches(self, conn: Connection | None = None) -> dict[str, str]:
+        """``{batch id: digest}`` of the escrow batches listed by ``success`` rows of the chain, which must
+        verify (DESIGN.md §5.1); raise :class:`EscrowIntegrityError` naming the break otherwise."""
+        listed: dict[str, str] = {}
+
+        def collect(row: Mapping[str, Any]) -> None:
+            if row["outcome"] != "success" or not row["details"]:
+                return
+            try:
+                batches = json.loads(row["details"]).get("escrow_batches")
+            except (ValueError, AttributeError):
+                return
+            if isinstance(batches, dict):
+                listed.update({str(k): str(v) for k, v in batches.items()})
+
+        result = self.verify(conn, visit=collect)
+        if not result.ok:
+            raise EscrowIntegrityError(
+                f"the audit chain does not verify ({result}); escrow cannot be proven, so nothing is revealed. "
+                "Run `pseudonymise audit verify` and restore the audit from a backup"
+            )
+        return listed
 
     def incomplete_uses(self) -> list[str]:
         """use ids with a ``started`` row and no ``finished`` row (crashed or running tasks)."""
@@ -336,6 +484,3 @@ class AuditLog:
         with self.engine.connect() as conn:
             return [r[0] for r in conn.execute(query)]
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)

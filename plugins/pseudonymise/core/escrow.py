@@ -1,23 +1,35 @@
-"""Sealed escrow for reversible projects (DESIGN.md §5): seal, store, reveal with a reverse token, purge.
+"""Sealed escrow for reversible projects (DESIGN.md §5, §5.1): seal, store, reveal what can be proven, purge.
 
 The pipeline holds only the escrow *public* key, so it can write escrow and never read it.
 Per batch a fresh data key (``dek``) is sealed with HPKE (RFC 9180 base mode, DHKEM(X25519,
 HKDF-SHA256), HKDF-SHA256, AES-256-GCM) to the project's escrow public key; per value, the type
 tag and canonical bytes are encrypted with AES-256-GCM under ``dek`` with a counter nonce and
-``project + NUL + pseudonym`` as associated data, so a ciphertext moved to another pseudonym
-(or project) fails to open.
+``project NUL pseudonym NUL domain NUL key_version NUL retention_until`` as associated data, so a
+ciphertext moved to another pseudonym, domain, key version or retention end fails to open.
+
+The escrow table is writable by the pipeline, so a row proves nothing by itself (§5.1). Each batch
+therefore has a digest over the rows it stored (:func:`batch_digest`), which the ``success`` audit
+row of the use that wrote it lists; :class:`EscrowReader` reveals a row only when its batch is
+listed by a chain that verifies with the same digest, and, for deterministic projects, when the
+opened value recomputes the pseudonym with the reverse token's ``verify_keys``.
+
+Rows written before v1.1 (batches without ``ad_version``) carry the v1 associated data
+(``project NUL pseudonym``) and no listed digest: they are revealed only in deterministic projects,
+where recomputing the pseudonym proves them; randomised v1 rows cannot be proven and are refused.
 
 A batch is sealed column-wise (one AES-GCM call per value, no other object per value). On
-PostgreSQL its rows are written with ``COPY``: straight into the escrow table for randomised
-projects, and for deterministic projects into a temporary staging table first, from which one
-``INSERT … SELECT … ON CONFLICT DO NOTHING`` keeps the first row of each pseudonym.
+PostgreSQL its rows are written with ``COPY`` into a temporary staging table, from which one
+``INSERT … SELECT`` moves them into the escrow table (deterministic projects keep the first row of
+each pseudonym) and returns what the batch digests are computed over.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import repeat
@@ -33,9 +45,9 @@ from sqlalchemy.engine import Connection
 
 from pseudonymise.core.canonical import TYPE_TAGS, from_canonical
 from pseudonymise.core.copytext import _pg_text, build_rows, encode_column
-from pseudonymise.core.db import UTCDateTime, insert_ignoring_duplicates
-from pseudonymise.core.errors import EscrowError, EscrowIntegrityError, TokenKindError
-from pseudonymise.core.pseudonymiser import EscrowBlock, EscrowItem, EscrowItems, _native
+from pseudonymise.core.db import UTCDateTime, database_now, insert_ignoring_duplicates
+from pseudonymise.core.errors import EscrowError, EscrowIntegrityError, RetentionEndedError, TokenKindError
+from pseudonymise.core.pseudonymiser import PRIMARY_LABEL, EscrowBlock, EscrowBlocks, EscrowItem, EscrowItems, _native
 from pseudonymise.core.tokens import Token
 
 HPKE_INFO = b"pseudonymise/v1/escrow"
@@ -74,11 +86,48 @@ def _counter_nonces(count: int) -> tuple[list[bytes], list[str]]:
     return raw[:count], text[:count]
 
 
-def associated_data(project: str, pseudonym: str) -> bytes:
-    return project.encode("utf-8") + b"\x00" + pseudonym.encode("utf-8")
+#: ``ad_version`` of batches written from v1.1 on; NULL marks a v1 batch.
+AD_VERSION = 2
+_DIGEST_LABEL = b"pseudonymise/v1/escrow-batch\x00"
+
+
+def retention_text(value: datetime) -> str:
+    """The retention end as the associated data spells it (UTC, to the second)."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def associated_data(project: str, pseudonym: str, domain: str | None = None, key_version: int | None = None,
+                    retention_until: datetime | None = None) -> bytes:
+    """The AES-GCM associated data of one escrow value: v1 (``project NUL pseudonym``) when ``domain`` is
+    None, else v1.1 (``… NUL domain NUL key_version NUL retention_until``)."""
+    head = project.encode("utf-8") + b"\x00" + pseudonym.encode("utf-8")
+    if domain is None:
+        return head
+    return head + _ad_suffix(domain, key_version, retention_until)
+
+
+def _ad_suffix(domain: str, key_version: int | None, retention_until: datetime | None) -> bytes:
+    if key_version is None or retention_until is None:
+        raise ValueError("v1.1 associated data needs the key version and the retention end")
+    return (b"\x00" + domain.encode("utf-8") + b"\x00" + str(int(key_version)).encode("ascii") + b"\x00"
+            + retention_text(retention_until).encode("ascii"))
+
+
+def batch_digest(rows: Iterable[tuple[str, bytes, bytes]]) -> str:
+    """The digest of an escrow batch: SHA-256 over its rows in nonce order, each row as
+    ``SHA-256(len(p) || p || nonce || len(c) || c)`` (p the UTF-8 pseudonym, c the ciphertext, lengths as
+    4-byte big-endian), prefixed by a label. PostgreSQL computes the same in :meth:`EscrowWriter.flush`."""
+    outer = hashlib.sha256(_DIGEST_LABEL)
+    for pseudonym, nonce, ciphertext in rows:
+        p = pseudonym.encode("utf-8")
+        outer.update(hashlib.sha256(len(p).to_bytes(4, "big") + p + bytes(nonce)
+                                    + len(ciphertext).to_bytes(4, "big") + bytes(ciphertext)).digest())
+    return outer.hexdigest()
 
 
 _ESCROW_COLUMNS = ("project", "pseudonym", "batch_id", "nonce", "ciphertext", "retention_until")
+#: Batch columns added in v1.1 (NULL in batches written before).
+_BATCH_V11_COLUMNS = ("domain", "key_version", "ad_version")
 
 
 @dataclass(frozen=True)
@@ -98,6 +147,9 @@ class EscrowTables:
             sa.Column("sealed_dek", sa.LargeBinary, nullable=False),
             sa.Column("created_at", UTCDateTime, nullable=False),
             sa.Column("retention_until", UTCDateTime, nullable=False),
+            sa.Column("domain", sa.Text),
+            sa.Column("key_version", sa.Integer),
+            sa.Column("ad_version", sa.SmallInteger),
             schema=schema,
         )
         values = sa.Table(
@@ -117,15 +169,30 @@ class EscrowTables:
         )
         return cls(batches, values)
 
+    def upgrade(self, conn: Connection) -> None:
+        """Give a batch table made before v1.1 its new columns (NULL in the old rows: v1 batches)."""
+        present = {c["name"] for c in sa.inspect(conn).get_columns(self.batches.name, schema=self.batches.schema)}
+        quote = conn.dialect.identifier_preparer
+        for name in _BATCH_V11_COLUMNS:
+            if name not in present:
+                column = self.batches.c[name]
+                conn.execute(sa.text(f"ALTER TABLE {quote.format_table(self.batches)} ADD COLUMN "
+                                     f"{quote.format_column(column)} {column.type.compile(conn.dialect)}"))
+
 
 class EscrowWriter:
-    """The pipeline's side: seals batches with the escrow public key of a pseudonymisation token."""
+    """The pipeline's side: seals batches with the escrow public key of a pseudonymisation token.
+
+    After the last :meth:`write` (and :meth:`flush`), :attr:`digests` maps each batch that stored rows to
+    its digest: list it in the use's ``success`` audit row (``details["escrow_batches"]``), or reversal
+    will refuse the batch's rows.
+    """
 
     def __init__(self, token: Token, tables: EscrowTables, *, defer: bool = False) -> None:
-        """:param defer: on PostgreSQL, a deterministic project's rows wait in a staging table and go into
-            the escrow table in one statement, in key order, at :meth:`flush` (call it before committing).
-            Two runs sharing values then take their escrow rows' locks in one global order, so they cannot
-            deadlock; and one sorted insert costs PostgreSQL less than one per batch."""
+        """:param defer: on PostgreSQL, rows wait in a staging table and go into the escrow table in one
+            statement, in key order, at :meth:`flush` (call it before committing). Two runs sharing values
+            then take their escrow rows' locks in one global order, so they cannot deadlock; and one sorted
+            insert costs PostgreSQL less than one per batch."""
         if token.kind != "pseudonymisation" or token.escrow_public_key is None:
             raise TokenKindError(
                 f"token {token.jti} carries no escrow public key; escrow needs a pseudonymisation token "
@@ -135,22 +202,41 @@ class EscrowWriter:
         self._tables = tables
         self._deterministic = token.treatment == "deterministic"
         self._defer = defer
-        self._staged: str | None = None  # the staging table holding deferred rows
+        self._staged: str | None = None  # the staging table holding rows not yet moved (PostgreSQL)
+        self.digests: dict[str, str] = {}
 
-    def write(self, conn: Connection, items: Sequence[EscrowItem], now: datetime | None = None) -> int:
-        """Seal ``items`` as one batch and insert them in the caller's transaction; return rows written."""
+    def write(self, conn: Connection, items: Sequence[EscrowItem] | EscrowBlocks, now: datetime | None = None) -> int:
+        """Seal ``items`` (one batch per domain) and write them in the caller's transaction; return rows written
+        (on PostgreSQL with ``defer``, 0: :meth:`flush` counts them)."""
+        if isinstance(items, EscrowBlocks):
+            return sum(self._write_block(conn, block, now) for block in items)
+        if isinstance(items, EscrowBlock):
+            return self._write_block(conn, items, now) if len(items) else 0
         if not items:
             return 0
-        if isinstance(items, EscrowBlock):
-            if conn.dialect.name == "postgresql" and _native is not None and b"\\" not in items.pseudonyms:
-                return self._copy_block(conn, items, now)
-            items = items.items()
         if isinstance(items, EscrowItems):
-            pseudonyms, tags, canonicals = items.pseudonyms, items.type_tags, items.canonicals
+            pseudonyms, tags, canonicals, domains = items.pseudonyms, items.type_tags, items.canonicals, items.domains
         else:
             pseudonyms = [i.pseudonym for i in items]
             tags = [i.type_tag for i in items]
             canonicals = [i.canonical for i in items]
+            domains = [i.domain for i in items]
+        groups: dict[str, list[int]] = {}
+        for index, domain in enumerate(domains):
+            groups.setdefault(domain, []).append(index)
+        if len(groups) == 1:
+            return self._write_values(conn, domains[0], pseudonyms, tags, canonicals, now)
+        return sum(self._write_values(conn, domain, [pseudonyms[i] for i in keep], [tags[i] for i in keep],
+                                      [canonicals[i] for i in keep], now) for domain, keep in groups.items())
+
+    def _write_block(self, conn: Connection, block: EscrowBlock, now: datetime | None) -> int:
+        if conn.dialect.name == "postgresql" and _native is not None and b"\\" not in block.pseudonyms:
+            return self._copy_block(conn, block, now)
+        items = block.items()
+        return self._write_values(conn, block.domain, items.pseudonyms, items.type_tags, items.canonicals, now)
+
+    def _write_values(self, conn: Connection, domain: str, pseudonyms: list[str], tags: list[str],
+                      canonicals: list[bytes], now: datetime | None) -> int:
         if self._deterministic:
             # one row per (project, pseudonym): the first occurrence in the batch is enough
             first = dict(zip(reversed(pseudonyms), range(len(pseudonyms) - 1, -1, -1), strict=True))
@@ -163,7 +249,7 @@ class EscrowWriter:
         if count >= 2**64:
             raise EscrowError("an escrow batch is limited to 2**64 values; use a smaller batch size")
         project = self._token.project
-        dek, batch_id = self._new_batch(conn, now)
+        dek, batch_id = self._new_batch(conn, domain, now)
         aead = AESGCM(dek)
         retention = self._token.retention_until
         nonces, nonces_text = _counter_nonces(count)
@@ -172,21 +258,33 @@ class EscrowWriter:
         else:
             plaintexts = [t.encode("ascii") + b"\x00" + c for t, c in zip(tags, canonicals, strict=True)]
         ad_prefix = associated_data(project, "")
-        ads = map(ad_prefix.__add__, map(str.encode, pseudonyms))
+        ad_suffix = _ad_suffix(domain, self._token.key_version, retention)
+        ads = [ad_prefix + p.encode("utf-8") + ad_suffix for p in pseudonyms]
         ciphertexts = list(map(aead.encrypt, nonces, plaintexts, ads))
         if conn.dialect.name == "postgresql":
-            return self._copy(conn, project, pseudonyms, batch_id, nonces_text, ciphertexts, retention)
+            columns = [encode_column([project]) * count, encode_column(pseudonyms), [batch_id] * count, nonces_text,
+                       list(map("\\\\x".__add__, map(bytes.hex, ciphertexts))),
+                       [retention.astimezone(UTC).isoformat()] * count]
+            return self._stage(conn, build_rows(columns))
         rows: list[dict[str, Any]] = [
             {"project": project, "pseudonym": p, "batch_id": batch_id, "nonce": n, "ciphertext": c,
              "retention_until": retention}
             for p, n, c in zip(pseudonyms, nonces, ciphertexts, strict=True)
         ]
         if self._deterministic:
-            return insert_ignoring_duplicates(self._tables.values, ["project", "pseudonym"]).execute(conn, rows)
-        conn.execute(self._tables.values.insert(), rows)
-        return len(rows)
+            written = insert_ignoring_duplicates(self._tables.values, ["project", "pseudonym"]).execute(conn, rows)
+        else:
+            conn.execute(self._tables.values.insert(), rows)
+            written = len(rows)
+        if written:
+            # Outside PostgreSQL the writer may read escrow (SQLite: the file's owner is trusted anyway).
+            v = self._tables.values
+            stored = conn.execute(sa.select(v.c.pseudonym, v.c.nonce, v.c.ciphertext)
+                                  .where(v.c.batch_id == batch_id).order_by(v.c.nonce)).all()
+            self.digests[batch_id] = batch_digest((r.pseudonym, bytes(r.nonce), bytes(r.ciphertext)) for r in stored)
+        return written
 
-    def _new_batch(self, conn: Connection, now: datetime | None) -> tuple[bytes, str]:
+    def _new_batch(self, conn: Connection, domain: str, now: datetime | None) -> tuple[bytes, str]:
         """A fresh data key, sealed to the escrow public key in a new batch row: (key, batch id)."""
         dek = AESGCM.generate_key(bit_length=256)
         batch_id = str(uuid.uuid4())
@@ -194,14 +292,17 @@ class EscrowWriter:
             "batch_id": batch_id,
             "project": self._token.project,
             "sealed_dek": seal_key(dek, self._token.escrow_public_key),  # type: ignore[arg-type]
-            "created_at": now or datetime.now(UTC),
+            "created_at": now or database_now(conn),
             "retention_until": self._token.retention_until,
+            "domain": domain,
+            "key_version": self._token.key_version,
+            "ad_version": AD_VERSION,
         })
         return dek, batch_id
 
     def _copy_block(self, conn: Connection, block: EscrowBlock, now: datetime | None) -> int:
         """An :class:`EscrowBlock` sealed and written by the C engine (OpenSSL's AES-256-GCM): the same rows
-        as :meth:`_copy` writes, without an object per value."""
+        as :meth:`_write_values` writes, without an object per value."""
         if self._deterministic:  # one row per (project, pseudonym): the first occurrence in the batch
             names = np.frombuffer(block.pseudonyms, dtype=f"S{block.width}")
             _, first = np.unique(names, return_index=True)
@@ -210,36 +311,26 @@ class EscrowWriter:
         if len(block) >= 2**64:
             raise EscrowError("an escrow batch is limited to 2**64 values; use a smaller batch size")
         project = self._token.project
-        dek, batch_id = self._new_batch(conn, now)
+        dek, batch_id = self._new_batch(conn, block.domain, now)
         retention = self._token.retention_until.astimezone(UTC).isoformat()
         assert _native is not None
         rows = _native.seal_rows(dek, associated_data(project, ""), block.type_tag.encode("ascii") + b"\x00",
                                  block.pseudonyms, block.width, block.canonicals, block.ends.tobytes(),
                                  (_pg_text(project) + "\t").encode("utf-8"), f"\t{batch_id}\t".encode("ascii"),
-                                 f"\t{retention}\n".encode("ascii"))
-        return self._copy_rows(conn, rows, len(block))
+                                 f"\t{retention}\n".encode("ascii"),
+                                 _ad_suffix(block.domain, self._token.key_version, self._token.retention_until))
+        return self._stage(conn, rows)
 
-    def _copy(self, conn: Connection, project: str, pseudonyms: list[str], batch_id: str, nonces: list[str],
-              ciphertexts: list[bytes], retention: datetime) -> int:
-        """COPY the sealed rows (deterministic: through a staging table, keeping existing pseudonyms)."""
-        count = len(pseudonyms)
-        columns = [encode_column([project]) * count, encode_column(pseudonyms), [batch_id] * count, nonces,
-                   list(map("\\\\x".__add__, map(bytes.hex, ciphertexts))),
-                   [retention.astimezone(UTC).isoformat()] * count]
-        return self._copy_rows(conn, build_rows(columns), count)
-
-    def _copy_rows(self, conn: Connection, rows: bytes, count: int) -> int:
-        """COPY escrow rows (COPY text of ``_ESCROW_COLUMNS``); deterministic: through a staging table,
-        keeping existing pseudonyms. Returns the rows written."""
+    def _stage(self, conn: Connection, rows: bytes) -> int:
+        """COPY escrow rows (COPY text of ``_ESCROW_COLUMNS``) into the run's staging table; unless deferred,
+        move them into the escrow table at once. Returns the rows written to the escrow table."""
         values = self._tables.values
         prep = conn.dialect.identifier_preparer
-        table = prep.format_table(values)
         listed = ", ".join(_ESCROW_COLUMNS)
-        into = table
-        if self._deterministic:
-            # Spelled out rather than LIKE, which needs SELECT on the escrow table: the pipeline's
-            # role may only insert there (include/sql/least_privilege.sql).
-            into = prep.quote(f"_pseudonymise_escrow_stage_{values.name}"[:63])
+        # Spelled out rather than LIKE, which needs SELECT on the escrow table: the pipeline's role may
+        # only insert there (include/sql/least_privilege.sql).
+        into = prep.quote(f"_pseudonymise_escrow_stage_{values.name}"[:63])
+        if self._staged is None:
             spec = ", ".join(f"{n} {values.c[n].type.compile(conn.dialect)}" for n in _ESCROW_COLUMNS)
             conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {into} ({spec}) ON COMMIT DROP")
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
@@ -247,27 +338,38 @@ class EscrowWriter:
             cursor.copy_expert(f"COPY {into} ({listed}) FROM STDIN", io.BytesIO(rows), size=1 << 20)
         finally:
             cursor.close()
-        if not self._deterministic:
-            return count
         self._staged = into
         return 0 if self._defer else self.flush(conn)
 
     def flush(self, conn: Connection) -> int:
-        """Move staged rows into the escrow table, keeping pseudonyms it already holds; return rows written.
-        Rows are inserted in key order: the primary key's index is then written page after page."""
+        """Move staged rows into the escrow table (deterministic: keeping pseudonyms it already holds) and
+        compute the digest of what each batch stored; return the rows written. Rows are inserted in key
+        order: the primary key's index is then written page after page."""
         if self._staged is None:
             return 0
         table = conn.dialect.identifier_preparer.format_table(self._tables.values)
         listed = ", ".join(_ESCROW_COLUMNS)
+        conflict = " ON CONFLICT (project, pseudonym) DO NOTHING" if self._deterministic else ""
+        stage = self._staged
+        # The digest is computed from the staging table (the pipeline's role may not read escrow), over the
+        # rows the INSERT reports as written: a row another run already held is not part of this batch.
+        row_hash = ("sha256(int4send(octet_length(convert_to(s.pseudonym, 'UTF8'))) || convert_to(s.pseudonym, 'UTF8')"
+                    " || s.nonce || int4send(octet_length(s.ciphertext)) || s.ciphertext)")
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
-            cursor.execute(f"INSERT INTO {table} ({listed}) SELECT {listed} FROM {self._staged} ORDER BY pseudonym "
-                           "ON CONFLICT (project, pseudonym) DO NOTHING")
-            written = cursor.rowcount
-            cursor.execute(f"TRUNCATE {self._staged}")
+            cursor.execute(
+                f"WITH ins AS (INSERT INTO {table} ({listed}) SELECT {listed} FROM {stage} ORDER BY pseudonym"
+                f"{conflict} RETURNING batch_id, nonce) "
+                f"SELECT s.batch_id, count(*), encode(sha256(%(label)s || string_agg({row_hash}, ''::bytea "
+                f"ORDER BY s.nonce)), 'hex') FROM ins JOIN {stage} s ON s.batch_id = ins.batch_id AND s.nonce = ins.nonce "
+                "GROUP BY s.batch_id", {"label": _DIGEST_LABEL})
+            written = 0
+            for batch_id, count, digest in cursor.fetchall():
+                self.digests[batch_id] = digest
+                written += count
+            cursor.execute(f"TRUNCATE {stage}")
         finally:
             cursor.close()
-        self._staged = None
         return written
 
 
@@ -279,49 +381,232 @@ class Revealed:
     not_found: list[str]
 
 
-def reveal(conn: Connection, tables: EscrowTables, token: Token, pseudonyms: Iterable[str],
-           now: datetime | None = None) -> Revealed:
-    """Open the escrow of ``pseudonyms`` with a verified reverse token.
+class EscrowReader:
+    """Opens escrow with a verified reverse token, revealing only what it can prove (DESIGN.md §5.1).
 
-    The caller must have verified the token and committed the audit ``started`` row first.
-    Rows past their ``retention_until`` are never opened, even if not yet purged.
+    A row is revealed when its batch's digest is listed by a ``success`` row of an audit chain that
+    verifies and equals the digest of the batch's rows now, when it opens under its associated data, and,
+    in deterministic projects, when the opened value recomputes its pseudonym with the token's
+    ``verify_keys``. Any other row is refused: :class:`EscrowIntegrityError` names its pseudonym (never
+    a value) and nothing of the call is revealed. Retention is checked on the escrow database's clock.
     """
-    if token.kind != "reverse" or token.escrow_private_key is None:
-        raise TokenKindError(f"token {token.jti} is a {token.kind!r} token; reversal needs a 'reverse' token")
-    now = now or datetime.now(UTC)
-    wanted = list(dict.fromkeys(p for p in pseudonyms if p is not None))
-    v, b = tables.values, tables.batches
-    deks: dict[str, AESGCM] = {}
-    found: dict[str, Any] = {}
-    for start in range(0, len(wanted), _REVEAL_CHUNK):
-        chunk = wanted[start : start + _REVEAL_CHUNK]
-        query = (
-            sa.select(v.c.pseudonym, v.c.batch_id, v.c.nonce, v.c.ciphertext, b.c.sealed_dek)
-            .join(b, b.c.batch_id == v.c.batch_id)
-            .where(v.c.project == token.project, v.c.pseudonym.in_(chunk), v.c.retention_until > now)
+
+    def __init__(self, conn: Connection, tables: EscrowTables, token: Token,
+                 listed_batches: Callable[[], Mapping[str, str]], now: datetime | None = None) -> None:
+        """:param listed_batches: returns ``{batch id: digest}`` listed by the ``success`` rows of the
+            verified audit chain (called once, when a v1.1 row is first met)."""
+        if token.kind != "reverse" or token.escrow_private_key is None:
+            raise TokenKindError(f"token {token.jti} is a {token.kind!r} token; reversal needs a 'reverse' token")
+        self._conn = conn
+        self._tables = tables
+        self._token = token
+        self.now = now or database_now(conn)
+        if self.now >= token.retention_until:
+            raise RetentionEndedError(
+                f"project {token.project!r}'s retention ended at {retention_text(token.retention_until)} by the escrow "
+                "database's clock; reversal is impossible for ever"
+            )
+        self._listed_source = listed_batches
+        self._listed: Mapping[str, str] | None = None
+        self._deterministic = token.treatment == "deterministic"
+        self._batches: dict[str, tuple[AESGCM | None, str | None]] = {}  # batch id -> (cipher, refusal)
+
+    def _listed_digests(self) -> Mapping[str, str]:
+        if self._listed is None:
+            self._listed = self._listed_source()
+        return self._listed
+
+    def _batch(self, row: Any) -> tuple[AESGCM | None, str | None]:
+        """The opened data key of the row's batch, or the reason the batch's rows are refused."""
+        known = self._batches.get(row.batch_id)
+        if known is not None:
+            return known
+        refusal: str | None = None
+        if row.ad_version is None:
+            if not self._deterministic or not self._token.verify_keys:
+                refusal = ("it was written before escrow v1.1 in a project whose pseudonyms cannot be recomputed "
+                           "(randomised, or no verify_keys in the reverse token), so it cannot be proven")
+        elif row.ad_version != AD_VERSION:
+            refusal = f"its batch has an unknown associated-data version {row.ad_version}"
+        else:
+            listed = self._listed_digests().get(row.batch_id)
+            if listed is None:
+                refusal = "its batch is not listed by a successful use in the verified audit chain (inserted outside a run)"
+            elif listed != self._stored_digest(row.batch_id):
+                refusal = "its batch's rows differ from the digest the audit lists (rows added, removed or altered)"
+        cipher = None
+        if refusal is None:
+            cipher = AESGCM(open_key(bytes(row.sealed_dek), self._token.escrow_private_key))  # type: ignore[arg-type]
+        self._batches[row.batch_id] = (cipher, refusal)
+        return cipher, refusal
+
+    def _stored_digest(self, batch_id: str) -> str:
+        v = self._tables.values
+        rows = self._conn.execute(sa.select(v.c.pseudonym, v.c.nonce, v.c.ciphertext)
+                                  .where(v.c.batch_id == batch_id).order_by(v.c.nonce))
+        return batch_digest((r.pseudonym, bytes(r.nonce), bytes(r.ciphertext)) for r in rows)
+
+    def _recomputes(self, pseudonym: str, domain: str, key_version: int | None, tag: str, data: bytes,
+                    domain_hint: str) -> bool:
+        """Whether the opened value gives ``pseudonym`` again (deterministic projects with verify_keys)."""
+        keys = self._token.verify_keys or {}
+        fmt = self._token.format
+        if key_version is not None:
+            candidates = [(keys.get(key_version), domain)]
+        else:  # v1: neither key version nor domain were recorded
+            candidates = [(k, d) for k in keys.values() for d in dict.fromkeys((domain_hint, ""))]
+        for key, dom in candidates:
+            if key is None:
+                continue
+            mac = hmac.new(key, PRIMARY_LABEL + dom.encode("utf-8") + b"\x00" + data, hashlib.sha256).digest()
+            if hmac.compare_digest(fmt.encode(mac).encode("utf-8"), pseudonym.encode("utf-8")):
+                return True
+        return False
+
+    def reveal(self, pseudonyms: Iterable[str], domain_hint: str = "") -> Revealed:
+        """The originals of ``pseudonyms`` (rows past retention are never opened, even if not yet purged).
+
+        :param domain_hint: the pseudonymisation domain of the column, used only to recompute v1 rows
+            (which did not record it)."""
+        wanted = list(dict.fromkeys(p for p in pseudonyms if p is not None))
+        found, refused = self.check(wanted, domain_hint)
+        if refused:
+            raise EscrowRefusedError(self._token.project, refused)
+        return Revealed(found, [p for p in wanted if p not in found])
+
+    def check(self, pseudonyms: Iterable[str], domain_hint: str = "") -> tuple[dict[str, Any], dict[str, str]]:
+        """``(values, refused)``: the originals that can be proven, and why each other row is refused.
+        Only :meth:`reveal` hands values out; the verifier uses the refusals."""
+        token = self._token
+        wanted = list(dict.fromkeys(p for p in pseudonyms if p is not None))
+        v, b = self._tables.values, self._tables.batches
+        found: dict[str, Any] = {}
+        refused: dict[str, str] = {}
+        for start in range(0, len(wanted), _REVEAL_CHUNK):
+            chunk = wanted[start : start + _REVEAL_CHUNK]
+            query = (
+                sa.select(v.c.pseudonym, v.c.batch_id, v.c.nonce, v.c.ciphertext, v.c.retention_until,
+                          b.c.sealed_dek, b.c.domain, b.c.key_version, b.c.ad_version)
+                .join(b, b.c.batch_id == v.c.batch_id)
+                .where(v.c.project == token.project, v.c.pseudonym.in_(chunk), v.c.retention_until > self.now)
+            )
+            for row in self._conn.execute(query):
+                cipher, refusal = self._batch(row)
+                if cipher is None:
+                    refused[row.pseudonym] = refusal or "refused"
+                    continue
+                v11 = row.ad_version is not None
+                ad = associated_data(token.project, row.pseudonym, row.domain if v11 else None,
+                                     row.key_version, row.retention_until)
+                try:
+                    plaintext = cipher.decrypt(bytes(row.nonce), bytes(row.ciphertext), ad)
+                except InvalidTag:
+                    refused[row.pseudonym] = ("it fails authentication: altered, or moved from another pseudonym, "
+                                              "domain, key version or retention end")
+                    continue
+                tag, _, data = plaintext.partition(b"\x00")
+                tag_text = tag.decode("ascii", "replace")
+                if tag_text not in TYPE_TAGS:
+                    refused[row.pseudonym] = "it holds an unknown value type"
+                    continue
+                if self._deterministic and (token.verify_keys or not v11) and not self._recomputes(
+                        row.pseudonym, row.domain or "", row.key_version if v11 else None, tag_text, data, domain_hint):
+                    refused[row.pseudonym] = "its value does not give this pseudonym again (a forged row)"
+                    continue
+                found[row.pseudonym] = from_canonical(tag_text, data)
+        return found, refused
+
+
+class EscrowRefusedError(EscrowIntegrityError):
+    """Escrow rows that cannot be proven (DESIGN.md §5.1); nothing of the call was revealed."""
+
+    def __init__(self, project: str, refused: Mapping[str, str]) -> None:
+        self.refused = dict(refused)
+        shown = "; ".join(f"{p}: {why}" for p, why in list(self.refused.items())[:10])
+        more = f" (and {len(self.refused) - 10} more)" if len(self.refused) > 10 else ""
+        super().__init__(
+            f"{len(self.refused)} escrow row(s) of project {project!r} were refused and nothing was revealed — "
+            f"{shown}{more}. Run `pseudonymise audit verify --escrow` to list them and restore escrow from a backup"
         )
-        for row in conn.execute(query):
-            aead = deks.get(row.batch_id)
-            if aead is None:
-                aead = deks[row.batch_id] = AESGCM(open_key(bytes(row.sealed_dek), token.escrow_private_key))
-            try:
-                plaintext = aead.decrypt(bytes(row.nonce), bytes(row.ciphertext),
-                                         associated_data(token.project, row.pseudonym))
-            except InvalidTag as exc:
-                raise EscrowIntegrityError(
-                    f"the escrow row of a pseudonym in project {token.project!r} fails authentication: "
-                    "it was altered or moved from another pseudonym; run the audit verifier and restore escrow from backup"
-                ) from exc
-            tag, _, data = plaintext.partition(b"\x00")
-            if tag.decode("ascii", "replace") not in TYPE_TAGS:
-                raise EscrowIntegrityError("an escrow row holds an unknown value type")
-            found[row.pseudonym] = from_canonical(tag.decode("ascii"), data)
-    return Revealed(found, [p for p in wanted if p not in found])
+
+
+def reveal(conn: Connection, tables: EscrowTables, token: Token, pseudonyms: Iterable[str],
+           listed_batches: Callable[[], Mapping[str, str]], now: datetime | None = None) -> Revealed:
+    """Open the escrow of ``pseudonyms`` with a verified reverse token (one :class:`EscrowReader` call)."""
+    return EscrowReader(conn, tables, token, listed_batches, now).reveal(pseudonyms)
+
+
+@dataclass(frozen=True)
+class UnprovenRow:
+    """An escrow row that reversal would refuse, for an auditor (no value: it is not opened)."""
+
+    project: str
+    pseudonym: str
+    batch_id: str
+    reason: str
+
+
+def unproven_rows(conn: Connection, tables: EscrowTables, listed_batches: Mapping[str, str],
+                  project: str | None = None, token: Token | None = None) -> list[UnprovenRow]:
+    """The escrow rows reversal would refuse, for an auditor.
+
+    Without a token: rows whose batch is not listed by the verified audit, or whose batch's rows no longer
+    match the listed digest (v1 rows are named too: only a deterministic project's reverse token can prove
+    them). With a verified reverse token: every row of its project goes through the checks reversal makes
+    (digest, associated data, recomputing the pseudonym), without any value leaving this function.
+    """
+    if token is not None:
+        return _unproven_with_token(conn, tables, listed_batches, token)
+    v, b = tables.values, tables.batches
+    out: list[UnprovenRow] = []
+    batches = sa.select(b.c.batch_id, b.c.project, b.c.ad_version)
+    if project is not None:
+        batches = batches.where(b.c.project == project)
+    bad: dict[str, str] = {}
+    for batch in conn.execute(batches):
+        if batch.ad_version is None:
+            bad[batch.batch_id] = "written before escrow v1.1: provable only by recomputing with verify_keys"
+            continue
+        listed = listed_batches.get(batch.batch_id)
+        if listed is None:
+            bad[batch.batch_id] = "its batch is not listed by a successful use in the verified audit chain"
+            continue
+        rows = conn.execute(sa.select(v.c.pseudonym, v.c.nonce, v.c.ciphertext)
+                            .where(v.c.batch_id == batch.batch_id).order_by(v.c.nonce))
+        if batch_digest((r.pseudonym, bytes(r.nonce), bytes(r.ciphertext)) for r in rows) != listed:
+            bad[batch.batch_id] = "its batch's rows differ from the digest the audit lists"
+    orphan = sa.select(v.c.project, v.c.pseudonym, v.c.batch_id).where(v.c.batch_id.not_in(sa.select(b.c.batch_id)))
+    if project is not None:
+        orphan = orphan.where(v.c.project == project)
+    for row in conn.execute(orphan):
+        out.append(UnprovenRow(row.project, row.pseudonym, row.batch_id, "its batch key row does not exist"))
+    if bad:
+        ids = list(bad)
+        for start in range(0, len(ids), _REVEAL_CHUNK):
+            query = sa.select(v.c.project, v.c.pseudonym, v.c.batch_id).where(v.c.batch_id.in_(ids[start:start + _REVEAL_CHUNK]))
+            for row in conn.execute(query.order_by(v.c.project, v.c.pseudonym)):
+                out.append(UnprovenRow(row.project, row.pseudonym, row.batch_id, bad[row.batch_id]))
+    return out
+
+
+def _unproven_with_token(conn: Connection, tables: EscrowTables, listed_batches: Mapping[str, str],
+                         token: Token) -> list[UnprovenRow]:
+    reader = EscrowReader(conn, tables, token, lambda: listed_batches)
+    v = tables.values
+    names = conn.execute(sa.select(v.c.pseudonym, v.c.batch_id).where(v.c.project == token.project)
+                         .order_by(v.c.pseudonym)).all()
+    batch_of = {r.pseudonym: r.batch_id for r in names}
+    out: list[UnprovenRow] = []
+    for start in range(0, len(names), _REVEAL_CHUNK):
+        _values, refused = reader.check([r.pseudonym for r in names[start:start + _REVEAL_CHUNK]])
+        out += [UnprovenRow(token.project, p, batch_of[p], why) for p, why in refused.items()]
+    return out
 
 
 def purge(conn: Connection, tables: EscrowTables, project: str | None = None, now: datetime | None = None) -> int:
-    """Delete escrow rows past ``retention_until`` (and batch keys no row needs); return value rows deleted."""
-    now = now or datetime.now(UTC)
+    """Delete escrow rows past ``retention_until`` by the database's clock (and batch keys no row needs);
+    return value rows deleted."""
+    now = now or database_now(conn)
     v, b = tables.values, tables.batches
     cond = v.c.retention_until <= now
     bcond = b.c.retention_until <= now
@@ -333,9 +618,5 @@ def purge(conn: Connection, tables: EscrowTables, project: str | None = None, no
     return deleted
 
 
-def new_escrow_keypair() -> tuple[X25519PrivateKey, X25519PublicKey]:
-    private = X25519PrivateKey.generate()
-    return private, private.public_key()
-
-
-__all__ = ["EscrowTables", "EscrowWriter", "Revealed", "open_key", "purge", "reveal", "seal_key"]
+__all__ = ["EscrowReader", "EscrowRefusedError", "EscrowTables", "EscrowWriter", "Revealed", "UnprovenRow",
+           "batch_digest", "open_key", "purge", "reveal", "seal_key", "unproven_rows"]

@@ -23,9 +23,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from pseudonymise.core.audit import AuditLog, AuditUse
+from pseudonymise.core.checkpoint import CheckpointTable
 from pseudonymise.core.db import make_engine
-from pseudonymise.core.errors import EscrowError, PolicyError
-from pseudonymise.core.escrow import EscrowTables, EscrowWriter, purge, reveal
+from pseudonymise.core.errors import TARGET_DATA_FIX, EscrowError, PolicyError, database_errors
+from pseudonymise.core.escrow import EscrowReader, EscrowTables, EscrowWriter, purge
 from pseudonymise.core.pseudonymiser import ColumnPolicy, ColumnRule, Pseudonymiser, SecondaryPseudonymiser, Stats
 from pseudonymise.core.tokens import Token, TrustedKeys
 from pseudonymise.core.use import TokenUse
@@ -63,11 +64,28 @@ class Store:
 
     def create(self) -> None:
         self.audit.create()
+        CheckpointTable(self.audit).create()
         try:
             with self.engine.begin() as conn:
+                if self._escrow_ready(conn):
+                    return
                 self.audit.metadata.create_all(conn, checkfirst=True)
+                self.escrow.upgrade(conn)
         except sa.exc.SQLAlchemyError as exc:
             raise EscrowError(f"cannot create the escrow tables ({exc.__class__.__name__}); check the database") from exc
+
+    def _escrow_ready(self, conn: Connection) -> bool:
+        """On PostgreSQL, whether the escrow tables exist with their v1.1 columns: a least-privilege
+        pipeline role can then go on without the catalogue look-ups and DDL it may not run."""
+        if conn.dialect.name != "postgresql":
+            return False
+        prep = conn.dialect.identifier_preparer
+        if any(conn.execute(sa.text("SELECT to_regclass(:t)"), {"t": prep.format_table(t)}).scalar() is None
+               for t in (self.escrow.batches, self.escrow.values)):
+            return False
+        present = {c["name"] for c in sa.inspect(conn).get_columns(self.escrow.batches.name,
+                                                                 schema=self.escrow.batches.schema)}
+        return {"domain", "key_version", "ad_version"} <= present
 
 
 @dataclass
@@ -155,16 +173,18 @@ def run_pseudonymisation(store: Store, raw_token: str, keys: TrustedKeys, policy
                          sink_factory: SinkFactory, *, secondary: bool = False, project: str | None = None,
                          source_label: str | None = None, target_label: str | None = None,
                          context: Mapping[str, Any] | None = None, progress: Progress | None = None,
-                         transit: Callable[[Token], Any] | None = None) -> RunSummary:
+                         transit: Callable[[Token], Any] | None = None,
+                         on_finished: Callable[[AuditLog], None] | None = None) -> RunSummary:
     """Pseudonymise (or, with ``secondary``, re-pseudonymise) ``source`` into the sink, audited.
 
-    ``transit`` makes the HMAC client of a token whose key is held in Vault Transit (``key_ref``).
+    ``transit`` makes the HMAC client of a token whose key is held in Vault Transit (``key_ref``);
+    ``on_finished`` is the :class:`TokenUse` callback (e.g. a signed audit checkpoint after the use).
     """
     store.create()
     operation = "secondary" if secondary else "pseudonymise"
     with TokenUse(store.audit, operation, raw_token, keys, kind="secondary" if secondary else "pseudonymisation",
                   project=project, source=source_label, target=target_label,
-                  columns=policy.pseudonymised_columns, context=context) as use:
+                  columns=policy.pseudonymised_columns, context=context, on_finished=on_finished) as use:
         assert use.token is not None
         mac = transit(use.token) if transit is not None and use.token.key_ref is not None else None
         engine: Pseudonymiser | SecondaryPseudonymiser = (
@@ -175,7 +195,10 @@ def run_pseudonymisation(store: Store, raw_token: str, keys: TrustedKeys, policy
         escrow_rows = [0]  # counted by the writer, added to the stats once the writes are done
         sink: Sink | None = None
         try:
-            with store.engine.begin() as conn, _Writes(background=store.engine.dialect.name == "postgresql") as writes:
+            # a database error escaping the writes or the COMMIT: SQLSTATE and names only, never the driver's text
+            with database_errors("writing the target, escrow and audit failed; nothing was committed",
+                                 columns=out_columns, data_fix=TARGET_DATA_FIX), store.engine.begin() as conn, \
+                    _Writes(background=store.engine.dialect.name == "postgresql") as writes:
                 sink = sink_factory(out_columns, conn)
                 for batch in _batches(source, sink, engine):
                     out = engine.pseudonymise_batch(batch, source.columns)
@@ -189,7 +212,10 @@ def run_pseudonymisation(store: Store, raw_token: str, keys: TrustedKeys, policy
                     escrow_rows[0] += escrow.flush(conn)
                 engine.stats.escrow_rows += escrow_rows[0]
                 sink.commit()
-                use.succeed(conn, engine.stats.as_dict(), details={"key_version": use.token.key_version})
+                details: dict[str, Any] = {"key_version": use.token.key_version}
+                if escrow is not None and escrow.digests:
+                    details["escrow_batches"] = escrow.digests  # what reversal may prove (DESIGN.md §5.1)
+                use.succeed(conn, engine.stats.as_dict(), details=details)
         except BaseException:
             engine.close()
             if sink is not None:
@@ -216,16 +242,24 @@ def _writer(sink: Sink, escrow: EscrowWriter | None, conn: Connection, columns: 
     return write
 
 
-def run_reversal(store: Store, raw_token: str, keys: TrustedKeys, columns: Sequence[str], source: Source,
+def run_reversal(store: Store, raw_token: str, keys: TrustedKeys, columns: Sequence[str] | Mapping[str, str],
+                 source: Source,
                  sink_factory: SinkFactory, *, project: str | None = None, triggered_by: str | None = None,
                  source_label: str | None = None, target_label: str | None = None,
                  context: Mapping[str, Any] | None = None, progress: Progress | None = None,
-                 require_all: bool = False) -> RunSummary:
-    """Replace pseudonyms in ``columns`` by their originals; the audit ``started`` row commits first."""
+                 require_all: bool = False, on_finished: Callable[[AuditLog], None] | None = None) -> RunSummary:
+    """Replace pseudonyms in ``columns`` by their originals; the audit ``started`` row commits first.
+
+    ``columns`` may map each column to its pseudonymisation domain, which only escrow written before
+    v1.1 needs (it did not record the domain). Rows escrow cannot prove are refused: the run fails,
+    audited ``failed``, and nothing is written.
+    """
+    domains = dict(columns) if isinstance(columns, Mapping) else dict.fromkeys(columns, "")
+    columns = list(domains)
     store.create()
     ctx = {**(context or {}), "triggered_by": triggered_by or (context or {}).get("triggered_by")}
     with TokenUse(store.audit, "reverse", raw_token, keys, kind="reverse", project=project, source=source_label,
-                  target=target_label, columns=list(columns), context=ctx) as use:
+                  target=target_label, columns=list(columns), context=ctx, on_finished=on_finished) as use:
         assert use.token is not None
         missing = [c for c in columns if c not in source.columns]
         if missing or not columns:
@@ -237,14 +271,16 @@ def run_reversal(store: Store, raw_token: str, keys: TrustedKeys, columns: Seque
         not_found = 0
         sink: Sink | None = None
         try:
-            with store.engine.begin() as conn:
+            with database_errors("writing the revealed rows and the audit failed; nothing was committed",
+                                 columns=source.columns, data_fix=TARGET_DATA_FIX), store.engine.begin() as conn:
+                reader = EscrowReader(conn, store.escrow, use.token, lambda: store.audit.listed_escrow_batches(conn))
                 sink = sink_factory(list(source.columns), conn)
                 for batch in source.batches():
                     rows = len(next(iter(batch.values()))) if batch else 0
                     stats.rows_in += rows
                     for column in columns:
                         values = batch[column]
-                        revealed = reveal(conn, store.escrow, use.token, [v for v in values if v is not None])
+                        revealed = reader.reveal([v for v in values if v is not None], domains[column])
                         stats.nulls += sum(v is None for v in values)
                         batch[column] = [None if v is None else revealed.values.get(v) for v in values]
                         stats.values_pseudonymised += len(revealed.values)
@@ -309,7 +345,10 @@ def run_rekey(store: Store, reverse_token: str, new_token: str, keys: TrustedKey
             raise PolicyError("the reverse token and the new pseudonymisation token belong to different projects")
         escrow = EscrowWriter(new_use.token, store.escrow) if new_use.token.reversible else None
         stats = Stats()
-        with store.engine.begin() as conn:
+        with database_errors(f"re-keying {target} failed; nothing was changed", columns=list(columns)), \
+                store.engine.begin() as conn:
+            reader = EscrowReader(conn, store.escrow, reverse_use.token,
+                                  lambda: store.audit.listed_escrow_batches(conn))
             t = sa.Table(table, sa.MetaData(), autoload_with=conn, schema=schema)
             missing = [c for c in columns if c not in t.c]
             if missing:
@@ -326,7 +365,7 @@ def run_rekey(store: Store, reverse_token: str, new_token: str, keys: TrustedKey
                 mapping.create(conn)
                 for start in range(0, len(old), batch_size):
                     chunk = old[start:start + batch_size]
-                    revealed = reveal(conn, store.escrow, reverse_use.token, chunk)
+                    revealed = reader.reveal(chunk, domain)
                     if revealed.not_found:
                         raise EscrowError(
                             f"{len(revealed.not_found)} pseudonym(s) of column {column!r} have no escrow (purged "
@@ -342,6 +381,9 @@ def run_rekey(store: Store, reverse_token: str, new_token: str, keys: TrustedKey
                 mapping.drop(conn)
             counts = {**stats.as_dict(), "rows_in": stats.values_pseudonymised, "rows_out": stats.values_pseudonymised}
             reverse_use.succeed(conn, counts, details={"rekey_to_key_version": new_use.token.key_version})
-            new_use.succeed(conn, counts, details={"key_version": new_use.token.key_version,
-                                                   "rekeyed_from_key_version": "escrow"})
+            new_details: dict[str, Any] = {"key_version": new_use.token.key_version,
+                                           "rekeyed_from_key_version": "escrow"}
+            if escrow is not None and escrow.digests:
+                new_details["escrow_batches"] = escrow.digests
+            new_use.succeed(conn, counts, details=new_details)
         return _summary(new_use, list(columns), counts)

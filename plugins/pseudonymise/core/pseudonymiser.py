@@ -321,8 +321,13 @@ def _pseudonymise_block(block: CopyBlock, plan: list[tuple[Any, ...]]) -> tuple[
 
 
 def _column_plan(fmt: PseudonymFormat, keyed: Any, collect: bool, callback: Any = None,
-                 program: bytes = b"") -> tuple[Any, ...]:
-    return (2, keyed, _ALPHABET_CODES[fmt.alphabet], fmt.length, _pg_text(fmt.prefix), collect, callback, program)
+                 program: bytes = b"", source_format: PseudonymFormat | None = None) -> tuple[Any, ...]:
+    """The C engine's entry for a pseudonymised column; with ``source_format``, the engine also counts
+    the values not written in that format (``copy_block``'s ``check``)."""
+    check = None if source_format is None else (
+        _ALPHABET_CODES[source_format.alphabet], source_format.length, source_format.prefix.encode("utf-8"))
+    return (2, keyed, _ALPHABET_CODES[fmt.alphabet], fmt.length, _pg_text(fmt.prefix), collect, callback, program,
+            check)
 
 
 @dataclass(frozen=True)
@@ -346,6 +351,10 @@ class _CopyBlocks(ABC):
     @abstractmethod
     def _column_entry(self, rule: ColumnRule) -> tuple[Any, ...]:
         """The C engine's entry for a pseudonymised column (each engine says how it pseudonymises)."""
+
+    def _refuse_input(self, column: str, mismatched: int, values: int) -> PolicyError:
+        """The error for a column whose input the engine's entry checked and found wrong."""
+        return PolicyError(f"column {column!r}: {mismatched} of {values} values are not in the expected format")
 
     def takes_copy_blocks(self, columns: Sequence[str]) -> bool:
         """Whether :meth:`pseudonymise_batch` can take :class:`CopyBlock` rows of these source columns:
@@ -372,9 +381,12 @@ class _CopyBlocks(ABC):
         if plan is None:
             raise PolicyError("this run cannot pseudonymise COPY text directly; read the source as columns")
         out, rows, results = _pseudonymise_block(block, plan.entries)
+        for column, (macs, _nulls, _canonicals, _ends, mismatched) in zip(plan.pseudonymised, results, strict=True):
+            if mismatched:
+                raise self._refuse_input(column, mismatched, len(macs) // 32)
         stats = Stats(rows_in=rows, rows_out=rows)
         columns_out = []
-        for column, (macs, nulls, canonicals, ends) in zip(plan.pseudonymised, results, strict=True):
+        for column, (macs, nulls, canonicals, ends, _) in zip(plan.pseudonymised, results, strict=True):
             count = len(macs) // 32
             self._guard.add(column, macs, None, count=count)
             stats.nulls += nulls
@@ -410,11 +422,13 @@ class Stats:
 
 @dataclass(frozen=True)
 class EscrowItem:
-    """What escrow must seal for one pseudonym: the value's type tag and canonical bytes."""
+    """What escrow must seal for one pseudonym: the value's type tag and canonical bytes, and the column's
+    pseudonymisation domain (bound into the escrow's associated data, and needed to recompute the pseudonym)."""
 
     pseudonym: str
     type_tag: str
     canonical: bytes = field(repr=False)
+    domain: str = ""
 
 
 class _Items(Sequence[EscrowItem]):
@@ -440,26 +454,29 @@ class _Items(Sequence[EscrowItem]):
 class EscrowItems(_Items):
     """The :class:`EscrowItem` of a batch held column by column (no object per value until one is asked for)."""
 
-    __slots__ = ("canonicals", "pseudonyms", "type_tags")
+    __slots__ = ("canonicals", "domains", "pseudonyms", "type_tags")
 
     def __init__(self) -> None:
         self.pseudonyms: list[str] = []
         self.type_tags: list[str] = []
         self.canonicals: list[bytes] = []
+        self.domains: list[str] = []
 
-    def add(self, pseudonyms: Sequence[str], type_tags: Sequence[str], canonicals: Sequence[bytes]) -> None:
+    def add(self, pseudonyms: Sequence[str], type_tags: Sequence[str], canonicals: Sequence[bytes],
+            domain: str = "") -> None:
         self.pseudonyms.extend(pseudonyms)
         self.type_tags.extend(type_tags)
         self.canonicals.extend(canonicals)
+        self.domains.extend([domain] * len(pseudonyms))
 
     def __len__(self) -> int:
         return len(self.pseudonyms)
 
     def _item(self, index: int) -> EscrowItem:
-        return EscrowItem(self.pseudonyms[index], self.type_tags[index], self.canonicals[index])
+        return EscrowItem(self.pseudonyms[index], self.type_tags[index], self.canonicals[index], self.domains[index])
 
     def __iter__(self) -> Iterator[EscrowItem]:
-        return map(EscrowItem, self.pseudonyms, self.type_tags, self.canonicals)
+        return map(EscrowItem, self.pseudonyms, self.type_tags, self.canonicals, self.domains)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and list(self) == list(other)
@@ -473,21 +490,27 @@ class EscrowItems(_Items):
 class EscrowBlock(_Items):
     """What escrow must seal for a block of COPY text rows, without an object per value: the pseudonyms
     (UTF-8, ``width`` bytes each, one after the other), the canonical bytes one after the other with
-    their ``ends`` (``ends[i]:ends[i+1]`` is value ``i``; ``ends[0] == 0``), and one type tag for all."""
+    their ``ends`` (``ends[i]:ends[i+1]`` is value ``i``; ``ends[0] == 0``), and one type tag and one
+    pseudonymisation domain for all."""
 
-    __slots__ = ("canonicals", "ends", "pseudonyms", "type_tag", "width")
+    __slots__ = ("canonicals", "domain", "ends", "pseudonyms", "type_tag", "width")
 
-    def __init__(self, pseudonyms: bytes, width: int, canonicals: bytes, ends: np.ndarray, type_tag: str = "str") -> None:
+    def __init__(self, pseudonyms: bytes, width: int, canonicals: bytes, ends: np.ndarray, type_tag: str = "str",
+                 domain: str = "") -> None:
         self.pseudonyms, self.width, self.canonicals, self.type_tag = pseudonyms, width, canonicals, type_tag
+        self.domain = domain
         self.ends = np.asarray(ends, dtype=np.uint64)
         if len(self.ends) != len(pseudonyms) // max(width, 1) + 1 or len(pseudonyms) % max(width, 1):
             raise ValueError("an escrow block needs n pseudonyms of `width` bytes and n + 1 ends")
 
     @classmethod
     def concat(cls, blocks: Sequence[EscrowBlock]) -> EscrowBlock:
+        """One block of blocks that share their width, type tag and domain."""
         first = blocks[0]
         if len(blocks) == 1:
             return first
+        if any((b.width, b.type_tag, b.domain) != (first.width, first.type_tag, first.domain) for b in blocks):
+            raise ValueError("escrow blocks of different widths, types or domains cannot be concatenated")
         offsets = np.cumsum([0] + [len(b.canonicals) for b in blocks[:-1]], dtype=np.uint64)
         ends = np.concatenate([blocks[0].ends[:1]] + [b.ends[1:] + o for b, o in zip(blocks, offsets, strict=True)])
         return cls(b"".join(b.pseudonyms for b in blocks), first.width, b"".join(b.canonicals for b in blocks),
@@ -502,14 +525,15 @@ class EscrowBlock(_Items):
         np.cumsum(stops - starts, out=ends[1:])
         names = (np.frombuffer(self.pseudonyms, dtype=f"S{self.width}")[positions].tobytes()
                  if self.width and len(positions) else b"")
-        return EscrowBlock(names, self.width, canonicals, ends, self.type_tag)
+        return EscrowBlock(names, self.width, canonicals, ends, self.type_tag, self.domain)
 
     def __len__(self) -> int:
         return len(self.ends) - 1
 
     def _item(self, index: int) -> EscrowItem:
         pseudonym = self.pseudonyms[index * self.width:(index + 1) * self.width].decode("utf-8")
-        return EscrowItem(pseudonym, self.type_tag, self.canonicals[int(self.ends[index]):int(self.ends[index + 1])])
+        return EscrowItem(pseudonym, self.type_tag, self.canonicals[int(self.ends[index]):int(self.ends[index + 1])],
+                          self.domain)
 
     def items(self) -> EscrowItems:
         """The same values as :class:`EscrowItems` (for a store other than PostgreSQL)."""
@@ -517,11 +541,31 @@ class EscrowBlock(_Items):
         bounds = self.ends.tolist()
         out.add([self.pseudonyms[i:i + self.width].decode("utf-8") for i in range(0, len(self.pseudonyms), self.width)],
                 [self.type_tag] * len(self),
-                list(map(self.canonicals.__getitem__, map(slice, bounds[:-1], bounds[1:]))))
+                list(map(self.canonicals.__getitem__, map(slice, bounds[:-1], bounds[1:]))), self.domain)
         return out
 
     def __repr__(self) -> str:
         return f"EscrowBlock({len(self)} items)"
+
+
+class EscrowBlocks:
+    """The escrow blocks of one batch, one per pseudonymised column (each with its own domain).
+
+    ``len`` counts values, as for the other escrow item sequences."""
+
+    __slots__ = ("blocks",)
+
+    def __init__(self, blocks: Sequence[EscrowBlock]) -> None:
+        self.blocks = [b for b in blocks if len(b)]
+
+    def __iter__(self) -> Iterator[EscrowBlock]:
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.blocks))
+
+    def __repr__(self) -> str:
+        return f"EscrowBlocks({len(self.blocks)} blocks, {len(self)} items)"
 
 
 @dataclass
@@ -609,9 +653,9 @@ class Pseudonymiser(_CopyBlocks):
                 sealed_tags = [tags[i] for i in keep]
                 sealed_data = [data[i] for i in keep]
             if isinstance(escrow, EscrowItems):
-                escrow.add(sealed, sealed_tags, sealed_data)
+                escrow.add(sealed, sealed_tags, sealed_data, rule.domain)
             else:
-                escrow.extend(map(EscrowItem, sealed, sealed_tags, sealed_data))
+                escrow.extend(map(EscrowItem, sealed, sealed_tags, sealed_data, repeat(rule.domain)))
         stats.nulls += nulls
         stats.values_pseudonymised += len(pseudonyms)
         return _with_nulls(values, pseudonyms, nulls)
@@ -626,17 +670,17 @@ class Pseudonymiser(_CopyBlocks):
         sealed: list[EscrowBlock] = []
         if self.reversible:
             prefix = self.format.prefix.encode("utf-8")
-            for _column, macs, canonicals, ends in results:
+            for column, macs, canonicals, ends in results:
                 fresh = self._escrowed.unsealed(macs) if self._escrowed is not None else None
                 names = _native.encode(macs, _ALPHABET_CODES[self.format.alphabet], self.format.length, prefix)
                 # COPY text gives text: the same type tag as the column path, which decodes it to str
                 items = EscrowBlock(names, len(prefix) + self.format.length, canonicals,
-                                    np.frombuffer(ends, dtype=np.uint64))
+                                    np.frombuffer(ends, dtype=np.uint64), domain=self.policy.rules[column].domain)
                 sealed.append(items if fresh is None else items.take(fresh))
         if self._escrowed is not None:
             self._escrowed.end_batch()
         self.stats.add(stats)
-        return Batch(CopyBlock(out, rows), stats, EscrowBlock.concat(sealed) if sealed else [])
+        return Batch(CopyBlock(out, rows), stats, EscrowBlocks(sealed))
 
     def pseudonymise_batch(self, columns: Mapping[str, Sequence[Any]] | CopyBlock,
                            source_columns: Sequence[str] | None = None) -> Batch:
@@ -679,11 +723,26 @@ def _as_list(values: Sequence[Any]) -> list[Any]:
 
 
 class SecondaryPseudonymiser(_CopyBlocks):
-    """Turns a source project's pseudonyms into second-level ones with a ``secondary`` token (§4 step 5)."""
+    """Turns a source project's pseudonyms into second-level ones with a ``secondary`` token (§4 step 5).
+
+    Input must be the source project's pseudonyms: every value is checked against the token's
+    ``source_format`` (prefix, length, alphabet) before any is used, in the column path (a whole
+    batch at once, :meth:`PseudonymFormat.count_mismatches`) and in the C engine's COPY path alike,
+    and a column holding any other value fails the run with a :class:`PolicyError` naming the column
+    and how many values failed (never a value). A secondary token is thus no way to pseudonymise raw
+    identifiers. Secondary tokens issued before v1.1 have no ``source_format`` and carry their
+    project's own key: they are refused when verified (see ``tokens.py``) and here, with a message
+    saying to re-issue them.
+    """
 
     def __init__(self, token: Token, policy: ColumnPolicy, transit: Any = None) -> None:
         if token.kind != "secondary" or (token.key is None and token.key_ref is None):
             raise TokenKindError(f"token {token.jti} is a {token.kind!r} token; this operation needs a 'secondary' token")
+        if token.source_format is None:
+            raise TokenKindError(
+                f"secondary token {token.jti} was issued before token format v1.1 (it names no source_format, so "
+                "its input cannot be checked); ask the issuer to re-issue it"
+            )
         _require_transit(token, transit)
         for rule in policy.rules.values():
             if rule.action == "pseudonymise" and (rule.normalise or rule.domain):
@@ -694,6 +753,7 @@ class SecondaryPseudonymiser(_CopyBlocks):
         self.token = token
         self.policy = policy
         self.format = token.format
+        self.source_format: PseudonymFormat = token.source_format
         self.stats = Stats()
         self._keyed = _TransitKeyed(transit, SECONDARY_LABEL) if transit is not None else \
             _make_keyed(token.key, SECONDARY_LABEL)  # type: ignore[arg-type]
@@ -702,7 +762,18 @@ class SecondaryPseudonymiser(_CopyBlocks):
         self._plans: dict[tuple[str, ...], _CopyPlan | None] = {}
 
     def _column_entry(self, rule: ColumnRule) -> tuple[Any, ...]:
-        return _column_plan(self.format, self._keyed, False)  # pseudonyms as they are: no normaliser, no NFC
+        # pseudonyms as they are (no normaliser, no NFC), each checked against the source format
+        return _column_plan(self.format, self._keyed, False, source_format=self.source_format)
+
+    def _refuse_input(self, column: str, mismatched: int, values: int) -> PolicyError:
+        fmt = self.source_format
+        prefix = f"the prefix {fmt.prefix!r} then " if fmt.prefix else ""
+        return PolicyError(
+            f"column {column!r}: {mismatched} of {values} values are not pseudonyms of the source project "
+            f"{self.token.source_project!r} ({prefix}{fmt.length} {fmt.alphabet} characters); a secondary token "
+            "re-pseudonymises that project's pseudonyms, never raw identifiers: pseudonymise the column with a "
+            "pseudonymisation token of that project first, or fix the policy if it names the wrong column"
+        )
 
     def _pseudonymise_copy(self, block: CopyBlock, columns: Sequence[str]) -> Batch:
         out, rows, stats, _ = self._run_block(block, columns)
@@ -721,6 +792,9 @@ class SecondaryPseudonymiser(_CopyBlocks):
                 f"column {column!r} holds {kind} values; secondary pseudonymisation takes "
                 "the text pseudonyms of the source project"
             )
+        mismatched = self.source_format.count_mismatches(present)
+        if mismatched:  # before any HMAC: no raw identifier is hashed, nor sent to Vault Transit
+            raise self._refuse_input(column, mismatched, len(present))
         macs = self._keyed.mac_many(list(map(str.encode, present)))
         pseudonyms = self.format.encode_many(macs)
         self._guard.add(column, macs, pseudonyms)

@@ -14,9 +14,11 @@ from types import TracebackType
 from typing import Any
 
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
 from pseudonymise.core.audit import AuditLog, AuditUse
-from pseudonymise.core.errors import TokenError
+from pseudonymise.core.db import database_now
+from pseudonymise.core.errors import AuditError, RetentionEndedError, TokenError
 from pseudonymise.core.tokens import Token, TrustedKeys, fingerprint, peek_claims, verify_token
 
 
@@ -34,9 +36,10 @@ def current_user() -> str | None:
 class TokenUse:
     """Context manager around one use of ``raw_token`` for ``operation``.
 
-    On entry: the ``started`` row is committed (or :class:`AuditError` is raised and the token is
-    not used), then the token is verified; a :class:`TokenError` is audited as ``denied`` and
-    re-raised. On exit: ``failed`` if an exception escaped, else ``success`` unless
+    On entry: the token is verified (nothing is used yet), then the ``started`` row is committed with
+    the verified facts, or with only what the token *claimed* when it failed (or :class:`AuditError`
+    is raised and the token is not used); a :class:`TokenError` (including a reverse token past its
+    retention end by the database's clock) is then audited as ``denied`` and re-raised. On exit: ``failed`` if an exception escaped, else ``success`` unless
     :meth:`succeed` already recorded it (typically inside the data's own transaction).
     """
 
@@ -53,15 +56,12 @@ class TokenUse:
         self.keys = keys
         self.kind = kind
         self.project = project
-        peek = peek_claims(raw_token) if raw_token else {}
         self.use = AuditUse(
             operation=operation,
-            project=project or peek.get("sub"),
-            token_jti=peek.get("jti"),
-            token_kind=peek.get("kind"),
-            # of the stripped token, as Token.fingerprint and `token inspect` show it
+            project=project,
+            # of the stripped token, as Token.fingerprint and `token inspect` show it: a fact about the
+            # string presented, whatever it claims
             token_fingerprint=fingerprint(raw_token.strip()) if raw_token else None,
-            token_issuer=peek.get("iss"),
             source=source,
             target=target,
             columns=columns,
@@ -78,20 +78,56 @@ class TokenUse:
         return self.use.use_id
 
     def __enter__(self) -> TokenUse:
+        denial: TokenError | None = None
+        verified: Token | None = None
+        if self.raw is not None:
+            # Checked before the started row so that the row holds verified facts; a token that fails
+            # verification leaves only what it *claimed*, in the ``claimed`` column (DESIGN.md §6). The
+            # token is handed out (``self.token``) only once the started row is committed.
+            try:
+                verified = verify_token(self.raw, self.keys, kind=self.kind, project=self.project)
+            except TokenError as exc:
+                denial = exc
+                self.use.claimed = peek_claims(self.raw) or None
+        if verified is not None:
+            self._record_verified(verified)
         self.audit.start(self.use)
-        if self.raw is None:
-            return self
-        try:
-            self.token = verify_token(self.raw, self.keys, kind=self.kind, project=self.project)
-        except TokenError as exc:
-            self.audit.finish(self.use, "denied", error=exc)
+        if verified is not None and verified.kind == "reverse":
+            denial = self._retention_on_database_clock(verified)
+        if denial is None:
+            self.token = verified
+        else:
+            self.audit.finish(self.use, "denied", error=denial)
             self._finished = True
             if self.on_finished is not None:
                 self.on_finished(self.audit)
-            raise
-        self.use.token_expires_at = _instant(self.token.expires)
-        self.use.retention_until = _instant(self.token.retention_until)
+            raise denial
         return self
+
+    def _record_verified(self, token: Token) -> None:
+        self.use.project = token.project
+        self.use.token_jti = token.jti
+        self.use.token_kind = token.kind
+        self.use.token_issuer = token.issuer
+        self.use.token_expires_at = _instant(token.expires)
+        self.use.retention_until = _instant(token.retention_until)
+
+    def _retention_on_database_clock(self, token: Token) -> TokenError | None:
+        """Retention is judged by the audit database's clock, not the worker's (DESIGN.md §5.1): a worker
+        whose clock is set back cannot reverse past the retention end."""
+        try:
+            with self.audit.engine.connect() as conn:
+                now = database_now(conn)
+        except SQLAlchemyError as exc:
+            raise AuditError(
+                f"cannot read the audit database's clock ({exc.__class__.__name__}); the token was NOT used"
+            ) from None
+        if now >= token.retention_until:
+            return RetentionEndedError(
+                f"project {token.project!r}'s retention ended at {_instant(token.retention_until)} by the database's "
+                "clock; reversal is impossible for ever"
+            )
+        return None
 
     def succeed(self, conn: Connection | None = None, counts: Mapping[str, int] | None = None,
                 details: Mapping[str, Any] | None = None) -> None:

@@ -2,9 +2,11 @@
 
 Each ``POST`` is one audited token use, run by the same flows as the operators and the CLI
 (:func:`run_pseudonymisation`, :func:`run_reversal`) on an in-memory batch, with the store on the
-audit connection. The token never leaves the connection that holds it: no response, error or log
-carries a token or a key, and originals appear only in the answer to an enabled, authorised
-reversal.
+audit connection. A ``POST`` is accepted only with ``Authorization: Bearer`` (never the UI cookie
+alone, see :func:`~pseudonymise.plugin.access.token_user`) and a body declared ``application/json``
+or ``text/csv`` (415 otherwise); CSV answers have formula cells neutralised. The token never leaves
+the connection that holds it: no response, error or log carries a token or a key, and originals
+appear only in the answer to an enabled, authorised reversal.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from airflow.api_fastapi.core_api.security import GetUserDep
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,11 +25,13 @@ from pseudonymise.core.errors import AuditError, PseudonymiseError, TokenError
 from pseudonymise.core.pipeline import RunSummary, Store, run_pseudonymisation, run_reversal
 from pseudonymise.core.pseudonymiser import ColumnPolicy
 from pseudonymise.hooks import PseudonymisationTokenHook, TokenUnavailableError
-from pseudonymise.plugin.access import DagScopeDep, ReadAudit, UseConnection, user_name
+from pseudonymise.plugin.access import DagScopeDep, ReadAudit, TokenUserDep, UseConnection, UseToken, user_name
 from pseudonymise.plugin.audit_store import ConfigDep, StoreDep, TrailFilterDep
 from pseudonymise.plugin.batch import (
+    BODY_FORMATS,
     BatchError,
     MemorySink,
+    body_format,
     from_csv,
     from_records,
     parse_json,
@@ -123,6 +126,10 @@ class AuditRow(BaseModel):
     error_class: str | None = None
     error_message: str | None = None
     details: str | None = None
+    claimed: str | None = Field(None, description="JSON of what a token that failed verification claimed (jti, sub, "
+                                                  "kind, iss): unverified, never in the token_* columns.")
+    db_role: str | None = Field(None, description="The database role that appended the row, set by the server "
+                                                  "(PostgreSQL).")
     prev_hash: str
     row_hash: str
 
@@ -155,13 +162,15 @@ class TokenResponse(BaseModel):
     uses: int
     outcomes: dict[str, int]
     expired_uses: int = Field(description="Uses refused because the token had expired.")
+    claimed: bool = Field(False, description="Known only from refused uses: jti, project, kind and issuer are what "
+                                             "a token that failed verification claimed, unverified.")
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text} for code, text in (
         (400, "Malformed JSON or CSV."),
         (401, "Not authenticated: send an Airflow JWT (Authorization: Bearer, from POST /auth/token)."),
-        (403, "Authenticated, but not allowed."),
+        (403, "Authenticated, but not allowed; a POST without 'Authorization: Bearer' (the UI cookie alone)."),
         (422, "Invalid request, policy or token (expired, wrong kind or project); token uses are audited."),
         (503, "The plugin's audit database is not configured or not reachable."),
     )
@@ -169,6 +178,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _BATCH_ERRORS = {**_ERRORS, **{code: {"model": ErrorResponse, "description": text} for code, text in (
     (404, "No such connection."),
     (413, "More records than [pseudonymise] api_max_rows, or a body too large."),
+    (415, "A body not declared as application/json or text/csv (Content-Type), or not UTF-8."),
 )}}
 
 
@@ -199,7 +209,11 @@ async def _read_body(request: Request, cfg: PluginConfig) -> bytes:
 
 
 def _is_csv(request: Request) -> bool:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower() == "text/csv"
+    """Whether the body is CSV (else JSON), as its Content-Type declares; 415 for any other type."""
+    try:
+        return body_format(request.headers.get("content-type")) == "csv"
+    except BatchError as exc:
+        raise HTTPException(exc.status, str(exc), headers={"Accept-Post": ", ".join(BODY_FORMATS)}) from exc
 
 
 def _audit_refused(store: Store, operation: str, connection_id: str, who: str, exc: PseudonymiseError,
@@ -239,6 +253,18 @@ def _project_of(hook: PseudonymisationTokenHook) -> str | None:
         return None
 
 
+def _checkpoint_after_use(cfg: PluginConfig) -> Callable[[Any], None] | None:
+    """A signed checkpoint after each API token use, when ``[pseudonymise] audit_signing_conn_id`` is set; a
+    failure is a warning in the API server's log, never a failed use (the scheduled checkpoint catches up)."""
+    if not cfg.audit_signing_conn_id:
+        return None
+    from pseudonymise.core.checkpoint import checkpoint_after_use
+    from pseudonymise.hooks import AuditSigningHook
+
+    conn_id = cfg.audit_signing_conn_id
+    return checkpoint_after_use(lambda audit: AuditSigningHook(conn_id).checkpointer(audit), log)
+
+
 def _run(run: Callable[[], RunSummary]) -> RunSummary:
     try:
         return run()
@@ -266,8 +292,8 @@ def _sink(holder: list[MemorySink]) -> Callable[[list[str], Any], MemorySink]:
 
 async def _pseudonymise(request: Request, connection_id: str, user: Any, cfg: PluginConfig, store: Store,
                         policy_text: str | None, secondary: bool) -> Any:
-    body = await _read_body(request, cfg)
     as_csv = _is_csv(request)
+    body = await _read_body(request, cfg)
     try:
         if as_csv:
             policy_data, batch = policy_from_query(policy_text), from_csv(body, cfg.api_max_rows)
@@ -291,7 +317,8 @@ async def _pseudonymise(request: Request, connection_id: str, user: Any, cfg: Pl
         sinks: list[MemorySink] = []
         summary = _run(lambda: run_pseudonymisation(
             store, raw, keys, policy, batch, _sink(sinks), secondary=secondary, project=hook.project,
-            source_label=f"api:{connection_id}", target_label="api:response", context={"triggered_by": who}))
+            source_label=f"api:{connection_id}", target_label="api:response", context={"triggered_by": who},
+            on_finished=_checkpoint_after_use(cfg)))
         log.info("%s through the API by %s: %d records; audit use %s", operation, who, len(batch), summary.use_id)
         return _respond(summary, sinks[0], as_csv)
 
@@ -303,10 +330,10 @@ _CSV_POLICY = ('Column policy as JSON, for a text/csv body (a JSON body carries 
 
 
 @router.post("/connections/{connection_id}/pseudonymise", response_model=BatchResponse, tags=["Pseudonymise"],
-             summary="Pseudonymise a small batch", dependencies=[UseConnection],
+             summary="Pseudonymise a small batch", dependencies=[UseToken, UseConnection],
              responses={**_BATCH_ERRORS, **_BATCH_200},
              openapi_extra=_batch_openapi(PseudonymiseRequest, "CSV with a header row; an empty field is NULL."))
-async def pseudonymise(request: Request, connection_id: str, user: GetUserDep, cfg: ConfigDep, store: StoreDep,
+async def pseudonymise(request: Request, connection_id: str, user: TokenUserDep, cfg: ConfigDep, store: StoreDep,
                        policy: Annotated[str | None, Query(description=_CSV_POLICY)] = None) -> Any:
     """Pseudonymise records with the **pseudonymisation** token held in the Airflow connection
     ``connection_id`` (type ``pseudonymise``; you need read access to it). The use is audited with
@@ -316,10 +343,10 @@ async def pseudonymise(request: Request, connection_id: str, user: GetUserDep, c
 
 
 @router.post("/connections/{connection_id}/secondary", response_model=BatchResponse, tags=["Pseudonymise"],
-             summary="Re-pseudonymise a small batch with a secondary token", dependencies=[UseConnection],
+             summary="Re-pseudonymise a small batch with a secondary token", dependencies=[UseToken, UseConnection],
              responses={**_BATCH_ERRORS, **_BATCH_200},
              openapi_extra=_batch_openapi(PseudonymiseRequest, "CSV with a header row; an empty field is NULL."))
-async def secondary(request: Request, connection_id: str, user: GetUserDep, cfg: ConfigDep, store: StoreDep,
+async def secondary(request: Request, connection_id: str, user: TokenUserDep, cfg: ConfigDep, store: StoreDep,
                     policy: Annotated[str | None, Query(description=_CSV_POLICY)] = None) -> Any:
     """Turn first-level pseudonyms into second-level ones with the **secondary** token held in the
     connection ``connection_id``, for a third party. Audited like any token use."""
@@ -327,10 +354,10 @@ async def secondary(request: Request, connection_id: str, user: GetUserDep, cfg:
 
 
 @router.post("/connections/{connection_id}/reverse", response_model=BatchResponse, tags=["Reverse"],
-             summary="Reveal the originals of pseudonyms (only if enabled)", dependencies=[UseConnection],
+             summary="Reveal the originals of pseudonyms (only if enabled)", dependencies=[UseToken, UseConnection],
              responses={**_BATCH_ERRORS, **_BATCH_200},
              openapi_extra=_batch_openapi(ReverseRequest, "CSV with a header row; name the columns in ?columns=."))
-async def reverse(request: Request, connection_id: str, user: GetUserDep, cfg: ConfigDep, store: StoreDep,
+async def reverse(request: Request, connection_id: str, user: TokenUserDep, cfg: ConfigDep, store: StoreDep,
                   columns: Annotated[str | None, Query(description="For a text/csv body: the comma-separated "
                                                                    "columns that hold pseudonyms.")] = None,
                   require_all: Annotated[bool, Query(description="For a text/csv body: fail if a pseudonym "
@@ -342,8 +369,8 @@ async def reverse(request: Request, connection_id: str, user: GetUserDep, cfg: C
     if not cfg.api_allow_reversal:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "reversal through the HTTP API is disabled; an administrator "
                             "can enable it with [pseudonymise] api_allow_reversal = True")
-    body = await _read_body(request, cfg)
     as_csv = _is_csv(request)
+    body = await _read_body(request, cfg)
     try:
         if as_csv:
             wanted = [c.strip() for c in (columns or "").split(",") if c.strip()]
@@ -370,7 +397,7 @@ async def reverse(request: Request, connection_id: str, user: GetUserDep, cfg: C
         summary = _run(lambda: run_reversal(
             store, raw, keys, wanted, batch, _sink(sinks), project=hook.project, triggered_by=who,
             source_label=f"api:{connection_id}", target_label="api:response", context={"triggered_by": who},
-            require_all=require))
+            require_all=require, on_finished=_checkpoint_after_use(cfg)))
         log.info("reverse through the API by %s: %d records; audit use %s", who, len(batch), summary.use_id)
         return _respond(summary, sinks[0], as_csv)
 
@@ -407,5 +434,6 @@ def tokens(store: StoreDep, scope: DagScopeDep, cfg: ConfigDep) -> Any:
     now = datetime.now(UTC)
     return [TokenResponse(jti=t.jti, project=t.project, kind=t.kind, issuer=t.issuer, expires_at=t.expires_at,
                           retention_until=t.retention_until, state=t.state, first_use=t.first_use,
-                          last_use=t.last_use, uses=t.uses, outcomes=t.outcomes, expired_uses=t.expired_uses)
+                          last_use=t.last_use, uses=t.uses, outcomes=t.outcomes, expired_uses=t.expired_uses,
+                          claimed=t.claimed)
             for t in Trail(store, scope).tokens(now, timedelta(days=cfg.expiry_warning_days))]

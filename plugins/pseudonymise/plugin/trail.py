@@ -7,6 +7,7 @@ is still running, its ``finished`` row. Every query is limited to what the user 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import defaultdict
@@ -16,6 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from pseudonymise.core.audit import VerifyResult
 from pseudonymise.core.pipeline import Store
@@ -23,7 +25,7 @@ from pseudonymise.plugin.access import DagScope
 
 #: Outcomes a filter may ask for: a use's final outcome, or ``incomplete`` (started, never finished).
 USE_OUTCOMES = ("success", "failed", "denied", "incomplete")
-OPERATIONS = ("pseudonymise", "secondary", "reverse", "purge")
+OPERATIONS = ("pseudonymise", "secondary", "reverse", "rekey", "purge", "verify")
 _VERIFY_TTL_SECONDS = 60.0
 _verified: dict[tuple[str, str], tuple[float, tuple[Any, ...], VerifyResult]] = {}
 _verified_lock = threading.Lock()
@@ -93,6 +95,9 @@ class TokenSummary:
     expires_at: datetime | None
     retention_until: datetime | None
     state: str = "unknown"  # valid | expiring | expired | unknown
+    #: Known only from what refused uses *claimed* (their token never verified): jti, project, kind and
+    #: issuer are unverified labels.
+    claimed: bool = False
 
     def classify(self, now: datetime, warning: timedelta) -> None:
         if self.expires_at is None:
@@ -231,7 +236,39 @@ class Trail:
                     expired_uses=expired or 0, expires_at=_instant(expires), retention_until=_instant(retention))
                 summary.classify(now, warning)
                 out.append(summary)
-        return out
+            out += self._claimed_tokens(conn, {s.jti for s in out}, now, warning)
+        return sorted(out, key=lambda s: s.last_use, reverse=True)
+
+    def _claimed_tokens(self, conn: Connection, known: set[str], now: datetime,
+                        warning: timedelta) -> list[TokenSummary]:
+        """Tokens seen only in refused uses, by the jti they claimed (the ``claimed`` column: unverified)."""
+        t = self.table
+        query = (sa.select(t.c.use_id, t.c.claimed, t.c.project, t.c.recorded_at, t.c.error_class)
+                 .where(t.c.token_jti.is_(None), t.c.claimed.is_not(None), t.c.event == "finished",
+                        self.scope.clause(t.c.dag_id)))
+        found: dict[str, TokenSummary] = {}
+        for row in conn.execute(query):
+            try:
+                claims = json.loads(row.claimed)
+            except ValueError:
+                continue
+            jti = claims.get("jti") if isinstance(claims, dict) else None
+            if not isinstance(jti, str) or not jti or jti in known:
+                continue
+            summary = found.get(jti)
+            if summary is None:
+                summary = found[jti] = TokenSummary(
+                    jti=jti, project=claims.get("sub") or row.project, projects_seen=1, kind=claims.get("kind"),
+                    issuer=claims.get("iss"), first_use=row.recorded_at, last_use=row.recorded_at, uses=0,
+                    outcomes={"success": 0, "failed": 0, "denied": 0}, expired_uses=0, expires_at=None,
+                    retention_until=None, claimed=True)
+            summary.uses += 1
+            summary.outcomes["denied"] += 1
+            summary.expired_uses += row.error_class == "TokenExpiredError"
+            summary.first_use, summary.last_use = min(summary.first_use, row.recorded_at), max(summary.last_use, row.recorded_at)
+        for summary in found.values():
+            summary.classify(now, warning)
+        return list(found.values())
 
     def escrow_by_project(self) -> list[ProjectEscrow]:
         """Sealed values held per project and when their retention ends (counts only, never a value)."""
@@ -298,6 +335,30 @@ class Trail:
         with _verified_lock:
             _verified[key] = (now, head, result)
         return result, now
+
+
+@dataclass(frozen=True)
+class CheckpointView:
+    """The audit's latest signed checkpoint and the latest one a witness accepted (rows of
+    ``<audit table>_checkpoint``); ``readable`` is False when the role may not read that table."""
+
+    latest: dict[str, Any] | None
+    witnessed: dict[str, Any] | None
+    readable: bool = True
+
+
+def latest_checkpoints(store: Store) -> CheckpointView:
+    """What the audit page shows of the signed checkpoints (DESIGN §6.1); checking them against a witness is
+    ``pseudonymise audit verify --witness``'s job."""
+    from pseudonymise.core.checkpoint import CheckpointTable
+
+    table = CheckpointTable(store.audit)
+    try:
+        latest = table.latest()
+        witnessed = latest if latest is None or latest["witnessed_by"] else table.latest(witnessed=True)
+    except sa.exc.SQLAlchemyError:
+        return CheckpointView(None, None, readable=False)
+    return CheckpointView(latest, witnessed)
 
 
 def window(days: int, now: datetime) -> tuple[datetime, datetime]:
