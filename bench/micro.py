@@ -18,7 +18,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from pseudonymise.core.escrow import EscrowTables, EscrowWriter
 from pseudonymise.core.issuer import DirectoryStore, Issuer
-from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser, SecondaryPseudonymiser
+from pseudonymise.core.policy import ColumnPolicy
+from pseudonymise.core.pseudonymiser import Pseudonymiser, SecondaryPseudonymiser
 from pseudonymise.core.tokens import verify_token
 
 

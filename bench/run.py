@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py [--rows 1000000] [--big-rows 5000000] [--smoke]
 
-Starts its own throwaway PostgreSQL (tests/services.py), generates one table (id bigint, patient_id
+Starts its own throwaway PostgreSQL (scripts/services.py), generates one table (id bigint, patient_id
 text, mrn text, visit_date date, ward text; patient_id and mrn are pseudonymised) and runs, each
 case in a fresh process so peak memory is per case:
 
@@ -290,7 +290,7 @@ def median(results: Sequence[Result]) -> Result:
 
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
-        from tests.services import start_postgres
+        from scripts.services import start_postgres
 
         self.args = args
         self.work = Path(tempfile.mkdtemp(prefix="pseudonymise-bench-"))

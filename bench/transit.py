@@ -17,11 +17,12 @@ import hvac
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pseudonymise.core.issuer import DirectoryStore, Issuer
-from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser
+from pseudonymise.core.policy import ColumnPolicy
+from pseudonymise.core.pseudonymiser import Pseudonymiser
 from pseudonymise.core.tokens import verify_token
 from pseudonymise.core.transit import MAX_ITEMS, TransitMac
 
-from tests.services import start_openbao
+from scripts.services import start_openbao
 
 
 def main() -> None:

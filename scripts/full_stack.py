@@ -32,7 +32,7 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.services import free_port, start_openbao, start_postgres  # noqa: E402
+from scripts.services import free_port, start_openbao, start_postgres  # noqa: E402
 
 BIN = Path(sys.executable).parent
 DAG_ID = "pseudonymise_patient_extract"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -11,9 +12,26 @@ import pytest
 import sqlalchemy as sa
 from pseudonymise.core.issuer import DirectoryStore, Issuer
 
-from tests.services import OpenBaoServer, PostgresServer, start_openbao, start_postgres
+from scripts.services import OpenBaoServer, PostgresServer, start_openbao, start_postgres
 
 pytest_plugins = ["tests.secrets_scan"]
+#: Airflow's secret maskers (the Task SDK's and the API server's), each one per process.
+_MASKERS = ("airflow.sdk._shared.secrets_masker", "airflow._shared.secrets_masker")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_secret_masker() -> Iterator[None]:
+    """Each test ends with Airflow's secret maskers emptied, as a worker's holds only its own task's secrets.
+
+    A masker recompiles one regular expression of every secret it was ever given at each new one; over a
+    session of tests that register every form of every token they issue, that made each token use of the
+    HTTP API tests take seconds. What a test checks about masking, it registers and checks itself.
+    """
+    yield
+    for name in _MASKERS:
+        module = sys.modules.get(name)  # only where Airflow was imported: core tests never load it
+        if module is not None:
+            module.reset_secrets_masker()
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,8 @@ from pseudonymise.cli import build_parser
 from pseudonymise.core.escrow import EscrowWriter
 from pseudonymise.core.issuer import DirectoryStore, Issuer
 from pseudonymise.core.pipeline import Store
-from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser
+from pseudonymise.core.policy import ColumnPolicy
+from pseudonymise.core.pseudonymiser import Pseudonymiser
 from pseudonymise.core.tokens import b64url_decode, b64url_encode, secret_parts, verify_token
 
 REPO = Path(__file__).resolve().parents[1]
@@ -421,7 +422,7 @@ def test_wrong_token_is_denied_and_audited(cli: Cli, tmp_path: Path, case: str, 
 
 
 def test_unreachable_audit_database_refuses_the_token(cli: Cli, tmp_path: Path) -> None:
-    from tests.services import free_port
+    from scripts.services import free_port
 
     out = tmp_path / "out.csv"
     proc = cli.run("file", "pseudonymise", SAMPLE, out, "--policy", POLICY,

@@ -19,7 +19,7 @@ from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.checkpoint import LocalSigner, SignedCheckpoint, Statement, sign_statement
 from pseudonymise.core.issuer import Issuer
 
-from tests.core.test_checkpoint import make_uses, rewrite_without, truncate
+from tests.tampering import make_uses, rewrite_without, truncate
 
 
 def run(*args: str | Path, cwd: Path, env: dict[str, str] | None = None, expect: int | None = 0,

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.airflow
+@pytest.mark.slow
 def test_main_job_runs_the_example_dag_on_sqlite(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/run_example.py"), "--work", str(tmp_path / "example")],
                           capture_output=True, text=True, timeout=600, check=False)

@@ -2,7 +2,8 @@
 
 Built on :mod:`pseudonymise.core` only. Tokens are read from a file, an environment variable or
 standard input, never from the command line, where other users could read them in the process
-list.
+list (:class:`CliTokens`, the CLI's token source). Vault (a ``vault:`` store, Transit custody,
+checkpoint signing and witnesses) is reached with ``VAULT_ADDR`` and ``VAULT_TOKEN``.
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ from pseudonymise.core.files import open_sink, open_source
 from pseudonymise.core.formats import ALPHABETS, DEFAULT_ALPHABET, DEFAULT_LENGTH, PseudonymFormat
 from pseudonymise.core.issuer import DirectoryStore, Issuer, ProjectStore, VaultStore
 from pseudonymise.core.pipeline import Store, run_pseudonymisation, run_purge, run_reversal
-from pseudonymise.core.pseudonymiser import ColumnPolicy, ColumnRule, Stats
-from pseudonymise.core.tokens import TrustedKeys, parse_instant, verify_token
-from pseudonymise.core.use import TokenUse, current_user
+from pseudonymise.core.plan import Sink, Source, plan_transfer
+from pseudonymise.core.policy import ColumnPolicy, ColumnRule
+from pseudonymise.core.pseudonymiser import Stats
+from pseudonymise.core.tokens import Token, TrustedKeys, parse_instant, verify_token
+from pseudonymise.core.transit import TransitMac
+from pseudonymise.core.use import RunContext, TokenUse, current_user
+from pseudonymise.core.vault import VaultClient
 
 DEFAULT_STORE = "~/.pseudonymise"
 DEFAULT_DB = "sqlite:///pseudonymise.db"
@@ -72,59 +77,72 @@ def open_store(spec: str) -> ProjectStore:
     return DirectoryStore(spec)
 
 
-def read_token(args: argparse.Namespace) -> str:
-    if args.token_file:
-        if args.token_file == "-":
+class CliTokens:
+    """The CLI's token source: ``--token-file`` (``-`` for standard input), ``--token-env``,
+    ``PSEUDONYMISE_TOKEN`` or standard input when it is not a terminal; the issuer keys from
+    ``--issuer-keys``, ``PSEUDONYMISE_ISSUER_KEYS`` or the local store's issuer; Transit HMACs with
+    ``VAULT_ADDR`` and ``VAULT_TOKEN``. Nothing to mask: the CLI never prints a token."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+
+    @property
+    def project(self) -> str | None:
+        """``--project``: refuse tokens of any other project."""
+        return getattr(self.args, "project", None) or None
+
+    def get_token(self) -> str:
+        args = self.args
+        if args.token_file:
+            if args.token_file == "-":
+                text = sys.stdin.read()
+            else:
+                try:
+                    text = Path(args.token_file).read_text(encoding="utf-8")
+                except OSError as exc:
+                    raise TokenError(f"cannot read the token file {args.token_file!r}: {exc.strerror}") from exc
+        elif args.token_env:
+            if args.token_env not in os.environ:
+                raise TokenError(f"environment variable {args.token_env} is not set; export the token in it")
+            text = os.environ[args.token_env]
+        elif os.environ.get(TOKEN_ENV):
+            text = os.environ[TOKEN_ENV]
+        elif not sys.stdin.isatty():
             text = sys.stdin.read()
         else:
+            raise TokenError(
+                f"no token given: use --token-file FILE, --token-env VAR, set {TOKEN_ENV}, or pipe it on standard input"
+            )
+        return text.strip()
+
+    def get_trusted_keys(self) -> TrustedKeys:
+        spec = self.args.issuer_keys or os.environ.get("PSEUDONYMISE_ISSUER_KEYS")
+        if spec:
+            if spec.lstrip().startswith("{") or spec.lstrip().startswith("["):
+                return TrustedKeys.from_jwks(spec)
             try:
-                text = Path(args.token_file).read_text(encoding="utf-8")
+                return TrustedKeys.from_jwks(Path(spec).read_text(encoding="utf-8"))
             except OSError as exc:
-                raise TokenError(f"cannot read the token file {args.token_file!r}: {exc.strerror}") from exc
-    elif args.token_env:
-        if args.token_env not in os.environ:
-            raise TokenError(f"environment variable {args.token_env} is not set; export the token in it")
-        text = os.environ[args.token_env]
-    elif os.environ.get(TOKEN_ENV):
-        text = os.environ[TOKEN_ENV]
-    elif not sys.stdin.isatty():
-        text = sys.stdin.read()
-    else:
-        raise TokenError(
-            f"no token given: use --token-file FILE, --token-env VAR, set {TOKEN_ENV}, or pipe it on standard input"
-        )
-    return text.strip()
-
-
-def trusted_keys(args: argparse.Namespace) -> TrustedKeys:
-    spec = args.issuer_keys or os.environ.get("PSEUDONYMISE_ISSUER_KEYS")
-    if spec:
-        if spec.lstrip().startswith("{") or spec.lstrip().startswith("["):
-            return TrustedKeys.from_jwks(spec)
+                raise TokenError(f"cannot read issuer keys from {spec!r}: {exc.strerror}") from exc
         try:
-            return TrustedKeys.from_jwks(Path(spec).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise TokenError(f"cannot read issuer keys from {spec!r}: {exc.strerror}") from exc
-    try:
-        return Issuer(open_store(args.store)).public_keys()
-    except IssuerError as exc:
-        raise TokenError(
-            "no trusted issuer keys: pass --issuer-keys FILE (from `pseudonymise issuer public-key`) "
-            "or set PSEUDONYMISE_ISSUER_KEYS"
-        ) from exc
+            return Issuer(open_store(self.args.store)).public_keys()
+        except IssuerError as exc:
+            raise TokenError(
+                "no trusted issuer keys: pass --issuer-keys FILE (from `pseudonymise issuer public-key`) "
+                "or set PSEUDONYMISE_ISSUER_KEYS"
+            ) from exc
 
+    def get_mac_service(self, token: Token) -> TransitMac | None:
+        """For a token whose key is held in Vault Transit: a client from VAULT_ADDR and VAULT_TOKEN."""
+        if token.key_ref is None:
+            return None
+        client = VaultClient.from_environment()
+        if client is None:
+            raise TokenError(f"token {token.jti}'s key is held in Vault Transit: set VAULT_ADDR and VAULT_TOKEN")
+        return TransitMac(client, token.key_ref["mount"], token.key_ref["name"], key_version=token.key_version)
 
-def transit_from_environment(token: Any) -> Any:
-    """For tokens whose key is held in Vault Transit: a client from VAULT_ADDR and VAULT_TOKEN."""
-    import hvac
-
-    from pseudonymise.core.transit import TransitMac
-
-    addr, vault_token = os.environ.get("VAULT_ADDR"), os.environ.get("VAULT_TOKEN")
-    if not addr or not vault_token:
-        raise TokenError(f"token {token.jti}'s key is held in Vault Transit: set VAULT_ADDR and VAULT_TOKEN")
-    return TransitMac(hvac.Client(url=addr, token=vault_token), token.key_ref["mount"], token.key_ref["name"],
-                      key_version=token.key_version)
+    def mask(self, secret: str) -> None:
+        """Nothing to mask: the CLI never prints or logs a token."""
 
 
 def build_policy(args: argparse.Namespace) -> ColumnPolicy:
@@ -205,11 +223,10 @@ def cmd_issuer_public_key(args: argparse.Namespace) -> int:
 def cmd_project_create(args: argparse.Namespace) -> int:
     transit_client = None
     if args.custody == "transit":
-        import hvac
-
-        if not os.environ.get("VAULT_ADDR") or not os.environ.get("VAULT_TOKEN"):
+        vault = VaultClient.from_environment()
+        if vault is None:
             raise IssuerError("--custody transit needs VAULT_ADDR and VAULT_TOKEN in the environment")
-        transit_client = hvac.Client(url=os.environ["VAULT_ADDR"], token=os.environ["VAULT_TOKEN"])
+        transit_client = vault.hvac
     issuer = Issuer(open_store(args.store), transit_client=transit_client)
     retention_until = parse_instant(args.retention_until) if args.retention_until else None
     project = issuer.create_project(
@@ -247,8 +264,9 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_token_inspect(args: argparse.Namespace) -> int:
-    raw = read_token(args)
-    keys = trusted_keys(args)
+    tokens = CliTokens(args)
+    raw = tokens.get_token()
+    keys = tokens.get_trusted_keys()
     try:
         token = verify_token(raw, keys)
         result: dict[str, Any] = {"valid": True, **token.public_claims()}
@@ -258,27 +276,28 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
     return 0 if result["valid"] else 1
 
 
-def _file_io(args: argparse.Namespace) -> tuple[Any, Any]:
-    source = open_source(args.input, args.input_format, args.batch_size)
+class OutputFile:
+    """The output file of a ``file`` command, written atomically (a :class:`~pseudonymise.core.plan.Destination`).
 
-    def sink_factory(columns: list[str], _conn: Any) -> Any:
+    A Parquet output of a pseudonymisation keeps the input's Parquet types for the columns that pass
+    through and gives pseudonymised columns the string type; a reversal writes originals of any type
+    where the input held text pseudonyms, so its output schema is inferred from the first batch.
+    """
+
+    def __init__(self, args: argparse.Namespace, source: Source, pseudonymised: set[str] | None) -> None:
+        """:param pseudonymised: the pseudonymised columns; ``None`` for a reversal."""
+        self.path, self.fmt, self.source, self.pseudonymised = args.output, args.output_format, source, pseudonymised
+
+    def open(self, columns: list[str], conn: Any) -> Sink:
         schema = None
-        # A reversal writes originals of any type where the source held text pseudonyms: the sink
-        # infers the output schema from the first batch instead of copying the source's.
-        revealing = getattr(args, "revealing", False)
-        if (getattr(source, "schema", None) is not None and not revealing
-                and Path(args.output).suffix.lower() in (".parquet", ".pq")):
+        input_schema = getattr(self.source, "schema", None)  # a Parquet input's Arrow schema
+        if input_schema is not None and self.pseudonymised is not None \
+                and Path(self.path).suffix.lower() in (".parquet", ".pq"):
             import pyarrow as pa
 
-            fields = []
-            for name in columns:
-                field = source.schema.field(name)
-                pseudonymised = args.command_columns is None or name in args.command_columns
-                fields.append(pa.field(name, pa.string()) if pseudonymised else field)
-            schema = pa.schema(fields)
-        return open_sink(args.output, columns, args.output_format, schema)
-
-    return source, sink_factory
+            schema = pa.schema([pa.field(name, pa.string()) if name in self.pseudonymised else input_schema.field(name)
+                                for name in columns])
+        return open_sink(self.path, columns, self.fmt, schema)
 
 
 def _report(summary: Any, started: float) -> None:
@@ -295,16 +314,13 @@ def _report(summary: Any, started: float) -> None:
 
 def cmd_file_pseudonymise(args: argparse.Namespace, secondary: bool = False) -> int:
     policy = build_policy(args)
-    raw, keys = read_token(args), trusted_keys(args)
-    args.command_columns = set(policy.pseudonymised_columns)
-    source, sink_factory = _file_io(args)
+    source = open_source(args.input, args.input_format, args.batch_size)
+    transfer = plan_transfer(source, OutputFile(args, source, set(policy.pseudonymised_columns)), policy,
+                             source_label=f"file:{args.input}", target_label=f"file:{args.output}")
     started = time.monotonic()
-    summary = run_pseudonymisation(
-        Store(args.db), raw, keys, policy, source, sink_factory, secondary=secondary, project=args.project,
-        source_label=f"file:{args.input}", target_label=f"file:{args.output}",
-        context={"triggered_by": current_user()}, progress=ProgressPrinter(args.progress),
-        transit=transit_from_environment,
-    )
+    summary = run_pseudonymisation(Store(args.db), CliTokens(args), policy, transfer,
+                                   RunContext(triggered_by=current_user()), secondary=secondary,
+                                   progress=ProgressPrinter(args.progress))
     _report(summary, started)
     return 0
 
@@ -315,15 +331,12 @@ def cmd_file_secondary(args: argparse.Namespace) -> int:
 
 def cmd_file_reverse(args: argparse.Namespace) -> int:
     columns = _split(args.columns)
-    raw, keys = read_token(args), trusted_keys(args)
-    args.command_columns, args.revealing = set(), True
-    source, sink_factory = _file_io(args)
+    source = open_source(args.input, args.input_format, args.batch_size)
+    transfer = plan_transfer(source, OutputFile(args, source, None), None,
+                             source_label=f"file:{args.input}", target_label=f"file:{args.output}")
     started = time.monotonic()
-    summary = run_reversal(
-        Store(args.db), raw, keys, columns, source, sink_factory, project=args.project,
-        triggered_by=current_user(), source_label=f"file:{args.input}", target_label=f"file:{args.output}",
-        progress=ProgressPrinter(args.progress), require_all=args.require_all,
-    )
+    summary = run_reversal(Store(args.db), CliTokens(args), columns, transfer, RunContext(triggered_by=current_user()),
+                           progress=ProgressPrinter(args.progress), require_all=args.require_all)
     _report(summary, started)
     if summary.counts.get("not_found"):
         print(f"warning: {summary.counts['not_found']} pseudonym(s) had no escrow and were written as empty",
@@ -332,7 +345,7 @@ def cmd_file_reverse(args: argparse.Namespace) -> int:
 
 
 def cmd_escrow_purge(args: argparse.Namespace) -> int:
-    summary = run_purge(Store(args.db), project=args.project, context={"triggered_by": current_user()})
+    summary = run_purge(Store(args.db), RunContext(triggered_by=current_user()), project=args.project)
     print(f"purged {summary.counts['escrow_rows']} escrow row(s) past retention; audit use {summary.use_id}")
     return 0
 
@@ -361,9 +374,8 @@ def _verify_escrow(args: argparse.Namespace, store: Store, chain_ok: bool) -> bo
     with store.engine.connect() as conn:
         listed = store.audit.listed_escrow_batches(conn)
     if args.token_file or args.token_env:
-        raw, keys = read_token(args), trusted_keys(args)
-        with TokenUse(store.audit, "verify", raw, keys, kind="reverse", project=args.project, source="escrow",
-                      context={"triggered_by": current_user()}) as use, store.engine.connect() as conn:
+        with TokenUse(store.audit, "verify", CliTokens(args), kind="reverse", source="escrow",
+                      run=RunContext(triggered_by=current_user())) as use, store.engine.connect() as conn:
             assert use.token is not None
             rows = unproven_rows(conn, store.escrow, listed, token=use.token)
             use.counts.update(escrow_rows=len(rows))
@@ -397,13 +409,11 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
 
 
 # --- signed checkpoints (DESIGN §6.1) ---------------------------------------------------------
-def _vault_client(what: str) -> Any:
-    import hvac
-
-    addr, token = os.environ.get("VAULT_ADDR"), os.environ.get("VAULT_TOKEN")
-    if not addr or not token:
+def _vault_client(what: str) -> VaultClient:
+    client = VaultClient.from_environment()
+    if client is None:
         raise CheckpointError(f"{what} needs VAULT_ADDR and VAULT_TOKEN in the environment")
-    return hvac.Client(url=addr, token=token)
+    return client
 
 
 def _mount_and_name(spec: str, flag: str) -> tuple[str, str]:

@@ -3,16 +3,19 @@
 :class:`PseudonymisationTokenHook` reads a token from a ``pseudonymise`` connection: its
 password, or a HashiCorp Vault KV secret the connection points to (through the hashicorp
 provider's ``VaultHook``). A connection served by Airflow's ``VaultBackend`` secrets backend is
-just a connection, so it works unchanged. Every token is registered with Airflow's secret
-masker the moment it is read. :class:`SqlDataHook` turns any SQL connection into a SQLAlchemy
-engine for sources, targets and the audit/escrow store.
+just a connection, so it works unchanged. It is the operators' and the HTTP API's
+:class:`~pseudonymise.core.use.TokenSource`: every token is registered with Airflow's secret masker
+the moment it is read. :class:`SqlDataHook` turns any SQL connection into a SQLAlchemy engine, built
+by the connection's own provider hook, for sources, targets and the audit/escrow store.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any
 
 import sqlalchemy as sa
 from airflow.sdk import BaseHook
@@ -20,16 +23,11 @@ from airflow.sdk.log import mask_secret
 from sqlalchemy.engine import Engine
 
 from pseudonymise.core.db import make_engine
-from pseudonymise.core.errors import DataIOError, ServiceUnavailableError, TokenError, is_unreachable
-from pseudonymise.core.tokens import TrustedKeys, secret_parts, verify_token
-
-
-class TokenUnavailableError(TokenError):
-    """The token could not be read from its connection or from Vault."""
-
-
-class VaultUnreachableError(TokenUnavailableError, ServiceUnavailableError):
-    """Vault could not be reached to read the token or to compute HMACs: a retry may succeed."""
+from pseudonymise.core.errors import DataIOError, TokenError, TokenUnavailableError, VaultUnreachableError
+from pseudonymise.core.files import open_sink
+from pseudonymise.core.tokens import Token, TrustedKeys, secret_parts, verify_token
+from pseudonymise.core.transit import TransitMac
+from pseudonymise.core.vault import VaultClient, is_unreachable
 
 
 def _unavailable(message: str, exc: BaseException) -> TokenUnavailableError:
@@ -44,6 +42,14 @@ def _mask_token(token: str) -> None:
         mask_secret(part)
 
 
+def vault_client(vault_conn_id: str) -> VaultClient:
+    """The plugin's Vault client for a HashiCorp Vault connection, opened by the hashicorp provider's
+    ``VaultHook`` (its authentication methods, namespaces and TLS settings). Raises what the hook raises."""
+    from airflow.providers.hashicorp.hooks.vault import VaultHook
+
+    return VaultClient(VaultHook(vault_conn_id=vault_conn_id).get_conn())
+
+
 class PseudonymisationTokenHook(BaseHook):
     """Reads a pseudonymisation, reverse or secondary token and the issuer keys that verify it.
 
@@ -53,9 +59,13 @@ class PseudonymisationTokenHook(BaseHook):
     * extra ``issuer_keys``: the trusted issuer public keys (JWKS from ``pseudonymise issuer public-key``);
     * extra ``project``: optional, refuse tokens of any other project;
     * extras ``vault_conn_id``, ``vault_path``, ``vault_key`` (default ``token``): read the token from
-      the KV secret at ``vault_path`` through that Vault connection instead of the password.
+      the KV secret at ``vault_path`` through that Vault connection instead of the password;
+    * extra ``transit_vault_conn_id``: for a project whose key is held in Vault Transit, the Vault
+      connection allowed to compute HMACs with it.
 
     :param pseudonymise_conn_id: the connection id (default ``pseudonymise_default``).
+    :param require_conn_type: refuse, without reading its password, a connection that is not of type
+        ``pseudonymise`` (the HTTP API, where a caller names the connection, sets it).
     """
 
     conn_name_attr = "pseudonymise_conn_id"
@@ -63,15 +73,20 @@ class PseudonymisationTokenHook(BaseHook):
     conn_type = "pseudonymise"
     hook_name = "Pseudonymisation token"
 
-    def __init__(self, pseudonymise_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+    def __init__(self, pseudonymise_conn_id: str = default_conn_name, *, require_conn_type: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pseudonymise_conn_id = pseudonymise_conn_id
+        self.require_conn_type = require_conn_type
+        #: Whether the connection itself could not be read (no such connection, secrets backend down).
+        self.connection_unreadable = False
 
     @cached_property
     def connection(self) -> Any:
         try:
             return self.get_connection(self.pseudonymise_conn_id)
         except Exception as exc:  # Airflow raises several types for a missing connection
+            self.connection_unreadable = True
             raise TokenUnavailableError(
                 f"connection {self.pseudonymise_conn_id!r} could not be read ({exc.__class__.__name__}); "
                 "create it with type 'pseudonymise' (or check the secrets backend)"
@@ -83,15 +98,22 @@ class PseudonymisationTokenHook(BaseHook):
 
     @property
     def project(self) -> str | None:
+        """The project the connection's tokens must belong to (extra ``project``); ``None``: any."""
         return self.extras.get("project") or None
 
     def get_token(self) -> str:
         """The raw token, masked in logs from this moment on."""
+        connection = self.connection
+        if self.require_conn_type and connection.conn_type != self.conn_type:
+            # Never read, fingerprint or audit another kind of connection's password as if it were a token.
+            raise TokenUnavailableError(
+                f"connection {self.pseudonymise_conn_id!r} is of type {connection.conn_type!r}; a token must be "
+                "held in a connection of type 'pseudonymise'")
         extras = self.extras
         if extras.get("vault_conn_id") or extras.get("vault_path"):
             token = self._token_from_vault(extras)
         else:
-            token = self.connection.password
+            token = connection.password
             if not token:
                 raise TokenUnavailableError(
                     f"connection {self.pseudonymise_conn_id!r} holds no token: put it in the password field, "
@@ -110,7 +132,7 @@ class PseudonymisationTokenHook(BaseHook):
             raise TokenUnavailableError(
                 f"connection {self.pseudonymise_conn_id!r} names Vault but lacks vault_conn_id or vault_path"
             )
-        try:
+        try:  # the provider's KV read: it knows the connection's KV version and mount
             secret = VaultHook(vault_conn_id=vault_conn_id).get_secret(secret_path=path)
         except Exception as exc:  # hvac/requests raise many types; the message must not quote the token
             raise _unavailable(
@@ -122,7 +144,7 @@ class PseudonymisationTokenHook(BaseHook):
                 f"the Vault secret at {path!r} (connection {vault_conn_id!r}) has no text key {key!r}; "
                 "store the token under that key or set the extra vault_key"
             )
-        return secret[key]
+        return str(secret[key])
 
     def get_trusted_keys(self) -> TrustedKeys:
         keys = self.extras.get("issuer_keys")
@@ -133,13 +155,12 @@ class PseudonymisationTokenHook(BaseHook):
             )
         return TrustedKeys.from_jwks(keys)
 
-    def get_transit(self, token: Any) -> Any:
+    def get_mac_service(self, token: Token) -> TransitMac | None:
         """The Vault Transit HMAC client for a token whose key never leaves Vault (``key_ref``), through
-        the connection's ``transit_vault_conn_id`` (a HashiCorp Vault connection)."""
-        from airflow.providers.hashicorp.hooks.vault import VaultHook
-
-        from pseudonymise.core.transit import TransitMac
-
+        the connection's ``transit_vault_conn_id`` (a HashiCorp Vault connection); ``None`` for a token
+        that carries its key."""
+        if token.key_ref is None:
+            return None
         conn_id = self.extras.get("transit_vault_conn_id")
         if not conn_id:
             raise TokenUnavailableError(
@@ -147,10 +168,14 @@ class PseudonymisationTokenHook(BaseHook):
                 f"{self.pseudonymise_conn_id!r} to a Vault connection allowed to use {token.key_ref['mount']}/hmac"
             )
         try:
-            client = VaultHook(vault_conn_id=conn_id).get_conn()
+            client = vault_client(conn_id)
         except Exception as exc:  # hvac/requests raise many types
             raise _unavailable(f"Vault connection {conn_id!r} could not be opened ({exc.__class__.__name__})", exc) from exc
         return TransitMac(client, token.key_ref["mount"], token.key_ref["name"], key_version=token.key_version)
+
+    def mask(self, secret: str) -> None:
+        """Register ``secret`` with Airflow's secret masker."""
+        mask_secret(secret)
 
     def test_connection(self) -> tuple[bool, str]:
         """Verify the token (signature, validity) without using it; says nothing secret."""
@@ -162,31 +187,36 @@ class PseudonymisationTokenHook(BaseHook):
                       f"{token.expires.isoformat()}")
 
 
-class SqlDataHook(BaseHook):
-    """A SQLAlchemy engine for any SQL connection (PostgreSQL, SQLite, or any DB-API hook's engine).
+#: Extras that say how to build the engine's URL, never arguments for the database driver.
+IGNORED_EXTRAS = frozenset({"sqlalchemy_url", "sqlalchemy_scheme", "sqlalchemy_query"})
+#: psycopg2 on PostgreSQL: COPY both ways and the cancel of a running COPY are psycopg2's calls.
+_POSTGRES_HOOK_PARAMS = {"sqlalchemy_scheme": "postgresql+psycopg2"}
 
-    ``postgres`` connections use psycopg2 (so COPY is available); ``sqlite`` connections take the
-    database file from ``host``; an extra ``sqlalchemy_url`` overrides everything; other types use
-    their provider hook's ``get_sqlalchemy_engine()``.
+
+class SqlDataHook(BaseHook):
+    """A SQLAlchemy engine for any SQL connection, built by the connection's own provider hook.
+
+    The engine comes from the provider hook's ``get_sqlalchemy_engine()`` (``postgres`` connections
+    through psycopg2, which PostgreSQL COPY needs; every extra but the provider's ignore list and
+    ``sqlalchemy_*`` goes to the driver, ``connect_timeout`` 10 s unless given). ``sqlite``
+    connections (the embedded default, no provider needed) take the database file from ``host``; an
+    extra ``sqlalchemy_url`` overrides everything. One engine per hook, made on first use.
 
     :param sql_conn_id: the connection id.
     """
 
     conn_name_attr = "sql_conn_id"
     hook_name = "Pseudonymise SQL data"
-    _engines: ClassVar[dict[str, Engine]] = {}
 
     def __init__(self, sql_conn_id: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.sql_conn_id = sql_conn_id
 
     def get_engine(self) -> Engine:
-        engine = self._engines.get(self.sql_conn_id)
-        if engine is None:
-            engine = self._engines[self.sql_conn_id] = self._make_engine()
-        return engine
+        return self.engine
 
-    def _make_engine(self) -> Engine:
+    @cached_property
+    def engine(self) -> Engine:
         try:
             conn = self.get_connection(self.sql_conn_id)
         except Exception as exc:
@@ -194,22 +224,33 @@ class SqlDataHook(BaseHook):
         extra = conn.extra_dejson or {}
         if extra.get("sqlalchemy_url"):
             return make_engine(extra["sqlalchemy_url"])
-        if conn.conn_type in ("postgres", "postgresql"):
-            url = sa.URL.create("postgresql+psycopg2", username=conn.login or None, password=conn.password or None,
-                                host=conn.host or None, port=conn.port or None, database=conn.schema or None)
-            connect_args = {k: extra[k] for k in ("sslmode", "sslcert", "sslkey", "sslrootcert", "application_name",
-                                                  "connect_timeout", "options") if k in extra}
-            connect_args.setdefault("connect_timeout", 10)
-            return make_engine(url.render_as_string(hide_password=False), connect_args=connect_args, pool_pre_ping=True)
         if conn.conn_type == "sqlite":
             path = conn.host or conn.schema
             if not path:
                 raise DataIOError(f"sqlite connection {self.sql_conn_id!r} has no database file in 'host'")
             return make_engine(f"sqlite:///{path}")
-        hook = conn.get_hook()
+        postgres = conn.conn_type in ("postgres", "postgresql")
+        try:
+            hook = self._postgres_hook() if conn.conn_type == "postgresql" else conn.get_hook(
+                hook_params=_POSTGRES_HOOK_PARAMS if postgres else None)
+        except Exception as exc:  # an unknown type, or its provider is not installed
+            raise DataIOError(f"connection {self.sql_conn_id!r} of type {conn.conn_type!r} has no provider hook "
+                              f"here ({exc.__class__.__name__}); install its provider") from exc
         if not hasattr(hook, "get_sqlalchemy_engine"):
             raise DataIOError(f"connection {self.sql_conn_id!r} of type {conn.conn_type!r} is not a SQL database")
-        return hook.get_sqlalchemy_engine()
+        if not postgres:
+            return hook.get_sqlalchemy_engine()
+        ignored = IGNORED_EXTRAS | set(getattr(hook, "ignored_extra_options", ()))
+        connect_args = {k: v for k, v in extra.items() if k not in ignored}
+        connect_args.setdefault("connect_timeout", 10)
+        return hook.get_sqlalchemy_engine(engine_kwargs={"connect_args": connect_args, "pool_pre_ping": True})
+
+    def _postgres_hook(self) -> Any:
+        """The postgres provider's hook for a connection whose type is spelt ``postgresql`` (the provider
+        registers ``postgres``)."""
+        from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+        return PostgresHook(postgres_conn_id=self.sql_conn_id, **_POSTGRES_HOOK_PARAMS)
 
     def key_ranges(self, table: str, key_column: str, parts: int, schema: str | None = None) -> list[dict[str, Any]]:
         """Split ``table`` into ``parts`` ranges of ``key_column`` for dynamic task mapping.
@@ -264,7 +305,6 @@ class ObjectStorageHook(BaseHook):
         return ObjectStoragePath(uri, conn_id=self.storage_conn_id)
 
     def download(self, uri: str, directory: str) -> str:
-        import os
         import shutil
 
         remote = self.path(uri)
@@ -276,8 +316,23 @@ class ObjectStorageHook(BaseHook):
             raise DataIOError(f"cannot read {uri!r} ({exc.__class__.__name__}); check the path and storage connection") from exc
         return local
 
-    def uploading_sink(self, sink: Any, local: str, uri: str) -> Any:
-        return _UploadingSink(self, sink, local, uri)
+    def destination(self, uri: str, fmt: str | None = None) -> ObjectStorageDestination:
+        """Where a run writes the file ``uri`` (format ``fmt``, default from the extension)."""
+        return ObjectStorageDestination(self, uri, fmt)
+
+
+class ObjectStorageDestination:
+    """A CSV or Parquet file on object storage: written to a local temporary file, atomically, and
+    uploaded when the run commits (a :class:`~pseudonymise.core.plan.Destination`)."""
+
+    def __init__(self, hook: ObjectStorageHook, uri: str, fmt: str | None = None) -> None:
+        self.hook, self.uri, self.fmt = hook, uri, fmt
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+
+    def open(self, columns: list[str], conn: Any) -> _UploadingSink:
+        self._scratch = tempfile.TemporaryDirectory(prefix="pseudonymise-")
+        local = os.path.join(self._scratch.name, "target" + os.path.splitext(self.uri)[1])
+        return _UploadingSink(self.hook, open_sink(local, columns, self.fmt), local, self.uri)
 
 
 class _UploadingSink:
@@ -349,16 +404,14 @@ class AuditSigningHook(BaseHook):
     def extras(self) -> dict[str, Any]:
         return self.connection.extra_dejson or {}
 
-    def _vault(self, conn_id: str | None, what: str) -> Any:
-        from airflow.providers.hashicorp.hooks.vault import VaultHook
-
-        from pseudonymise.core.checkpoint import SigningUnavailableError, SigningUnreachableError
+    def _vault(self, conn_id: str | None, what: str) -> VaultClient:
+        from pseudonymise.core.errors import SigningUnavailableError, SigningUnreachableError
 
         if not conn_id:
             raise SigningUnavailableError(f"connection {self.audit_signing_conn_id!r} names {what} but no Vault "
                                           "connection: set the extra transit_vault_conn_id (or witness_vault_conn_id)")
         try:
-            return VaultHook(vault_conn_id=conn_id).get_conn()
+            return vault_client(conn_id)
         except Exception as exc:  # hvac/requests raise many types
             cls = SigningUnreachableError if is_unreachable(exc) else SigningUnavailableError
             raise cls(f"Vault connection {conn_id!r} could not be opened ({exc.__class__.__name__})") from exc

@@ -1,30 +1,46 @@
-"""Airflow operators: pseudonymise, secondary-pseudonymise, reverse and purge, each one audited use.
+"""Airflow operators: pseudonymise, secondary-pseudonymise, reverse, re-key and purge, each one audited use.
 
-Every task follows the same flow: read the token (masked at once), commit the audit ``started``
-row, verify the token, stream the source in batches through the pseudonymiser, write the
-target and escrow, and commit the audit ``finished`` row in the same transaction as the data
-when the audit lives in the target's database (the default). The XCom result is a summary of
-counts and ids, never a value or a secret.
+Every data task follows the same flow: read the token (masked at once), commit the audit
+``started`` row, verify the token, stream the source in batches through the pseudonymiser, write
+the target and escrow, and commit the audit ``finished`` row in the same transaction as the data
+when the audit lives in the target's database (the default). The operators name the pieces (the
+token connection, the source, the target, the audit store) and the core runs the flow
+(:mod:`pseudonymise.core.pipeline`). The XCom result is a summary of counts and ids, never a value
+or a secret.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import cached_property
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 from airflow.sdk import Asset, BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from pseudonymise.core.audit import AuditUse
+from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.errors import PolicyError, PseudonymiseError, ServiceUnavailableError, TokenError
-from pseudonymise.core.files import open_sink, open_source
-from pseudonymise.core.pipeline import Sink, Source, Store, run_pseudonymisation, run_purge, run_rekey, run_reversal
-from pseudonymise.core.pseudonymiser import ColumnPolicy, Stats
-from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableTarget, table_query
+from pseudonymise.core.files import open_source
+from pseudonymise.core.pipeline import Store, run_pseudonymisation, run_purge, run_rekey, run_reversal
+from pseudonymise.core.plan import (
+    Destination,
+    FileDestination,
+    QuerySource,
+    SeparateTransaction,
+    SharedTransaction,
+    Source,
+    TableDestination,
+    Transfer,
+    plan_transfer,
+)
+from pseudonymise.core.policy import ColumnPolicy
+from pseudonymise.core.pseudonymiser import Stats
+from pseudonymise.core.sql import TableTarget, table_query
+from pseudonymise.core.use import RunContext
 from pseudonymise.hooks import ObjectStorageHook, PseudonymisationTokenHook, SqlDataHook, is_object_storage
 
 AUDIT_PAGE = "/pseudonymise/audit"
@@ -42,20 +58,21 @@ class AuditTrailLink(BaseOperatorLink):
         return f"{AUDIT_PAGE}?{urlencode(query)}"
 
 
-def audit_context(context: Mapping[str, Any]) -> dict[str, Any]:
+def run_context(context: Mapping[str, Any], on_finished: Callable[[AuditLog], None] | None = None) -> RunContext:
     """Who and when, for the audit: DAG, task, run, try, dates and the user who triggered the run."""
     ti, dag_run = context.get("ti"), context.get("dag_run")
-    return {
-        "dag_id": getattr(ti, "dag_id", None),
-        "task_id": getattr(ti, "task_id", None),
-        "run_id": getattr(ti, "run_id", None),
-        "map_index": getattr(ti, "map_index", None),
-        "try_number": getattr(ti, "try_number", None),
-        "logical_date": context.get("logical_date"),
-        "data_interval_start": context.get("data_interval_start"),
-        "data_interval_end": context.get("data_interval_end"),
-        "triggered_by": getattr(dag_run, "triggering_user_name", None),
-    }
+    return RunContext(
+        dag_id=getattr(ti, "dag_id", None),
+        task_id=getattr(ti, "task_id", None),
+        run_id=getattr(ti, "run_id", None),
+        map_index=getattr(ti, "map_index", None),
+        try_number=getattr(ti, "try_number", None),
+        logical_date=context.get("logical_date"),
+        data_interval_start=context.get("data_interval_start"),
+        data_interval_end=context.get("data_interval_end"),
+        triggered_by=getattr(dag_run, "triggering_user_name", None),
+        on_finished=on_finished,
+    )
 
 
 def _task_failure(exc: Exception) -> Exception:
@@ -67,31 +84,25 @@ def _task_failure(exc: Exception) -> Exception:
     return AirflowFailException(str(exc))
 
 
-class _OwnTransactionSink:
-    """A table sink in a database other than the audit's: it commits its own transaction first, so a
-    crash can leave data whose audit use shows ``started`` without ``finished``, never the reverse."""
+@contextmanager
+def _failing_the_task() -> Iterator[None]:
+    """Token and policy errors fail the task as :func:`_task_failure` says; other errors (a database
+    that cannot be reached, a full disk) propagate as they are, so the task's ``retries`` apply."""
+    try:
+        yield
+    except (TokenError, PolicyError) as exc:
+        raise _task_failure(exc) from exc
 
-    def __init__(self, target: TableTarget, hook: SqlDataHook, columns: list[str], **kwargs: Any) -> None:
-        self._conn = hook.get_engine().connect()
-        self._txn = self._conn.begin()
-        self._sink = target.sink(self._conn, columns, **kwargs)
 
-    @property
-    def takes_copy_blocks(self) -> bool:
-        return self._sink.takes_copy_blocks
+def _checkpoint_after_use(conn_id: str | None, log: Any) -> Callable[[AuditLog], None] | None:
+    """The use's ``on_finished`` for an audit signing connection: a signed checkpoint once the use's
+    ``finished`` row is committed; a failure is a warning in the task log, never a failed use."""
+    if not conn_id:
+        return None
+    from pseudonymise.core.checkpoint import checkpoint_after_use
+    from pseudonymise.hooks import AuditSigningHook
 
-    def write(self, batch: Any) -> None:
-        self._sink.write(batch)
-
-    def commit(self) -> None:
-        self._sink.commit()
-        self._txn.commit()
-        self._conn.close()
-
-    def abort(self) -> None:
-        if self._txn.is_active:
-            self._txn.rollback()
-        self._conn.close()
+    return checkpoint_after_use(lambda audit: AuditSigningHook(conn_id).checkpointer(audit), log)
 
 
 class _ProgressLog:
@@ -105,127 +116,53 @@ class _ProgressLog:
             self.log.info("progress: %d rows (%.0f rows/s)", stats.rows_in, stats.rows_in / (now - self.start))
 
 
-class _DataTaskMixin:
-    """Source, target and audit plumbing shared by the data-moving operators."""
+class BaseDataOperator(BaseOperator):
+    """The parameters every data-moving operator shares: the token, the source, the target and the audit.
 
-    log: Any
-    storage_conn_id: str | None = None
-    pseudonymise_conn_id: str
-
-    def _begin(self, context: Any, operation: str) -> tuple[dict[str, Any], Store, PseudonymisationTokenHook, str, Any]:
-        """Audit context, store, and the token (masked as it is read); a token that cannot be read is
-        audited as a ``denied`` use and fails the task without retries."""
-        ctx = audit_context(context)
-        store = self._store()
-        token_hook = PseudonymisationTokenHook(self.pseudonymise_conn_id)
-        try:
-            return ctx, store, token_hook, token_hook.get_token(), token_hook.get_trusted_keys()
-        except TokenError as exc:
-            _audit_unreadable_token(store, operation, token_hook, ctx, exc)
-            raise _task_failure(exc) from exc
-
-    def _store(self) -> Store:
-        conn_id = self.audit_conn_id or self.target_conn_id or self.source_conn_id
-        if not conn_id:
-            raise PolicyError("no database for the audit table: set audit_conn_id (file-to-file runs need one)")
-        return Store(SqlDataHook(conn_id).get_engine(), self.audit_table, self.audit_schema)
-
-    def _targets_postgres(self) -> bool:
-        return bool(self.target_table and self.target_conn_id
-                    and SqlDataHook(self.target_conn_id).get_engine().dialect.name == "postgresql")
-
-    def _open_source(self, pseudonymised: Sequence[str]) -> Source:
-        if self.source_path:
-            path = str(self.source_path)
-            if is_object_storage(path):
-                self._scratch = tempfile.TemporaryDirectory(prefix="pseudonymise-")
-                path = ObjectStorageHook(self.storage_conn_id).download(path, self._scratch.name)
-            return open_source(path, self.source_format, self.batch_size)
-        if not self.source_conn_id or not (self.sql or self.source_table):
-            raise PolicyError("give a source: source_conn_id with sql or source_table, or source_path")
-        engine = SqlDataHook(self.source_conn_id).get_engine()
-        query = self.sql or table_query(self.source_table, self.source_schema, engine.dialect)
-        label = f"table:{self.source_table}" if self.source_table else "query"
-        if engine.dialect.name == "postgresql" and self._targets_postgres() and self.use_copy is not False:
-            copy_source = PostgresCopySource(engine, query, self.parameters, self.batch_size, label)
-            copy_source.check_types(pseudonymised)
-            if copy_source.usable(pseudonymised):
-                # the target is written with COPY too: what is not pseudonymised stays COPY text
-                copy_source.carry_as_text([c for c in copy_source.columns if c not in pseudonymised])
-                return copy_source
-            self.log.info("pseudonymised columns have types COPY text cannot carry canonically; using the cursor path")
-        source = SqlSource(engine, query, self.parameters, self.batch_size, label)
-        source.check_types(pseudonymised)
-        return source
-
-    def _sink_factory(self, store: Store, source: Source, pseudonymised: Sequence[str]) -> Any:
-        def factory(columns: list[str], conn: Any) -> Sink:
-            if self.target_path:
-                path = str(self.target_path)
-                if is_object_storage(path):
-                    self._scratch_out = tempfile.TemporaryDirectory(prefix="pseudonymise-")
-                    local = os.path.join(self._scratch_out.name, "target" + os.path.splitext(path)[1])
-                    hook = ObjectStorageHook(self.storage_conn_id)
-                    return hook.uploading_sink(open_sink(local, columns, self.target_format), local, path)
-                return open_sink(path, columns, self.target_format)
-            if not (self.target_table and self.target_conn_id):
-                raise PolicyError("give a target: target_conn_id with target_table, or target_path")
-            target = TableTarget(self.target_table, self.target_schema, self.write_mode, self.partition_column,
-                                 self.partition_start, self.partition_end, self.upsert_key, self.create_table)
-            options = {"use_copy": isinstance(source, PostgresCopySource) or (False if self.use_copy is False else None),
-                       "pseudonymised": pseudonymised, "type_names": getattr(source, "type_names", None)}
-            hook = SqlDataHook(self.target_conn_id)
-            if hook.get_engine() is store.engine:
-                return target.sink(conn, columns, **options)
-            return _OwnTransactionSink(target, hook, columns, **options)
-        return factory
-
-    def _labels(self) -> tuple[str, str]:
-        source = f"file:{self.source_path}" if self.source_path else (
-            f"{self.source_conn_id}:{self.source_table}" if self.source_table else f"{self.source_conn_id}:query")
-        target = f"file:{self.target_path}" if self.target_path else f"{self.target_conn_id}:{self.target_table}"
-        return source, target
-
-
-_DATA_TEMPLATE_FIELDS = ("sql", "parameters", "source_table", "source_path", "target_table", "target_path",
-                         "partition_start", "partition_end")
-
-
-class PseudonymiseOperator(_DataTaskMixin, BaseOperator):
-    """Pseudonymise chosen columns of a table, query or file into a target table or file.
-
-    :param columns: the column policy: ``{"patient_id": {"action": "pseudonymise", "normalise": ["strip"],
-        "domain": ""}, "name": "drop", "birth_year": "keep"}``, or a list of columns to pseudonymise.
-    :param unlisted_columns: what happens to source columns the policy does not name: ``error``
-        (default, so a new column never leaves unnoticed), ``keep`` or ``drop``.
-    :param pseudonymise_conn_id: ``pseudonymise`` connection holding the token (default ``pseudonymise_default``).
-    :param source_conn_id: SQL connection of the source; with ``sql`` (templated, ``.sql`` files, ``:name``
-        bind ``parameters``) or ``source_table``/``source_schema``. Or ``source_path``: a CSV/Parquet file.
-    :param target_conn_id: SQL connection of the target table ``target_table``/``target_schema``; or
-        ``target_path``: a CSV/Parquet file, written atomically.
+    :param pseudonymise_conn_id: the ``pseudonymise`` connection holding the token (see
+        :class:`~pseudonymise.hooks.PseudonymisationTokenHook`; default ``pseudonymise_default``).
+    :param source_conn_id: the SQL connection of the source, read with ``sql`` or ``source_table``.
+    :param sql: the source query (templated; a ``.sql`` file works too), with ``:name`` bind ``parameters``.
+    :param parameters: values of the query's ``:name`` bind parameters (templated).
+    :param source_table: the source table, when there is no ``sql`` (templated); ``source_schema`` its schema.
+    :param source_schema: the schema of ``source_table`` (default: the connection's).
+    :param source_path: a CSV or Parquet file to read instead of a database (templated); a URI such as
+        ``s3://…`` goes through ``storage_conn_id``.
+    :param source_format: ``csv`` or ``parquet`` (default: from the extension of ``source_path``).
+    :param target_conn_id: the SQL connection of the target table.
+    :param target_table: the target table (templated), created when missing (``create_table``).
+    :param target_schema: the schema of ``target_table`` (default: the connection's).
+    :param target_path: a CSV or Parquet file to write instead of a table (templated), written atomically;
+        a URI goes through ``storage_conn_id``.
+    :param target_format: ``csv`` or ``parquet`` (default: from the extension of ``target_path``).
     :param write_mode: ``append``; ``replace_partition`` (delete ``partition_column`` in
-        ``[partition_start, partition_end)`` then insert; by default the run's data interval dates);
-        ``upsert`` on ``upsert_key``; ``replace`` (the whole table). Always one transaction.
-    :param batch_size: rows per batch (memory is proportional to it, not to the table).
-    :param audit_conn_id: database of the audit and escrow tables; default the target's, so the audit row
-        commits with the data.
-    :param use_copy: PostgreSQL COPY both ways when source and target are PostgreSQL (default: when possible).
-    :param storage_conn_id: connection for ``source_path``/``target_path`` URIs on object storage
+        ``[partition_start, partition_end)``, then insert); ``upsert`` on ``upsert_key``; ``replace`` (the
+        whole table). Always one transaction.
+    :param partition_column: the column whose values ``replace_partition`` replaces.
+    :param partition_start: the first value of the replaced partition (templated; default the run's data
+        interval start date).
+    :param partition_end: the end (excluded) of the replaced partition (templated; default the run's data
+        interval end date; ``None``: open-ended).
+    :param upsert_key: the columns of a unique key of the target, for ``upsert``.
+    :param create_table: create the target table when it does not exist (default ``True``).
+    :param batch_size: rows per batch; memory is proportional to it, not to the table.
+    :param audit_conn_id: the database of the audit and escrow tables; default the target's, so the
+        audit's ``finished`` row commits with the data (file-to-file runs need one).
+    :param audit_table: the audit table (default ``pseudonymise_audit``); ``audit_schema`` its schema.
+    :param audit_schema: the schema of the audit and escrow tables (default: the connection's).
+    :param storage_conn_id: the connection for ``source_path``/``target_path`` URIs on object storage
         (``s3://``, ``gs://``, ``file://`` …, through Airflow's ObjectStoragePath).
     :param audit_signing_conn_id: an audit signing connection (see :class:`AuditCheckpointOperator`): a signed
         checkpoint of the audit is written after the use; if it fails, the use stands and a warning says why.
     """
 
-    template_fields: Sequence[str] = (*_DATA_TEMPLATE_FIELDS, "columns")
+    template_fields: Sequence[str] = ("sql", "parameters", "source_table", "source_path", "target_table",
+                                      "target_path", "partition_start", "partition_end")
     template_ext: Sequence[str] = (".sql",)
-    template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json", "columns": "json"}
-    ui_color = "#d8f3dc"
+    template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json"}
     operator_extra_links = (AuditTrailLink(),)
-    secondary = False
-    token_kind = "pseudonymisation"
 
-    def __init__(self, *, columns: Mapping[str, Any] | Sequence[str], unlisted_columns: str = "error",
-                 pseudonymise_conn_id: str = PseudonymisationTokenHook.default_conn_name,
+    def __init__(self, *, pseudonymise_conn_id: str = PseudonymisationTokenHook.default_conn_name,
                  source_conn_id: str | None = None, sql: str | None = None, parameters: Mapping[str, Any] | None = None,
                  source_table: str | None = None, source_schema: str | None = None,
                  source_path: str | None = None, source_format: str | None = None,
@@ -236,13 +173,9 @@ class PseudonymiseOperator(_DataTaskMixin, BaseOperator):
                  partition_end: Any = "{{ data_interval_end | ds }}",
                  upsert_key: Sequence[str] | None = None, create_table: bool = True, batch_size: int = 50_000,
                  audit_conn_id: str | None = None, audit_table: str = "pseudonymise_audit",
-                 audit_schema: str | None = None, use_copy: bool | None = None,
-                 storage_conn_id: str | None = None, audit_signing_conn_id: str | None = None,
-                 **kwargs: Any) -> None:
-        if target_table and target_conn_id and "outlets" not in kwargs and "{{" not in target_table:
-            kwargs["outlets"] = [Asset(name=f"pseudonymise/{target_conn_id}/{target_schema or 'default'}/{target_table}")]
+                 audit_schema: str | None = None, storage_conn_id: str | None = None,
+                 audit_signing_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.columns, self.unlisted_columns = columns, unlisted_columns
         self.pseudonymise_conn_id = pseudonymise_conn_id
         self.source_conn_id, self.sql, self.parameters = source_conn_id, sql, parameters
         self.source_table, self.source_schema = source_table, source_schema
@@ -253,8 +186,108 @@ class PseudonymiseOperator(_DataTaskMixin, BaseOperator):
         self.partition_start, self.partition_end = partition_start, partition_end
         self.upsert_key, self.create_table, self.batch_size = upsert_key, create_table, batch_size
         self.audit_conn_id, self.audit_table, self.audit_schema = audit_conn_id, audit_table, audit_schema
-        self.use_copy, self.storage_conn_id = use_copy, storage_conn_id
-        self.audit_signing_conn_id = audit_signing_conn_id
+        self.storage_conn_id, self.audit_signing_conn_id = storage_conn_id, audit_signing_conn_id
+
+    # --- hooks, resolved once ---------------------------------------------------------------------
+    @cached_property
+    def token_hook(self) -> PseudonymisationTokenHook:
+        """Where the token comes from."""
+        return PseudonymisationTokenHook(self.pseudonymise_conn_id)
+
+    @cached_property
+    def _db_hooks(self) -> dict[str, SqlDataHook]:
+        return {}
+
+    def get_db_hook(self, conn_id: str) -> SqlDataHook:
+        """The SQL hook of ``conn_id``, one per connection for the whole task (one engine, one pool)."""
+        if conn_id not in self._db_hooks:
+            self._db_hooks[conn_id] = SqlDataHook(conn_id)
+        return self._db_hooks[conn_id]
+
+    @property
+    def _audit_conn_id(self) -> str | None:
+        return self.audit_conn_id or self.target_conn_id or self.source_conn_id
+
+    @cached_property
+    def store(self) -> Store:
+        """The audit and escrow tables: in ``audit_conn_id``'s database, by default the target's."""
+        conn_id = self._audit_conn_id
+        if not conn_id:
+            raise PolicyError("no database for the audit table: set audit_conn_id (file-to-file runs need one)")
+        return Store(self.get_db_hook(conn_id).get_engine(), self.audit_table, self.audit_schema)
+
+    # --- the pieces of a run ----------------------------------------------------------------------
+    def run_context(self, context: Mapping[str, Any]) -> RunContext:
+        """Who and when, for the audit; a signed checkpoint after the use with ``audit_signing_conn_id``."""
+        return run_context(context, _checkpoint_after_use(self.audit_signing_conn_id, self.log))
+
+    def plan(self, policy: ColumnPolicy | None, *, use_copy: bool | None = None) -> Transfer:
+        """The source opened and the path to the target decided, before the token is read."""
+        source_label = f"file:{self.source_path}" if self.source_path else (
+            f"{self.source_conn_id}:{self.source_table}" if self.source_table else f"{self.source_conn_id}:query")
+        target_label = f"file:{self.target_path}" if self.target_path else f"{self.target_conn_id}:{self.target_table}"
+        return plan_transfer(self._source(), self._destination(), policy, use_copy=use_copy,
+                             source_label=source_label, target_label=target_label)
+
+    def _source(self) -> QuerySource | Source:
+        if self.source_path:
+            path = str(self.source_path)
+            if is_object_storage(path):
+                self._scratch = tempfile.TemporaryDirectory(prefix="pseudonymise-")
+                path = ObjectStorageHook(self.storage_conn_id).download(path, self._scratch.name)
+            return open_source(path, self.source_format, self.batch_size)
+        if not self.source_conn_id or not (self.sql or self.source_table):
+            raise PolicyError("give a source: source_conn_id with sql or source_table, or source_path")
+        engine = self.get_db_hook(self.source_conn_id).get_engine()
+        query = self.sql or table_query(self.source_table, self.source_schema, engine.dialect)  # type: ignore[arg-type]
+        label = f"table:{self.source_table}" if self.source_table else "query"
+        return QuerySource(engine, query, self.parameters, self.batch_size, label)
+
+    def _destination(self) -> Destination | TableDestination:
+        if self.target_path:
+            path = str(self.target_path)
+            if is_object_storage(path):
+                return ObjectStorageHook(self.storage_conn_id).destination(path, self.target_format)
+            return FileDestination(path, self.target_format)
+        if not (self.target_table and self.target_conn_id):
+            raise PolicyError("give a target: target_conn_id with target_table, or target_path")
+        target = TableTarget(self.target_table, self.target_schema, self.write_mode, self.partition_column,
+                             self.partition_start, self.partition_end, self.upsert_key, self.create_table)
+        # the audit in the target's database (the default): the rows commit with the audit's finished row
+        if self._audit_conn_id == self.target_conn_id:
+            return TableDestination(target, SharedTransaction(self.store.engine))
+        return TableDestination(target, SeparateTransaction(self.get_db_hook(self.target_conn_id).get_engine()))
+
+
+class PseudonymiseOperator(BaseDataOperator):
+    """Pseudonymise chosen columns of a table, query or file into a target table or file.
+
+    :param columns: the column policy: ``{"patient_id": {"action": "pseudonymise", "normalise": ["strip"],
+        "domain": ""}, "name": "drop", "birth_year": "keep"}``, or a list of columns to pseudonymise (templated).
+    :param unlisted_columns: what happens to source columns the policy does not name: ``error``
+        (default, so a new column never leaves unnoticed), ``keep`` or ``drop``.
+    :param use_copy: PostgreSQL COPY both ways when source and target are PostgreSQL (default: when
+        possible); ``False`` reads with a cursor and writes with ``INSERT``.
+
+    The token, source, target, write mode and audit parameters are those of :class:`BaseDataOperator`;
+    the target table becomes an asset (``pseudonymise/<target_conn_id>/<schema>/<table>``).
+    """
+
+    template_fields: Sequence[str] = (*BaseDataOperator.template_fields, "columns")
+    template_fields_renderers: ClassVar[dict[str, str]] = {**BaseDataOperator.template_fields_renderers,
+                                                           "columns": "json"}
+    ui_color = "#d8f3dc"
+    secondary = False
+    token_kind = "pseudonymisation"
+
+    def __init__(self, *, columns: Mapping[str, Any] | Sequence[str], unlisted_columns: str = "error",
+                 use_copy: bool | None = None, **kwargs: Any) -> None:
+        target_conn_id, target_table = kwargs.get("target_conn_id"), kwargs.get("target_table")
+        if target_table and target_conn_id and "outlets" not in kwargs and "{{" not in target_table:
+            schema = kwargs.get("target_schema") or "default"
+            kwargs["outlets"] = [Asset(name=f"pseudonymise/{target_conn_id}/{schema}/{target_table}")]
+        super().__init__(**kwargs)
+        self.columns, self.unlisted_columns, self.use_copy = columns, unlisted_columns, use_copy
 
     def policy(self) -> ColumnPolicy:
         if isinstance(self.columns, Mapping):
@@ -264,20 +297,13 @@ class PseudonymiseOperator(_DataTaskMixin, BaseOperator):
         return ColumnPolicy.from_mapping({"columns": list(self.columns), "default": self.unlisted_columns})
 
     def execute(self, context: Any) -> dict[str, Any]:
-        operation = "secondary" if self.secondary else "pseudonymise"
-        ctx, store, token_hook, raw, keys = self._begin(context, operation)
         policy = self.policy()
-        source_label, target_label = self._labels()
-        try:
-            source = self._open_source(policy.pseudonymised_columns)
-            summary = run_pseudonymisation(
-                store, raw, keys, policy, source, self._sink_factory(store, source, policy.pseudonymised_columns),
-                secondary=self.secondary, project=token_hook.project, source_label=source_label,
-                target_label=target_label, context=ctx, progress=_ProgressLog(self.log),
-                transit=token_hook.get_transit, on_finished=_checkpoint_after_use(self),
-            )
-        except (TokenError, PolicyError) as exc:
-            raise _task_failure(exc) from exc
+        with _failing_the_task():
+            transfer = self.plan(policy, use_copy=self.use_copy)
+            # read the token, open the audited use, stream the batches through the pseudonymiser into the
+            # target, close the use (its finished row in the target's transaction)
+            summary = run_pseudonymisation(self.store, self.token_hook, policy, transfer, self.run_context(context),
+                                           secondary=self.secondary, progress=_ProgressLog(self.log))
         self.log.info(
             "%s: %d rows in, %d out, %d values pseudonymised, %d NULL, %d escrow rows; audit use %s",
             summary.operation, summary.counts["rows_in"], summary.counts["rows_out"],
@@ -299,59 +325,36 @@ class SecondaryPseudonymiseOperator(PseudonymiseOperator):
     token_kind = "secondary"
 
 
-class ReversePseudonymsOperator(_DataTaskMixin, BaseOperator):
+class ReversePseudonymsOperator(BaseDataOperator):
     """Reveal the originals of chosen pseudonyms with a ``reverse`` token, into a target the DAG names.
 
     The audit ``started`` row (with the user who triggered the run) commits before anything is
-    revealed; originals go only to the target, never to XCom or the log.
+    revealed; originals go only to the target, never to XCom or the log. Reads with a cursor and
+    writes with ``INSERT`` on PostgreSQL too.
 
-    :param pseudonym_columns: the columns of the source that hold pseudonyms to reverse.
+    :param pseudonym_columns: the columns of the source that hold pseudonyms to reverse (templated).
+    :param pseudonymise_conn_id: the ``pseudonymise`` connection holding the reverse token (required).
     :param require_all: fail, writing nothing, if a pseudonym has no escrow (unknown, or purged).
-    Other parameters as :class:`PseudonymiseOperator` (source, target, write mode, audit, audit signing).
+    :param write_mode: as :class:`BaseDataOperator`, but ``replace`` by default.
+    :param batch_size: rows per batch (default 10,000).
+
+    The other source, target and audit parameters are those of :class:`BaseDataOperator`.
     """
 
-    template_fields: Sequence[str] = (*_DATA_TEMPLATE_FIELDS, "pseudonym_columns")
-    template_ext: Sequence[str] = (".sql",)
-    template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json"}
+    template_fields: Sequence[str] = (*BaseDataOperator.template_fields, "pseudonym_columns")
     ui_color = "#ffd6a5"
-    operator_extra_links = (AuditTrailLink(),)
 
-    def __init__(self, *, pseudonym_columns: Sequence[str], pseudonymise_conn_id: str,
-                 source_conn_id: str | None = None, sql: str | None = None, parameters: Mapping[str, Any] | None = None,
-                 source_table: str | None = None, source_schema: str | None = None,
-                 source_path: str | None = None, source_format: str | None = None,
-                 target_conn_id: str | None = None, target_table: str | None = None, target_schema: str | None = None,
-                 target_path: str | None = None, target_format: str | None = None, write_mode: str = "replace",
-                 require_all: bool = False, batch_size: int = 10_000, audit_conn_id: str | None = None,
-                 audit_table: str = "pseudonymise_audit", audit_schema: str | None = None,
-                 storage_conn_id: str | None = None, audit_signing_conn_id: str | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.pseudonym_columns, self.pseudonymise_conn_id = pseudonym_columns, pseudonymise_conn_id
-        self.audit_signing_conn_id = audit_signing_conn_id
-        self.source_conn_id, self.sql, self.parameters = source_conn_id, sql, parameters
-        self.source_table, self.source_schema = source_table, source_schema
-        self.source_path, self.source_format = source_path, source_format
-        self.target_conn_id, self.target_table, self.target_schema = target_conn_id, target_table, target_schema
-        self.target_path, self.target_format = target_path, target_format
-        self.write_mode, self.require_all, self.batch_size = write_mode, require_all, batch_size
-        self.partition_column = self.partition_start = self.partition_end = self.upsert_key = None
-        self.create_table, self.use_copy, self.storage_conn_id = True, False, storage_conn_id
-        self.audit_conn_id, self.audit_table, self.audit_schema = audit_conn_id, audit_table, audit_schema
+    def __init__(self, *, pseudonym_columns: Sequence[str], pseudonymise_conn_id: str, require_all: bool = False,
+                 write_mode: str = "replace", batch_size: int = 10_000, **kwargs: Any) -> None:
+        super().__init__(pseudonymise_conn_id=pseudonymise_conn_id, write_mode=write_mode, batch_size=batch_size,
+                         **kwargs)
+        self.pseudonym_columns, self.require_all = pseudonym_columns, require_all
 
     def execute(self, context: Any) -> dict[str, Any]:
-        ctx, store, token_hook, raw, keys = self._begin(context, "reverse")
-        source_label, target_label = self._labels()
-        try:
-            source = self._open_source([])
-            summary = run_reversal(
-                store, raw, keys, list(self.pseudonym_columns), source, self._sink_factory(store, source, []),
-                project=token_hook.project, triggered_by=ctx.get("triggered_by"), source_label=source_label,
-                target_label=target_label, context=ctx, require_all=self.require_all,
-                on_finished=_checkpoint_after_use(self),
-            )
-        except (TokenError, PolicyError) as exc:
-            raise _task_failure(exc) from exc
+        with _failing_the_task():
+            transfer = self.plan(None, use_copy=False)
+            summary = run_reversal(self.store, self.token_hook, list(self.pseudonym_columns), transfer,
+                                   self.run_context(context), require_all=self.require_all)
         self.log.info("reverse: %d rows, %d pseudonyms revealed, %d without escrow; audit use %s",
                       summary.counts["rows_in"], summary.counts["values_pseudonymised"],
                       summary.counts["not_found"], summary.use_id)
@@ -362,7 +365,8 @@ class EscrowPurgeOperator(BaseOperator):
     """Delete escrow rows past their project's retention end; the purge and its audit row commit together.
 
     :param audit_conn_id: the database holding the escrow and audit tables.
-    :param project: only this project's escrow (default: every project).
+    :param project: only this project's escrow (default: every project; templated).
+    :param audit_table: the audit table (default ``pseudonymise_audit``); ``audit_schema`` its schema.
     """
 
     template_fields: Sequence[str] = ("project",)
@@ -377,7 +381,7 @@ class EscrowPurgeOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         store = Store(SqlDataHook(self.audit_conn_id).get_engine(), self.audit_table, self.audit_schema)
-        summary = run_purge(store, project=self.project, context=audit_context(context))
+        summary = run_purge(store, run_context(context), project=self.project)
         self.log.info("purge: %d escrow rows past retention deleted; audit use %s",
                       summary.counts["escrow_rows"], summary.use_id)
         return summary.as_dict()
@@ -396,6 +400,8 @@ class RekeyPseudonymsOperator(BaseOperator):
     :param reverse_conn_id: connection holding the project's reverse token.
     :param pseudonymise_conn_id: connection holding the new pseudonymisation token.
     :param target_conn_id: the database of the table; it must also hold the audit and escrow tables.
+    :param target_table: the table to re-key (templated); ``target_schema`` its schema, and that of the audit.
+    :param audit_table: the audit table (default ``pseudonymise_audit``).
     """
 
     template_fields: Sequence[str] = ("target_table",)
@@ -413,15 +419,10 @@ class RekeyPseudonymsOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         store = Store(SqlDataHook(self.target_conn_id).get_engine(), self.audit_table, self.target_schema)
-        reverse_hook = PseudonymisationTokenHook(self.reverse_conn_id)
-        new_hook = PseudonymisationTokenHook(self.pseudonymise_conn_id)
-        ctx = audit_context(context)
-        try:
-            reverse_raw, new_raw = reverse_hook.get_token(), new_hook.get_token()
-            summary = run_rekey(store, reverse_raw, new_raw, new_hook.get_trusted_keys(), self.target_table,
-                                self.columns, schema=self.target_schema, project=new_hook.project, context=ctx)
-        except (TokenError, PolicyError) as exc:
-            raise _task_failure(exc) from exc
+        with _failing_the_task():
+            summary = run_rekey(store, PseudonymisationTokenHook(self.reverse_conn_id),
+                                PseudonymisationTokenHook(self.pseudonymise_conn_id), self.target_table, self.columns,
+                                run_context(context), schema=self.target_schema)
         self.log.info("rekey: %d pseudonyms re-keyed with the new token; audit use %s",
                       summary.counts["values_pseudonymised"], summary.use_id)
         return summary.as_dict()
@@ -486,34 +487,6 @@ def key_range_kwargs(sql_conn_id: str, table: str, key_column: str, parts: int,
     ranges = SqlDataHook(sql_conn_id).key_ranges(table, key_column, parts, schema)
     return [{"parameters": {"lo": r["lo"], "hi": r["hi"]}, "partition_start": r["lo"], "partition_end": r["hi"]}
             for r in ranges]
-
-
-def _audit_unreadable_token(store: Store, operation: str, hook: PseudonymisationTokenHook,
-                            ctx: Mapping[str, Any], exc: PseudonymiseError) -> None:
-    """A token that cannot even be read is still an attempted use: audit it as ``denied``."""
-    use = AuditUse(operation=operation, project=hook.project if _safe(hook) else None, context=dict(ctx))
-    store.audit.start(use)
-    store.audit.finish(use, "denied", error=exc)
-
-
-def _safe(hook: PseudonymisationTokenHook) -> bool:
-    try:
-        return hook.project is not None
-    except PseudonymiseError:
-        return False
-
-
-# --- signed audit checkpoints (DESIGN §6.1) ------------------------------------------------------
-def _checkpoint_after_use(operator: Any) -> Any:
-    """The ``TokenUse`` callback of a data operator with an ``audit_signing_conn_id``: a signed checkpoint
-    once the use's ``finished`` row is committed; a failure is a warning in the task log, never a failed use."""
-    conn_id = getattr(operator, "audit_signing_conn_id", None)
-    if not conn_id:
-        return None
-    from pseudonymise.core.checkpoint import checkpoint_after_use
-    from pseudonymise.hooks import AuditSigningHook
-
-    return checkpoint_after_use(lambda audit: AuditSigningHook(conn_id).checkpointer(audit), operator.log)
 
 
 class AuditCheckpointOperator(BaseOperator):

@@ -1,4 +1,5 @@
-"""Real Airflow for the operator tests: a metadata database, and DAG runs in their own processes.
+"""Real Airflow for the operator tests: a metadata database, DAG runs in their own processes, and the
+``world`` they run in (source, target and vendor databases with the connections to reach them).
 
 Each DAG run is ``airflow dags test`` (``dag.test()``) in a subprocess, so connections, the
 secrets backend and the secret masker are configured exactly as a worker would see them.
@@ -6,11 +7,13 @@ secrets backend and the secret masker are configured exactly as a worker would s
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +21,19 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.tokens import new_jti, sign_claims
+
+from scripts.services import OpenBaoServer, PostgresServer, RestartableOpenBao
+from tests import reference
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
+EXAMPLE_DAGS = ROOT / "dags"
+#: The example DAG's target table.
+TARGET = "patient_visits_pseudonymised"
 
 
 @dataclass
@@ -124,3 +134,116 @@ def forged_token(issuer: Issuer, project: str, kind: str = "pseudonymisation", *
         escrow = X25519PrivateKey.from_private_bytes(p.escrow_private_key)  # type: ignore[arg-type]
         claims["escrow_public_key"] = b64url_encode(escrow.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
     return sign_claims(claims, issuer._private, issuer.kid)
+
+
+def vault_conn(openbao: OpenBaoServer | RestartableOpenBao) -> dict[str, Any]:
+    """An Airflow ``vault`` connection to ``openbao`` (token auth, KV v2 at ``secret/``)."""
+    host, port = openbao.addr.removeprefix("http://").split(":")
+    return {"conn_type": "vault", "host": host, "port": int(port), "password": openbao.token, "schema": "secret",
+            "extra": {"auth_type": "token", "kv_engine_version": 2}}
+
+
+@pytest.fixture
+def restartable_openbao() -> Iterator[RestartableOpenBao]:
+    """A started :class:`RestartableOpenBao` of the test's own (stopping the session's dev server would
+    disturb the other tests), removed with its data afterwards."""
+    bao = RestartableOpenBao()
+    try:
+        yield bao.start()
+    finally:
+        bao.remove()
+
+
+# --- the world a DAG run works in ---------------------------------------------------------------------
+def load_hospital(url: str, extra_rows: int = 0) -> int:
+    """The sample patient visits in PostgreSQL, typed (date, integer), with a visit_id key."""
+    engine = sa.create_engine(url)
+    with open(ROOT / "include/sample/patients.csv", encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "CREATE TABLE patient_visits (visit_id bigint PRIMARY KEY, patient_id text, name text, birth_year integer,"
+            " visit_date date, diagnosis_code text, ward text)"))
+        payload = [{"visit_id": i, **{k: (v or None) for k, v in r.items()}} for i, r in enumerate(rows, 1)]
+        for r in payload:
+            r["birth_year"] = int(r["birth_year"])
+        conn.execute(sa.text(
+            "INSERT INTO patient_visits VALUES (:visit_id, :patient_id, :name, :birth_year, :visit_date,"
+            " :diagnosis_code, :ward)"), payload)
+        if extra_rows:
+            conn.execute(sa.text(
+                "INSERT INTO patient_visits SELECT 1000 + g, 'X' || g, 'Name ' || g, 1950 + g % 50,"
+                " DATE '2026-11-05', NULL, 'general' FROM generate_series(1, :n) g"), {"n": extra_rows})
+    engine.dispose()
+    return len(rows) + extra_rows
+
+
+@pytest.fixture
+def world(airflow_world: AirflowWorld, issuer: Issuer, postgres: PostgresServer) -> dict[str, Any]:
+    """Hospital (source) and research (target + audit) databases and the connections to reach them."""
+    admin = sa.create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
+    names = {k: f"{k}_{uuid.uuid4().hex[:8]}" for k in ("hospital", "research", "vendor")}
+    with admin.connect() as conn:
+        for name in names.values():
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    urls = {k: postgres.url(v) for k, v in names.items()}
+    load_hospital(urls["hospital"])
+    token = issuer.issue("research-a", "pseudonymisation")
+    connections = {
+        "hospital_db": pg_conn(urls["hospital"]),
+        "research_db": pg_conn(urls["research"]),
+        "vendor_db": pg_conn(urls["vendor"]),
+        "pseudonymise_research": token_conn(token, issuer, "research-a"),
+    }
+    return {"urls": urls, "connections": connections, "token": token, "issuer": issuer, "airflow": airflow_world}
+
+
+def dag_spec(world: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """The test DAG (``dags/configurable_dag.py``) with one ``PseudonymiseOperator`` task from hospital to
+    research, a day's visits with ``patient_id`` pseudonymised; ``overrides`` replace the task's arguments."""
+    task = {
+        "operator": "PseudonymiseOperator",
+        "task_id": "pseudonymise",
+        "pseudonymise_conn_id": "pseudonymise_research",
+        "source_conn_id": "hospital_db",
+        "sql": "SELECT visit_id, patient_id, birth_year, visit_date, ward FROM patient_visits"
+               " WHERE visit_date >= :start AND visit_date < :end",
+        "parameters": {"start": "{{ data_interval_start | ds }}", "end": "{{ data_interval_end | ds }}"},
+        "columns": {"patient_id": {"action": "pseudonymise", "normalise": ["strip", "upper"]}},
+        "unlisted_columns": "keep",
+        "target_conn_id": "research_db",
+        "target_table": "visits",
+    }
+    task.update(overrides)
+    return {"tasks": [task]}
+
+
+def rows(url: str, table: str = TARGET, order: str = "patient_id, visit_date, birth_year") -> list[tuple[Any, ...]]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        result = [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY {order}"))]
+    engine.dispose()
+    return result
+
+
+def audit_rows(url: str) -> list[dict[str, Any]]:
+    """The audit rows in ``url``'s database, whose chain must verify."""
+    engine = sa.create_engine(url)
+    log = AuditLog(engine)
+    result = list(log.iter_rows())
+    assert log.verify().ok, log.verify()
+    engine.dispose()
+    return result
+
+
+def expected_pseudonyms(token: str, url: str, start: str, end: str) -> list[str]:
+    """An independent computation (DESIGN §4 with the standard library, :mod:`tests.reference`): the
+    pseudonyms of the visits of [start, end) in ``url``'s ``patient_visits``, their patient ids stripped
+    and upper-cased as the example DAG's policy says, sorted."""
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        ids = [r[0] for r in conn.execute(sa.text(
+            "SELECT patient_id FROM patient_visits WHERE visit_date >= :s AND visit_date < :e"), {"s": start, "e": end})]
+    engine.dispose()
+    return sorted(p for p in reference.token_pseudonyms(token, [i.strip().upper() for i in ids]) if p is not None)

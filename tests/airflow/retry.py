@@ -8,8 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tests.airflow.conftest import DagRun, pg_conn
-from tests.airflow.test_operators import audit_rows, rows
+from tests.airflow.conftest import DagRun, audit_rows, pg_conn, rows
 
 
 def fault_then_retry(world: dict[str, Any], connections: dict[str, Any], fault: Callable[[], Any],

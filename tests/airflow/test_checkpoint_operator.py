@@ -23,11 +23,10 @@ from pseudonymise.core.checkpoint import (
     verify_against_witness,
 )
 
-from tests.airflow.test_operators import _spec, audit_rows, world  # noqa: F401
-from tests.airflow.test_token_sources import _vault_conn
-from tests.core.test_checkpoint import truncate
+from tests.airflow.conftest import audit_rows, dag_spec, vault_conn
+from tests.tampering import truncate
 
-pytestmark = [pytest.mark.airflow, pytest.mark.postgres]
+pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.slow]
 SIGNING = "pseudonymise_audit_signing"
 
 
@@ -36,7 +35,7 @@ def _checkpoint_spec() -> dict[str, Any]:
                        "audit_signing_conn_id": SIGNING}]}
 
 
-def test_checkpoint_after_each_use_and_on_schedule_with_a_local_key(world: dict[str, Any],  # noqa: F811
+def test_checkpoint_after_each_use_and_on_schedule_with_a_local_key(world: dict[str, Any],
                                                                      tmp_path: Path) -> None:
     signer = LocalSigner.generate()
     jwk = signer.private_jwk()
@@ -45,7 +44,7 @@ def test_checkpoint_after_each_use_and_on_schedule_with_a_local_key(world: dict[
                    SIGNING: {"conn_type": "generic", "password": json.dumps(jwk),
                              "extra": {"witness_path": str(witness_path)}}}
     airflow = world["airflow"]
-    spec = _spec(world, write_mode="replace", audit_signing_conn_id=SIGNING)
+    spec = dag_spec(world, write_mode="replace", audit_signing_conn_id=SIGNING)
     for day in ("2026-11-04", "2026-11-05"):
         run = airflow.dags_test("pseudonymise_test", day, connections, spec=spec)
         assert run.returncode == 0, run.output[-3000:]
@@ -75,7 +74,7 @@ def test_checkpoint_after_each_use_and_on_schedule_with_a_local_key(world: dict[
 
 @pytest.mark.vault
 def test_transit_key_and_vault_kv_witness_and_a_failed_witness_never_fails_the_use(
-        world: dict[str, Any], openbao: Any, tmp_path: Path) -> None:  # noqa: F811
+        world: dict[str, Any], openbao: Any, tmp_path: Path) -> None:
     client = hvac.Client(url=openbao.addr, token=openbao.token)
     mount = "transit-" + secrets.token_hex(4)
     client.sys.enable_secrets_engine("transit", path=mount)
@@ -84,11 +83,11 @@ def test_transit_key_and_vault_kv_witness_and_a_failed_witness_never_fails_the_u
     extra = {"transit_key": f"{mount}/audit-signing", "transit_vault_conn_id": "vault_default",
              "witness_vault_path": f"secret/{kv_path}"}
     broken = {**extra, "witness_path": str(tmp_path / "no-such-folder" / "witness.jsonl")}
-    connections = {**world["connections"], "vault_default": _vault_conn(openbao),
+    connections = {**world["connections"], "vault_default": vault_conn(openbao),
                    SIGNING: {"conn_type": "generic", "extra": broken}}
     airflow = world["airflow"]
     run = airflow.dags_test("pseudonymise_test", "2026-11-04", connections,
-                            spec=_spec(world, write_mode="replace", audit_signing_conn_id=SIGNING))
+                            spec=dag_spec(world, write_mode="replace", audit_signing_conn_id=SIGNING))
     assert run.returncode == 0, run.output[-3000:]  # the use stands
     assert "the audit checkpoint after this use failed (WitnessError: the checkpoint of row 2 was signed and " \
            "recorded in the table, but 1 witness(es) failed: cannot append" in run.output

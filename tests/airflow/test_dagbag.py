@@ -9,7 +9,7 @@ import pytest
 
 from tests.airflow.conftest import AIRFLOW, ROOT, AirflowWorld
 
-pytestmark = pytest.mark.airflow
+pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 
 SCRIPT = """
 import json, sys

@@ -16,14 +16,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.airflow.conftest import ROOT, DagRun
-from tests.airflow.test_operators import _spec, audit_rows, world  # noqa: F401
-from tests.core.test_error_values import assert_no_value, sample_values
+from tests.airflow.conftest import ROOT, DagRun, audit_rows, dag_spec
+from tests.sample import assert_no_value, sample_values
 
-pytestmark = [pytest.mark.airflow, pytest.mark.postgres]
+pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.slow]
 
 
-def _run_and_logs(world: dict[str, Any], spec: dict[str, Any]) -> tuple[DagRun, str]:  # noqa: F811
+def _run_and_logs(world: dict[str, Any], spec: dict[str, Any]) -> tuple[DagRun, str]:
     """The DAG run, and the text of its output and of every log file written while it ran."""
     airflow = world["airflow"]
     started = time.time() - 1
@@ -39,7 +38,7 @@ def _run_and_logs(world: dict[str, Any], spec: dict[str, Any]) -> tuple[DagRun, 
     return run, "\n".join(texts)
 
 
-def _check(world: dict[str, Any], run: DagRun, logs: str, facts: list[str]) -> None:  # noqa: F811
+def _check(world: dict[str, Any], run: DagRun, logs: str, facts: list[str]) -> None:
     assert run.returncode != 0
     audit = audit_rows(world["urls"]["research"])
     assert_no_value([logs], where="the task's output and logs")
@@ -52,22 +51,22 @@ def _check(world: dict[str, Any], run: DagRun, logs: str, facts: list[str]) -> N
     assert sample_values(), "the sample is empty"
 
 
-def test_cast_error_in_the_source_query(world: dict[str, Any]) -> None:  # noqa: F811
+def test_cast_error_in_the_source_query(world: dict[str, Any]) -> None:
     sql = ("SELECT visit_id, patient_id::bigint AS patient_id, birth_year, visit_date, ward FROM patient_visits"
            " WHERE visit_date >= :start AND visit_date < :end")
-    run, logs = _run_and_logs(world, _spec(world, sql=sql))
+    run, logs = _run_and_logs(world, dag_spec(world, sql=sql))
     _check(world, run, logs, ["reading the source", "SQLSTATE 22P02", "InvalidTextRepresentation"])
     assert not sa.inspect(sa.create_engine(world["urls"]["research"])).has_table("visits")
 
 
 @pytest.mark.parametrize("use_copy", [None, False], ids=["copy", "insert"])
-def test_kept_column_into_a_wrongly_typed_target_column(world: dict[str, Any], use_copy: bool | None) -> None:  # noqa: F811
+def test_kept_column_into_a_wrongly_typed_target_column(world: dict[str, Any], use_copy: bool | None) -> None:
     research = sa.create_engine(world["urls"]["research"])
     with research.begin() as conn:
         conn.execute(sa.text("CREATE TABLE visits (visit_id bigint, patient_id text, name integer, visit_date date)"))
     sql = ("SELECT visit_id, patient_id, name, visit_date FROM patient_visits"
            " WHERE visit_date >= :start AND visit_date < :end")
-    run, logs = _run_and_logs(world, _spec(world, sql=sql, use_copy=use_copy))
+    run, logs = _run_and_logs(world, dag_spec(world, sql=sql, use_copy=use_copy))
     facts = ["the target", "SQLSTATE 22P02", "InvalidTextRepresentation"]
     _check(world, run, logs, [*facts, "column 'name'"] if use_copy is None else facts)
     with research.connect() as conn:

@@ -10,7 +10,7 @@ from pseudonymise.core.issuer import Issuer
 
 from tests.airflow.conftest import ROOT, AirflowWorld, forged_token, token_conn
 
-pytestmark = pytest.mark.airflow
+pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 
 
 def _run(airflow_world: AirflowWorld, connections: dict, ids: list[str]):

@@ -18,14 +18,11 @@ import pytest
 import sqlalchemy as sa
 from pseudonymise.core.issuer import Issuer
 
-from tests.airflow.conftest import AIRFLOW, ROOT, pg_conn
+from scripts.services import RestartableOpenBao, free_port, start_postgres
+from tests.airflow.conftest import AIRFLOW, ROOT, audit_rows, dag_spec, pg_conn, rows, vault_conn
 from tests.airflow.retry import fault_then_retry
-from tests.airflow.test_operators import _spec, audit_rows, rows, world  # noqa: F401
-from tests.airflow.test_token_sources import _vault_conn
-from tests.restartable_openbao import RestartableOpenBao, restartable_openbao  # noqa: F401
-from tests.services import free_port, start_postgres
 
-pytestmark = [pytest.mark.airflow, pytest.mark.postgres]
+pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.slow]
 
 
 def _start_run(env_: dict[str, Any], spec: dict[str, Any], connections: dict[str, Any] | None = None) -> Any:
@@ -52,15 +49,15 @@ def _wait_for(url: str, sql: str, timeout: float = 120) -> None:
 
 
 @pytest.mark.parametrize("point", ["extract", "commit"])
-def test_sigkill_while_extracting_or_committing(world: dict[str, Any], point: str) -> None:  # noqa: F811
-    spec = _spec(world, write_mode="replace_partition", partition_column="visit_date")
+def test_sigkill_while_extracting_or_committing(world: dict[str, Any], point: str) -> None:
+    spec = dag_spec(world, write_mode="replace_partition", partition_column="visit_date")
     first = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", world["connections"], spec=spec)
     assert first.returncode == 0, first.output[-3000:]
     before = rows(world["urls"]["research"], "visits", "visit_id")
     research = world["urls"]["research"]
     if point == "extract":
-        slow = _spec(world, write_mode="replace_partition", partition_column="visit_date",
-                     sql=spec["tasks"][0]["sql"].replace("FROM patient_visits", "FROM patient_visits, pg_sleep(60)"))
+        slow = dag_spec(world, write_mode="replace_partition", partition_column="visit_date",
+                       sql=spec["tasks"][0]["sql"].replace("FROM patient_visits", "FROM patient_visits, pg_sleep(60)"))
         proc = _start_run(world, slow)
         _wait_for(research, "SELECT count(*) = 2 FROM pseudonymise_audit WHERE event = 'started'")
         _wait_for(world["urls"]["hospital"], "SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND datname = current_database()")
@@ -97,7 +94,7 @@ def test_sigkill_while_extracting_or_committing(world: dict[str, Any], point: st
     assert rows(research, "visits", "visit_id") == before
 
 
-def test_target_database_restarted_mid_run(world: dict[str, Any]) -> None:  # noqa: F811
+def test_target_database_restarted_mid_run(world: dict[str, Any]) -> None:
     """Its own cluster, so restarting it does not disturb the other tests."""
     server = start_postgres()
     try:
@@ -107,8 +104,8 @@ def test_target_database_restarted_mid_run(world: dict[str, Any]) -> None:  # no
         admin.dispose()
         target_url = server.url("target")
         connections = {**world["connections"], "research_db": pg_conn(target_url)}
-        slow = _spec(world, write_mode="replace_partition", partition_column="visit_date",
-                     sql=_spec(world)["tasks"][0]["sql"].replace("FROM patient_visits", "FROM patient_visits, pg_sleep(20)"))
+        slow = dag_spec(world, write_mode="replace_partition", partition_column="visit_date",
+                       sql=dag_spec(world)["tasks"][0]["sql"].replace("FROM patient_visits", "FROM patient_visits, pg_sleep(20)"))
         proc = _start_run(world, slow, connections)
         _wait_for(target_url, "SELECT count(*) = 1 FROM pseudonymise_audit WHERE event = 'started'")
         server.stop("fast")
@@ -120,7 +117,7 @@ def test_target_database_restarted_mid_run(world: dict[str, Any]) -> None:  # no
         assert [a["outcome"] for a in audit] == ["started", "failed"]
         assert audit[1]["error_class"]
         assert not sa.inspect(sa.create_engine(target_url)).has_table("visits")
-        spec = _spec(world, write_mode="replace_partition", partition_column="visit_date")
+        spec = dag_spec(world, write_mode="replace_partition", partition_column="visit_date")
         retry = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", connections, spec=spec)
         assert retry.returncode == 0, retry.output[-3000:]
         assert len(rows(target_url, "visits", "visit_id")) == 24
@@ -128,10 +125,10 @@ def test_target_database_restarted_mid_run(world: dict[str, Any]) -> None:  # no
         server.stop("immediate", remove=True)
 
 
-def test_unreachable_audit_database_refuses_the_token(world: dict[str, Any]) -> None:  # noqa: F811
+def test_unreachable_audit_database_refuses_the_token(world: dict[str, Any]) -> None:
     dead = {"conn_type": "postgres", "host": "127.0.0.1", "port": free_port(), "login": "postgres", "schema": "x"}
     connections = {**world["connections"], "audit_db": dead}
-    spec = _spec(world, audit_conn_id="audit_db")
+    spec = dag_spec(world, audit_conn_id="audit_db")
     run = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", connections, spec=spec)
     assert run.returncode != 0
     assert "the token was NOT used" in run.output or "cannot create the audit table" in run.output
@@ -140,7 +137,7 @@ def test_unreachable_audit_database_refuses_the_token(world: dict[str, Any]) -> 
 
 @pytest.mark.vault
 def test_unreachable_vault_is_a_clear_denied_use_and_the_retry_gives_identical_rows(
-        world: dict[str, Any], restartable_openbao: RestartableOpenBao) -> None:  # noqa: F811
+        world: dict[str, Any], restartable_openbao: RestartableOpenBao) -> None:
     """Its own OpenBao, with storage on disk, so stopping it disturbs no other test and it comes back
     with the secret on the same address."""
     bao = restartable_openbao
@@ -149,14 +146,14 @@ def test_unreachable_vault_is_a_clear_denied_use_and_the_retry_gives_identical_r
     keys = world["connections"]["pseudonymise_research"]["extra"]["issuer_keys"]
     connections = {
         **world["connections"],
-        "vault_default": _vault_conn(bao),
+        "vault_default": vault_conn(bao),
         "pseudonymise_research": {"conn_type": "pseudonymise", "extra": {
             "issuer_keys": keys, "vault_conn_id": "vault_default", "vault_path": "pseudonymise/research-a"}},
     }
     fault_then_retry(world, connections, bao.stop, bao.start, message="could not be read from Vault",
                      error_class="VaultUnreachableError", retryable=True,
                      outcome="denied", secrets=[world["token"]],
-                     spec=_spec(world, write_mode="replace_partition", partition_column="visit_date"))
+                     spec=dag_spec(world, write_mode="replace_partition", partition_column="visit_date"))
 
 
 def test_disk_full_for_a_file_target_leaves_no_file(issuer: Issuer, tmp_path: Path) -> None:

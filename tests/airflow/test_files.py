@@ -16,7 +16,7 @@ from pseudonymise.core.issuer import Issuer
 
 from tests.airflow.conftest import ROOT, AirflowWorld, token_conn
 
-pytestmark = pytest.mark.airflow
+pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 POLICY = json.loads((ROOT / "include/policies/patients.json").read_text())
 
 

@@ -13,19 +13,18 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.airflow.conftest import AIRFLOW
-from tests.airflow.test_operators import _spec, audit_rows, load_hospital, rows, world  # noqa: F401
+from tests.airflow.conftest import AIRFLOW, audit_rows, dag_spec, rows
 
-pytestmark = [pytest.mark.airflow, pytest.mark.postgres]
+pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.slow]
 
 
-def test_sigkill_mid_load_leaves_target_unchanged(world: dict[str, Any]) -> None:  # noqa: F811
+def test_sigkill_mid_load_leaves_target_unchanged(world: dict[str, Any]) -> None:
     engine = sa.create_engine(world["urls"]["hospital"])
     with engine.begin() as conn:
         conn.execute(sa.text(
             "INSERT INTO patient_visits SELECT 100000 + g, 'K' || g, 'Name ' || g, 1950 + g % 50, DATE '2026-11-07',"
             " NULL, 'general' FROM generate_series(1, 400000) g"))
-    spec = _spec(world, write_mode="replace_partition", partition_column="visit_date", batch_size=5000)
+    spec = dag_spec(world, write_mode="replace_partition", partition_column="visit_date", batch_size=5000)
     airflow = world["airflow"]
     first = airflow.dags_test("pseudonymise_test", "2026-11-08", world["connections"], spec=spec, timeout=600)
     assert first.returncode == 0, first.output[-3000:]

@@ -18,10 +18,10 @@ import pytest
 import sqlalchemy as sa
 from pseudonymise.core.issuer import Issuer
 
-from tests.airflow.test_token_sources import _vault_conn
-from tests.services import free_port
+from scripts.services import free_port
+from tests.airflow.conftest import vault_conn
 
-pytestmark = [pytest.mark.airflow, pytest.mark.vault]
+pytestmark = [pytest.mark.airflow, pytest.mark.vault, pytest.mark.slow]
 
 RUN = r"""
 import json, sys
@@ -73,7 +73,7 @@ def test_unreachable_vault_is_retryable(tmp_path: Any, issuer: Issuer) -> None:
 
 
 def test_missing_secret_is_not_retried(tmp_path: Any, issuer: Issuer, openbao: Any) -> None:
-    result = _run(tmp_path, {"vault_default": _vault_conn(openbao),
+    result = _run(tmp_path, {"vault_default": vault_conn(openbao),
                              "tok": _token_conn(issuer, "vault_default", "pseudonymise/no-such-secret")})
     assert result["raised"] == "AirflowFailException", result
     assert _outcomes(tmp_path) == ["started", "denied"]

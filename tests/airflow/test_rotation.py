@@ -9,17 +9,16 @@ from typing import Any
 import pytest
 from pseudonymise.core.issuer import Issuer
 
-from tests.airflow.conftest import token_conn
-from tests.airflow.test_operators import _spec, audit_rows, rows, world  # noqa: F401
+from tests.airflow.conftest import audit_rows, dag_spec, rows, token_conn
 
-pytestmark = [pytest.mark.airflow, pytest.mark.postgres]
+pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.slow]
 
 
-def test_rotation_and_rekey_through_escrow(world: dict[str, Any]) -> None:  # noqa: F811
+def test_rotation_and_rekey_through_escrow(world: dict[str, Any]) -> None:
     issuer: Issuer = world["issuer"]
     airflow = world["airflow"]
-    load = _spec(world, write_mode="replace", sql="SELECT visit_id, patient_id, ward FROM patient_visits",
-                 parameters={})
+    load = dag_spec(world, write_mode="replace", sql="SELECT visit_id, patient_id, ward FROM patient_visits",
+                    parameters={})
     run = airflow.dags_test("pseudonymise_test", "2026-11-04", world["connections"], spec=load)
     assert run.returncode == 0, run.output[-3000:]
     before = rows(world["urls"]["research"], "visits", "visit_id")
@@ -31,8 +30,8 @@ def test_rotation_and_rekey_through_escrow(world: dict[str, Any]) -> None:  # no
                    "pseudonymise_research_v2": token_conn(v2, issuer, "research-a"),
                    "pseudonymise_research_reverse": token_conn(issuer.issue("research-a", "reverse"), issuer,
                                                                "research-a")}
-    fresh = _spec(world, write_mode="replace", sql="SELECT visit_id, patient_id, ward FROM patient_visits",
-                  parameters={}, target_table="visits_fresh_v2", pseudonymise_conn_id="pseudonymise_research_v2")
+    fresh = dag_spec(world, write_mode="replace", sql="SELECT visit_id, patient_id, ward FROM patient_visits",
+                     parameters={}, target_table="visits_fresh_v2", pseudonymise_conn_id="pseudonymise_research_v2")
     rekey = {"tasks": [{"operator": "RekeyPseudonymsOperator", "task_id": "rekey", "columns": {"patient_id": ""},
                         "reverse_conn_id": "pseudonymise_research_reverse",
                         "pseudonymise_conn_id": "pseudonymise_research_v2",

@@ -20,23 +20,23 @@ import pytest
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.tokens import b64url_decode, b64url_encode, sign_claims
 
-from tests.airflow.conftest import AIRFLOW, HERE, ROOT, AirflowWorld, token_conn
+from scripts.services import free_port
+from tests.airflow.conftest import (
+    AIRFLOW,
+    EXAMPLE_DAGS,
+    HERE,
+    AirflowWorld,
+    rows,
+    token_conn,
+    vault_conn,
+)
 from tests.airflow.retry import fault_then_retry
-from tests.airflow.test_operators import audit_rows, rows, world  # noqa: F401 - the shared fixture
-from tests.services import free_port
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.vault]
-EXAMPLE_DAGS = ROOT / "dags"
 
 
 def _kv(openbao: Any) -> hvac.Client:
     return hvac.Client(url=openbao.addr, token=openbao.token)
-
-
-def _vault_conn(openbao: Any) -> dict[str, Any]:
-    host, port = openbao.addr.removeprefix("http://").split(":")
-    return {"conn_type": "vault", "host": host, "port": int(port), "password": openbao.token, "schema": "secret",
-            "extra": {"auth_type": "token", "kv_engine_version": 2}}
 
 
 def _secret_strings(env: dict[str, Any]) -> list[str]:
@@ -47,13 +47,14 @@ def _secret_strings(env: dict[str, Any]) -> list[str]:
     return [env["token"], claims["key"], claims["escrow_public_key"]]
 
 
-def test_token_from_vault_kv_reference(world: dict[str, Any], openbao: Any) -> None:  # noqa: F811
+@pytest.mark.slow
+def test_token_from_vault_kv_reference(world: dict[str, Any], openbao: Any) -> None:
     _kv(openbao).secrets.kv.v2.create_or_update_secret(
         path="pseudonymise/research-a", secret={"token": world["token"]}, mount_point="secret")
     keys = world["connections"]["pseudonymise_research"]["extra"]["issuer_keys"]
     connections = {
         **world["connections"],
-        "vault_default": _vault_conn(openbao),
+        "vault_default": vault_conn(openbao),
         "pseudonymise_research": {"conn_type": "pseudonymise", "extra": {
             "issuer_keys": keys, "project": "research-a", "vault_conn_id": "vault_default",
             "vault_path": "pseudonymise/research-a"}},
@@ -67,8 +68,9 @@ def test_token_from_vault_kv_reference(world: dict[str, Any], openbao: Any) -> N
         assert secret not in airflow.all_logs()
 
 
+@pytest.mark.slow
 def test_vault_secret_missing_is_a_clear_denied_use_and_the_retry_gives_identical_rows(
-        world: dict[str, Any], openbao: Any) -> None:  # noqa: F811
+        world: dict[str, Any], openbao: Any) -> None:
     path = f"pseudonymise/missing-{uuid.uuid4().hex[:8]}"
     kv = _kv(openbao).secrets.kv.v2
 
@@ -79,7 +81,7 @@ def test_vault_secret_missing_is_a_clear_denied_use_and_the_retry_gives_identica
     keys = world["connections"]["pseudonymise_research"]["extra"]["issuer_keys"]
     connections = {
         **world["connections"],
-        "vault_default": _vault_conn(openbao),
+        "vault_default": vault_conn(openbao),
         "pseudonymise_research": {"conn_type": "pseudonymise", "extra": {
             "issuer_keys": keys, "vault_conn_id": "vault_default", "vault_path": path}},
     }
@@ -91,7 +93,8 @@ def test_vault_secret_missing_is_a_clear_denied_use_and_the_retry_gives_identica
         dags_folder=EXAMPLE_DAGS, table="patient_visits_pseudonymised", order="patient_id, visit_date, birth_year")
 
 
-def test_token_connection_served_by_vault_backend(world: dict[str, Any], openbao: Any) -> None:  # noqa: F811
+@pytest.mark.slow
+def test_token_connection_served_by_vault_backend(world: dict[str, Any], openbao: Any) -> None:
     conn = world["connections"]["pseudonymise_research"]
     _kv(openbao).secrets.kv.v2.create_or_update_secret(
         path="connections/pseudonymise_research", secret=conn, mount_point="secret")
@@ -200,6 +203,7 @@ def execution_api(airflow_world: AirflowWorld, tmp_path: Path) -> Iterator[dict[
         log.close()
 
 
+@pytest.mark.slow
 def test_task_log_holds_no_form_of_any_token_secret(airflow_world: AirflowWorld, issuer: Issuer,
                                                      execution_api: dict[str, str]) -> None:
     """A task run as a worker runs it (LocalExecutor, task supervisor, execution API) reads three tokens

@@ -1,4 +1,5 @@
-"""Fixtures of the core tests: verified tokens of the shared ``issuer`` fixture's projects.
+"""Fixtures of the core tests: verified tokens of the shared ``issuer`` fixture's projects, and an
+in-memory source and sink for the pipeline's run functions.
 
 ``long_lived_issuer`` is the same issuer, session-scoped, for Hypothesis tests (which must not
 depend on function-scoped fixtures).
@@ -6,16 +7,48 @@ depend on function-scoped fixtures).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pseudonymise.core.audit import AuditLog
+from pseudonymise.core.db import make_engine
 from pseudonymise.core.formats import PseudonymFormat
 from pseudonymise.core.issuer import DirectoryStore, Issuer
 from pseudonymise.core.tokens import Token, verify_token
 
 Mint = Callable[..., Token]
+
+
+class Rows:
+    """A source of one batch holding ``columns`` (a fresh copy at each read)."""
+
+    def __init__(self, columns: dict[str, list[Any]]) -> None:
+        self.columns = list(columns)
+        self._data = columns
+
+    def batches(self) -> Iterator[dict[str, list[Any]]]:
+        yield {k: list(v) for k, v in self._data.items()}
+
+
+class Collect:
+    """A sink that keeps what it is given, and whether it was committed or aborted."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[Any]] = {}
+        self.committed = self.aborted = False
+
+    def write(self, batch: dict[str, list[Any]]) -> None:
+        for k, v in batch.items():
+            self.rows.setdefault(k, []).extend(v)
+
+    def commit(self) -> None:
+        self.committed = True
+
+    def abort(self) -> None:
+        self.aborted = True
 
 
 def mint_with(issuer: Issuer) -> Mint:
@@ -26,6 +59,15 @@ def mint_with(issuer: Issuer) -> Mint:
         return verify_token(raw, issuer.public_keys(), kind=kind, project=project)
 
     return mint
+
+
+@pytest.fixture
+def audit(db_url: str) -> Iterator[AuditLog]:
+    """An empty audit log with its tables, on SQLite and on PostgreSQL."""
+    log = AuditLog(make_engine(db_url))
+    log.create()
+    yield log
+    log.engine.dispose()
 
 
 @pytest.fixture

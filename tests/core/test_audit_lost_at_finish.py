@@ -3,7 +3,7 @@
 The documented divergence (README, Configuration): the target commits first, so its rows exist
 while the use shows ``started`` without ``finished``; the run fails loudly and the verifier lists
 the use as incomplete. When the audit lives with the target, both roll back together instead
-(tests/core/test_audit.py::test_success_rolled_back_with_the_data_becomes_failed)."""
+(tests/core/test_use.py::test_success_rolled_back_with_the_data_becomes_failed)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.errors import AuditError, DatabaseIOError
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import Store, run_pseudonymisation
-from pseudonymise.core.pseudonymiser import ColumnPolicy
+from pseudonymise.core.plan import SinkFactory, plan_transfer
+from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.sql import TableTarget
+from pseudonymise.core.use import GivenToken
 
 pytestmark = pytest.mark.postgres
 
@@ -58,8 +60,9 @@ def test_audit_lost_before_finish_leaves_a_visible_incomplete_use(pg_url: str, s
 
     # the lost connection fails the audit row, or the run's COMMIT (as the plugin's error, without the driver's text)
     with pytest.raises((AuditError, DatabaseIOError)):
-        run_pseudonymisation(store, issuer.issue("research-b", "pseudonymisation"), issuer.public_keys(),
-                             ColumnPolicy.pseudonymise("id"), _Rows(), lambda cols, conn: TargetThenLoseAudit())
+        policy = ColumnPolicy.pseudonymise("id")
+        run_pseudonymisation(store, GivenToken(issuer.issue("research-b", "pseudonymisation"), issuer.public_keys()),
+                             policy, plan_transfer(_Rows(), SinkFactory(lambda cols, conn: TargetThenLoseAudit()), policy))
     with target_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM out")).scalar() == 3
     audit = AuditLog(sa.create_engine(pg_url))

@@ -14,7 +14,8 @@ from pseudonymise.core.errors import DataIOError, InvalidTextError, UnsupportedT
 from pseudonymise.core.escrow import EscrowTables, EscrowWriter, reveal
 from pseudonymise.core.files import CsvSource
 from pseudonymise.core.issuer import Issuer
-from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser
+from pseudonymise.core.policy import ColumnPolicy
+from pseudonymise.core.pseudonymiser import Pseudonymiser
 from pseudonymise.core.tokens import verify_token
 
 HUGE = "P" + "x" * (10 * 1024 * 1024)  # a 10 MB identifier

@@ -1,4 +1,4 @@
-"""Canonical bytes and normalisers (DESIGN §4 steps 1-2): what "the same identifier" means."""
+"""Canonical bytes (DESIGN §4 step 2): what "the same identifier" means (the normalisers: test_policy.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pseudonymise.core.canonical import TYPE_TAGS, build_normaliser, canonical, from_canonical
+from pseudonymise.core.canonical import TYPE_TAGS, canonical, from_canonical
 from pseudonymise.core.errors import InvalidTextError, PolicyError, UnsupportedTypeError
 
 valid_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=60)
@@ -151,45 +151,3 @@ def test_type_tags_round_trip() -> None:
         assert back == value and type(back) is type(value)
     with pytest.raises(PolicyError):
         from_canonical("float", b"1.5")
-
-
-# --- normalisers ------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("names", "value", "expected"),
-    [
-        (["strip"], "  p-100 \t\n", "p-100"),
-        (["upper"], "p-100ß", "P-100SS"),
-        (["lower"], "ÉCOLE", "école"),
-        (["casefold"], "Straße", "strasse"),
-        (["remove_whitespace"], " a b\tc\u00a0d\ne ", "abcde"),
-        (["remove:-."], "12-34.56-7", "1234567"),
-        (["remove:/ "], "01 / 02 / 2026", "01022026"),
-        (["strip", "upper"], " p100000 ", "P100000"),
-        (["remove:-", "casefold", "strip"], " AB-cd ", "abcd"),
-    ],
-)
-def test_normalisers(names: list[str], value: str, expected: str) -> None:
-    normalise = build_normaliser(names, "c")
-    assert normalise is not None
-    assert normalise(value) == expected
-
-
-def test_normalisers_leave_other_types_alone() -> None:
-    normalise = build_normaliser(["strip", "upper"], "c")
-    assert normalise is not None
-    assert normalise(42) == 42
-    assert normalise(b" x ") == b" x "
-    day = dt.date(2026, 1, 1)
-    assert normalise(day) is day
-
-
-def test_no_normaliser_is_none() -> None:
-    assert build_normaliser([], "c") is None
-
-
-@pytest.mark.parametrize("name", ["trim", "remove:", "UPPER", "", "remove"])
-def test_unknown_normaliser_is_refused_naming_column_and_normaliser(name: str) -> None:
-    with pytest.raises(PolicyError) as info:
-        build_normaliser(["strip", name], "patient_id")
-    assert "'patient_id'" in str(info.value)
-    assert repr(name) in str(info.value)

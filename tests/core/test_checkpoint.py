@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from pseudonymise.core.audit import GENESIS, AuditLog, row_hash
+from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.checkpoint import (
     CheckpointContradictionError,
     Checkpointer,
@@ -35,7 +35,8 @@ from pseudonymise.core.checkpoint import (
     verify_against_witness,
 )
 from pseudonymise.core.issuer import Issuer
-from pseudonymise.core.use import TokenUse
+
+from tests.tampering import make_uses, rewrite_without, truncate
 
 
 @pytest.fixture
@@ -43,45 +44,8 @@ def signer() -> LocalSigner:
     return LocalSigner.generate()
 
 
-def make_uses(audit: AuditLog, issuer: Issuer, operations: list[str],
-              on_finished: Callable[[AuditLog], None] | None) -> None:
-    """One audited token use per operation (``reverse`` with a reverse token), each calling ``on_finished``."""
-    for operation in operations:
-        kind = "reverse" if operation == "reverse" else "pseudonymisation"
-        raw = issuer.issue("research-a", kind)  # type: ignore[arg-type]
-        with TokenUse(audit, operation, raw, issuer.public_keys(), kind=kind, project="research-a",
-                      on_finished=on_finished):
-            pass
-
-
 def per_use(signer: LocalSigner, witness: FileWitness) -> Callable[[AuditLog], None]:
     return checkpoint_after_use(lambda audit: Checkpointer(audit, signer, [witness]))
-
-
-# --- the attacks, as the owner of the audit database makes them ------------------------------------
-def truncate(audit: AuditLog, keep: int) -> None:
-    """Delete the rows after ``keep``, set the head to row ``keep``, and remove the checkpoints above it."""
-    t, head, cps = audit.table, audit.head, CheckpointTable(audit).table
-    with audit.engine.begin() as conn:
-        conn.execute(sa.delete(t).where(t.c.seq > keep))
-        last = conn.execute(sa.select(t.c.seq, t.c.row_hash).where(t.c.seq == keep)).one()
-        conn.execute(sa.update(head).values(seq=last.seq, row_hash=last.row_hash))
-        conn.execute(sa.delete(cps).where(cps.c.seq > keep))
-
-
-def rewrite_without(audit: AuditLog, operation: str) -> int:
-    """Remove every row of ``operation``, renumber and re-hash the rest, set the head; drop the checkpoints."""
-    rows = [r for r in audit.iter_rows() if r["operation"] != operation]
-    prev = GENESIS
-    with audit.engine.begin() as conn:
-        conn.execute(sa.delete(audit.table))
-        conn.execute(sa.delete(CheckpointTable(audit).table))
-        for seq, row in enumerate(rows, 1):
-            row.update(seq=seq, prev_hash=prev)
-            row["row_hash"] = prev = row_hash(prev, row)
-            conn.execute(audit.table.insert().values(**row))
-        conn.execute(sa.update(audit.head).values(seq=len(rows), row_hash=prev))
-    return len(rows)
 
 
 # --- statements and keys --------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pseudonymise.core.checkpoint import (
 )
 from pseudonymise.core.issuer import Issuer
 
-from tests.core.test_checkpoint import make_uses, truncate
+from tests.tampering import make_uses, truncate
 
 pytestmark = pytest.mark.vault
 

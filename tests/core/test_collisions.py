@@ -10,7 +10,8 @@ from pseudonymise.core import formats
 from pseudonymise.core.collisions import RECORD, CollisionGuard
 from pseudonymise.core.errors import CollisionError
 from pseudonymise.core.formats import PseudonymFormat
-from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser, SecondaryPseudonymiser
+from pseudonymise.core.policy import ColumnPolicy
+from pseudonymise.core.pseudonymiser import Pseudonymiser, SecondaryPseudonymiser
 
 from tests.core.conftest import Mint
 

@@ -11,8 +11,10 @@ import sqlalchemy as sa
 from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import Store, run_pseudonymisation
-from pseudonymise.core.pseudonymiser import ColumnPolicy
+from pseudonymise.core.plan import SinkFactory, plan_transfer
+from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.sql import PostgresCopySource, TableTarget
+from pseudonymise.core.use import GivenToken, RunContext
 
 pytestmark = pytest.mark.postgres
 
@@ -32,11 +34,12 @@ def _task(url: str, token: str, jwks: dict[str, Any], lo: int, hi: int, mode: st
         else:
             target = TableTarget("dst", mode="replace_partition", partition_column="day",
                                  partition_start="2026-11-04", partition_end="2026-11-05")
-        summary = run_pseudonymisation(
-            store, token, TrustedKeys.from_jwks(jwks), ColumnPolicy.pseudonymise("patient_id", default="keep"),
-            source, lambda cols, conn: target.sink(conn, cols, pseudonymised=["patient_id"],
-                                                   type_names=source.type_names),
-            context={"task_id": f"range_{lo}", "map_index": lo // 1000})
+        policy = ColumnPolicy.pseudonymise("patient_id", default="keep")
+        sink = SinkFactory(lambda cols, conn: target.sink(conn, cols, pseudonymised=["patient_id"],
+                                                          type_names=source.type_names), copy_text=True)
+        summary = run_pseudonymisation(store, GivenToken(token, TrustedKeys.from_jwks(jwks)), policy,
+                                       plan_transfer(source, sink, policy),
+                                       RunContext(task_id=f"range_{lo}", map_index=lo // 1000))
         queue.put(("ok", summary.counts["rows_out"]))
     except BaseException as exc:
         queue.put(("error", repr(exc)))
@@ -65,6 +68,7 @@ def _run_all(url: str, issuer: Issuer, ranges: list[tuple[int, int]], mode: str)
     return results
 
 
+@pytest.mark.slow
 def test_eight_concurrent_range_tasks(pg_url: str, issuer: Issuer) -> None:
     _source(pg_url, 8000)
     results = _run_all(pg_url, issuer, [(i * 1000, (i + 1) * 1000) for i in range(8)], "range")

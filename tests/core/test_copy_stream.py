@@ -16,9 +16,12 @@ from pseudonymise.core.copytext import CopyText
 from pseudonymise.core.errors import DataIOError
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import Store, run_pseudonymisation
-from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser
+from pseudonymise.core.plan import SinkFactory, plan_transfer
+from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.sql import PostgresCopySource, TableTarget
-from pseudonymise.core.tokens import verify_token
+from pseudonymise.core.use import GivenToken
+
+from tests import reference
 
 pytestmark = pytest.mark.postgres
 ROWS = 2_345
@@ -42,11 +45,11 @@ def _source(engine: sa.Engine, batch_size: int = 100) -> PostgresCopySource:
 def _run(url: str, issuer: Issuer, project: str, source: Any, policy: ColumnPolicy | None = None) -> Any:
     engine = sa.create_engine(url)
     target = TableTarget("dst", mode="replace")
-    return run_pseudonymisation(
-        Store(engine), issuer.issue(project, "pseudonymisation"), issuer.public_keys(),
-        policy or ColumnPolicy.pseudonymise("pid", default="keep"), source,
-        lambda cols, conn: target.sink(conn, cols, use_copy=True, pseudonymised=["pid"],
-                                       type_names=getattr(source, "type_names", None)))
+    policy = policy or ColumnPolicy.pseudonymise("pid", default="keep")
+    sink = SinkFactory(lambda cols, conn: target.sink(conn, cols, use_copy=True, pseudonymised=["pid"],
+                                                      type_names=getattr(source, "type_names", None)), copy_text=True)
+    return run_pseudonymisation(Store(engine), GivenToken(issuer.issue(project, "pseudonymisation"), issuer.public_keys()),
+                                policy, plan_transfer(source, sink, policy))
 
 
 def test_kept_columns_come_as_copy_text_in_exact_batches(pg_url: str) -> None:
@@ -70,9 +73,7 @@ def test_target_equals_source_but_for_the_pseudonyms(pg_url: str, issuer: Issuer
     with engine.connect() as conn:
         src = conn.execute(sa.text("SELECT * FROM src ORDER BY id")).all()
         dst = conn.execute(sa.text("SELECT * FROM dst ORDER BY id")).all()
-    token = verify_token(issuer.issue(project, "pseudonymisation"), issuer.public_keys())
-    expected = Pseudonymiser(token, ColumnPolicy.pseudonymise("pid")).pseudonymise_batch(
-        {"pid": [r.pid for r in src]}).columns["pid"]
+    expected = reference.token_pseudonyms(issuer.issue(project, "pseudonymisation"), [r.pid for r in src])
     assert [r.pid for r in dst] == expected
     assert [(r.id, r.note, r.d, r.u, r.b) for r in dst] == [(r.id, r.note, r.d, r.u, r.b) for r in src]
     if project == "research-a":
@@ -124,10 +125,12 @@ def test_a_failed_background_write_fails_the_run_and_writes_nothing(pg_url: str,
     source = _source(engine)
     target = TableTarget("dst", mode="replace")
     with pytest.raises(DataIOError, match="the target broke"):
+        policy = ColumnPolicy.pseudonymise("pid", default="keep")
         run_pseudonymisation(
-            Store(engine), issuer.issue("research-a", "pseudonymisation"), issuer.public_keys(),
-            ColumnPolicy.pseudonymise("pid", default="keep"), source,
-            lambda cols, conn: _FailingSink(target.sink(conn, cols, use_copy=True, pseudonymised=["pid"]), 3))
+            Store(engine), GivenToken(issuer.issue("research-a", "pseudonymisation"), issuer.public_keys()), policy,
+            plan_transfer(source, SinkFactory(
+                lambda cols, conn: _FailingSink(target.sink(conn, cols, use_copy=True, pseudonymised=["pid"]), 3)),
+                policy))
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM dst")).scalar_one() == 9  # as it was
         assert conn.execute(sa.text("SELECT count(*) FROM pseudonymise_escrow")).scalar_one() == 0

@@ -11,10 +11,7 @@ record, or in any audit row.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,71 +24,23 @@ from pseudonymise.core.errors import DataIOError, PolicyError
 from pseudonymise.core.files import ParquetSink
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import Store, run_pseudonymisation
-from pseudonymise.core.pseudonymiser import ColumnPolicy
+from pseudonymise.core.plan import SinkFactory, plan_transfer
+from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableTarget
+from pseudonymise.core.use import GivenToken
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def sample_rows() -> list[dict[str, str]]:
-    with open(ROOT / "include/sample/patients.csv", encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def sample_values() -> list[str]:
-    """The identifying values of the sample: every patient id (as stored and stripped) and every name."""
-    values: set[str] = set()
-    for row in sample_rows():
-        values.update({row["patient_id"].strip(), row["name"]})
-    return sorted(values)
-
-
-def exception_texts(exc: BaseException) -> list[str]:
-    """Everything an exception can print: str, repr, the formatted traceback, and the same of every exception
-    reachable through ``__cause__`` and ``__context__``, whether or not the traceback would show it."""
-    texts = ["".join(traceback.format_exception(exc))]
-    seen: set[int] = set()
-    stack: list[BaseException] = [exc]
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        texts += [str(current), repr(current), "".join(traceback.format_exception(current, chain=False)),
-                  repr(getattr(current, "args", ()))]
-        stack += [e for e in (current.__cause__, current.__context__) if e is not None]
-    return texts
-
-
-def assert_no_value(texts: Iterable[str], values: Iterable[str] | None = None, where: str = "") -> None:
-    blob = "\n".join(texts)
-    leaked = [v for v in (values if values is not None else sample_values()) if v in blob]
-    assert not leaked, f"{len(leaked)} sample value(s) in {where}, e.g. {leaked[:3]}:\n{blob[:3000]}"
-
-
-def audit_texts(engine: sa.Engine) -> list[str]:
-    rows = list(AuditLog(engine).iter_rows())
-    return [json.dumps(rows, default=str)]
-
-
-def _load(engine: sa.Engine, *, strict: bool = False) -> None:
-    """The sample patients, typed (visit_id, birth_year integers), as a source table."""
-    rows = sample_rows()
-    with engine.begin() as conn:
-        conn.execute(sa.text(
-            "CREATE TABLE patient_visits (visit_id bigint PRIMARY KEY, patient_id text, name text, birth_year integer,"
-            " ward text)"))
-        conn.execute(sa.text("INSERT INTO patient_visits VALUES (:visit_id, :patient_id, :name, :birth_year, :ward)"),
-                     [{"visit_id": i, "patient_id": r["patient_id"], "name": r["name"],
-                       "birth_year": int(r["birth_year"]), "ward": r["ward"]} for i, r in enumerate(rows, 1)])
+from tests.sample import assert_no_value, audit_texts, exception_texts, load_sample, sample_rows
 
 
 def _run(engine: sa.Engine, issuer: Issuer, source: Any, sink: Callable[[list[str], Any], Any]) -> DataIOError:
     """A pseudonymisation (patient_id pseudonymised, the rest kept) that must fail with the plugin's error."""
     with pytest.raises(DataIOError) as info:
-        run_pseudonymisation(Store(engine), issuer.issue("research-a", "pseudonymisation"), issuer.public_keys(),
-                             ColumnPolicy.pseudonymise("patient_id", default="keep"), source, sink,
-                             source_label="hospital:query", target_label="research:visits")
+        policy = ColumnPolicy.pseudonymise("patient_id", default="keep")
+        # a COPY source goes with a COPY sink in these cases: its blocks go to the sink as they are
+        transfer = plan_transfer(source, SinkFactory(sink, copy_text=isinstance(source, PostgresCopySource)), policy,
+                                 source_label="hospital:query", target_label="research:visits")
+        run_pseudonymisation(Store(engine), GivenToken(issuer.issue("research-a", "pseudonymisation"),
+                                                       issuer.public_keys()), policy, transfer)
     return info.value
 
 
@@ -128,7 +77,7 @@ def test_postgres_cast_error_in_the_source_query(pg_url: str, issuer: Issuer, pa
                                                  caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     engine = sa.create_engine(pg_url)
-    _load(engine)
+    load_sample(engine)
     query = _cast_query(first_failure)
     target = TableTarget("visits", mode="replace")
     try:
@@ -153,7 +102,7 @@ def test_postgres_kept_column_into_a_wrongly_typed_target_column(pg_url: str, is
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     engine = sa.create_engine(pg_url)
-    _load(engine)
+    load_sample(engine)
     with engine.begin() as conn:  # the name, kept, goes into an integer column
         conn.execute(sa.text("CREATE TABLE visits (visit_id bigint, patient_id text, name integer, birth_year integer)"))
     query = "SELECT visit_id, patient_id, name, birth_year FROM patient_visits ORDER BY visit_id"
@@ -178,7 +127,7 @@ def test_postgres_unique_violation_names_the_constraint_not_the_key(pg_url: str,
     """PostgreSQL's DETAIL says ``Key (name)=(…) already exists``: only the constraint's name may come out."""
     caplog.set_level(logging.WARNING)
     engine = sa.create_engine(pg_url)
-    _load(engine)
+    load_sample(engine)
     with engine.begin() as conn:  # the sample has two patients of one name
         conn.execute(sa.text("CREATE TABLE visits (visit_id bigint, patient_id text, name text"
                              " CONSTRAINT visits_name_unique UNIQUE, birth_year integer)"))
@@ -199,7 +148,7 @@ def test_postgres_constraint_checked_at_commit_names_the_constraint_not_the_key(
     turns the error into the plugin's."""
     caplog.set_level(logging.WARNING)
     engine = sa.create_engine(pg_url)
-    _load(engine)
+    load_sample(engine)
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE visits (visit_id bigint, patient_id text, name text CONSTRAINT"
                              " visits_name_unique UNIQUE DEFERRABLE INITIALLY DEFERRED, birth_year integer)"))
@@ -218,7 +167,7 @@ def test_postgres_constraint_checked_at_commit_names_the_constraint_not_the_key(
 def sqlite_engines(tmp_path: Path) -> tuple[sa.Engine, sa.Engine]:
     """The hospital's database (the sample) and the research one (target, audit), two SQLite files."""
     hospital = sa.create_engine(f"sqlite:///{tmp_path / 'hospital.db'}")
-    _load(hospital)
+    load_sample(hospital)
     return hospital, sa.create_engine(f"sqlite:///{tmp_path / 'research.db'}")
 
 

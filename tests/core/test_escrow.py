@@ -1,4 +1,5 @@
-"""Sealed escrow (DESIGN §5) on SQLite and PostgreSQL: round trips, integrity, refusals and purge."""
+"""Escrow storage (DESIGN §5) on SQLite and PostgreSQL: round trips, integrity, refusals and purge (sealing
+itself: test_sealer.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from pseudonymise.core.errors import (
 )
 from pseudonymise.core.escrow import EscrowReader, EscrowTables, EscrowWriter, batch_digest, purge, reveal
 from pseudonymise.core.issuer import Issuer
-from pseudonymise.core.pseudonymiser import Batch, ColumnPolicy, Pseudonymiser
+from pseudonymise.core.policy import ColumnPolicy
+from pseudonymise.core.pseudonymiser import Batch, Pseudonymiser
 from pseudonymise.core.tokens import Token, verify_token
 from sqlalchemy.engine import Engine
 
@@ -309,7 +311,7 @@ def _write_v1(db: tuple[Engine, EscrowTables], token: Token, pseudonym: str, val
     """An escrow row as the releases before v1.1 wrote it: v1 associated data, no domain, key version,
     associated-data version or listed digest."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-    from pseudonymise.core.escrow import associated_data, seal_key
+    from pseudonymise.core.sealer import associated_data, seal_key
 
     engine, tables = db
     dek, batch_id, nonce = AESGCM.generate_key(bit_length=256), str(uuid.uuid4()), bytes(12)

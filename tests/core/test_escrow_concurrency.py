@@ -18,8 +18,10 @@ import pytest
 import sqlalchemy as sa
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import Store, run_pseudonymisation
-from pseudonymise.core.pseudonymiser import ColumnPolicy
+from pseudonymise.core.plan import SinkFactory, plan_transfer
+from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.sql import TableTarget
+from pseudonymise.core.use import GivenToken
 
 pytestmark = pytest.mark.postgres
 FIRST = [f"P{i}" for i in range(1000)]
@@ -50,10 +52,11 @@ def test_two_runs_sharing_values_in_opposite_orders_both_finish(pg_url: str, iss
     def run(name: str, order: list[list[str]]) -> None:
         target = TableTarget(f"dst_{name}", mode="replace")
         try:
+            policy = ColumnPolicy.pseudonymise("pid")
             summary = run_pseudonymisation(
-                Store(engine), issuer.issue("research-a", "pseudonymisation"), issuer.public_keys(),
-                ColumnPolicy.pseudonymise("pid"), _MeetingSource(order, barrier),
-                lambda cols, conn: target.sink(conn, cols))
+                Store(engine), GivenToken(issuer.issue("research-a", "pseudonymisation"), issuer.public_keys()),
+                policy, plan_transfer(_MeetingSource(order, barrier),
+                                      SinkFactory(lambda cols, conn: target.sink(conn, cols)), policy))
             outcome[name] = summary.counts["escrow_rows"]
         except Exception as exc:  # reported below, with the other run's outcome
             outcome[name] = repr(exc)

@@ -12,9 +12,11 @@ from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.escrow import reveal
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import Store, run_pseudonymisation
-from pseudonymise.core.pseudonymiser import ColumnPolicy
+from pseudonymise.core.plan import SinkFactory, plan_transfer
+from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.sql import TableTarget
 from pseudonymise.core.tokens import verify_token
+from pseudonymise.core.use import GivenToken
 
 pytestmark = pytest.mark.postgres
 GRANTS = Path(__file__).resolve().parents[2] / "include/sql/least_privilege.sql"
@@ -46,8 +48,9 @@ def test_pipeline_role_can_append_but_not_rewrite(pg_url: str, issuer: Issuer, p
                 conn.execute(sa.text(code))
     pipeline = sa.create_engine(sa.make_url(pg_url).set(username="pseudonymise_pipeline"))
     token = issuer.issue("research-a", "pseudonymisation")
-    summary = run_pseudonymisation(Store(pipeline), token, issuer.public_keys(), ColumnPolicy.pseudonymise("id"),
-                                   _Rows(), lambda cols, conn: _Discard())
+    policy = ColumnPolicy.pseudonymise("id")
+    summary = run_pseudonymisation(Store(pipeline), GivenToken(token, issuer.public_keys()), policy,
+                                   plan_transfer(_Rows(), SinkFactory(lambda cols, conn: _Discard()), policy))
     assert summary.counts["escrow_rows"] == 3
     for statement in ("UPDATE pseudonymise_audit SET outcome = 'success'", "DELETE FROM pseudonymise_audit",
                       "SELECT ciphertext FROM pseudonymise_escrow", "DELETE FROM pseudonymise_escrow"):
@@ -59,9 +62,10 @@ def test_pipeline_role_can_append_but_not_rewrite(pg_url: str, issuer: Issuer, p
         conn.execute(sa.text("CREATE TABLE dst (id text)"))
         conn.execute(sa.text("GRANT SELECT, INSERT, DELETE ON dst TO pseudonymise_pipeline"))
     for _ in range(2):
-        run_pseudonymisation(Store(pipeline), issuer.issue("research-b", "pseudonymisation"), issuer.public_keys(),
-                             ColumnPolicy.pseudonymise("id"), _Rows(),
-                             lambda cols, conn: TableTarget("dst", mode="replace").sink(conn, cols))
+        run_pseudonymisation(Store(pipeline), GivenToken(issuer.issue("research-b", "pseudonymisation"),
+                                                         issuer.public_keys()), policy,
+                             plan_transfer(_Rows(), SinkFactory(
+                                 lambda cols, conn: TableTarget("dst", mode="replace").sink(conn, cols)), policy))
     with owner.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM dst")).scalar() == 3
         assert conn.execute(sa.text("SELECT count(*) FROM pseudonymise_write_lock")).scalar() == 0

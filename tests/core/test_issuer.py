@@ -16,13 +16,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pseudonymise.core.errors import IssuerError, PolicyError
 from pseudonymise.core.formats import PseudonymFormat
-from pseudonymise.core.issuer import DirectoryStore, Issuer, Project, VaultStore, derive_secondary_key
-from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser, SecondaryPseudonymiser
+from pseudonymise.core.issuer import DirectoryStore, Issuer, Project, VaultStore
+from pseudonymise.core.mac import derive_secondary_key
+from pseudonymise.core.policy import ColumnPolicy
+from pseudonymise.core.pseudonymiser import Pseudonymiser, SecondaryPseudonymiser
 from pseudonymise.core.tokens import MAX_TOKEN_LENGTH, b64url_decode, b64url_encode, verify_token
 from pseudonymise.core.transit import TransitMac
 
-from tests.core.test_tokens import hkdf_sha256
-from tests.services import OpenBaoServer, free_port
+from scripts.services import OpenBaoServer, free_port
+from tests.reference import hkdf_sha256
 
 
 def mode(path: Path) -> int:

@@ -1,14 +1,16 @@
-"""The C engine (core/_native.c) against the definitions: every result equals an independent computation.
+"""The C engine (core/_native.c) through its facade (core/native.py) against the definitions: every result
+equals an independent computation.
 
-Pseudonyms are compared with ``hmac`` + the per-value encoders of formats.py, escrow rows with the
-``cryptography`` package's AES-GCM (and the GCM specification's vectors), COPY text with the
-pure-Python reader. Whole runs on PostgreSQL are compared with the same runs made without the C
-engine (``PSEUDONYMISE_PURE_PYTHON=1`` in a subprocess).
+Pseudonyms are compared with ``hmac`` + the per-value encoders of formats.py, COPY text with the
+pure-Python reader; escrow sealing (the engine's ``seal_rows``) is checked in test_sealer.py against the
+``cryptography`` package's AES-GCM and the GCM specification's vectors. Whole runs on PostgreSQL are
+compared with the same runs made without the C engine (``PSEUDONYMISE_PURE_PYTHON=1`` in a subprocess).
 """
 
 from __future__ import annotations
 
 import hmac
+import importlib
 import json
 import os
 import random
@@ -17,52 +19,49 @@ import subprocess
 import sys
 import unicodedata
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pytest
 import sqlalchemy as sa
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from pseudonymise.core import pseudonymiser as pz
+from pseudonymise.core import native
 from pseudonymise.core.copytext import CopyBlock, unescape
 from pseudonymise.core.errors import DataIOError, InvalidTextError, PolicyError
 from pseudonymise.core.formats import ALPHABETS, PseudonymFormat
 from pseudonymise.core.issuer import Issuer
-from pseudonymise.core.pseudonymiser import (
-    PRIMARY_LABEL,
-    SECONDARY_LABEL,
-    ColumnPolicy,
-    ColumnRule,
-    EscrowBlock,
-    EscrowBlocks,
-    Pseudonymiser,
-    SecondaryPseudonymiser,
-)
+from pseudonymise.core.mac import PRIMARY_LABEL, SECONDARY_LABEL
+from pseudonymise.core.policy import ColumnPolicy, ColumnRule, build_normaliser
+from pseudonymise.core.pseudonymiser import Pseudonymiser, SecondaryPseudonymiser
+from pseudonymise.core.sealer import EscrowBlocks
 from pseudonymise.core.tokens import Token, verify_token
 
-from tests.core.test_vectors import RFC4231
+from tests.core.test_mac import RFC4231
 
-ROOT = Path(__file__).resolve().parents[2]
-VECTORS = ROOT / "tests" / "vectors"
-native = pz._native
-needs_native = pytest.mark.skipif(native is None, reason="PSEUDONYMISE_PURE_PYTHON=1: the C engine is switched off")
+needs_native = pytest.mark.skipif(not native.available(),
+                                  reason="PSEUDONYMISE_PURE_PYTHON=1: the C engine is switched off")
+
+
+def _extension() -> Any:
+    """The extension itself, only for its own argument checks, which the typed facade (native.py) never lets
+    through; everything else here goes through the facade."""
+    return importlib.import_module("pseudonymise.core._native")
 
 
 def test_the_c_engine_is_built() -> None:
     """The package builds its C engine wherever gcc and libcrypto are (the test command installs them);
     a missing engine is a failure, not a silent slowdown, unless switched off on purpose."""
     if os.environ.get("PSEUDONYMISE_PURE_PYTHON") == "1":
-        assert not pz.native_engine()
+        assert not native.available()
         return
-    assert pz.native_engine(), "pseudonymise.core._native is missing: run `pip install -e .` with gcc and libssl-dev"
+    assert native.available(), "pseudonymise.core._native is missing: run `pip install -e .` with gcc and libssl-dev"
 
 
 # --- HMAC -------------------------------------------------------------------------------------------
 @needs_native
 @pytest.mark.parametrize("case", RFC4231, ids=lambda c: f"key{len(c['Key'])}-msg{len(c['Msg'])}")
 def test_keyed_gives_rfc4231_vectors(case: dict[str, bytes]) -> None:
-    assert native.Keyed(case["Key"], b"").mac(case["Msg"]) == case["MD"]
-    assert native.Keyed(case["Key"], case["Msg"][:5]).mac(case["Msg"][5:]) == case["MD"]
-    assert native.Keyed(case["Key"], b"").mac_many([case["Msg"], case["Msg"]]) == case["MD"] * 2
+    assert native.keyed(case["Key"], b"").mac(case["Msg"]) == case["MD"]
+    assert native.keyed(case["Key"], case["Msg"][:5]).mac(case["Msg"][5:]) == case["MD"]
+    assert native.keyed(case["Key"], b"").mac_many([case["Msg"], case["Msg"]]) == case["MD"] * 2
 
 
 @needs_native
@@ -72,7 +71,7 @@ def test_keyed_equals_hmac_for_every_length() -> None:
         key = rng.randbytes(key_len)
         label = rng.randbytes(rng.randrange(40))
         messages = [rng.randbytes(n) for n in range(0, 300, 7)]
-        keyed = native.Keyed(key, label)
+        keyed = native.keyed(key, label)
         expected = [hmac.digest(key, label + m, "sha256") for m in messages]
         assert [keyed.mac(m) for m in messages] == expected
         assert keyed.mac_many(messages) == b"".join(expected)
@@ -85,11 +84,14 @@ def test_keyed_equals_hmac_for_every_length() -> None:
 @needs_native
 def test_encode_equals_the_per_value_encoders() -> None:
     macs = os.urandom(32 * 500) + b"\xff" * 32 + b"\x00" * 32
-    for code, (alphabet, (low, high)) in enumerate(ALPHABETS.items()):
+    ext = _extension()
+    assert native.ALPHABET_CODES == {"hex": ext.HEX, "base32": ext.BASE32, "base64url": ext.BASE64URL,
+                                     "digits": ext.DIGITS}
+    for alphabet, (low, high) in ALPHABETS.items():
         for length in range(low, high + 1):
             fmt = PseudonymFormat(alphabet, length, "P-é")
             expected = "".join(fmt.encode(macs[i:i + 32]) for i in range(0, len(macs), 32))
-            assert native.encode(macs, code, length, fmt.prefix.encode()).decode() == expected, (alphabet, length)
+            assert native.encode(macs, fmt).decode() == expected, (alphabet, length)
 
 
 # --- COPY blocks ------------------------------------------------------------------------------------
@@ -237,25 +239,26 @@ def test_secondary_blocks_refuse_values_not_in_the_source_format(issuer: Issuer)
 def test_copy_block_check_counts_what_matches_refuses() -> None:
     """``copy_block``'s check against the definition (PseudonymFormat.matches on the unescaped value)."""
     rng = random.Random(11)
-    keyed = native.Keyed(b"k" * 32, SECONDARY_LABEL)
-    for code, alphabet in enumerate(ALPHABETS):
+    keyed = native.keyed(b"k" * 32, SECONDARY_LABEL)
+    out_format = PseudonymFormat("base32", 26)
+    for alphabet in ALPHABETS:
         for fmt in (PseudonymFormat(alphabet, ALPHABETS[alphabet][0]), PseudonymFormat(alphabet, ALPHABETS[alphabet][1], "é-\\")):
             good = fmt.encode_many(os.urandom(32 * 50))
             fields = [rng.choice(good) for _ in range(300)] + AWKWARD + [g[:-1] for g in good[:5]] + \
                 [g.upper() for g in good[:5]] + [g.replace("\\", "\\\\") for g in good[:5]] + ["\\N"]
             rng.shuffle(fields)
             data = "".join(f"{f}\n" for f in fields).encode()
-            check = (code, fmt.length, fmt.prefix.encode())
-            _out, _rows, [(_macs, nulls, _c, _e, mismatched)] = native.copy_block(
-                data, [(2, keyed, 1, 26, "", False, None, b"", check)])
+            checked = native.BlockPlan((native.ColumnPlan.pseudonymise(out_format, keyed, check=fmt),))
+            _out, _rows, [(_macs, nulls, _c, _e, mismatched)] = native.copy_block(data, checked)
             values = [unescape(f) for f in fields]
             assert nulls == values.count(None)
             assert mismatched == sum(1 for v in values if v is not None and not fmt.matches(v)) > 0
-            _out, _rows, [(_m, _n, _c, _e, unchecked)] = native.copy_block(data, [(2, keyed, 1, 26, "", False, None, b"")])
-            assert unchecked == 0
-    for bad in ((4, 16, b""), (0, 0, b""), (0, 78, b""), ("hex", 16, b"")):
+            unchecked = native.BlockPlan((native.ColumnPlan.pseudonymise(out_format, keyed),))
+            _out, _rows, [(_m, _n, _c, _e, mismatched)] = native.copy_block(data, unchecked)
+            assert mismatched == 0
+    for bad in ((4, 16, b""), (0, 0, b""), (0, 78, b""), ("hex", 16, b"")):  # the extension's own checks
         with pytest.raises((ValueError, TypeError)):
-            native.copy_block(b"a\n", [(2, keyed, 1, 26, "", False, None, b"", bad)])
+            _extension().copy_block(b"a\n", [(2, keyed, 1, 26, "", False, None, b"", bad)])
 
 
 SPACED = ["  P1 ", "\\t p-2.x\\n", "\x1c\x1fP3", " Mixed Case ", "a-b.c/d", "  ", "", "STRASSE", "Straße ",
@@ -274,7 +277,7 @@ def test_normalisers_in_copy_blocks_equal_the_definition(issuer: Issuer, names: 
     rng = random.Random(len(names))
     rows = [[str(i), rng.choice(SPACED + AWKWARD)] for i in range(2000)]
     out = engine.pseudonymise_batch(_block(rows), ["id", "pid"]).columns.data.decode("utf-8").splitlines()
-    normalise = pz.build_normaliser(names, "pid")
+    normalise = build_normaliser(names, "pid")
     label = PRIMARY_LABEL + b"\x00"
 
     def expected(field: str) -> str:
@@ -289,10 +292,12 @@ def test_normalisers_in_copy_blocks_equal_the_definition(issuer: Issuer, names: 
 
 @needs_native
 def test_a_bad_normaliser_program_is_refused() -> None:
-    keyed = native.Keyed(b"k" * 32, b"")
+    """The extension's own check: the facade only makes programs from the policy's normalisers (ascii_program)."""
+    keyed = native.keyed(b"k" * 32, b"")
     for program in (b"x", b"r", b"r\x05ab"):
         with pytest.raises(ValueError, match="normaliser program"):
-            native.copy_block(b"a\n", [(2, keyed, 1, 26, "", False, None, program)])
+            _extension().copy_block(b"a\n", [(2, keyed, 1, 26, "", False, None, program)])
+    assert native.ascii_program(["strip", "casefold", "upper", "remove_whitespace", "remove:-é./"]) == b"sluwr\x03-./"
 
 
 @needs_native
@@ -308,80 +313,17 @@ def test_bad_copy_text_is_a_clear_error(issuer: Issuer, data: bytes, error: type
         engine.pseudonymise_batch(CopyBlock(data, data.count(b"\n")), COLUMNS)
 
 
-# --- escrow sealing -------------------------------------------------------------------------------
-def _gcm_cases() -> list[dict[str, bytes]]:
-    cases, current = [], {}
-    for line in (VECTORS / "gcm-spec-aes256-zero-iv.txt").read_text().splitlines():
-        name, sep, value = line.partition(" =")
-        if sep and name in ("K", "P", "IV", "C", "T"):
-            current[name] = bytes.fromhex(value.strip())
-            if name == "T":
-                cases.append(current)
-                current = {}
-    return cases
-
-
-def test_gcm_vector_file_holds_the_two_cases() -> None:
-    cases = _gcm_cases()
-    assert len(cases) == 2 and cases[1]["T"].hex() == "d0d1c8a799996bf0265b98b5d48ab919"
-    for case in cases:  # and the reference implementation agrees
-        assert AESGCM(case["K"]).encrypt(case["IV"], case["P"], None) == case["C"] + case["T"]
-
-
-@needs_native
-@pytest.mark.parametrize("case", _gcm_cases(), ids=["case13", "case14"])
-def test_seal_rows_gives_the_gcm_vectors(case: dict[str, bytes]) -> None:
-    # value 0 of a batch has the all-zero nonce; an empty prefix, pseudonym and label leave P and no AAD
-    rows = native.seal_rows(case["K"], b"", b"", b"", 0, case["P"], np.array([0, len(case["P"])], np.uint64).tobytes(),
-                            b"", b"\t", b"\n")
-    nonce, sealed = rows.decode().rstrip("\n").split("\t")[1:]
-    assert nonce == "\\\\x" + case["IV"].hex() and sealed == "\\\\x" + (case["C"] + case["T"]).hex()
-
-
-@needs_native
-def test_seal_rows_equals_aesgcm_of_the_escrow_layout() -> None:
-    rng = random.Random(11)
-    dek, n, width = os.urandom(32), 3000, 28
-    names = [f"P-{rng.randbytes(13).hex()}"[:width].encode() for _ in range(n)]
-    values = [rng.randbytes(rng.randrange(0, 300)) for _ in range(n)]
-    ends = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.uint64)
-    rows = native.seal_rows(dek, b"proj\x00", b"str\x00", b"".join(names), width, b"".join(values), ends.tobytes(),
-                            b"proj\t", b"\tB\t", b"\tR\n")
-    aead = AESGCM(dek)
-    lines = rows.decode().split("\n")
-    assert lines[-1] == "" and len(lines) == n + 1
-    for i, line in enumerate(lines[:-1]):
-        project, name, batch, nonce, sealed, retention = line.split("\t")
-        assert (project, name, batch, retention) == ("proj", names[i].decode(), "B", "R")
-        assert nonce == "\\\\x" + i.to_bytes(12, "big").hex()
-        assert bytes.fromhex(sealed[3:]) == aead.encrypt(i.to_bytes(12, "big"), b"str\x00" + values[i],
-                                                          b"proj\x00" + names[i])
-    with pytest.raises(ValueError):
-        native.seal_rows(dek[:16], b"", b"", b"ab", 2, b"", np.zeros(2, np.uint64).tobytes(), b"", b"", b"")
-    with pytest.raises(ValueError):  # the ends must cover the values exactly
-        native.seal_rows(dek, b"", b"", b"ab", 2, b"xyz", np.array([0, 2], np.uint64).tobytes(), b"", b"", b"")
-
-
-def test_escrow_block_take_concat_and_items() -> None:
-    block = EscrowBlock(b"aaabbbccc", 3, b"xyyzzz", np.array([0, 1, 3, 6], np.uint64))
-    assert [(i.pseudonym, i.canonical) for i in block] == [("aaa", b"x"), ("bbb", b"yy"), ("ccc", b"zzz")]
-    taken = block.take([2, 0])
-    assert [(i.pseudonym, i.canonical) for i in taken] == [("ccc", b"zzz"), ("aaa", b"x")]
-    both = EscrowBlock.concat([block, taken])
-    assert len(both) == 5 and both[3].canonical == b"zzz" and list(both.items()) == list(both)
-    assert len(block.take([])) == 0
-    with pytest.raises(ValueError):
-        EscrowBlock(b"aaab", 3, b"", np.array([0, 0], np.uint64))
-
-
 # --- whole runs: C engine and pure Python give the same database --------------------------------
 RUN = r"""
 import json, sys
 import sqlalchemy as sa
 from pseudonymise.core.issuer import DirectoryStore, Issuer
 from pseudonymise.core.pipeline import Store, run_pseudonymisation
-from pseudonymise.core.pseudonymiser import ColumnPolicy, ColumnRule, native_engine
+from pseudonymise.core.plan import SinkFactory, plan_transfer
+from pseudonymise.core import native
+from pseudonymise.core.policy import ColumnPolicy, ColumnRule
 from pseudonymise.core.sql import PostgresCopySource, TableTarget
+from pseudonymise.core.use import GivenToken
 cfg = json.loads(sys.argv[1])
 engine = sa.create_engine(cfg["url"])
 issuer = Issuer(DirectoryStore(cfg["store"]))
@@ -389,10 +331,11 @@ source = PostgresCopySource(engine, "SELECT * FROM src ORDER BY id", batch_size=
 policy = ColumnPolicy({"pid": ColumnRule("pid"), "mrn": ColumnRule("mrn", domain="mrn")}, "keep")
 target = TableTarget(cfg["target"], mode="replace")
 store = Store(engine, audit_table=cfg["target"] + "_audit", escrow_prefix=cfg["target"])
-summary = run_pseudonymisation(store, open(cfg["token"]).read(), issuer.public_keys(), policy, source,
-                               lambda cols, conn: target.sink(conn, cols, use_copy=True, pseudonymised=["pid", "mrn"],
-                                                              type_names=source.type_names))
-print(json.dumps({"native": native_engine(), **summary.counts}))
+sink = SinkFactory(lambda cols, conn: target.sink(conn, cols, use_copy=True, pseudonymised=["pid", "mrn"],
+                                                  type_names=source.type_names), copy_text=True)
+summary = run_pseudonymisation(store, GivenToken(open(cfg["token"]).read(), issuer.public_keys()), policy,
+                               plan_transfer(source, sink, policy))
+print(json.dumps({"native": native.available(), **summary.counts}))
 """
 
 
@@ -450,8 +393,11 @@ import sqlalchemy as sa
 from pseudonymise.core.errors import PolicyError
 from pseudonymise.core.issuer import DirectoryStore, Issuer
 from pseudonymise.core.pipeline import Store, run_pseudonymisation
-from pseudonymise.core.pseudonymiser import ColumnPolicy, native_engine
+from pseudonymise.core.plan import SinkFactory, plan_transfer
+from pseudonymise.core import native
+from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableTarget
+from pseudonymise.core.use import GivenToken
 cfg = json.loads(sys.argv[1])
 engine = sa.create_engine(cfg["url"])
 issuer = Issuer(DirectoryStore(cfg["store"]))
@@ -461,13 +407,14 @@ target = TableTarget(cfg["target"], mode="replace")
 # SQLite: the target and audit in another file (the source's streaming read holds its file's lock)
 store = Store(sa.create_engine(cfg["store_url"]), audit_table=cfg["target"] + "_audit", escrow_prefix=cfg["target"])
 try:
-    run_pseudonymisation(store, open(cfg["token"]).read(), issuer.public_keys(), ColumnPolicy.pseudonymise("pid"),
-                         source, lambda cols, conn: target.sink(conn, cols, use_copy=copy, pseudonymised=["pid"],
-                                                                  type_names=getattr(source, "type_names", None)),
-                         secondary=True)
-    print(json.dumps({"native": native_engine(), "error": None}))
+    policy = ColumnPolicy.pseudonymise("pid")
+    sink = SinkFactory(lambda cols, conn: target.sink(conn, cols, use_copy=copy, pseudonymised=["pid"],
+                                                      type_names=getattr(source, "type_names", None)), copy_text=copy)
+    run_pseudonymisation(store, GivenToken(open(cfg["token"]).read(), issuer.public_keys()), policy,
+                         plan_transfer(source, sink, policy), secondary=True)
+    print(json.dumps({"native": native.available(), "error": None}))
 except PolicyError as exc:
-    print(json.dumps({"native": native_engine(), "error": str(exc)}))
+    print(json.dumps({"native": native.available(), "error": str(exc)}))
 """
 
 
@@ -490,7 +437,7 @@ def test_secondary_runs_refuse_raw_identifiers_on_every_path(request: pytest.Fix
     token_file = tmp_path / "token"
     token_file.write_text(issuer.issue("vendor-x", "secondary", source_project="research-b"))
     results = {}
-    modes = ("native", "pure") if database == "postgres" and native is not None else ("pure",)
+    modes = ("native", "pure") if database == "postgres" and native.available() else ("pure",)
     for mode in modes:
         cfg = {"url": url, "store_url": store_url, "store": str(issuer.store.path), "token": str(token_file),
                "target": f"dst_{mode}"}
@@ -522,7 +469,7 @@ def test_secondary_runs_refuse_raw_identifiers_on_every_path(request: pytest.Fix
 
 
 def test_native_flag_is_reported_from_the_environment() -> None:
-    out = subprocess.run([sys.executable, "-c", "from pseudonymise.core.pseudonymiser import native_engine as n; "
+    out = subprocess.run([sys.executable, "-c", "from pseudonymise.core.native import available as n; "
                           "print(n())"], capture_output=True, text=True,
                          env={**os.environ, "PSEUDONYMISE_PURE_PYTHON": "1"}, check=True)
     assert out.stdout.strip() == "False"

@@ -17,8 +17,10 @@ import pytest
 import sqlalchemy as sa
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import Store, run_pseudonymisation
-from pseudonymise.core.pseudonymiser import ColumnPolicy
+from pseudonymise.core.plan import SinkFactory, plan_transfer
+from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.sql import PostgresCopySource, TableTarget
+from pseudonymise.core.use import GivenToken, RunContext
 
 pytestmark = pytest.mark.postgres
 GATE_KEY = 0x50530002  # held by the test: every writer stops after its rows, transaction open
@@ -34,11 +36,11 @@ def _replace(url: str, token: str, jwks: dict[str, Any], start: str, end: str, q
                                     {"s": start, "e": end})
         target = TableTarget("dst", mode="replace_partition", partition_column="day", partition_start=start,
                              partition_end=end)
-        run_pseudonymisation(
-            Store(engine), token, TrustedKeys.from_jwks(jwks), ColumnPolicy.pseudonymise("patient_id", default="keep"),
-            source, lambda cols, conn: target.sink(conn, cols, pseudonymised=["patient_id"],
-                                                   type_names=source.type_names),
-            context={"task_id": f"replace_{start}_{end}"})
+        policy = ColumnPolicy.pseudonymise("patient_id", default="keep")
+        sink = SinkFactory(lambda cols, conn: target.sink(conn, cols, pseudonymised=["patient_id"],
+                                                          type_names=source.type_names), copy_text=True)
+        run_pseudonymisation(Store(engine), GivenToken(token, TrustedKeys.from_jwks(jwks)), policy,
+                             plan_transfer(source, sink, policy), RunContext(task_id=f"replace_{start}_{end}"))
         queue.put("ok")
     except BaseException as exc:
         queue.put(repr(exc))

@@ -5,46 +5,29 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
-from typing import Any
 
 import sqlalchemy as sa
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import Store, run_pseudonymisation, run_purge, run_reversal
-from pseudonymise.core.pseudonymiser import ColumnPolicy
+from pseudonymise.core.plan import SinkFactory, plan_transfer
+from pseudonymise.core.policy import ColumnPolicy
+from pseudonymise.core.use import GivenToken
 
-
-class _Rows:
-    def __init__(self, columns: dict[str, list[Any]]) -> None:
-        self.columns = list(columns)
-        self._data = columns
-
-    def batches(self):  # type: ignore[no-untyped-def]
-        yield {k: list(v) for k, v in self._data.items()}
-
-
-class _Collect:
-    def __init__(self) -> None:
-        self.rows: dict[str, list[Any]] = {}
-
-    def write(self, batch: dict[str, list[Any]]) -> None:
-        for k, v in batch.items():
-            self.rows.setdefault(k, []).extend(v)
-
-    def commit(self) -> None: ...
-    def abort(self) -> None: ...
+from tests.core.conftest import Collect, Rows
 
 
 def test_purge_after_retention_severs_the_link_for_ever(issuer: Issuer, db_url: str) -> None:
     store = Store(sa.create_engine(db_url))
     keys = issuer.public_keys()
-    out = _Collect()
-    run_pseudonymisation(store, issuer.issue("research-a", "pseudonymisation"), keys,
-                         ColumnPolicy.pseudonymise("id"), _Rows({"id": ["A1", "A2"]}), lambda c, conn: out)
+    out = Collect()
+    policy = ColumnPolicy.pseudonymise("id")
+    run_pseudonymisation(store, GivenToken(issuer.issue("research-a", "pseudonymisation"), keys), policy,
+                         plan_transfer(Rows({"id": ["A1", "A2"]}), SinkFactory(lambda c, conn: out), policy))
     pseudonyms = out.rows["id"]
-    reverse = issuer.issue("research-a", "reverse")
+    reverse = GivenToken(issuer.issue("research-a", "reverse"), keys)
 
-    before = _Collect()
-    run_reversal(store, reverse, keys, ["id"], _Rows({"id": pseudonyms}), lambda c, conn: before)
+    before = Collect()
+    run_reversal(store, reverse, ["id"], plan_transfer(Rows({"id": pseudonyms}), SinkFactory(lambda c, conn: before)))
     assert before.rows["id"] == ["A1", "A2"]
 
     retention_end = issuer.project("research-a").retention_until
@@ -53,8 +36,9 @@ def test_purge_after_retention_severs_the_link_for_ever(issuer: Issuer, db_url: 
     purged = run_purge(store, project="research-a", now=retention_end + timedelta(seconds=1))
     assert purged.counts["escrow_rows"] == 2
 
-    after = _Collect()
-    summary = run_reversal(store, reverse, keys, ["id"], _Rows({"id": pseudonyms}), lambda c, conn: after)
+    after = Collect()
+    summary = run_reversal(store, reverse, ["id"],
+                           plan_transfer(Rows({"id": pseudonyms}), SinkFactory(lambda c, conn: after)))
     assert after.rows["id"] == [None, None] and summary.counts["not_found"] == 2
 
     rows = list(store.audit.iter_rows())

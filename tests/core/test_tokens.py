@@ -41,6 +41,8 @@ from pseudonymise.core.tokens import (
     verify_token,
 )
 
+from tests.reference import hkdf_sha256
+
 
 def _claims(raw: str) -> dict[str, Any]:
     return json.loads(b64url_decode(raw.split(".")[1]))
@@ -110,17 +112,6 @@ def test_reverse_token(issuer: Issuer) -> None:
 
     raw_private = token.escrow_private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
     assert raw_private == issuer.project("research-a").escrow_private_key
-
-
-def hkdf_sha256(ikm: bytes, info: bytes, length: int = 32, salt: bytes = b"") -> bytes:
-    """RFC 5869 written out with stdlib hmac: an independent check of the issuer's HKDF."""
-    prk = hmac.new(salt or b"\x00" * 32, ikm, hashlib.sha256).digest()
-    out, block, counter = b"", b"", 1
-    while len(out) < length:
-        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
-        out += block
-        counter += 1
-    return out[:length]
 
 
 def test_hkdf_reference_gives_the_rfc5869_vectors() -> None:

@@ -13,7 +13,8 @@ import pytest
 from pseudonymise.core import transit as transit_module
 from pseudonymise.core.errors import TokenKindError
 from pseudonymise.core.issuer import DirectoryStore, Issuer
-from pseudonymise.core.pseudonymiser import ColumnPolicy, ColumnRule, Pseudonymiser
+from pseudonymise.core.policy import ColumnPolicy, ColumnRule
+from pseudonymise.core.pseudonymiser import Pseudonymiser
 from pseudonymise.core.tokens import verify_token
 from pseudonymise.core.transit import TransitMac, TransitUnavailableError
 

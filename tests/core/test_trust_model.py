@@ -24,18 +24,23 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pseudonymise.core import tokens as tokens_module
 from pseudonymise.core.audit import AuditLog, AuditUse
 from pseudonymise.core.errors import EscrowIntegrityError, RetentionEndedError
-from pseudonymise.core.escrow import AD_VERSION, associated_data, batch_digest, seal_key, unproven_rows
+from pseudonymise.core.escrow import batch_digest, unproven_rows
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import Store, run_pseudonymisation, run_reversal
-from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser
+from pseudonymise.core.plan import SinkFactory, plan_transfer
+from pseudonymise.core.policy import ColumnPolicy
+from pseudonymise.core.sealer import AD_VERSION, associated_data, seal_key
 from pseudonymise.core.tokens import Token, verify_token
+from pseudonymise.core.use import GivenToken, RunContext
 from sqlalchemy.engine import Engine
 
-from tests.services import PostgresServer
+from scripts.services import PostgresServer
+from tests import reference
 
 pytestmark = pytest.mark.postgres
 GRANTS = Path(__file__).resolve().parents[2] / "include/sql/least_privilege.sql"
 ROLES = ("pseudonymise_pipeline", "pseudonymise_auditor", "pseudonymise_viewer")
+POLICY = ColumnPolicy.pseudonymise("id")
 
 
 @dataclass
@@ -92,8 +97,8 @@ class _Collect:
 
 
 def _pseudonym(token: Token, value: str) -> str:
-    out = Pseudonymiser(token, ColumnPolicy.pseudonymise("id")).pseudonymise_batch({"id": [value]}).columns
-    return out["id"][0]  # type: ignore[index,no-any-return]
+    """The pseudonym of ``value`` by DESIGN §4 written out again (:mod:`tests.reference`)."""
+    return str(reference.token_pseudonyms(token.raw, [value])[0])
 
 
 def _forge(engine: Engine, token: Token, pseudonym: str, value: str) -> tuple[str, str]:
@@ -116,8 +121,8 @@ def _forge(engine: Engine, token: Token, pseudonym: str, value: str) -> tuple[st
 
 def _reverse(engine: Engine, issuer: Issuer, project: str, pseudonyms: list[str]) -> dict[str, Any]:
     sink = _Collect()
-    run_reversal(Store(engine), issuer.issue(project, "reverse"), issuer.public_keys(), ["id"],
-                 _Rows(*pseudonyms), lambda cols, conn: sink, triggered_by="alice")
+    run_reversal(Store(engine), GivenToken(issuer.issue(project, "reverse"), issuer.public_keys()), ["id"],
+                 plan_transfer(_Rows(*pseudonyms), SinkFactory(lambda cols, conn: sink)), RunContext(triggered_by="alice"))
     return dict(zip(pseudonyms, sink.rows[0]["id"], strict=True))
 
 
@@ -133,8 +138,8 @@ def test_forged_escrow_row_is_refused_not_revealed(roles: Roles, issuer: Issuer)
     px = _pseudonym(token, "PATIENT-X")
     forged, digest = _forge(roles.pipeline, token, px, "SOMEONE-ELSE")
     # the legitimate run keeps the forged row (ON CONFLICT DO NOTHING): 0 escrow rows of its own
-    summary = run_pseudonymisation(Store(roles.pipeline), raw, issuer.public_keys(), ColumnPolicy.pseudonymise("id"),
-                                   _Rows("PATIENT-X", "PATIENT-Z"), lambda cols, conn: _Collect())
+    summary = run_pseudonymisation(Store(roles.pipeline), GivenToken(raw, issuer.public_keys()), POLICY,
+                                   plan_transfer(_Rows("PATIENT-X", "PATIENT-Z"), SinkFactory(lambda cols, conn: _Collect())))
     assert summary.counts["escrow_rows"] == 1
     # the attacker also appends a "success" row listing the forged batch with its true digest
     with roles.pipeline.connect() as conn:
@@ -167,8 +172,8 @@ def test_escrow_row_outside_any_audited_use_is_refused_in_randomised_projects(ro
     raw = issuer.issue("random-r", "pseudonymisation")
     token = verify_token(raw, issuer.public_keys())
     sink = _Collect()
-    run_pseudonymisation(Store(roles.pipeline), raw, issuer.public_keys(), ColumnPolicy.pseudonymise("id"),
-                         _Rows("R1", "R2"), lambda cols, conn: sink)
+    run_pseudonymisation(Store(roles.pipeline), GivenToken(raw, issuer.public_keys()), POLICY,
+                         plan_transfer(_Rows("R1", "R2"), SinkFactory(lambda cols, conn: sink)))
     real = [p for p in sink.rows[0]["id"]]
     fake = "f" * 26
     _forge(roles.pipeline, token, fake, "INVENTED")
@@ -182,8 +187,8 @@ def test_escrow_row_added_to_a_listed_batch_is_refused(roles: Roles, issuer: Iss
     raw = issuer.issue("random-r", "pseudonymisation")
     token = verify_token(raw, issuer.public_keys())
     sink = _Collect()
-    run_pseudonymisation(Store(roles.pipeline), raw, issuer.public_keys(), ColumnPolicy.pseudonymise("id"),
-                         _Rows("R1"), lambda cols, conn: sink)
+    run_pseudonymisation(Store(roles.pipeline), GivenToken(raw, issuer.public_keys()), POLICY,
+                         plan_transfer(_Rows("R1"), SinkFactory(lambda cols, conn: sink)))
     with roles.owner.connect() as conn:
         batch_id = conn.execute(sa.text("SELECT batch_id FROM pseudonymise_escrow")).scalar_one()
     with roles.pipeline.begin() as conn:
@@ -201,16 +206,17 @@ def test_retention_is_judged_by_the_databases_clock(roles: Roles, issuer: Issuer
     would need root over the whole test host and disturb every other process."""
     issuer.create_project("short", method="reversible", treatment="deterministic", retention=timedelta(seconds=3))
     sink = _Collect()
-    run_pseudonymisation(Store(roles.pipeline), issuer.issue("short", "pseudonymisation"), issuer.public_keys(),
-                         ColumnPolicy.pseudonymise("id"), _Rows("P1"), lambda cols, conn: sink)
+    run_pseudonymisation(Store(roles.pipeline), GivenToken(issuer.issue("short", "pseudonymisation"),
+                                                           issuer.public_keys()),
+                         POLICY, plan_transfer(_Rows("P1"), SinkFactory(lambda cols, conn: sink)))
     reverse = issuer.issue("short", "reverse")
     end = verify_token(reverse, issuer.public_keys()).retention_until
     time.sleep(max(0.0, end.timestamp() - time.time()) + 0.5)  # the database's clock is past the end now
     monkeypatch.setattr(tokens_module.time, "time", lambda: end.timestamp() - 1)  # the worker's is not
     assert verify_token(reverse, issuer.public_keys()).retention_until == end  # the worker alone would accept
     with pytest.raises(RetentionEndedError, match="database's clock"):
-        run_reversal(Store(roles.auditor), reverse, issuer.public_keys(), ["id"], _Rows(sink.rows[0]["id"][0]),
-                     lambda cols, conn: _Collect())
+        run_reversal(Store(roles.auditor), GivenToken(reverse, issuer.public_keys()), ["id"],
+                     plan_transfer(_Rows(sink.rows[0]["id"][0]), SinkFactory(lambda cols, conn: _Collect())))
     last = _audit_rows(roles.owner)[-1]
     assert (last["outcome"], last["error_class"]) == ("denied", "RetentionEndedError")
 
@@ -218,8 +224,9 @@ def test_retention_is_judged_by_the_databases_clock(roles: Roles, issuer: Issuer
 # --- an audit only the server appends to ----------------------------------------------------------
 def test_pipeline_role_cannot_rewrite_the_audit_or_move_its_head(roles: Roles, issuer: Issuer) -> None:
     """The attack of issue 11, item 4, by the pipeline role itself."""
-    run_pseudonymisation(Store(roles.pipeline), issuer.issue("research-b", "pseudonymisation"), issuer.public_keys(),
-                         ColumnPolicy.pseudonymise("id"), _Rows("A"), lambda cols, conn: _Collect())
+    run_pseudonymisation(Store(roles.pipeline), GivenToken(issuer.issue("research-b", "pseudonymisation"),
+                                                           issuer.public_keys()),
+                         POLICY, plan_transfer(_Rows("A"), SinkFactory(lambda cols, conn: _Collect())))
     for statement in ("DELETE FROM pseudonymise_audit WHERE seq > 1",
                       "UPDATE pseudonymise_audit SET outcome = 'failed'",
                       "UPDATE pseudonymise_audit_head SET seq = 1",

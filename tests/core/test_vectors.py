@@ -1,9 +1,11 @@
-"""Published test vectors, checked in and run: RFC 4231 (HMAC-SHA256), RFC 8037 (EdDSA JWS), RFC 9180 (HPKE)."""
+"""Published test vectors, checked in and run: RFC 8037 (EdDSA JWS) and RFC 9180 (HPKE).
+
+RFC 4231 (HMAC-SHA256) runs in test_mac.py, the GCM specification's AES-256 cases and the escrow
+suite's HPKE in test_sealer.py.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import time
 from pathlib import Path
@@ -14,9 +16,7 @@ from cryptography.hazmat.bindings._rust import openssl as rust_openssl
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from pseudonymise.core.errors import EscrowIntegrityError, UnknownIssuerKeyError
-from pseudonymise.core.escrow import HPKE_INFO, SUITE, open_key, seal_key
-from pseudonymise.core.pseudonymiser import _Keyed
+from pseudonymise.core.errors import UnknownIssuerKeyError
 from pseudonymise.core.tokens import (
     IssuerKey,
     TrustedKeys,
@@ -30,43 +30,6 @@ from pseudonymise.core.tokens import (
 )
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
-
-
-# --- RFC 4231 -----------------------------------------------------------------------------------
-def _rfc4231_cases() -> list[dict[str, bytes]]:
-    cases: list[dict[str, bytes]] = []
-    current: dict[str, bytes] = {}
-    for line in (VECTORS / "rfc-4231-sha256.txt").read_text().splitlines():
-        name, sep, value = line.partition(" = ")
-        if sep and name in ("Key", "Msg", "MD"):
-            current[name] = bytes.fromhex(value.strip())
-            if name == "MD":
-                cases.append(current)
-                current = {}
-    return cases
-
-
-RFC4231 = _rfc4231_cases()
-
-
-def test_rfc4231_file_holds_every_sha256_case_but_truncation() -> None:
-    # RFC 4231 §4.2-4.8 minus §4.6 (truncated output, which the file leaves out)
-    assert len(RFC4231) == 6
-    assert RFC4231[0]["MD"].hex() == "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"
-    assert len(RFC4231[-1]["Key"]) == 131  # the larger-than-block-size key cases are included
-
-
-@pytest.mark.parametrize("case", RFC4231, ids=[f"case-{i}" for i in range(len(RFC4231))])
-def test_rfc4231_keyed_hmac(case: dict[str, bytes]) -> None:
-    assert _Keyed(case["Key"], b"").mac(case["Msg"]) == case["MD"]
-    assert hmac.new(case["Key"], case["Msg"], hashlib.sha256).digest() == case["MD"]
-
-
-@pytest.mark.parametrize("case", RFC4231, ids=[f"case-{i}" for i in range(len(RFC4231))])
-def test_rfc4231_keyed_hmac_label_is_a_message_prefix(case: dict[str, bytes]) -> None:
-    """The precomputed label is the start of the message: HMAC(key, label + msg)."""
-    label, rest = case["Msg"][:3], case["Msg"][3:]
-    assert _Keyed(case["Key"], label).mac(rest) == case["MD"]
 
 
 # --- RFC 8037 -----------------------------------------------------------------------------------
@@ -170,32 +133,3 @@ def test_rfc9180_wrong_aad_or_info_fails(vector: dict[str, Any]) -> None:
                                             aad=bytes.fromhex(first["aad"]) + b"x")
     with pytest.raises(Exception):  # noqa: B017
         rust_openssl.hpke._decrypt_with_aad(suite, sealed, private, info=b"other", aad=bytes.fromhex(first["aad"]))
-
-
-def test_escrow_seal_open_round_trip() -> None:
-    private = X25519PrivateKey.generate()
-    dek = bytes(range(32))
-    sealed = seal_key(dek, private.public_key())
-    assert len(sealed) == 32 + 32 + 16  # enc (X25519 public key) || AES-256-GCM(dek) with tag
-    assert open_key(sealed, private) == dek
-    # the escrow suite is the one DESIGN §5 fixes, with its info string
-    assert SUITE.decrypt(sealed, private, info=HPKE_INFO) == dek
-    assert seal_key(dek, private.public_key()) != sealed  # a fresh ephemeral key every time
-
-
-def test_escrow_sealed_key_interoperates_with_the_raw_binding() -> None:
-    private = X25519PrivateKey.generate()
-    dek = b"\x07" * 32
-    sealed = seal_key(dek, private.public_key())
-    opened = rust_openssl.hpke._decrypt_with_aad(SUITE, sealed, private, info=b"pseudonymise/v1/escrow", aad=b"")
-    assert opened == dek
-
-
-def test_escrow_open_with_another_key_or_altered_seal_fails() -> None:
-    private = X25519PrivateKey.generate()
-    sealed = seal_key(b"\x01" * 32, private.public_key())
-    with pytest.raises(EscrowIntegrityError):
-        open_key(sealed, X25519PrivateKey.generate())
-    altered = sealed[:-1] + bytes([sealed[-1] ^ 1])
-    with pytest.raises(EscrowIntegrityError):
-        open_key(altered, private)

@@ -172,15 +172,19 @@ def task_use(store: Store, token: str, issuer: Issuer, *, dag_id: str, task_id: 
              patients: tuple[Any, ...] = ("P-1", "P-2"), project: str = "research-a") -> str:
     """One pseudonymisation as a task instance's operator runs it (the same flow, the same context keys)."""
     from pseudonymise.core.pipeline import run_pseudonymisation
-    from pseudonymise.core.pseudonymiser import ColumnPolicy
+    from pseudonymise.core.plan import SinkFactory, plan_transfer
+    from pseudonymise.core.policy import ColumnPolicy
+    from pseudonymise.core.use import GivenToken, RunContext
     from pseudonymise.plugin.batch import MemorySink, RecordBatch
 
+    policy = ColumnPolicy.pseudonymise("patient_id")
+    transfer = plan_transfer(RecordBatch(["patient_id"], [[p] for p in patients]),
+                             SinkFactory(lambda columns, _conn: MemorySink(columns)), policy,
+                             source_label="hospital_db:query", target_label="research_db:visits")
     summary = run_pseudonymisation(
-        store, token, issuer.public_keys(), ColumnPolicy.pseudonymise("patient_id"),
-        RecordBatch(["patient_id"], [[p] for p in patients]), lambda columns, _conn: MemorySink(columns),
-        project=project, source_label="hospital_db:query", target_label="research_db:visits",
-        context={"dag_id": dag_id, "task_id": task_id, "run_id": run_id, "map_index": map_index, "try_number": 1,
-                 "triggered_by": "scheduler"})
+        store, GivenToken(token, issuer.public_keys(), project), policy, transfer,
+        RunContext(dag_id=dag_id, task_id=task_id, run_id=run_id, map_index=map_index, try_number=1,
+                   triggered_by="scheduler"))
     return summary.use_id
 
 
@@ -200,3 +204,27 @@ def secrets_of(token: str) -> list[str]:
 
     claims = json.loads(b64url_decode(token.split(".")[1]))
     return [token, *(claims[k] for k in ("key", "escrow_private_key") if k in claims)]
+
+
+# --- pages ---------------------------------------------------------------------------------------
+def page(api: Api, path: str, user: str = "viewer", **params: Any) -> str:
+    """The HTML of ``/pseudonymise/<path>`` as ``user`` sees it (the request must succeed)."""
+    response = api.client.get(f"/pseudonymise/{path}", params=params, headers=api.auth(user))
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/html")
+    return response.text
+
+
+@pytest.fixture
+def uses(audit_db: AuditDb, token_connections: TokenConnections) -> dict[str, str]:
+    """Four task uses of two DAGs (two of them mapped) and one crashed use, by name: their use ids."""
+    token, issuer = token_connections.tokens["pseudonymise"], token_connections.issuer
+    return {
+        "a1": task_use(audit_db.store, token, issuer, dag_id="dag_a", task_id="extract", run_id="scheduled__1"),
+        "a_map0": task_use(audit_db.store, token, issuer, dag_id="dag_a", task_id="ranges", run_id="scheduled__1",
+                           map_index=0),
+        "a_map1": task_use(audit_db.store, token, issuer, dag_id="dag_a", task_id="ranges", run_id="scheduled__1",
+                           map_index=1),
+        "b1": task_use(audit_db.store, token, issuer, dag_id="dag_b", task_id="extract", run_id="manual__2"),
+        "crash": crashed_use(audit_db.store, dag_id="dag_b", task_id="load", run_id="manual__2"),
+    }

@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from fastapi import Request
-from pseudonymise.core.pseudonymiser import ColumnPolicy, Pseudonymiser, SecondaryPseudonymiser
-from pseudonymise.core.tokens import verify_token
 
+from tests import reference
 from tests.plugin.conftest import Api, AuditDb, TokenConnections, crashed_use, secrets_of, task_use
 
 BASE = "/pseudonymise/api/v1"
@@ -33,12 +32,10 @@ def assert_no_secret(text: str, conns: TokenConnections) -> None:
             assert secret not in text
 
 
-def expected_pseudonyms(conns: TokenConnections, values: list[Any]) -> list[Any]:
-    """What the core engine (as the operators and the CLI use it) makes of these values."""
-    token = verify_token(conns.tokens["pseudonymise"], conns.issuer.public_keys())
-    engine = Pseudonymiser(token, ColumnPolicy.from_mapping({"columns": POLICY}))
-    return engine.pseudonymise_batch({"patient_id": values, "name": [None] * len(values),
-                                      "birth_year": [None] * len(values)}).columns["patient_id"]
+def expected_pseudonyms(conns: TokenConnections, values: list[str | None]) -> list[str | None]:
+    """DESIGN §4 written out again (:mod:`tests.reference`) on the values POLICY normalises (strip, upper)."""
+    return reference.token_pseudonyms(conns.tokens["pseudonymise"],
+                                      [None if v is None else v.strip().upper() for v in values])
 
 
 # --- pseudonymise -------------------------------------------------------------------------------
@@ -98,9 +95,7 @@ def test_secondary_pseudonymisation(api: Api, audit_db: AuditDb, token_connectio
                                json={"policy": {"patient_id": "pseudonymise"}, "records": [{"patient_id": pseudonym}]})
     assert response.status_code == 200, response.text
     second = response.json()["records"][0]["patient_id"]
-    token = verify_token(token_connections.tokens["secondary"], token_connections.issuer.public_keys())
-    engine = SecondaryPseudonymiser(token, ColumnPolicy.pseudonymise("patient_id"))
-    assert second == engine.pseudonymise_batch({"patient_id": [pseudonym]}).columns["patient_id"][0] != pseudonym
+    assert second == reference.token_pseudonyms(token_connections.tokens["secondary"], [pseudonym])[0] != pseudonym
     assert [r["operation"] for r in audit_db.rows()] == ["pseudonymise"] * 2 + ["secondary"] * 2
     assert response.json()["project"] == "vendor-x"
 
@@ -470,3 +465,18 @@ def test_tokens_with_expiry_and_expired_uses(api: Api, audit_db: AuditDb, token_
     assert tokens["research-a:unknown"]["outcomes"] == {"success": 0, "failed": 0, "denied": 1}
     assert tokens["research-a:expiring"]["expires_at"] is not None
     assert tokens["research-a:valid"]["uses"] == 1 and tokens["research-a:valid"]["outcomes"]["success"] == 1
+
+
+def test_one_audit_schema_makes_the_table_the_records_and_the_api_model() -> None:
+    """The audit's columns are listed once (core/audit.py SCHEMA): the table, a use's record and the API's
+    row model all follow it, so a new column cannot be forgotten in one of them."""
+    import sqlalchemy as sa
+    from pseudonymise.core.audit import FIELDS, SCHEMA, AuditUse, define_audit_tables
+    from pseudonymise.plugin.api import AuditRow
+
+    audit, _head = define_audit_tables(sa.MetaData())
+    assert [c.name for c in audit.columns] == [*FIELDS, "prev_hash", "row_hash"]
+    assert set(AuditUse(operation="pseudonymise").record()) <= set(FIELDS)
+    assert list(AuditRow.model_fields) == [*FIELDS, "prev_hash", "row_hash"]
+    for column in SCHEMA:
+        assert AuditRow.model_fields[column.name].description == column.description

@@ -6,8 +6,8 @@ import uuid
 from datetime import date, datetime
 
 import pytest
+from pseudonymise.core.errors import PseudonymiseError, RequestError
 from pseudonymise.plugin.batch import (
-    BatchError,
     MemorySink,
     body_format,
     csv_cell,
@@ -31,25 +31,25 @@ def test_csv_like_the_file_sources() -> None:
     (b"id\nsecret\xe9\n", "not valid UTF-8"),
 ])
 def test_bad_csv(body: bytes, message: str) -> None:
-    with pytest.raises(BatchError, match=message) as caught:
+    with pytest.raises(RequestError, match=message) as caught:
         from_csv(body, max_rows=10)
     assert caught.value.status == 400 and "secret" not in str(caught.value)
 
 
 def test_row_limit() -> None:
-    with pytest.raises(BatchError, match="3 records") as caught:
+    with pytest.raises(RequestError, match="3 records") as caught:
         from_csv(b"id\n1\n2\n3\n", max_rows=2)
     assert caught.value.status == 413
-    with pytest.raises(BatchError, match="3 records"):
+    with pytest.raises(RequestError, match="3 records"):
         from_records([{"id": 1}] * 3, max_rows=2)
 
 
 def test_records_need_the_same_fields() -> None:
     batch = from_records([{"a": 1, "b": None}, {"b": 2, "a": "x"}], max_rows=5)
     assert batch.columns == ["a", "b"] and list(batch.batches()) == [{"a": [1, "x"], "b": [None, 2]}]
-    with pytest.raises(BatchError, match=r"record 2 has other fields than record 1 \(missing: b; extra: c\)"):
+    with pytest.raises(RequestError, match=r"record 2 has other fields than record 1 \(missing: b; extra: c\)"):
         from_records([{"a": 1, "b": "secret"}, {"a": 2, "c": 3}], max_rows=5)
-    with pytest.raises(BatchError, match="record 1 has no columns"):
+    with pytest.raises(RequestError, match="record 1 has no columns"):
         from_records([{}], max_rows=5)
 
 
@@ -103,8 +103,15 @@ def test_bodies_are_read_as_declared(content_type: str, found: str) -> None:
     ("application/json; charset=latin-1", "must be UTF-8"), ("text/csv; charset=utf-16", "must be UTF-8"),
 ])
 def test_other_bodies_are_refused_with_415(content_type: str | None, message: str) -> None:
-    with pytest.raises(BatchError, match=message) as caught:
+    with pytest.raises(RequestError, match=message) as caught:
         body_format(content_type)
     assert caught.value.status == 415
     if "UTF-8" not in message:
         assert "'application/json'" in str(caught.value) and "'text/csv'" in str(caught.value)
+
+
+def test_request_errors_are_the_plugins_own_errors() -> None:
+    """One hierarchy: a bad request body is a PseudonymiseError, whose status the API answers with."""
+    with pytest.raises(PseudonymiseError) as caught:
+        from_records([], max_rows=10)
+    assert isinstance(caught.value, RequestError) and caught.value.status == 422

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 from pseudonymise.core.checkpoint import Checkpointer, FileWitness, LocalSigner, WitnessError
 
-from tests.plugin.conftest import Api, AuditDb, TokenConnections, task_use
-from tests.plugin.test_pages import page, uses  # noqa: F401
+from tests.plugin.conftest import Api, AuditDb, TokenConnections, page, task_use
 
 
-def test_latest_checkpoint_witnessed_or_not(api: Api, audit_db: AuditDb, uses: dict[str, str],  # noqa: F811
+def test_latest_checkpoint_witnessed_or_not(api: Api, audit_db: AuditDb, uses: dict[str, str],
                                             token_connections: TokenConnections, tmp_path: Path) -> None:
     html = page(api, "audit")
     assert 'id="checkpoint" data-seq=""' in html and "No signed checkpoint of this audit yet" in html

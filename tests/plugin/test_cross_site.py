@@ -37,15 +37,15 @@ import sqlalchemy as sa
 from pseudonymise.core.issuer import DirectoryStore, Issuer
 from pseudonymise.core.pipeline import Store
 
+from scripts.services import free_port
 from tests.plugin.conftest import _airflow_env, _token_conn
-from tests.services import free_port
 
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 CHROMIUM = "/usr/bin/chromium"
 API = "/pseudonymise/api/v1/connections"
 ORIGINAL = "P-770839"  # a patient id: it must never come back from a refused request
 HOW_TO = ("Authorization: Bearer", "/auth/token")
-pytestmark = pytest.mark.airflow
+pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 
 
 @dataclass

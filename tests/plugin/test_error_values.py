@@ -16,11 +16,13 @@ import sqlalchemy as sa
 from pseudonymise.core.errors import DataIOError
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import Store, run_pseudonymisation
-from pseudonymise.core.pseudonymiser import ColumnPolicy
+from pseudonymise.core.plan import SinkFactory, plan_transfer
+from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableTarget
+from pseudonymise.core.use import GivenToken, RunContext
 
-from tests.core.test_error_values import _load, assert_no_value
 from tests.plugin.conftest import Api
+from tests.sample import assert_no_value, load_sample
 
 pytestmark = pytest.mark.postgres
 BASE = "/pseudonymise/api/v1"
@@ -28,17 +30,20 @@ BASE = "/pseudonymise/api/v1"
 
 def _fail(engine: sa.Engine, issuer: Issuer, source: object, target: TableTarget, copy: bool) -> None:
     with pytest.raises(DataIOError):
-        run_pseudonymisation(Store(engine), issuer.issue("research-a", "pseudonymisation"), issuer.public_keys(),
-                             ColumnPolicy.pseudonymise("patient_id", default="keep"), source,  # type: ignore[arg-type]
-                             lambda cols, conn: target.sink(conn, cols, use_copy=copy, pseudonymised=["patient_id"]),
-                             source_label="hospital:query", target_label="research:visits",
-                             context={"dag_id": "extract", "task_id": "pseudonymise", "run_id": "r1"})
+        policy = ColumnPolicy.pseudonymise("patient_id", default="keep")
+        sink = SinkFactory(lambda cols, conn: target.sink(conn, cols, use_copy=copy, pseudonymised=["patient_id"]),
+                           copy_text=copy)
+        transfer = plan_transfer(source, sink, policy, source_label="hospital:query",  # type: ignore[arg-type]
+                                 target_label="research:visits")
+        run_pseudonymisation(Store(engine), GivenToken(issuer.issue("research-a", "pseudonymisation"),
+                                                       issuer.public_keys()), policy, transfer,
+                             RunContext(dag_id="extract", task_id="pseudonymise", run_id="r1"))
 
 
 def test_the_audit_api_and_page_show_no_value_of_a_failed_run(api: Api, pg_url: str, issuer: Issuer,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     engine = sa.create_engine(pg_url)
-    _load(engine)
+    load_sample(engine)
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE visits (visit_id bigint, patient_id text, name integer, birth_year integer)"))
     cast = ("SELECT visit_id, patient_id::bigint AS patient_id, name, birth_year FROM patient_visits"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from html.parser import HTMLParser
-from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -12,7 +11,7 @@ import sqlalchemy as sa
 from airflow.models.taskinstancekey import TaskInstanceKey
 from pseudonymise.operators import AuditTrailLink
 
-from tests.plugin.conftest import Api, AuditDb, TokenConnections, crashed_use, secrets_of, task_use
+from tests.plugin.conftest import Api, AuditDb, TokenConnections, page, secrets_of, task_use
 
 
 class _Rows(HTMLParser):
@@ -34,27 +33,6 @@ def parse(html: str, row_class: str = "use") -> _Rows:
     parser = _Rows(row_class)
     parser.feed(html)
     return parser
-
-
-def page(api: Api, path: str, user: str = "viewer", **params: Any) -> str:
-    response = api.client.get(f"/pseudonymise/{path}", params=params, headers=api.auth(user))
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/html")
-    return response.text
-
-
-@pytest.fixture
-def uses(audit_db: AuditDb, token_connections: TokenConnections) -> dict[str, str]:
-    token, issuer = token_connections.tokens["pseudonymise"], token_connections.issuer
-    return {
-        "a1": task_use(audit_db.store, token, issuer, dag_id="dag_a", task_id="extract", run_id="scheduled__1"),
-        "a_map0": task_use(audit_db.store, token, issuer, dag_id="dag_a", task_id="ranges", run_id="scheduled__1",
-                           map_index=0),
-        "a_map1": task_use(audit_db.store, token, issuer, dag_id="dag_a", task_id="ranges", run_id="scheduled__1",
-                           map_index=1),
-        "b1": task_use(audit_db.store, token, issuer, dag_id="dag_b", task_id="extract", run_id="manual__2"),
-        "crash": crashed_use(audit_db.store, dag_id="dag_b", task_id="load", run_id="manual__2"),
-    }
 
 
 def test_audit_trail_newest_first_incomplete_and_verified(api: Api, audit_db: AuditDb, uses: dict[str, str],

@@ -6,6 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 from airflow import plugins_manager
 from airflow.api_fastapi.core_api.datamodels.plugins import ExternalViewResponse
 from pseudonymise import get_provider_info
@@ -48,6 +49,7 @@ def test_the_provider_publishes_the_config_section_not_a_second_plugin() -> None
         "expiry_warning_days": "14", "api_max_rows": "1000", "api_allow_reversal": "False"}
 
 
+@pytest.mark.slow
 def test_airflow_reports_the_plugin_and_its_defaults(api: Api) -> None:
     import os
 
@@ -62,6 +64,7 @@ def test_airflow_reports_the_plugin_and_its_defaults(api: Api) -> None:
     assert value.stdout.strip() == "14"
 
 
+@pytest.mark.slow
 def test_loaded_once_when_the_repository_is_the_plugins_folder(tmp_path: Path) -> None:
     """docker-compose.yaml mounts plugins/ as Airflow's plugins folder while the package is installed."""
     import os

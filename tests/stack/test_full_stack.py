@@ -22,9 +22,9 @@ import sqlalchemy as sa
 from pseudonymise.core.audit import AuditLog
 
 from scripts.full_stack import DAG_ID, FullStack
-from tests.airflow.test_operators import expected_pseudonyms
+from tests.airflow.conftest import expected_pseudonyms
 
-pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.vault]
+pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.vault, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +254,7 @@ def test_overlapping_backfills_and_rest_runs_of_one_interval_leave_one_copy(stac
     for day in days:
         end = (dt.date.fromisoformat(day) + dt.timedelta(days=1)).isoformat()
         assert sorted(p for p, d in stack.research_rows(f"SELECT patient_id, visit_date::text FROM {TARGET}")
-                      if d == day) == expected_pseudonyms(stack.token, stack.issuer, stack.pg.url("hospital"), day, end)
+                      if d == day) == expected_pseudonyms(stack.token, stack.pg.url("hospital"), day, end)
     # no run covered [10th, 11th): the run holding logical date 10th covers the 9th
     assert "2026-11-10" not in target
     assert _interval_rows(stack, days) == first_pass

@@ -1,6 +1,6 @@
 /*
  * The pseudonym engine's hot loop in C (DESIGN.md §4), optional: every function here has a
- * pure-Python definition in pseudonymiser.py / formats.py / copytext.py that the tests compare it
+ * pure-Python definition in mac.py / formats.py / copytext.py / sealer.py that the tests compare it
  * with, value for value.
  *
  * Keyed(key, label)   HMAC-SHA256(key, label + message) with the inner and outer SHA-256 states
@@ -15,7 +15,8 @@
  *
  * seal_rows(...)      escrow rows for PostgreSQL's COPY: every value sealed with AES-256-GCM under the
  *                     batch's data key (counter nonces, associated data project NUL pseudonym),
- *                     as escrow.EscrowWriter does with the cryptography package.
+ *                     as sealer.BatchSealer does with the cryptography package. Only native.py imports
+ *                     this module (typed by _native.pyi).
  *
  * SHA-256 and AES-GCM are OpenSSL's (libcrypto), which uses the CPU's SHA extensions where there are some.
  */
@@ -393,7 +394,7 @@ static int random_mac(Random *r, unsigned char *out) {
 static inline int ascii_space(unsigned char c) { return c == ' ' || (c >= 9 && c <= 13) || (c >= 28 && c <= 31); }
 
 /*
- * The column's normalisers on an ASCII value, in place (canonical.build_normaliser is the definition):
+ * The column's normalisers on an ASCII value, in place (policy.build_normaliser is the definition):
  * 's' strip, 'l' lower (and casefold, the same on ASCII), 'u' upper, 'w' remove whitespace,
  * 'r' n c1..cn remove those characters. Every step keeps or shortens the value. Returns the new length.
  */

@@ -32,31 +32,79 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from pseudonymise.core.db import UTCDateTime, advisory_lock, database_now, insert_ignoring_duplicates
 from pseudonymise.core.errors import AuditError, EscrowIntegrityError, PseudonymiseError
+from pseudonymise.core.instants import utc_micros
 
 GENESIS = "0" * 64
 OUTCOMES = ("started", "success", "failed", "denied")
 
-#: The hashed columns, in a fixed order (the JSON is canonical anyway: sorted keys).
-FIELDS: tuple[str, ...] = (
-    "seq", "use_id", "event", "recorded_at", "operation", "outcome", "project",
-    "token_jti", "token_kind", "token_fingerprint", "token_issuer",
-    "dag_id", "task_id", "run_id", "map_index", "try_number", "logical_date",
-    "data_interval_start", "data_interval_end", "triggered_by", "host",
-    "source", "target", "columns",
-    "rows_in", "rows_out", "rows_null", "values_pseudonymised", "escrow_rows",
-    "error_class", "error_message", "details",
-    "token_expires_at", "retention_until", "claimed", "db_role",
+@dataclass(frozen=True)
+class AuditColumn:
+    """One column of the audit table: the table, the records, the HTTP API's model and the pages derive
+    from :data:`SCHEMA`, the only list of them."""
+
+    name: str
+    #: ``id`` (seq), ``instant`` (recorded_at), ``int``, ``text`` (``length`` characters) or ``long_text``
+    kind: str
+    description: str
+    length: int | None = None
+    #: added after the first release: hashed only when set, so chains written before still verify
+    optional: bool = False
+    #: who and when: filled from the run's context (DAG, task, run, dates, user, host)
+    context: bool = False
+
+
+def _c(name: str, kind: str, description: str, length: int | None = None, **flags: bool) -> AuditColumn:
+    return AuditColumn(name, kind, description, length, **flags)
+
+
+#: Every hashed column, in the table's order (the hashed JSON is canonical anyway: sorted keys).
+SCHEMA: tuple[AuditColumn, ...] = (
+    _c("seq", "id", "Position in the chain, set by the appender (on PostgreSQL by the server)."),
+    _c("use_id", "text", "One token use: its started and finished rows share it.", 36),
+    _c("event", "text", "started or finished.", 16),
+    _c("recorded_at", "instant", "The audit database's clock."),
+    _c("operation", "text", "pseudonymise, secondary, reverse, rekey, purge, verify.", 40),
+    _c("outcome", "text", "started, success, failed or denied.", 16),
+    _c("project", "text", "The verified token's project, else the project the use asked for.", 200),
+    _c("token_jti", "text", "The verified token's id (never the token).", 64),
+    _c("token_kind", "text", "The verified token's kind.", 32),
+    _c("token_fingerprint", "text", "First 16 hex digits of SHA-256 of the token string presented.", 16),
+    _c("token_issuer", "text", "The verified token's issuer.", 200),
+    _c("dag_id", "text", "DAG of the task that used the token.", 250, context=True),
+    _c("task_id", "text", "Task that used the token.", 250, context=True),
+    _c("run_id", "text", "DAG run.", 250, context=True),
+    _c("map_index", "int", "Mapped task index (-1 when not mapped).", context=True),
+    _c("try_number", "int", "Task try.", context=True),
+    _c("logical_date", "text", "The run's logical date (ISO 8601).", 40, context=True),
+    _c("data_interval_start", "text", "Start of the run's data interval (ISO 8601).", 40, context=True),
+    _c("data_interval_end", "text", "End of the run's data interval (ISO 8601).", 40, context=True),
+    _c("triggered_by", "text", "The user who triggered the run or called the API.", 250, context=True),
+    _c("host", "text", "Host that used the token.", 250, context=True),
+    _c("source", "long_text", "What was read (table, query label, file, api:<connection>)."),
+    _c("target", "long_text", "What was written."),
+    _c("columns", "long_text", "JSON list of the columns pseudonymised or reversed."),
+    _c("rows_in", "int", "Rows read."),
+    _c("rows_out", "int", "Rows written."),
+    _c("rows_null", "int", "NULL values left as NULL."),
+    _c("values_pseudonymised", "int", "Values pseudonymised (or revealed)."),
+    _c("escrow_rows", "int", "Escrow rows written."),
+    _c("error_class", "text", "The error's class (never a data value).", 200),
+    _c("error_message", "long_text", "The plugin's own message; never a driver's text or a data value."),
+    _c("details", "long_text", "JSON: key version, escrow batches and digests, other counts."),
+    _c("token_expires_at", "text", "When the verified token expires.", 40, optional=True),
+    _c("retention_until", "text", "When the verified token's project's retention ends.", 40, optional=True),
+    _c("claimed", "long_text", "JSON of what a token that failed verification claimed (jti, sub, kind, iss): "
+                               "unverified, never in the token_* columns.", optional=True),
+    _c("db_role", "text", "The database role that appended the row, set by the server (PostgreSQL).", 128,
+       optional=True),
 )
-#: Columns added after the first release: hashed only when set, so chains written before still verify.
-#: ``claimed``: what an unverified token claimed (jti, project, kind, issuer), never in the verified columns;
-#: ``db_role``: the database role that appended the row, set by the server (PostgreSQL).
-_OPTIONAL_FIELDS = ("token_expires_at", "retention_until", "claimed", "db_role")
-_TEXT_FIELDS = {"operation": 40, "outcome": 16, "project": 200, "token_jti": 64, "token_kind": 32,
-                "token_fingerprint": 16, "token_issuer": 200, "dag_id": 250, "task_id": 250, "run_id": 250,
-                "logical_date": 40, "data_interval_start": 40, "data_interval_end": 40, "triggered_by": 250,
-                "host": 250, "error_class": 200, "token_expires_at": 40, "retention_until": 40, "db_role": 128}
-_INT_FIELDS = ("map_index", "try_number", "rows_in", "rows_out", "rows_null", "values_pseudonymised", "escrow_rows")
-_LONG_TEXT_FIELDS = ("source", "target", "columns", "error_message", "details", "claimed")
+FIELDS: tuple[str, ...] = tuple(c.name for c in SCHEMA)
+#: The run context's columns (who and when), in order.
+CONTEXT_FIELDS: tuple[str, ...] = tuple(c.name for c in SCHEMA if c.context)
+_OPTIONAL_FIELDS = tuple(c.name for c in SCHEMA if c.optional)
+_TEXT_FIELDS = {c.name: c.length for c in SCHEMA[4:] if c.kind == "text"}
+_INT_FIELDS = tuple(c.name for c in SCHEMA if c.kind == "int")
+_LONG_TEXT_FIELDS = tuple(c.name for c in SCHEMA if c.kind == "long_text")
 
 
 def define_audit_tables(metadata: sa.MetaData, table: str = "pseudonymise_audit",
@@ -67,13 +115,9 @@ def define_audit_tables(metadata: sa.MetaData, table: str = "pseudonymise_audit"
         sa.Column("event", sa.String(16), nullable=False),
         sa.Column("recorded_at", UTCDateTime, nullable=False, index=True),
     ]
-    for name in FIELDS[4:]:
-        if name in _INT_FIELDS:
-            cols.append(sa.Column(name, sa.BigInteger))
-        elif name in _LONG_TEXT_FIELDS:
-            cols.append(sa.Column(name, sa.Text))
-        else:
-            cols.append(sa.Column(name, sa.String(_TEXT_FIELDS[name])))
+    types: dict[str, Callable[[AuditColumn], Any]] = {
+        "int": lambda c: sa.BigInteger(), "long_text": lambda c: sa.Text(), "text": lambda c: sa.String(c.length)}
+    cols += [sa.Column(c.name, types[c.kind](c)) for c in SCHEMA[4:]]
     cols += [sa.Column("prev_hash", sa.String(64), nullable=False), sa.Column("row_hash", sa.String(64), nullable=False)]
     audit = sa.Table(table, metadata, *cols, schema=schema)
     head = sa.Table(
@@ -86,10 +130,6 @@ def define_audit_tables(metadata: sa.MetaData, table: str = "pseudonymise_audit"
     return audit, head
 
 
-def _instant(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def canonical_row(row: Mapping[str, Any]) -> bytes:
     """Canonical JSON of the hashed fields: sorted keys, no spaces, UTC instants to the microsecond."""
     doc = {}
@@ -98,7 +138,7 @@ def canonical_row(row: Mapping[str, Any]) -> bytes:
         if value is None and name in _OPTIONAL_FIELDS:
             continue
         if isinstance(value, datetime):
-            value = _instant(value)
+            value = utc_micros(value)
         doc[name] = value
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -155,8 +195,9 @@ class AuditUse:
             "retention_until": self.retention_until,
             "claimed": json.dumps(dict(self.claimed), sort_keys=True) if self.claimed else None,
         }
-        for key in ("dag_id", "task_id", "run_id", "map_index", "try_number", "logical_date",
-                    "data_interval_start", "data_interval_end", "triggered_by"):
+        for key in CONTEXT_FIELDS:
+            if key == "host":
+                continue
             value = self.context.get(key)
             rec[key] = value.isoformat() if isinstance(value, datetime) else value
         return rec

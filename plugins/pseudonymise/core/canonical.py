@@ -1,8 +1,9 @@
-"""Canonical bytes of a value and the per-column normalisers (DESIGN.md §4 steps 1–2).
+"""Canonical bytes of a value, and the value back from them (DESIGN.md §4 step 2).
 
 The canonical form fixes what "the same identifier" means everywhere: a string and the integer
 it spells give the same bytes, NFC and NFD spellings of a name give the same bytes, floats are
-refused because their text form is not stable.
+refused because their text form is not stable. The per-column normalisers that run before
+(step 1) belong to the column policy (``policy.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import datetime as dt
 import numbers
 import unicodedata
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pseudonymise.core.errors import InvalidTextError, PolicyError, UnsupportedTypeError
@@ -89,46 +90,3 @@ def from_canonical(tag: str, data: bytes) -> Any:
     if tag == "bytes":
         return data
     raise PolicyError(f"escrow holds an unknown value type {tag!r}; upgrade the plugin")
-
-
-# --- normalisers ------------------------------------------------------------------------------
-def _remove_whitespace(s: str) -> str:
-    return "".join(s.split())
-
-
-_SIMPLE: dict[str, Callable[[str], str]] = {
-    "strip": str.strip,
-    "lower": str.lower,
-    "upper": str.upper,
-    "casefold": str.casefold,
-    "remove_whitespace": _remove_whitespace,
-}
-NORMALISERS = (*_SIMPLE, "remove:<characters>")
-
-
-def build_normaliser(names: Sequence[str], column: str) -> Callable[[Any], Any] | None:
-    """Compose named normalisers; they apply to text values and leave other types unchanged.
-
-    ``remove:<characters>`` removes each of the given separator characters, e.g. ``remove:-./``.
-    """
-    steps: list[Callable[[str], str]] = []
-    for name in names:
-        if name in _SIMPLE:
-            steps.append(_SIMPLE[name])
-        elif isinstance(name, str) and name.startswith("remove:") and len(name) > len("remove:"):
-            table = str.maketrans("", "", name[len("remove:"):])
-            steps.append(lambda s, t=table: s.translate(t))
-        else:
-            raise PolicyError(
-                f"column {column!r}: normaliser {name!r} is unknown; use {', '.join(NORMALISERS)}"
-            )
-    if not steps:
-        return None
-
-    def normalise(value: Any) -> Any:
-        if isinstance(value, str):
-            for step in steps:
-                value = step(value)
-        return value
-
-    return normalise

@@ -50,8 +50,20 @@ from sqlalchemy.schema import CreateTable
 from pseudonymise.core.audit import GENESIS, AuditLog, VerifyResult
 from pseudonymise.core.audit import row_hash as compute_row_hash
 from pseudonymise.core.db import UTCDateTime, advisory_lock, insert_ignoring_duplicates
-from pseudonymise.core.errors import CheckpointError, PseudonymiseError, ServiceUnavailableError, is_unreachable
+from pseudonymise.core.errors import (
+    CheckpointContradictionError,
+    CheckpointError,
+    CheckpointFormatError,
+    PseudonymiseError,
+    ServiceUnavailableError,
+    SigningUnavailableError,
+    SigningUnreachableError,
+    WitnessError,
+    WitnessUnreachableError,
+)
+from pseudonymise.core.instants import utc_micros
 from pseudonymise.core.tokens import b64url_decode, b64url_encode, jwk_thumbprint
+from pseudonymise.core.vault import VaultCallError, VaultClient
 
 STATEMENT_TYPE = "pseudonymise-audit-checkpoint/v1"
 #: Environment variables the CLI reads the signing key and the verification keys from.
@@ -60,34 +72,6 @@ PUBLIC_KEYS_ENV = "PSEUDONYMISE_AUDIT_PUBLIC_KEYS"
 _HASH = re.compile(r"[0-9a-f]{64}\Z")
 _KV_SEGMENT = re.compile(r"[^A-Za-z0-9._-]")
 _log = logging.getLogger(__name__)
-
-
-class CheckpointContradictionError(CheckpointError):
-    """The audit chain contradicts a checkpoint signed earlier: rows were cut off or rewritten."""
-
-
-class CheckpointFormatError(CheckpointError):
-    """A checkpoint, a key or a witness entry is not in the expected form."""
-
-
-class WitnessError(CheckpointError):
-    """A witness could not be read or written."""
-
-
-class WitnessUnreachableError(WitnessError, ServiceUnavailableError):
-    """A witness (Vault) could not be reached: a retry may succeed."""
-
-
-class SigningUnavailableError(CheckpointError):
-    """The audit signing key could not sign (Vault Transit refused, or the key is of the wrong type)."""
-
-
-class SigningUnreachableError(SigningUnavailableError, ServiceUnavailableError):
-    """Vault Transit could not be reached to sign a checkpoint: a retry may succeed."""
-
-
-def _instant(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _parse_instant(text: str) -> datetime:
@@ -318,46 +302,48 @@ class LocalSigner:
         return f"LocalSigner(kid={self.kid!r})"
 
 
-def _transit_error(action: str, name: str, mount: str, exc: BaseException) -> SigningUnavailableError:
-    cls = SigningUnreachableError if is_unreachable(exc) else SigningUnavailableError
-    return cls(f"Vault Transit could not {action} with key {name!r} on mount {mount!r} ({exc.__class__.__name__}); "
+def _transit_error(action: str, name: str, mount: str, exc: VaultCallError) -> SigningUnavailableError:
+    cls = SigningUnreachableError if exc.unreachable else SigningUnavailableError
+    return cls(f"Vault Transit could not {action} with key {name!r} on mount {mount!r} ({exc.cause}); "
                f"check that Vault is reachable and the policy allows {mount}/sign/{name} and reading {mount}/keys/{name}")
 
 
 class TransitSigner:
     """An ``ed25519`` key in Vault Transit: Vault signs, the key never leaves it.
 
-    ``client`` is an ``hvac.Client`` (the CLI makes it from VAULT_ADDR and VAULT_TOKEN, the Airflow
-    layer from a Vault connection's ``VaultHook``, as for Transit HMAC custody). Every key version
+    ``client`` is the plugin's :class:`~pseudonymise.core.vault.VaultClient` (or an ``hvac.Client``; the
+    CLI makes it from VAULT_ADDR and VAULT_TOKEN, the Airflow layer from a Vault connection's
+    ``VaultHook``, as for Transit HMAC custody). Every key version
     has its own public key and key id (the thumbprint of its JWK), so rotating the Transit key keeps
     older checkpoints verifiable with :meth:`public_keys`.
     """
 
     def __init__(self, client: Any, mount: str, name: str) -> None:
-        self.client, self.mount, self.name = client, mount, name
+        self.client, self.mount, self.name = VaultClient.of(client), mount, name
         self.description = f"Vault Transit key {mount}/{name}"
         self._versions: dict[int, Ed25519PublicKey] = {}
 
     @classmethod
     def create(cls, client: Any, mount: str, name: str) -> TransitSigner:
         """The Transit key ``mount/name``, created as ``ed25519`` if it does not exist yet."""
+        vault = VaultClient.of(client)
         try:
-            client.secrets.transit.read_key(name=name, mount_point=mount)
-        except Exception as exc:  # hvac raises InvalidPath for a missing key, other types for other failures
-            if is_unreachable(exc) or exc.__class__.__name__ != "InvalidPath":
+            vault.transit_key(mount, name)
+        except VaultCallError as exc:
+            if not exc.missing:
                 raise _transit_error("read the key", name, mount, exc) from exc
             try:
-                client.secrets.transit.create_key(name=name, key_type="ed25519", mount_point=mount)
-            except Exception as exc2:
+                vault.transit_create_key(mount, name, "ed25519")
+            except VaultCallError as exc2:
                 raise _transit_error("create an ed25519 key", name, mount, exc2) from exc2
-        signer = cls(client, mount, name)
+        signer = cls(vault, mount, name)
         signer.public_keys()  # refuses a key of another type
         return signer
 
     def _load(self) -> dict[int, Ed25519PublicKey]:
         try:
-            data = self.client.secrets.transit.read_key(name=self.name, mount_point=self.mount)["data"]
-        except Exception as exc:
+            data = self.client.transit_key(self.mount, self.name)
+        except VaultCallError as exc:
             raise _transit_error("read the public key", self.name, self.mount, exc) from exc
         if data.get("type") != "ed25519":
             raise SigningUnavailableError(
@@ -378,12 +364,11 @@ class TransitSigner:
 
     def sign(self, message: bytes) -> tuple[str, bytes]:
         try:
-            response = self.client.secrets.transit.sign_data(
-                name=self.name, hash_input=base64.b64encode(message).decode("ascii"), mount_point=self.mount)
-        except Exception as exc:
+            signed = self.client.transit_sign(self.mount, self.name, message)
+        except VaultCallError as exc:
             raise _transit_error("sign", self.name, self.mount, exc) from exc
         try:
-            _prefix, version, encoded = response["data"]["signature"].split(":", 2)
+            _prefix, version, encoded = signed.split(":", 2)
             signature, number = base64.b64decode(encoded), int(version.removeprefix("v"))
         except (KeyError, TypeError, ValueError) as exc:
             raise SigningUnavailableError(f"Vault Transit key {self.mount}/{self.name} returned a signature in an "
@@ -907,7 +892,8 @@ class VaultKVWitness:
     """
 
     def __init__(self, client: Any, mount: str, path: str, retries: int = 30) -> None:
-        self.client, self.mount, self.path, self.retries = client, mount, path.strip("/"), retries
+        """:param client: the plugin's :class:`~pseudonymise.core.vault.VaultClient` (or an ``hvac.Client``)."""
+        self.client, self.mount, self.path, self.retries = VaultClient.of(client), mount, path.strip("/"), retries
         self.name = f"vault:{mount}/{self.path}"
         self.conflicts = 0
 
@@ -915,29 +901,26 @@ class VaultKVWitness:
         segments = [_KV_SEGMENT.sub("_", s) or "_" for s in audit_id.split("/")]
         return "/".join([p for p in (self.path,) if p] + segments)
 
-    def _error(self, action: str, path: str, exc: BaseException) -> WitnessError:
-        cls = WitnessUnreachableError if is_unreachable(exc) else WitnessError
-        return cls(f"Vault KV witness {self.mount}/{path}: could not {action} ({exc.__class__.__name__}); check that "
+    def _error(self, action: str, path: str, exc: VaultCallError) -> WitnessError:
+        cls = WitnessUnreachableError if exc.unreachable else WitnessError
+        return cls(f"Vault KV witness {self.mount}/{path}: could not {action} ({exc.cause}); check that "
                    f"Vault is reachable and the policy allows read, create and update on {self.mount}/data/{path} "
                    f"and read on {self.mount}/metadata/{path}")
 
     def _metadata(self, path: str) -> dict[str, Any] | None:
         try:
-            return self.client.secrets.kv.v2.read_secret_metadata(path=path, mount_point=self.mount)["data"]
-        except Exception as exc:
-            if exc.__class__.__name__ == "InvalidPath" and not is_unreachable(exc):
-                return None
+            return self.client.kv_metadata(self.mount, path)
+        except VaultCallError as exc:
             raise self._error("read the metadata", path, exc) from exc
 
     def _version(self, path: str, version: int) -> WitnessEntry | None:
         where = f"{self.name} ({path} version {version})"
         try:
-            data = self.client.secrets.kv.v2.read_secret_version(
-                path=path, version=version, mount_point=self.mount, raise_on_deleted_version=True)["data"]["data"]
-        except Exception as exc:
-            if exc.__class__.__name__ == "InvalidPath" and not is_unreachable(exc):
-                return None  # deleted or destroyed
+            data = self.client.kv_version(self.mount, path, version)
+        except VaultCallError as exc:
             raise self._error("read", path, exc) from exc
+        if data is None:
+            return None  # deleted or destroyed
         try:
             return WitnessEntry(where, SignedCheckpoint.from_dict(data))
         except CheckpointFormatError as exc:
@@ -963,11 +946,10 @@ class VaultKVWitness:
                             "`pseudonymise audit verify --witness …`")
                     return False
             try:
-                self.client.secrets.kv.v2.create_or_update_secret(
-                    path=path, secret=checkpoint.to_dict(), cas=version, mount_point=self.mount)
+                self.client.kv_write(self.mount, path, checkpoint.to_dict(), cas=version)
                 return True
-            except Exception as exc:
-                if exc.__class__.__name__ == "InvalidRequest" and "check-and-set" in str(exc):
+            except VaultCallError as exc:
+                if exc.conflict:
                     self.conflicts += 1
                     time.sleep(random.uniform(0.005, 0.05))
                     continue
@@ -1066,7 +1048,7 @@ class Checkpointer:
         if seq == 0:
             return None
         # 3. Sign, and hand the checkpoint to the witnesses, then the table.
-        statement = Statement(self.audit_id, seq, head_hash, _instant(datetime.now(UTC)))
+        statement = Statement(self.audit_id, seq, head_hash, utc_micros(datetime.now(UTC)))
         checkpoint = sign_statement(statement, self.signer)
         result = CheckpointResult(checkpoint)
         for witness in self.witnesses:

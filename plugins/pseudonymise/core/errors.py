@@ -7,13 +7,18 @@ names, ids and counts, never the values themselves.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import NoReturn
 
 
 class PseudonymiseError(Exception):
     """Base class of every error the plugin raises on purpose."""
+
+
+class ServiceUnavailableError(PseudonymiseError):
+    """Marks an error caused by a service that could not be reached (Vault down, a timeout): the same
+    task may succeed when retried, so the operators let Airflow's ``retries`` apply to it."""
 
 
 # --- tokens -----------------------------------------------------------------------------------
@@ -53,6 +58,22 @@ class RetentionEndedError(TokenError):
     """The project's retention period has ended: reversal is impossible for ever."""
 
 
+class TokenUnavailableError(TokenError):
+    """The token could not be read from its connection or from Vault."""
+
+
+class VaultUnreachableError(TokenUnavailableError, ServiceUnavailableError):
+    """Vault could not be reached to read the token or to compute HMACs: a retry may succeed."""
+
+
+class TransitUnavailableError(TokenError):
+    """Vault Transit could not compute the HMACs (unreachable, forbidden, or no such key)."""
+
+
+class TransitUnreachableError(TransitUnavailableError, ServiceUnavailableError):
+    """Vault Transit could not be reached: a retry may succeed."""
+
+
 # --- issuer -----------------------------------------------------------------------------------
 class IssuerError(PseudonymiseError):
     """The issuer or its project store refused an operation."""
@@ -84,6 +105,19 @@ class EscrowIntegrityError(EscrowError):
     """An escrow ciphertext failed authentication (tampered, or moved to another pseudonym)."""
 
 
+class EscrowRefusedError(EscrowIntegrityError):
+    """Escrow rows that cannot be proven (DESIGN.md §5.1); nothing of the call was revealed."""
+
+    def __init__(self, project: str, refused: Mapping[str, str]) -> None:
+        self.refused = dict(refused)
+        shown = "; ".join(f"{p}: {why}" for p, why in list(self.refused.items())[:10])
+        more = f" (and {len(self.refused) - 10} more)" if len(self.refused) > 10 else ""
+        super().__init__(
+            f"{len(self.refused)} escrow row(s) of project {project!r} were refused and nothing was revealed — "
+            f"{shown}{more}. Run `pseudonymise audit verify --escrow` to list them and restore escrow from a backup"
+        )
+
+
 # --- audit ------------------------------------------------------------------------------------
 class AuditError(PseudonymiseError):
     """The audit table could not be written or read; token use is refused (fail closed)."""
@@ -91,6 +125,30 @@ class AuditError(PseudonymiseError):
 
 class CheckpointError(AuditError):
     """A signed checkpoint of the audit chain could not be made, recorded, witnessed or checked."""
+
+
+class CheckpointContradictionError(CheckpointError):
+    """The audit chain contradicts a checkpoint signed earlier: rows were cut off or rewritten."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint, a key or a witness entry is not in the expected form."""
+
+
+class WitnessError(CheckpointError):
+    """A witness could not be read or written."""
+
+
+class WitnessUnreachableError(WitnessError, ServiceUnavailableError):
+    """A witness (Vault) could not be reached: a retry may succeed."""
+
+
+class SigningUnavailableError(CheckpointError):
+    """The audit signing key could not sign (Vault Transit refused, or the key is of the wrong type)."""
+
+
+class SigningUnreachableError(SigningUnavailableError, ServiceUnavailableError):
+    """Vault Transit could not be reached to sign a checkpoint: a retry may succeed."""
 
 
 # --- I/O --------------------------------------------------------------------------------------
@@ -113,29 +171,19 @@ class DatabaseIOError(DataIOError):
         self.column, self.table, self.constraint = column, table, constraint
 
 
-class ServiceUnavailableError(PseudonymiseError):
-    """Marks an error caused by a service that could not be reached (Vault down, a timeout): the same
-    task may succeed when retried, so the operators let Airflow's ``retries`` apply to it."""
+# --- configuration and requests ------------------------------------------------------------------
+class ConfigurationError(PseudonymiseError):
+    """A setting (a ``[pseudonymise]`` option of Airflow's configuration) is missing or invalid; the message
+    names it and the values it accepts."""
 
 
-def is_unreachable(exc: BaseException) -> bool:
-    """Whether ``exc`` says a service could not be reached (connection refused or reset, timeout, Vault
-    sealed or down, a 5xx answer), as opposed to a refusal that a retry cannot change (403, 404)."""
-    try:
-        import requests
+class RequestError(PseudonymiseError):
+    """An HTTP API request's body cannot be read (type, size, JSON or CSV); ``status`` is the HTTP status
+    to answer with."""
 
-        if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
-            return True
-    except ImportError:  # pragma: no cover - requests comes with hvac and Airflow
-        pass
-    try:
-        from hvac import exceptions as vault
-
-        if isinstance(exc, (vault.VaultDown, vault.InternalServerError, vault.BadGateway, vault.VaultNotInitialized)):
-            return True
-    except ImportError:  # pragma: no cover - hvac is a dependency of the Vault extras only
-        pass
-    return isinstance(exc, (ConnectionError, TimeoutError))
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 # --- database errors, without the driver's text ----------------------------------------------------

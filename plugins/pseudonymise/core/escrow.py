@@ -1,11 +1,10 @@
-"""Sealed escrow for reversible projects (DESIGN.md §5, §5.1): seal, store, reveal what can be proven, purge.
+"""Escrow storage for reversible projects (DESIGN.md §5, §5.1): the tables, writing sealed batches, revealing
+what can be proven, purging.
 
-The pipeline holds only the escrow *public* key, so it can write escrow and never read it.
-Per batch a fresh data key (``dek``) is sealed with HPKE (RFC 9180 base mode, DHKEM(X25519,
-HKDF-SHA256), HKDF-SHA256, AES-256-GCM) to the project's escrow public key; per value, the type
-tag and canonical bytes are encrypted with AES-256-GCM under ``dek`` with a counter nonce and
-``project NUL pseudonym NUL domain NUL key_version NUL retention_until`` as associated data, so a
-ciphertext moved to another pseudonym, domain, key version or retention end fails to open.
+Values are sealed by ``sealer.py``; this module stores them and reads them back. On PostgreSQL a
+batch's rows are written with ``COPY`` into a temporary staging table, from which one ``INSERT …
+SELECT`` moves them into the escrow table (deterministic projects keep the first row of each
+pseudonym) and returns what the batch digests are computed over.
 
 The escrow table is writable by the pipeline, so a row proves nothing by itself (§5.1). Each batch
 therefore has a digest over the rows it stored (:func:`batch_digest`), which the ``success`` audit
@@ -16,11 +15,6 @@ opened value recomputes the pseudonym with the reverse token's ``verify_keys``.
 Rows written before v1.1 (batches without ``ad_version``) carry the v1 associated data
 (``project NUL pseudonym``) and no listed digest: they are revealed only in deterministic projects,
 where recomputing the pseudonym proves them; randomised v1 rows cannot be proven and are refused.
-
-A batch is sealed column-wise (one AES-GCM call per value, no other object per value). On
-PostgreSQL its rows are written with ``COPY`` into a temporary staging table, from which one
-``INSERT … SELECT`` moves them into the escrow table (deterministic projects keep the first row of
-each pseudonym) and returns what the batch digests are computed over.
 """
 
 from __future__ import annotations
@@ -31,86 +25,34 @@ import io
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from itertools import repeat
+from datetime import datetime
 from typing import Any
 
-import numpy as np
 import sqlalchemy as sa
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hpke
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.engine import Connection
 
 from pseudonymise.core.canonical import TYPE_TAGS, from_canonical
-from pseudonymise.core.copytext import _pg_text, build_rows, encode_column
 from pseudonymise.core.db import UTCDateTime, database_now, insert_ignoring_duplicates
-from pseudonymise.core.errors import EscrowError, EscrowIntegrityError, RetentionEndedError, TokenKindError
-from pseudonymise.core.pseudonymiser import PRIMARY_LABEL, EscrowBlock, EscrowBlocks, EscrowItem, EscrowItems, _native
+from pseudonymise.core.errors import EscrowRefusedError, RetentionEndedError, TokenKindError
+from pseudonymise.core.instants import utc_seconds
+from pseudonymise.core.mac import pseudonym_mac
+from pseudonymise.core.sealer import (
+    AD_VERSION,
+    ROW_COLUMNS,
+    BatchOpener,
+    BatchSealer,
+    EscrowBlock,
+    EscrowBlocks,
+    EscrowItem,
+    EscrowItems,
+    associated_data,
+)
 from pseudonymise.core.tokens import Token
 
-HPKE_INFO = b"pseudonymise/v1/escrow"
-SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 _REVEAL_CHUNK = 500
-
-
-def seal_key(dek: bytes, public_key: X25519PublicKey) -> bytes:
-    """HPKE-seal a data key to the escrow public key (``enc || ciphertext``)."""
-    return SUITE.encrypt(dek, public_key, info=HPKE_INFO)
-
-
-def open_key(sealed: bytes, private_key: X25519PrivateKey) -> bytes:
-    try:
-        return SUITE.decrypt(sealed, private_key, info=HPKE_INFO)
-    except Exception as exc:
-        raise EscrowIntegrityError(
-            "an escrow batch key does not open with this reverse token: it was sealed for another "
-            "project's escrow key, or it was altered"
-        ) from exc
-
-
-_COUNTERS: tuple[list[bytes], list[str]] = ([], [])
-
-
-def _counter_nonces(count: int) -> tuple[list[bytes], list[str]]:
-    """Nonces 0 … count-1 (96-bit big-endian counters) and their COPY text; every batch has its own key,
-    so every batch uses the same ones. Computed once per process."""
-    global _COUNTERS
-    raw, text = _COUNTERS
-    if len(raw) < count:
-        size = max(count, 2 * len(raw), 1024)
-        raw = list(map(int.to_bytes, range(size), repeat(12), repeat("big")))
-        text = list(map("\\\\x".__add__, map(bytes.hex, raw)))
-        _COUNTERS = (raw, text)
-    return raw[:count], text[:count]
-
-
-#: ``ad_version`` of batches written from v1.1 on; NULL marks a v1 batch.
-AD_VERSION = 2
 _DIGEST_LABEL = b"pseudonymise/v1/escrow-batch\x00"
-
-
-def retention_text(value: datetime) -> str:
-    """The retention end as the associated data spells it (UTC, to the second)."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def associated_data(project: str, pseudonym: str, domain: str | None = None, key_version: int | None = None,
-                    retention_until: datetime | None = None) -> bytes:
-    """The AES-GCM associated data of one escrow value: v1 (``project NUL pseudonym``) when ``domain`` is
-    None, else v1.1 (``… NUL domain NUL key_version NUL retention_until``)."""
-    head = project.encode("utf-8") + b"\x00" + pseudonym.encode("utf-8")
-    if domain is None:
-        return head
-    return head + _ad_suffix(domain, key_version, retention_until)
-
-
-def _ad_suffix(domain: str, key_version: int | None, retention_until: datetime | None) -> bytes:
-    if key_version is None or retention_until is None:
-        raise ValueError("v1.1 associated data needs the key version and the retention end")
-    return (b"\x00" + domain.encode("utf-8") + b"\x00" + str(int(key_version)).encode("ascii") + b"\x00"
-            + retention_text(retention_until).encode("ascii"))
+#: Batch columns added in v1.1 (NULL in batches written before).
+_BATCH_V11_COLUMNS = ("domain", "key_version", "ad_version")
 
 
 def batch_digest(rows: Iterable[tuple[str, bytes, bytes]]) -> str:
@@ -123,11 +65,6 @@ def batch_digest(rows: Iterable[tuple[str, bytes, bytes]]) -> str:
         outer.update(hashlib.sha256(len(p).to_bytes(4, "big") + p + bytes(nonce)
                                     + len(ciphertext).to_bytes(4, "big") + bytes(ciphertext)).digest())
     return outer.hexdigest()
-
-
-_ESCROW_COLUMNS = ("project", "pseudonym", "batch_id", "nonce", "ciphertext", "retention_until")
-#: Batch columns added in v1.1 (NULL in batches written before).
-_BATCH_V11_COLUMNS = ("domain", "key_version", "ad_version")
 
 
 @dataclass(frozen=True)
@@ -181,7 +118,7 @@ class EscrowTables:
 
 
 class EscrowWriter:
-    """The pipeline's side: seals batches with the escrow public key of a pseudonymisation token.
+    """The pipeline's side: writes batches sealed with the escrow public key of a pseudonymisation token.
 
     After the last :meth:`write` (and :meth:`flush`), :attr:`digests` maps each batch that stored rows to
     its digest: list it in the use's ``success`` audit row (``details["escrow_batches"]``), or reversal
@@ -230,10 +167,13 @@ class EscrowWriter:
                                       [canonicals[i] for i in keep], now) for domain, keep in groups.items())
 
     def _write_block(self, conn: Connection, block: EscrowBlock, now: datetime | None) -> int:
-        if conn.dialect.name == "postgresql" and _native is not None and b"\\" not in block.pseudonyms:
-            return self._copy_block(conn, block, now)
-        items = block.items()
-        return self._write_values(conn, block.domain, items.pseudonyms, items.type_tags, items.canonicals, now)
+        if conn.dialect.name != "postgresql":
+            items = block.items()
+            return self._write_values(conn, block.domain, items.pseudonyms, items.type_tags, items.canonicals, now)
+        if self._deterministic:  # one row per (project, pseudonym): the first occurrence in the batch
+            block = block.first_occurrences()
+        sealer, batch_id = self._new_batch(conn, block.domain, now)
+        return self._stage(conn, sealer.copy_block_rows(batch_id, block))
 
     def _write_values(self, conn: Connection, domain: str, pseudonyms: list[str], tags: list[str],
                       canonicals: list[bytes], now: datetime | None) -> int:
@@ -245,27 +185,11 @@ class EscrowWriter:
                 pseudonyms = [pseudonyms[i] for i in keep]
                 tags = [tags[i] for i in keep]
                 canonicals = [canonicals[i] for i in keep]
-        count = len(pseudonyms)
-        if count >= 2**64:
-            raise EscrowError("an escrow batch is limited to 2**64 values; use a smaller batch size")
-        project = self._token.project
-        dek, batch_id = self._new_batch(conn, domain, now)
-        aead = AESGCM(dek)
-        retention = self._token.retention_until
-        nonces, nonces_text = _counter_nonces(count)
-        if len(set(tags)) == 1:
-            plaintexts = list(map((tags[0].encode("ascii") + b"\x00").__add__, canonicals))
-        else:
-            plaintexts = [t.encode("ascii") + b"\x00" + c for t, c in zip(tags, canonicals, strict=True)]
-        ad_prefix = associated_data(project, "")
-        ad_suffix = _ad_suffix(domain, self._token.key_version, retention)
-        ads = [ad_prefix + p.encode("utf-8") + ad_suffix for p in pseudonyms]
-        ciphertexts = list(map(aead.encrypt, nonces, plaintexts, ads))
+        sealer, batch_id = self._new_batch(conn, domain, now)
         if conn.dialect.name == "postgresql":
-            columns = [encode_column([project]) * count, encode_column(pseudonyms), [batch_id] * count, nonces_text,
-                       list(map("\\\\x".__add__, map(bytes.hex, ciphertexts))),
-                       [retention.astimezone(UTC).isoformat()] * count]
-            return self._stage(conn, build_rows(columns))
+            return self._stage(conn, sealer.copy_rows(batch_id, pseudonyms, tags, canonicals))
+        nonces, ciphertexts = sealer.seal(pseudonyms, tags, canonicals)
+        project, retention = self._token.project, self._token.retention_until
         rows: list[dict[str, Any]] = [
             {"project": project, "pseudonym": p, "batch_id": batch_id, "nonce": n, "ciphertext": c,
              "retention_until": retention}
@@ -284,54 +208,33 @@ class EscrowWriter:
             self.digests[batch_id] = batch_digest((r.pseudonym, bytes(r.nonce), bytes(r.ciphertext)) for r in stored)
         return written
 
-    def _new_batch(self, conn: Connection, domain: str, now: datetime | None) -> tuple[bytes, str]:
-        """A fresh data key, sealed to the escrow public key in a new batch row: (key, batch id)."""
-        dek = AESGCM.generate_key(bit_length=256)
+    def _new_batch(self, conn: Connection, domain: str, now: datetime | None) -> tuple[BatchSealer, str]:
+        """A new batch row holding a fresh data key sealed to the escrow public key: (its sealer, batch id)."""
+        sealer = BatchSealer(self._token, domain)
         batch_id = str(uuid.uuid4())
         conn.execute(self._tables.batches.insert(), {
             "batch_id": batch_id,
             "project": self._token.project,
-            "sealed_dek": seal_key(dek, self._token.escrow_public_key),  # type: ignore[arg-type]
+            "sealed_dek": sealer.sealed_dek,
             "created_at": now or database_now(conn),
             "retention_until": self._token.retention_until,
             "domain": domain,
             "key_version": self._token.key_version,
             "ad_version": AD_VERSION,
         })
-        return dek, batch_id
-
-    def _copy_block(self, conn: Connection, block: EscrowBlock, now: datetime | None) -> int:
-        """An :class:`EscrowBlock` sealed and written by the C engine (OpenSSL's AES-256-GCM): the same rows
-        as :meth:`_write_values` writes, without an object per value."""
-        if self._deterministic:  # one row per (project, pseudonym): the first occurrence in the batch
-            names = np.frombuffer(block.pseudonyms, dtype=f"S{block.width}")
-            _, first = np.unique(names, return_index=True)
-            if len(first) < len(names):
-                block = block.take(np.sort(first))
-        if len(block) >= 2**64:
-            raise EscrowError("an escrow batch is limited to 2**64 values; use a smaller batch size")
-        project = self._token.project
-        dek, batch_id = self._new_batch(conn, block.domain, now)
-        retention = self._token.retention_until.astimezone(UTC).isoformat()
-        assert _native is not None
-        rows = _native.seal_rows(dek, associated_data(project, ""), block.type_tag.encode("ascii") + b"\x00",
-                                 block.pseudonyms, block.width, block.canonicals, block.ends.tobytes(),
-                                 (_pg_text(project) + "\t").encode("utf-8"), f"\t{batch_id}\t".encode("ascii"),
-                                 f"\t{retention}\n".encode("ascii"),
-                                 _ad_suffix(block.domain, self._token.key_version, self._token.retention_until))
-        return self._stage(conn, rows)
+        return sealer, batch_id
 
     def _stage(self, conn: Connection, rows: bytes) -> int:
-        """COPY escrow rows (COPY text of ``_ESCROW_COLUMNS``) into the run's staging table; unless deferred,
+        """COPY escrow rows (COPY text of ``ROW_COLUMNS``) into the run's staging table; unless deferred,
         move them into the escrow table at once. Returns the rows written to the escrow table."""
         values = self._tables.values
         prep = conn.dialect.identifier_preparer
-        listed = ", ".join(_ESCROW_COLUMNS)
+        listed = ", ".join(ROW_COLUMNS)
         # Spelled out rather than LIKE, which needs SELECT on the escrow table: the pipeline's role may
         # only insert there (include/sql/least_privilege.sql).
         into = prep.quote(f"_pseudonymise_escrow_stage_{values.name}"[:63])
         if self._staged is None:
-            spec = ", ".join(f"{n} {values.c[n].type.compile(conn.dialect)}" for n in _ESCROW_COLUMNS)
+            spec = ", ".join(f"{n} {values.c[n].type.compile(conn.dialect)}" for n in ROW_COLUMNS)
             conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {into} ({spec}) ON COMMIT DROP")
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
@@ -348,7 +251,7 @@ class EscrowWriter:
         if self._staged is None:
             return 0
         table = conn.dialect.identifier_preparer.format_table(self._tables.values)
-        listed = ", ".join(_ESCROW_COLUMNS)
+        listed = ", ".join(ROW_COLUMNS)
         conflict = " ON CONFLICT (project, pseudonym) DO NOTHING" if self._deterministic else ""
         stage = self._staged
         # The digest is computed from the staging table (the pipeline's role may not read escrow), over the
@@ -403,20 +306,20 @@ class EscrowReader:
         self.now = now or database_now(conn)
         if self.now >= token.retention_until:
             raise RetentionEndedError(
-                f"project {token.project!r}'s retention ended at {retention_text(token.retention_until)} by the escrow "
+                f"project {token.project!r}'s retention ended at {utc_seconds(token.retention_until)} by the escrow "
                 "database's clock; reversal is impossible for ever"
             )
         self._listed_source = listed_batches
         self._listed: Mapping[str, str] | None = None
         self._deterministic = token.treatment == "deterministic"
-        self._batches: dict[str, tuple[AESGCM | None, str | None]] = {}  # batch id -> (cipher, refusal)
+        self._batches: dict[str, tuple[BatchOpener | None, str | None]] = {}  # batch id -> (opener, refusal)
 
     def _listed_digests(self) -> Mapping[str, str]:
         if self._listed is None:
             self._listed = self._listed_source()
         return self._listed
 
-    def _batch(self, row: Any) -> tuple[AESGCM | None, str | None]:
+    def _batch(self, row: Any) -> tuple[BatchOpener | None, str | None]:
         """The opened data key of the row's batch, or the reason the batch's rows are refused."""
         known = self._batches.get(row.batch_id)
         if known is not None:
@@ -436,7 +339,7 @@ class EscrowReader:
                 refusal = "its batch's rows differ from the digest the audit lists (rows added, removed or altered)"
         cipher = None
         if refusal is None:
-            cipher = AESGCM(open_key(bytes(row.sealed_dek), self._token.escrow_private_key))  # type: ignore[arg-type]
+            cipher = BatchOpener(bytes(row.sealed_dek), self._token.escrow_private_key)  # type: ignore[arg-type]
         self._batches[row.batch_id] = (cipher, refusal)
         return cipher, refusal
 
@@ -458,7 +361,7 @@ class EscrowReader:
         for key, dom in candidates:
             if key is None:
                 continue
-            mac = hmac.new(key, PRIMARY_LABEL + dom.encode("utf-8") + b"\x00" + data, hashlib.sha256).digest()
+            mac = pseudonym_mac(key, dom, data)
             if hmac.compare_digest(fmt.encode(mac).encode("utf-8"), pseudonym.encode("utf-8")):
                 return True
         return False
@@ -498,9 +401,8 @@ class EscrowReader:
                 v11 = row.ad_version is not None
                 ad = associated_data(token.project, row.pseudonym, row.domain if v11 else None,
                                      row.key_version, row.retention_until)
-                try:
-                    plaintext = cipher.decrypt(bytes(row.nonce), bytes(row.ciphertext), ad)
-                except InvalidTag:
+                plaintext = cipher.open(bytes(row.nonce), bytes(row.ciphertext), ad)
+                if plaintext is None:
                     refused[row.pseudonym] = ("it fails authentication: altered, or moved from another pseudonym, "
                                               "domain, key version or retention end")
                     continue
@@ -515,19 +417,6 @@ class EscrowReader:
                     continue
                 found[row.pseudonym] = from_canonical(tag_text, data)
         return found, refused
-
-
-class EscrowRefusedError(EscrowIntegrityError):
-    """Escrow rows that cannot be proven (DESIGN.md §5.1); nothing of the call was revealed."""
-
-    def __init__(self, project: str, refused: Mapping[str, str]) -> None:
-        self.refused = dict(refused)
-        shown = "; ".join(f"{p}: {why}" for p, why in list(self.refused.items())[:10])
-        more = f" (and {len(self.refused) - 10} more)" if len(self.refused) > 10 else ""
-        super().__init__(
-            f"{len(self.refused)} escrow row(s) of project {project!r} were refused and nothing was revealed — "
-            f"{shown}{more}. Run `pseudonymise audit verify --escrow` to list them and restore escrow from a backup"
-        )
 
 
 def reveal(conn: Connection, tables: EscrowTables, token: Token, pseudonyms: Iterable[str],
@@ -618,5 +507,5 @@ def purge(conn: Connection, tables: EscrowTables, project: str | None = None, no
     return deleted
 
 
-__all__ = ["EscrowReader", "EscrowRefusedError", "EscrowTables", "EscrowWriter", "Revealed", "UnprovenRow",
-           "batch_digest", "open_key", "purge", "reveal", "seal_key", "unproven_rows"]
+__all__ = ["EscrowReader", "EscrowTables", "EscrowWriter", "Revealed", "UnprovenRow",
+           "batch_digest", "purge", "reveal", "unproven_rows"]

@@ -21,14 +21,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from pseudonymise.core.errors import IssuerError
 from pseudonymise.core.formats import PseudonymFormat
+from pseudonymise.core.instants import utc_seconds
+from pseudonymise.core.mac import derive_secondary_key
 from pseudonymise.core.tokens import (
     KINDS,
     MAX_TOKEN_LENGTH,
@@ -45,21 +45,6 @@ from pseudonymise.core.tokens import (
 )
 
 PROJECT_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}\Z")  # \Z: "$" would accept a trailing newline
-#: HKDF ``info`` prefix of a secondary key (DESIGN §4 step 5, v1.1); the source project id follows.
-SECONDARY_KEY_INFO = b"pseudonymise/v1/secondary-key\x00"
-
-
-def derive_secondary_key(project_key: bytes, source_project: str) -> bytes:
-    """The key a secondary token carries (DESIGN §4 step 5, v1.1): ``HKDF-SHA256(project_key, salt=b"",
-    info=b"pseudonymise/v1/secondary-key\\x00" + source_project, 32 bytes)``.
-
-    ``project_key`` is the key of the project the token is issued for (the vendor's), never the
-    source project's. One key per (project, source project, key version): it cannot make that
-    project's first-level pseudonyms, and two source projects get unrelated secondary keys.
-    """
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"",
-                info=SECONDARY_KEY_INFO + source_project.encode("utf-8"))
-    return hkdf.derive(project_key)
 
 
 class ProjectStore(Protocol):
@@ -191,9 +176,9 @@ class Project:
             "id": self.id,
             "method": self.method,
             "treatment": self.treatment,
-            "retention_until": _iso(self.retention_until),
+            "retention_until": utc_seconds(self.retention_until),
             "format": self.format.to_claim(),
-            "created_at": _iso(self.created_at),
+            "created_at": utc_seconds(self.created_at),
             "key_version": self.key_version,
             "custody": "transit" if self.transit else "local",
             **({"transit": dict(self.transit)} if self.transit else {}),
@@ -222,10 +207,6 @@ class Project:
 
     def __repr__(self) -> str:
         return f"Project(id={self.id!r}, method={self.method!r}, treatment={self.treatment!r})"
-
-
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Issuer:
@@ -375,7 +356,7 @@ class Issuer:
             "exp": exp,
             "method": project.method,
             "treatment": project.treatment,
-            "retention_until": _iso(project.retention_until),
+            "retention_until": utc_seconds(project.retention_until),
             "format": project.format.to_claim(),
         }
         version = project.key_version if key_version is None else key_version

@@ -1,8 +1,12 @@
-"""The audited flows every entry point shares: pseudonymise, secondary, reverse and purge.
+"""The audited flows every entry point shares: pseudonymise, secondary, reverse, re-key and purge.
 
-Each flow reads a :class:`Source` in batches, writes a :class:`Sink`, and keeps escrow and the
-audit ``finished`` row in one transaction of the :class:`Store`'s database. The CLI, the
-operators and the HTTP API only choose sources, sinks and where the token comes from.
+Each flow takes a :class:`~pseudonymise.core.use.TokenSource` (where the token comes from), a
+:class:`~pseudonymise.core.plan.Transfer` planned by :func:`~pseudonymise.core.plan.plan_transfer`
+(the open source, its path, the sink) and a :class:`~pseudonymise.core.use.RunContext` (who and when),
+and keeps escrow and the audit ``finished`` row in one transaction of the :class:`Store`'s database.
+A run reads top-down: open the audited use (the token read, verified and its ``started`` row
+committed), stream the batches through the pseudonymiser, write the sink and escrow, commit with the
+audit's ``finished`` row. Nothing here calls back into the CLI, the operators or the HTTP API.
 
 When the store is PostgreSQL, a pseudonymisation run hands each batch's writes (target rows,
 escrow) to one background thread, in order, so the database works on batch *n* while batch
@@ -14,10 +18,10 @@ from __future__ import annotations
 import queue
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -27,29 +31,11 @@ from pseudonymise.core.checkpoint import CheckpointTable
 from pseudonymise.core.db import make_engine
 from pseudonymise.core.errors import TARGET_DATA_FIX, EscrowError, PolicyError, database_errors
 from pseudonymise.core.escrow import EscrowReader, EscrowTables, EscrowWriter, purge
-from pseudonymise.core.pseudonymiser import ColumnPolicy, ColumnRule, Pseudonymiser, SecondaryPseudonymiser, Stats
-from pseudonymise.core.tokens import Token, TrustedKeys
-from pseudonymise.core.use import TokenUse
+from pseudonymise.core.plan import Sink, Transfer
+from pseudonymise.core.policy import ColumnPolicy, ColumnRule
+from pseudonymise.core.pseudonymiser import Pseudonymiser, SecondaryPseudonymiser, Stats
+from pseudonymise.core.use import RunContext, TokenSource, TokenUse
 
-
-class Source(Protocol):
-    columns: list[str]
-
-    def batches(self) -> Iterator[dict[str, list[Any]]]: ...
-
-
-class Sink(Protocol):
-    """Where output goes. ``commit`` is called inside the store's transaction, just before the
-    audit ``finished`` row: a sink on the store's own connection commits with it; a file is
-    renamed into place (and removed again by ``abort`` if the audit then fails to commit)."""
-
-    def write(self, batch: dict[str, list[Any]]) -> None: ...
-    def commit(self) -> None: ...
-    def abort(self) -> None: ...
-
-
-#: Makes the sink once the output columns are known; gets the store's open transaction.
-SinkFactory = Callable[[list[str], Connection], Sink]
 Progress = Callable[[Stats], None]
 
 
@@ -169,28 +155,27 @@ class _Writes:
         self._thread = None
 
 
-def run_pseudonymisation(store: Store, raw_token: str, keys: TrustedKeys, policy: ColumnPolicy, source: Source,
-                         sink_factory: SinkFactory, *, secondary: bool = False, project: str | None = None,
-                         source_label: str | None = None, target_label: str | None = None,
-                         context: Mapping[str, Any] | None = None, progress: Progress | None = None,
-                         transit: Callable[[Token], Any] | None = None,
-                         on_finished: Callable[[AuditLog], None] | None = None) -> RunSummary:
-    """Pseudonymise (or, with ``secondary``, re-pseudonymise) ``source`` into the sink, audited.
+def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy, transfer: Transfer,
+                         run: RunContext | None = None, *, secondary: bool = False,
+                         progress: Progress | None = None) -> RunSummary:
+    """Pseudonymise (or, with ``secondary``, re-pseudonymise) the transfer's source into its sink, audited.
 
-    ``transit`` makes the HMAC client of a token whose key is held in Vault Transit (``key_ref``);
-    ``on_finished`` is the :class:`TokenUse` callback (e.g. a signed audit checkpoint after the use).
+    :param tokens: where the token comes from; its MAC service computes the MACs of a token whose key
+        is held in Vault Transit.
+    :param run: who runs the use and when; its ``on_finished`` runs after the use (e.g. a signed checkpoint).
+    :param progress: called with the running counts after each batch.
     """
     store.create()
-    operation = "secondary" if secondary else "pseudonymise"
-    with TokenUse(store.audit, operation, raw_token, keys, kind="secondary" if secondary else "pseudonymisation",
-                  project=project, source=source_label, target=target_label,
-                  columns=policy.pseudonymised_columns, context=context, on_finished=on_finished) as use:
+    columns = transfer.columns
+    with TokenUse(store.audit, "secondary" if secondary else "pseudonymise", tokens,
+                  kind="secondary" if secondary else "pseudonymisation", source=transfer.source_label,
+                  target=transfer.target_label, columns=policy.pseudonymised_columns, run=run) as use:
         assert use.token is not None
-        mac = transit(use.token) if transit is not None and use.token.key_ref is not None else None
+        mac = use.mac_service()
         engine: Pseudonymiser | SecondaryPseudonymiser = (
             SecondaryPseudonymiser(use.token, policy, mac) if secondary else Pseudonymiser(use.token, policy, mac)
         )
-        out_columns = engine.output_columns(source.columns)  # policy errors before anything is written
+        out_columns = engine.output_columns(columns)  # policy errors before anything is written
         escrow = EscrowWriter(use.token, store.escrow, defer=True) if not secondary and use.token.reversible else None
         escrow_rows = [0]  # counted by the writer, added to the stats once the writes are done
         sink: Sink | None = None
@@ -199,9 +184,9 @@ def run_pseudonymisation(store: Store, raw_token: str, keys: TrustedKeys, policy
             with database_errors("writing the target, escrow and audit failed; nothing was committed",
                                  columns=out_columns, data_fix=TARGET_DATA_FIX), store.engine.begin() as conn, \
                     _Writes(background=store.engine.dialect.name == "postgresql") as writes:
-                sink = sink_factory(out_columns, conn)
-                for batch in _batches(source, sink, engine):
-                    out = engine.pseudonymise_batch(batch, source.columns)
+                sink = transfer.open_sink(out_columns, conn)
+                for batch in transfer.batches(key_at_hand=mac is None):
+                    out = engine.pseudonymise_batch(batch, columns)
                     writes.submit(_writer(sink, escrow, conn, out.columns, out.escrow, escrow_rows))
                     use.counts.update(engine.stats.as_dict(), escrow_rows=escrow_rows[0])
                     if progress:
@@ -224,16 +209,7 @@ def run_pseudonymisation(store: Store, raw_token: str, keys: TrustedKeys, policy
         return _summary(use, out_columns, engine.stats.as_dict())
 
 
-def _batches(source: Source, sink: Sink, engine: Pseudonymiser | SecondaryPseudonymiser) -> Iterator[Any]:
-    """The source's batches: blocks of COPY text when source, engine and sink all work on it (PostgreSQL
-    to PostgreSQL with the C engine: no Python object per row), else columns."""
-    blocks = getattr(source, "copy_blocks", None)
-    if blocks is not None and getattr(sink, "takes_copy_blocks", False) and engine.takes_copy_blocks(source.columns):
-        return blocks()  # type: ignore[no-any-return]
-    return source.batches()
-
-
-def _writer(sink: Sink, escrow: EscrowWriter | None, conn: Connection, columns: dict[str, list[Any]],
+def _writer(sink: Sink, escrow: EscrowWriter | None, conn: Connection, columns: Any,
             items: Sequence[Any], escrow_rows: list[int]) -> Callable[[], None]:
     def write() -> None:
         sink.write(columns)
@@ -242,24 +218,24 @@ def _writer(sink: Sink, escrow: EscrowWriter | None, conn: Connection, columns: 
     return write
 
 
-def run_reversal(store: Store, raw_token: str, keys: TrustedKeys, columns: Sequence[str] | Mapping[str, str],
-                 source: Source,
-                 sink_factory: SinkFactory, *, project: str | None = None, triggered_by: str | None = None,
-                 source_label: str | None = None, target_label: str | None = None,
-                 context: Mapping[str, Any] | None = None, progress: Progress | None = None,
-                 require_all: bool = False, on_finished: Callable[[AuditLog], None] | None = None) -> RunSummary:
+def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Mapping[str, str], transfer: Transfer,
+                 run: RunContext | None = None, *, progress: Progress | None = None,
+                 require_all: bool = False) -> RunSummary:
     """Replace pseudonyms in ``columns`` by their originals; the audit ``started`` row commits first.
 
     ``columns`` may map each column to its pseudonymisation domain, which only escrow written before
     v1.1 needs (it did not record the domain). Rows escrow cannot prove are refused: the run fails,
-    audited ``failed``, and nothing is written.
+    audited ``failed``, and nothing is written. ``run.triggered_by`` is the user the audit names as
+    having asked for the originals.
+
+    :param require_all: fail, writing nothing, when a pseudonym has no escrow (unknown, or purged).
     """
     domains = dict(columns) if isinstance(columns, Mapping) else dict.fromkeys(columns, "")
     columns = list(domains)
+    source = transfer.source
     store.create()
-    ctx = {**(context or {}), "triggered_by": triggered_by or (context or {}).get("triggered_by")}
-    with TokenUse(store.audit, "reverse", raw_token, keys, kind="reverse", project=project, source=source_label,
-                  target=target_label, columns=list(columns), context=ctx, on_finished=on_finished) as use:
+    with TokenUse(store.audit, "reverse", tokens, kind="reverse", source=transfer.source_label,
+                  target=transfer.target_label, columns=list(columns), run=run) as use:
         assert use.token is not None
         missing = [c for c in columns if c not in source.columns]
         if missing or not columns:
@@ -274,7 +250,7 @@ def run_reversal(store: Store, raw_token: str, keys: TrustedKeys, columns: Seque
             with database_errors("writing the revealed rows and the audit failed; nothing was committed",
                                  columns=source.columns, data_fix=TARGET_DATA_FIX), store.engine.begin() as conn:
                 reader = EscrowReader(conn, store.escrow, use.token, lambda: store.audit.listed_escrow_batches(conn))
-                sink = sink_factory(list(source.columns), conn)
+                sink = transfer.open_sink(list(source.columns), conn)
                 for batch in source.batches():
                     rows = len(next(iter(batch.values()))) if batch else 0
                     stats.rows_in += rows
@@ -306,11 +282,12 @@ def run_reversal(store: Store, raw_token: str, keys: TrustedKeys, columns: Seque
         return _summary(use, list(columns), counts)
 
 
-def run_purge(store: Store, *, project: str | None = None, context: Mapping[str, Any] | None = None,
+def run_purge(store: Store, run: RunContext | None = None, *, project: str | None = None,
               now: datetime | None = None) -> RunSummary:
-    """Delete escrow rows past their retention end; the purge and its audit row commit together."""
+    """Delete escrow rows past their retention end (of ``project`` only, if given); the purge and its
+    audit row commit together. ``now`` stands in for the database clock in tests."""
     store.create()
-    use = AuditUse(operation="purge", project=project, context=dict(context or {}))
+    use = AuditUse(operation="purge", project=project, context=(run or RunContext()).audit_fields())
     store.audit.start(use)
     try:
         with store.engine.begin() as conn:
@@ -322,24 +299,24 @@ def run_purge(store: Store, *, project: str | None = None, context: Mapping[str,
     return RunSummary("purge", use.use_id, project, None, None, [], {"escrow_rows": deleted})
 
 
-def run_rekey(store: Store, reverse_token: str, new_token: str, keys: TrustedKeys, table: str,
-              columns: Mapping[str, str], *, schema: str | None = None, project: str | None = None,
-              context: Mapping[str, Any] | None = None, batch_size: int = 5_000) -> RunSummary:
+def run_rekey(store: Store, reverse_tokens: TokenSource, new_tokens: TokenSource, table: str,
+              columns: Mapping[str, str], run: RunContext | None = None, *, schema: str | None = None,
+              batch_size: int = 5_000) -> RunSummary:
     """Re-key a reversible project's pseudonyms in ``table`` after a key rotation, in one transaction.
 
     For each column (mapped to its pseudonymisation domain), every distinct old pseudonym is opened
-    through escrow with ``reverse_token`` and pseudonymised again with ``new_token`` (new escrow rows
-    are written); the table is updated in place. Both token uses are audited; the table must live in
-    the store's database so the new pseudonyms, their escrow and both audit rows commit together. A
-    pseudonym without escrow (purged, or made by another project) fails the whole run: nothing changes.
+    through escrow with the reverse token of ``reverse_tokens`` and pseudonymised again with the new
+    token of ``new_tokens`` (new escrow rows are written); the table is updated in place. Both token
+    uses are audited; the table must live in the store's database so the new pseudonyms, their escrow
+    and both audit rows commit together. A pseudonym without escrow (purged, or made by another
+    project) fails the whole run: nothing changes.
     """
     store.create()
-    ctx = dict(context or {})
     target = f"table:{schema + '.' if schema else ''}{table}"
-    with TokenUse(store.audit, "rekey", reverse_token, keys, kind="reverse", project=project, source=target,
-                  target=target, columns=list(columns), context=ctx) as reverse_use, \
-            TokenUse(store.audit, "rekey", new_token, keys, kind="pseudonymisation", project=project, source=target,
-                     target=target, columns=list(columns), context=ctx) as new_use:
+    with TokenUse(store.audit, "rekey", reverse_tokens, kind="reverse", source=target, target=target,
+                  columns=list(columns), run=run) as reverse_use, \
+            TokenUse(store.audit, "rekey", new_tokens, kind="pseudonymisation", source=target, target=target,
+                     columns=list(columns), run=run) as new_use:
         assert reverse_use.token is not None and new_use.token is not None
         if reverse_use.token.project != new_use.token.project:
             raise PolicyError("the reverse token and the new pseudonymisation token belong to different projects")

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 from pseudonymise.core.copytext import CopyBlock, CopyText, build_rows, decode_column, encode_column, split_rows
 from pseudonymise.core.copytext import _pg_text as _pg_text
 from pseudonymise.core.copytext import copy_text_fields as copy_text_fields
-from pseudonymise.core.db import advisory_lock, lock_interval, unlock_interval
+from pseudonymise.core.db import advisory_lock
 from pseudonymise.core.errors import (
     SOURCE_DATA_FIX,
     TARGET_DATA_FIX,
@@ -40,6 +40,7 @@ from pseudonymise.core.errors import (
     is_database_error,
     raise_alone,
 )
+from pseudonymise.core.locks import lock_interval, unlock_interval
 
 WRITE_MODES = ("append", "replace_partition", "upsert", "replace")
 

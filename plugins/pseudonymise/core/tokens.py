@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -41,8 +41,8 @@ from pseudonymise.core.errors import (
     UnknownIssuerKeyError,
 )
 from pseudonymise.core.formats import PseudonymFormat
+from pseudonymise.core.instants import utc_seconds
 
-TokenKind = Literal["pseudonymisation", "reverse", "secondary"]
 KINDS: tuple[str, ...] = ("pseudonymisation", "reverse", "secondary")
 METHODS: tuple[str, ...] = ("reversible", "irreversible")
 TREATMENTS: tuple[str, ...] = ("deterministic", "randomised")
@@ -267,10 +267,6 @@ def jws_verify(token: str, keys: TrustedKeys) -> tuple[dict[str, Any], bytes]:
 
 
 # --- the token --------------------------------------------------------------------------------
-def _iso_utc(dt: datetime) -> str:
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def parse_instant(text: str) -> datetime:
     """Parse an ISO 8601 instant (``Z`` or offset) into an aware UTC datetime."""
     dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -335,7 +331,7 @@ class Token:
             "exp": self.expires_at,
             "method": self.method,
             "treatment": self.treatment,
-            "retention_until": _iso_utc(self.retention_until),
+            "retention_until": utc_seconds(self.retention_until),
             "format": self.format.to_claim(),
             **({"source_project": self.source_project} if self.source_project else {}),
             **({"source_format": self.source_format.to_claim()} if self.source_format else {}),
@@ -522,12 +518,12 @@ def verify_token(
     now = time.time() if now is None else now
     if now + LEEWAY_SECONDS < token.not_before:
         raise TokenNotYetValidError(
-            f"token {token.jti} is not valid before {_iso_utc(datetime.fromtimestamp(token.not_before, UTC))}; "
+            f"token {token.jti} is not valid before {utc_seconds(datetime.fromtimestamp(token.not_before, UTC))}; "
             "wait, or ask the issuer for a token valid now"
         )
     if now - LEEWAY_SECONDS >= token.expires_at:
         raise TokenExpiredError(
-            f"token {token.jti} for project {token.project!r} expired at {_iso_utc(token.expires)}; "
+            f"token {token.jti} for project {token.project!r} expired at {utc_seconds(token.expires)}; "
             "ask the issuer for a new token and update the connection"
         )
     if kind is not None and token.kind != kind:
@@ -541,7 +537,7 @@ def verify_token(
         )
     if token.kind == "reverse" and now >= token.retention_until.timestamp():
         raise RetentionEndedError(
-            f"project {token.project!r}'s retention ended at {_iso_utc(token.retention_until)}; "
+            f"project {token.project!r}'s retention ended at {utc_seconds(token.retention_until)}; "
             "reversal is no longer possible"
         )
     return token

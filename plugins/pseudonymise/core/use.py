@@ -1,29 +1,32 @@
-"""One audited use of a token: ``started`` committed, token verified, outcome recorded.
+"""One audited use of a token: token read, ``started`` committed, token verified, outcome recorded.
 
 Every entry point (CLI, operators, HTTP API) goes through :class:`TokenUse`, so no token is
-ever used without its ``started`` row, and denied uses (bad signature, expired, wrong kind or
-project) are audited like any other.
+ever used without its ``started`` row, and denied uses (a token that cannot even be read, a bad
+signature, expired, wrong kind or project) are audited like any other. Where a token comes from
+is a :class:`TokenSource` (an Airflow connection, the CLI's file or environment variable, a
+token in hand); who runs the use and when is a :class:`RunContext`.
 """
 
 from __future__ import annotations
 
 import getpass
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, fields
+from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from pseudonymise.core.audit import AuditLog, AuditUse
+from pseudonymise.core.audit import CONTEXT_FIELDS, AuditLog, AuditUse
 from pseudonymise.core.db import database_now
-from pseudonymise.core.errors import AuditError, RetentionEndedError, TokenError
-from pseudonymise.core.tokens import Token, TrustedKeys, fingerprint, peek_claims, verify_token
+from pseudonymise.core.errors import AuditError, PseudonymiseError, RetentionEndedError, TokenError
+from pseudonymise.core.instants import utc_seconds
+from pseudonymise.core.tokens import Token, TrustedKeys, fingerprint, peek_claims, secret_parts, verify_token
 
-
-def _instant(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+if TYPE_CHECKING:
+    from pseudonymise.core.transit import TransitMac
 
 
 def current_user() -> str | None:
@@ -33,40 +36,150 @@ def current_user() -> str | None:
         return None
 
 
-class TokenUse:
-    """Context manager around one use of ``raw_token`` for ``operation``.
+class TokenSource(Protocol):
+    """Where a token use gets its token, and what it needs around it.
 
-    On entry: the token is verified (nothing is used yet), then the ``started`` row is committed with
-    the verified facts, or with only what the token *claimed* when it failed (or :class:`AuditError`
-    is raised and the token is not used); a :class:`TokenError` (including a reverse token past its
-    retention end by the database's clock) is then audited as ``denied`` and re-raised. On exit: ``failed`` if an exception escaped, else ``success`` unless
-    :meth:`succeed` already recorded it (typically inside the data's own transaction).
+    Implemented by the Airflow hook (:class:`~pseudonymise.hooks.PseudonymisationTokenHook`), the CLI's
+    file/environment source, and :class:`GivenToken`. A method that cannot give what it is asked for
+    raises a :class:`TokenError` (a retryable one when a service could not be reached); its message
+    never carries the token.
     """
 
-    def __init__(self, audit: AuditLog, operation: str, raw_token: str | None, keys: TrustedKeys, *,
-                 kind: str | None, project: str | None = None, source: str | None = None,
-                 target: str | None = None, columns: Sequence[str] | None = None,
-                 context: Mapping[str, Any] | None = None,
-                 on_finished: Callable[[AuditLog], None] | None = None) -> None:
-        """:param on_finished: called with the audit log once the use's ``finished`` row is committed (for
-            instance to write a signed checkpoint of the chain's head); not called for a crashed use."""
+    @property
+    def project(self) -> str | None:
+        """The project the token must belong to; ``None`` accepts any project."""
+        ...
+
+    def get_token(self) -> str:
+        """The raw token, stripped."""
+        ...
+
+    def get_trusted_keys(self) -> TrustedKeys:
+        """The issuer public keys that verify the token."""
+        ...
+
+    def get_mac_service(self, token: Token) -> TransitMac | None:
+        """The Vault Transit client that computes the MACs of ``token`` when its key is held there
+        (``key_ref``); ``None`` when the token carries its key."""
+        ...
+
+    def mask(self, secret: str) -> None:
+        """Hide ``secret`` (one of :func:`~pseudonymise.core.tokens.secret_parts` of the token) from every log."""
+        ...
+
+
+@dataclass(frozen=True, repr=False)
+class GivenToken:
+    """A token already in hand (tests, benchmarks, code that drives the core directly).
+
+    :param raw: the token.
+    :param keys: the issuer keys that verify it.
+    :param project: the project it must belong to (default: any).
+    :param transit: the Vault client of a token whose key is held in Vault Transit; ``None`` for a token
+        that carries its key.
+    """
+
+    raw: str
+    keys: TrustedKeys
+    project: str | None = None
+    transit: Any = None
+
+    def get_token(self) -> str:
+        return self.raw.strip()
+
+    def get_trusted_keys(self) -> TrustedKeys:
+        return self.keys
+
+    def get_mac_service(self, token: Token) -> TransitMac | None:
+        if token.key_ref is None or self.transit is None:
+            return None
+        from pseudonymise.core.transit import TransitMac
+
+        return TransitMac(self.transit, token.key_ref["mount"], token.key_ref["name"], key_version=token.key_version)
+
+    def mask(self, secret: str) -> None:
+        """Nothing to do: no log masker outside Airflow."""
+
+    def __repr__(self) -> str:
+        return f"GivenToken(fingerprint={fingerprint(self.raw.strip())!r}, project={self.project!r})"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Who runs a token use, where and when, as the audit records it; checked once.
+
+    :param dag_id: the DAG of the task (``None`` outside Airflow); ``task_id``, ``run_id``, ``map_index``
+        (``-1`` for a task that is not mapped) and ``try_number`` likewise.
+    :param logical_date: the run's logical date; ``data_interval_start`` and ``data_interval_end`` its
+        data interval (aware datetimes, or ISO 8601 text).
+    :param triggered_by: the user who triggered the run or made the call.
+    :param host: the machine that ran the use (default: this one's name, as the audit finds it).
+    :param on_finished: called with the audit log after the use's ``finished`` row is committed, e.g. to
+        write a signed checkpoint of the audit (DESIGN §6.1); not called for a crashed use.
+    """
+
+    dag_id: str | None = None
+    task_id: str | None = None
+    run_id: str | None = None
+    map_index: int | None = None
+    try_number: int | None = None
+    logical_date: datetime | str | None = None
+    data_interval_start: datetime | str | None = None
+    data_interval_end: datetime | str | None = None
+    triggered_by: str | None = None
+    host: str | None = None
+    on_finished: Callable[[AuditLog], None] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name == "on_finished":
+                continue
+            if f.name in ("map_index", "try_number"):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif f.name in ("logical_date", "data_interval_start", "data_interval_end"):
+                ok = isinstance(value, (datetime, str))
+            else:
+                ok = isinstance(value, str)
+            if not ok:
+                raise TypeError(f"RunContext.{f.name} cannot be a {type(value).__name__}")
+        if self.on_finished is not None and not callable(self.on_finished):
+            raise TypeError("RunContext.on_finished must be callable")
+
+    def audit_fields(self) -> dict[str, Any]:
+        """The context columns of the use's audit rows (the audit schema's context fields, DESIGN §6)."""
+        return {name: getattr(self, name) for name in CONTEXT_FIELDS}
+
+
+class TokenUse:
+    """Context manager around one use of the token of ``tokens`` for ``operation``.
+
+    On entry: the token and the trusted keys are read from ``tokens`` and every secret part of the
+    token is masked; a source that cannot produce them (no such connection, Vault down, no token) is
+    audited as a ``denied`` use (``started`` then ``finished``) and its :class:`TokenError` raised.
+    Then the token is verified (nothing is used yet), the ``started`` row is committed with the
+    verified facts, or with only what the token *claimed* when it failed (or :class:`AuditError`
+    is raised and the token is not used); a :class:`TokenError` (including a reverse token past its
+    retention end by the database's clock) is then audited as ``denied`` and re-raised. On exit:
+    ``failed`` if an exception escaped, else ``success`` unless :meth:`succeed` already recorded it
+    (typically inside the data's own transaction).
+    """
+
+    def __init__(self, audit: AuditLog, operation: str, tokens: TokenSource, *, kind: str | None,
+                 source: str | None = None, target: str | None = None, columns: Sequence[str] | None = None,
+                 run: RunContext | None = None) -> None:
+        """:param kind: the kind of token the operation needs (``None``: any).
+        :param source: what the use reads, as the audit names it (``hospital_db:query``, ``file:in.csv`` …);
+            ``target`` what it writes; ``columns`` the columns it works on.
+        :param run: who runs the use and when; its ``on_finished`` is called once the use's ``finished``
+            row is committed."""
         self.audit = audit
-        self.on_finished = on_finished
-        self.raw = raw_token
-        self.keys = keys
+        self.tokens = tokens
         self.kind = kind
-        self.project = project
-        self.use = AuditUse(
-            operation=operation,
-            project=project,
-            # of the stripped token, as Token.fingerprint and `token inspect` show it: a fact about the
-            # string presented, whatever it claims
-            token_fingerprint=fingerprint(raw_token.strip()) if raw_token else None,
-            source=source,
-            target=target,
-            columns=columns,
-            context=dict(context or {}),
-        )
+        self.run = run or RunContext()
+        self.on_finished = self.run.on_finished
+        self.use = AuditUse(operation=operation, source=source, target=target, columns=columns,
+                            context=self.run.audit_fields())
         self.token: Token | None = None
         self.counts: dict[str, int] = {}
         self.details: dict[str, Any] = {}
@@ -77,40 +190,74 @@ class TokenUse:
     def use_id(self) -> str:
         return self.use.use_id
 
+    def mac_service(self) -> TransitMac | None:
+        """The Vault Transit client of the verified token whose key is held there; ``None`` if it carries its key."""
+        assert self.token is not None, "the use has not started"
+        return self.tokens.get_mac_service(self.token)
+
     def __enter__(self) -> TokenUse:
+        project = self._expected_project()
+        self.use.project = project
+        try:
+            raw, keys = self._read()
+        except TokenError as exc:
+            # A token that cannot even be read is still an attempted use (DESIGN §6).
+            self._deny(exc)
         denial: TokenError | None = None
         verified: Token | None = None
-        if self.raw is not None:
-            # Checked before the started row so that the row holds verified facts; a token that fails
-            # verification leaves only what it *claimed*, in the ``claimed`` column (DESIGN.md §6). The
-            # token is handed out (``self.token``) only once the started row is committed.
-            try:
-                verified = verify_token(self.raw, self.keys, kind=self.kind, project=self.project)
-            except TokenError as exc:
-                denial = exc
-                self.use.claimed = peek_claims(self.raw) or None
+        # of the stripped token, as Token.fingerprint and `token inspect` show it: a fact about the string
+        # presented, whatever it claims
+        self.use.token_fingerprint = fingerprint(raw) if raw else None
+        # Checked before the started row so that the row holds verified facts; a token that fails
+        # verification leaves only what it *claimed*, in the ``claimed`` column (DESIGN.md §6). The
+        # token is handed out (``self.token``) only once the started row is committed.
+        try:
+            verified = verify_token(raw, keys, kind=self.kind, project=project)
+        except TokenError as exc:
+            denial = exc
+            self.use.claimed = peek_claims(raw) or None
         if verified is not None:
             self._record_verified(verified)
         self.audit.start(self.use)
         if verified is not None and verified.kind == "reverse":
             denial = self._retention_on_database_clock(verified)
-        if denial is None:
-            self.token = verified
-        else:
-            self.audit.finish(self.use, "denied", error=denial)
-            self._finished = True
-            if self.on_finished is not None:
-                self.on_finished(self.audit)
+        if denial is not None:
+            self._finish_denied(denial)
             raise denial
+        self.token = verified
         return self
+
+    def _expected_project(self) -> str | None:
+        try:
+            return self.tokens.project
+        except PseudonymiseError:  # the source cannot be read at all: the read below says why
+            return None
+
+    def _read(self) -> tuple[str, TrustedKeys]:
+        """The raw token, masked in every log before anything else happens to it, and the trusted keys."""
+        raw = self.tokens.get_token()
+        for part in secret_parts(raw):
+            self.tokens.mask(part)
+        return raw, self.tokens.get_trusted_keys()
+
+    def _deny(self, error: TokenError) -> NoReturn:
+        self.audit.start(self.use)
+        self._finish_denied(error)
+        raise error
+
+    def _finish_denied(self, error: TokenError) -> None:
+        self.audit.finish(self.use, "denied", error=error)
+        self._finished = True
+        if self.on_finished is not None:
+            self.on_finished(self.audit)
 
     def _record_verified(self, token: Token) -> None:
         self.use.project = token.project
         self.use.token_jti = token.jti
         self.use.token_kind = token.kind
         self.use.token_issuer = token.issuer
-        self.use.token_expires_at = _instant(token.expires)
-        self.use.retention_until = _instant(token.retention_until)
+        self.use.token_expires_at = utc_seconds(token.expires)
+        self.use.retention_until = utc_seconds(token.retention_until)
 
     def _retention_on_database_clock(self, token: Token) -> TokenError | None:
         """Retention is judged by the audit database's clock, not the worker's (DESIGN.md §5.1): a worker
@@ -124,7 +271,7 @@ class TokenUse:
             ) from None
         if now >= token.retention_until:
             return RetentionEndedError(
-                f"project {token.project!r}'s retention ended at {_instant(token.retention_until)} by the database's "
+                f"project {token.project!r}'s retention ended at {utc_seconds(token.retention_until)} by the database's "
                 "clock; reversal is impossible for ever"
             )
         return None

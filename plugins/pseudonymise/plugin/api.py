@@ -2,7 +2,8 @@
 
 Each ``POST`` is one audited token use, run by the same flows as the operators and the CLI
 (:func:`run_pseudonymisation`, :func:`run_reversal`) on an in-memory batch, with the store on the
-audit connection. A ``POST`` is accepted only with ``Authorization: Bearer`` (never the UI cookie
+audit connection and the token read by :class:`~pseudonymise.hooks.PseudonymisationTokenHook` from a
+connection of type ``pseudonymise`` only. A ``POST`` is accepted only with ``Authorization: Bearer`` (never the UI cookie
 alone, see :func:`~pseudonymise.plugin.access.token_user`) and a body declared ``application/json``
 or ``text/csv`` (415 otherwise); CSV answers have formula cells neutralised. The token never leaves
 the connection that holds it: no response, error or log carries a token or a key, and originals
@@ -18,18 +19,19 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from pseudonymise.core.audit import AuditUse
-from pseudonymise.core.errors import AuditError, PseudonymiseError, TokenError
+from pseudonymise.core.audit import SCHEMA
+from pseudonymise.core.errors import AuditError, PseudonymiseError, RequestError, TokenError
 from pseudonymise.core.pipeline import RunSummary, Store, run_pseudonymisation, run_reversal
-from pseudonymise.core.pseudonymiser import ColumnPolicy
-from pseudonymise.hooks import PseudonymisationTokenHook, TokenUnavailableError
+from pseudonymise.core.plan import plan_transfer
+from pseudonymise.core.policy import ColumnPolicy
+from pseudonymise.core.use import RunContext
+from pseudonymise.hooks import PseudonymisationTokenHook
 from pseudonymise.plugin.access import DagScopeDep, ReadAudit, TokenUserDep, UseConnection, UseToken, user_name
 from pseudonymise.plugin.audit_store import ConfigDep, StoreDep, TrailFilterDep
 from pseudonymise.plugin.batch import (
     BODY_FORMATS,
-    BatchError,
     MemorySink,
     body_format,
     from_csv,
@@ -91,47 +93,21 @@ class BatchResponse(BaseModel):
     records: list[dict[str, Any]]
 
 
-class AuditRow(BaseModel):
-    seq: int
-    use_id: str
-    event: str
-    recorded_at: datetime
-    operation: str | None = None
-    outcome: str | None = None
-    project: str | None = None
-    token_jti: str | None = None
-    token_kind: str | None = None
-    token_fingerprint: str | None = None
-    token_issuer: str | None = None
-    token_expires_at: str | None = None
-    retention_until: str | None = None
-    dag_id: str | None = None
-    task_id: str | None = None
-    run_id: str | None = None
-    map_index: int | None = None
-    try_number: int | None = None
-    logical_date: str | None = None
-    data_interval_start: str | None = None
-    data_interval_end: str | None = None
-    triggered_by: str | None = None
-    host: str | None = None
-    source: str | None = None
-    target: str | None = None
-    columns: str | None = None
-    rows_in: int | None = None
-    rows_out: int | None = None
-    rows_null: int | None = None
-    values_pseudonymised: int | None = None
-    escrow_rows: int | None = None
-    error_class: str | None = None
-    error_message: str | None = None
-    details: str | None = None
-    claimed: str | None = Field(None, description="JSON of what a token that failed verification claimed (jti, sub, "
-                                                  "kind, iss): unverified, never in the token_* columns.")
-    db_role: str | None = Field(None, description="The database role that appended the row, set by the server "
-                                                  "(PostgreSQL).")
-    prev_hash: str
-    row_hash: str
+def _audit_row_model() -> type[BaseModel]:
+    """The API's audit row, derived from the audit's one schema (:data:`pseudonymise.core.audit.SCHEMA`)."""
+    required = {"seq", "use_id", "event", "recorded_at"}
+    types: dict[str, Any] = {"id": int, "instant": datetime, "int": int, "text": str, "long_text": str}
+    fields: dict[str, Any] = {}
+    for column in SCHEMA:
+        kind = types[column.kind]
+        fields[column.name] = ((kind, Field(description=column.description)) if column.name in required
+                               else (kind | None, Field(None, description=column.description)))
+    fields["prev_hash"] = (str, Field(description="row_hash of the previous row (64 zeros for the first)."))
+    fields["row_hash"] = (str, Field(description="SHA-256 of prev_hash and the row's canonical JSON."))
+    return create_model("AuditRow", **fields)
+
+
+AuditRow = _audit_row_model()
 
 
 class AuditRowsResponse(BaseModel):
@@ -212,45 +188,8 @@ def _is_csv(request: Request) -> bool:
     """Whether the body is CSV (else JSON), as its Content-Type declares; 415 for any other type."""
     try:
         return body_format(request.headers.get("content-type")) == "csv"
-    except BatchError as exc:
+    except RequestError as exc:
         raise HTTPException(exc.status, str(exc), headers={"Accept-Post": ", ".join(BODY_FORMATS)}) from exc
-
-
-def _audit_refused(store: Store, operation: str, connection_id: str, who: str, exc: PseudonymiseError,
-                   project: str | None = None) -> None:
-    """A token that cannot even be read is still an attempted use: audit it as ``denied``."""
-    use = AuditUse(operation=operation, project=project, source=f"api:{connection_id}", target="api:response",
-                   context={"triggered_by": who})
-    store.audit.start(use)
-    store.audit.finish(use, "denied", error=exc)
-
-
-def _read_token(store: Store, operation: str, connection_id: str, who: str,
-                kind: str) -> tuple[PseudonymisationTokenHook, str, Any]:
-    hook = PseudonymisationTokenHook(connection_id)
-    try:
-        connection = hook.connection
-    except TokenUnavailableError as exc:
-        _audit_refused(store, operation, connection_id, who, exc)
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
-    if connection.conn_type != "pseudonymise":
-        # Never read, fingerprint or audit another kind of connection's password as if it were a token.
-        exc = TokenUnavailableError(f"connection {connection_id!r} is of type {connection.conn_type!r}; a {kind} "
-                                    "token must be held in a connection of type 'pseudonymise'")
-        _audit_refused(store, operation, connection_id, who, exc)
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc))
-    try:
-        return hook, hook.get_token(), hook.get_trusted_keys()
-    except TokenError as exc:
-        _audit_refused(store, operation, connection_id, who, exc, project=_project_of(hook))
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
-
-
-def _project_of(hook: PseudonymisationTokenHook) -> str | None:
-    try:
-        return hook.project
-    except PseudonymiseError:
-        return None
 
 
 def _checkpoint_after_use(cfg: PluginConfig) -> Callable[[Any], None] | None:
@@ -265,12 +204,20 @@ def _checkpoint_after_use(cfg: PluginConfig) -> Callable[[Any], None] | None:
     return checkpoint_after_use(lambda audit: AuditSigningHook(conn_id).checkpointer(audit), log)
 
 
-def _run(run: Callable[[], RunSummary]) -> RunSummary:
+def _tokens(connection_id: str) -> PseudonymisationTokenHook:
+    """The token source of a call: the connection it names, read only when of type ``pseudonymise``."""
+    return PseudonymisationTokenHook(connection_id, require_conn_type=True)
+
+
+def _run(tokens: PseudonymisationTokenHook, run: Callable[[], RunSummary]) -> RunSummary:
     try:
         return run()
     except AuditError as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
-    except PseudonymiseError as exc:  # token, policy, data, escrow: audited by the flow as denied or failed
+    except TokenError as exc:  # audited by the flow as denied
+        code = status.HTTP_404_NOT_FOUND if tokens.connection_unreadable else status.HTTP_422_UNPROCESSABLE_CONTENT
+        raise HTTPException(code, str(exc)) from exc
+    except PseudonymiseError as exc:  # policy, data, escrow: audited by the flow as failed
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
 
 
@@ -283,11 +230,15 @@ def _respond(summary: RunSummary, sink: MemorySink, as_csv: bool) -> Any:
                          columns=sink.columns, counts=summary.counts, records=to_records(sink.columns, sink.rows))
 
 
-def _sink(holder: list[MemorySink]) -> Callable[[list[str], Any], MemorySink]:
-    def factory(columns: list[str], _conn: Any) -> MemorySink:
-        holder.append(MemorySink(columns))
-        return holder[-1]
-    return factory
+class _Answer:
+    """Where a call's output goes: the records of its answer, in memory."""
+
+    def __init__(self) -> None:
+        self.sink = MemorySink([])
+
+    def open(self, columns: list[str], conn: Any) -> MemorySink:
+        self.sink = MemorySink(columns)
+        return self.sink
 
 
 async def _pseudonymise(request: Request, connection_id: str, user: Any, cfg: PluginConfig, store: Store,
@@ -300,12 +251,12 @@ async def _pseudonymise(request: Request, connection_id: str, user: Any, cfg: Pl
         else:
             document = parse_json(body)
             if not isinstance(document, dict) or set(document) != {"policy", "records"}:
-                raise BatchError('the JSON body must be an object with exactly "policy" and "records"', 422)
+                raise RequestError('the JSON body must be an object with exactly "policy" and "records"', 422)
             if not isinstance(document["policy"], dict):
-                raise BatchError('"policy" must be a JSON object', 422)
+                raise RequestError('"policy" must be a JSON object', 422)
             policy_data, batch = document["policy"], from_records(document["records"], cfg.api_max_rows)
         policy = ColumnPolicy.from_mapping(policy_data)
-    except BatchError as exc:
+    except RequestError as exc:
         raise HTTPException(exc.status, str(exc)) from exc
     except PseudonymiseError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
@@ -313,14 +264,13 @@ async def _pseudonymise(request: Request, connection_id: str, user: Any, cfg: Pl
     who = user_name(user)
 
     def run() -> Any:
-        hook, raw, keys = _read_token(store, operation, connection_id, who, "secondary" if secondary else "pseudonymisation")
-        sinks: list[MemorySink] = []
-        summary = _run(lambda: run_pseudonymisation(
-            store, raw, keys, policy, batch, _sink(sinks), secondary=secondary, project=hook.project,
-            source_label=f"api:{connection_id}", target_label="api:response", context={"triggered_by": who},
-            on_finished=_checkpoint_after_use(cfg)))
+        tokens, answer = _tokens(connection_id), _Answer()
+        transfer = plan_transfer(batch, answer, policy, source_label=f"api:{connection_id}", target_label="api:response")
+        summary = _run(tokens, lambda: run_pseudonymisation(
+            store, tokens, policy, transfer, RunContext(triggered_by=who, on_finished=_checkpoint_after_use(cfg)),
+            secondary=secondary))
         log.info("%s through the API by %s: %d records; audit use %s", operation, who, len(batch), summary.use_id)
-        return _respond(summary, sinks[0], as_csv)
+        return _respond(summary, answer.sink, as_csv)
 
     return await run_in_threadpool(run)
 
@@ -379,27 +329,26 @@ async def reverse(request: Request, connection_id: str, user: TokenUserDep, cfg:
             document = parse_json(body)
             if not isinstance(document, dict) or not {"columns", "records"} <= set(document) <= {
                     "columns", "records", "require_all"}:
-                raise BatchError('the JSON body must be an object with "columns", "records" and optionally '
+                raise RequestError('the JSON body must be an object with "columns", "records" and optionally '
                                  '"require_all"', 422)
             wanted, require = document["columns"], document.get("require_all", False)
             if not isinstance(wanted, list) or not all(isinstance(c, str) for c in wanted) or not isinstance(require, bool):
-                raise BatchError('"columns" must be a list of field names and "require_all" true or false', 422)
+                raise RequestError('"columns" must be a list of field names and "require_all" true or false', 422)
             batch = from_records(document["records"], cfg.api_max_rows)
         if not wanted:
-            raise BatchError("name the columns that hold pseudonyms", 422)
-    except BatchError as exc:
+            raise RequestError("name the columns that hold pseudonyms", 422)
+    except RequestError as exc:
         raise HTTPException(exc.status, str(exc)) from exc
     who = user_name(user)
 
     def run() -> Any:
-        hook, raw, keys = _read_token(store, "reverse", connection_id, who, "reverse")
-        sinks: list[MemorySink] = []
-        summary = _run(lambda: run_reversal(
-            store, raw, keys, wanted, batch, _sink(sinks), project=hook.project, triggered_by=who,
-            source_label=f"api:{connection_id}", target_label="api:response", context={"triggered_by": who},
-            require_all=require, on_finished=_checkpoint_after_use(cfg)))
+        tokens, answer = _tokens(connection_id), _Answer()
+        transfer = plan_transfer(batch, answer, None, source_label=f"api:{connection_id}", target_label="api:response")
+        summary = _run(tokens, lambda: run_reversal(
+            store, tokens, wanted, transfer, RunContext(triggered_by=who, on_finished=_checkpoint_after_use(cfg)),
+            require_all=require))
         log.info("reverse through the API by %s: %d records; audit use %s", who, len(batch), summary.use_id)
-        return _respond(summary, sinks[0], as_csv)
+        return _respond(summary, answer.sink, as_csv)
 
     return await run_in_threadpool(run)
 

@@ -14,10 +14,10 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Query, status
 
-from pseudonymise.core.errors import PseudonymiseError
+from pseudonymise.core.errors import ConfigurationError, PseudonymiseError
 from pseudonymise.core.pipeline import Store
 from pseudonymise.hooks import SqlDataHook
-from pseudonymise.plugin.config import PluginConfig, PluginConfigError
+from pseudonymise.plugin.config import PluginConfig
 from pseudonymise.plugin.trail import USE_OUTCOMES, TrailFilter
 
 _stores: dict[tuple[str, str, str | None], Store] = {}
@@ -27,7 +27,7 @@ _lock = threading.Lock()
 def plugin_config() -> PluginConfig:
     try:
         return PluginConfig.load()
-    except PluginConfigError as exc:
+    except ConfigurationError as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
 
 

@@ -20,20 +20,14 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
+from pseudonymise.core.errors import RequestError
+
 #: The request bodies the API reads, by declared media type.
 BODY_FORMATS = {"application/json": "json", "text/csv": "csv"}
 #: A cell starting with one of these is a formula to a spreadsheet (OWASP, "CSV Injection").
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _PLAIN_NUMBER = re.compile(r"-[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 _MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
-
-
-class BatchError(ValueError):
-    """The request's records cannot be read; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class RecordBatch:
@@ -70,25 +64,25 @@ class MemorySink:
 
 def _check_size(count: int, max_rows: int) -> None:
     if count > max_rows:
-        raise BatchError(f"{count} records in one request; the limit is {max_rows} ([pseudonymise] api_max_rows): "
+        raise RequestError(f"{count} records in one request; the limit is {max_rows} ([pseudonymise] api_max_rows): "
                          "split the batch, or schedule a DAG for bulk data", 413)
 
 
 def _check_columns(columns: Sequence[str], what: str) -> None:
     if not columns:
-        raise BatchError(f"{what} has no columns")
+        raise RequestError(f"{what} has no columns")
     if any(not isinstance(c, str) or not c for c in columns) or len(set(columns)) != len(columns):
-        raise BatchError(f"{what} has empty or duplicate column names")
+        raise RequestError(f"{what} has empty or duplicate column names")
 
 
 def from_records(records: Any, max_rows: int) -> RecordBatch:
     """JSON records (a list of objects with the same fields) as a batch."""
     if not isinstance(records, list) or not records:
-        raise BatchError('"records" must be a non-empty list of JSON objects', 422)
+        raise RequestError('"records" must be a non-empty list of JSON objects', 422)
     _check_size(len(records), max_rows)
     if not all(isinstance(r, dict) for r in records):
         first = next(i for i, r in enumerate(records) if not isinstance(r, dict))
-        raise BatchError(f"record {first + 1} is not a JSON object", 422)
+        raise RequestError(f"record {first + 1} is not a JSON object", 422)
     columns = list(records[0])
     _check_columns(columns, "record 1")
     wanted = set(columns)
@@ -96,7 +90,7 @@ def from_records(records: Any, max_rows: int) -> RecordBatch:
     for i, record in enumerate(records):
         if record.keys() != wanted:
             missing, extra = sorted(wanted - record.keys()), sorted(record.keys() - wanted)
-            raise BatchError(
+            raise RequestError(
                 f"record {i + 1} has other fields than record 1 (missing: {', '.join(missing) or '-'}; "
                 f"extra: {', '.join(extra) or '-'}); every record needs the same fields", 422)
         rows.append([record[c] for c in columns])
@@ -108,26 +102,26 @@ def from_csv(body: bytes, max_rows: int) -> RecordBatch:
     try:
         text = body.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise BatchError(f"the CSV body is not valid UTF-8 (byte {exc.start}); send UTF-8") from exc
+        raise RequestError(f"the CSV body is not valid UTF-8 (byte {exc.start}); send UTF-8") from exc
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader, None)
         if header is None:
-            raise BatchError("the CSV body is empty; it needs a header row and at least one record")
+            raise RequestError("the CSV body is empty; it needs a header row and at least one record")
         _check_columns(header, "the CSV header")
         rows = []
         for row in reader:
             if not row:
                 continue
             if len(row) != len(header):
-                raise BatchError(f"CSV line {reader.line_num}: {len(row)} fields where the header has {len(header)}; "
+                raise RequestError(f"CSV line {reader.line_num}: {len(row)} fields where the header has {len(header)}; "
                                  "quote fields that contain commas or newlines")
             _check_size(len(rows) + 1, max_rows)
             rows.append([v if v != "" else None for v in row])
     except csv.Error as exc:
-        raise BatchError(f"CSV line {reader.line_num}: malformed CSV ({exc})") from exc
+        raise RequestError(f"CSV line {reader.line_num}: malformed CSV ({exc})") from exc
     if not rows:
-        raise BatchError("the CSV body has a header but no records")
+        raise RequestError("the CSV body has a header but no records")
     return RecordBatch(header, rows)
 
 
@@ -144,12 +138,12 @@ def body_format(content_type: str | None) -> str:
     if found is None:
         declared = (f"declared as {media!r}" if _MEDIA_TYPE.fullmatch(media) else
                     "declared as something else" if media else "not declared")
-        raise BatchError(f"the request body's Content-Type is {declared}; send it as 'application/json' (a JSON "
+        raise RequestError(f"the request body's Content-Type is {declared}; send it as 'application/json' (a JSON "
                          "object) or 'text/csv' (CSV with a header row), with that Content-Type header", 415)
     for parameter in parameters.split(";"):
         name, _, value = parameter.partition("=")
         if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
-            raise BatchError(f"the request body must be UTF-8; declare it as '{media}' or '{media}; charset=utf-8' "
+            raise RequestError(f"the request body must be UTF-8; declare it as '{media}' or '{media}; charset=utf-8' "
                              "and send UTF-8", 415)
     return found
 
@@ -159,7 +153,7 @@ def parse_json(body: bytes) -> Any:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:
         where = f" at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-        raise BatchError(f"the request body is not valid JSON{where}") from exc
+        raise RequestError(f"the request body is not valid JSON{where}") from exc
 
 
 def json_value(value: Any) -> Any:
@@ -215,12 +209,12 @@ def to_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def policy_from_query(text: str | None) -> Mapping[str, Any]:
     """The column policy of a CSV request, given as JSON in the ``policy`` query parameter."""
     if not text:
-        raise BatchError('a CSV request needs the column policy as JSON in the "policy" query parameter, '
+        raise RequestError('a CSV request needs the column policy as JSON in the "policy" query parameter, '
                          'for example policy={"patient_id": "pseudonymise", "name": "drop"}', 422)
     try:
         policy = json.loads(text)
     except ValueError as exc:
-        raise BatchError('the "policy" query parameter is not valid JSON', 422) from exc
+        raise RequestError('the "policy" query parameter is not valid JSON', 422) from exc
     if not isinstance(policy, dict):
-        raise BatchError('the "policy" query parameter must be a JSON object', 422)
+        raise RequestError('the "policy" query parameter must be a JSON object', 422)
     return policy

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pseudonymise.core.errors import ConfigurationError
+
 SECTION = "pseudonymise"
 
 #: Option name -> (default, description), also published as the provider's config section.
@@ -25,10 +27,6 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "api_allow_reversal": ("False", "Allow reversal through the HTTP API (audited with the calling user). "
                                     "Off by default: originals then only ever reach a target a DAG names."),
 }
-
-
-class PluginConfigError(ValueError):
-    """A ``[pseudonymise]`` option is missing or invalid; the message names the option."""
 
 
 @dataclass(frozen=True)
@@ -55,12 +53,12 @@ class PluginConfig:
             except ValueError:
                 value = minimum - 1
             if value < minimum:
-                raise PluginConfigError(f"[{SECTION}] {name} must be an integer of at least {minimum}")
+                raise ConfigurationError(f"[{SECTION}] {name} must be an integer of at least {minimum}")
             return value
 
         reversal = get("api_allow_reversal").lower()
         if reversal not in ("true", "false", "1", "0", "yes", "no", ""):
-            raise PluginConfigError(f"[{SECTION}] api_allow_reversal must be True or False")
+            raise ConfigurationError(f"[{SECTION}] api_allow_reversal must be True or False")
         return cls(
             audit_conn_id=get("audit_conn_id") or None,
             audit_table=get("audit_table") or OPTIONS["audit_table"][0],

@@ -1,4 +1,4 @@
-"""The write modes' interval lock (db.lock_interval) on PostgreSQL: overlapping intervals of one target
+"""The write modes' interval lock (locks.lock_interval) on PostgreSQL: overlapping intervals of one target
 wait for each other, adjacent or disjoint ones and other targets do not."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from pseudonymise.core.db import _coordinate, lock_interval, unlock_interval
+from pseudonymise.core.locks import _coordinate, lock_interval, unlock_interval
 
 pytestmark = pytest.mark.postgres
 

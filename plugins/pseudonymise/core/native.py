@@ -1,0 +1,190 @@
+"""The only door to the C engine (``_native.c``): typed column plans in, the plugin's own errors out.
+
+The extension is optional: where it was not built, or with ``PSEUDONYMISE_PURE_PYTHON=1``,
+:func:`available` is false and the callers use their pure-Python definitions, which give the same
+pseudonyms and escrow bytes. No other module imports ``pseudonymise.core._native``; its calling
+conventions (alphabet codes, a normaliser program, tuples per column) stay in this module, and
+what it raises (``ValueError``, ``RuntimeError``) becomes a :class:`~pseudonymise.core.errors.PseudonymiseError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+from pseudonymise.core.copytext import _pg_text
+from pseudonymise.core.errors import DataIOError, EscrowError, InvalidTextError, PolicyError
+from pseudonymise.core.formats import PseudonymFormat
+
+if TYPE_CHECKING:
+    from pseudonymise.core._native import Keyed
+
+try:
+    from pseudonymise.core import _native as _ext
+except ImportError:  # pragma: no cover - built with the package wherever a C compiler and libcrypto are
+    _ext = None  # type: ignore[assignment]
+if os.environ.get("PSEUDONYMISE_PURE_PYTHON") == "1":
+    _ext = None  # type: ignore[assignment]
+
+#: The C engine's code for each alphabet (``ALPHA_*`` in _native.c).
+ALPHABET_CODES = {"hex": 0, "base32": 1, "base64url": 2, "digits": 3}
+_ACTION_CODES = {"keep": 0, "drop": 1, "pseudonymise": 2}
+_ASCII_STEPS = {"strip": b"s", "lower": b"l", "casefold": b"l", "upper": b"u", "remove_whitespace": b"w"}
+
+
+def available() -> bool:
+    """Whether the C engine is in use (set ``PSEUDONYMISE_PURE_PYTHON=1`` to run without it)."""
+    return _ext is not None
+
+
+def _engine() -> ModuleType:
+    if _ext is None:
+        raise RuntimeError("the C engine is not available here; ask native.available() first")
+    return _ext
+
+
+def keyed(key: bytes, label: bytes) -> Keyed:
+    """HMAC-SHA256(key, label + message) with the inner and outer states computed once, in C."""
+    return _engine().Keyed(key, label)  # type: ignore[no-any-return]
+
+
+def ascii_program(names: Sequence[str]) -> bytes:
+    """A column's normalisers as the C engine's program for ASCII values (``ascii_normalise`` in _native.c):
+    on ASCII text, casefold is lower and only ASCII characters can be removed. The names are the
+    policy's, already checked (``remove:<characters>`` or one of the simple ones)."""
+    program = b""
+    for name in names:
+        if name in _ASCII_STEPS:
+            program += _ASCII_STEPS[name]
+        else:
+            chars = bytes(sorted({ord(c) for c in name[len("remove:"):] if ord(c) < 128}))
+            program += b"r" + bytes([len(chars)]) + chars
+    return program
+
+
+@dataclass(frozen=True)
+class ColumnPlan:
+    """What the C engine does with one field of a COPY row.
+
+    ``keep`` copies the field as it is, ``drop`` leaves it out. ``pseudonymise`` unescapes the value,
+    runs ``program`` (ASCII values) or ``canonical`` (the others: UTF-8 in, canonical bytes out),
+    HMACs it with ``keyed`` (``None``: 32 random bytes, the randomised treatment) and writes it in
+    ``format``; ``collect`` keeps every value's canonical bytes (for escrow), and ``check`` counts the
+    values not written in that format (secondary input).
+    """
+
+    action: Literal["keep", "drop", "pseudonymise"]
+    format: PseudonymFormat | None = None
+    keyed: Keyed | None = None
+    collect: bool = False
+    canonical: Callable[[bytes], bytes] | None = None
+    program: bytes = b""
+    check: PseudonymFormat | None = None
+
+    def __post_init__(self) -> None:
+        if self.action not in _ACTION_CODES or (self.action == "pseudonymise") != (self.format is not None):
+            raise ValueError("a column plan is keep, drop, or pseudonymise with a format")
+
+    @classmethod
+    def pseudonymise(cls, fmt: PseudonymFormat, keyed: Keyed | None, *, collect: bool = False,
+                     canonical: Callable[[bytes], bytes] | None = None, program: bytes = b"",
+                     check: PseudonymFormat | None = None) -> ColumnPlan:
+        return cls("pseudonymise", fmt, keyed, collect, canonical, program, check)
+
+    def _entry(self) -> tuple[object, ...]:
+        """The extension's tuple: (action, keyed, alphabet, length, COPY-escaped prefix, collect, callback,
+        program[, check])."""
+        fmt = self.format
+        if fmt is None:
+            return (_ACTION_CODES[self.action], None, 0, 0, "", False, None, b"")
+        check = None if self.check is None else (
+            ALPHABET_CODES[self.check.alphabet], self.check.length, self.check.prefix.encode("utf-8"))
+        return (_ACTION_CODES[self.action], self.keyed, ALPHABET_CODES[fmt.alphabet], fmt.length, _pg_text(fmt.prefix),
+                self.collect, self.canonical, self.program, check)
+
+
+KEEP = ColumnPlan("keep")
+DROP = ColumnPlan("drop")
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """The :class:`ColumnPlan` of every field of a row, made once per set of source columns."""
+
+    columns: tuple[ColumnPlan, ...]
+    _entries: list[tuple[object, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.columns:
+            raise ValueError("a block plan needs at least one column")
+        object.__setattr__(self, "_entries", [c._entry() for c in self.columns])
+
+
+class ColumnResult(NamedTuple):
+    """One pseudonymised column of a block: its MACs (32 bytes each, non-NULL values in row order), how many
+    NULLs, the canonical bytes one after the other and their end offsets (native-endian uint64; ``None``
+    unless collected), and how many values failed the column's check."""
+
+    macs: bytes
+    nulls: int
+    canonicals: bytes | None
+    ends: bytes | None
+    mismatched: int
+
+
+class BlockResult(NamedTuple):
+    """A block through the C engine: the output rows in COPY text, their count, and one
+    :class:`ColumnResult` per pseudonymised column, in order."""
+
+    data: bytes
+    rows: int
+    columns: list[ColumnResult]
+
+
+def copy_block(data: bytes, plan: BlockPlan) -> BlockResult:
+    """Rows of COPY text through the C engine, as ``plan`` says for each field.
+
+    Text that is not UTF-8 becomes :class:`InvalidTextError`; rows the engine cannot read (a row
+    with another number of fields, a block not ending with a whole row) :class:`DataIOError`.
+    """
+    try:
+        out, rows, results = _engine().copy_block(data, plan._entries)
+    except UnicodeError as exc:
+        raise InvalidTextError(
+            "a pseudonymised column holds text that is not valid UTF-8; fix the source encoding"
+        ) from exc
+    except ValueError as exc:
+        raise DataIOError(f"the source's COPY text could not be read: {exc}") from exc
+    return BlockResult(out, rows, [ColumnResult(*r) for r in results])
+
+
+def encode(macs: bytes, fmt: PseudonymFormat) -> bytes:
+    """The pseudonyms of ``macs`` (32 bytes each) in ``fmt``, one after the other, as UTF-8."""
+    try:
+        return _engine().encode(macs, ALPHABET_CODES[fmt.alphabet], fmt.length, fmt.prefix.encode("utf-8"))  # type: ignore[no-any-return]
+    except ValueError as exc:
+        raise PolicyError(f"the C engine cannot encode pseudonyms in {fmt.alphabet} of length {fmt.length}") from exc
+
+
+def seal_rows(dek: bytes, *, ad_prefix: bytes, plain_prefix: bytes, pseudonyms: bytes, width: int, canonicals: bytes,
+              ends: bytes, row_start: bytes, row_middle: bytes, row_end: bytes, ad_suffix: bytes = b"") -> bytes:
+    """Escrow rows in COPY text, value ``i`` sealed with AES-256-GCM under ``dek`` (nonce ``i``, 96-bit big-endian;
+    plaintext ``plain_prefix + canonical``; associated data ``ad_prefix + pseudonym + ad_suffix``) and written as
+    ``row_start pseudonym row_middle \\\\x<nonce> TAB \\\\x<ciphertext and tag> row_end``.
+
+    ``pseudonyms`` holds n pseudonyms of ``width`` bytes (needing no COPY escaping), ``canonicals`` their values
+    one after the other, ``ends`` the n + 1 offsets (native-endian uint64). Anything else, or OpenSSL failing,
+    is an :class:`EscrowError`.
+    """
+    try:
+        return _engine().seal_rows(dek, ad_prefix, plain_prefix, pseudonyms, width, canonicals, ends,  # type: ignore[no-any-return]
+                                   row_start, row_middle, row_end, ad_suffix)
+    except (ValueError, RuntimeError) as exc:
+        raise EscrowError(f"the C engine could not seal escrow rows: {exc}") from exc
+
+
+__all__ = ["ALPHABET_CODES", "DROP", "KEEP", "BlockPlan", "BlockResult", "ColumnPlan", "ColumnResult", "ascii_program", "available",
+           "copy_block", "encode", "keyed", "seal_rows"]

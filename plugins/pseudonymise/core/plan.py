@@ -1,0 +1,258 @@
+"""The transfer planner: where a run reads and writes, and by which path, decided once before the token is used.
+
+:func:`plan_transfer` takes what the caller names (a SQL query or an open :class:`Source`; a table
+in a database or any other :class:`Destination`) and the column policy, and returns a
+:class:`Transfer`: the opened source, how its batches travel and how to open the sink. PostgreSQL to
+PostgreSQL goes by COPY both ways, unless the pseudonymised columns have types whose COPY text is not
+their canonical form; then, with the C engine and the key at hand, the engine works on whole blocks
+of COPY text (no Python object per row). Everything else takes the generic path: columns of Python
+values, written with ``INSERT`` (or COPY into a PostgreSQL table).
+
+Where a table's transaction commits is explicit too: in the audit store's own transaction
+(:class:`SharedTransaction`, the default, so rows and the audit's ``finished`` row commit together)
+or in its own (:class:`SeparateTransaction`, another database).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy.engine import Connection, Engine
+
+from pseudonymise.core import native
+from pseudonymise.core.copytext import CopyBlock
+from pseudonymise.core.errors import PolicyError
+from pseudonymise.core.files import open_sink
+from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableSink, TableTarget
+
+if TYPE_CHECKING:
+    from pseudonymise.core.policy import ColumnPolicy
+
+_log = logging.getLogger(__name__)
+
+
+class Source(Protocol):
+    """Rows to read, in batches of columns (a mapping of column name to values)."""
+
+    columns: list[str]
+
+    def batches(self) -> Iterator[dict[str, list[Any]]]: ...
+
+
+class Sink(Protocol):
+    """Where output goes. ``commit`` is called inside the store's transaction, just before the
+    audit ``finished`` row: a sink on the store's own connection commits with it; a file is
+    renamed into place (and removed again by ``abort`` if the audit then fails to commit)."""
+
+    def write(self, batch: Any) -> None: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class Destination(Protocol):
+    """Where a run writes, opened once the output columns are known, with the store's open transaction."""
+
+    def open(self, columns: list[str], conn: Connection) -> Sink: ...
+
+
+# --- what the caller names ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuerySource:
+    """A SQL query to read (``:name`` bind ``parameters``), by COPY or a server-side cursor as planned.
+
+    :param label: how errors name the source (``table:visits``, ``query``).
+    """
+
+    engine: Engine
+    query: str
+    parameters: Mapping[str, Any] | None = None
+    batch_size: int = 50_000
+    label: str = "query"
+
+
+@dataclass(frozen=True)
+class SharedTransaction:
+    """The target is in the audit store's database and is written in the store's transaction: the rows,
+    the escrow and the audit's ``finished`` row commit together, or none of them (DESIGN §6).
+
+    :param engine: the store's engine (the target's database).
+    """
+
+    engine: Engine
+
+
+@dataclass(frozen=True)
+class SeparateTransaction:
+    """The target is in another database than the audit's: its own transaction commits just before the
+    audit's ``finished`` row, so a crash in between leaves rows whose use shows ``started`` without
+    ``finished``, never an audited success without its rows.
+
+    :param engine: the target's engine.
+    """
+
+    engine: Engine
+
+
+@dataclass(frozen=True)
+class TableDestination:
+    """A table and the transaction it is written in."""
+
+    target: TableTarget
+    transaction: SharedTransaction | SeparateTransaction
+
+    @property
+    def engine(self) -> Engine:
+        return self.transaction.engine
+
+
+@dataclass(frozen=True)
+class SinkFactory:
+    """A destination opened by a function of the output columns and the store's open transaction
+    (a custom sink, or one in tests): ``SinkFactory(lambda columns, conn: MemorySink(columns))``.
+
+    :param copy_text: the sink's ``write`` takes :class:`~pseudonymise.core.copytext.CopyBlock` rows of
+        COPY text too (a PostgreSQL COPY sink), so a COPY source's blocks may go to it as they are.
+    """
+
+    open: Callable[[list[str], Connection], Sink]
+    copy_text: bool = False
+
+
+@dataclass(frozen=True)
+class FileDestination:
+    """A CSV or Parquet file, written atomically (renamed into place when the run commits).
+
+    :param fmt: ``csv`` or ``parquet`` (default: from the extension).
+    """
+
+    path: str
+    fmt: str | None = None
+
+    def open(self, columns: list[str], conn: Connection) -> Sink:
+        return open_sink(self.path, columns, self.fmt)
+
+
+# --- the plan -----------------------------------------------------------------------------------
+class _SeparateTransactionSink:
+    """A table sink in a database other than the audit's: it commits its own transaction first, so a
+    crash can leave data whose audit use shows ``started`` without ``finished``, never the reverse."""
+
+    def __init__(self, engine: Engine, target: TableTarget, columns: list[str], **options: Any) -> None:
+        self._conn = engine.connect()
+        try:
+            self._txn = self._conn.begin()
+            self._sink = target.sink(self._conn, columns, **options)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def write(self, batch: Any) -> None:
+        self._sink.write(batch)
+
+    def commit(self) -> None:
+        self._sink.commit()
+        self._txn.commit()
+        self._conn.close()
+
+    def abort(self) -> None:
+        if self._txn.is_active:
+            self._txn.rollback()
+        self._conn.close()
+
+
+@dataclass
+class Transfer:
+    """A planned transfer: the open source, the path its batches take, and how the sink opens.
+
+    :ivar copy_text: the source yields COPY text and the target takes it (PostgreSQL COPY both ways).
+    :ivar native_blocks: on that path, the C engine pseudonymises whole blocks of COPY text, when the
+        token's key is at hand (not in Vault Transit).
+    :ivar source_label: what the audit names as the source (``hospital_db:query``, ``file:in.csv`` …);
+        ``target_label`` likewise.
+    """
+
+    source: Source
+    destination: Destination | TableDestination
+    copy_text: bool = False
+    native_blocks: bool = False
+    type_names: Mapping[str, str] | None = None
+    pseudonymised: Sequence[str] = ()
+    use_copy: bool | None = None
+    source_label: str | None = None
+    target_label: str | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.source.columns)
+
+    def batches(self, *, key_at_hand: bool) -> Iterator[Any]:
+        """The source's batches: blocks of COPY text for the C engine on the planned block path (and
+        ``key_at_hand``: Vault Transit computes MACs one batch of values at a time), else columns."""
+        if self.native_blocks and key_at_hand:
+            assert isinstance(self.source, PostgresCopySource)
+            blocks: Iterator[CopyBlock] = self.source.copy_blocks()
+            return blocks
+        return self.source.batches()
+
+    def open_sink(self, columns: list[str], conn: Connection) -> Sink:
+        """The sink for the output ``columns``; ``conn`` is the store's open transaction."""
+        destination = self.destination
+        if not isinstance(destination, TableDestination):
+            return destination.open(columns, conn)
+        options: dict[str, Any] = {"use_copy": True if self.copy_text else False if self.use_copy is False else None,
+                                   "pseudonymised": self.pseudonymised, "type_names": self.type_names}
+        if isinstance(destination.transaction, SharedTransaction):
+            sink: TableSink = destination.target.sink(conn, columns, **options)
+            return sink
+        return _SeparateTransactionSink(destination.engine, destination.target, columns, **options)
+
+
+def plan_transfer(source: QuerySource | Source, destination: Destination | TableDestination,
+                  policy: ColumnPolicy | None = None, *, use_copy: bool | None = None,
+                  source_label: str | None = None, target_label: str | None = None) -> Transfer:
+    """Open ``source`` and decide how a run moves it into ``destination``, once.
+
+    :param policy: the column policy of a pseudonymisation (``None`` for a reversal): its pseudonymised
+        columns are checked for types that cannot be pseudonymised reliably before anything is read, and
+        decide whether COPY text can carry them.
+    :param use_copy: ``False`` keeps PostgreSQL off COPY (cursor reads, ``INSERT`` writes); default: COPY
+        wherever both ends are PostgreSQL.
+    """
+    pseudonymised = list(policy.pseudonymised_columns) if policy is not None else []
+    if isinstance(destination, TableDestination):
+        takes_copy = use_copy is not False and destination.engine.dialect.name == "postgresql"
+    else:
+        takes_copy = isinstance(destination, SinkFactory) and destination.copy_text
+    opened = (_open_query(source, pseudonymised, takes_copy and source.engine.dialect.name == "postgresql")
+              if isinstance(source, QuerySource) else source)
+    copy_text = takes_copy and isinstance(opened, PostgresCopySource)
+    return Transfer(
+        opened, destination, copy_text=copy_text,
+        native_blocks=copy_text and policy is not None and native.available() and _writes_a_column(policy, opened.columns),
+        type_names=opened.type_names if isinstance(opened, PostgresCopySource) else None,
+        pseudonymised=pseudonymised, use_copy=use_copy, source_label=source_label, target_label=target_label)
+
+
+def _open_query(query: QuerySource, pseudonymised: Sequence[str], copy_wanted: bool) -> Source:
+    if copy_wanted:
+        copy_source = PostgresCopySource(query.engine, query.query, query.parameters, query.batch_size, query.label)
+        copy_source.check_types(pseudonymised)
+        if copy_source.usable(pseudonymised):
+            # the target is written with COPY too: what is not pseudonymised stays COPY text
+            copy_source.carry_as_text([c for c in copy_source.columns if c not in pseudonymised])
+            return copy_source
+        _log.info("pseudonymised columns have types COPY text cannot carry canonically; using the cursor path")
+    sql_source = SqlSource(query.engine, query.query, query.parameters, query.batch_size, query.label)
+    sql_source.check_types(pseudonymised)
+    return sql_source
+
+
+def _writes_a_column(policy: ColumnPolicy, columns: Sequence[str]) -> bool:
+    """Whether the policy keeps or pseudonymises any of ``columns`` (a block of nothing is no block)."""
+    try:
+        return any(rule.action != "drop" for rule in policy.plan(columns))
+    except PolicyError:  # the engine names the problem inside the audited use
+        return False
