@@ -21,6 +21,8 @@ from pseudonymise.core.issuer import Issuer
 
 from tests.tampering import make_uses, rewrite_without, truncate
 
+pytestmark = pytest.mark.slow
+
 
 def run(*args: str | Path, cwd: Path, env: dict[str, str] | None = None, expect: int | None = 0,
         secrets_: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.sql import PostgresCopySource, TableTarget
 from pseudonymise.core.use import GivenToken, RunContext
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
 def _task(url: str, token: str, jwks: dict[str, Any], lo: int, hi: int, mode: str, queue: Any) -> None:
@@ -68,7 +68,6 @@ def _run_all(url: str, issuer: Issuer, ranges: list[tuple[int, int]], mode: str)
     return results
 
 
-@pytest.mark.slow
 def test_eight_concurrent_range_tasks(pg_url: str, issuer: Issuer) -> None:
     _source(pg_url, 8000)
     results = _run_all(pg_url, issuer, [(i * 1000, (i + 1) * 1000) for i in range(8)], "range")

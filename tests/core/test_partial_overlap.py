@@ -22,7 +22,7 @@ from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.sql import PostgresCopySource, TableTarget
 from pseudonymise.core.use import GivenToken, RunContext
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 GATE_KEY = 0x50530002  # held by the test: every writer stops after its rows, transaction open
 
 

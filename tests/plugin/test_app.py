@@ -51,6 +51,7 @@ CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
     (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if p not in ("/api/v1/audit/verify", "/api/v1/tokens")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "path", "mode"), CASES,
                          ids=[f"{m} {p} {'valid' if g == GenerationMode.POSITIVE else 'invalid'}" for m, p, g in CASES])
 def test_generated_requests(api: Api, audit_db: AuditDb, token_connections: TokenConnections, allow_reversal: None,
