@@ -738,14 +738,7 @@ $fn$"""
         out = []
         with self.engine.connect() as conn:
             for row in conn.execute(sa.select(self.table).order_by(self.table.c.seq)).mappings():
-                where = f"table {self.table.fullname} row {row['seq']}"
-                try:
-                    cp = self._signed(row)
-                except CheckpointFormatError as exc:
-                    out.append(WitnessEntry(where, None, str(exc)))
-                    continue
-                if audit_id is None or cp.audit_id == audit_id:
-                    out.append(WitnessEntry(where, cp))
+                _collect(out, f"table {self.table.fullname} row {row['seq']}", lambda r=row: self._signed(r), audit_id)
         return out
 
     def latest_trusted(self, audit_id: str, trusted: Callable[[SignedCheckpoint], bool]) -> SignedCheckpoint | None:
@@ -765,6 +758,17 @@ $fn$"""
 
 
 # --- witnesses ----------------------------------------------------------------------------------
+def _collect(out: list[Any], where: str, parse: Callable[[], SignedCheckpoint], audit_id: str | None) -> None:
+    """Append the checkpoint ``parse`` reads at ``where`` (or why it is not one) when it is of ``audit_id``."""
+    try:
+        checkpoint = parse()
+    except CheckpointFormatError as exc:
+        out.append(WitnessEntry(where, None, str(exc)))
+        return
+    if audit_id is None or checkpoint.audit_id == audit_id:
+        out.append(WitnessEntry(where, checkpoint))
+
+
 @dataclass(frozen=True)
 class WitnessEntry:
     """One entry of a witness: a checkpoint, or why the entry is not one."""
@@ -867,14 +871,7 @@ class FileWitness:
                 for number, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
-                    where = f"{self.name} line {number}"
-                    try:
-                        cp = SignedCheckpoint.from_json(line)
-                    except CheckpointFormatError as exc:
-                        out.append(WitnessEntry(where, None, str(exc)))
-                        continue
-                    if audit_id is None or cp.audit_id == audit_id:
-                        out.append(WitnessEntry(where, cp))
+                    _collect(out, f"{self.name} line {number}", lambda t=line: SignedCheckpoint.from_json(t), audit_id)
         except FileNotFoundError:
             return []
         except OSError as exc:
