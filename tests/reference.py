@@ -13,11 +13,13 @@ import hmac
 import json
 import unicodedata
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 LABEL = b"pseudonymise/v1\x00"
 SECONDARY_LABEL = b"pseudonymise/v1/secondary\x00"
 SECONDARY_KEY_INFO = b"pseudonymise/v1/secondary-key\x00"
+VECTORS = Path(__file__).resolve().parent / "vectors"
 
 
 def b64url_decode(text: str) -> bytes:
@@ -98,3 +100,17 @@ def token_pseudonyms(raw_token: str, values: Iterable[str | int | bool | bytes |
     if c["kind"] == "secondary":
         return [None if v is None else secondary_pseudonym(key, str(v), **options) for v in values]
     return [None if v is None else pseudonym(key, v, domain=domain, **options) for v in values]
+
+
+def rfc4231_cases() -> list[dict[str, bytes]]:
+    """The published HMAC-SHA256 vectors of RFC 4231 (tests/vectors/rfc-4231-sha256.txt), as Key/Msg/MD bytes."""
+    cases: list[dict[str, bytes]] = []
+    current: dict[str, bytes] = {}
+    for line in (VECTORS / "rfc-4231-sha256.txt").read_text().splitlines():
+        name, sep, value = line.partition(" = ")
+        if sep and name in ("Key", "Msg", "MD"):
+            current[name] = bytes.fromhex(value.strip())
+            if name == "MD":
+                cases.append(current)
+                current = {}
+    return cases

@@ -226,7 +226,7 @@ def cmd_project_create(args: argparse.Namespace) -> int:
         vault = VaultClient.from_environment()
         if vault is None:
             raise IssuerError("--custody transit needs VAULT_ADDR and VAULT_TOKEN in the environment")
-        transit_client = vault.hvac
+        transit_client = vault
     issuer = Issuer(open_store(args.store), transit_client=transit_client)
     retention_until = parse_instant(args.retention_until) if args.retention_until else None
     project = issuer.create_project(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,25 +26,10 @@ from pseudonymise.core.mac import (
 )
 
 from tests.core.conftest import Mint
-
-VECTORS = Path(__file__).resolve().parent.parent / "vectors"
-
+from tests.reference import rfc4231_cases
 
 # --- RFC 4231 -----------------------------------------------------------------------------------
-def _rfc4231_cases() -> list[dict[str, bytes]]:
-    cases: list[dict[str, bytes]] = []
-    current: dict[str, bytes] = {}
-    for line in (VECTORS / "rfc-4231-sha256.txt").read_text().splitlines():
-        name, sep, value = line.partition(" = ")
-        if sep and name in ("Key", "Msg", "MD"):
-            current[name] = bytes.fromhex(value.strip())
-            if name == "MD":
-                cases.append(current)
-                current = {}
-    return cases
-
-
-RFC4231 = _rfc4231_cases()
+RFC4231 = rfc4231_cases()
 
 
 def test_rfc4231_file_holds_every_sha256_case_but_truncation() -> None:

@@ -15,11 +15,11 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -43,7 +43,9 @@ from pseudonymise.core.tokens import (
     parse_instant,
     sign_claims,
 )
+from pseudonymise.core.vault import VaultCallError, VaultClient
 
+_T = TypeVar("_T")
 PROJECT_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}\Z")  # \Z: "$" would accept a trailing newline
 
 
@@ -97,46 +99,34 @@ class DirectoryStore:
 
 
 class VaultStore:
-    """HashiCorp Vault / OpenBao KV version 2, through ``hvac``: ``<mount>/<path>/<name>``."""
+    """HashiCorp Vault / OpenBao KV version 2 (through :class:`~pseudonymise.core.vault.VaultClient`):
+    ``<mount>/<path>/<name>``."""
 
     def __init__(self, url: str, token: str, mount: str = "secret", path: str = "pseudonymise",
                  namespace: str | None = None, timeout: float = 10.0) -> None:
-        import hvac  # optional dependency of the issuer only
-
         self.mount, self.base = mount, path.strip("/")
-        self.client = hvac.Client(url=url, token=token, namespace=namespace, timeout=timeout)
+        self.client = VaultClient.connect(url, token, namespace=namespace, timeout=timeout)
         self.url = url
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        import hvac.exceptions
-        import requests
-
+    def _call(self, what: str, call: Callable[[], _T]) -> _T:
         try:
-            return fn(*args, **kwargs)
-        except hvac.exceptions.InvalidPath:
-            return None
-        except hvac.exceptions.Forbidden as exc:
-            raise IssuerError(f"Vault at {self.url} refused to {what} (permission denied); check the Vault token's policy") from exc
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-            raise IssuerError(f"Vault at {self.url} is unreachable; check VAULT_ADDR and that the server is running") from exc
-        except hvac.exceptions.VaultError as exc:
-            raise IssuerError(f"Vault at {self.url} failed to {what} ({exc.__class__.__name__})") from exc
+            return call()
+        except VaultCallError as exc:
+            if exc.unreachable:
+                raise IssuerError(f"Vault at {self.url} is unreachable; check VAULT_ADDR and that the server is running") from None
+            if exc.cause == "Forbidden":
+                raise IssuerError(f"Vault at {self.url} refused to {what} (permission denied); check the Vault token's policy") from None
+            raise IssuerError(f"Vault at {self.url} failed to {what} ({exc.cause})") from None
 
     def read(self, name: str) -> dict[str, Any] | None:
-        kv = self.client.secrets.kv.v2
-        result = self._call(f"read {self.base}/{name}", kv.read_secret_version, path=f"{self.base}/{name}",
-                            mount_point=self.mount, raise_on_deleted_version=True)
-        return None if result is None else result["data"]["data"]
+        return self._call(f"read {self.base}/{name}", lambda: self.client.kv_version(self.mount, f"{self.base}/{name}"))
 
     def write(self, name: str, document: Mapping[str, Any]) -> None:
-        kv = self.client.secrets.kv.v2
-        self._call(f"write {self.base}/{name}", kv.create_or_update_secret, path=f"{self.base}/{name}",
-                   secret=dict(document), mount_point=self.mount)
+        self._call(f"write {self.base}/{name}", lambda: self.client.kv_write(self.mount, f"{self.base}/{name}", document))
 
     def names(self, prefix: str) -> list[str]:
-        kv = self.client.secrets.kv.v2
-        result = self._call(f"list {self.base}/{prefix}", kv.list_secrets, path=f"{self.base}/{prefix}", mount_point=self.mount)
-        return [] if result is None else sorted(f"{prefix}/{k}" for k in result["data"]["keys"] if not k.endswith("/"))
+        keys = self._call(f"list {self.base}/{prefix}", lambda: self.client.kv_list(self.mount, f"{self.base}/{prefix}"))
+        return sorted(f"{prefix}/{k}" for k in keys if not k.endswith("/"))
 
     def __str__(self) -> str:
         return f"vault:{self.url}/{self.mount}/{self.base}"
@@ -213,8 +203,8 @@ class Issuer:
     """Creates projects and issues signed tokens from a :class:`ProjectStore`."""
 
     def __init__(self, store: ProjectStore, transit_client: Any = None) -> None:
-        """:param transit_client: an ``hvac.Client`` for projects whose key lives in Vault Transit
-        (default: the store's own client when the store is Vault)."""
+        """:param transit_client: a :class:`~pseudonymise.core.vault.VaultClient` (or an ``hvac.Client``) for
+        projects whose key lives in Vault Transit (default: the store's own client when the store is Vault)."""
         self.store = store
         self.transit_client = transit_client or getattr(store, "client", None)
         doc = store.read("issuer")
@@ -269,8 +259,8 @@ class Issuer:
         transit = None
         if custody == "transit":
             transit = {"mount": transit_mount, "name": f"pseudonymise-{project_id}"}
-            self._transit("create the Transit key", lambda c: c.secrets.transit.create_key(
-                name=transit["name"], key_type="aes256-gcm96", exportable=False, mount_point=transit_mount))
+            self._transit("create the Transit key",
+                          lambda c: c.transit_create_key(transit_mount, transit["name"], "aes256-gcm96"))
         escrow = None
         if method == "reversible":
             escrow = X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
@@ -288,14 +278,22 @@ class Issuer:
     def projects(self) -> list[Project]:
         return [self.project(name.split("/", 1)[1]) for name in self.store.names("projects")]
 
-    def _transit(self, what: str, call: Any) -> Any:
-        if self.transit_client is None:
+    @property
+    def transit_client(self) -> VaultClient | None:
+        return self._transit_client
+
+    @transit_client.setter
+    def transit_client(self, client: Any) -> None:
+        self._transit_client = None if client is None else VaultClient.of(client)
+
+    def _transit(self, what: str, call: Callable[[VaultClient], None]) -> None:
+        if self._transit_client is None:
             raise IssuerError(f"cannot {what}: no Vault client; set VAULT_ADDR and VAULT_TOKEN")
         try:
-            return call(self.transit_client)
-        except Exception as exc:  # hvac/requests raise many types
-            raise IssuerError(f"cannot {what} in Vault ({exc.__class__.__name__}); check that the Transit engine "
-                              "is enabled and the Vault token may use it") from exc
+            call(self._transit_client)
+        except VaultCallError as exc:
+            raise IssuerError(f"cannot {what} in Vault ({exc.cause}); check that the Transit engine "
+                              "is enabled and the Vault token may use it") from None
 
     def rotate_key(self, project_id: str) -> Project:
         """Give the project a new pseudonymisation key (version + 1); earlier versions stay for re-keying.
@@ -305,8 +303,8 @@ class Issuer:
         """
         project = self.project(project_id)
         if project.transit:
-            self._transit("rotate the Transit key", lambda c: c.secrets.transit.rotate_key(
-                name=project.transit["name"], mount_point=project.transit["mount"]))
+            self._transit("rotate the Transit key",
+                          lambda c: c.transit_rotate_key(project.transit["mount"], project.transit["name"]))
         rotated = dataclasses.replace(
             project, key=secrets.token_bytes(32), key_version=project.key_version + 1,
             previous_keys={**project.previous_keys, project.key_version: project.key},

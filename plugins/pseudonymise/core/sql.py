@@ -426,11 +426,6 @@ class TableSink:
             self.conn.execute(sa.delete(t).where(cond))
         self._prepared = True
 
-    @property
-    def takes_copy_blocks(self) -> bool:
-        """Whether :meth:`write` takes :class:`CopyBlock` rows as well as columns (a COPY target)."""
-        return self.copy
-
     def write(self, batch: dict[str, list[Any]] | CopyBlock) -> None:
         if self.table is None:
             self._create(batch if isinstance(batch, dict) else {})

@@ -115,7 +115,11 @@ class VaultClient:
     def transit_create_key(self, mount: str, name: str, key_type: str) -> None:
         """Create the Transit key ``mount/name`` of ``key_type`` (never exportable)."""
         self._call(f"create an {key_type} key", lambda: self.hvac.secrets.transit.create_key(
-            name=name, key_type=key_type, mount_point=mount))
+            name=name, key_type=key_type, exportable=False, mount_point=mount))
+
+    def transit_rotate_key(self, mount: str, name: str) -> None:
+        """Give the Transit key ``mount/name`` a new version (earlier versions stay usable for verification)."""
+        self._call("rotate the key", lambda: self.hvac.secrets.transit.rotate_key(name=name, mount_point=mount))
 
     def transit_sign(self, mount: str, name: str, message: bytes) -> str:
         """Vault's signature of ``message`` with the Transit key ``mount/name``: ``vault:v<version>:<base64>``."""
@@ -143,6 +147,16 @@ class VaultClient:
         except VaultCallError as exc:
             if exc.missing:
                 return None
+            raise
+
+    def kv_list(self, mount: str, path: str) -> list[str]:
+        """The names under the KV v2 folder ``mount/path`` (sub-folders end with ``/``); empty if there is none."""
+        try:
+            return self._call("list", lambda: list(self.hvac.secrets.kv.v2.list_secrets(
+                path=path, mount_point=mount)["data"]["keys"]))
+        except VaultCallError as exc:
+            if exc.missing:
+                return []
             raise
 
     def kv_write(self, mount: str, path: str, secret: Mapping[str, Any], cas: int | None = None) -> None:
