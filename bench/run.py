@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 for _path in (ROOT, ROOT / "plugins"):  # this checkout's code, whatever is installed
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
+
+from bench import scaling  # noqa: E402 - after the path above
 
 RESULT = "BENCH-RESULT "
 LABEL = b"pseudonymise/v1\x00"
@@ -403,12 +406,45 @@ class Bench:
         data = json.loads(lines[-1][len(RESULT):])
         return Result(case, data.pop("rows"), data.pop("seconds"), data.pop("peak_rss_mib"), data.pop("driven"), data)
 
+    def backend_cpu(self) -> dict[int, tuple[str, float]]:
+        """CPU seconds of each live backend of the cluster, with its database (from the process title
+        ``postgres: user database host(port) state``); auxiliary processes are left out."""
+        tick = os.sysconf("SC_CLK_TCK")
+        postmaster = int((self.server.datadir / "postmaster.pid").read_text().split()[0])
+        found: dict[int, tuple[str, float]] = {}
+        for child in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                title = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0].decode("utf-8", "replace").split()
+                text = Path(f"/proc/{child}/stat").read_text()
+                utime, stime = (int(x) for x in text[text.rindex(")") + 2 :].split()[11:13])
+                if len(title) >= 3 and title[0] == "postgres:" and title[2] in (self.cfg["src_db"], self.cfg["dst_db"]):
+                    found[int(child)] = (title[2], (utime + stime) / tick)
+        return found
+
     def run(self, case: str, **overrides: Any) -> Result:
         self.sql(self.cfg["dst_db"], "CHECKPOINT")
         server = self.server_cpu()
-        result = self.collect(case, self.spawn(case, **overrides))
+        before = self.backend_cpu()
+        seen: dict[int, tuple[str, float]] = {}
+        done = threading.Event()
+
+        def sample() -> None:  # a backend's CPU is only readable while it lives: sample it every 20 ms
+            while not done.wait(0.02):
+                seen.update(self.backend_cpu())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            result = self.collect(case, self.spawn(case, **overrides))
+        finally:
+            done.set()
+            sampler.join()
         time.sleep(0.2)  # let the postmaster reap the case's backends
         result.extra["server_cpu"] = self.server_cpu() - server
+        by_db = {self.cfg["src_db"]: 0.0, self.cfg["dst_db"]: 0.0}
+        for pid, (db, cpu) in seen.items():
+            by_db[db] += cpu - (before[pid][1] if pid in before else 0.0)
+        result.extra["source_cpu"], result.extra["target_cpu"] = by_db[self.cfg["src_db"]], by_db[self.cfg["dst_db"]]
         print(f"  {CASES[case]:<70} {result.rows:>10,} rows {result.seconds:8.2f} s "
               f"{result.rate:>10,.0f} rows/s  {result.peak_rss_mib:6.0f} MiB  "
               f"(CPU s: worker {result.extra['worker_cpu']:.1f}, PostgreSQL {result.extra['server_cpu']:.1f}, "
@@ -437,6 +473,23 @@ class Bench:
         return total, parts
 
     # checks --------------------------------------------------------------------------------------
+    def row_bytes(self, db: str, table: str) -> float:
+        """Mean size of a row of ``table`` as text (about what COPY moves per row)."""
+        return float(self.sql(db, f"SELECT coalesce(avg(octet_length(t::text)), 0) FROM {table} t")[0][0])
+
+    def case_costs(self, results: Mapping[str, Result]) -> list[scaling.CaseCost]:
+        """The scaling model's input for (a), (b) and (c): they read the source database and write the target
+        one, so each database's backends are one side. (d) reads and writes the target database: left out."""
+        bytes_in = self.row_bytes(self.cfg["src_db"], "visits")
+        costs = []
+        for case, name in (("a", "(a) raw copy"), ("b", "(b) deterministic"), ("c", "(c) reversible")):
+            if case in results:
+                r = results[case]
+                costs.append(scaling.CaseCost.measured(
+                    name, r.rows, r.extra["worker_cpu"], r.extra["source_cpu"], r.extra["target_cpu"], bytes_in,
+                    self.row_bytes(self.cfg["dst_db"], f"{case}_out")))
+        return costs
+
     def check(self, name: str, ok: bool, detail: str) -> None:
         print(f"  [{'ok' if ok else 'FAILED'}] {name}: {detail}", flush=True)
         if not ok:
@@ -653,6 +706,9 @@ def main() -> int:
         for name, value, bar, met in targets:
             verdict = "" if args.smoke else ("met" if met else "NOT met")
             print(f"  {name:<44} {value:8.2f}  (target {bar:>6})  {verdict}")
+        print("\nscaling model (bench/scaling.py): CPU per row of the worker, the source backend and the target "
+              "backend, measured above (median run); then predicted rows/s for N worker processes")
+        print("\n".join(scaling.table(bench.case_costs(results))))
         print(f"\nchecks: {'all passed' if not bench.failures else 'FAILED: ' + ', '.join(bench.failures)}; "
               f"total {time.perf_counter() - started:.0f} s")
         return 1 if bench.failures else 0

@@ -28,6 +28,8 @@ def test_bench_smoke() -> None:
                   "(d) equals pgcrypto", "2 mapped ranges equal (b)"):
         assert f"[ok] {check}" in proc.stdout, f"check {check!r} did not pass"
     assert "speedup of 2 mapped range tasks over one task on LocalExecutor" in proc.stdout
+    assert "predicted rows/s, PostgreSQL on its own machine of 16 cores" in proc.stdout  # the scaling model ran
+    assert "| (c) reversible |" in proc.stdout
     assert "[ok] both runs wrote every row, the same" in proc.stdout
     assert "checks: all passed" in proc.stdout
     assert "FAILED" not in proc.stdout
