@@ -32,6 +32,8 @@ from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.pseudonymiser import Pseudonymiser
 from pseudonymise.core.tokens import b64url_decode, b64url_encode, secret_parts, verify_token
 
+from tests import reference
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "include" / "sample" / "patients.csv"
 POLICY = REPO / "include" / "policies" / "patients.json"
@@ -112,7 +114,8 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Cli:
         if project.escrow_private_key:
             cli.secrets.add(b64url_encode(project.escrow_private_key))
     cli.issue("research-a", "research-a", "pseudonymisation")
-    cli.issue("reverse-a", "research-a", "reverse", "--expires-in", "7d")
+    # the tests below reverse with it many times: no use limit (a CLI reverse token is single-use by default)
+    cli.issue("reverse-a", "research-a", "reverse", "--expires-in", "7d", "--max-uses", "0")
     cli.issue("research-b", "research-b", "pseudonymisation")
     cli.issue("vendor-x", "vendor-x", "secondary", "--source-project", "research-a")
     return cli
@@ -449,7 +452,8 @@ def _subcommands() -> list[tuple[str, ...]]:
 
 
 def test_every_subcommand_is_listed() -> None:
-    assert len(_subcommands()) == 15
+    assert len(_subcommands()) == 17
+    assert ("token", "revoke") in _subcommands() and ("token", "revocations") in _subcommands()
     assert ("file", "reverse") in _subcommands() and ("audit", "verify") in _subcommands()
     assert ("audit", "checkpoint") in _subcommands() and ("audit", "keygen") in _subcommands()
 
@@ -487,3 +491,57 @@ def test_audit_verify_escrow_names_rows_reversal_would_refuse(cli: Cli, tmp_path
     rows = sqlite3.connect(db_path).execute(
         "SELECT operation, outcome FROM pseudonymise_audit WHERE event = 'finished' ORDER BY seq").fetchall()
     assert rows[-2:] == [("verify", "success"), ("verify", "success")]  # each token use is audited
+
+
+# --- single-use and revoked tokens (DESIGN §3, v1.1) ------------------------------------------------
+def test_a_reverse_token_is_single_use_by_default(cli: Cli, pseudonymised: Path) -> None:
+    """`token issue --kind reverse` gives max_uses 1: the first reversal works, the second is refused and
+    audited 'denied', and nothing is written; `--max-uses 3` and `--max-uses 0` (no limit) as asked."""
+    path = cli.issue("reverse-once", "research-a", "reverse")
+    claims = reference.claims(cli.token("reverse-once"))
+    assert claims["max_uses"] == 1
+    assert json.loads(cli.run("token", "inspect", "--token-file", path).stdout)["max_uses"] == 1
+    first = cli.home / "once-1.csv"
+    cli.run("file", "reverse", pseudonymised, first, "--columns", "patient_id", "--db", cli.db, "--token-file", path)
+    second = cli.home / "once-2.csv"
+    refused = cli.run("file", "reverse", pseudonymised, second, "--columns", "patient_id", "--db", cli.db,
+                      "--token-file", path, expect=1)
+    assert f"token {claims['jti']} allows 1 use (max_uses) and has had them" in refused.stderr
+    assert first.exists() and not second.exists()
+    uses = [r for r in cli.audit_rows() if r["token_jti"] == claims["jti"] and r["event"] == "finished"]
+    assert [(r["outcome"], r["error_class"]) for r in uses] == [("success", None), ("denied", "TokenUsedUpError")]
+    assert {r["token_max_uses"] for r in uses} == {1}
+    three = cli.issue("reverse-3", "research-a", "reverse", "--max-uses", "3")
+    assert reference.claims(three.read_text().strip())["max_uses"] == 3
+    assert "max_uses" not in reference.claims(cli.token("reverse-a"))  # --max-uses 0: no limit
+    assert "max_uses" not in reference.claims(cli.token("research-a"))  # other kinds: no limit by default
+    bad = cli.run("token", "issue", "--project", "research-a", "--kind", "reverse", "--max-uses", "-1",
+                  "--output", cli.home / "never.token", expect=2)
+    assert "--max-uses: must be 0 (no limit) or more" in bad.stderr and not (cli.home / "never.token").exists()
+
+
+def test_token_revoke_refuses_every_later_use(cli: Cli, pseudonymised: Path) -> None:
+    """`token revoke JTI --reason`: audited (operation revoke, who and why in the revocation table), every
+    later use refused and audited 'denied'; revoking twice or without a reason is an error that changes
+    nothing; `token revocations` lists it."""
+    path = cli.issue("research-a-2", "research-a", "pseudonymisation")
+    jti = reference.claims(cli.token("research-a-2"))["jti"]
+    out = cli.home / "before-revoke.csv"
+    cli.run("file", "pseudonymise", SAMPLE, out, "--policy", POLICY, "--db", cli.db, "--token-file", path)
+    no_reason = cli.run("token", "revoke", jti, "--reason", " ", "--db", cli.db, expect=1)
+    assert "needs a reason" in no_reason.stderr
+    done = cli.run("token", "revoke", jti, "--reason", "laptop lost", "--db", cli.db)
+    assert f"token {jti} revoked" in done.stdout
+    again = cli.run("token", "revoke", jti, "--reason", "twice", "--db", cli.db, expect=1)
+    assert "already revoked" in again.stderr
+    refused = cli.run("file", "pseudonymise", SAMPLE, cli.home / "after-revoke.csv", "--policy", POLICY,
+                      "--db", cli.db, "--token-file", path, expect=1)
+    assert f"token {jti} has been revoked" in refused.stderr and not (cli.home / "after-revoke.csv").exists()
+    rows = [r for r in cli.audit_rows() if r["token_jti"] == jti and r["event"] == "finished"]
+    assert [(r["operation"], r["outcome"], r["error_class"]) for r in rows] == [
+        ("pseudonymise", "success", None), ("revoke", "success", None), ("revoke", "failed", "AuditError"),
+        ("pseudonymise", "denied", "TokenRevokedError")]
+    listed = json.loads(cli.run("token", "revocations", "--db", cli.db, "--json").stdout)
+    assert [(r["jti"], r["reason"]) for r in listed] == [(jti, "laptop lost")]
+    assert listed[0]["revoked_by"] and listed[0]["use_id"] == rows[1]["use_id"]
+    assert cli.run("audit", "verify", "--db", cli.db).returncode == 0

@@ -8,8 +8,11 @@
 -- docs/threat-model.md says what each role can and cannot do, and which test shows it.
 
 -- The pipeline (Airflow workers): appends audit rows, writes escrow, never reads either.
+-- Every use of a verified token starts through pseudonymise_audit_start, which also refuses a revoked or
+-- used-up token (max_uses) under the audit lock, reading the audit and pseudonymise_revoked as their owner.
 CREATE ROLE pseudonymise_pipeline LOGIN;
 GRANT EXECUTE ON FUNCTION pseudonymise_audit_append(jsonb) TO pseudonymise_pipeline;
+GRANT EXECUTE ON FUNCTION pseudonymise_audit_start(jsonb, integer, jsonb, jsonb) TO pseudonymise_pipeline;
 GRANT INSERT ON pseudonymise_escrow_batch TO pseudonymise_pipeline;
 GRANT INSERT ON pseudonymise_escrow TO pseudonymise_pipeline;
 -- ON CONFLICT and the batch digests' RETURNING: the key and the (public) counter nonce, never a ciphertext.
@@ -25,13 +28,18 @@ GRANT SELECT, INSERT, DELETE ON pseudonymise_write_lock TO pseudonymise_pipeline
 -- The auditor (reversal, audit verification): reads escrow and the audit, appends only through the function.
 CREATE ROLE pseudonymise_auditor LOGIN;
 GRANT EXECUTE ON FUNCTION pseudonymise_audit_append(jsonb) TO pseudonymise_auditor;
+GRANT EXECUTE ON FUNCTION pseudonymise_audit_start(jsonb, integer, jsonb, jsonb) TO pseudonymise_auditor;
+-- Revoking a token (`pseudonymise token revoke`): the revocation row and its audit rows in one call. No role
+-- but the owner may change or delete pseudonymise_revoked: a revocation is for ever.
+GRANT EXECUTE ON FUNCTION pseudonymise_audit_revoke(jsonb, text, text) TO pseudonymise_auditor;
+GRANT SELECT ON pseudonymise_revoked TO pseudonymise_auditor;
 GRANT SELECT ON pseudonymise_audit, pseudonymise_audit_head TO pseudonymise_auditor;
 GRANT SELECT ON pseudonymise_escrow, pseudonymise_escrow_batch TO pseudonymise_auditor;
 -- The purge job additionally needs DELETE on the two escrow tables.
 
 -- The viewer (the Airflow UI's audit pages, read-only API users): reads the audit, nothing else.
 CREATE ROLE pseudonymise_viewer LOGIN;
-GRANT SELECT ON pseudonymise_audit, pseudonymise_audit_head TO pseudonymise_viewer;
+GRANT SELECT ON pseudonymise_audit, pseudonymise_audit_head, pseudonymise_revoked TO pseudonymise_viewer;
 
 -- Signed audit checkpoints (DESIGN §6.1): the audit owner's first run creates
 -- pseudonymise_audit_checkpoint and its two SECURITY DEFINER functions (EXECUTE revoked from PUBLIC).

@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 
 from pseudonymise import __version__
+from pseudonymise.core.audit import AuditUse
 from pseudonymise.core.checkpoint import (
     PUBLIC_KEYS_ENV,
     SIGNING_KEY_ENV,
@@ -41,6 +42,7 @@ from pseudonymise.core.errors import CheckpointError, IssuerError, PolicyError, 
 from pseudonymise.core.escrow import unproven_rows
 from pseudonymise.core.files import open_sink, open_source
 from pseudonymise.core.formats import ALPHABETS, DEFAULT_ALPHABET, DEFAULT_LENGTH, PseudonymFormat
+from pseudonymise.core.instants import utc_seconds
 from pseudonymise.core.issuer import DirectoryStore, Issuer, ProjectStore, VaultStore
 from pseudonymise.core.pipeline import Store, run_pseudonymisation, run_purge, run_reversal
 from pseudonymise.core.plan import Sink, Source, plan_transfer
@@ -249,8 +251,13 @@ def cmd_project_show(args: argparse.Namespace) -> int:
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
+    max_uses = args.max_uses
+    if max_uses is None and args.kind == "reverse":
+        max_uses = 1  # DESIGN §3 (v1.1): a reverse token is single-use unless asked otherwise
+    if max_uses == 0:
+        max_uses = None  # --max-uses 0: no limit but the token's lifetime
     token = Issuer(open_store(args.store)).issue(args.project, args.kind, expires_in=args.expires_in,
-                                                 source_project=args.source_project)
+                                                 source_project=args.source_project, max_uses=max_uses)
     if args.output == "-":
         print(token)
     else:
@@ -259,8 +266,39 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(token + "\n")
         os.chmod(path, 0o600)
-        print(f"{args.kind} token for project {args.project!r} written to {path} (mode 0600)", file=sys.stderr)
+        uses = "any number of uses" if max_uses is None else f"{max_uses} use{'s' if max_uses != 1 else ''}"
+        print(f"{args.kind} token for project {args.project!r} ({uses} until it expires) written to {path} "
+              "(mode 0600)", file=sys.stderr)
     return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    store = Store(args.db, audit_table=args.table)
+    use = AuditUse(operation="revoke", source="cli", context=RunContext(triggered_by=current_user()).audit_fields())
+    store.audit.revoke(args.jti, args.reason, use)
+    print(f"token {args.jti} revoked; every later use of it is refused and audited 'denied' (audit use {use.use_id})")
+    return 0
+
+
+def cmd_token_revocations(args: argparse.Namespace) -> int:
+    rows = Store(args.db, audit_table=args.table).audit.revocations()
+    if args.json:
+        print(json.dumps([{**r, "revoked_at": utc_seconds(r["revoked_at"])} for r in rows], indent=2))
+    elif not rows:
+        print("no token has been revoked")
+    for r in rows if not args.json else []:
+        print(f"{utc_seconds(r['revoked_at'])}  {r['jti']}  by {r['revoked_by'] or '?'}: {r['reason']}")
+    return 0
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 (no limit) or more")
+    return value
 
 
 def cmd_token_inspect(args: argparse.Namespace) -> int:
@@ -623,6 +661,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expires-in", type=parse_duration, default=timedelta(days=30), help="lifetime, e.g. 30d (default)")
     p.add_argument("--source-project", help="for secondary tokens: the project whose pseudonyms they re-pseudonymise")
     p.add_argument("--output", required=True, help="file to write the token to (mode 0600), or '-' for standard output")
+    p.add_argument("--max-uses", type=_non_negative, metavar="N",
+                   help="uses the token allows, counted in the audit of whoever uses it (default: 1 for reverse "
+                        "tokens, no limit otherwise; 0: no limit)")
+    p = command(token, "revoke", "Revoke a token by its id (jti), for ever; audited. Every later use is refused.",
+                "pseudonymise token revoke 0b6f…-jti --reason 'laptop lost' --db postgresql://audit-owner@db/research",
+                cmd_token_revoke)
+    p.add_argument("jti", help="the token's id (`pseudonymise token inspect` prints it; the audit shows it)")
+    p.add_argument("--reason", required=True, help="why: recorded with the revocation")
+    p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB),
+                   help="the audit database the token's users write to (SQLAlchemy URL)")
+    p.add_argument("--table", default="pseudonymise_audit", help="the audit table (default pseudonymise_audit)")
+    p = command(token, "revocations", "List the revoked tokens of an audit database.",
+                "pseudonymise token revocations --db sqlite:///pseudonymise.db", cmd_token_revocations)
+    p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB), help="the audit database (SQLAlchemy URL)")
+    p.add_argument("--table", default="pseudonymise_audit", help="the audit table (default pseudonymise_audit)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p = command(token, "inspect", "Verify a token and print its claims, never its secrets.",
                 "pseudonymise token inspect --token-file research-a.token --issuer-keys issuer-keys.json", cmd_token_inspect)
     _add_token_args(p)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from pseudonymise.core.audit import AuditLog
+from pseudonymise.core.audit import AuditLog, AuditUse
 from pseudonymise.core.db import make_engine
 from pseudonymise.core.errors import (
     AuditError,
@@ -29,7 +29,9 @@ from pseudonymise.core.errors import (
     TokenKindError,
     TokenNotYetValidError,
     TokenProjectError,
+    TokenRevokedError,
     TokenSignatureError,
+    TokenUsedUpError,
     UnknownIssuerKeyError,
 )
 from pseudonymise.core.issuer import DirectoryStore, Issuer
@@ -75,13 +77,13 @@ def test_started_row_is_committed_before_the_token_is_handed_out(audit: AuditLog
     use = _use(audit, raw, issuer, project="research-a", source="table:patients", target="table:patients_p",
                columns=["patient_id"], context=CONTEXT)
     token_when_started: list[object] = []
-    start = audit.start
+    start = audit.start_use  # a verified token's use starts (and is admitted) there
 
-    def spying_start(audit_use: Any) -> dict[str, Any]:
+    def spying_start(audit_use: Any, admission: Any) -> Any:
         token_when_started.append(use.token)
-        return start(audit_use)
+        return start(audit_use, admission)
 
-    monkeypatch.setattr(audit, "start", spying_start)
+    monkeypatch.setattr(audit, "start_use", spying_start)
     with use:
         assert use.token is not None and use.token.jti == claims["jti"]
         rows = list(audit.iter_rows())  # another connection: the started row is committed
@@ -402,3 +404,85 @@ def test_a_run_context_is_checked_once() -> None:
         RunContext(map_index="0")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="logical_date"):
         RunContext(logical_date=20261104)  # type: ignore[arg-type]
+
+
+# --- max_uses and revocation (DESIGN §3, v1.1) -------------------------------------------------------
+def _finished(audit: AuditLog, jti: str) -> list[tuple[str, str | None]]:
+    return [(r["outcome"], r["error_class"]) for r in audit.iter_rows() if r["token_jti"] == jti
+            and r["event"] == "finished"]
+
+
+def test_a_token_is_refused_once_it_has_had_its_max_uses(audit: AuditLog, issuer: Issuer) -> None:
+    raw = issuer.issue("research-a", "reverse", max_uses=2)
+    jti = reference.claims(raw)["jti"]
+    for _ in range(2):
+        with _use(audit, raw, issuer, operation="reverse", kind="reverse") as use:
+            assert use.token is not None and use.token.max_uses == 2
+    refused = _use(audit, raw, issuer, operation="reverse", kind="reverse")
+    with pytest.raises(TokenUsedUpError, match=f"token {jti} allows 2 uses \\(max_uses\\)"), refused:
+        pytest.fail("a used-up token was handed out")
+    assert refused.token is None
+    assert _finished(audit, jti) == [("success", None), ("success", None), ("denied", "TokenUsedUpError")]
+    # the denied use's two rows were committed together, and the chain holds
+    rows = [r for r in audit.iter_rows() if r["use_id"] == refused.use_id]
+    assert [(r["event"], r["outcome"], r["token_max_uses"]) for r in rows] == [
+        ("started", "started", 2), ("finished", "denied", 2)]
+    assert audit.verify().ok
+
+
+def test_a_failed_use_counts_and_a_denied_one_does_not(audit: AuditLog, issuer: Issuer) -> None:
+    """A use that got the token counts even when it then failed (it may have read what it should not
+    have twice); a refused use does not (the token was never handed out)."""
+    raw = issuer.issue("research-a", "reverse", max_uses=1)
+    jti = reference.claims(raw)["jti"]
+    with pytest.raises(TokenKindError), _use(audit, raw, issuer, kind="pseudonymisation"):  # refused: not counted
+        pass
+    with pytest.raises(RuntimeError, match="target down"), _use(audit, raw, issuer, operation="reverse",
+                                                                 kind="reverse"):
+        raise RuntimeError("target down")
+    with pytest.raises(TokenUsedUpError), _use(audit, raw, issuer, operation="reverse", kind="reverse"):
+        pass
+    assert _finished(audit, jti) == [("failed", "RuntimeError"), ("denied", "TokenUsedUpError")]
+
+
+def test_a_token_without_max_uses_has_no_limit(audit: AuditLog, issuer: Issuer) -> None:
+    raw = issuer.issue("research-a", "pseudonymisation")
+    for _ in range(4):
+        with _use(audit, raw, issuer):
+            pass
+    assert [o for o, _ in _finished(audit, reference.claims(raw)["jti"])] == ["success"] * 4
+
+
+def test_a_revoked_token_is_refused_for_ever(audit: AuditLog, issuer: Issuer) -> None:
+    raw = issuer.issue("research-a", "pseudonymisation")
+    jti = reference.claims(raw)["jti"]
+    with _use(audit, raw, issuer):
+        pass
+    revocation = AuditUse(operation="revoke", source="test", context={"triggered_by": "dpo"})
+    audit.revoke(jti, "key material leaked", revocation)
+    with pytest.raises(AuditError, match="already revoked"):
+        audit.revoke(jti, "again", AuditUse(operation="revoke"))
+    with pytest.raises(AuditError, match="needs a reason"):
+        audit.revoke("other-jti", "  ", AuditUse(operation="revoke"))
+    for _ in range(2):
+        refused = _use(audit, raw, issuer)
+        with pytest.raises(TokenRevokedError, match=f"token {jti} has been revoked"), refused:
+            pytest.fail("a revoked token was handed out")
+    assert _finished(audit, jti) == [("success", None), ("success", None), ("failed", "AuditError"),
+                                     ("denied", "TokenRevokedError"), ("denied", "TokenRevokedError")]
+    [row] = audit.revocations()
+    assert (row["jti"], row["reason"], row["revoked_by"], row["use_id"]) == (
+        jti, "key material leaked", "dpo", revocation.use_id)
+    assert audit.verify().ok
+
+
+def test_no_use_when_the_revocations_cannot_be_read(audit: AuditLog, issuer: Issuer) -> None:
+    """Fail closed: the revocation table gone (dropped by its owner, say) means no token is used."""
+    raw = issuer.issue("research-a", "pseudonymisation")
+    with audit.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE pseudonymise_revoked"))
+    use = _use(audit, raw, issuer)
+    with pytest.raises(AuditError, match="the token was NOT used"), use:
+        pytest.fail("the token was handed out without its revocation check")
+    assert use.token is None
+    assert not [r for r in audit.iter_rows() if r["token_jti"] == reference.claims(raw)["jti"]]

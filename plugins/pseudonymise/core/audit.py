@@ -97,6 +97,7 @@ SCHEMA: tuple[AuditColumn, ...] = (
                                "unverified, never in the token_* columns.", optional=True),
     _c("db_role", "text", "The database role that appended the row, set by the server (PostgreSQL).", 128,
        optional=True),
+    _c("token_max_uses", "int", "The verified token's max_uses (v1.1): how many uses it allows.", optional=True),
 )
 FIELDS: tuple[str, ...] = tuple(c.name for c in SCHEMA)
 #: The run context's columns (who and when), in order.
@@ -117,7 +118,8 @@ def define_audit_tables(metadata: sa.MetaData, table: str = "pseudonymise_audit"
     ]
     types: dict[str, Callable[[AuditColumn], Any]] = {
         "int": lambda c: sa.BigInteger(), "long_text": lambda c: sa.Text(), "text": lambda c: sa.String(c.length)}
-    cols += [sa.Column(c.name, types[c.kind](c)) for c in SCHEMA[4:]]
+    # token_jti is indexed: every use of a token counts the earlier uses of its jti (max_uses, v1.1)
+    cols += [sa.Column(c.name, types[c.kind](c), index=c.name == "token_jti") for c in SCHEMA[4:]]
     cols += [sa.Column("prev_hash", sa.String(64), nullable=False), sa.Column("row_hash", sa.String(64), nullable=False)]
     audit = sa.Table(table, metadata, *cols, schema=schema)
     head = sa.Table(
@@ -128,6 +130,36 @@ def define_audit_tables(metadata: sa.MetaData, table: str = "pseudonymise_audit"
         schema=schema,
     )
     return audit, head
+
+
+#: The revocation table (DESIGN §3, v1.1): one row per revoked token id, beside the audit.
+REVOKED_TABLE = "pseudonymise_revoked"
+
+
+def define_revoked_table(metadata: sa.MetaData, schema: str | None = None) -> sa.Table:
+    return sa.Table(
+        REVOKED_TABLE, metadata,
+        sa.Column("jti", sa.String(64), primary_key=True),
+        sa.Column("revoked_at", UTCDateTime, nullable=False),
+        sa.Column("revoked_by", sa.String(250)),
+        sa.Column("reason", sa.Text, nullable=False),
+        sa.Column("use_id", sa.String(36), nullable=False),
+        schema=schema,
+    )
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What a use of a verified token must pass under the audit lock, with the errors it is denied with.
+
+    :param max_uses: the token's ``max_uses`` claim (``None``: no limit).
+    :param revoked: the error when the token's jti is in the revocation table.
+    :param used_up: the error when the jti already has ``max_uses`` uses in the audit.
+    """
+
+    max_uses: int | None
+    revoked: BaseException
+    used_up: BaseException
 
 
 def canonical_row(row: Mapping[str, Any]) -> bytes:
@@ -176,6 +208,8 @@ class AuditUse:
     retention_until: str | None = None
     #: What a token that failed verification claimed (unverified, kept apart from the verified columns).
     claimed: Mapping[str, str] | None = None
+    #: The verified token's ``max_uses`` (v1.1), so the audit can tell how many uses it has left.
+    token_max_uses: int | None = None
     use_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def record(self) -> dict[str, Any]:
@@ -194,6 +228,7 @@ class AuditUse:
             "token_expires_at": self.token_expires_at,
             "retention_until": self.retention_until,
             "claimed": json.dumps(dict(self.claimed), sort_keys=True) if self.claimed else None,
+            "token_max_uses": self.token_max_uses,
         }
         for key in CONTEXT_FIELDS:
             if key == "host":
@@ -224,6 +259,7 @@ class AuditLog:
         self.engine = engine
         self.metadata = sa.MetaData()
         self.table, self.head = define_audit_tables(self.metadata, table, schema)
+        self.revoked = define_revoked_table(self.metadata, schema)
         self._lock_name = f"pseudonymise-audit:{schema or ''}.{table}"
         self._created = False
 
@@ -234,13 +270,37 @@ class AuditLog:
         name = prep.quote(f"{self.table.name}_append"[:63])
         return f"{prep.quote(self.table.schema)}.{name}" if self.table.schema else name
 
+    def _function(self, suffix: str) -> str:
+        prep = self.engine.dialect.identifier_preparer
+        name = prep.quote(f"{self.table.name}_{suffix}"[:63])
+        return f"{prep.quote(self.table.schema)}.{name}" if self.table.schema else name
+
+    @property
+    def start_function(self) -> str:
+        """The PostgreSQL function that appends a ``started`` row and admits the use (``<table>_start``)."""
+        return self._function("start")
+
+    @property
+    def revoke_function(self) -> str:
+        """The PostgreSQL function that revokes a token id, audited (``<table>_revoke``)."""
+        return self._function("revoke")
+
     def _ready_on_postgres(self, conn: Connection) -> bool:
-        """Whether tables, head row and append function exist (a least-privilege role can create none)."""
+        """Whether tables, head row, indexes and functions exist (a least-privilege role can create none)."""
         prep = conn.dialect.identifier_preparer
-        if conn.execute(sa.text("SELECT to_regclass(:t)"), {"t": prep.format_table(self.head)}).scalar() is None:
+        for table in (self.head, self.revoked):
+            if conn.execute(sa.text("SELECT to_regclass(:t)"), {"t": prep.format_table(table)}).scalar() is None:
+                return False
+        jti_index = next(i for i in self.table.indexes if "token_jti" in i.columns)
+        qualified = f"{prep.quote(self.table.schema)}.{prep.quote(str(jti_index.name))}" if self.table.schema \
+            else prep.quote(str(jti_index.name))
+        if conn.execute(sa.text("SELECT to_regclass(:t)"), {"t": qualified}).scalar() is None:
             return False
-        fn = conn.execute(sa.text("SELECT to_regprocedure(:f)"), {"f": f"{self.append_function}(jsonb)"}).scalar()
-        return fn is not None and not self._missing_columns(conn)
+        for signature in (f"{self.append_function}(jsonb)", f"{self.start_function}(jsonb, integer, jsonb, jsonb)",
+                          f"{self.revoke_function}(jsonb, text, text)"):
+            if conn.execute(sa.text("SELECT to_regprocedure(:f)"), {"f": signature}).scalar() is None:
+                return False
+        return not self._missing_columns(conn)
 
     def create(self) -> None:
         """Create the tables (and on PostgreSQL the append function) if absent (idempotent)."""
@@ -263,6 +323,8 @@ class AuditLog:
                             conn.execute(CreateIndex(index, if_not_exists=True))
                 else:
                     self.metadata.create_all(conn, checkfirst=True)
+                    for index in sorted(self.table.indexes, key=lambda i: str(i.name)):  # a table made before them
+                        conn.execute(CreateIndex(index, if_not_exists=True))
                 # Look first: a least-privilege pipeline role may update the head but not insert it.
                 if conn.execute(sa.select(self.head.c.id).where(self.head.c.id == 1)).first() is None:
                     insert_ignoring_duplicates(self.head, ["id"]).execute(conn, [{"id": 1, "seq": 0, "row_hash": GENESIS}])
@@ -272,8 +334,13 @@ class AuditLog:
                     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
                     try:
                         cursor.execute(self._append_function_sql(conn))
-                        # PostgreSQL lets PUBLIC execute new functions: only the roles granted it may append
-                        cursor.execute(f"REVOKE ALL ON FUNCTION {self.append_function}(jsonb) FROM PUBLIC")
+                        cursor.execute(self._start_function_sql(conn))
+                        cursor.execute(self._revoke_function_sql(conn))
+                        # PostgreSQL lets PUBLIC execute new functions: only the roles granted them may call them
+                        for signature in (f"{self.append_function}(jsonb)",
+                                          f"{self.start_function}(jsonb, integer, jsonb, jsonb)",
+                                          f"{self.revoke_function}(jsonb, text, text)"):
+                            cursor.execute(f"REVOKE ALL ON FUNCTION {signature} FROM PUBLIC")
                     finally:
                         cursor.close()
         except SQLAlchemyError as exc:
@@ -354,26 +421,102 @@ BEGIN
 END
 $pseudonymise$"""
 
+    def _qualified(self, conn: Connection) -> tuple[str, str, str, int]:
+        """Audit table, revocation table and append function named in full (the functions run with a fixed
+        search_path), and the audit lock's key."""
+        prep = conn.dialect.identifier_preparer
+        schema = prep.quote(self.table.schema or conn.execute(sa.text("SELECT current_schema()")).scalar_one())
+        lock = int.from_bytes(hashlib.sha256(self._lock_name.encode()).digest()[:8], "big", signed=True)
+        return (f"{schema}.{prep.quote(self.table.name)}", f"{schema}.{prep.quote(REVOKED_TABLE)}",
+                f"{schema}.{prep.quote(f'{self.table.name}_append'[:63])}", lock)
+
+    def _start_function_sql(self, conn: Connection) -> str:
+        """``<table>_start(p, max_uses, revoked, used_up)``: under the audit lock, append the ``started`` row
+        ``p``, then deny the use when its jti is revoked or has ``max_uses`` earlier uses (a use is a
+        ``started`` row of the jti that was not denied), appending the ``denied`` row ``p || denial`` in
+        the same call, so two concurrent uses of a single-use token cannot both pass (DESIGN §3, v1.1)."""
+        audit, revoked, append, lock = self._qualified(conn)
+        return f"""CREATE OR REPLACE FUNCTION {self.start_function}(p jsonb, max_uses integer, revoked jsonb,
+        used_up jsonb) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $pseudonymise$
+DECLARE
+    started jsonb;
+    finished jsonb;
+    uses bigint := 0;
+    verdict text;
+    v_jti text := p->>'token_jti';
+BEGIN
+    PERFORM pg_advisory_xact_lock({lock});
+    started := {append}(p);
+    IF v_jti IS NOT NULL THEN
+        IF EXISTS (SELECT 1 FROM {revoked} r WHERE r.jti = v_jti) THEN
+            verdict := 'revoked';
+        ELSE
+            SELECT count(*) INTO uses FROM {audit} a
+             WHERE a.token_jti = v_jti AND a.event = 'started' AND a.use_id <> p->>'use_id'
+               AND NOT EXISTS (SELECT 1 FROM {audit} d
+                                WHERE d.use_id = a.use_id AND d.event = 'finished' AND d.outcome = 'denied');
+            IF max_uses IS NOT NULL AND uses >= max_uses THEN
+                verdict := 'used_up';
+            END IF;
+        END IF;
+    END IF;
+    IF verdict IS NOT NULL THEN
+        finished := {append}(p || jsonb_build_object('event', 'finished', 'outcome', 'denied')
+                                             || CASE verdict WHEN 'revoked' THEN revoked ELSE used_up END);
+    END IF;
+    RETURN jsonb_build_object('started', started, 'finished', finished, 'verdict', verdict, 'uses', uses);
+END
+$pseudonymise$"""
+
+    def _revoke_function_sql(self, conn: Connection) -> str:
+        """``<table>_revoke(p, jti, reason)``: the revocation row and its audited use (``p`` started, then
+        success; or failed when the jti was already revoked) in one call; the caller's role is recorded."""
+        _, revoked, append, lock = self._qualified(conn)
+        return f"""CREATE OR REPLACE FUNCTION {self.revoke_function}(p jsonb, p_jti text, p_reason text) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $pseudonymise$
+DECLARE
+    started jsonb;
+    finished jsonb;
+BEGIN
+    PERFORM pg_advisory_xact_lock({lock});
+    started := {append}(p || jsonb_build_object('event', 'started', 'outcome', 'started'));
+    INSERT INTO {revoked} (jti, revoked_at, revoked_by, reason, use_id)
+    VALUES (p_jti, clock_timestamp(), coalesce(p->>'triggered_by', session_user), p_reason, p->>'use_id')
+    ON CONFLICT DO NOTHING;
+    IF FOUND THEN
+        finished := {append}(p || jsonb_build_object('event', 'finished', 'outcome', 'success'));
+    ELSE
+        finished := {append}(p || jsonb_build_object('event', 'finished', 'outcome', 'failed',
+            'error_class', 'AuditError', 'error_message', 'token ' || p_jti || ' was already revoked'));
+    END IF;
+    RETURN jsonb_build_object('started', started, 'finished', finished);
+END
+$pseudonymise$"""
+
+    @staticmethod
+    def _function_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+        """``record`` as the PostgreSQL functions take it: the caller's fields, server-set ones left out."""
+        fields: dict[str, Any] = {}
+        for name in FIELDS[4:]:
+            value = record.get(name)
+            if value is not None and name != "db_role":
+                fields[name] = int(value) if name in _INT_FIELDS else value if isinstance(value, str) else str(value)
+        fields["use_id"], fields["event"] = record.get("use_id"), record.get("event")
+        return fields
+
+    @staticmethod
+    def _stored(stored: Mapping[str, Any]) -> dict[str, Any]:
+        row = {name: stored.get(name) for name in (*FIELDS, "prev_hash", "row_hash")}
+        row["recorded_at"] = datetime.fromisoformat(stored["recorded_at"]).astimezone(UTC)
+        return row
+
     def append(self, conn: Connection, record: Mapping[str, Any]) -> dict[str, Any]:
         """Append one row inside ``conn``'s transaction (the caller commits)."""
         if conn.dialect.name == "postgresql":
-            fields = {}
-            for name in FIELDS[4:]:
-                value = record.get(name)
-                if value is not None and name != "db_role":
-                    fields[name] = int(value) if name in _INT_FIELDS else value if isinstance(value, str) else str(value)
-            fields["use_id"], fields["event"] = record.get("use_id"), record.get("event")
-            try:
-                stored = conn.execute(sa.text(f"SELECT {self.append_function}(CAST(:p AS jsonb))"),
-                                      {"p": json.dumps(fields)}).scalar_one()
-            except sa.exc.DBAPIError as exc:
-                if getattr(exc.orig, "pgcode", None) == "P0001":  # raised by the function itself
-                    raise AuditError("the audit head row is missing; the audit table was altered: run "
-                                     "`pseudonymise audit verify`") from None
-                raise
-            row = {name: stored.get(name) for name in (*FIELDS, "prev_hash", "row_hash")}
-            row["recorded_at"] = datetime.fromisoformat(stored["recorded_at"]).astimezone(UTC)
-            return row
+            stored = self._call(conn, f"SELECT {self.append_function}(CAST(:p AS jsonb))",
+                                {"p": json.dumps(self._function_fields(record))})
+            return self._stored(stored)
         advisory_lock(conn, self._lock_name)
         # The head update comes first: it takes the write lock on databases without advisory locks.
         conn.execute(sa.update(self.head).where(self.head.c.id == 1).values(seq=self.head.c.seq))
@@ -394,6 +537,114 @@ $pseudonymise$"""
         conn.execute(self.table.insert().values(**row))
         conn.execute(sa.update(self.head).where(self.head.c.id == 1).values(seq=row["seq"], row_hash=row["row_hash"]))
         return row
+
+    @staticmethod
+    def _call(conn: Connection, statement: str, params: Mapping[str, Any]) -> Any:
+        try:
+            return conn.execute(sa.text(statement), params).scalar_one()
+        except sa.exc.DBAPIError as exc:
+            if getattr(exc.orig, "pgcode", None) == "P0001":  # raised by the append function itself
+                raise AuditError("the audit head row is missing; the audit table was altered: run "
+                                 "`pseudonymise audit verify`") from None
+            raise
+
+    def _admit_here(self, conn: Connection, record: Mapping[str, Any], admission: Admission) -> str | None:
+        """The start function's verdict, in-process (SQLite): the caller holds the database's write lock."""
+        jti = record.get("token_jti")
+        if jti is None:
+            return None
+        if conn.execute(sa.select(self.revoked.c.jti).where(self.revoked.c.jti == jti)).first() is not None:
+            return "revoked"
+        if admission.max_uses is None:
+            return None
+        a, d = self.table.alias("a"), self.table.alias("d")
+        denied = sa.select(d.c.use_id).where(d.c.use_id == a.c.use_id, d.c.event == "finished", d.c.outcome == "denied")
+        uses = conn.execute(sa.select(sa.func.count()).select_from(a).where(
+            a.c.token_jti == jti, a.c.event == "started", a.c.use_id != record["use_id"], ~denied.exists())).scalar_one()
+        return "used_up" if uses >= admission.max_uses else None
+
+    def start_use(self, use: AuditUse, admission: Admission) -> BaseException | None:
+        """Commit the ``started`` row of a use of a verified token and admit it under the audit lock: when
+        the token is revoked or used up, its ``denied`` row is committed in the same transaction and the
+        error of ``admission`` returned (the caller raises it). :class:`AuditError` if nothing could be
+        written or the revocation table cannot be read: the token is then not used (fail closed)."""
+        record = {**use.record(), "event": "started", "outcome": "started"}
+        denials = {"revoked": admission.revoked, "used_up": admission.used_up}
+        try:
+            self.create()
+            with self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    def denial(error: BaseException) -> str:
+                        error_class, message = safe_error_message(error)
+                        return json.dumps({"error_class": error_class, "error_message": message})
+
+                    result = self._call(
+                        conn, f"SELECT {self.start_function}(CAST(:p AS jsonb), :max_uses, CAST(:revoked AS jsonb), "
+                        "CAST(:used_up AS jsonb))",
+                        {"p": json.dumps(self._function_fields(record)), "max_uses": admission.max_uses,
+                         "revoked": denial(admission.revoked), "used_up": denial(admission.used_up)})
+                    verdict = result.get("verdict")
+                else:
+                    self.append(conn, record)
+                    verdict = self._admit_here(conn, record, admission)
+                    if verdict is not None:
+                        error_class, message = safe_error_message(denials[verdict])
+                        self.append(conn, {**use.record(), "event": "finished", "outcome": "denied",
+                                           "error_class": error_class, "error_message": message})
+        except AuditError:
+            raise
+        except SQLAlchemyError as exc:
+            raise AuditError(
+                f"cannot write the audit 'started' row or read the revocations ({exc.__class__.__name__}); the "
+                "token was NOT used. Check that the audit database is reachable and writable, then retry"
+            ) from None
+        return None if verdict is None else denials[verdict]
+
+    def revoke(self, jti: str, reason: str, use: AuditUse) -> None:
+        """Revoke the token id ``jti`` for ever, with ``reason``; audited as ``use`` (operation ``revoke``) in
+        the same transaction. :class:`AuditError` if it was already revoked or cannot be written."""
+        if not reason or not reason.strip():
+            raise AuditError("a revocation needs a reason (--reason): it is recorded with it")
+        if not jti or len(jti) > 64:
+            raise AuditError("the token id to revoke must be the token's jti (at most 64 characters; "
+                             "`pseudonymise token inspect` shows it)")
+        use.token_jti = jti
+        try:
+            self.create()
+            with self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    result = self._call(conn, f"SELECT {self.revoke_function}(CAST(:p AS jsonb), :jti, :reason)",
+                                        {"p": json.dumps(self._function_fields(use.record())), "jti": jti,
+                                         "reason": reason.strip()})
+                    failed = result["finished"]["outcome"] == "failed"
+                else:
+                    self.append(conn, {**use.record(), "event": "started", "outcome": "started"})
+                    failed = conn.execute(sa.select(self.revoked.c.jti).where(self.revoked.c.jti == jti)).first() \
+                        is not None
+                    if not failed:
+                        conn.execute(self.revoked.insert().values(
+                            jti=jti, revoked_at=database_now(conn), revoked_by=use.context.get("triggered_by"),
+                            reason=reason.strip(), use_id=use.use_id))
+                    finish: dict[str, Any] = {**use.record(), "event": "finished",
+                                              "outcome": "failed" if failed else "success"}
+                    if failed:
+                        finish.update(error_class="AuditError", error_message=f"token {jti} was already revoked")
+                    self.append(conn, finish)
+        except AuditError:
+            raise
+        except SQLAlchemyError as exc:
+            raise AuditError(f"cannot record the revocation ({exc.__class__.__name__}); the token is NOT revoked. "
+                             "Check that the audit database is reachable and that this role may revoke") from None
+        if failed:
+            raise AuditError(f"token {jti} was already revoked; nothing changed")
+
+    def revocations(self, conn: Connection | None = None) -> list[dict[str, Any]]:
+        """Every revoked token id with when, by whom and why, newest first."""
+        query = sa.select(self.revoked).order_by(self.revoked.c.revoked_at.desc())
+        if conn is not None:
+            return [dict(r._mapping) for r in conn.execute(query)]
+        with self.engine.connect() as own:
+            return [dict(r._mapping) for r in own.execute(query)]
 
     def start(self, use: AuditUse) -> dict[str, Any]:
         """Commit the ``started`` row of ``use``; raise :class:`AuditError` if it cannot be written."""

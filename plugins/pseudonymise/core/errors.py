@@ -58,6 +58,14 @@ class RetentionEndedError(TokenError):
     """The project's retention period has ended: reversal is impossible for ever."""
 
 
+class TokenRevokedError(TokenError):
+    """The token's ``jti`` is in the revocation table (v1.1): it is refused for ever."""
+
+
+class TokenUsedUpError(TokenError):
+    """The token has had as many uses as its ``max_uses`` claim allows (v1.1)."""
+
+
 class TokenUnavailableError(TokenError):
     """The token could not be read from its connection or from Vault."""
 

@@ -315,7 +315,7 @@ class Issuer:
     # --- tokens ---------------------------------------------------------------------------------
     def issue(self, project_id: str, kind: str, *, expires_in: timedelta = timedelta(days=30),
               source_project: str | None = None, not_before: datetime | None = None,
-              key_version: int | None = None) -> str:
+              key_version: int | None = None, max_uses: int | None = None) -> str:
         """Issue a signed token of ``kind`` for ``project_id``.
 
         Reverse tokens are refused for irreversible projects and never outlive the retention end; for
@@ -331,9 +331,14 @@ class Issuer:
         secondary token carries a ``key_ref`` instead, like its pseudonymisation tokens (HKDF cannot run
         on a key that never leaves Vault): there, Transit's own HMAC of the secondary message layout
         makes the secondary pseudonyms, and Vault's policy is what keeps the key's other uses apart.
+
+        ``max_uses`` (v1.1) limits how many times the token may be used: every consumer counts its uses
+        in the audit and refuses the token once they reach it (see :class:`~pseudonymise.core.use.TokenUse`).
         """
         if kind not in KINDS:
             raise IssuerError(f"token kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
+        if max_uses is not None and (isinstance(max_uses, bool) or not isinstance(max_uses, int) or max_uses < 1):
+            raise IssuerError("max_uses must be a positive whole number (or none, for no limit)")
         project = self.project(project_id)
         now = int(time.time())
         if expires_in <= timedelta(0):
@@ -357,6 +362,8 @@ class Issuer:
             "retention_until": utc_seconds(project.retention_until),
             "format": project.format.to_claim(),
         }
+        if max_uses is not None:
+            claims["max_uses"] = max_uses
         version = project.key_version if key_version is None else key_version
         if kind in ("pseudonymisation", "secondary"):
             claims["key_version"] = version

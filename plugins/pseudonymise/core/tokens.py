@@ -305,6 +305,8 @@ class Token:
     verify_keys: dict[int, bytes] | None = field(default=None, repr=False)
     #: Secondary tokens (v1.1): the source project's pseudonym format; input must match it.
     source_format: PseudonymFormat | None = None
+    #: How many uses the consumer allows (v1.1), counted in the audit; ``None``: any number until expiry.
+    max_uses: int | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -338,6 +340,7 @@ class Token:
             "key_version": self.key_version,
             **({"key_ref": self.key_ref} if self.key_ref else {}),
             **({"verify_key_versions": sorted(self.verify_keys)} if self.verify_keys else {}),
+            **({"max_uses": self.max_uses} if self.max_uses is not None else {}),
             "fingerprint": self.fingerprint,
         }
 
@@ -373,6 +376,16 @@ def _key_version(claims: Mapping[str, Any]) -> int:
     value = _claim(claims, "key_version", int)
     if value < 1:
         raise MalformedTokenError("token claim 'key_version' must be a positive integer")
+    return value
+
+
+def _max_uses(claims: Mapping[str, Any]) -> int | None:
+    """How many uses the token allows (v1.1); ``None``: no limit but its lifetime."""
+    if "max_uses" not in claims:
+        return None
+    value = _claim(claims, "max_uses", int)
+    if value < 1:
+        raise MalformedTokenError("token claim 'max_uses' must be a positive integer")
     return value
 
 
@@ -500,6 +513,7 @@ def token_from_claims(raw: str, header: Mapping[str, Any], claims: Mapping[str, 
         key_ref=key_ref,
         verify_keys=verify_keys,
         source_format=source_format,
+        max_uses=_max_uses(claims),
     )
 
 

@@ -19,9 +19,16 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from pseudonymise.core.audit import CONTEXT_FIELDS, AuditLog, AuditUse
+from pseudonymise.core.audit import CONTEXT_FIELDS, Admission, AuditLog, AuditUse
 from pseudonymise.core.db import database_now
-from pseudonymise.core.errors import AuditError, PseudonymiseError, RetentionEndedError, TokenError
+from pseudonymise.core.errors import (
+    AuditError,
+    PseudonymiseError,
+    RetentionEndedError,
+    TokenError,
+    TokenRevokedError,
+    TokenUsedUpError,
+)
 from pseudonymise.core.instants import utc_seconds
 from pseudonymise.core.tokens import Token, TrustedKeys, fingerprint, peek_claims, secret_parts, verify_token
 
@@ -216,9 +223,17 @@ class TokenUse:
         except TokenError as exc:
             denial = exc
             self.use.claimed = peek_claims(raw) or None
-        if verified is not None:
+        if verified is None:
+            self.audit.start(self.use)
+        else:
             self._record_verified(verified)
-        self.audit.start(self.use)
+            # revoked or used up: the denied row is already committed with the started one (DESIGN §3, v1.1)
+            refused = self.audit.start_use(self.use, self._admission(verified))
+            if refused is not None:
+                self._finished = True
+                if self.on_finished is not None:
+                    self.on_finished(self.audit)
+                raise refused
         if verified is not None and verified.kind == "reverse":
             denial = self._retention_on_database_clock(verified)
         if denial is not None:
@@ -258,6 +273,18 @@ class TokenUse:
         self.use.token_issuer = token.issuer
         self.use.token_expires_at = utc_seconds(token.expires)
         self.use.retention_until = utc_seconds(token.retention_until)
+        self.use.token_max_uses = token.max_uses
+
+    @staticmethod
+    def _admission(token: Token) -> Admission:
+        uses = "" if token.max_uses is None else f"{token.max_uses} use{'s' if token.max_uses != 1 else ''}"
+        return Admission(
+            max_uses=token.max_uses,
+            revoked=TokenRevokedError(f"token {token.jti} has been revoked and can never be used again; ask the "
+                                      "project's issuer for a new token"),
+            used_up=TokenUsedUpError(f"token {token.jti} allows {uses} (max_uses) and has had them; ask the project's "
+                                     "issuer for a new token"),
+        )
 
     def _retention_on_database_clock(self, token: Token) -> TokenError | None:
         """Retention is judged by the audit database's clock, not the worker's (DESIGN.md §5.1): a worker

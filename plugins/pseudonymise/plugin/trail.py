@@ -18,6 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
 from pseudonymise.core.audit import VerifyResult
 from pseudonymise.core.pipeline import Store
@@ -25,7 +26,7 @@ from pseudonymise.plugin.access import DagScope
 
 #: Outcomes a filter may ask for: a use's final outcome, or ``incomplete`` (started, never finished).
 USE_OUTCOMES = ("success", "failed", "denied", "incomplete")
-OPERATIONS = ("pseudonymise", "secondary", "reverse", "rekey", "purge", "verify")
+OPERATIONS = ("pseudonymise", "secondary", "reverse", "rekey", "purge", "verify", "revoke")
 _VERIFY_TTL_SECONDS = 60.0
 _verified: dict[tuple[str, str], tuple[float, tuple[Any, ...], VerifyResult]] = {}
 _verified_lock = threading.Lock()
@@ -98,6 +99,16 @@ class TokenSummary:
     #: Known only from what refused uses *claimed* (their token never verified): jti, project, kind and
     #: issuer are unverified labels.
     claimed: bool = False
+    #: The token's ``max_uses`` (v1.1) and its uses that were let through (not denied), so the uses left.
+    max_uses: int | None = None
+    admitted: int = 0
+    #: When, by whom and why it was revoked (the revocation table), if it was.
+    revoked: dict[str, Any] | None = None
+
+    @property
+    def uses_left(self) -> int | None:
+        """``None``: no limit but the token's lifetime."""
+        return None if self.max_uses is None else max(self.max_uses - self.admitted, 0)
 
     def classify(self, now: datetime, warning: timedelta) -> None:
         if self.expires_at is None:
@@ -219,7 +230,7 @@ class Trail:
                 sa.func.min(t.c.recorded_at), sa.func.max(t.c.recorded_at), sa.func.count(sa.distinct(t.c.use_id)),
                 count(finished & (t.c.outcome == "success")), count(finished & (t.c.outcome == "failed")),
                 count(finished & (t.c.outcome == "denied")), count(finished & (t.c.error_class == "TokenExpiredError")),
-                sa.func.max(t.c.token_expires_at), sa.func.max(t.c.retention_until),
+                sa.func.max(t.c.token_expires_at), sa.func.max(t.c.retention_until), sa.func.max(t.c.token_max_uses),
             )
             .where(t.c.token_jti.is_not(None), self.scope.clause(t.c.dag_id))
             .group_by(t.c.token_jti)
@@ -228,16 +239,28 @@ class Trail:
         out = []
         with self.store.engine.connect() as conn:
             for (jti, project, projects, kind, issuer, first, last, uses, ok, failed, denied, expired,
-                 expires, retention) in conn.execute(query):
+                 expires, retention, max_uses) in conn.execute(query):
                 summary = TokenSummary(
                     jti=jti, project=project, projects_seen=projects, kind=kind, issuer=issuer,
                     first_use=first, last_use=last, uses=uses,
                     outcomes={"success": ok or 0, "failed": failed or 0, "denied": denied or 0},
-                    expired_uses=expired or 0, expires_at=_instant(expires), retention_until=_instant(retention))
+                    expired_uses=expired or 0, expires_at=_instant(expires), retention_until=_instant(retention),
+                    max_uses=max_uses, admitted=uses - (denied or 0))
                 summary.classify(now, warning)
                 out.append(summary)
             out += self._claimed_tokens(conn, {s.jti for s in out}, now, warning)
+        revoked = self.revocations()
+        for summary in out:
+            summary.revoked = revoked.get(summary.jti)
         return sorted(out, key=lambda s: s.last_use, reverse=True)
+
+    def revocations(self) -> dict[str, dict[str, Any]]:
+        """Revoked token ids with when, by whom and why; empty when the revocation table cannot be read (an
+        audit made before revocation existed, read by a role that may not create it)."""
+        try:
+            return {r["jti"]: r for r in self.store.audit.revocations()}
+        except SQLAlchemyError:
+            return {}
 
     def _claimed_tokens(self, conn: Connection, known: set[str], now: datetime,
                         warning: timedelta) -> list[TokenSummary]:
