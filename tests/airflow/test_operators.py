@@ -118,7 +118,7 @@ def test_unsupported_type_fails_before_any_write(world: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("case", ["expired", "not_yet_valid", "wrong_kind", "wrong_project", "unknown_issuer",
-                                  "tampered"])
+                                  "tampered", "revoked"])
 def test_denied_uses_are_audited_and_write_nothing(world: dict[str, Any], case: str, tmp_path: Path) -> None:
     issuer: Issuer = world["issuer"]
     project = "research-a"
@@ -136,6 +136,14 @@ def test_denied_uses_are_audited_and_write_nothing(world: dict[str, Any], case: 
         other = Issuer.init(DirectoryStore(tmp_path / "other"), "rogue")
         other.create_project(project)
         token = other.issue(project, "pseudonymisation")
+    elif case == "revoked":  # revoked in the audit the operator writes to (DESIGN §3, v1.1)
+        from pseudonymise.core.audit import AuditLog, AuditUse
+        from pseudonymise.core.tokens import verify_token
+
+        token = issuer.issue(project, "pseudonymisation")
+        revoking = AuditLog(sa.create_engine(world["urls"]["research"]))
+        revoking.revoke(verify_token(token, issuer.public_keys()).jti, "test", AuditUse(operation="revoke"))
+        revoking.engine.dispose()
     else:
         head, payload, sig = issuer.issue(project, "pseudonymisation").split(".")
         from pseudonymise.core.tokens import b64url_decode, b64url_encode
@@ -148,8 +156,8 @@ def test_denied_uses_are_audited_and_write_nothing(world: dict[str, Any], case: 
     assert run.returncode != 0
     expected = {"expired": "TokenExpiredError", "not_yet_valid": "TokenNotYetValidError", "wrong_kind": "TokenKindError",
                 "wrong_project": "TokenProjectError", "unknown_issuer": "UnknownIssuerKeyError",
-                "tampered": "TokenSignatureError"}[case]
-    audit = audit_rows(world["urls"]["research"])
+                "tampered": "TokenSignatureError", "revoked": "TokenRevokedError"}[case]
+    audit = [a for a in audit_rows(world["urls"]["research"]) if a["operation"] != "revoke"]
     assert [a["outcome"] for a in audit] == ["started", "denied"]
     assert audit[1]["error_class"] == expected
     assert token not in run.output and token not in json.dumps(audit, default=str)

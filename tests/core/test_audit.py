@@ -14,8 +14,10 @@ import sqlalchemy as sa
 from pseudonymise.core.audit import FIELDS, GENESIS, AuditLog, AuditUse, row_hash
 from pseudonymise.core.db import make_engine
 from pseudonymise.core.errors import AuditError
+from pseudonymise.core.issuer import Issuer
 
 from scripts.services import free_port
+from tests import reference
 
 CONTEXT = {"dag_id": "patients_daily", "task_id": "pseudonymise", "run_id": "scheduled__2026-11-01",
            "map_index": -1, "try_number": 1, "logical_date": datetime(2026, 11, 1, tzinfo=UTC),
@@ -289,3 +291,42 @@ def test_unwritable_sqlite_audit_raises_audit_error(tmp_path: Any) -> None:
     log = AuditLog(make_engine(f"sqlite:///{tmp_path}/no/such/folder/audit.db"))
     with pytest.raises(AuditError):
         log.start(a_use())
+
+
+def test_an_audit_made_before_revocation_is_upgraded(audit: AuditLog, issuer: Issuer) -> None:
+    """An audit created by an earlier release (no revocation table, no token_jti index, no token_max_uses
+    column, on PostgreSQL no start and revoke functions) gets them on first use by its owner; its rows
+    and chain stay as they were and the new checks work on it."""
+    from pseudonymise.core.errors import TokenRevokedError
+    from pseudonymise.core.use import GivenToken, TokenUse
+
+    first = issuer.issue("research-a", "pseudonymisation")
+    with TokenUse(audit, "pseudonymise", GivenToken(first, issuer.public_keys()), kind="pseudonymisation"):
+        pass
+    before = list(audit.iter_rows())
+    postgres = audit.engine.dialect.name == "postgresql"
+    with audit.engine.begin() as conn:  # what the earlier release had
+        conn.execute(sa.text("DROP TABLE pseudonymise_revoked"))
+        conn.execute(sa.text("DROP INDEX ix_pseudonymise_audit_token_jti"))
+        if postgres:
+            conn.execute(sa.text("DROP FUNCTION pseudonymise_audit_start(jsonb, integer, jsonb, jsonb)"))
+            conn.execute(sa.text("DROP FUNCTION pseudonymise_audit_revoke(jsonb, text, text)"))
+        conn.execute(sa.text("ALTER TABLE pseudonymise_audit DROP COLUMN token_max_uses"))
+    upgraded = AuditLog(make_engine(str(audit.engine.url.render_as_string(hide_password=False))))
+    upgraded.create()
+    inspector = sa.inspect(upgraded.engine)
+    assert "pseudonymise_revoked" in inspector.get_table_names()
+    assert "ix_pseudonymise_audit_token_jti" in {i["name"] for i in inspector.get_indexes("pseudonymise_audit")}
+    def without_new_column(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if k != "token_max_uses"} for r in rows]
+
+    assert without_new_column(list(upgraded.iter_rows())) == without_new_column(before)
+    assert upgraded.verify().ok
+    once = issuer.issue("research-a", "reverse", max_uses=1)
+    jti = reference.claims(once)["jti"]
+    upgraded.revoke(jti, "issued by mistake", AuditUse(operation="revoke"))
+    with pytest.raises(TokenRevokedError), TokenUse(upgraded, "reverse", GivenToken(once, issuer.public_keys()),
+                                                    kind="reverse"):
+        pytest.fail("a revoked token was handed out")
+    assert upgraded.verify().ok
+    upgraded.engine.dispose()

@@ -4,6 +4,7 @@ overlapping runs of the same interval. No deadlock, no lost or duplicated row, a
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.sql import PostgresCopySource, TableTarget
 from pseudonymise.core.use import GivenToken, RunContext
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 
 
 def _task(url: str, token: str, jwks: dict[str, Any], lo: int, hi: int, mode: str, queue: Any) -> None:
@@ -68,6 +69,7 @@ def _run_all(url: str, issuer: Issuer, ranges: list[tuple[int, int]], mode: str)
     return results
 
 
+@pytest.mark.postgres
 def test_eight_concurrent_range_tasks(pg_url: str, issuer: Issuer) -> None:
     _source(pg_url, 8000)
     results = _run_all(pg_url, issuer, [(i * 1000, (i + 1) * 1000) for i in range(8)], "range")
@@ -81,6 +83,7 @@ def test_eight_concurrent_range_tasks(pg_url: str, issuer: Issuer) -> None:
     assert len(rows) == 16 and sorted(r["outcome"] for r in rows) == ["started"] * 8 + ["success"] * 8
 
 
+@pytest.mark.postgres
 def test_two_overlapping_runs_of_one_interval_leave_one_copy(pg_url: str, issuer: Issuer) -> None:
     _source(pg_url, 3000)
     engine = sa.create_engine(pg_url)
@@ -92,3 +95,44 @@ def test_two_overlapping_runs_of_one_interval_leave_one_copy(pg_url: str, issuer
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*), count(DISTINCT id) FROM dst")).one() == (3000, 3000)
     assert AuditLog(engine).verify().ok
+
+
+def _use_once(url: str, token: str, jwks: dict[str, Any], barrier: Any, queue: Any) -> None:
+    """One process using a single-use reverse token, released at the same moment as the other."""
+    from pseudonymise.core.errors import TokenUsedUpError
+    from pseudonymise.core.tokens import TrustedKeys
+    from pseudonymise.core.use import TokenUse
+
+    try:
+        audit = AuditLog(sa.create_engine(url))
+        audit.create()
+        barrier.wait(timeout=60)
+        with TokenUse(audit, "reverse", GivenToken(token, TrustedKeys.from_jwks(jwks)), kind="reverse"):
+            time.sleep(0.5)  # both uses overlap: the second admission happens while the first is running
+        queue.put("success")
+    except TokenUsedUpError:
+        queue.put("denied")
+    except BaseException as exc:
+        queue.put(f"error {exc!r}")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+def test_two_concurrent_uses_of_a_single_use_token(db_url: str, issuer: Issuer) -> None:
+    """DESIGN §3 (v1.1): uses are counted under the audit lock, so two processes using a single-use token at
+    the same instant get one success and one denial, never two successes."""
+    token = issuer.issue("research-a", "reverse", max_uses=1)
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    AuditLog(sa.create_engine(db_url)).create()  # the tables exist before the race
+    procs = [ctx.Process(target=_use_once, args=(db_url, token, issuer.public_keys().to_jwks(), barrier, queue))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert results == ["denied", "success"], results
+    audit = AuditLog(sa.create_engine(db_url))
+    assert audit.verify().ok
+    finished = [r["outcome"] for r in audit.iter_rows() if r["event"] == "finished"]
+    assert sorted(finished) == ["denied", "success"]

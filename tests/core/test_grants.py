@@ -1,14 +1,16 @@
 """The documented least-privilege grants (include/sql/least_privilege.sql) work on PostgreSQL: the
-pipeline role pseudonymises and escrows, but cannot rewrite the audit or read escrow ciphertexts."""
+pipeline role pseudonymises and escrows, but cannot rewrite the audit or read escrow ciphertexts, nor
+revoke or un-revoke a token; its uses are still counted and checked against the revocations."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 import sqlalchemy as sa
-from pseudonymise.core.audit import AuditLog
+from pseudonymise.core.audit import AuditLog, AuditUse
+from pseudonymise.core.errors import AuditError, TokenRevokedError, TokenUsedUpError
 from pseudonymise.core.escrow import reveal
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import Store, run_pseudonymisation
@@ -16,7 +18,7 @@ from pseudonymise.core.plan import SinkFactory, plan_transfer
 from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.sql import TableTarget
 from pseudonymise.core.tokens import verify_token
-from pseudonymise.core.use import GivenToken
+from pseudonymise.core.use import GivenToken, TokenUse
 
 pytestmark = pytest.mark.postgres
 GRANTS = Path(__file__).resolve().parents[2] / "include/sql/least_privilege.sql"
@@ -35,7 +37,8 @@ class _Discard:
     def abort(self): ...  # type: ignore[no-untyped-def]
 
 
-def test_pipeline_role_can_append_but_not_rewrite(pg_url: str, issuer: Issuer, postgres) -> None:  # type: ignore[no-untyped-def]
+def _grant(pg_url: str) -> sa.Engine:
+    """The audit owner creates the tables and runs least_privilege.sql; returns the owner's engine."""
     owner = sa.create_engine(pg_url)
     Store(owner).create()
     with owner.begin() as conn:
@@ -46,6 +49,28 @@ def test_pipeline_role_can_append_but_not_rewrite(pg_url: str, issuer: Issuer, p
             code = "\n".join(line for line in statement.splitlines() if not line.strip().startswith("--")).strip()
             if code:
                 conn.execute(sa.text(code))
+    return owner
+
+
+def _drop_roles(pg_url: str, postgres: Any, *engines: sa.Engine) -> None:
+    """Roles are cluster-wide: drop them (and the database that depends on them) for the next test."""
+    for engine in engines:
+        engine.dispose()
+    with sa.create_engine(postgres.url(), isolation_level="AUTOCOMMIT").connect() as conn:
+        db = sa.make_url(pg_url).database
+        conn.execute(sa.text(f'DROP DATABASE "{db}" WITH (FORCE)'))
+        conn.execute(sa.text("DROP ROLE pseudonymise_pipeline"))
+        conn.execute(sa.text("DROP ROLE pseudonymise_auditor"))
+        conn.execute(sa.text("DROP ROLE pseudonymise_viewer"))
+        conn.execute(sa.text(f'CREATE DATABASE "{db}"'))
+
+
+def _as(pg_url: str, role: str) -> sa.Engine:
+    return sa.create_engine(sa.make_url(pg_url).set(username=role))
+
+
+def test_pipeline_role_can_append_but_not_rewrite(pg_url: str, issuer: Issuer, postgres) -> None:  # type: ignore[no-untyped-def]
+    owner = _grant(pg_url)
     pipeline = sa.create_engine(sa.make_url(pg_url).set(username="pseudonymise_pipeline"))
     token = issuer.issue("research-a", "pseudonymisation")
     policy = ColumnPolicy.pseudonymise("id")
@@ -77,12 +102,43 @@ def test_pipeline_role_can_append_but_not_rewrite(pg_url: str, issuer: Issuer, p
         store = Store(auditor)
         revealed = reveal(conn, store.escrow, reverse, pseudonyms, lambda: store.audit.listed_escrow_batches(conn))
         assert sorted(revealed.values.values()) == ["A1", "A2", "A3"]
-    for engine in (pipeline, auditor, owner):
-        engine.dispose()
-    with sa.create_engine(postgres.url(), isolation_level="AUTOCOMMIT").connect() as conn:
-        db = sa.make_url(pg_url).database
-        conn.execute(sa.text(f'DROP DATABASE "{db}" WITH (FORCE)'))
-        conn.execute(sa.text("DROP ROLE pseudonymise_pipeline"))
-        conn.execute(sa.text("DROP ROLE pseudonymise_auditor"))
-        conn.execute(sa.text("DROP ROLE pseudonymise_viewer"))
-        conn.execute(sa.text(f'CREATE DATABASE "{db}"'))
+    _drop_roles(pg_url, postgres, pipeline, auditor, owner)
+
+
+def test_use_limits_and_revocation_through_the_roles(pg_url: str, issuer: Issuer, postgres: Any) -> None:
+    """The pipeline role's uses are admitted by ``pseudonymise_audit_start`` (it reads the audit and the
+    revocations as their owner: the role itself can read neither), a single-use token's second use is
+    denied; only the auditor may revoke (through ``pseudonymise_audit_revoke``, recorded as its role), and
+    no role but the owner can change or delete a revocation."""
+    owner = _grant(pg_url)
+    pipeline, auditor, viewer = (_as(pg_url, r) for r in ("pseudonymise_pipeline", "pseudonymise_auditor",
+                                                          "pseudonymise_viewer"))
+    once = issuer.issue("research-a", "reverse", max_uses=1)
+    with TokenUse(AuditLog(pipeline), "reverse", GivenToken(once, issuer.public_keys()), kind="reverse"):
+        pass
+    with pytest.raises(TokenUsedUpError), TokenUse(AuditLog(pipeline), "reverse",
+                                                   GivenToken(once, issuer.public_keys()), kind="reverse"):
+        pytest.fail("handed out twice")
+    token = issuer.issue("research-b", "pseudonymisation")
+    jti = verify_token(token, issuer.public_keys()).jti
+    for statement in (f"INSERT INTO pseudonymise_revoked VALUES ('{jti}', now(), 'me', 'x', 'u')",
+                      "DELETE FROM pseudonymise_revoked", "SELECT * FROM pseudonymise_revoked"):
+        with pipeline.connect() as conn, pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+            conn.execute(sa.text(statement))
+    with pytest.raises(AuditError, match="NOT revoked"):
+        AuditLog(pipeline).revoke(jti, "the pipeline may not revoke", AuditUse(operation="revoke"))
+    AuditLog(auditor).revoke(jti, "vendor contract ended", AuditUse(operation="revoke", context={"triggered_by": "dpo"}))
+    for statement in ("DELETE FROM pseudonymise_revoked", "UPDATE pseudonymise_revoked SET reason = 'x'"):
+        with auditor.connect() as conn, pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+            conn.execute(sa.text(statement))
+    with pytest.raises(TokenRevokedError), TokenUse(AuditLog(pipeline), "pseudonymise",
+                                                    GivenToken(token, issuer.public_keys()), kind="pseudonymisation"):
+        pytest.fail("a revoked token was handed out")
+    assert [r["jti"] for r in AuditLog(viewer).revocations()] == [jti]
+    audit = AuditLog(owner)
+    assert audit.verify().ok
+    rows = [(r["operation"], r["outcome"], r["db_role"]) for r in audit.iter_rows() if r["event"] == "finished"]
+    assert rows == [("reverse", "success", "pseudonymise_pipeline"), ("reverse", "denied", "pseudonymise_pipeline"),
+                    ("revoke", "success", "pseudonymise_auditor"),
+                    ("pseudonymise", "denied", "pseudonymise_pipeline")]
+    _drop_roles(pg_url, postgres, pipeline, auditor, viewer, owner)

@@ -732,3 +732,27 @@ def test_fuzz_signature_last_character_is_canonical(fuzz_target: tuple[str, Trus
     assume(mutated != raw)
     with pytest.raises(TokenError):
         verify_token(mutated, keys)
+
+
+# --- max_uses (DESIGN §3, v1.1) -------------------------------------------------------------------
+def test_max_uses_is_carried_and_shown(issuer: Issuer) -> None:
+    raw = issuer.issue("research-a", "reverse", max_uses=3)
+    assert _claims(raw)["max_uses"] == 3
+    token = verify_token(raw, issuer.public_keys())
+    assert token.max_uses == 3 and token.public_claims()["max_uses"] == 3
+    unlimited = verify_token(issuer.issue("research-a", "pseudonymisation"), issuer.public_keys())
+    assert unlimited.max_uses is None and "max_uses" not in unlimited.public_claims()
+
+
+@pytest.mark.parametrize("value", [0, -1, "1", 1.0, True, None])
+def test_a_malformed_max_uses_is_refused(issuer: Issuer, value: Any) -> None:
+    claims = _claims(issuer.issue("research-a", "reverse"))
+    claims["max_uses"] = value
+    with pytest.raises(MalformedTokenError, match="max_uses"):
+        verify_token(_resign(issuer, claims), issuer.public_keys())
+
+
+@pytest.mark.parametrize("value", [0, -2, True, 1.5])
+def test_the_issuer_refuses_a_bad_max_uses(issuer: Issuer, value: Any) -> None:
+    with pytest.raises(IssuerError, match="max_uses must be a positive whole number"):
+        issuer.issue("research-a", "reverse", max_uses=value)

@@ -149,6 +149,7 @@ def token_connections(issuer: Issuer, tmp_path: Path, monkeypatch: pytest.Monkey
         "expired": forged_token(issuer, "research-a"),
         "untrusted": other.issue("research-a", "pseudonymisation"),
         "expiring": issuer.issue("research-a", "pseudonymisation", expires_in=timedelta(days=3)),
+        "reverse_once": issuer.issue("research-a", "reverse", max_uses=1),
     }
     suffix = uuid.uuid4().hex[:8]
     ids = {name: f"tok_{name}_{suffix}" for name in tokens}

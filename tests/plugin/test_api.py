@@ -155,6 +155,24 @@ def test_reversal_with_a_pseudonymisation_token_is_denied(api: Api, audit_db: Au
     assert audit_db.outcomes() == [("started", None), ("denied", "TokenKindError")]
 
 
+def test_a_single_use_reverse_token_reveals_once(api: Api, audit_db: AuditDb, token_connections: TokenConnections,
+                                                 allow_reversal: None) -> None:
+    """max_uses (v1.1) through the HTTP API: the second reversal with a single-use token is refused (422, the
+    reason named), audited 'denied', and reveals nothing."""
+    made = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"),
+                           json={"policy": {"id": "pseudonymise"}, "records": [{"id": 42}]}).json()
+    pseudonym = made["records"][0]["id"]
+    body = {"columns": ["id"], "records": [{"id": pseudonym}]}
+    first = api.client.post(url(token_connections, "reverse_once", "reverse"), headers=api.auth("admin"), json=body)
+    assert first.status_code == 200 and first.json()["records"] == [{"id": 42}]
+    second = api.client.post(url(token_connections, "reverse_once", "reverse"), headers=api.auth("admin"), json=body)
+    assert second.status_code == 422 and "allows 1 use (max_uses)" in second.json()["detail"]
+    assert "records" not in second.json() and "42" not in second.text
+    assert audit_db.outcomes()[-4:] == [("started", None), ("success", None), ("started", None),
+                                        ("denied", "TokenUsedUpError")]
+    assert_no_secret(second.text + json.dumps(audit_db.rows(), default=str), token_connections)
+
+
 # --- auth ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("action", ["pseudonymise", "secondary", "reverse"])
 def test_using_a_token_needs_read_access_to_its_connection(api: Api, audit_db: AuditDb,

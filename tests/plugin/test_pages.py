@@ -9,8 +9,11 @@ from urllib.parse import quote
 import pytest
 import sqlalchemy as sa
 from airflow.models.taskinstancekey import TaskInstanceKey
+from pseudonymise.core.audit import AuditUse
+from pseudonymise.core.errors import TokenRevokedError
 from pseudonymise.operators import AuditTrailLink
 
+from tests import reference
 from tests.plugin.conftest import Api, AuditDb, TokenConnections, page, secrets_of, task_use
 
 
@@ -224,3 +227,30 @@ def test_pages_are_framable_only_by_airflow_and_run_no_script(api: Api, audit_db
     csp = response.headers["content-security-policy"]
     assert "frame-ancestors 'self'" in csp and "default-src 'none'" in csp and "script-src" not in csp
     assert response.headers["cache-control"] == "no-store"
+
+
+def test_tokens_page_shows_uses_left_and_revocations(api: Api, audit_db: AuditDb,
+                                                     token_connections: TokenConnections) -> None:
+    """A token with max_uses shows how many uses it has left (refused uses do not count), an unlimited one
+    shows none; a revoked token shows when, by whom and why (escaped)."""
+    issuer = token_connections.issuer
+    limited = issuer.issue("research-a", "pseudonymisation", max_uses=3)
+    unlimited = issuer.issue("research-a", "pseudonymisation")
+    for token in (limited, limited, unlimited):
+        task_use(audit_db.store, token, issuer, dag_id="d", task_id="t", run_id="r")
+    revoked_jti = reference.claims(unlimited)["jti"]
+    audit_db.store.audit.revoke(revoked_jti, "<script>alert(1)</script> leaked",
+                                AuditUse(operation="revoke", context={"triggered_by": "dpo"}))
+    with pytest.raises(TokenRevokedError):
+        task_use(audit_db.store, unlimited, issuer, dag_id="d", task_id="t", run_id="r")
+    html = page(api, "tokens")
+    rows = {r["jti"]: r for r in parse(html, "token").rows}
+    limited_row, revoked_row = rows[reference.claims(limited)["jti"]], rows[revoked_jti]
+    assert (limited_row["uses-left"], limited_row["revoked"]) == ("1", "no")
+    assert "1 of 3" in html
+    assert (revoked_row["uses-left"], revoked_row["revoked"]) == ("", "yes")
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; leaked" in html and "<script>alert(1)" not in html
+    assert "by dpo" in html
+    for token in (limited, unlimited):
+        for secret in secrets_of(token):
+            assert secret not in html
