@@ -316,6 +316,16 @@ class ObjectStorageHook(BaseHook):
             raise DataIOError(f"cannot read {uri!r} ({exc.__class__.__name__}); check the path and storage connection") from exc
         return local
 
+    def upload(self, local: str, uri: str) -> None:
+        """Copy the local file ``local`` to ``uri``, in chunks."""
+        import shutil
+
+        try:
+            with open(local, "rb") as src, self.path(uri).open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except Exception as exc:
+            raise DataIOError(f"cannot write {uri!r} ({exc.__class__.__name__}); check the path and storage connection") from exc
+
     def destination(self, uri: str, fmt: str | None = None) -> ObjectStorageDestination:
         """Where a run writes the file ``uri`` (format ``fmt``, default from the extension)."""
         return ObjectStorageDestination(self, uri, fmt)
@@ -344,14 +354,8 @@ class _UploadingSink:
         self.sink.write(batch)
 
     def commit(self) -> None:
-        import shutil
-
         self.sink.commit()
-        try:
-            with open(self.local, "rb") as src, self.hook.path(self.uri).open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except Exception as exc:
-            raise DataIOError(f"cannot write {self.uri!r} ({exc.__class__.__name__}); check the path and storage connection") from exc
+        self.hook.upload(self.local, self.uri)
         self.uploaded = True
 
     def abort(self) -> None:

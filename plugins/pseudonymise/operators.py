@@ -11,6 +11,7 @@ or a secret.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,7 +24,13 @@ from airflow.sdk import Asset, BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from pseudonymise.core.audit import AuditLog
-from pseudonymise.core.errors import PolicyError, PseudonymiseError, ServiceUnavailableError, TokenError
+from pseudonymise.core.errors import (
+    PolicyError,
+    PseudonymiseError,
+    RetireRefusedError,
+    ServiceUnavailableError,
+    TokenError,
+)
 from pseudonymise.core.files import open_source
 from pseudonymise.core.pipeline import Store, run_pseudonymisation, run_purge, run_rekey, run_reversal
 from pseudonymise.core.plan import (
@@ -384,6 +391,77 @@ class EscrowPurgeOperator(BaseOperator):
         summary = run_purge(store, run_context(context), project=self.project)
         self.log.info("purge: %d escrow rows past retention deleted; audit use %s",
                       summary.counts["escrow_rows"], summary.use_id)
+        return summary.as_dict()
+
+
+class SourceRetireOperator(BaseOperator):
+    """Delete the source rows of this run's data interval, or export them first, once the audit proves they
+    were loaded: a ``success`` of ``load_task_id`` for the same DAG and data interval whose rows read equal
+    the rows of the interval now (mapped load tasks are summed). Otherwise nothing is deleted and the task
+    fails naming the reason. One transaction on the source; audited as operation ``retire``.
+
+    :param source_conn_id: the source database (any SQLAlchemy database Airflow connects to).
+    :param table: the source table; ``schema`` its schema.
+    :param interval_column: the column that places a row in an interval (a date, timestamp or integer);
+        the rows retired are those with ``interval_start <= column < interval_end``.
+    :param interval_start: default: the run's ``data_interval_start`` (templated); ``interval_end`` likewise.
+    :param load_task_id: the task that loaded the interval (a ``PseudonymiseOperator``; mapped or not).
+    :param load_dag_id: its DAG (default: this task's DAG); ``load_operation`` what it did (default
+        ``pseudonymise``).
+    :param audit_conn_id: the database holding the audit of the load (and this retirement's audit).
+    :param export_path: write the rows there before deleting them: a local path or an object storage URL
+        (``s3://…``, ``file://…``; ``storage_conn_id`` its connection), ``.csv`` or ``.parquet`` (templated);
+        if it cannot be written, nothing is deleted.
+    """
+
+    template_fields: Sequence[str] = ("table", "interval_start", "interval_end", "export_path")
+    ui_color = "#ffd6a5"
+    operator_extra_links = (AuditTrailLink(),)
+
+    def __init__(self, *, source_conn_id: str, table: str, interval_column: str, load_task_id: str,
+                 audit_conn_id: str, schema: str | None = None, interval_start: Any = None,
+                 interval_end: Any = None, load_dag_id: str | None = None, load_operation: str = "pseudonymise",
+                 export_path: str | None = None, export_format: str | None = None,
+                 storage_conn_id: str | None = None, audit_table: str = "pseudonymise_audit",
+                 audit_schema: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.source_conn_id, self.table, self.schema, self.interval_column = source_conn_id, table, schema, interval_column
+        self.interval_start, self.interval_end = interval_start, interval_end
+        self.load_task_id, self.load_dag_id, self.load_operation = load_task_id, load_dag_id, load_operation
+        self.audit_conn_id, self.audit_table, self.audit_schema = audit_conn_id, audit_table, audit_schema
+        self.export_path, self.export_format, self.storage_conn_id = export_path, export_format, storage_conn_id
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from pseudonymise.core.retire import LoadSelector, SourceInterval, run_retire
+
+        start, end = context.get("data_interval_start"), context.get("data_interval_end")
+        if start is None or end is None:
+            raise AirflowFailException("SourceRetireOperator needs a run with a data interval (a scheduled or "
+                                       "backfilled run); give interval_start and interval_end otherwise")
+        interval = SourceInterval(self.table, self.interval_column,
+                                  LoadSelector.instant(self.interval_start if self.interval_start is not None else start),
+                                  LoadSelector.instant(self.interval_end if self.interval_end is not None else end),
+                                  self.schema)
+        load = LoadSelector(self.load_dag_id or context["ti"].dag_id, self.load_task_id,
+                            LoadSelector.instant(start), LoadSelector.instant(end), self.load_operation)
+        store = Store(SqlDataHook(self.audit_conn_id).get_engine(), self.audit_table, self.audit_schema)
+        source = SqlDataHook(self.source_conn_id).get_engine()
+        with tempfile.TemporaryDirectory(prefix="pseudonymise-retire-") as scratch:
+            export, publish, label = self.export_path, None, None
+            if export is not None and is_object_storage(export):
+                hook = ObjectStorageHook(self.storage_conn_id)
+                local = os.path.join(scratch, "export" + os.path.splitext(export)[1])
+                export, label = local, f"file:{self.export_path}"
+                publish = lambda path: hook.upload(path, self.export_path)  # noqa: E731
+            try:
+                summary = run_retire(store, source, interval, load, run_context(context), export_path=export,
+                                     export_format=self.export_format, publish=publish, export_label=label,
+                                     source_label=f"{self.source_conn_id}:{interval.label}")
+            except RetireRefusedError as exc:
+                raise AirflowFailException(str(exc)) from exc
+        self.log.info("retired %d rows of %s (the load read %d; %d exported); audit use %s",
+                      summary.counts["rows_deleted"], interval.label, summary.counts["rows_loaded"],
+                      summary.counts["rows_exported"], summary.use_id)
         return summary.as_dict()
 
 

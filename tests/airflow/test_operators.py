@@ -230,3 +230,43 @@ def test_secondary_reverse_and_purge_example_dags(world: dict[str, Any], tmp_pat
     assert run.returncode == 0, run.output[-3000:]
     assert [a["outcome"] for a in audit_rows(world["urls"]["research"]) if a["operation"] == "purge"] == \
         ["started", "success"]
+
+
+def _hospital_days(url: str) -> dict[str, int]:
+    with sa.create_engine(url).connect() as conn:
+        return {str(d): n for d, n in conn.execute(sa.text(
+            "SELECT visit_date, count(*) FROM patient_visits GROUP BY visit_date"))}
+
+
+def test_source_retire_after_a_verified_load(world: dict[str, Any], tmp_path: Path) -> None:
+    """SourceRetireOperator downstream of the load: the interval's source rows are exported (through
+    object storage, a file:// URL) and deleted once the audit holds the load's success with as many rows;
+    run without a load of the interval, it fails, names the reason and deletes nothing."""
+    before = _hospital_days(world["urls"]["hospital"])
+    retire = {"operator": "SourceRetireOperator", "task_id": "retire", "source_conn_id": "hospital_db",
+              "table": "patient_visits", "interval_column": "visit_date", "load_task_id": "pseudonymise",
+              "audit_conn_id": "research_db"}
+    alone = world["airflow"].dags_test("pseudonymise_test", "2026-11-05", world["connections"],
+                                       spec={"tasks": [retire]})
+    assert alone.returncode != 0 and "no successful 'pseudonymise' load by task pseudonymise_test.pseudonymise" \
+        in alone.output
+    assert _hospital_days(world["urls"]["hospital"]) == before
+    export = tmp_path / "archive" / "visits-{{ ds }}.csv"
+    export.parent.mkdir()
+    spec = dag_spec(world)
+    spec["tasks"].append({**retire, "upstream": "pseudonymise", "export_path": f"file://{export}"})
+    run = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", world["connections"], spec=spec)
+    assert run.returncode == 0, run.output[-3000:]
+    after = _hospital_days(world["urls"]["hospital"])
+    [gone] = set(before) - set(after)  # the run's data interval: one day, the day the load read
+    assert {d: n for d, n in before.items() if d != gone} == after
+    [written] = list((tmp_path / "archive").iterdir())
+    with written.open(newline="", encoding="utf-8") as fh:
+        exported = list(csv.DictReader(fh))
+    assert len(exported) == before[gone] and {r["visit_date"] for r in exported} == {gone}
+    assert all(r["patient_id"] for r in exported)  # the originals, archived before deletion
+    audit = [a for a in audit_rows(world["urls"]["research"]) if a["event"] == "finished"]
+    assert [(a["operation"], a["outcome"]) for a in audit] == [("retire", "failed"), ("pseudonymise", "success"),
+                                                               ("retire", "success")]
+    assert audit[2]["rows_out"] == audit[1]["rows_in"] == before[gone]
+    assert audit[2]["target"] == f"file:file://{written}"

@@ -179,6 +179,10 @@ class DatabaseIOError(DataIOError):
         self.column, self.table, self.constraint = column, table, constraint
 
 
+class RetireRefusedError(PseudonymiseError):
+    """Source rows were not retired: no verified load of their interval, or the source changed since."""
+
+
 # --- configuration and requests ------------------------------------------------------------------
 class ConfigurationError(PseudonymiseError):
     """A setting (a ``[pseudonymise]`` option of Airflow's configuration) is missing or invalid; the message

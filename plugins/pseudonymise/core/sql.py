@@ -275,7 +275,7 @@ def _python_type(values: Sequence[Any]) -> sa.types.TypeEngine[Any]:
     return sa.Text()
 
 
-def _coerce(value: Any, coltype: sa.types.TypeEngine[Any], column: str) -> Any:
+def coerce_bound(value: Any, coltype: sa.types.TypeEngine[Any], column: str) -> Any:
     """Bind a templated partition bound (text) as the column's own type."""
     if not isinstance(value, str):
         return value
@@ -417,8 +417,8 @@ class TableSink:
             self.conn.execute(sa.delete(t))
         elif target.mode == "replace_partition":
             col = t.c[target.partition_column]  # type: ignore[index]
-            start = _coerce(target.partition_start, col.type, col.name)
-            end = None if target.partition_end is None else _coerce(target.partition_end, col.type, col.name)
+            start = coerce_bound(target.partition_start, col.type, col.name)
+            end = None if target.partition_end is None else coerce_bound(target.partition_end, col.type, col.name)
             self._lock = lock_interval(self.conn, target.schema, target.label, start, end)
             cond = col >= start
             if end is not None:

@@ -1,6 +1,6 @@
 """A DAG the Airflow tests configure through PSEUDONYMISE_TEST_DAG (JSON): which operators, with what.
 
-``{"tasks": [{"operator": "PseudonymiseOperator", "task_id": "...", ...kwargs}],
+``{"tasks": [{"operator": "PseudonymiseOperator", "task_id": "...", "upstream": "<task_id>", ...kwargs}],
    "mapped": {"conn_id": ..., "table": ..., "key": ..., "parts": 2, "task": {...kwargs}}}``
 """
 
@@ -21,10 +21,14 @@ with DAG(
     start_date=datetime(2026, 11, 1),
     catchup=False,
 ):
+    made = {}
     for i, item in enumerate(spec.get("tasks", [])):
         kwargs = dict(item)
         op = getattr(operators, kwargs.pop("operator"))
-        op(task_id=kwargs.pop("task_id", f"task_{i}"), **kwargs)
+        upstream = kwargs.pop("upstream", None)
+        made[item.get("task_id", f"task_{i}")] = op(task_id=kwargs.pop("task_id", f"task_{i}"), **kwargs)
+        if upstream:
+            made[upstream] >> made[item.get("task_id", f"task_{i}")]
 
     mapped = spec.get("mapped")
     if mapped:
