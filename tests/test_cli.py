@@ -452,7 +452,8 @@ def _subcommands() -> list[tuple[str, ...]]:
 
 
 def test_every_subcommand_is_listed() -> None:
-    assert len(_subcommands()) == 17
+    assert len(_subcommands()) == 18
+    assert ("subject", "erase") in _subcommands()
     assert ("token", "revoke") in _subcommands() and ("token", "revocations") in _subcommands()
     assert ("file", "reverse") in _subcommands() and ("audit", "verify") in _subcommands()
     assert ("audit", "checkpoint") in _subcommands() and ("audit", "keygen") in _subcommands()
@@ -545,3 +546,46 @@ def test_token_revoke_refuses_every_later_use(cli: Cli, pseudonymised: Path) -> 
     assert [(r["jti"], r["reason"]) for r in listed] == [(jti, "laptop lost")]
     assert listed[0]["revoked_by"] and listed[0]["use_id"] == rows[1]["use_id"]
     assert cli.run("audit", "verify", "--db", cli.db).returncode == 0
+
+
+# --- subject erasure ------------------------------------------------------------------------------
+def test_subject_erase_by_identifier_then_reversal_is_severed(cli: Cli, tmp_path: Path) -> None:
+    """`subject erase --identifiers` with the pseudonymisation token: the subject's escrow row and the
+    rows of a table carrying the pseudonym go; the other patients stay revealable; the identifier is
+    never printed; a randomised-style misuse (both or neither input) is a clear error."""
+    db = f"sqlite:///{tmp_path / 'erase.db'}"
+    pseudonymised = tmp_path / "p.csv"
+    cli.run("file", "pseudonymise", SAMPLE, pseudonymised, "--policy", POLICY, "--db", db,
+            "--token-file", cli.tokens["research-a"])
+    rows = read_csv(pseudonymised)
+    originals = read_csv(SAMPLE)
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
+        conn.execute("CREATE TABLE shared (patient_id text, ward text)")
+        conn.executemany("INSERT INTO shared VALUES (?, ?)", [(r["patient_id"], r["ward"]) for r in rows])
+    subject = originals[1]["patient_id"]  # P770839
+    erased_pseudonym = rows[1]["patient_id"]
+    carrying = sum(r["patient_id"] == erased_pseudonym for r in rows)
+    ids = tmp_path / "ids.txt"
+    ids.write_text(f"  {subject.lower()}\n\n", encoding="utf-8")  # normalised as the load did: strip, upper
+    done = cli.run("subject", "erase", "--identifiers", ids, "--column", "patient_id", "--normalise", "strip,upper",
+                   "--token-file", cli.tokens["research-a"], "--target", "shared.patient_id", "--db", db)
+    assert "erased 1 escrow row(s) of 1 pseudonym(s) in project 'research-a'" in done.stdout
+    assert f"deleted {carrying} row(s) of shared" in done.stdout
+    assert subject not in done.stdout + done.stderr and erased_pseudonym not in done.stdout + done.stderr
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
+        assert conn.execute("SELECT count(*) FROM shared WHERE patient_id = ?", (erased_pseudonym,)).fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM shared").fetchone() == (len(rows) - carrying,)
+    back = tmp_path / "back.csv"
+    cli.run("file", "reverse", pseudonymised, back, "--columns", "patient_id", "--db", db,
+            "--token-file", cli.tokens["reverse-a"])
+    revealed = read_csv(back)
+    assert revealed[1]["patient_id"] == ""  # severed for ever
+    assert revealed[2]["patient_id"] == originals[2]["patient_id"].strip().upper()  # the others still revealable
+    assert cli.run("audit", "verify", "--db", db).returncode == 0
+    both = cli.run("subject", "erase", "--identifiers", ids, "--pseudonyms", ids, "--db", db, expect=1)
+    assert "give either --identifiers FILE" in both.stderr
+    no_project = cli.run("subject", "erase", "--pseudonyms", ids, "--db", db, expect=1)
+    assert "--pseudonyms needs --project" in no_project.stderr
+    bad_target = cli.run("subject", "erase", "--pseudonyms", ids, "--project", "research-a", "--target", "shared",
+                         "--db", db, expect=1)
+    assert "must be TABLE.COLUMN" in bad_target.stderr

@@ -38,7 +38,14 @@ from pseudonymise.core.checkpoint import (
     WitnessVerifyResult,
     verify_against_witness,
 )
-from pseudonymise.core.errors import CheckpointError, IssuerError, PolicyError, PseudonymiseError, TokenError
+from pseudonymise.core.errors import (
+    CheckpointError,
+    ErasureError,
+    IssuerError,
+    PolicyError,
+    PseudonymiseError,
+    TokenError,
+)
 from pseudonymise.core.escrow import unproven_rows
 from pseudonymise.core.files import open_sink, open_source
 from pseudonymise.core.formats import ALPHABETS, DEFAULT_ALPHABET, DEFAULT_LENGTH, PseudonymFormat
@@ -382,6 +389,52 @@ def cmd_file_reverse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_values(path: str, what: str) -> list[str]:
+    """One value per line of ``path`` (``-``: standard input), UTF-8; blank lines skipped. Never printed."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ErasureError(f"cannot read the {what} file {path!r} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ErasureError(f"the {what} file {path!r} is not UTF-8 text; convert it (one value per line)") from None
+    return [line.strip("\r") for line in text.split("\n") if line.strip()]
+
+
+def cmd_subject_erase(args: argparse.Namespace) -> int:
+    from pseudonymise.core.db import make_engine
+    from pseudonymise.core.erase import ErasureTarget, erase_by_identifiers, erase_by_pseudonyms
+
+    if bool(args.identifiers) == bool(args.pseudonyms):
+        raise ErasureError("give either --identifiers FILE (with the project's pseudonymisation token) or "
+                           "--pseudonyms FILE (with --project)")
+    store = Store(args.db)
+    target_engine = make_engine(args.target_db) if args.target_db else store.engine
+    targets = []
+    for spec in args.target:
+        table, sep, column = spec.rpartition(".")
+        if not sep or not table or not column:
+            raise ErasureError(f"--target {spec!r} must be TABLE.COLUMN (the column holding the pseudonyms)")
+        schema, _, name = table.rpartition(".")
+        targets.append(ErasureTarget(target_engine, name, column, schema or None))
+    run = RunContext(triggered_by=current_user())
+    if args.identifiers:
+        rules = [ColumnRule(args.column, normalise=tuple(_split(args.normalise)), domain=domain)
+                 for domain in (args.domain or [""])]
+        summary = erase_by_identifiers(store, CliTokens(args), _read_values(args.identifiers, "identifiers"), rules,
+                                       targets, run)
+    else:
+        if not args.project:
+            raise ErasureError("--pseudonyms needs --project: the project whose pseudonyms they are")
+        summary = erase_by_pseudonyms(store, args.project, _read_values(args.pseudonyms, "pseudonyms"), targets, run)
+    print(f"erased {summary.counts['escrow_rows']} escrow row(s) of {summary.counts['values_pseudonymised']} "
+          f"pseudonym(s) in project {summary.project!r}; reversal of them is no longer possible")
+    for key, value in summary.counts.items():
+        if key.startswith("rows_deleted:"):
+            print(f"deleted {value} row(s) of {key.split(':', 1)[1]}")
+    print(f"audit use {summary.use_id}")
+    return 0
+
+
 def cmd_escrow_purge(args: argparse.Namespace) -> int:
     summary = run_purge(Store(args.db), RunContext(triggered_by=current_user()), project=args.project)
     print(f"purged {summary.counts['escrow_rows']} escrow row(s) past retention; audit use {summary.use_id}")
@@ -708,6 +761,28 @@ def build_parser() -> argparse.ArgumentParser:
                 "pseudonymise escrow purge --db postgresql://warehouse/research", cmd_escrow_purge)
     p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB))
     p.add_argument("--project", help="only this project")
+
+    subject = group("subject", "erase one person (or a few) on request",
+                    "pseudonymise subject erase --identifiers ids.txt --column patient_id --token-file t.token")
+    p = command(subject, "erase",
+                "Erase subjects: delete their escrow rows (reversal severed for ever) and, with --target, the rows "
+                "of tables that carry their pseudonyms; audited, counts only.",
+                "pseudonymise subject erase --identifiers ids.txt --column patient_id --token-file research-a.token "
+                "--target visits.patient_id --db postgresql://audit-owner@db/research", cmd_subject_erase)
+    p.add_argument("--identifiers", metavar="FILE",
+                   help="the subjects' original identifiers, one per line ('-': standard input); needs the "
+                        "project's pseudonymisation token")
+    p.add_argument("--pseudonyms", metavar="FILE", help="the subjects' pseudonyms, one per line; needs --project")
+    p.add_argument("--column", default="id", help="the column name the loads pseudonymised (for the audit; default id)")
+    p.add_argument("--domain", action="append", metavar="DOMAIN",
+                   help="the domain the loads used (repeat for several; default: none)")
+    p.add_argument("--normalise", metavar="N1,N2", help="the normalisers the loads used, e.g. strip,upper")
+    p.add_argument("--target", action="append", default=[], metavar="[SCHEMA.]TABLE.COLUMN",
+                   help="also delete the rows of this table whose COLUMN holds one of the pseudonyms (repeatable)")
+    p.add_argument("--target-db", metavar="URL", help="the database of the targets (default: --db)")
+    p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB),
+                   help="the database holding the escrow and the audit (SQLAlchemy URL)")
+    _add_token_args(p)
 
     audit = group("audit", "the tamper-evident audit table", "pseudonymise audit verify --db sqlite:///pseudonymise.db")
     for name, help_, example, func in (

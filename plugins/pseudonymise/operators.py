@@ -25,6 +25,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.errors import (
+    ErasureError,
     PolicyError,
     PseudonymiseError,
     RetireRefusedError,
@@ -462,6 +463,82 @@ class SourceRetireOperator(BaseOperator):
         self.log.info("retired %d rows of %s (the load read %d; %d exported); audit use %s",
                       summary.counts["rows_deleted"], interval.label, summary.counts["rows_loaded"],
                       summary.counts["rows_exported"], summary.use_id)
+        return summary.as_dict()
+
+
+class SubjectErasureOperator(BaseOperator):
+    """Erase subjects on request: delete their escrow rows (reversal severed for ever; the other subjects of
+    the same escrow batches stay revealable) and, when ``targets`` are named, the rows of those tables that
+    carry their pseudonyms, each target in one transaction with its own audited use (counts only).
+
+    The subjects come from ``identifiers_sql`` (their original identifiers, first column; the pseudonyms
+    are computed with the project's pseudonymisation token of ``pseudonymise_conn_id`` under the column
+    rule the loads used: ``column``, ``normalise``, ``domains``) or from ``pseudonyms_sql`` (their
+    pseudonyms in ``project``, no token needed: the only way for randomised projects). Neither the
+    identifiers nor the pseudonyms reach a log, XCom or the audit.
+
+    :param audit_conn_id: the database holding the escrow and the audit.
+    :param source_conn_id: where the ``*_sql`` query runs.
+    :param targets: ``[{"conn_id": ..., "table": ..., "column": ..., "schema": ...}]``.
+    """
+
+    template_fields: Sequence[str] = ("identifiers_sql", "pseudonyms_sql", "project")
+    template_fields_renderers: ClassVar[dict[str, str]] = {"identifiers_sql": "sql", "pseudonyms_sql": "sql"}
+    ui_color = "#ff9aa2"
+    operator_extra_links = (AuditTrailLink(),)
+
+    def __init__(self, *, audit_conn_id: str, source_conn_id: str, identifiers_sql: str | None = None,
+                 pseudonyms_sql: str | None = None, pseudonymise_conn_id: str | None = None,
+                 project: str | None = None, column: str = "id", normalise: Sequence[str] = (),
+                 domains: Sequence[str] = ("",), targets: Sequence[Mapping[str, str]] = (),
+                 audit_table: str = "pseudonymise_audit", audit_schema: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if (identifiers_sql is None) == (pseudonyms_sql is None):
+            raise ValueError("SubjectErasureOperator: give identifiers_sql (with pseudonymise_conn_id) or "
+                             "pseudonyms_sql (with project), not both")
+        if identifiers_sql is not None and not pseudonymise_conn_id:
+            raise ValueError("SubjectErasureOperator: identifiers_sql needs pseudonymise_conn_id (the project's "
+                             "pseudonymisation token computes the pseudonyms)")
+        if pseudonyms_sql is not None and not project:
+            raise ValueError("SubjectErasureOperator: pseudonyms_sql needs project")
+        for target in targets:
+            if not {"conn_id", "table", "column"} <= set(target):
+                raise ValueError("SubjectErasureOperator: each target needs conn_id, table and column")
+        self.audit_conn_id, self.source_conn_id = audit_conn_id, source_conn_id
+        self.identifiers_sql, self.pseudonyms_sql = identifiers_sql, pseudonyms_sql
+        self.pseudonymise_conn_id, self.project = pseudonymise_conn_id, project
+        self.column, self.normalise, self.domains = column, tuple(normalise), tuple(domains) or ("",)
+        self.targets = [dict(t) for t in targets]
+        self.audit_table, self.audit_schema = audit_table, audit_schema
+
+    def _values(self, sql: str) -> list[Any]:
+        import sqlalchemy as sa
+
+        with SqlDataHook(self.source_conn_id).get_engine().connect() as conn:
+            return [row[0] for row in conn.execute(sa.text(sql)) if row[0] is not None]
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from pseudonymise.core.erase import ErasureTarget, erase_by_identifiers, erase_by_pseudonyms
+        from pseudonymise.core.policy import ColumnRule
+
+        store = Store(SqlDataHook(self.audit_conn_id).get_engine(), self.audit_table, self.audit_schema)
+        targets = [ErasureTarget(SqlDataHook(t["conn_id"]).get_engine(), t["table"], t["column"], t.get("schema"),
+                                 label=f"{t['conn_id']}:{t['table']}") for t in self.targets]
+        run = run_context(context)
+        with _failing_the_task():
+            try:
+                if self.identifiers_sql is not None:
+                    rules = [ColumnRule(self.column, normalise=self.normalise, domain=d) for d in self.domains]
+                    summary = erase_by_identifiers(store, PseudonymisationTokenHook(self.pseudonymise_conn_id),
+                                                   self._values(self.identifiers_sql), rules, targets, run)
+                else:
+                    summary = erase_by_pseudonyms(store, str(self.project), self._values(str(self.pseudonyms_sql)),
+                                                  targets, run)
+            except ErasureError as exc:
+                raise AirflowFailException(str(exc)) from exc
+        self.log.info("erased %d escrow rows of %d pseudonyms in project %s; audit use %s",
+                      summary.counts["escrow_rows"], summary.counts["values_pseudonymised"], summary.project,
+                      summary.use_id)
         return summary.as_dict()
 
 

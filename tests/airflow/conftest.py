@@ -54,7 +54,8 @@ class AirflowWorld:
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_FOLDER": str(HERE / "dags"),
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
-            "PYTHONPATH": str(ROOT),
+            # this checkout's package first, whatever is installed (a second worktree shares the venv)
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), str(ROOT)]),
         })
 
     def env(self, connections: Mapping[str, Mapping[str, Any]], dags_folder: Path | None = None,

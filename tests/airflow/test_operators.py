@@ -270,3 +270,35 @@ def test_source_retire_after_a_verified_load(world: dict[str, Any], tmp_path: Pa
                                                                ("retire", "success")]
     assert audit[2]["rows_out"] == audit[1]["rows_in"] == before[gone]
     assert audit[2]["target"] == f"file:file://{written}"
+
+
+def test_subject_erasure_operator(world: dict[str, Any]) -> None:
+    """SubjectErasureOperator after a reversible load: the subject's escrow row and target rows are gone,
+    nobody else's; the identifier is in no log and no audit row."""
+    run = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", world["connections"],
+                                     spec=dag_spec(world, sql="SELECT visit_id, patient_id, visit_date, ward "
+                                                              "FROM patient_visits", parameters={}))
+    assert run.returncode == 0, run.output[-3000:]
+    research = sa.create_engine(world["urls"]["research"])
+    with research.connect() as conn:
+        escrow_before = conn.execute(sa.text("SELECT count(*) FROM pseudonymise_escrow")).scalar()
+        visits_before = conn.execute(sa.text("SELECT count(*) FROM visits")).scalar()
+    with sa.create_engine(world["urls"]["hospital"]).connect() as conn:
+        subject_visits = conn.execute(sa.text(
+            "SELECT count(*) FROM patient_visits WHERE upper(trim(patient_id)) = 'P770839'")).scalar()
+    erase = {"operator": "SubjectErasureOperator", "task_id": "erase", "audit_conn_id": "research_db",
+             "source_conn_id": "hospital_db", "pseudonymise_conn_id": "pseudonymise_research",
+             "identifiers_sql": "SELECT DISTINCT patient_id FROM patient_visits WHERE upper(trim(patient_id)) = 'P770839'",
+             "column": "patient_id", "normalise": ["strip", "upper"],
+             "targets": [{"conn_id": "research_db", "table": "visits", "column": "patient_id"}]}
+    run = world["airflow"].dags_test("pseudonymise_test", "2026-11-05", world["connections"], spec={"tasks": [erase]})
+    assert run.returncode == 0, run.output[-3000:]
+    with research.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM pseudonymise_escrow")).scalar() == escrow_before - 1
+        assert conn.execute(sa.text("SELECT count(*) FROM visits")).scalar() == visits_before - subject_visits
+    assert subject_visits > 0
+    audit = [a for a in audit_rows(world["urls"]["research"]) if a["operation"] == "erase" and a["event"] == "finished"]
+    assert [(a["outcome"], a["escrow_rows"], a["rows_out"]) for a in audit] == [
+        ("success", 1, None), ("success", None, subject_visits)]
+    assert "P770839" not in run.output and "P770839" not in json.dumps(audit_rows(world["urls"]["research"]),
+                                                                       default=str)

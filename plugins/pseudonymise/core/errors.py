@@ -183,6 +183,11 @@ class RetireRefusedError(PseudonymiseError):
     """Source rows were not retired: no verified load of their interval, or the source changed since."""
 
 
+class ErasureError(PseudonymiseError):
+    """A subject erasure cannot be done as asked (randomised project by identifiers, no identifiers, a
+    missing target); nothing was erased."""
+
+
 # --- configuration and requests ------------------------------------------------------------------
 class ConfigurationError(PseudonymiseError):
     """A setting (a ``[pseudonymise]`` option of Airflow's configuration) is missing or invalid; the message
