@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 from pseudonymise.core import formats
-from pseudonymise.core.collisions import RECORD, CollisionGuard, RecentMacs
+from pseudonymise.core.collisions import RECORD, CollisionGuard
 from pseudonymise.core.errors import CollisionError
 from pseudonymise.core.formats import PseudonymFormat
 from pseudonymise.core.policy import ColumnPolicy
@@ -121,22 +121,3 @@ def test_memory_stays_bounded_when_spilled() -> None:
     assert len(guard._resident) == 0 and guard.spilled_records == 40_000
     guard.finish()
     guard.close()
-
-
-def test_recent_macs_keep_nearly_all_of_half_a_table_and_never_invent_one() -> None:
-    """Half as many MACs as slots, remembered batch by batch: a MAC is known only if it was remembered, and
-    over 95 % are still known at the end (a direct-mapped table keeps about 79 %)."""
-    table = RecentMacs(1 << 14)
-    remembered = [os.urandom(32 * 512) for _ in range(16)]  # 8192 MACs in 16 batches
-    for batch in remembered:
-        table.remember(RecentMacs.words(batch))
-    everything = b"".join(remembered)
-    assert table.known(RecentMacs.words(everything)).mean() > 0.95
-    strangers = os.urandom(32 * 8192)
-    assert not table.known(RecentMacs.words(strangers)).any()
-    # a MAC differing from a remembered one in its last word only is not known either
-    near = bytearray(everything[:32 * 100])
-    for i in range(100):
-        near[32 * i + 31] ^= 1
-    assert not table.known(RecentMacs.words(bytes(near))).any()
-    assert table.unseen(everything[:64] + strangers[:32]).tolist() == [2]  # type: ignore[union-attr]

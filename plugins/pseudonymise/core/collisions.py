@@ -32,55 +32,35 @@ _SPILL_BUFFER = 1 << 18  # bytes buffered per partition file: few, large writes
 
 
 class RecentMacs:
-    """A fixed table of MACs seen lately (32 MiB at most, touched as used), 4-way set-associative on the MAC's
-    first bits: a MAC may sit in any of the four slots of its set, so it is forgotten only when five or more
-    MACs of the run share its set (direct-mapped, one in three was forgotten when the table was half full,
-    and met again, sealed and staged again). A MAC is only ever reported as known when that exact MAC is in
-    one of its set's slots; a full set merely forgets one of the MACs it held."""
-
-    WAYS = 4
+    """A fixed table of MACs seen lately (32 MiB at most, touched as used), direct-mapped on the MAC's
+    first bits. A MAC is only ever reported as known when that exact MAC is in its slot; a slot taken by
+    another MAC merely forgets the earlier one."""
 
     def __init__(self, slots: int = 1 << 20) -> None:
         self._macs = np.zeros((slots, 4), dtype=np.uint64)  # zero pages cost nothing until touched
         self._rows = self._macs.view("V32").reshape(-1)
         self._used = np.zeros(slots, dtype=bool)
-        self._ways = min(self.WAYS, slots)  # (a table of fewer slots is one set)
-        self._mask = np.uint64(slots // self._ways - 1)
+        self._mask = np.uint64(slots - 1)
 
     @staticmethod
     def words(macs: bytes) -> np.ndarray:
         return np.frombuffer(macs, dtype=np.uint64).reshape(-1, 4)
 
-    def _sets(self, words: np.ndarray) -> np.ndarray:
-        """The first slot of each MAC's set."""
-        return (words[:, 0] & self._mask).astype(np.intp) * self._ways
+    def _slots(self, words: np.ndarray) -> np.ndarray:
+        return (words[:, 0] & self._mask).astype(np.intp)
 
     def known(self, words: np.ndarray) -> np.ndarray:
         """Whether each MAC (rows of four 64-bit words) is in the table."""
-        first = self._sets(words)
-        found = np.zeros(len(words), dtype=bool)
-        for way in range(self._ways):
-            slot = first + way
-            held = np.take(self._macs, slot, axis=0)  # take and per-word compares: several times faster than fancy indexing
-            found |= (held[:, 0] == words[:, 0]) & (held[:, 1] == words[:, 1]) & (held[:, 2] == words[:, 2]) \
-                & (held[:, 3] == words[:, 3]) & self._used[slot]
-        return found
+        slot = self._slots(words)
+        held = np.take(self._macs, slot, axis=0)  # take and per-word compares: several times faster than fancy indexing
+        same = (held[:, 0] == words[:, 0]) & (held[:, 1] == words[:, 1]) & (held[:, 2] == words[:, 2]) \
+            & (held[:, 3] == words[:, 3])
+        return same & self._used[slot]
 
     def remember(self, words: np.ndarray) -> None:
-        """Put the MACs not yet held in a free slot of their set, or, when it is full, in one of its slots
-        picked by the MAC's second word (forgetting what was there)."""
-        rows = np.unique(np.ascontiguousarray(words).view("V32").reshape(-1))
-        pending = rows.view(np.uint64).reshape(-1, 4)
-        for _ in range(self._ways):  # MACs of one call that picked the same slot: the next free one, next time round
-            pending = pending[~self.known(pending)]
-            if not len(pending):
-                return
-            first = self._sets(pending)
-            free = ~self._used[first[:, None] + np.arange(self._ways)]
-            way = np.where(free.any(axis=1), free.argmax(axis=1), (pending[:, 1] % np.uint64(self._ways)).astype(np.intp))
-            slot = first + way
-            self._rows[slot] = pending.view("V32").reshape(-1)
-            self._used[slot] = True
+        slot = self._slots(words)
+        self._rows[slot] = np.ascontiguousarray(words).view("V32").reshape(-1)
+        self._used[slot] = True
 
     def unseen(self, macs: bytes) -> np.ndarray | None:
         """Positions of the MACs not seen before (``None``: none was seen); all are remembered."""
