@@ -467,3 +467,15 @@ def test_flush_starts_again_when_a_writer_without_the_lock_commits_a_key_first(p
             == list(_items(token, ["y"]).pseudonyms)
         assert digest == _stored_digest(conn, tables, batch_id)
     engine.dispose()
+
+
+def test_a_batch_that_stores_nothing_leaves_no_batch_row(db: tuple[Engine, EscrowTables], mint: Mint) -> None:
+    """Every value already had escrow: the batch's sealed key would seal nothing kept, so it is not written
+    (and the batch is not listed)."""
+    token = mint("research-a")
+    assert write(db, token, pseudonymise(token, {"id": ["a", "b"]})[1]) == 2
+    writer = EscrowWriter(token, db[1])
+    with db[0].begin() as conn:
+        assert writer.write(conn, _items(token, ["b", "a"])) == 0
+    assert writer.digests == {}
+    assert count(db, "batches") == 1
