@@ -15,7 +15,8 @@ GRANT EXECUTE ON FUNCTION pseudonymise_audit_append(jsonb) TO pseudonymise_pipel
 GRANT EXECUTE ON FUNCTION pseudonymise_audit_start(jsonb, integer, jsonb, jsonb) TO pseudonymise_pipeline;
 GRANT INSERT ON pseudonymise_escrow_batch TO pseudonymise_pipeline;
 GRANT INSERT ON pseudonymise_escrow TO pseudonymise_pipeline;
--- ON CONFLICT and the batch digests' RETURNING: the key and the (public) counter nonce, never a ciphertext.
+-- Leaving out pseudonyms escrow already holds, and the stored nonces RETURNING gives for the batch digests:
+-- the key and the (public) counter nonce, never a ciphertext.
 GRANT SELECT (project, pseudonym, batch_id, nonce) ON pseudonymise_escrow TO pseudonymise_pipeline;
 
 -- The write modes' interval lock (replace, replace_partition): one row per open writer, removed

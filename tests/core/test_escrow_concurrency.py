@@ -1,10 +1,11 @@
 """Two reversible runs sharing values at once, batches in opposite orders: neither may deadlock.
 
 Escrow keeps one row per (project, pseudonym) under a unique key, so a run inserting a pseudonym
-another open run inserted waits for that run. Had each run inserted batch by batch, run A (values
-0-999, then 1000-1999) and run B (1000-1999, then 0-999) would each wait for the other: PostgreSQL
-would abort one with "deadlock detected". Deferred escrow (one sorted insert at the end of a run)
-takes the rows' locks in one global order, so the runs finish one after the other instead.
+another open run inserted waits for that run. Had each run inserted batch by batch without a lock,
+run A (values 0-999, then 1000-1999) and run B (1000-1999, then 0-999) would each wait for the other:
+PostgreSQL would abort one with "deadlock detected". Deferred escrow moves a run's rows in one insert
+at its end, under a transaction lock on the project's escrow, so the runs finish one after the other
+and the second stores only what the first did not.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class _MeetingSource:
 
 
 def test_two_runs_sharing_values_in_opposite_orders_both_finish(pg_url: str, issuer: Issuer) -> None:
-    """Fails with ``DeadlockDetected`` when the pipeline's EscrowWriter is made with ``defer=False``."""
+    """Both runs finish; the first to commit stores every value, the second none."""
     engine = sa.create_engine(pg_url, pool_size=10)
     Store(engine).create()
     barrier = threading.Barrier(2)

@@ -5,8 +5,10 @@ the escrow item containers."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import random
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +150,55 @@ def test_seal_rows_equals_aesgcm_of_the_escrow_layout() -> None:
         native.seal_rows(dek, ad_prefix=b"", plain_prefix=b"", pseudonyms=b"ab", width=2, canonicals=b"xyz",
                          ends=np.array([0, 2], np.uint64).tobytes(), row_start=b"", row_middle=b"", row_end=b"")
     assert isinstance(info.value.__cause__, ValueError)
+
+
+def _digest_hash(pseudonym: bytes, nonce: bytes, sealed: bytes) -> bytes:
+    """One row's hash in its batch digest, as docs/design-notes.md defines it (written here with hashlib alone)."""
+    return hashlib.sha256(struct.pack(">I", len(pseudonym)) + pseudonym + nonce + struct.pack(">I", len(sealed))
+                          + sealed).digest()
+
+
+def _hashes_of_rows(rows: bytes) -> bytes:
+    """The digest hashes of COPY text escrow rows, from the rows' own fields."""
+    out = b""
+    for line in rows.decode("utf-8").split("\n")[:-1]:
+        _project, name, _batch, nonce, sealed, _retention = line.split("\t")
+        name = name.replace("\\\\", "\\")  # COPY text escapes a backslash; the digest hashes the pseudonym
+        out += _digest_hash(name.encode("utf-8"), bytes.fromhex(nonce[3:]), bytes.fromhex(sealed[3:]))
+    return out
+
+
+@needs_native
+def test_seal_rows_gives_each_rows_digest_hash() -> None:
+    """The C engine hashes each row it seals into ``row_hashes`` (what the writer's batch digests are made of)."""
+    rng = random.Random(17)
+    dek, n, width = os.urandom(32), 700, 26
+    names = [rng.randbytes(13).hex()[:width].encode() for _ in range(n)]
+    values = [rng.randbytes(rng.randrange(0, 200)) for _ in range(n)]
+    ends = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.uint64)
+    hashes = bytearray(32 * n)
+    rows = native.seal_rows(dek, ad_prefix=b"proj\x00", plain_prefix=b"str\x00", pseudonyms=b"".join(names),
+                            width=width, canonicals=b"".join(values), ends=ends.tobytes(), row_start=b"proj\t",
+                            row_middle=b"\tB\t", row_end=b"\tR\n", row_hashes=hashes)
+    assert bytes(hashes) == _hashes_of_rows(rows) and len(set(bytes(hashes[i:i + 32]) for i in range(0, 32 * n, 32))) == n
+    with pytest.raises(EscrowError, match="32 bytes per value"):
+        native.seal_rows(dek, ad_prefix=b"", plain_prefix=b"", pseudonyms=b"ab", width=2, canonicals=b"",
+                         ends=np.zeros(2, np.uint64).tobytes(), row_start=b"", row_middle=b"", row_end=b"",
+                         row_hashes=bytearray(31))
+
+
+@pytest.mark.parametrize("prefix", ["P-", "P\\"], ids=["plain", "escaped-by-python"])
+def test_a_sealer_knows_the_digest_hash_of_every_row_it_sealed(mint: Mint, prefix: str) -> None:
+    """``row_hashes`` after ``copy_rows`` (Python) and ``copy_block_rows`` (C when it is there) is each row's hash,
+    computed here from the rows themselves (COPY escaping undone)."""
+    token = mint("research-a")
+    rng = random.Random(23)
+    names = [f"{prefix}{rng.randbytes(12).hex()}" for _ in range(300)]
+    values = [rng.randbytes(rng.randrange(0, 60)) for _ in range(300)]
+    python, block = BatchSealer(token, "d"), BatchSealer(token, "d")
+    for sealer, rows in ((python, python.copy_rows("B-1", names, ["str"] * 300, values)),
+                         (block, block.copy_block_rows("B-1", _block(names, values, "d")))):
+        assert sealer.row_hashes == _hashes_of_rows(rows)
 
 
 # --- a batch: the Python path and the C engine give the same rows ----------------------------------

@@ -759,29 +759,37 @@ static inline char *put_hex(char *w, const unsigned char *p, size_t n) {
 
 /*
  * seal_rows(dek, ad_prefix, plain_prefix, pseudonyms, width, canonicals, ends, row_start, row_middle, row_end
- *           [, ad_suffix]) -> bytes
+ *           [, ad_suffix[, row_hashes]]) -> bytes
  *
  * Value i (pseudonym = pseudonyms[i*width:(i+1)*width], canonical = canonicals[ends[i]:ends[i+1]]) is
  * sealed as AES-256-GCM(dek, nonce = i as 96-bit big-endian, plaintext = plain_prefix + canonical,
  * associated data = ad_prefix + pseudonym + ad_suffix) -> ciphertext || tag, and written as one COPY text row:
  * row_start pseudonym row_middle \\x<nonce hex> TAB \\x<ciphertext hex> row_end.
- * The pseudonyms must need no COPY escaping (the caller checks).
+ * The pseudonyms must need no COPY escaping (the caller checks). When given, row_hashes (a writable buffer of
+ * n * 32 bytes) receives each row's hash in its batch's digest, SHA-256(len(p) || p || nonce || len(c) || c)
+ * (lengths 4-byte big-endian, c the ciphertext and tag: escrow.batch_digest), so the worker knows the digest
+ * of what it staged without PostgreSQL computing it.
  */
 static PyObject *py_seal_rows(PyObject *module, PyObject *args) {
     Py_buffer dek, ad_prefix, plain_prefix, pseudonyms, canonicals, ends, row_start, row_middle, row_end;
-    Py_buffer ad_suffix = {0};
+    Py_buffer ad_suffix = {0}, row_hashes = {0};
     Py_ssize_t width;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*ny*y*y*y*y*|y*", &dek, &ad_prefix, &plain_prefix, &pseudonyms, &width,
-                          &canonicals, &ends, &row_start, &row_middle, &row_end, &ad_suffix))
+    if (!PyArg_ParseTuple(args, "y*y*y*y*ny*y*y*y*y*|y*w*", &dek, &ad_prefix, &plain_prefix, &pseudonyms, &width,
+                          &canonicals, &ends, &row_start, &row_middle, &row_end, &ad_suffix, &row_hashes))
         return NULL;
     PyObject *result = NULL;
     EVP_CIPHER_CTX *ctx = NULL;
+    EVP_MD_CTX *md = NULL;
     unsigned char *scratch = NULL;
     const uint64_t *bounds = ends.buf;
     Py_ssize_t n = ends.len / 8 - 1;
     if (dek.len != 32 || width < 0 || ends.len % 8 || n < 0 || pseudonyms.len != n * width ||
         (n >= 0 && bounds[n] != (uint64_t)canonicals.len) || (n > 0 && bounds[0] != 0)) {
         PyErr_SetString(PyExc_ValueError, "seal_rows: a 32-byte key, n pseudonyms of `width` bytes and n+1 ends");
+        goto done;
+    }
+    if (row_hashes.obj != NULL && row_hashes.len != n * 32) {
+        PyErr_SetString(PyExc_ValueError, "seal_rows: row_hashes must hold 32 bytes per value");
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++)
@@ -800,8 +808,9 @@ static PyObject *py_seal_rows(PyObject *module, PyObject *args) {
     size_t scratch_len = plain_max + ad_len + plain_max + 16;
     scratch = PyMem_Malloc(scratch_len);
     ctx = EVP_CIPHER_CTX_new();
+    md = row_hashes.obj != NULL ? EVP_MD_CTX_new() : NULL;
     result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
-    if (scratch == NULL || ctx == NULL || result == NULL) {
+    if (scratch == NULL || ctx == NULL || result == NULL || (row_hashes.obj != NULL && md == NULL)) {
         Py_CLEAR(result);
         PyErr_NoMemory();
         goto done;
@@ -832,6 +841,18 @@ static PyObject *py_seal_rows(PyObject *module, PyObject *args) {
              EVP_EncryptUpdate(ctx, sealed, &outl, plain, (int)plen) == 1 &&
              EVP_EncryptFinal_ex(ctx, sealed + outl, &finl) == 1 &&
              EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, 16, sealed + plen) == 1;
+        if (ok && md != NULL) {
+            unsigned char lengths[8];
+            size_t sealed_len = plen + 16;
+            for (int k = 0; k < 4; k++) {
+                lengths[3 - k] = (unsigned char)((size_t)width >> (8 * k));
+                lengths[7 - k] = (unsigned char)(sealed_len >> (8 * k));
+            }
+            ok = EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1 && EVP_DigestUpdate(md, lengths, 4) == 1 &&
+                 EVP_DigestUpdate(md, pseudonym, (size_t)width) == 1 && EVP_DigestUpdate(md, nonce, 12) == 1 &&
+                 EVP_DigestUpdate(md, lengths + 4, 4) == 1 && EVP_DigestUpdate(md, sealed, sealed_len) == 1 &&
+                 EVP_DigestFinal_ex(md, (unsigned char *)row_hashes.buf + 32 * i, NULL) == 1;
+        }
         if (!ok)
             break;
         memcpy(w, row_start.buf, (size_t)row_start.len);
@@ -851,13 +872,14 @@ static PyObject *py_seal_rows(PyObject *module, PyObject *args) {
     Py_END_ALLOW_THREADS
     if (!ok) {
         Py_CLEAR(result);
-        PyErr_SetString(PyExc_RuntimeError, "OpenSSL's AES-256-GCM failed while sealing escrow");
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL's AES-256-GCM or SHA-256 failed while sealing escrow");
         goto done;
     }
     if (_PyBytes_Resize(&result, (Py_ssize_t)(w - PyBytes_AS_STRING(result))) < 0)
         result = NULL;
 done:
     EVP_CIPHER_CTX_free(ctx);
+    EVP_MD_CTX_free(md);
     PyMem_Free(scratch);
     PyBuffer_Release(&dek);
     PyBuffer_Release(&ad_prefix);
@@ -870,6 +892,8 @@ done:
     PyBuffer_Release(&row_end);
     if (ad_suffix.obj != NULL)
         PyBuffer_Release(&ad_suffix);
+    if (row_hashes.obj != NULL)
+        PyBuffer_Release(&row_hashes);
     return result;
 }
 

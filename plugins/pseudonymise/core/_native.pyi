@@ -41,5 +41,6 @@ def seal_rows(
     row_middle: Buffer,
     row_end: Buffer,
     ad_suffix: Buffer = ...,
+    row_hashes: Buffer = ...,
     /,
 ) -> bytes: ...

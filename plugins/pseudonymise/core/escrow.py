@@ -22,17 +22,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from pseudonymise.core.canonical import TYPE_TAGS, from_canonical
-from pseudonymise.core.db import UTCDateTime, database_now, insert_ignoring_duplicates
+from pseudonymise.core.db import UTCDateTime, advisory_lock, database_now, insert_ignoring_duplicates
 from pseudonymise.core.errors import EscrowRefusedError, RetentionEndedError, TokenKindError
 from pseudonymise.core.instants import utc_seconds
 from pseudonymise.core.mac import pseudonym_mac
@@ -46,6 +48,7 @@ from pseudonymise.core.sealer import (
     EscrowItem,
     EscrowItems,
     associated_data,
+    row_hash,
 )
 from pseudonymise.core.tokens import Token
 
@@ -58,13 +61,13 @@ _BATCH_V11_COLUMNS = ("domain", "key_version", "ad_version")
 def batch_digest(rows: Iterable[tuple[str, bytes, bytes]]) -> str:
     """The digest of an escrow batch: SHA-256 over its rows in nonce order, each row as
     ``SHA-256(len(p) || p || nonce || len(c) || c)`` (p the UTF-8 pseudonym, c the ciphertext, lengths as
-    4-byte big-endian), prefixed by a label. PostgreSQL computes the same in :meth:`EscrowWriter.flush`."""
-    outer = hashlib.sha256(_DIGEST_LABEL)
-    for pseudonym, nonce, ciphertext in rows:
-        p = pseudonym.encode("utf-8")
-        outer.update(hashlib.sha256(len(p).to_bytes(4, "big") + p + bytes(nonce)
-                                    + len(ciphertext).to_bytes(4, "big") + bytes(ciphertext)).digest())
-    return outer.hexdigest()
+    4-byte big-endian; :func:`~pseudonymise.core.sealer.row_hash`), prefixed by a label."""
+    return _fold(b"".join(row_hash(p.encode("utf-8"), bytes(n), bytes(c)) for p, n, c in rows))
+
+
+def _fold(row_hashes: bytes) -> str:
+    """The batch digest of its rows' hashes (32 bytes each, in nonce order)."""
+    return hashlib.sha256(_DIGEST_LABEL + row_hashes).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -117,19 +120,34 @@ class EscrowTables:
                                      f"{quote.format_column(column)} {column.type.compile(conn.dialect)}"))
 
 
+@dataclass
+class _StagedBatch:
+    """A batch waiting in the staging table: its batch-table row (written only if the batch stores a row), how
+    many rows it staged, where their hashes are in the writer's spool, and its digest if every row is stored."""
+
+    row: dict[str, Any]
+    count: int
+    offset: int
+    digest: str
+
+
+#: Retries of a flush whose INSERT met a key another writer committed without the escrow lock (an older version).
+_FLUSH_ATTEMPTS = 3
+
+
 class EscrowWriter:
     """The pipeline's side: writes batches sealed with the escrow public key of a pseudonymisation token.
 
     After the last :meth:`write` (and :meth:`flush`), :attr:`digests` maps each batch that stored rows to
     its digest: list it in the use's ``success`` audit row (``details["escrow_batches"]``), or reversal
-    will refuse the batch's rows.
+    will refuse the batch's rows. A batch that stored no row (every value already had escrow) leaves no
+    batch row and no digest.
     """
 
     def __init__(self, token: Token, tables: EscrowTables, *, defer: bool = False) -> None:
         """:param defer: on PostgreSQL, rows wait in a staging table and go into the escrow table in one
-            statement, in key order, at :meth:`flush` (call it before committing). Two runs sharing values
-            then take their escrow rows' locks in one global order, so they cannot deadlock; and one sorted
-            insert costs PostgreSQL less than one per batch."""
+            statement, in key order, at :meth:`flush` (call it before committing): one sorted insert costs
+            PostgreSQL less than one per batch."""
         if token.kind != "pseudonymisation" or token.escrow_public_key is None:
             raise TokenKindError(
                 f"token {token.jti} carries no escrow public key; escrow needs a pseudonymisation token "
@@ -139,7 +157,9 @@ class EscrowWriter:
         self._tables = tables
         self._deterministic = token.treatment == "deterministic"
         self._defer = defer
-        self._staged: str | None = None  # the staging table holding rows not yet moved (PostgreSQL)
+        self._staged: str | None = None  # the staging table (PostgreSQL)
+        self._batches: dict[str, _StagedBatch] = {}  # batch id -> what it staged, until the flush
+        self._hashes: Any = None  # the staged rows' hashes, 32 bytes each, in memory then on disk
         self.digests: dict[str, str] = {}
 
     def write(self, conn: Connection, items: Sequence[EscrowItem] | EscrowBlocks, now: datetime | None = None) -> int:
@@ -172,8 +192,8 @@ class EscrowWriter:
             return self._write_values(conn, block.domain, items.pseudonyms, items.type_tags, items.canonicals, now)
         if self._deterministic:  # one row per (project, pseudonym): the first occurrence in the batch
             block = block.first_occurrences()
-        sealer, batch_id = self._new_batch(conn, block.domain, now)
-        return self._stage(conn, sealer.copy_block_rows(batch_id, block))
+        sealer, batch = self._new_batch(conn, block.domain, now)
+        return self._stage(conn, sealer.copy_block_rows(batch["batch_id"], block), batch, sealer.row_hashes)
 
     def _write_values(self, conn: Connection, domain: str, pseudonyms: list[str], tags: list[str],
                       canonicals: list[bytes], now: datetime | None) -> int:
@@ -185,9 +205,10 @@ class EscrowWriter:
                 pseudonyms = [pseudonyms[i] for i in keep]
                 tags = [tags[i] for i in keep]
                 canonicals = [canonicals[i] for i in keep]
-        sealer, batch_id = self._new_batch(conn, domain, now)
+        sealer, batch = self._new_batch(conn, domain, now)
+        batch_id = batch["batch_id"]
         if conn.dialect.name == "postgresql":
-            return self._stage(conn, sealer.copy_rows(batch_id, pseudonyms, tags, canonicals))
+            return self._stage(conn, sealer.copy_rows(batch_id, pseudonyms, tags, canonicals), batch, sealer.row_hashes)
         nonces, ciphertexts = sealer.seal(pseudonyms, tags, canonicals)
         project, retention = self._token.project, self._token.retention_until
         rows: list[dict[str, Any]] = [
@@ -201,6 +222,7 @@ class EscrowWriter:
             conn.execute(self._tables.values.insert(), rows)
             written = len(rows)
         if written:
+            conn.execute(self._tables.batches.insert(), batch)
             # Outside PostgreSQL the writer may read escrow (SQLite: the file's owner is trusted anyway).
             v = self._tables.values
             stored = conn.execute(sa.select(v.c.pseudonym, v.c.nonce, v.c.ciphertext)
@@ -208,12 +230,12 @@ class EscrowWriter:
             self.digests[batch_id] = batch_digest((r.pseudonym, bytes(r.nonce), bytes(r.ciphertext)) for r in stored)
         return written
 
-    def _new_batch(self, conn: Connection, domain: str, now: datetime | None) -> tuple[BatchSealer, str]:
-        """A new batch row holding a fresh data key sealed to the escrow public key: (its sealer, batch id)."""
+    def _new_batch(self, conn: Connection, domain: str, now: datetime | None) -> tuple[BatchSealer, dict[str, Any]]:
+        """A new batch, its data key sealed to the escrow public key: its sealer, and its row for the batch
+        table (written once the batch has stored a value)."""
         sealer = BatchSealer(self._token, domain)
-        batch_id = str(uuid.uuid4())
-        conn.execute(self._tables.batches.insert(), {
-            "batch_id": batch_id,
+        return sealer, {
+            "batch_id": str(uuid.uuid4()),
             "project": self._token.project,
             "sealed_dek": sealer.sealed_dek,
             "created_at": now or database_now(conn),
@@ -221,12 +243,12 @@ class EscrowWriter:
             "domain": domain,
             "key_version": self._token.key_version,
             "ad_version": AD_VERSION,
-        })
-        return sealer, batch_id
+        }
 
-    def _stage(self, conn: Connection, rows: bytes) -> int:
-        """COPY escrow rows (COPY text of ``ROW_COLUMNS``) into the run's staging table; unless deferred,
-        move them into the escrow table at once. Returns the rows written to the escrow table."""
+    def _stage(self, conn: Connection, rows: bytes, batch: dict[str, Any], hashes: bytes) -> int:
+        """COPY escrow rows (COPY text of ``ROW_COLUMNS``) into the run's staging table, keeping their hashes
+        (``hashes``: the sealer's) for the digests; unless deferred, move them into the escrow table at once.
+        Returns the rows written to the escrow table."""
         values = self._tables.values
         prep = conn.dialect.identifier_preparer
         listed = ", ".join(ROW_COLUMNS)
@@ -234,7 +256,11 @@ class EscrowWriter:
         # only insert there (include/sql/least_privilege.sql).
         into = prep.quote(f"_pseudonymise_escrow_stage_{values.name}"[:63])
         if self._staged is None:
-            spec = ", ".join(f"{n} {values.c[n].type.compile(conn.dialect)}" for n in ROW_COLUMNS)
+            types = {n: values.c[n].type.compile(conn.dialect) for n in ROW_COLUMNS}
+            # project and retention end are the writer's own (the flush takes them from the token, once), and
+            # text costs COPY nothing to read: a timestamptz parsed per row was a fifth of the staging's cost
+            types.update(project="text", batch_id="text", retention_until="text")
+            spec = ", ".join(f"{n} {types[n]}" for n in ROW_COLUMNS)
             conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {into} ({spec}) ON COMMIT DROP")
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
@@ -242,38 +268,85 @@ class EscrowWriter:
         finally:
             cursor.close()
         self._staged = into
+        if self._hashes is None:  # flat memory: 32 bytes a row, on disk past 8 MiB
+            self._hashes = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # noqa: SIM115 (closed by flush)
+        offset = self._hashes.tell()
+        self._hashes.write(hashes)
+        self._batches[batch["batch_id"]] = _StagedBatch(batch, len(hashes) // 32, offset, _fold(hashes))
         return 0 if self._defer else self.flush(conn)
 
     def flush(self, conn: Connection) -> int:
-        """Move staged rows into the escrow table (deterministic: keeping pseudonyms it already holds) and
-        compute the digest of what each batch stored; return the rows written. Rows are inserted in key
-        order: the primary key's index is then written page after page."""
-        if self._staged is None:
+        """Move staged rows into the escrow table and list the digest of what each batch stored; return the rows
+        written.
+
+        One ``INSERT … SELECT`` in key order (the primary key's index is then written page after page), with no
+        ``ON CONFLICT``: deterministic projects keep one row per (project, pseudonym), so under a transaction lock
+        on the project's escrow (no other run inserts its keys meanwhile: there is no conflict to wait for or
+        to check row by row) it leaves out the staged rows whose pseudonym escrow already holds and keeps one
+        staged row per pseudonym. ``RETURNING`` gives each batch's stored nonces (never a ciphertext: the
+        pipeline's role reads none), and the digests come from the rows' hashes the sealer gave."""
+        if self._staged is None or not self._batches:
             return 0
         table = conn.dialect.identifier_preparer.format_table(self._tables.values)
-        listed = ", ".join(ROW_COLUMNS)
-        conflict = " ON CONFLICT (project, pseudonym) DO NOTHING" if self._deterministic else ""
-        stage = self._staged
-        # The digest is computed from the staging table (the pipeline's role may not read escrow), over the
-        # rows the INSERT reports as written: a row another run already held is not part of this batch.
-        row_hash = ("sha256(int4send(octet_length(convert_to(s.pseudonym, 'UTF8'))) || convert_to(s.pseudonym, 'UTF8')"
-                    " || s.nonce || int4send(octet_length(s.ciphertext)) || s.ciphertext)")
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
-            cursor.execute(
-                f"WITH ins AS (INSERT INTO {table} ({listed}) SELECT {listed} FROM {stage} ORDER BY pseudonym"
-                f"{conflict} RETURNING batch_id, nonce) "
-                f"SELECT s.batch_id, count(*), encode(sha256(%(label)s || string_agg({row_hash}, ''::bytea "
-                f"ORDER BY s.nonce)), 'hex') FROM ins JOIN {stage} s ON s.batch_id = ins.batch_id AND s.nonce = ins.nonce "
-                "GROUP BY s.batch_id", {"label": _DIGEST_LABEL})
-            written = 0
-            for batch_id, count, digest in cursor.fetchall():
-                self.digests[batch_id] = digest
-                written += count
-            cursor.execute(f"TRUNCATE {stage}")
+            if self._deterministic:
+                advisory_lock(conn, f"pseudonymise-escrow:{table}:{self._token.project}")
+            for attempt in range(_FLUSH_ATTEMPTS):
+                cursor.execute("SAVEPOINT pseudonymise_escrow_flush")
+                try:
+                    stored = self._insert(cursor, table)
+                except Exception as exc:
+                    # a key committed by a writer that does not take the lock (an older version): start again
+                    if getattr(exc, "pgcode", None) != "23505" or attempt == _FLUSH_ATTEMPTS - 1:
+                        raise
+                    cursor.execute("ROLLBACK TO SAVEPOINT pseudonymise_escrow_flush")
+                    continue
+                cursor.execute("RELEASE SAVEPOINT pseudonymise_escrow_flush")
+                break
+            cursor.execute(f"TRUNCATE {self._staged}")
         finally:
             cursor.close()
+        written = sum(map(len, stored.values()))
+        if written:
+            conn.execute(self._tables.batches.insert(), [self._batches[b].row for b in stored])
+        self._batches.clear()
+        self._hashes.close()
+        self._hashes = None
         return written
+
+    def _insert(self, cursor: Any, table: str) -> dict[str, np.ndarray]:
+        """Insert the staged rows escrow must store; return the counters (nonces) each batch stored, and record
+        those batches' digests."""
+        stage, listed = self._staged, ", ".join(ROW_COLUMNS)
+        params = {"project": self._token.project, "retention": self._token.retention_until}
+        taken = "%(project)s, pseudonym, batch_id, nonce, ciphertext, %(retention)s"
+        select = f"SELECT {taken} FROM {stage} s"
+        if self._deterministic:
+            cursor.execute(f"SELECT EXISTS (SELECT 1 FROM {table} WHERE project = %(project)s)", params)
+            held = (f" WHERE NOT EXISTS (SELECT FROM {table} e WHERE e.project = %(project)s AND e.pseudonym = s.pseudonym)"
+                    if cursor.fetchone()[0] else "")
+            select = f"SELECT DISTINCT ON (pseudonym) {taken} FROM {stage} s{held}"
+        cursor.execute(f"WITH ins AS (INSERT INTO {table} ({listed}) {select} ORDER BY pseudonym RETURNING batch_id, "
+                       "nonce) SELECT batch_id, string_agg(nonce, ''::bytea) FROM ins GROUP BY batch_id", params)
+        stored = {batch_id: np.frombuffer(bytes(nonces), dtype=np.uint8).reshape(-1, 12)
+                  for batch_id, nonces in cursor.fetchall()}
+        for batch_id, nonces in stored.items():
+            self.digests[batch_id] = self._digest(self._batches[batch_id], nonces)
+        return stored
+
+    def _digest(self, batch: _StagedBatch, nonces: np.ndarray) -> str:
+        """The digest of the rows of ``batch`` with these nonces (12 bytes each): the whole batch's when it
+        stored every row, else folded again from the stored rows' hashes."""
+        if len(nonces) == batch.count:
+            return batch.digest
+        # a nonce is the row's counter, 96-bit big-endian; a batch has far fewer than 2**64 rows
+        counters = nonces[:, 4:].copy().view(">u8").ravel()
+        keep = np.zeros(batch.count, dtype=bool)
+        keep[counters] = True
+        self._hashes.seek(batch.offset)
+        hashes = np.frombuffer(self._hashes.read(32 * batch.count), dtype="S32")
+        return _fold(hashes[keep].tobytes())
 
 
 @dataclass(frozen=True)

@@ -170,18 +170,21 @@ def encode(macs: bytes, fmt: PseudonymFormat) -> bytes:
 
 
 def seal_rows(dek: bytes, *, ad_prefix: bytes, plain_prefix: bytes, pseudonyms: bytes, width: int, canonicals: bytes,
-              ends: bytes, row_start: bytes, row_middle: bytes, row_end: bytes, ad_suffix: bytes = b"") -> bytes:
+              ends: bytes, row_start: bytes, row_middle: bytes, row_end: bytes, ad_suffix: bytes = b"",
+              row_hashes: bytearray | None = None) -> bytes:
     """Escrow rows in COPY text, value ``i`` sealed with AES-256-GCM under ``dek`` (nonce ``i``, 96-bit big-endian;
     plaintext ``plain_prefix + canonical``; associated data ``ad_prefix + pseudonym + ad_suffix``) and written as
     ``row_start pseudonym row_middle \\\\x<nonce> TAB \\\\x<ciphertext and tag> row_end``.
 
     ``pseudonyms`` holds n pseudonyms of ``width`` bytes (needing no COPY escaping), ``canonicals`` their values
-    one after the other, ``ends`` the n + 1 offsets (native-endian uint64). Anything else, or OpenSSL failing,
-    is an :class:`EscrowError`.
+    one after the other, ``ends`` the n + 1 offsets (native-endian uint64). ``row_hashes`` (32 bytes per value),
+    when given, receives each row's hash in the batch digest (:func:`escrow.batch_digest`'s ``h_i``). Anything
+    else, or OpenSSL failing, is an :class:`EscrowError`.
     """
+    extra = () if row_hashes is None else (row_hashes,)
     try:
         return _engine().seal_rows(dek, ad_prefix, plain_prefix, pseudonyms, width, canonicals, ends,  # type: ignore[no-any-return]
-                                   row_start, row_middle, row_end, ad_suffix)
+                                   row_start, row_middle, row_end, ad_suffix, *extra)
     except (ValueError, RuntimeError) as exc:
         raise EscrowError(f"the C engine could not seal escrow rows: {exc}") from exc
 

@@ -15,6 +15,7 @@ Storing, revealing and purging escrow is ``escrow.py``'s job.
 
 from __future__ import annotations
 
+import hashlib
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -96,6 +97,13 @@ def ad_suffix(domain: str, key_version: int | None, retention_until: datetime | 
         raise ValueError("v1.1 associated data needs the key version and the retention end")
     return (b"\x00" + domain.encode("utf-8") + b"\x00" + str(int(key_version)).encode("ascii") + b"\x00"
             + utc_seconds(retention_until).encode("ascii"))
+
+
+def row_hash(pseudonym: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
+    """One escrow row's hash in its batch's digest: ``SHA-256(len(p) || p || nonce || len(c) || c)`` (p the UTF-8
+    pseudonym, c the ciphertext with its tag, lengths 4-byte big-endian; ``escrow.batch_digest`` folds them)."""
+    return hashlib.sha256(len(pseudonym).to_bytes(4, "big") + pseudonym + nonce + len(ciphertext).to_bytes(4, "big")
+                          + ciphertext).digest()
 
 
 # --- what to seal -----------------------------------------------------------------------------
@@ -260,7 +268,9 @@ class BatchSealer:
 
     :meth:`seal` and :meth:`copy_rows` seal with the ``cryptography`` package; :meth:`copy_block_rows`
     gives the same rows through the C engine when it is there. A sealer seals one list of values: nonces
-    count from 0 in every batch, which is safe only because every batch has its own key.
+    count from 0 in every batch, which is safe only because every batch has its own key. After either,
+    :attr:`row_hashes` holds each row's hash in the batch digest (:func:`row_hash`, 32 bytes per row, in
+    nonce order), so the writer knows the digest of what it staged without reading escrow back.
     """
 
     def __init__(self, token: Token, domain: str) -> None:
@@ -278,6 +288,7 @@ class BatchSealer:
         self._aead: AESGCM | None = AESGCM(dek)
         self._dek: bytes | None = dek
         self.sealed_dek = seal_key(dek, token.escrow_public_key)
+        self.row_hashes = b""
 
     def _take_key(self) -> tuple[AESGCM, bytes]:
         if self._aead is None or self._dek is None:
@@ -308,7 +319,8 @@ class BatchSealer:
                   canonicals: Sequence[bytes]) -> bytes:
         """The values sealed as escrow rows (:data:`ROW_COLUMNS`) in PostgreSQL's COPY text."""
         count = len(pseudonyms)
-        _nonces, nonces_text, ciphertexts = self._seal(pseudonyms, tags, canonicals)
+        nonces, nonces_text, ciphertexts = self._seal(pseudonyms, tags, canonicals)
+        self.row_hashes = b"".join(map(row_hash, (p.encode("utf-8") for p in pseudonyms), nonces, ciphertexts))
         columns = [encode_column([self._project]) * count, encode_column(pseudonyms), [batch_id] * count, nonces_text,
                    list(map("\\\\x".__add__, map(bytes.hex, ciphertexts))),
                    [self._retention.astimezone(UTC).isoformat()] * count]
@@ -325,11 +337,14 @@ class BatchSealer:
         counter_nonces(len(block))  # the same limit as the Python path
         _aead, dek = self._take_key()
         retention = self._retention.astimezone(UTC).isoformat()
-        return native.seal_rows(
+        hashes = bytearray(32 * len(block))
+        rows = native.seal_rows(
             dek, ad_prefix=self._ad_prefix, plain_prefix=block.type_tag.encode("ascii") + b"\x00",
             pseudonyms=block.pseudonyms, width=block.width, canonicals=block.canonicals, ends=block.ends.tobytes(),
             row_start=(_pg_text(self._project) + "\t").encode("utf-8"), row_middle=f"\t{batch_id}\t".encode("ascii"),
-            row_end=f"\t{retention}\n".encode("ascii"), ad_suffix=self._ad_suffix)
+            row_end=f"\t{retention}\n".encode("ascii"), ad_suffix=self._ad_suffix, row_hashes=hashes)
+        self.row_hashes = bytes(hashes)
+        return rows
 
 
 class BatchOpener:
@@ -348,4 +363,4 @@ class BatchOpener:
 
 __all__ = ["AD_VERSION", "HPKE_INFO", "ROW_COLUMNS", "SUITE", "BatchOpener", "BatchSealer", "EscrowBlock",
            "EscrowBlocks", "EscrowItem", "EscrowItems", "ad_suffix", "associated_data", "counter_nonces",
-           "open_key", "seal_key"]
+           "open_key", "row_hash", "seal_key"]
