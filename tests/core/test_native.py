@@ -728,3 +728,27 @@ def test_arrow_column_refuses_what_it_cannot_read() -> None:
         _extension().arrow_column(entry, 99, 1, 0, None, None, b"\x00" * 8)
     with pytest.raises(ValueError, match="offsets point outside"):
         _extension().arrow_column(entry, 0, 1, 0, None, np.array([0, 9], np.int32).tobytes(), b"abc")
+
+
+# --- the collision check's table of recent MACs -------------------------------------------------------
+@needs_native
+def test_recent_macs_in_c_equal_the_numpy_definition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RecentMacs.known/remember through the C engine and through numpy (its definition) agree, batch after
+    batch: repeats within a batch, slots taken by other MACs, MACs seen before."""
+    from pseudonymise.core.collisions import RecentMacs
+
+    rng = random.Random(21)
+    pool = [os.urandom(32) for _ in range(3000)]
+    pool += [pool[0][:8] + os.urandom(24) for _ in range(5)]  # the same slot, other MACs
+    batches = [b"".join(rng.choice(pool) for _ in range(rng.randrange(0, 2000))) for _ in range(12)]
+    results = {}
+    for mode in ("c", "numpy"):
+        if mode == "numpy":
+            monkeypatch.setattr(native, "_ext", None)
+        table = RecentMacs(slots=1 << 10)
+        results[mode] = [(table.known(RecentMacs.words(b)).tolist(), (table.unseen(b) if b else None)) for b in batches]
+        results[mode] = [(k, None if u is None else u.tolist()) for k, u in results[mode]]
+    assert results["c"] == results["numpy"]
+    assert any(any(k) for k, _ in results["c"]) and any(u for _, u in results["c"])
+    with pytest.raises(ValueError, match="power-of-two"):
+        _extension().recent_known(bytearray(32 * 3), bytearray(3), b"")

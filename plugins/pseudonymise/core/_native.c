@@ -18,6 +18,10 @@
  *                     value canonical as canonical.py makes it and pseudonymised as in copy_block; out come
  *                     the buffers of a new string array. No Python object per value.
  *
+ * recent_known(...), recent_remember(...)
+ *                     the collision check's table of recent MACs (collisions.RecentMacs), looked up and
+ *                     written in one pass.
+ *
  * seal_rows(...)      escrow rows for PostgreSQL's COPY: every value sealed with AES-256-GCM under the
  *                     batch's data key (counter nonces, associated data project NUL pseudonym),
  *                     as sealer.BatchSealer does with the cryptography package. Only native.py imports
@@ -1074,6 +1078,72 @@ cleanup:
     return result;
 }
 
+/* --- the table of recent MACs (collisions.RecentMacs is the definition) ------------------------- */
+/* The table's slot of a MAC: its first 8 bytes as a native-endian uint64, masked (numpy's words[:, 0] & mask). */
+static inline size_t recent_slot(const unsigned char *mac, size_t mask) {
+    uint64_t first;
+    memcpy(&first, mac, 8);
+    return (size_t)(first & mask);
+}
+
+static int recent_args(PyObject *args, Py_buffer *table, Py_buffer *used, Py_buffer *macs, int writable) {
+    if (!PyArg_ParseTuple(args, writable ? "w*w*y*" : "y*y*y*", table, used, macs))
+        return -1;
+    size_t slots = (size_t)used->len;
+    if (slots == 0 || (slots & (slots - 1)) || (size_t)table->len != 32 * slots || macs->len % 32) {
+        PyErr_SetString(PyExc_ValueError, "a table of 32 bytes per slot, a power-of-two number of slots, whole MACs");
+        PyBuffer_Release(table);
+        PyBuffer_Release(used);
+        PyBuffer_Release(macs);
+        return -1;
+    }
+    return 0;
+}
+
+/* recent_known(table, used, macs) -> bytes: 1 where the MAC is the one held in its slot, else 0. */
+static PyObject *py_recent_known(PyObject *module, PyObject *args) {
+    Py_buffer table, used, macs;
+    if (recent_args(args, &table, &used, &macs, 0) < 0)
+        return NULL;
+    size_t n = (size_t)macs.len / 32, mask = (size_t)used.len - 1;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+    if (out != NULL) {
+        unsigned char *flags = (unsigned char *)PyBytes_AS_STRING(out);
+        const unsigned char *held = table.buf, *in_use = used.buf, *m = macs.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (size_t i = 0; i < n; i++) {
+            size_t slot = recent_slot(m + 32 * i, mask);
+            flags[i] = in_use[slot] && memcmp(held + 32 * slot, m + 32 * i, 32) == 0;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&used);
+    PyBuffer_Release(&macs);
+    return out;
+}
+
+/* recent_remember(table, used, macs): every MAC into its slot, in order (a later one takes the slot). */
+static PyObject *py_recent_remember(PyObject *module, PyObject *args) {
+    Py_buffer table, used, macs;
+    if (recent_args(args, &table, &used, &macs, 1) < 0)
+        return NULL;
+    size_t n = (size_t)macs.len / 32, mask = (size_t)used.len - 1;
+    unsigned char *held = table.buf, *in_use = used.buf;
+    const unsigned char *m = macs.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t i = 0; i < n; i++) {
+        size_t slot = recent_slot(m + 32 * i, mask);
+        memcpy(held + 32 * slot, m + 32 * i, 32);
+        in_use[slot] = 1;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&used);
+    PyBuffer_Release(&macs);
+    Py_RETURN_NONE;
+}
+
 /* --- escrow ---------------------------------------------------------------------------------- */
 static inline char *put_hex(char *w, const unsigned char *p, size_t n) {
     for (size_t i = 0; i < n; i++) {
@@ -1202,6 +1272,8 @@ done:
 static PyMethodDef module_methods[] = {
     {"copy_block", py_copy_block, METH_VARARGS, "Pseudonymise a block of COPY text rows (see the source)."},
     {"seal_rows", py_seal_rows, METH_VARARGS, "Escrow rows in COPY text, every value sealed with AES-256-GCM."},
+    {"recent_known", py_recent_known, METH_VARARGS, "Which MACs the table of recent MACs holds (see the source)."},
+    {"recent_remember", py_recent_remember, METH_VARARGS, "MACs into the table of recent MACs (see the source)."},
     {"arrow_column", py_arrow_column, METH_VARARGS, "Pseudonymise one Arrow array from its buffers (see the source)."},
     {"encode", py_encode, METH_VARARGS, "encode(macs, alphabet, length): pseudonym characters, `length` per MAC."},
     {NULL, NULL, 0, NULL},

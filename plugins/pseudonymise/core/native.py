@@ -216,6 +216,17 @@ def arrow_column(array: pa.Array, plan: ColumnPlan, column: str) -> tuple[pa.Str
     raise error
 
 
+def recent_known(table: memoryview, used: memoryview, macs: bytes) -> bytes:
+    """For each 32-byte MAC, 1 if the table of recent MACs (32 bytes per slot, ``used`` one byte per slot, a power
+    of two of them; the slot is the MAC's first 8 bytes, native-endian, masked) holds it, else 0."""
+    return _engine().recent_known(table, used, macs)  # type: ignore[no-any-return]
+
+
+def recent_remember(table: memoryview, used: memoryview, macs: bytes) -> None:
+    """Every MAC into its slot of the table of recent MACs, in order (:func:`recent_known` says where)."""
+    _engine().recent_remember(table, used, macs)
+
+
 def encode(macs: bytes, fmt: PseudonymFormat) -> bytes:
     """The pseudonyms of ``macs`` (32 bytes each) in ``fmt``, one after the other, as UTF-8."""
     try:
@@ -242,4 +253,5 @@ def seal_rows(dek: bytes, *, ad_prefix: bytes, plain_prefix: bytes, pseudonyms: 
 
 
 __all__ = ["ALPHABET_CODES", "DROP", "KEEP", "BlockPlan", "BlockResult", "ColumnPlan", "ColumnResult", "arrow_column",
-           "arrow_type_tag", "ascii_program", "available", "copy_block", "encode", "keyed", "seal_rows"]
+           "arrow_type_tag", "ascii_program", "available", "copy_block", "encode", "keyed", "recent_known",
+           "recent_remember", "seal_rows"]
