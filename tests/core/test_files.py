@@ -256,9 +256,12 @@ def test_csv_long_values_and_a_row_longer_than_a_block(tmp_path: Path) -> None:
     long = "é" * 600_000
     path.write_text(f"id,v\n1,{long}\n2,short\n", encoding="utf-8")
     assert read_all(CsvSource(path)) == {"id": ["1", "2"], "v": [long, "short"]}
-    huge = tmp_path / "huge.csv"  # a row longer than the reader's 16 MiB block
-    huge.write_text("id,v\n1," + "P" * (17 << 20) + "\n2,x\n", encoding="utf-8")
-    assert [len(v) for v in read_all(CsvSource(huge))["v"]] == [17 << 20, 1]
+    huge = tmp_path / "huge.csv"  # a row far longer than the reader's block
+    before = "".join(f"{i},{'é' * 300}\n" for i in range(5000))  # 3 MiB: read, and given, before the long row
+    huge.write_text("id,v\n" + before + "1," + "P" * (17 << 20) + "\n2,x\n", encoding="utf-8")
+    got = read_all(CsvSource(huge, batch_size=700))
+    assert [len(v) for v in got["v"]] == [300] * 5000 + [17 << 20, 1]
+    assert got["id"] == [str(i) for i in range(5000)] + ["1", "2"]
 
 
 def _csv_module_bytes(columns: list[str], rows: list[list[Any]]) -> bytes:
