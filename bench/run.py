@@ -15,7 +15,10 @@ case in a fresh process so peak memory is per case:
   (b) again at --big-rows, to show memory stays flat;
   (b) as two mapped key ranges (operators.key_range_kwargs) run as two concurrent processes;
   the same two ranges as mapped tasks on a real Airflow, LocalExecutor with parallelism 2
-  (bench/airflow_ranges.py: scheduler, API server, DAG processor), one task against two.
+  (bench/airflow_ranges.py: scheduler, API server, DAG processor), one task against two;
+  the file cases (bench/files.py) on the same rows as a CSV and a Parquet file, each a whole process:
+  pyarrow's copy-through, the CLI ``file pseudonymise``, a hand-written csv + hmac script, Presidio's
+  structured engine (salted SHA-256 hash), and the Parquet copy-through and CLI.
 
 The operator cases run the operator's own execute() with a minimal context (connections from
 AIRFLOW_CONN_* variables), so the measured code is what a worker runs. Afterwards the outputs are
@@ -600,7 +603,9 @@ def main() -> int:
     parser.add_argument("--big-rows", type=int, default=5_000_000, help="rows of the big run of (b); 0: none")
     parser.add_argument("--batch-size", type=int, default=50_000)
     parser.add_argument("--smoke", action="store_true", help="2,000 rows, no big run: a quick check for CI")
-    parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,ranges,big,airflow")
+    parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,ranges,big,airflow, "
+                                                   "files (every file case) or file-copy,file-cli,file-hmac,file-presidio,"
+                                                   "file-parquet-copy,file-parquet-cli")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run (a)-(d), (f) and the ranges this many times, interleaved, and report the median")
     parser.add_argument("--profile", metavar="DIR", help="record each case with py-spy (pinned in requirements.txt) into DIR")
@@ -658,6 +663,15 @@ def main() -> int:
             if proc.returncode != 0 or any("[FAILED]" in line for line in airflow_lines):
                 bench.failures.append("mapped ranges on LocalExecutor")
                 print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
+        file_lines: list[str] = []
+        file_results: dict[str, Any] = {}
+        if "files" not in skip:
+            from bench import files as file_cases
+
+            print("\nfile cases (bench/files.py), each a whole process", flush=True)
+            file_lines, file_results = file_cases.run_all(
+                bench.work / "files", args.rows, args.repeat, bench.cfg["tokens"]["det"], bench.cfg["jwks"],
+                bytes.fromhex(bench.cfg["keys"]["det"]), skip, bench.check)
         order = ("a", "b", "c", "d", "e", "f", "ranges", "big")
         results = {case: median(runs[case]) for case in order if case in runs}
         speedup = results["b"].seconds / results["ranges"].seconds if "ranges" in results else None
@@ -685,6 +699,11 @@ def main() -> int:
             print(f"  {key}: {r.driven}")
         if "ranges" in results:
             print(f"  the 2 key ranges (operators.key_range_kwargs): {' + '.join(f'{p.rows:,}' for p in parts)} rows")
+        if file_lines:
+            print(f"\nfile cases: {args.rows:,} rows (id, patient_id, mrn, visit_date, ward; patient_id and mrn "
+                  "pseudonymised), each a whole process, wall time; median of the repetitions but the hand-written "
+                  "script and Presidio (once)\n")
+            print("\n".join(file_lines))
         if airflow_lines:
             print("\nthe same 2 key ranges as mapped tasks on Airflow (LocalExecutor, parallelism 2), task durations "
                   "as Airflow recorded them:")
@@ -703,6 +722,10 @@ def main() -> int:
             targets.append((f"peak RSS at {args.big_rows:,} / at {args.rows:,}", big.peak_rss_mib / b.peak_rss_mib,
                             "<= 1.2", big.peak_rss_mib <= 1.2 * b.peak_rss_mib))
             targets.append((f"peak RSS at {args.big_rows:,} (MiB)", big.peak_rss_mib, "< 500", big.peak_rss_mib < 500))
+        if file_results:
+            from bench import files as file_cases
+
+            targets += file_cases.summary(file_results)
         for name, value, bar, met in targets:
             verdict = "" if args.smoke else ("met" if met else "NOT met")
             print(f"  {name:<44} {value:8.2f}  (target {bar:>6})  {verdict}")

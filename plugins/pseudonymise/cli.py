@@ -329,6 +329,9 @@ class OutputFile:
     where the input held text pseudonyms, so its output schema is inferred from the first batch.
     """
 
+    #: the file sinks write ``pyarrow.RecordBatch`` es as they are
+    takes_arrow = True
+
     def __init__(self, args: argparse.Namespace, source: Source, pseudonymised: set[str] | None) -> None:
         """:param pseudonymised: the pseudonymised columns; ``None`` for a reversal."""
         self.path, self.fmt, self.source, self.pseudonymised = args.output, args.output_format, source, pseudonymised

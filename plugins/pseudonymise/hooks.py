@@ -335,6 +335,9 @@ class ObjectStorageDestination:
     """A CSV or Parquet file on object storage: written to a local temporary file, atomically, and
     uploaded when the run commits (a :class:`~pseudonymise.core.plan.Destination`)."""
 
+    #: the file sinks write ``pyarrow.RecordBatch`` es as they are
+    takes_arrow = True
+
     def __init__(self, hook: ObjectStorageHook, uri: str, fmt: str | None = None) -> None:
         self.hook, self.uri, self.fmt = hook, uri, fmt
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
@@ -350,7 +353,7 @@ class _UploadingSink:
         self.hook, self.sink, self.local, self.uri = hook, sink, local, uri
         self.uploaded = False
 
-    def write(self, batch: dict[str, list[Any]]) -> None:
+    def write(self, batch: Any) -> None:
         self.sink.write(batch)
 
     def commit(self) -> None:

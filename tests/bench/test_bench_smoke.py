@@ -27,6 +27,15 @@ def test_bench_smoke() -> None:
                   "(c) one escrow row per distinct value", "(c) escrow reveals the originals",
                   "(d) equals pgcrypto", "2 mapped ranges equal (b)"):
         assert f"[ok] {check}" in proc.stdout, f"check {check!r} did not pass"
+    for case in ("CSV: pyarrow read_csv + write_csv", "CSV: pseudonymise file pseudonymise",
+                 "CSV: hand-written csv module + hmac", "CSV: Presidio structured engine",
+                 "Parquet: pyarrow read_table + write_table", "Parquet: pseudonymise file pseudonymise"):
+        assert f"| {case}" in proc.stdout, f"file case {case!r} missing from the table"
+    for check in ("file copy equals the source", "file CLI equals DESIGN §4 (stdlib hmac)",
+                  "hand-written csv + hmac equals the CLI byte for byte", "Presidio equals sha256(value + salt)",
+                  "Parquet copy equals the source", "Parquet CLI equals DESIGN §4 (stdlib hmac)"):
+        assert f"[ok] {check}" in proc.stdout, f"check {check!r} did not pass"
+    assert "file CLI rows/s / CSV copy-through rows/s" in proc.stdout
     assert "speedup of 2 mapped range tasks over one task on LocalExecutor" in proc.stdout
     assert "predicted rows/s, PostgreSQL on its own machine of 16 cores" in proc.stdout  # the scaling model ran
     assert "| (c) reversible |" in proc.stdout

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +226,103 @@ def test_commit_replaces_and_leaves_no_partial_file(tmp_path: Path, suffix: str)
 def test_sink_into_a_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(DataIOError, match="does not exist"):
         open_sink(tmp_path / "nope" / "out.csv", ["a"])
+
+
+# --- Arrow: record batches in, record batches out -------------------------------------------------
+def test_csv_record_batches_are_text_with_nulls_and_bounded_batches(tmp_path: Path) -> None:
+    path = tmp_path / "rows.csv"
+    path.write_text('id,name,note\n1,Zoë,""\n2,,"a, ""b""\nc"\n\n3,NULL,NA\n' + "".join(f"{i},n{i},x\n" for i in range(4, 12)),
+                    encoding="utf-8")
+    batches = list(CsvSource(path, batch_size=4).record_batches())
+    assert [b.num_rows for b in batches] == [4, 4, 3]
+    assert all(b.schema == pa.schema([(c, pa.string()) for c in ("id", "name", "note")]) for b in batches)
+    table = pa.Table.from_batches(batches)
+    assert table.column("name").to_pylist()[:3] == ["Zoë", None, "NULL"]  # only the empty field is NULL
+    assert table.column("note").to_pylist()[:3] == [None, 'a, "b"\nc', "NA"]
+    assert table.column("id").to_pylist() == [str(i) for i in range(1, 12)]
+
+
+def test_csv_delimiter_encoding_and_null_options(tmp_path: Path) -> None:
+    path = tmp_path / "semi.csv"
+    path.write_bytes("id;name\n1;Zoë\n2;-\n".encode("latin-1"))
+    source = CsvSource(path, delimiter=";", encoding="latin-1", null="-")
+    assert read_all(source) == {"id": ["1", "2"], "name": ["Zoë", None]}
+    with pytest.raises(DataIOError, match="unknown"):
+        CsvSource(path, encoding="no-such-encoding")
+
+
+def test_csv_long_values_and_a_row_longer_than_a_block(tmp_path: Path) -> None:
+    path = tmp_path / "long.csv"
+    long = "é" * 600_000
+    path.write_text(f"id,v\n1,{long}\n2,short\n", encoding="utf-8")
+    assert read_all(CsvSource(path)) == {"id": ["1", "2"], "v": [long, "short"]}
+    huge = tmp_path / "huge.csv"  # a row far longer than the reader's block
+    before = "".join(f"{i},{'é' * 300}\n" for i in range(5000))  # 3 MiB: read, and given, before the long row
+    huge.write_text("id,v\n" + before + "1," + "P" * (17 << 20) + "\n2,x\n", encoding="utf-8")
+    got = read_all(CsvSource(huge, batch_size=700))
+    assert [len(v) for v in got["v"]] == [300] * 5000 + [17 << 20, 1]
+    assert got["id"] == [str(i) for i in range(5000)] + ["1", "2"]
+
+
+def _csv_module_bytes(columns: list[str], rows: list[list[Any]]) -> bytes:
+    """What the csv module writes (the independent expectation of CsvSink's bytes)."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return text.getvalue().encode("utf-8")
+
+
+def test_csv_sink_writes_record_batches_as_the_csv_module_does(tmp_path: Path) -> None:
+    """Batches that need no quoting go through pyarrow's writer, the others through the csv module; either way
+    the file is byte for byte what the csv module writes, whatever the column types."""
+    columns = ["s", "n", "d", "b", "big"]
+    plain = {"s": ["a", None, "é x"], "n": [1, None, -3], "d": [dt.date(2026, 1, 2), None, dt.date(1, 1, 1)],
+             "b": [True, None, False], "big": ["x", "y", None]}
+    quoted = {"s": ['q"x', "a,b", "line\nbreak"], "n": [4, 5, 6], "d": [None] * 3, "b": [None] * 3, "big": ["\r", "", "z"]}
+    schema = pa.schema([("s", pa.string()), ("n", pa.int64()), ("d", pa.date32()), ("b", pa.bool_()),
+                        ("big", pa.large_string())])
+    path = tmp_path / "out.csv"
+    sink = CsvSink(path, columns)
+    for data in (plain, quoted, plain):
+        sink.write(pa.RecordBatch.from_pydict(data, schema=schema))
+    sliced = pa.RecordBatch.from_pydict(quoted, schema=schema).slice(2)  # its buffers hold the quoted rows too
+    sink.write(pa.RecordBatch.from_arrays([sliced.column(0).slice(0, 0), *[c.slice(0, 0) for c in sliced.columns[1:]]],
+                                          schema=schema))
+    sink.commit()
+    rows = [[v for v in row] for data in (plain, quoted, plain) for row in zip(*data.values(), strict=True)]
+    assert path.read_bytes() == _csv_module_bytes(columns, rows)
+
+
+def test_csv_sink_one_column_keeps_null_rows(tmp_path: Path) -> None:
+    path = tmp_path / "one.csv"
+    sink = CsvSink(path, ["p"])
+    sink.write(pa.RecordBatch.from_pydict({"p": ["a", None, "b"]}))
+    sink.commit()
+    assert path.read_bytes() == _csv_module_bytes(["p"], [["a"], [None], ["b"]]) == b'p\r\na\r\n""\r\nb\r\n'
+    assert read_all(CsvSource(path)) == {"p": ["a", None, "b"]}
+
+
+def test_parquet_record_batches_by_row_group_and_sink_keeps_the_schema(tmp_path: Path) -> None:
+    path = tmp_path / "in.parquet"
+    schema = pa.schema([("id", pa.int32()), ("pid", pa.large_string()), ("day", pa.date32())])
+    table = pa.Table.from_pydict({"id": list(range(10)), "pid": [f"P{i}" for i in range(10)],
+                                  "day": [dt.date(2026, 1, 1 + i) for i in range(10)]}, schema=schema)
+    pq.write_table(table, path, row_group_size=4)
+    source = ParquetSource(path, batch_size=3)
+    batches = list(source.record_batches())
+    assert [b.num_rows for b in batches] == [3, 3, 3, 1]
+    assert all(b.schema == schema for b in batches)
+    out = tmp_path / "out.parquet"
+    target = pa.schema([("id", pa.int32()), ("pid", pa.string()), ("day", pa.date32())])
+    sink = ParquetSink(out, ["id", "pid", "day"], schema=target)
+    for batch in batches:
+        sink.write(batch)
+    sink.commit()
+    assert pq.read_schema(out) == target
+    assert pq.read_table(out).to_pydict() == table.to_pydict()
+    assert pq.ParquetFile(out).metadata.num_row_groups == len(batches)  # one row group per batch written
+    bad = ParquetSink(tmp_path / "bad.parquet", ["id"], schema=pa.schema([("id", pa.int64())]))
+    with pytest.raises(DataIOError, match=r"'id'.*does not fit") as info:
+        bad.write(pa.RecordBatch.from_pydict({"id": ["P770839"]}))
+    assert "P770839" not in str(info.value) and leftovers(tmp_path) == []

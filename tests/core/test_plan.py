@@ -97,7 +97,12 @@ def test_sqlite_and_files_take_the_generic_path(sqlite_url: str, tmp_path: Path)
     (tmp_path / "in.csv").write_text("pid,ward\nP1,a\n")
     out = tmp_path / "out.csv"
     transfer = plan_transfer(CsvSource(tmp_path / "in.csv"), FileDestination(str(out)), POLICY)
-    assert not transfer.copy_text and [b["pid"] for b in transfer.batches(key_at_hand=True)] == [["P1"]]
+    # files travel as Arrow record batches, which their sinks write as they are
+    assert transfer.arrow and not transfer.copy_text
+    assert [b.column("pid").to_pylist() for b in transfer.batches(key_at_hand=True)] == [["P1"]]
+    rows = Rows({"pid": ["P1"]})
+    assert not plan_transfer(rows, FileDestination(str(out)), POLICY).arrow  # a source without record batches
+    assert not plan_transfer(CsvSource(tmp_path / "in.csv"), SinkFactory(lambda c, conn: Collect()), POLICY).arrow
     sink = transfer.open_sink(["pid", "ward"], None)  # type: ignore[arg-type]
     sink.write({"pid": ["x"], "ward": ["a"]})
     sink.commit()

@@ -44,3 +44,15 @@ def seal_rows(
     row_hashes: Buffer = ...,
     /,
 ) -> bytes: ...
+def arrow_column(
+    column: _Column,
+    kind: int,
+    length: int,
+    offset: int,
+    validity: Buffer | None,
+    offsets: Buffer | None,
+    data: Buffer | None,
+    /,
+) -> tuple[bytes | None, bytes, bytes, _ColumnResult]: ...
+def recent_known(table: Buffer, used: Buffer, macs: Buffer, /) -> bytes: ...
+def recent_remember(table: Buffer, used: Buffer, macs: Buffer, /) -> None: ...

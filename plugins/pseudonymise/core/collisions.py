@@ -21,6 +21,7 @@ from typing import IO
 
 import numpy as np
 
+from pseudonymise.core import native
 from pseudonymise.core.errors import CollisionError
 from pseudonymise.core.formats import PseudonymFormat
 
@@ -51,6 +52,9 @@ class RecentMacs:
 
     def known(self, words: np.ndarray) -> np.ndarray:
         """Whether each MAC (rows of four 64-bit words) is in the table."""
+        if native.available():  # one pass in C; the numpy below is its definition
+            flags = native.recent_known(self._macs.data, self._used.data, np.ascontiguousarray(words).tobytes())
+            return np.frombuffer(flags, dtype=bool)
         slot = self._slots(words)
         held = np.take(self._macs, slot, axis=0)  # take and per-word compares: several times faster than fancy indexing
         same = (held[:, 0] == words[:, 0]) & (held[:, 1] == words[:, 1]) & (held[:, 2] == words[:, 2]) \
@@ -58,6 +62,9 @@ class RecentMacs:
         return same & self._used[slot]
 
     def remember(self, words: np.ndarray) -> None:
+        if native.available():
+            native.recent_remember(self._macs.data, self._used.data, np.ascontiguousarray(words).tobytes())
+            return
         slot = self._slots(words)
         self._rows[slot] = np.ascontiguousarray(words).view("V32").reshape(-1)
         self._used[slot] = True

@@ -12,21 +12,29 @@ its cause or context) so that no traceback prints the library's text.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
+import io
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from pseudonymise.core.errors import DataIOError, InvalidTextError, raise_alone
 
 FORMATS = ("csv", "parquet")
 csv.field_size_limit(64 * 1024 * 1024)
+#: The bytes pyarrow's CSV reader parses at a time (a longer row is still read whole). Larger blocks made
+#: the reader's memory grow with the file (1M rows: 205 MiB, 3M: 330 MiB at 16 MiB; 143 and 160 at 1 MiB).
+_CSV_BLOCK = 1 << 20
+_CSV_MAX_BLOCK = 256 << 20
 
 
 def file_format(path: str | os.PathLike[str], explicit: str | None = None) -> str:
@@ -43,72 +51,158 @@ def file_format(path: str | os.PathLike[str], explicit: str | None = None) -> st
 
 
 class CsvSource:
-    """A CSV file with a header row, read in batches; UTF-8 (a BOM is skipped)."""
+    """A CSV file with a header row, streamed through pyarrow's incremental reader (``pyarrow.csv.open_csv``) in
+    batches of ``batch_size`` rows: every column is read as text (a CSV stays text), an empty field (quoted or
+    not) is NULL, blank lines are skipped, fields may hold quoted delimiters and newlines. UTF-8 by default (a
+    BOM is skipped); another ``encoding`` is transcoded as it is read. Memory stays flat in the file's size.
+
+    :meth:`record_batches` gives ``pyarrow.RecordBatch`` es of ``pa.string()`` columns (for the C engine);
+    :meth:`batches` the same rows as ``{column: [values...]}``. When pyarrow refuses the file, the csv module
+    reads it again to name the line and the reason (pyarrow's own messages can quote the row).
+    """
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int = 50_000, delimiter: str = ",",
                  encoding: str = "utf-8-sig", null: str = "") -> None:
+        if batch_size < 1:
+            raise DataIOError(f"batch_size must be at least 1, not {batch_size}")
         self.path = os.fspath(path)
         self.batch_size = batch_size
-        self._null = null
+        self._delimiter, self._encoding, self._null = delimiter, encoding, null
+        self._fh: IO[str] | None = None
+        rows = self._stdlib_rows()
         try:
-            self._fh: IO[str] = open(self.path, encoding=encoding, errors="strict", newline="")  # noqa: SIM115
-        except OSError as exc:
-            raise DataIOError(f"cannot open {self.path!r}: {exc.strerror}") from exc
-        self._reader = csv.reader(self._fh, delimiter=delimiter, strict=True)
-        header = self._next()
+            header = next(rows, None)
+        finally:
+            self.close()
         if header is None:
             raise DataIOError(f"{self.path!r} is empty; a CSV source needs a header row")
         if len(set(header)) != len(header) or any(not h for h in header):
             raise DataIOError(f"{self.path!r}: the header has empty or duplicate column names")
         self.columns: list[str] = header
 
-    def _next(self) -> list[str] | None:
+    # --- the csv module: the header, and the line to name when pyarrow refuses the file ---
+    def _stdlib_rows(self) -> Iterator[list[str]]:
+        """The file's rows through the csv module (strict), raising this module's errors (never a cell)."""
         try:
-            return next(self._reader)
-        except StopIteration:
-            return None
-        except UnicodeDecodeError:
-            error: DataIOError | InvalidTextError = InvalidTextError(
-                f"{self.path!r} is not valid UTF-8 near line {self._reader.line_num + 1}; convert it to UTF-8 "
-                "(for example `iconv -f latin1 -t utf-8`)"
-            )
-        except csv.Error as exc:
-            # the csv module's messages are its own fixed sentences (a quote where a delimiter belongs, a field
-            # over the size limit), never a cell
-            error = DataIOError(f"{self.path!r} line {self._reader.line_num}: malformed CSV ({exc}); fix the quoting "
-                                "of that line")
+            self._fh = open(self.path, encoding=self._encoding, errors="strict", newline="")  # noqa: SIM115
+        except OSError as exc:
+            raise DataIOError(f"cannot open {self.path!r}: {exc.strerror}") from exc
+        except LookupError:
+            raise DataIOError(f"the encoding {self._encoding!r} is unknown; name one Python knows, e.g. utf-8 or "
+                              "latin-1") from None
+        reader = csv.reader(self._fh, delimiter=self._delimiter, strict=True)
+        header = True
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except UnicodeDecodeError:
+                error: DataIOError | InvalidTextError = InvalidTextError(
+                    f"{self.path!r} is not valid UTF-8 near line {reader.line_num + 1}; convert it to UTF-8 "
+                    "(for example `iconv -f latin1 -t utf-8`)"
+                )
+            except csv.Error as exc:
+                # the csv module's messages are its own fixed sentences (a quote where a delimiter belongs, a field
+                # over the size limit), never a cell
+                error = DataIOError(f"{self.path!r} line {reader.line_num}: malformed CSV ({exc}); fix the quoting "
+                                    "of that line")
+            else:
+                if row and not header and len(row) != len(self.columns):
+                    raise DataIOError(
+                        f"{self.path!r} line {reader.line_num}: {len(row)} fields where the header has "
+                        f"{len(self.columns)}; fix the ragged row (quote fields that contain the delimiter or newlines)"
+                    )
+                if row:
+                    header = False
+                    yield row
+                continue
+            raise_alone(error)
+
+    def _refused(self, exc: BaseException) -> DataIOError | InvalidTextError:
+        """The error to raise when pyarrow refuses the file: the csv module's, naming the line, when it finds one."""
+        try:
+            for _row in self._stdlib_rows():
+                pass
+        except (DataIOError, InvalidTextError) as error:
+            return error
+        finally:
+            self.close()
+        return DataIOError(
+            f"{self.path!r} could not be read as CSV ({exc.__class__.__name__}); check its quoting and encoding"
+        )
+
+    # --- pyarrow: the rows ---
+    def _reader(self, block_size: int) -> pa_csv.CSVStreamingReader:
+        encoding = "utf8" if codecs.lookup(self._encoding).name in ("utf-8", "utf-8-sig") else self._encoding
+        reader = pa_csv.open_csv(
+            self.path,
+            read_options=pa_csv.ReadOptions(encoding=encoding, block_size=block_size),
+            parse_options=pa_csv.ParseOptions(delimiter=self._delimiter, newlines_in_values=True),
+            convert_options=pa_csv.ConvertOptions(column_types=dict.fromkeys(self.columns, pa.string()),
+                                                  null_values=[self._null], strings_can_be_null=True,
+                                                  quoted_strings_can_be_null=True),
+        )
+        if reader.schema.names != self.columns:
+            raise DataIOError(f"{self.path!r}: pyarrow reads another header than the csv module; check the "
+                              "file's first line and encoding")
+        return reader
+
+    def _blocks(self) -> Iterator[pa.RecordBatch]:
+        """The reader's blocks of rows. A row longer than a block stops pyarrow's reader: it starts again with
+        blocks 16 times as large (up to 256 MiB), skipping the rows it gave already."""
+        given, block_size = 0, _CSV_BLOCK
+        while True:
+            skip = given
+            try:
+                for batch in self._reader(block_size):
+                    if skip >= batch.num_rows:
+                        skip -= batch.num_rows
+                        continue
+                    batch, skip = batch.slice(skip), 0
+                    given += batch.num_rows
+                    yield batch
+                return
+            except pa.ArrowInvalid as exc:  # only its class and this fixed phrase are looked at, never shown
+                if "straddl" not in str(exc) or block_size >= _CSV_MAX_BLOCK:
+                    raise
+                block_size *= 16
+
+    def record_batches(self) -> Iterator[pa.RecordBatch]:
+        """The rows as record batches of ``batch_size`` rows (the last may be shorter), every column ``pa.string()``:
+        the reader's blocks, joined or cut."""
+        pending: list[pa.RecordBatch] = []
+        held = 0
+        try:
+            for block in self._blocks():
+                pending.append(block)
+                held += block.num_rows
+                while held >= self.batch_size:
+                    whole = pending[0] if len(pending) == 1 else pa.concat_batches(pending)
+                    yield whole.slice(0, self.batch_size)
+                    rest = whole.slice(self.batch_size)
+                    pending, held = ([rest] if rest.num_rows else []), rest.num_rows
+        except (pa.ArrowException, OSError, UnicodeError) as exc:
+            error = self._refused(exc)
+        else:
+            if held:
+                yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
+            return
         raise_alone(error)
 
     def batches(self) -> Iterator[dict[str, list[Any]]]:
-        width, null = len(self.columns), self._null
-        try:
-            while True:
-                rows: list[list[str]] = []
-                while len(rows) < self.batch_size:
-                    row = self._next()
-                    if row is None:
-                        break
-                    if len(row) != width:
-                        if not row:
-                            continue
-                        raise DataIOError(
-                            f"{self.path!r} line {self._reader.line_num}: {len(row)} fields where the header has {width}; "
-                            "fix the ragged row (quote fields that contain the delimiter or newlines)"
-                        )
-                    rows.append(row)
-                if not rows:
-                    return
-                cols = list(zip(*rows, strict=True))
-                yield {name: [None if v == null else v for v in col] for name, col in zip(self.columns, cols, strict=True)}
-        finally:
-            self._fh.close()
+        for batch in self.record_batches():
+            yield {name: column.to_pylist() for name, column in zip(self.columns, batch.columns, strict=True)}
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 class ParquetSource:
-    """A Parquet file read in record batches; values come out as Python objects (ints stay ints)."""
+    """A Parquet file streamed in record batches (row groups read one after the other, so memory stays flat): as
+    ``pyarrow.RecordBatch`` es of the file's own types (:meth:`record_batches`), or as Python objects
+    (:meth:`batches`; ints stay ints)."""
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int = 50_000) -> None:
         self.path = os.fspath(path)
@@ -123,20 +217,36 @@ class ParquetSource:
             return
         raise_alone(error)
 
-    def batches(self) -> Iterator[dict[str, list[Any]]]:
+    def record_batches(self) -> Iterator[pa.RecordBatch]:
+        """The file's record batches as pyarrow streams them (row groups read one after the other), of ``batch_size``
+        rows but the last."""
         batches = self._file.iter_batches(batch_size=self.batch_size)
         while True:
             try:
                 batch = next(batches)
-                columns = {name: batch.column(i).to_pylist() for i, name in enumerate(batch.schema.names)}
             except StopIteration:
                 return
             except (OSError, pa.ArrowException) as exc:
-                error = DataIOError(f"reading {self.path!r} as Parquet failed ({exc.__class__.__name__}); check the "
-                                    "file (it may be truncated or damaged)")
+                error = self._damaged(exc)
+                break
+            yield batch
+        raise_alone(error)
+
+    def batches(self) -> Iterator[dict[str, list[Any]]]:
+        for batch in self.record_batches():
+            try:
+                columns = {name: batch.column(i).to_pylist() for i, name in enumerate(batch.schema.names)}
+            except (pa.ArrowException, ValueError, OverflowError) as exc:  # a value Python cannot hold
+                error = self._damaged(exc)
                 break
             yield columns
+        else:
+            return
         raise_alone(error)
+
+    def _damaged(self, exc: BaseException) -> DataIOError:
+        return DataIOError(f"reading {self.path!r} as Parquet failed ({exc.__class__.__name__}); check the file (it may "
+                           "be truncated or damaged)")
 
     def close(self) -> None:
         self._file.close()
@@ -169,45 +279,109 @@ class _AtomicFile:
 
 
 class CsvSink:
-    """Writes a CSV file atomically; NULL is written as an empty field."""
+    """Writes a CSV file atomically, byte for byte as the csv module writes it (``csv.writer``'s defaults: a field
+    quoted only when it holds the delimiter, a quote or a line break; CRLF line ends; NULL an empty field).
+
+    Batches are ``{column: [values...]}`` or ``pyarrow.RecordBatch`` es. The header goes through the csv module;
+    a batch none of whose fields needs quoting through pyarrow's writer (``pyarrow.csv.CSVWriter`` with
+    ``quoting_style="none"``, which then writes exactly those bytes), any other batch and every batch of a
+    one-column file through the csv module: pyarrow's ``"needed"`` style would quote every text field, and it
+    writes a one-column row holding NULL as a blank line, which a reader skips (the csv module writes ``""``).
+    Values that are not text are written as ``str()`` writes them, as the csv module does.
+    """
 
     def __init__(self, path: str | os.PathLike[str], columns: Sequence[str], delimiter: str = ",") -> None:
         self._file = _AtomicFile(path)
-        self._fh = open(self._file.tmp, "w", encoding="utf-8", newline="")  # noqa: SIM115
-        self._writer = csv.writer(self._fh, delimiter=delimiter)
         self.columns = list(columns)
-        self._write_rows([self.columns])
-
-    def _write_rows(self, rows: Any) -> None:
+        self._delimiter = delimiter
+        self._special = np.frombuffer(f'{delimiter}"\r\n'.encode(), dtype=np.uint8)
+        self._out: pa.NativeFile | None = None
+        self._arrow: pa_csv.CSVWriter | None = None
         try:
-            self._writer.writerows(rows)
+            self._out = pa.OSFile(os.fspath(self._file.tmp), "wb")
+            self._write_text([self.columns])
         except OSError as exc:
             self.abort()
             raise DataIOError(f"cannot write {os.fspath(self._file.path)!r}: {exc.strerror}; nothing was written") from exc
 
-    def write(self, batch: dict[str, list[Any]]) -> None:
-        cols = [batch[c] for c in self.columns]
-        self._write_rows(zip(*cols, strict=True))
+    def _write_text(self, rows: Any) -> None:
+        """Rows through the csv module, as UTF-8."""
+        text = io.StringIO()
+        csv.writer(text, delimiter=self._delimiter).writerows(rows)
+        assert self._out is not None
+        self._out.write(text.getvalue().encode("utf-8"))
+
+    def _needs_quoting(self, array: pa.StringArray) -> bool:
+        """Whether any value of a text array holds the delimiter, a quote or a line break (its bytes only: a
+        slice's buffers hold other rows too)."""
+        _validity, offsets, data = array.buffers()
+        if data is None or not len(array):
+            return False
+        bounds = np.frombuffer(offsets, dtype=np.int32)[[array.offset, array.offset + len(array)]]
+        raw = np.frombuffer(data, dtype=np.uint8)[bounds[0]:bounds[1]]
+        return any(bool((raw == byte).any()) for byte in self._special)
+
+    def write(self, batch: dict[str, list[Any]] | pa.RecordBatch) -> None:
+        try:
+            if isinstance(batch, pa.RecordBatch):
+                arrays = [_csv_text(batch.column(c)) for c in self.columns]
+                if len(arrays) > 1 and not any(map(self._needs_quoting, arrays)):
+                    self._write_arrow(pa.RecordBatch.from_arrays(arrays, names=self.columns))
+                    return
+                columns: list[list[Any]] = [a.to_pylist() for a in arrays]
+            else:
+                columns = [batch[c] for c in self.columns]
+            self._write_text(zip(*columns, strict=True))
+        except OSError as exc:
+            self.abort()
+            raise DataIOError(f"cannot write {os.fspath(self._file.path)!r}: {exc.strerror}; nothing was written") from exc
+
+    def _write_arrow(self, batch: pa.RecordBatch) -> None:
+        if self._arrow is None:
+            assert self._out is not None
+            self._arrow = pa_csv.CSVWriter(self._out, batch.schema, write_options=pa_csv.WriteOptions(
+                include_header=False, delimiter=self._delimiter, eol="\r\n", quoting_style="none"))
+        self._arrow.write_batch(batch)
 
     def commit(self) -> None:
         try:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
+            if self._arrow is not None:
+                self._arrow.close()
+            if self._out is not None:
+                self._out.close()
+            fd = os.open(self._file.tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except OSError as exc:
             self.abort()
             raise DataIOError(f"cannot write {os.fspath(self._file.path)!r}: {exc.strerror}; nothing was written") from exc
         self._file.commit()
 
     def abort(self) -> None:
-        if not self._fh.closed:
-            with contextlib.suppress(OSError):
-                self._fh.close()
+        for closing in (self._arrow, self._out):
+            if closing is not None:
+                with contextlib.suppress(Exception):  # best effort before deleting the partial file
+                    closing.close()
         self._file.abort()
 
 
+def _csv_text(array: pa.Array) -> pa.StringArray:
+    """A column as the csv module writes it: text as it is, integers and dates (whose Arrow text is Python's
+    ``str()``) cast, any other type through ``str()`` of its Python values; NULL stays NULL."""
+    kind = array.type
+    if kind == pa.string():
+        return array
+    if pa.types.is_large_string(kind) or pa.types.is_integer(kind) or pa.types.is_date32(kind):
+        return array.cast(pa.string())
+    return pa.array([None if v is None else v if type(v) is str else str(v) for v in array.to_pylist()],
+                    type=pa.string())
+
+
 class ParquetSink:
-    """Writes a Parquet file atomically; the schema comes from ``schema`` or the first batch."""
+    """Writes a Parquet file atomically, one row group per batch (``{column: [values...]}`` or a
+    ``pyarrow.RecordBatch``); the schema comes from ``schema`` or the first batch."""
 
     def __init__(self, path: str | os.PathLike[str], columns: Sequence[str], schema: pa.Schema | None = None) -> None:
         self._file = _AtomicFile(path)
@@ -215,7 +389,7 @@ class ParquetSink:
         self._schema = schema
         self._writer: pq.ParquetWriter | None = None
 
-    def write(self, batch: dict[str, list[Any]]) -> None:
+    def write(self, batch: dict[str, list[Any]] | pa.RecordBatch) -> None:
         try:
             table = self._table(batch)
             if self._writer is None:
@@ -233,15 +407,21 @@ class ParquetSink:
             return
         raise_alone(error)
 
-    def _table(self, batch: dict[str, list[Any]]) -> pa.Table:
+    def _table(self, batch: dict[str, list[Any]] | pa.RecordBatch) -> pa.Table:
         """The batch as a table of the sink's schema (the first batch's types when none was given), column by
         column, so that a value that does not fit is reported by its column (never by its value)."""
+        arrow = isinstance(batch, pa.RecordBatch)
         arrays = []
         for name in self._schema.names if self._schema is not None else self.columns:
             field = self._schema.field(name) if self._schema is not None else None
             try:
-                array = pa.array(batch[name], type=field.type if field is not None else None)
-            except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+                if arrow:
+                    array = batch.column(name)
+                    if field is not None and array.type != field.type:
+                        array = array.cast(field.type)
+                else:
+                    array = pa.array(batch[name], type=field.type if field is not None else None)
+            except (pa.ArrowException, TypeError, ValueError, OverflowError, KeyError) as exc:
                 expected = f"the Parquet type {field.type}" if field is not None else "one Parquet type"
                 error = DataIOError(
                     f"column {name!r} holds a value that does not fit {expected} ({exc.__class__.__name__}) in "

@@ -8,9 +8,10 @@ A run reads top-down: open the audited use (the token read, verified and its ``s
 committed), stream the batches through the pseudonymiser, write the sink and escrow, commit with the
 audit's ``finished`` row. Nothing here calls back into the CLI, the operators or the HTTP API.
 
-When the store is PostgreSQL, a pseudonymisation run hands each batch's writes (target rows,
-escrow) to one background thread, in order, so the database works on batch *n* while batch
-*n + 1* is being pseudonymised; at most two batches wait, so memory stays flat.
+When the store is PostgreSQL, or the rows travel as Arrow record batches (files), a pseudonymisation
+run hands each batch's writes (target rows, escrow) to one background thread, in order, so the
+database or the file writer works on batch *n* while batch *n + 1* is being pseudonymised (the C
+engine and pyarrow's writer both release the GIL); at most two batches wait, so memory stays flat.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
             # a database error escaping the writes or the COMMIT: SQLSTATE and names only, never the driver's text
             with database_errors("writing the target, escrow and audit failed; nothing was committed",
                                  columns=out_columns, data_fix=TARGET_DATA_FIX), store.engine.begin() as conn, \
-                    _Writes(background=store.engine.dialect.name == "postgresql") as writes:
+                    _Writes(background=store.engine.dialect.name == "postgresql" or transfer.arrow) as writes:
                 sink = transfer.open_sink(out_columns, conn)
                 for batch in transfer.batches(key_at_hand=mac is None):
                     out = engine.pseudonymise_batch(batch, columns)

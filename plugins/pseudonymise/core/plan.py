@@ -35,7 +35,12 @@ _log = logging.getLogger(__name__)
 
 
 class Source(Protocol):
-    """Rows to read, in batches of columns (a mapping of column name to values)."""
+    """Rows to read, in batches of columns (a mapping of column name to values).
+
+    A source that can also give its rows as ``pyarrow.RecordBatch`` es has a ``record_batches()`` method
+    (the CSV and Parquet sources do); a run whose destination takes them (``takes_arrow``) reads those, and
+    the engine pseudonymises them with :meth:`~pseudonymise.core.pseudonymiser.PseudonymEngine.pseudonymise_record_batch`.
+    """
 
     columns: list[str]
 
@@ -53,7 +58,11 @@ class Sink(Protocol):
 
 
 class Destination(Protocol):
-    """Where a run writes, opened once the output columns are known, with the store's open transaction."""
+    """Where a run writes, opened once the output columns are known, with the store's open transaction.
+
+    A destination whose sinks' ``write`` also takes a ``pyarrow.RecordBatch`` says so with a ``takes_arrow``
+    attribute that is true (files do); a source with ``record_batches()`` then goes to it as Arrow batches.
+    """
 
     def open(self, columns: list[str], conn: Connection) -> Sink: ...
 
@@ -115,10 +124,12 @@ class SinkFactory:
 
     :param copy_text: the sink's ``write`` takes :class:`~pseudonymise.core.copytext.CopyBlock` rows of
         COPY text too (a PostgreSQL COPY sink), so a COPY source's blocks may go to it as they are.
+    :param takes_arrow: the sink's ``write`` takes ``pyarrow.RecordBatch`` es too.
     """
 
     open: Callable[[list[str], Connection], Sink]
     copy_text: bool = False
+    takes_arrow: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,8 @@ class FileDestination:
 
     path: str
     fmt: str | None = None
+    #: the file sinks write ``pyarrow.RecordBatch`` es as they are
+    takes_arrow = True
 
     def open(self, columns: list[str], conn: Connection) -> Sink:
         return open_sink(self.path, columns, self.fmt)
@@ -170,6 +183,8 @@ class Transfer:
     :ivar copy_text: the source yields COPY text and the target takes it (PostgreSQL COPY both ways).
     :ivar native_blocks: on that path, the C engine pseudonymises whole blocks of COPY text, when the
         token's key is at hand (not in Vault Transit).
+    :ivar arrow: the source's rows travel as ``pyarrow.RecordBatch`` es (its ``record_batches()``), which the
+        destination's sink writes as they are.
     :ivar source_label: what the audit names as the source (``hospital_db:query``, ``file:in.csv`` …);
         ``target_label`` likewise.
     """
@@ -178,6 +193,7 @@ class Transfer:
     destination: Destination | TableDestination
     copy_text: bool = False
     native_blocks: bool = False
+    arrow: bool = False
     type_names: Mapping[str, str] | None = None
     pseudonymised: Sequence[str] = ()
     use_copy: bool | None = None
@@ -190,11 +206,14 @@ class Transfer:
 
     def batches(self, *, key_at_hand: bool) -> Iterator[Any]:
         """The source's batches: blocks of COPY text for the C engine on the planned block path (and
-        ``key_at_hand``: Vault Transit computes MACs one batch of values at a time), else columns."""
+        ``key_at_hand``: Vault Transit computes MACs one batch of values at a time), Arrow record batches on
+        the planned Arrow path, else columns."""
         if self.native_blocks and key_at_hand:
             assert isinstance(self.source, PostgresCopySource)
             blocks: Iterator[CopyBlock] = self.source.copy_blocks()
             return blocks
+        if self.arrow:
+            return self.source.record_batches()  # type: ignore[attr-defined, no-any-return]
         return self.source.batches()
 
     def open_sink(self, columns: list[str], conn: Connection) -> Sink:
@@ -229,8 +248,10 @@ def plan_transfer(source: QuerySource | Source, destination: Destination | Table
     opened = (_open_query(source, pseudonymised, takes_copy and source.engine.dialect.name == "postgresql")
               if isinstance(source, QuerySource) else source)
     copy_text = takes_copy and isinstance(opened, PostgresCopySource)
+    arrow = (policy is not None and not copy_text and callable(getattr(opened, "record_batches", None))
+             and bool(getattr(destination, "takes_arrow", False)))
     return Transfer(
-        opened, destination, copy_text=copy_text,
+        opened, destination, copy_text=copy_text, arrow=arrow,
         native_blocks=copy_text and policy is not None and native.available() and _writes_a_column(policy, opened.columns),
         type_names=opened.type_names if isinstance(opened, PostgresCopySource) else None,
         pseudonymised=pseudonymised, use_copy=use_copy, source_label=source_label, target_label=target_label)
