@@ -14,8 +14,9 @@ case in a fresh process so peak memory is per case:
   (f) pgcrypto hmac() in INSERT ... SELECT, inside the database;
   (b) again at --big-rows, to show memory stays flat;
   (b) as two mapped key ranges (operators.key_range_kwargs) run as two concurrent processes;
-  the same two ranges as mapped tasks on a real Airflow, LocalExecutor with parallelism 2
-  (bench/airflow_ranges.py: scheduler, API server, DAG processor), one task against two.
+  the same two ranges as mapped tasks on a real Airflow, LocalExecutor with parallelism 2, then
+  CeleryExecutor with two workers of one task each (bench/airflow_ranges.py: scheduler, API server,
+  DAG processor, Redis and the workers), one task against two.
 
 The operator cases run the operator's own execute() with a minimal context (connections from
 AIRFLOW_CONN_* variables), so the measured code is what a worker runs. Afterwards the outputs are
@@ -547,7 +548,7 @@ def main() -> int:
     parser.add_argument("--big-rows", type=int, default=5_000_000, help="rows of the big run of (b); 0: none")
     parser.add_argument("--batch-size", type=int, default=50_000)
     parser.add_argument("--smoke", action="store_true", help="2,000 rows, no big run: a quick check for CI")
-    parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,ranges,big,airflow")
+    parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,ranges,big,airflow,celery")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run (a)-(d), (f) and the ranges this many times, interleaved, and report the median")
     parser.add_argument("--profile", metavar="DIR", help="record each case with py-spy (pinned in requirements.txt) into DIR")
@@ -592,18 +593,23 @@ def main() -> int:
         if args.big_rows and "big" not in skip:
             bench.generate("visits_big", args.big_rows)
             runs["big"] = [bench.run("big", source="visits_big", target="big_out", **primary)]
-        airflow_lines: list[str] = []
-        if "airflow" not in skip:  # the same split on a real Airflow (LocalExecutor, parallelism 2)
-            print("mapped ranges on Airflow's LocalExecutor (bench/airflow_ranges.py)", flush=True)
+        airflow_lines: dict[str, list[str]] = {}
+        # the same split on a real Airflow: LocalExecutor (parallelism 2), then two Celery workers (one task each)
+        for executor, case in (("local", "airflow"), ("celery", "celery")):
+            if case in skip:
+                continue
+            where = "CeleryExecutor, 2 workers of concurrency 1" if executor == "celery" else "LocalExecutor, parallelism 2"
+            print(f"mapped ranges on Airflow's {where} (bench/airflow_ranges.py)", flush=True)
             # at the big size when there is one: a task must run long against the scheduler's loop (a
             # second or two between queueing and running) for two tasks to overlap
             rows = args.big_rows if args.big_rows and "big" not in skip else args.rows
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "airflow_ranges.py"),
-                                   "--rows", str(rows)], capture_output=True, text=True, timeout=3600)
-            airflow_lines = [line for line in proc.stdout.splitlines() if line.startswith("  ")]
-            print("\n".join(airflow_lines), flush=True)
-            if proc.returncode != 0 or any("[FAILED]" in line for line in airflow_lines):
-                bench.failures.append("mapped ranges on LocalExecutor")
+                                   "--rows", str(rows), "--executor", executor], capture_output=True, text=True,
+                                  timeout=3600)
+            airflow_lines[where] = [line for line in proc.stdout.splitlines() if line.startswith("  ")]
+            print("\n".join(airflow_lines[where]), flush=True)
+            if proc.returncode != 0 or any("[FAILED]" in line for line in airflow_lines[where]):
+                bench.failures.append(f"mapped ranges on {where.split(',')[0]}")
                 print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
         order = ("a", "b", "c", "d", "e", "f", "ranges", "big")
         results = {case: median(runs[case]) for case in order if case in runs}
@@ -632,10 +638,10 @@ def main() -> int:
             print(f"  {key}: {r.driven}")
         if "ranges" in results:
             print(f"  the 2 key ranges (operators.key_range_kwargs): {' + '.join(f'{p.rows:,}' for p in parts)} rows")
-        if airflow_lines:
-            print("\nthe same 2 key ranges as mapped tasks on Airflow (LocalExecutor, parallelism 2), task durations "
-                  "as Airflow recorded them:")
-            print("\n".join(airflow_lines))
+        for where, lines in airflow_lines.items():
+            print(f"\nthe same 2 key ranges as mapped tasks on Airflow ({where}), task durations as Airflow "
+                  "recorded them:")
+            print("\n".join(lines))
 
         print("\ntargets" + (" (smoke run: not judged)" if args.smoke else ""))
         targets = [("(b) rows/s / (a) rows/s", b.rate / a.rate, ">= 0.5", b.rate >= 0.5 * a.rate)]

@@ -28,6 +28,8 @@ def test_bench_smoke() -> None:
                   "(d) equals pgcrypto", "2 mapped ranges equal (b)"):
         assert f"[ok] {check}" in proc.stdout, f"check {check!r} did not pass"
     assert "speedup of 2 mapped range tasks over one task on LocalExecutor" in proc.stdout
-    assert "[ok] both runs wrote every row, the same" in proc.stdout
+    assert "speedup of 2 mapped range tasks over one task on CeleryExecutor (2 workers)" in proc.stdout
+    assert proc.stdout.count("[ok] both runs wrote every row, the same") == 2  # LocalExecutor and Celery
+    assert "[ok] the 2 mapped range tasks ran on both Celery workers" in proc.stdout
     assert "checks: all passed" in proc.stdout
     assert "FAILED" not in proc.stdout
