@@ -60,7 +60,9 @@ class AuditTrailLink(BaseOperatorLink):
 
 
 def run_context(context: Mapping[str, Any], on_finished: Callable[[AuditLog], None] | None = None) -> RunContext:
-    """Who and when, for the audit: DAG, task, run, try, dates and the user who triggered the run."""
+    """Who, where and when, for the audit: DAG, task, run, try, dates, the user who triggered the run, and
+    the host the task instance records (``[core] hostname_callable``; on Celery, the worker's), so the
+    audit names the worker that used the token as Airflow does."""
     ti, dag_run = context.get("ti"), context.get("dag_run")
     return RunContext(
         dag_id=getattr(ti, "dag_id", None),
@@ -72,6 +74,7 @@ def run_context(context: Mapping[str, Any], on_finished: Callable[[AuditLog], No
         data_interval_start=context.get("data_interval_start"),
         data_interval_end=context.get("data_interval_end"),
         triggered_by=getattr(dag_run, "triggering_user_name", None),
+        host=getattr(ti, "hostname", None) or None,
         on_finished=on_finished,
     )
 
@@ -258,7 +261,6 @@ class BaseDataOperator(BaseOperator):
             return TableDestination(target, SharedTransaction(self.store.engine))
         return TableDestination(target, SeparateTransaction(self.get_db_hook(self.target_conn_id).get_engine()))
 
-
     def _table_target(self) -> TableTarget:
         return TableTarget(self.target_table, self.target_schema, self.write_mode, self.partition_column,  # type: ignore[arg-type]
                            self.partition_start, self.partition_end, self.upsert_key, self.create_table)
@@ -337,10 +339,10 @@ class CreateTargetTableOperator(PseudonymiseOperator):
     run: mapped tasks writing one new table would each wait for the first. Put this task upstream of
     them with the same source, ``columns`` and target parameters (the source query without its range
     condition): it creates the table with the schema their runs would give it (pseudonymised columns
-    ``text``; the others the source's declared types on PostgreSQL, else those of the query's first
-    rows) and, for the ``replace`` and ``replace_partition`` write modes, the write-range lock table,
-    in transactions of their own, plus the audit and escrow tables. It uses no token, reads no row on
-    PostgreSQL, writes no row and is not an audited use; a table that exists is left as it is (its
+    ``text``; the others the source's declared types from PostgreSQL to PostgreSQL, else those of the
+    query's first rows) and, for the ``replace`` and ``replace_partition`` write modes, the write-range lock table,
+    in transactions of their own, plus the audit and escrow tables. It uses no token, reads no row
+    from PostgreSQL to PostgreSQL, writes no row and is not an audited use; a table that exists is left as it is (its
     columns are checked). Returns ``{"target": …, "created": bool, "columns": [...]}``. It updates
     no asset (the table is still empty).
     """

@@ -89,6 +89,8 @@ def test_key_ranges_on_two_celery_workers(stack: FullStack) -> None:
     assert {r["outcome"] for r in finished} == {"success"}
     assert len({r["use_id"] for r in rows}) == 8 and len(rows) == 16
     assert sum(r["rows_out"] for r in finished) == 240
+    # each use names the worker that used the token, as its task instance does
+    assert {r["map_index"]: r["host"] for r in finished} == {t["map_index"]: t["hostname"] for t in mapped}
     assert {r["task_id"] for r in rows} == {"pseudonymise_range"}  # creating the target uses no token
 
     # the same DAG as one task over the whole table, into a fresh target: the same rows

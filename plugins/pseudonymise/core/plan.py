@@ -209,15 +209,15 @@ class Transfer:
             return sink
         return _SeparateTransactionSink(destination.engine, destination.target, columns, **options)
 
-
     def create_target(self, policy: ColumnPolicy) -> bool:
         """Create the target table with the schema a run of ``policy`` would give it, in a transaction of its
         own, writing no row; whether it was created (``False``: it already exists with the output columns).
 
         Tasks that write one new table side by side (mapped key ranges) would otherwise wait for the first of
         them, which creates it inside its own run's transaction. No token is used and nothing is audited:
-        it is DDL only. A PostgreSQL source gives its declared column types without a row being read; any
-        other source's kept columns take the types of its first batch's values, as a run's first write does.
+        it is DDL only. On the COPY path (PostgreSQL to PostgreSQL) the source's declared column types are
+        used and no row is read; on any other path the kept columns take the types of the first batch's
+        values, as a run's first write does.
         """
         destination = self.destination
         if not isinstance(destination, TableDestination):
