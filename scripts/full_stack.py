@@ -104,10 +104,9 @@ class FullStack:
         workers would report its one name, so each worker's callable returns its own (as separate
         machines would report theirs).
         """
-        env = {**self.env, "AIRFLOW__CORE__HOSTNAME_CALLABLE": "scripts.worker_hostname.hostname",
+        env = {**self.env, "AIRFLOW__CORE__HOSTNAME_CALLABLE": "scripts.celery_stack.hostname",
                "PSEUDONYMISE_STACK_WORKER_HOSTNAME": hostname,
-               "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), self.env.get("PYTHONPATH")]))}
+               "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())}
         args = ["celery", "worker", "--celery-hostname", f"{hostname}@%h", "--concurrency", str(self.concurrency),
                 "--pid", str(self.work / f"{hostname}.pid")]
         return args, env
@@ -185,6 +184,9 @@ class FullStack:
                 "AIRFLOW__CELERY__BROKER_URL": self.redis.url(),
                 "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.pg.url("airflow_meta").replace("+psycopg2", ""),
                 "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.concurrency),
+                # Airflow's Celery configuration with prefetching off (scripts/celery_stack.py)
+                "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "scripts.celery_stack.CELERY_CONFIG",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
             })
         return env
 
