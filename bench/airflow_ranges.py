@@ -10,7 +10,7 @@ the benchmark's ``visits`` table, and triggers that DAG through the REST API twi
 task over the whole table) and ``parts=2`` (two mapped range tasks; their target is created by a task
 before them, so they start together). It prints each task's duration as Airflow recorded it, the span
 of the two mapped tasks, the speedup, and checks that both targets hold every row and the same
-pseudonyms (and, on Celery, that the two ranges ran on both workers). Task durations include what
+pseudonyms (and, on Celery, says which workers ran the two ranges). Task durations include what
 every Airflow task pays (its process, parsing the DAG file, reading connections from Vault), so small
 tables show mostly that.
 """
@@ -108,11 +108,11 @@ def main() -> int:
         if not ok:
             failures.append("airflow ranges")
         if args.executor == "celery":
+            # reported, not checked: short ranges sometimes run one after the other on one worker (README);
+            # tests/stack/test_celery_stack.py checks that mapped ranges spread over both workers
             both = two["hosts"] == sorted(stack.worker_hostnames)
-            print(f"  [{'ok' if both else 'FAILED'}] the 2 mapped range tasks ran on both Celery workers: "
-                  f"{', '.join(two['hosts'])}", flush=True)
-            if not both:
-                failures.append("celery workers")
+            print(f"  the 2 mapped range tasks ran on Celery worker(s): {', '.join(two['hosts'])}"
+                  + ("" if both else " (one after the other on one worker)"), flush=True)
     finally:
         stack.stop()
     return 1 if failures else 0
