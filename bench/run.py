@@ -14,8 +14,9 @@ case in a fresh process so peak memory is per case:
   (f) pgcrypto hmac() in INSERT ... SELECT, inside the database;
   (b) again at --big-rows, to show memory stays flat;
   (b) as two mapped key ranges (operators.key_range_kwargs) run as two concurrent processes;
-  the same two ranges as mapped tasks on a real Airflow, LocalExecutor with parallelism 2
-  (bench/airflow_ranges.py: scheduler, API server, DAG processor), one task against two;
+  the same two ranges as mapped tasks on a real Airflow, LocalExecutor with parallelism 2, then
+  CeleryExecutor with two workers of one task each (bench/airflow_ranges.py: scheduler, API server,
+  DAG processor, Redis and the workers), one task against two;
   the file cases (bench/files.py) on the same rows as a CSV and a Parquet file, each a whole process:
   pyarrow's copy-through, the CLI ``file pseudonymise``, a hand-written csv + hmac script, Presidio's
   structured engine (salted SHA-256 hash), and the Parquet copy-through and CLI.
@@ -458,9 +459,19 @@ class Bench:
         env_backup = dict(os.environ)
         os.environ.update(self.env)
         try:
-            from pseudonymise.operators import key_range_kwargs
+            from pseudonymise.operators import CreateTargetTableOperator, key_range_kwargs
 
             ranges = key_range_kwargs("bench_src", source, "id", 2)
+            if not self.args.ranges_create_in_run:
+                # as dags/patient_visits_by_key_range.py: the target first, so the two ranges start together
+                # (else the first range creates it in its run's transaction and the other waits for it)
+                t0 = time.perf_counter()
+                CreateTargetTableOperator(
+                    task_id="bench_create_target", source_conn_id="bench_src", sql=f"SELECT * FROM {source}",
+                    columns={c: "pseudonymise" for c in PSEUDONYMISED}, unlisted_columns="keep",
+                    target_conn_id="bench_dst", target_table=target, write_mode="replace_partition",
+                    partition_column="id").execute(context={})
+                created_in = time.perf_counter() - t0
         finally:
             os.environ.clear()
             os.environ.update(env_backup)
@@ -472,7 +483,9 @@ class Bench:
         total = Result("ranges", sum(p.rows for p in parts), wall, max(p.peak_rss_mib for p in parts),
                        parts[0].driven + ", 2 processes at once")
         print(f"  {CASES['ranges']:<70} {total.rows:>10,} rows {total.seconds:8.2f} s "
-              f"{total.rate:>10,.0f} rows/s  {total.peak_rss_mib:6.0f} MiB (each)", flush=True)
+              f"{total.rate:>10,.0f} rows/s  {total.peak_rss_mib:6.0f} MiB (each); "
+              + ("the first range created the target" if self.args.ranges_create_in_run else
+                 f"target created first in {created_in:.2f} s (not counted)"), flush=True)
         return total, parts
 
     # checks --------------------------------------------------------------------------------------
@@ -603,9 +616,12 @@ def main() -> int:
     parser.add_argument("--big-rows", type=int, default=5_000_000, help="rows of the big run of (b); 0: none")
     parser.add_argument("--batch-size", type=int, default=50_000)
     parser.add_argument("--smoke", action="store_true", help="2,000 rows, no big run: a quick check for CI")
-    parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,ranges,big,airflow, "
-                                                   "files (every file case) or file-copy,file-cli,file-hmac,file-presidio,"
-                                                   "file-parquet-copy,file-parquet-cli")
+    parser.add_argument("--ranges-create-in-run", action="store_true",
+                        help="ranges: let the first range create the target inside its run, as before "
+                             "CreateTargetTableOperator (to compare)")
+    parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,ranges,big,airflow,"
+                                                   "celery, files (every file case) or file-copy,file-cli,file-hmac,"
+                                                   "file-presidio,file-parquet-copy,file-parquet-cli")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run (a)-(d), (f) and the ranges this many times, interleaved, and report the median")
     parser.add_argument("--profile", metavar="DIR", help="record each case with py-spy (pinned in requirements.txt) into DIR")
@@ -650,18 +666,23 @@ def main() -> int:
         if args.big_rows and "big" not in skip:
             bench.generate("visits_big", args.big_rows)
             runs["big"] = [bench.run("big", source="visits_big", target="big_out", **primary)]
-        airflow_lines: list[str] = []
-        if "airflow" not in skip:  # the same split on a real Airflow (LocalExecutor, parallelism 2)
-            print("mapped ranges on Airflow's LocalExecutor (bench/airflow_ranges.py)", flush=True)
+        airflow_lines: dict[str, list[str]] = {}
+        # the same split on a real Airflow: LocalExecutor (parallelism 2), then two Celery workers (one task each)
+        for executor, case in (("local", "airflow"), ("celery", "celery")):
+            if case in skip:
+                continue
+            where = "CeleryExecutor, 2 workers of concurrency 1" if executor == "celery" else "LocalExecutor, parallelism 2"
+            print(f"mapped ranges on Airflow's {where} (bench/airflow_ranges.py)", flush=True)
             # at the big size when there is one: a task must run long against the scheduler's loop (a
             # second or two between queueing and running) for two tasks to overlap
             rows = args.big_rows if args.big_rows and "big" not in skip else args.rows
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "airflow_ranges.py"),
-                                   "--rows", str(rows)], capture_output=True, text=True, timeout=3600)
-            airflow_lines = [line for line in proc.stdout.splitlines() if line.startswith("  ")]
-            print("\n".join(airflow_lines), flush=True)
-            if proc.returncode != 0 or any("[FAILED]" in line for line in airflow_lines):
-                bench.failures.append("mapped ranges on LocalExecutor")
+                                   "--rows", str(rows), "--executor", executor], capture_output=True, text=True,
+                                  timeout=3600)
+            airflow_lines[where] = [line for line in proc.stdout.splitlines() if line.startswith("  ")]
+            print("\n".join(airflow_lines[where]), flush=True)
+            if proc.returncode != 0 or any("[FAILED]" in line for line in airflow_lines[where]):
+                bench.failures.append(f"mapped ranges on {where.split(',')[0]}")
                 print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
         file_lines: list[str] = []
         file_results: dict[str, Any] = {}
@@ -704,10 +725,10 @@ def main() -> int:
                   "pseudonymised), each a whole process, wall time; median of the repetitions but the hand-written "
                   "script and Presidio (once)\n")
             print("\n".join(file_lines))
-        if airflow_lines:
-            print("\nthe same 2 key ranges as mapped tasks on Airflow (LocalExecutor, parallelism 2), task durations "
-                  "as Airflow recorded them:")
-            print("\n".join(airflow_lines))
+        for where, lines in airflow_lines.items():
+            print(f"\nthe same 2 key ranges as mapped tasks on Airflow ({where}), task durations as Airflow "
+                  "recorded them:")
+            print("\n".join(lines))
 
         print("\ntargets" + (" (smoke run: not judged)" if args.smoke else ""))
         targets = [("(b) rows/s / (a) rows/s", b.rate / a.rate, ">= 0.5", b.rate >= 0.5 * a.rate)]

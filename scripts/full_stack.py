@@ -1,8 +1,11 @@
 """The production-like stack from plain processes: PostgreSQL, OpenBao, and Airflow's API server,
 scheduler and DAG processor (LocalExecutor), with the token connection served by the VaultBackend.
+With ``--executor celery``: CeleryExecutor, Redis as its broker and two Celery workers, each its own
+process with its own hostname.
 
-    .venv/bin/python scripts/full_stack.py            # start, run the demo below, stop
-    .venv/bin/python scripts/full_stack.py --keep     # ... and keep it running (Ctrl-C stops it)
+    .venv/bin/python scripts/full_stack.py                      # start, run the demo below, stop
+    .venv/bin/python scripts/full_stack.py --keep               # ... and keep it running (Ctrl-C stops it)
+    .venv/bin/python scripts/full_stack.py --executor celery    # the same on CeleryExecutor, two workers
 
 The demo triggers the patient-extract DAG through the REST API (/api/v2) as a real client would,
 runs `airflow backfill create` over three days twice, waits for success and prints the target and
@@ -32,20 +35,31 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.services import free_port, start_openbao, start_postgres  # noqa: E402
+from scripts.services import free_port, start_openbao, start_postgres, start_redis  # noqa: E402
 
 BIN = Path(sys.executable).parent
 DAG_ID = "pseudonymise_patient_extract"
+EXECUTORS = ("local", "celery")
 
 
 class FullStack:
-    """Start everything in a temporary folder; ``stop()`` ends every process."""
+    """Start everything in a temporary folder; ``stop()`` ends every process.
 
-    def __init__(self, workdir: Path | None = None, *, parallelism: int = 8, dags_folder: Path | None = None) -> None:
+    :param executor: ``local`` (LocalExecutor, ``parallelism`` task processes) or ``celery``
+        (CeleryExecutor: Redis as the broker, the metadata database as the result backend, and
+        ``workers`` Celery workers of ``concurrency`` task processes each, named :attr:`worker_hostnames`).
+    """
+
+    def __init__(self, workdir: Path | None = None, *, parallelism: int = 8, dags_folder: Path | None = None,
+                 executor: str = "local", workers: int = 2, concurrency: int = 4) -> None:
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor {executor!r} is unknown; use one of {', '.join(EXECUTORS)}")
         self.work = Path(workdir or tempfile.mkdtemp(prefix="pseudonymise-stack-"))
         self.parallelism, self.dags_folder = parallelism, Path(dags_folder or ROOT / "dags")
+        self.executor, self.concurrency = executor, concurrency
+        self.worker_hostnames = [f"stack-worker-{n}" for n in range(1, workers + 1)] if executor == "celery" else []
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.pg = self.bao = None
+        self.pg = self.bao = self.redis = None
         self.api_token: str | None = None
 
     # --- setup ------------------------------------------------------------------------------
@@ -60,19 +74,56 @@ class FullStack:
         self._load_hospital()
         self.bao = start_openbao()
         self._issue_token_into_vault()
+        if self.executor == "celery":
+            self.redis = start_redis()
         self.port = free_port()
         self.password = secrets.token_urlsafe(12)
         (self.work / "passwords.json").write_text(json.dumps({"admin": self.password}))
         self.env = self._airflow_env()
         self._run("db", "migrate")
         for name in ("api-server", "scheduler", "dag-processor"):
-            args = [str(BIN / "airflow"), name] + (["--port", str(self.port)] if name == "api-server" else [])
-            log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 - closed when the process ends
-            self.procs[name] = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
+            self._spawn(name, [name] + (["--port", str(self.port)] if name == "api-server" else []))
+        for hostname in self.worker_hostnames:
+            self._spawn(hostname, *self._celery_worker(hostname))
         self._wait_for_api()
+        self._wait_for_workers()
         self.started_in = time.monotonic() - t0
         return self
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 - closed when the process ends
+        self.procs[name] = subprocess.Popen([str(BIN / "airflow"), *args], env=env or self.env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _celery_worker(self, hostname: str) -> tuple[list[str], dict[str, str]]:
+        """``airflow celery worker`` as its own process: its Celery node name, pid file and log server port
+        (two workers share this machine), and the hostname Airflow records in its task instances.
+
+        A task instance's ``hostname`` is what ``[core] hostname_callable`` returns in the task's process
+        (the Task SDK reports it when the task starts), not the Celery node name: on one machine both
+        workers would report its one name, so each worker's callable returns its own (as separate
+        machines would report theirs).
+        """
+        env = {**self.env, "AIRFLOW__CORE__HOSTNAME_CALLABLE": "scripts.celery_stack.hostname",
+               "PSEUDONYMISE_STACK_WORKER_HOSTNAME": hostname,
+               "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())}
+        args = ["celery", "worker", "--celery-hostname", f"{hostname}@%h", "--concurrency", str(self.concurrency),
+                "--pid", str(self.work / f"{hostname}.pid")]
+        return args, env
+
+    def _wait_for_workers(self, timeout: float = 120) -> None:
+        """Wait until every Celery worker has joined the broker (its log says ``ready``)."""
+        deadline = time.monotonic() + timeout
+        waiting = list(self.worker_hostnames)
+        while waiting and time.monotonic() < deadline:
+            for hostname in list(waiting):
+                if self.procs[hostname].poll() is not None:
+                    raise RuntimeError(f"{hostname} exited: {(self.work / f'{hostname}.log').read_text()[-3000:]}")
+                if " ready." in (self.work / f"{hostname}.log").read_text(errors="replace"):
+                    waiting.remove(hostname)
+            time.sleep(1)
+        if waiting:
+            raise RuntimeError(f"Celery worker(s) {', '.join(waiting)} did not get ready within {timeout} s")
 
     def _load_hospital(self) -> None:
         engine = sa.create_engine(self.pg.url("hospital"))
@@ -110,7 +161,7 @@ class FullStack:
             "AIRFLOW_HOME": str(self.work / "airflow"),
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor" if self.executor == "celery" else "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.work / "passwords.json"),
@@ -128,6 +179,15 @@ class FullStack:
             "AIRFLOW_CONN_HOSPITAL_DB": pg("hospital"),
             "AIRFLOW_CONN_RESEARCH_DB": pg("research"),
         })
+        if self.redis is not None:
+            env.update({
+                "AIRFLOW__CELERY__BROKER_URL": self.redis.url(),
+                "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.pg.url("airflow_meta").replace("+psycopg2", ""),
+                "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.concurrency),
+                # Airflow's Celery configuration with prefetching off (scripts/celery_stack.py)
+                "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "scripts.celery_stack.CELERY_CONFIG",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+            })
         return env
 
     def airflow(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -220,6 +280,8 @@ class FullStack:
                 os.killpg(proc.pid, signal.SIGKILL)
         if self.bao:
             self.bao.stop()
+        if self.redis:
+            self.redis.stop()
         if self.pg:
             self.pg.stop("immediate", remove=True)
 
@@ -234,13 +296,15 @@ class FullStack:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="store_true", help="keep the stack running after the demo")
+    parser.add_argument("--executor", choices=EXECUTORS, default="local",
+                        help="local: LocalExecutor; celery: CeleryExecutor with Redis and two workers")
     args = parser.parse_args()
-    stack = FullStack()
+    stack = FullStack(executor=args.executor)
     try:
         t0 = time.monotonic()
         stack.start()
-        print(f"stack up in {stack.started_in:.0f} s: API http://127.0.0.1:{stack.port} (admin / {stack.password}),"
-              f" logs in {stack.work}")
+        print(f"stack up in {stack.started_in:.0f} s ({args.executor} executor): API http://127.0.0.1:{stack.port}"
+              f" (admin / {stack.password}), logs in {stack.work}")
         stack.wait_for_dag(DAG_ID)
         stack.trigger(DAG_ID, "2026-11-06T00:00:00Z")
         stack.wait_for_runs(DAG_ID, 1)

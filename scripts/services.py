@@ -1,11 +1,13 @@
-"""Real services from plain processes: a throwaway PostgreSQL cluster and OpenBao servers.
+"""Real services from plain processes: a throwaway PostgreSQL cluster, OpenBao servers and Redis.
 
 The tests, the benchmark (``bench/``) and the scripts (``scripts/full_stack.py``) all start their
 servers here. Everything runs on loopback, on free ports, in temporary folders, and is stopped by
 the caller. PostgreSQL refuses to run as root, so as root the cluster runs as the ``postgres``
-system user (created if absent).
+system user (created if absent); Redis likewise as the ``redis`` user.
 
 - :func:`start_postgres`: a fresh cluster (``fsync`` off: a test and bench server, never a store of record).
+- :func:`start_redis`: a Redis server (Debian's ``redis-server``) with a password and no persistence,
+  the Celery executor's broker.
 - :func:`start_openbao`: the OpenBao dev server, everything in memory (a restart loses it all).
 - :class:`RestartableOpenBao`: an OpenBao server that keeps its storage in a folder, so it can be
   stopped and started again on the same address with its secrets and Transit keys (the fault tests).
@@ -48,14 +50,15 @@ def pg_bindir() -> Path:
     raise RuntimeError("PostgreSQL server binaries not found; run scripts/test.sh, which installs them with apt")
 
 
-def _service_user() -> str | None:
+def _service_user(name: str = "postgres") -> str | None:
+    """The unprivileged system user a server runs as when we are root (created if absent); else ``None``."""
     if os.geteuid() != 0:
         return None
     try:
-        pwd.getpwnam("postgres")
+        pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "postgres"], check=True)
-    return "postgres"
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
+    return name
 
 
 @dataclass
@@ -244,3 +247,92 @@ class RestartableOpenBao:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@dataclass
+class RedisServer:
+    """A running Redis server: ``url()`` for clients (the password in it), ``stop()`` ends it and removes its folder."""
+
+    host: str
+    port: int
+    password: str
+    folder: Path
+    process: subprocess.Popen[bytes]
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://:{self.password}@{self.host}:{self.port}/{db}"
+
+    def ping(self) -> bool:
+        """Whether the server answers an authenticated PING (RESP over a plain socket: no client library needed)."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1) as s:
+                s.sendall(_resp("AUTH", self.password) + _resp("PING"))
+                reply = b""
+                while reply.count(b"\r\n") < 2:
+                    chunk = s.recv(256)
+                    if not chunk:
+                        break
+                    reply += chunk
+                return reply == b"+OK\r\n+PONG\r\n"
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _resp(*parts: str) -> bytes:
+    """One Redis command in the RESP protocol."""
+    out = f"*{len(parts)}\r\n".encode()
+    for part in parts:
+        data = part.encode()
+        out += f"${len(data)}\r\n".encode() + data + b"\r\n"
+    return out
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    if not found:
+        raise RuntimeError("redis-server not found; run scripts/test.sh, which installs Debian's redis-server with apt")
+    return found
+
+
+def start_redis() -> RedisServer:
+    """A Redis server on 127.0.0.1 and a free port, with a random password, nothing saved to disk (no RDB
+    snapshots, no append-only file), its folder a fresh temporary one; as root it runs as the ``redis`` user.
+    The caller stops it."""
+    binary = redis_binary()
+    run_as = _service_user("redis")
+    folder = Path(tempfile.mkdtemp(prefix="pseudonymise-redis-"))
+    port, password = free_port(), secrets.token_urlsafe(24)
+    conf = folder / "redis.conf"
+    conf.write_text(
+        f"bind 127.0.0.1\nport {port}\nprotected-mode yes\nrequirepass {password}\n"
+        f'dir {folder}\nsave ""\nappendonly no\ndaemonize no\nlogfile {folder / "redis.log"}\n'
+    )
+    os.chmod(conf, 0o600)  # the password: readable by the server's user alone
+    if run_as:
+        for path in (folder, conf):
+            shutil.chown(path, run_as, run_as)
+    proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            user=run_as, group=run_as, extra_groups=[] if run_as else None)
+    server = RedisServer("127.0.0.1", port, password, folder, proc)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log = folder / "redis.log"
+            text = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            shutil.rmtree(folder, ignore_errors=True)
+            raise RuntimeError(f"Redis exited (status {proc.returncode}): {text}")
+        if server.ping():
+            return server
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError("Redis did not answer within 30 s")

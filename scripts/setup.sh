@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sourced by the quick-start commands: a virtual environment with the pinned requirements and this
 # package; ensure_system_packages installs, with apt and only when absent, what the tests run:
-# PostgreSQL's server binaries and Chromium (the UI test's headless browser).
+# PostgreSQL's server binaries, Chromium (the UI test's headless browser) and Redis (the Celery broker).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -42,6 +42,8 @@ ensure_system_packages() {
         missing+=(postgresql postgresql-contrib)
     fi
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    # the Celery executor's broker in the Celery full-stack test and bench (started by scripts/services.py)
+    command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || missing+=(redis-server)
     [ "${#missing[@]}" -eq 0 ] && return 0
     echo "==> installing with apt: ${missing[*]}"
     local sudo=""

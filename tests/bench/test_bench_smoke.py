@@ -39,6 +39,9 @@ def test_bench_smoke() -> None:
     assert "speedup of 2 mapped range tasks over one task on LocalExecutor" in proc.stdout
     assert "predicted rows/s, PostgreSQL on its own machine of 16 cores" in proc.stdout  # the scaling model ran
     assert "| (c) reversible |" in proc.stdout
-    assert "[ok] both runs wrote every row, the same" in proc.stdout
+    assert "speedup of 2 mapped range tasks over one task on CeleryExecutor (2 workers)" in proc.stdout
+    # LocalExecutor and Celery, each printed as it runs and again in the summary
+    assert proc.stdout.count("[ok] both runs wrote every row, the same") == 4
+    assert "the 2 mapped range tasks ran on Celery worker(s): stack-worker-" in proc.stdout
     assert "checks: all passed" in proc.stdout
     assert "FAILED" not in proc.stdout

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from pseudonymise.core import native
 from pseudonymise.core.copytext import CopyBlock
-from pseudonymise.core.errors import UnsupportedTypeError
+from pseudonymise.core.errors import PolicyError, PseudonymiseError, UnsupportedTypeError
 from pseudonymise.core.files import CsvSource
 from pseudonymise.core.plan import (
     FileDestination,
@@ -137,3 +137,92 @@ def test_a_separate_transaction_commits_on_its_own_and_a_shared_one_with_the_cal
         assert conn.execute(sa.text("SELECT pid FROM dst")).scalars().all() == ["A"]
     with store.connect() as conn:  # the shared one rolled back with the store
         assert conn.execute(sa.text("SELECT count(*) FROM dst")).scalar() == 0
+
+
+# --- creating the target before the writers start (mapped key ranges) ---------------------------
+def _range(engine: sa.Engine, lo: int, hi: int, table: str = "dst") -> TableDestination:
+    return TableDestination(TableTarget(table, mode="replace_partition", partition_column="id", partition_start=lo,
+                                        partition_end=hi), SharedTransaction(engine))
+
+
+def _column_types(engine: sa.Engine, table: str) -> list[tuple[str, str]]:
+    return [(c["name"], str(c["type"])) for c in sa.inspect(engine).get_columns(table)]
+
+
+def _write_range(engine: sa.Engine, conn: sa.Connection, lo: int, hi: int) -> Any:
+    """Open the range's sink in ``conn``'s transaction and write the source's rows of ``[lo, hi)`` into it."""
+    transfer = plan_transfer(QuerySource(engine, f"SELECT * FROM src WHERE id >= {lo} AND id < {hi}"),
+                             _range(engine, lo, hi), POLICY)
+    sink = transfer.open_sink(transfer.columns, conn)
+    for batch in transfer.batches(key_at_hand=False):
+        sink.write(batch)
+    return sink
+
+
+@pytest.mark.postgres
+def test_range_writers_of_a_new_target_wait_for_the_one_that_creates_it(pg_url: str) -> None:
+    """What the creation beforehand is for: the first writer of a new table creates it in its own run's
+    transaction, and the next writer waits for that transaction (here: past its lock timeout)."""
+    engine = sa.create_engine(pg_url)
+    _fill(engine)
+    with engine.connect() as first, engine.connect() as second, first.begin():
+        _write_range(engine, first, 1, 2)
+        with second.begin():
+            second.execute(sa.text("SET LOCAL lock_timeout = '500ms'"))
+            with pytest.raises(PseudonymiseError, match="55P03"):  # lock_not_available: it waited on the creator
+                _write_range(engine, second, 2, 4)
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_target_created_beforehand_lets_range_writers_run_side_by_side(pg_url: str) -> None:
+    engine = sa.create_engine(pg_url)
+    _fill(engine)
+    whole = plan_transfer(QuerySource(engine, "SELECT * FROM src"), _range(engine, 1, 4), POLICY)
+    assert whole.create_target(POLICY) is True
+    assert whole.create_target(POLICY) is False  # there already: left as it is
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM dst")).scalar() == 0  # no row written
+    with engine.connect() as first, engine.connect() as second, first.begin():
+        _write_range(engine, first, 1, 2).commit()
+        with second.begin():  # the first writer's transaction is still open: no wait, no timeout
+            second.execute(sa.text("SET LOCAL lock_timeout = '500ms'"))
+            _write_range(engine, second, 2, 4).commit()
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT id, pid IS NOT NULL, ward FROM dst ORDER BY id")).all() == \
+            [(1, True, "a"), (2, True, None), (3, False, "c")]
+    # the schema a one-task run gives a new target: pseudonymised columns text, the others the source's types
+    with engine.begin() as conn:
+        one = plan_transfer(QuerySource(engine, "SELECT * FROM src"),
+                            TableDestination(TableTarget("dst_one", mode="replace"), SharedTransaction(engine)), POLICY)
+        sink = one.open_sink(one.columns, conn)
+        for batch in one.batches(key_at_hand=False):
+            sink.write(batch)
+        sink.commit()
+    assert _column_types(engine, "dst") == _column_types(engine, "dst_one") == \
+        [("id", "INTEGER"), ("pid", "TEXT"), ("ward", "TEXT")]
+    engine.dispose()
+
+
+def test_create_target_on_the_generic_path_takes_the_types_a_run_would(sqlite_url: str, tmp_path: Path) -> None:
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE src (id integer, pid text, born date, ward text)"))
+        conn.execute(sa.text("INSERT INTO src VALUES (1, '11', '2001-02-03', 'a'), (2, NULL, NULL, NULL)"))
+    query = "SELECT id, pid, date(born) AS born, ward FROM src"
+    prepared = plan_transfer(QuerySource(engine, query), _range(engine, 1, 3), POLICY)
+    assert prepared.create_target(POLICY) is True
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM dst")).scalar() == 0
+    with engine.begin() as conn:
+        one = plan_transfer(QuerySource(engine, query),
+                            TableDestination(TableTarget("dst_one", mode="replace"), SharedTransaction(engine)), POLICY)
+        sink = one.open_sink(one.columns, conn)
+        for batch in one.batches(key_at_hand=False):
+            sink.write(batch)
+        sink.commit()
+    assert _column_types(engine, "dst") == _column_types(engine, "dst_one")
+    with pytest.raises(PolicyError, match="needs a target table"):
+        plan_transfer(QuerySource(engine, query), FileDestination(str(tmp_path / "out.csv")), POLICY) \
+            .create_target(POLICY)
+    engine.dispose()

@@ -51,7 +51,7 @@ def _coordinate(value: Any) -> tuple[float, bool] | None:
     return f, isinstance(number, float) or Decimal(f) == Decimal(number)
 
 
-def _ensure_lock_table(engine: Engine, schema: str | None) -> str:
+def ensure_lock_table(engine: Engine, schema: str | None) -> str:
     """The lock table of ``schema`` (created in its own short transaction if missing); its quoted name."""
     prep = engine.dialect.identifier_preparer
     name = f"{prep.quote(schema)}.{prep.quote(WRITE_LOCK_TABLE)}" if schema else prep.quote(WRITE_LOCK_TABLE)
@@ -82,7 +82,7 @@ def lock_interval(conn: Connection, schema: str | None, target: str, start: Any 
     """
     if conn.dialect.name != "postgresql":
         return None
-    table = _ensure_lock_table(conn.engine, schema)
+    table = ensure_lock_table(conn.engine, schema)
     low = None if whole else _coordinate(start)
     high = (_FULL, True) if end is None else _coordinate(end)
     if low is None or high is None:
@@ -105,4 +105,4 @@ def unlock_interval(conn: Connection, schema: str | None, holder: str | None) ->
     """Drop the lock's row inside the transaction: writers waiting for it go on once the transaction ends."""
     if holder is None:
         return
-    conn.execute(sa.text(f"DELETE FROM {_ensure_lock_table(conn.engine, schema)} WHERE holder = :h"), {"h": holder})
+    conn.execute(sa.text(f"DELETE FROM {ensure_lock_table(conn.engine, schema)} WHERE holder = :h"), {"h": holder})

@@ -228,6 +228,34 @@ class Transfer:
             return sink
         return _SeparateTransactionSink(destination.engine, destination.target, columns, **options)
 
+    def create_target(self, policy: ColumnPolicy) -> bool:
+        """Create the target table with the schema a run of ``policy`` would give it, in a transaction of its
+        own, writing no row; whether it was created (``False``: it already exists with the output columns).
+
+        Tasks that write one new table side by side (mapped key ranges) would otherwise wait for the first of
+        them, which creates it inside its own run's transaction. No token is used and nothing is audited:
+        it is DDL only. On the COPY path (PostgreSQL to PostgreSQL) the source's declared column types are
+        used and no row is read; on any other path the kept columns take the types of the first batch's
+        values, as a run's first write does.
+        """
+        destination = self.destination
+        if not isinstance(destination, TableDestination):
+            raise PolicyError("creating the target needs a target table (target_conn_id and target_table), "
+                              "not a file")
+        out_columns = [rule.column for rule in policy.plan(self.columns) if rule.action != "drop"]
+        sample: dict[str, list[Any]] = {}
+        if self.type_names is None:  # else the COPY source's probe gave the declared types, reading no row
+            batches = self.source.batches()
+            try:
+                sample = next(iter(batches), {})
+            finally:
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()
+        with destination.engine.begin() as conn:
+            return destination.target.create_if_missing(conn, out_columns, pseudonymised=self.pseudonymised,
+                                                        type_names=self.type_names, sample=sample)
+
 
 def plan_transfer(source: QuerySource | Source, destination: Destination | TableDestination,
                   policy: ColumnPolicy | None = None, *, use_copy: bool | None = None,

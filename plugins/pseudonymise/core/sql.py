@@ -328,12 +328,26 @@ class TableTarget:
         copy = conn.dialect.name == "postgresql" if use_copy is None else use_copy
         return TableSink(self, conn, list(columns), copy=copy, pseudonymised=pseudonymised, type_names=type_names)
 
+    def create_if_missing(self, conn: Connection, columns: Sequence[str], *, pseudonymised: Sequence[str] = (),
+                          type_names: Mapping[str, str] | None = None,
+                          sample: Mapping[str, Sequence[Any]] | None = None) -> bool:
+        """Create the table, as a run's first write would, without writing or deleting anything; whether it was
+        created (``False``: it exists, with ``columns``). Types as a run's: pseudonymised columns ``text``, the
+        others the source's declared ``type_names`` (PostgreSQL), else those of the ``sample`` rows' values."""
+        sink = TableSink(self, conn, list(columns), copy=False, pseudonymised=pseudonymised, type_names=type_names,
+                         prepare=False)
+        if sink.table is not None:
+            return False
+        sink._create(sample or {})
+        return True
+
 
 class TableSink:
     """Writes batches into a :class:`TableTarget` on ``conn``, inside the caller's transaction."""
 
     def __init__(self, target: TableTarget, conn: Connection, columns: list[str], *, copy: bool,
-                 pseudonymised: Sequence[str] = (), type_names: Mapping[str, str] | None = None) -> None:
+                 pseudonymised: Sequence[str] = (), type_names: Mapping[str, str] | None = None,
+                 prepare: bool = True) -> None:
         self.target, self.conn, self.columns = target, conn, columns
         self.copy = copy and conn.dialect.name == "postgresql"
         self.pseudonymised = set(pseudonymised)
@@ -346,7 +360,8 @@ class TableSink:
             self.table = reflect_table(conn, target.table, target.schema)
         if self.table is not None:
             self._check_columns(self.table)
-            self._prepare()
+            if prepare:
+                self._prepare()
 
     def _errors(self, what: str) -> database_errors:
         """Database errors of the target as the plugin's, naming only this sink's columns (never a value)."""
@@ -371,7 +386,8 @@ class TableSink:
         if not self.target.create:
             raise DataIOError(f"the target {self.target.label} does not exist; create it or set create=True")
         # Tasks starting together on a fresh target: the first creates it, the others wait for its
-        # commit (the lock lasts until then) and then find the table.
+        # commit (the lock lasts until then: the whole run) and then find the table. Mapped tasks avoid
+        # that wait by creating the target first, in a task of its own (Transfer.create_target).
         advisory_lock(self.conn, f"pseudonymise-target-create:{self.target.label}")
         self.table = reflect_table(self.conn, self.target.table, self.target.schema)
         if self.table is not None:
