@@ -19,7 +19,8 @@ import io
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import cached_property
 from typing import Any
 
 import sqlalchemy as sa
@@ -87,12 +88,25 @@ class SqlSource:
                     "cast it to text or bigint in the source query"
                 )
 
+    @property
+    def reads_the_cursor(self) -> bool:
+        """Whether batches come straight from the DB-API cursor (``fetchmany``), with no SQLAlchemy row per row.
+
+        That is where SQLAlchemy itself would hand the driver's values on as they are: no server-side cursor
+        (which it reads ahead of the caller) and no result processor on any column (a dialect may add one by
+        the driver's type code), as on SQLite. Elsewhere (PostgreSQL's named cursors, say), and whenever
+        SQLAlchemy's result does not say, rows come through SQLAlchemy's result.
+        """
+        processors = getattr(getattr(self._result, "_metadata", None), "_processors", None)
+        return (not self.engine.dialect.supports_server_side_cursors and processors is not None
+                and all(p is None for p in processors))
+
     def batches(self) -> Iterator[dict[str, list[Any]]]:
         try:
             with database_errors(f"reading the source {self.label} failed", data_fix=SOURCE_DATA_FIX):
-                for part in self._result.partitions(self.batch_size):
-                    cols = list(zip(*part, strict=True)) if part else []
-                    yield {name: list(col) for name, col in zip(self.columns, cols, strict=True)}
+                fetch = self._result.cursor.fetchmany if self.reads_the_cursor else self._result.fetchmany
+                while rows := fetch(self.batch_size):
+                    yield {name: list(col) for name, col in zip(self.columns, zip(*rows, strict=True), strict=True)}
         finally:
             self.close()
 
@@ -455,11 +469,57 @@ class TableSink:
 
     def _insert(self, cols: list[list[Any]]) -> None:
         assert self.table is not None
+        if self.conn.dialect.name == "sqlite":
+            self._executemany(cols)
+            return
+        # other drivers: SQLAlchemy knows each one's bulk path (multi-row VALUES, fast_executemany …)
         rows = [dict(zip(self.columns, r, strict=True)) for r in zip(*cols, strict=True)]
         if self.target.mode == "upsert":
             self.conn.execute(self._upsert_statement(), rows)
         else:
             self.conn.execute(self.table.insert(), rows)
+
+    def _executemany(self, cols: list[list[Any]]) -> None:
+        """The rows through the DB-API cursor's ``executemany`` on the run's own connection (so in its
+        transaction), bound as SQLAlchemy binds them: each column through its type's bind processor
+        (dates and timestamps to SQLite's text, booleans to integers …), a whole column at a time.
+        sqlite3 prepares the statement once and steps it per row: its bulk path."""
+        statement, order, processors = self._bulk_insert
+        bound = []
+        for i in order:
+            process = processors[i]
+            bound.append(cols[i] if process is None else self._bind_column(cols[i], process, self.columns[i]))
+        cursor = self.conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.executemany(statement, zip(*bound, strict=True))
+        finally:
+            cursor.close()
+
+    @cached_property
+    def _bulk_insert(self) -> tuple[str, list[int], list[Callable[[Any], Any] | None]]:
+        """The INSERT (or upsert) as the driver's SQL with positional parameters, which column each
+        parameter takes, and each column's bind processor; compiled once per sink."""
+        assert self.table is not None
+        dialect = self.conn.dialect
+        stmt = self._upsert_statement() if self.target.mode == "upsert" else self.table.insert()
+        compiled = stmt.compile(dialect=dialect, column_keys=self.columns)
+        if not compiled.positional or compiled.positiontup is None:
+            raise PolicyError(f"the {dialect.name} driver takes named parameters; this write path needs positional ones")
+        index = {name: i for i, name in enumerate(self.columns)}
+        # the statement's parameters by bind name (escaped for the driver, as SQLAlchemy would send them)
+        names = compiled.construct_params({c: c for c in self.columns}, escape_names=False)
+        order = [index[names[name]] for name in compiled.positiontup]
+        processors = [self.table.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in self.columns]
+        return compiled.string, order, processors
+
+    def _bind_column(self, values: list[Any], process: Callable[[Any], Any], column: str) -> list[Any]:
+        try:
+            return list(map(process, values))
+        except (TypeError, ValueError) as exc:  # its text may quote a value: named by class only
+            raise_alone(DataIOError(
+                f"writing the target {self.target.label} failed: a value of column {column!r} does not convert to "
+                f"the column's type ({self.table.c[column].type}; {type(exc).__name__}); nothing was committed. "  # type: ignore[union-attr]
+                f"{TARGET_DATA_FIX}"))
 
     def _upsert_statement(self) -> Any:
         assert self.table is not None
