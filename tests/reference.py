@@ -8,6 +8,7 @@ already had the token accepted by the code under test, and only need its key and
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -34,8 +35,11 @@ def claims(raw_token: str) -> dict[str, Any]:
     return payload
 
 
-def canonical(value: str | int | bool | bytes) -> bytes:
-    """Step 2: ``str`` as NFC UTF-8, ``bool`` as ``true``/``false``, ``int`` as its decimal digits, bytes as is."""
+def canonical(value: str | int | bool | bytes | dt.date) -> bytes:
+    """Step 2: ``str`` as NFC UTF-8, ``bool`` as ``true``/``false``, ``int`` as its decimal digits, dates and
+    datetimes in ISO 8601 (``isoformat()``), bytes as is."""
+    if isinstance(value, dt.date):
+        return value.isoformat().encode("ascii")
     if isinstance(value, str):
         return unicodedata.normalize("NFC", value).encode("utf-8")
     if isinstance(value, bool):
@@ -63,7 +67,7 @@ def encode(mac: bytes, alphabet: str = "base32", length: int = 26, prefix: str =
     return prefix + text[:length]
 
 
-def pseudonym(key: bytes, value: str | int | bool | bytes, *, domain: str = "", alphabet: str = "base32",
+def pseudonym(key: bytes, value: str | int | bool | bytes | dt.date, *, domain: str = "", alphabet: str = "base32",
               length: int = 26, prefix: str = "") -> str:
     """Step 3 (deterministic) and 4: HMAC-SHA256(key, label + domain + NUL + canonical), encoded."""
     mac = hmac.new(key, LABEL + domain.encode("utf-8") + b"\x00" + canonical(value), hashlib.sha256).digest()
@@ -88,7 +92,7 @@ def hkdf_sha256(ikm: bytes, info: bytes, length: int = 32, salt: bytes = b"") ->
     return out[:length]
 
 
-def token_pseudonyms(raw_token: str, values: Iterable[str | int | bool | bytes | None], *,
+def token_pseudonyms(raw_token: str, values: Iterable[str | int | bool | bytes | dt.date | None], *,
                      domain: str = "") -> list[str | None]:
     """What a pseudonymisation (or, by its kind, secondary) token makes of ``values``: its own key and
     format from its claims; ``None`` stays ``None`` (step 1)."""

@@ -9,6 +9,7 @@ compared with the same runs made without the C engine (``PSEUDONYMISE_PURE_PYTHO
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 import importlib
 import json
@@ -21,11 +22,13 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import sqlalchemy as sa
 from pseudonymise.core import native
 from pseudonymise.core.copytext import CopyBlock, unescape
-from pseudonymise.core.errors import DataIOError, InvalidTextError, PolicyError
+from pseudonymise.core.errors import CollisionError, DataIOError, InvalidTextError, PolicyError, UnsupportedTypeError
 from pseudonymise.core.formats import ALPHABETS, PseudonymFormat
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.mac import PRIMARY_LABEL, SECONDARY_LABEL
@@ -34,6 +37,7 @@ from pseudonymise.core.pseudonymiser import Pseudonymiser, SecondaryPseudonymise
 from pseudonymise.core.sealer import EscrowBlocks
 from pseudonymise.core.tokens import Token, verify_token
 
+from tests import reference
 from tests.core.test_mac import RFC4231
 
 needs_native = pytest.mark.skipif(not native.available(),
@@ -473,3 +477,254 @@ def test_native_flag_is_reported_from_the_environment() -> None:
                           "print(n())"], capture_output=True, text=True,
                          env={**os.environ, "PSEUDONYMISE_PURE_PYTHON": "1"}, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- Arrow arrays -----------------------------------------------------------------------------------
+TEXT = ["P1", "", " ", "é", "e\u0301", "Ångström", "\u212b", "日本語", "x" * 10_000, "-12", "007", "tab\there",
+        "new\nline", "NUL\x00in", "back\\slash", " Mixed Case ", "\U0001f600"]
+DAYS = [dt.date(1, 1, 1), dt.date(9999, 12, 31), dt.date(1970, 1, 1), dt.date(1969, 12, 31), dt.date(2000, 2, 29),
+        dt.date(1900, 3, 1), dt.date(2026, 11, 30), dt.date(999, 7, 4), dt.date(1582, 10, 10)]
+INTEGERS: dict[pa.DataType, list[int]] = {
+    pa.int8(): [-128, 127, 0, -1], pa.int16(): [-(2**15), 2**15 - 1, 7], pa.int32(): [-(2**31), 2**31 - 1, -10],
+    pa.int64(): [-(2**63), 2**63 - 1, 0, -9, 10**18], pa.uint8(): [0, 255], pa.uint16(): [2**16 - 1, 1],
+    pa.uint32(): [2**32 - 1, 42], pa.uint64(): [2**64 - 1, 0, 10**19],
+}
+
+
+def _arrow_cases() -> list[tuple[str, pa.Array]]:
+    """One array per type the C engine reads, NULLs among the values, in a shuffled order."""
+    rng = random.Random(13)
+
+    def spread(values: list[Any], count: int = 400) -> list[Any]:
+        return [None if i % 7 == 3 else rng.choice(values) for i in range(count)]
+
+    cases = [("string", pa.array(spread(TEXT), pa.string())), ("large_string", pa.array(spread(TEXT), pa.large_string())),
+             ("binary", pa.array(spread([t.encode() for t in TEXT] + [b"\xff\xfe"]), pa.binary())),
+             ("large_binary", pa.array(spread([b"", b"\x00", b"\xff" * 70]), pa.large_binary())),
+             ("date32", pa.array(spread(DAYS), pa.date32())), ("bool", pa.array(spread([True, False]), pa.bool_()))]
+    cases += [(str(t), pa.array(spread(v), t)) for t, v in INTEGERS.items()]
+    return cases
+
+
+ARROW_CASES = _arrow_cases()
+
+
+def _raw_token(issuer: Issuer, project: str) -> tuple[str, Token]:
+    raw = issuer.issue(project, "pseudonymisation")
+    return raw, verify_token(raw, issuer.public_keys())
+
+
+@needs_native
+@pytest.mark.parametrize(("name", "array"), ARROW_CASES, ids=[name for name, _ in ARROW_CASES])
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "sliced"])
+def test_arrow_columns_equal_the_reference_and_the_python_engine(issuer: Issuer, name: str, array: pa.Array,
+                                                                 sliced: bool) -> None:
+    """Every type the C engine reads, NULLs kept, and a slice (offset != 0, in the validity bitmap too): the
+    pseudonyms equal DESIGN §4 written with the standard library and the pure-Python engine's column path."""
+    raw, token = _raw_token(issuer, "research-b")
+    if sliced:
+        array = array.slice(5, 301)
+        assert array.offset == 5
+    batch = pa.RecordBatch.from_arrays([pa.array(range(len(array))), array], names=["id", "value"])
+    policy = ColumnPolicy({"id": ColumnRule("id", "keep"), "value": ColumnRule("value", domain="d")})
+    out = Pseudonymiser(token, policy).pseudonymise_record_batch(batch)
+    assert isinstance(out.columns, pa.RecordBatch) and out.columns.schema.names == ["id", "value"]
+    got = out.columns.column("value")
+    assert got.type == pa.string() and got.null_count == array.null_count
+    assert out.columns.column("id") is batch.column("id") or out.columns.column("id").equals(batch.column("id"))
+    values = array.to_pylist()
+    assert got.to_pylist() == reference.token_pseudonyms(raw, values, domain="d")
+    python = Pseudonymiser(token, policy).pseudonymise_batch({"id": list(range(len(values))), "value": values})
+    assert got.to_pylist() == python.columns["value"]  # type: ignore[index]
+    assert out.stats.as_dict() == python.stats.as_dict()
+
+
+@needs_native
+@pytest.mark.parametrize("names", [(), ("strip",), ("strip", "upper"), ("casefold",), ("remove_whitespace",),
+                                   ("remove:é-", "strip", "lower")], ids=lambda n: "+".join(n) or "none")
+def test_arrow_text_is_normalised_and_nfc_as_the_python_engine(issuer: Issuer, names: tuple[str, ...]) -> None:
+    """NFD input, non-ASCII and the column's normalisers (ASCII in C, the rest through the Python normaliser)."""
+    raw, token = _raw_token(issuer, "research-b")
+    rng = random.Random(len(names))
+    values = [None if i % 11 == 0 else rng.choice(SPACED + TEXT) for i in range(1500)]
+    policy = ColumnPolicy({"pid": ColumnRule("pid", normalise=names)})
+    for arrow_type in (pa.string(), pa.large_string()):
+        out = Pseudonymiser(token, policy).pseudonymise_record_batch(
+            pa.RecordBatch.from_arrays([pa.array(values, arrow_type)], names=["pid"]))
+        normalise = build_normaliser(names, "pid") or (lambda v: v)
+        expected = reference.token_pseudonyms(raw, [None if v is None else normalise(v) for v in values])
+        assert out.columns.column("pid").to_pylist() == expected  # type: ignore[union-attr]
+
+
+@needs_native
+def test_arrow_formats_and_prefixes(issuer: Issuer) -> None:
+    values = ["P1", None, "é", ""] * 50
+    for fmt in (PseudonymFormat("hex", 20, "h\\"), PseudonymFormat("base64url", 43), PseudonymFormat("digits", 24, "D-é")):
+        token = _token(issuer, "research-b", fmt)
+        out = Pseudonymiser(token, ColumnPolicy.pseudonymise("pid")).pseudonymise_record_batch(
+            pa.RecordBatch.from_arrays([pa.array(values)], names=["pid"]))
+        expected = [None if v is None else fmt.encode(hmac.digest(token.key, PRIMARY_LABEL + b"\x00"  # type: ignore[arg-type]
+                                                                   + unicodedata.normalize("NFC", v).encode(), "sha256"))
+                    for v in values]
+        assert out.columns.column("pid").to_pylist() == expected  # type: ignore[union-attr]
+
+
+def test_record_batches_without_the_c_engine_are_the_same(issuer: Issuer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pure-Python fallback (no C engine here) gives the same record batch, and types the C engine does not
+    read (timestamps, dictionaries) take it whatever the engine."""
+    raw, token = _raw_token(issuer, "research-b")
+    columns = [pa.array(["a", None, "é"]), pa.array([1, None, -3], pa.int64()),
+               pa.array([dt.date(2020, 1, 1), None, dt.date(1, 1, 1)]), pa.array(["x", "y", "x"]).dictionary_encode(),
+               pa.array([dt.datetime(2026, 1, 2, 3, 4, 5), None, dt.datetime(1999, 12, 31)], pa.timestamp("us"))]
+    batch = pa.RecordBatch.from_arrays(columns, names=["s", "i", "d", "dict", "ts"])
+    policy = ColumnPolicy.pseudonymise("s", "i", "d", "dict", "ts")
+    native_out = Pseudonymiser(token, policy).pseudonymise_record_batch(batch)
+    monkeypatch.setattr(native, "_ext", None)
+    assert not native.available()
+    python_out = Pseudonymiser(token, policy).pseudonymise_record_batch(batch)
+    assert native_out.columns.equals(python_out.columns)  # type: ignore[union-attr]
+    assert native_out.stats.as_dict() == python_out.stats.as_dict()
+    for name, array in zip(batch.schema.names, columns, strict=True):
+        assert python_out.columns.column(name).to_pylist() == reference.token_pseudonyms(raw, array.to_pylist())  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["c-engine", "pure-python"])
+def test_arrow_values_that_cannot_be_canonical_are_refused(issuer: Issuer, monkeypatch: pytest.MonkeyPatch,
+                                                            pure: bool) -> None:
+    """Floats, dates Python cannot hold, text that is not UTF-8: a clear error naming the column, never a value."""
+    if pure:
+        monkeypatch.setattr(native, "_ext", None)
+    elif not native.available():
+        pytest.skip("the C engine is switched off")
+    engine = Pseudonymiser(_token(issuer, "research-b"), ColumnPolicy.pseudonymise("v"))
+    floats = pa.RecordBatch.from_arrays([pa.array([1.5, 2.25])], names=["v"])
+    with pytest.raises(UnsupportedTypeError, match=r"'v'.*floating-point"):
+        engine.pseudonymise_record_batch(floats)
+    late = pa.array([0, 2932897], pa.int32()).cast(pa.date32())  # 10000-01-01
+    with pytest.raises(UnsupportedTypeError, match="'v'") as info:
+        engine.pseudonymise_record_batch(pa.RecordBatch.from_arrays([late], names=["v"]))
+    assert "10000" not in str(info.value)
+    invalid = pa.Array.from_buffers(pa.string(), 2, [None, pa.py_buffer(np.array([0, 3, 5], np.int32).tobytes()),
+                                                     pa.py_buffer(b"Zo\xebab")])
+    with pytest.raises((InvalidTextError, UnsupportedTypeError), match="'v'") as info:
+        engine.pseudonymise_record_batch(pa.RecordBatch.from_arrays([invalid], names=["v"]))
+    assert "Zo" not in str(info.value)
+
+
+@needs_native
+def test_arrow_secondary_equals_the_definition_and_refuses_raw_identifiers(issuer: Issuer) -> None:
+    token = verify_token(issuer.issue("vendor-x", "secondary", source_project="research-b"), issuer.public_keys())
+    first = _source_pseudonyms(issuer, "research-b", 40)
+    values = [None if i % 9 == 0 else first[i % 40] for i in range(700)]
+    engine = SecondaryPseudonymiser(token, ColumnPolicy.pseudonymise("pid", default="keep"))
+    batch = pa.RecordBatch.from_arrays([pa.array(range(700)), pa.array(values, pa.large_string())], names=["id", "pid"])
+    out = engine.pseudonymise_record_batch(batch.slice(3))
+    expected = [None if v is None else token.format.encode(hmac.digest(token.key, SECONDARY_LABEL + v.encode(), "sha256"))  # type: ignore[arg-type]
+                for v in values[3:]]
+    assert out.columns.column("pid").to_pylist() == expected  # type: ignore[union-attr]
+    raw = pa.RecordBatch.from_arrays([pa.array([1, 2]), pa.array([first[0], "P100000"])], names=["id", "pid"])
+    with pytest.raises(PolicyError) as info:
+        engine.pseudonymise_record_batch(raw)
+    assert "1 of 2 values" in str(info.value) and "P100000" not in str(info.value)
+    numbers = pa.RecordBatch.from_arrays([pa.array([1]), pa.array([7])], names=["id", "pid"])
+    with pytest.raises(PolicyError, match="holds int values"):
+        engine.pseudonymise_record_batch(numbers)
+
+
+@needs_native
+def test_arrow_escrow_equals_the_column_path_with_its_types(issuer: Issuer) -> None:
+    """Reversible: what escrow must seal (pseudonym, type tag, canonical bytes, domain) equals the column path's,
+    values already sealed earlier in the run left out the same way."""
+    token = _token(issuer, "research-a")
+    policy = ColumnPolicy({"pid": ColumnRule("pid", normalise=("strip",)), "born": ColumnRule("born", domain="b"),
+                           "n": ColumnRule("n")})
+    rng = random.Random(4)
+    rows = 900
+    data = {"pid": [None if i % 13 == 0 else rng.choice(SPACED + TEXT) for i in range(rows)],
+            "born": [rng.choice([*DAYS, None]) for _ in range(rows)], "n": [rng.randrange(-50, 50) for _ in range(rows)]}
+    batch = pa.RecordBatch.from_pydict(data, schema=pa.schema([("pid", pa.string()), ("born", pa.date32()),
+                                                               ("n", pa.int16())]))
+    arrow_engine, column_engine = Pseudonymiser(token, policy), Pseudonymiser(token, policy)
+    tags = set()
+    for part in (batch.slice(0, 500), batch.slice(500)):
+        arrow_out = arrow_engine.pseudonymise_record_batch(part)
+        column_out = column_engine.pseudonymise_batch(part.to_pydict())
+        assert isinstance(arrow_out.escrow, EscrowBlocks)
+        assert [item for block in arrow_out.escrow for item in block] == list(column_out.escrow)
+        tags |= {block.type_tag for block in arrow_out.escrow}
+    assert tags == {"str", "date", "int"}
+
+
+@needs_native
+def test_arrow_randomised_gives_fresh_pseudonyms_and_seals_every_occurrence(issuer: Issuer) -> None:
+    token = _token(issuer, "random-r")
+    batch = pa.RecordBatch.from_arrays([pa.array(["same"] * 300 + [None] * 20)], names=["pid"])
+    out = Pseudonymiser(token, ColumnPolicy.pseudonymise("pid")).pseudonymise_record_batch(batch)
+    pseudonyms = out.columns.column("pid").to_pylist()  # type: ignore[union-attr]
+    assert len(set(pseudonyms[:300])) == 300 and pseudonyms[300:] == [None] * 20
+    assert len(out.escrow) == 300 and out.stats.nulls == 20
+
+
+class _SpyGuard:
+    """The engine's real collision guard, with the MACs it was given recorded (the test checks it sees every value)."""
+
+    def __init__(self, guard: Any) -> None:
+        self.guard, self.seen = guard, []
+
+    def add(self, column: str, macs: bytes, pseudonyms: Any, count: int | None = None) -> None:
+        self.seen.append((column, macs))
+        self.guard.add(column, macs, pseudonyms, count=count)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.guard, name)
+
+
+@needs_native
+def test_arrow_collision_guard_sees_every_mac(issuer: Issuer) -> None:
+    token = _token(issuer, "research-b")
+    engine = Pseudonymiser(token, ColumnPolicy.pseudonymise("a", "b"))
+    spy = engine._guard = _SpyGuard(engine._guard)  # type: ignore[assignment]
+    a, b = pa.array(["x", None, "é", "x"]), pa.array([5, 6, None, 5], pa.int64())
+    engine.pseudonymise_record_batch(pa.RecordBatch.from_arrays([a, b], names=["a", "b"]))
+    label = PRIMARY_LABEL + b"\x00"
+    assert spy.seen == [("a", b"".join(hmac.digest(token.key, label + v.encode(), "sha256") for v in ("x", "é", "x"))),  # type: ignore[arg-type]
+                        ("b", b"".join(hmac.digest(token.key, label + v, "sha256") for v in (b"5", b"6", b"5")))]  # type: ignore[arg-type]
+    # the real guard behind it: two values, one pseudonym, fail the run
+    guard = engine._guard.guard  # type: ignore[attr-defined]
+    with pytest.raises(CollisionError):
+        guard.add("a", [b"\x01" * 17 + b"\x00" * 15, b"\x01" * 17 + b"\xff" * 15], None)
+
+
+@needs_native
+def test_arrow_policy_keep_drop_and_checks(issuer: Issuer) -> None:
+    token = _token(issuer, "research-b")
+    schema = pa.schema([("id", pa.int64()), ("pid", pa.string()), ("secret", pa.string()), ("t", pa.timestamp("s"))])
+    batch = pa.RecordBatch.from_pydict({"id": [1, 2], "pid": ["a", "b"], "secret": ["s", "t"],
+                                        "t": [dt.datetime(2026, 1, 1), None]}, schema=schema)
+    policy = ColumnPolicy({"pid": ColumnRule("pid"), "secret": ColumnRule("secret", "drop")}, default="keep")
+    out = Pseudonymiser(token, policy).pseudonymise_record_batch(batch)
+    assert out.columns.schema == pa.schema([("id", pa.int64()), ("pid", pa.string()), ("t", pa.timestamp("s"))])
+    assert out.columns.column("t").equals(batch.column("t"))  # type: ignore[union-attr]
+    with pytest.raises(PolicyError, match="no rule"):
+        Pseudonymiser(token, ColumnPolicy({"pid": ColumnRule("pid")})).pseudonymise_record_batch(batch)
+    twice = pa.RecordBatch.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["pid", "pid"])
+    with pytest.raises(PolicyError, match="duplicate"):
+        Pseudonymiser(token, policy).pseudonymise_record_batch(twice)
+    empty = Pseudonymiser(token, policy).pseudonymise_record_batch(batch.slice(0, 0))
+    assert empty.columns.num_rows == 0 and empty.stats.rows_in == 0  # type: ignore[union-attr]
+
+
+@needs_native
+def test_arrow_column_refuses_what_it_cannot_read() -> None:
+    """The facade's and the extension's own checks: unknown types, short buffers."""
+    keyed = native.keyed(b"k" * 32, b"")
+    plan = native.ColumnPlan.pseudonymise(PseudonymFormat("base32", 26), keyed)
+    with pytest.raises(ValueError, match="does not read"):
+        native.arrow_column(pa.array([1.5]), plan, "v")
+    entry = plan._entry(copy_text=False)
+    with pytest.raises(ValueError, match="shorter"):
+        _extension().arrow_column(entry, 7, 10, 0, None, None, b"\x00" * 16)
+    with pytest.raises(ValueError, match="unknown kind"):
+        _extension().arrow_column(entry, 99, 1, 0, None, None, b"\x00" * 8)
+    with pytest.raises(ValueError, match="offsets point outside"):
+        _extension().arrow_column(entry, 0, 1, 0, None, np.array([0, 9], np.int32).tobytes(), b"abc")

@@ -13,6 +13,11 @@
  *                     Secondary columns also count the values not written in the source project's
  *                     format (PseudonymFormat.matches is the definition).
  *
+ * arrow_column(...)   one Arrow array (string, large_string, binary, integers, date32, bool) read straight
+ *                     from its buffers (validity bitmap, offsets, data; the array's offset respected), each
+ *                     value canonical as canonical.py makes it and pseudonymised as in copy_block; out come
+ *                     the buffers of a new string array. No Python object per value.
+ *
  * seal_rows(...)      escrow rows for PostgreSQL's COPY: every value sealed with AES-256-GCM under the
  *                     batch's data key (counter nonces, associated data project NUL pseudonym),
  *                     as sealer.BatchSealer does with the cryptography package. Only native.py imports
@@ -446,6 +451,87 @@ static PyObject *call_callback(PyObject *callback, const unsigned char *value, s
     return res;
 }
 
+/* What one pseudonymised value needs beside its column: scratch room for normalising, the random pool. */
+typedef struct {
+    Buf normal;
+    Random rnd;
+} ValueScratch;
+
+static void value_scratch_free(ValueScratch *s) {
+    free(s->normal.data);
+    OPENSSL_cleanse(&s->rnd, sizeof s->rnd);
+}
+
+/*
+ * One value (its bytes, unescaped) through a pseudonymised column, shared by copy_block and arrow_column:
+ * the format check, the normalisers (ASCII program, or the callback for non-ASCII text), the MAC (keyed,
+ * or random), the pseudonym written at `w` (prefix then `length` symbols), the canonical bytes collected.
+ * Runs without the GIL; takes it back only for the callback. Returns 0, or -1 with `fail` filled in (or a
+ * Python exception set when `*pyerr`).
+ */
+static int pseudonymise_value(Column *col, const unsigned char *value, size_t vlen, unsigned char *w,
+                              ValueScratch *s, Failure *fail, int *pyerr, PyThreadState **ts) {
+    PyObject *normal = NULL;
+    int status = -1;
+    if (col->check && !matches_format(col, value, vlen))
+        col->mismatched++;
+    int ascii = 1;
+    if (col->program_len || col->callback != NULL) /* secondary and non-text columns use neither */
+        for (size_t i = 0; i < vlen; i++)
+            if (value[i] & 0x80) { ascii = 0; break; }
+    if (ascii && col->program_len) {
+        if (buf_reserve(&s->normal, vlen + 1) < 0) {
+            fail->message = "out of memory";
+            return -1;
+        }
+        memcpy(s->normal.data, value, vlen);
+        vlen = ascii_normalise(col->program, (size_t)col->program_len, s->normal.data, vlen);
+        value = s->normal.data;
+    }
+    if (col->callback != NULL && !ascii) {
+        PyEval_RestoreThread(*ts);
+        normal = call_callback(col->callback, value, vlen);
+        *ts = PyEval_SaveThread();
+        if (normal == NULL) {
+            *pyerr = 1;
+            return -1;
+        }
+        value = (const unsigned char *)PyBytes_AS_STRING(normal);
+        vlen = (size_t)PyBytes_GET_SIZE(normal);
+    }
+    unsigned char *mac = (unsigned char *)PyBytes_AS_STRING(col->macs) + 32 * col->count;
+    if (col->keyed != NULL) {
+        keyed_mac(col->keyed, value, vlen, mac);
+    } else if (random_mac(&s->rnd, mac) < 0) {
+        fail->message = "the operating system's random generator failed";
+        fail->exc_type = PyExc_OSError;
+        goto done;
+    }
+    col->count++;
+    memcpy(w, col->prefix, (size_t)col->prefix_len);
+    encode_mac(mac, col->alphabet, col->length, (char *)w + col->prefix_len);
+    if (col->collect) {
+        uint64_t off;
+        if (buf_put(&col->canon, value, vlen) < 0) {
+            fail->message = "out of memory";
+            goto done;
+        }
+        off = col->canon.len;
+        if (buf_put(&col->offsets, &off, sizeof off) < 0) {
+            fail->message = "out of memory";
+            goto done;
+        }
+    }
+    status = 0;
+done:
+    if (normal != NULL) {
+        PyEval_RestoreThread(*ts);
+        Py_DECREF(normal);
+        *ts = PyEval_SaveThread();
+    }
+    return status;
+}
+
 /*
  * The loop. Returns 0, or -1 with `fail` filled in (or a Python exception set when `*pyerr`).
  * Runs without the GIL; takes it back only to call a column's callback.
@@ -456,8 +542,8 @@ static int transform(const unsigned char *data, size_t len, int width, Column *c
     const unsigned char *p = data, *end = data + len;
     unsigned char *w = out;
     Py_ssize_t rows = 0;
-    Buf scratch = {0}, normal_buf = {0};
-    Random rnd = {.left = 0};
+    Buf scratch = {0};
+    ValueScratch values = {{0}, {.left = 0}};
     int status = -1;
     int first_out = -1;
     for (int c = 0; c < width; c++)
@@ -489,7 +575,6 @@ static int transform(const unsigned char *data, size_t len, int width, Column *c
                 } else {
                     const unsigned char *value = p;
                     size_t vlen = flen;
-                    PyObject *normal = NULL;
                     if (memchr(p, '\\', flen) != NULL) {
                         if (buf_reserve(&scratch, flen) < 0) {
                             fail->message = "out of memory";
@@ -498,65 +583,11 @@ static int transform(const unsigned char *data, size_t len, int width, Column *c
                         vlen = unescape(p, flen, scratch.data);
                         value = scratch.data;
                     }
-                    if (col->check && !matches_format(col, value, vlen))
-                        col->mismatched++;
-                    int ascii = 1;
-                    if (col->program_len || col->callback != NULL) /* secondary columns use neither */
-                        for (size_t i = 0; i < vlen; i++)
-                            if (value[i] & 0x80) { ascii = 0; break; }
-                    if (ascii && col->program_len) {
-                        if (buf_reserve(&normal_buf, vlen + 1) < 0) {
-                            fail->message = "out of memory";
-                            goto done;
-                        }
-                        memcpy(normal_buf.data, value, vlen);
-                        vlen = ascii_normalise(col->program, (size_t)col->program_len, normal_buf.data, vlen);
-                        value = normal_buf.data;
-                    }
-                    if (col->callback != NULL) {
-                        if (!ascii) {
-                            PyEval_RestoreThread(*ts);
-                            normal = call_callback(col->callback, value, vlen);
-                            *ts = PyEval_SaveThread();
-                            if (normal == NULL) {
-                                *pyerr = 1;
-                                fail->row = rows;
-                                goto done;
-                            }
-                            value = (const unsigned char *)PyBytes_AS_STRING(normal);
-                            vlen = (size_t)PyBytes_GET_SIZE(normal);
-                        }
-                    }
-                    unsigned char *mac = (unsigned char *)PyBytes_AS_STRING(col->macs) + 32 * col->count;
-                    if (col->keyed != NULL) {
-                        keyed_mac(col->keyed, value, vlen, mac);
-                    } else if (random_mac(&rnd, mac) < 0) {
-                        fail->message = "the operating system's random generator failed";
-                        fail->exc_type = PyExc_OSError;
+                    if (pseudonymise_value(col, value, vlen, w, &values, fail, pyerr, ts) < 0) {
+                        fail->row = rows;
                         goto done;
                     }
-                    col->count++;
-                    memcpy(w, col->prefix, (size_t)col->prefix_len);
-                    w += col->prefix_len;
-                    encode_mac(mac, col->alphabet, col->length, (char *)w);
-                    w += col->length;
-                    if (col->collect) {
-                        uint64_t off;
-                        if (buf_put(&col->canon, value, vlen) < 0) {
-                            fail->message = "out of memory";
-                            goto done;
-                        }
-                        off = col->canon.len;
-                        if (buf_put(&col->offsets, &off, sizeof off) < 0) {
-                            fail->message = "out of memory";
-                            goto done;
-                        }
-                    }
-                    if (normal != NULL) {
-                        PyEval_RestoreThread(*ts);
-                        Py_DECREF(normal);
-                        *ts = PyEval_SaveThread();
-                    }
+                    w += col->prefix_len + col->length;
                 }
             }
             p = q + 1;
@@ -568,8 +599,7 @@ static int transform(const unsigned char *data, size_t len, int width, Column *c
     status = 0;
 done:
     free(scratch.data);
-    free(normal_buf.data);
-    OPENSSL_cleanse(&rnd, sizeof rnd);
+    value_scratch_free(&values);
     *out_len = (size_t)(w - out);
     *rows_out = rows;
     if (status < 0 && fail->row == 0)
@@ -579,6 +609,96 @@ done:
 
 static PyObject *bytes_from_buf(Buf *b) {
     return PyBytes_FromStringAndSize((const char *)b->data, (Py_ssize_t)b->len);
+}
+
+/*
+ * One column entry, (action, keyed or None, alphabet, length, prefix, collect, callback, program[, check]),
+ * into `col`, checked; a pseudonymised column gets room for `nrows` MACs. Returns 0, or -1 with an exception set.
+ */
+static int parse_column(PyObject *entry, Column *col, size_t nrows) {
+    PyObject *keyed, *callback, *check = Py_None;
+    if (!PyArg_ParseTuple(entry, "iOiis#pOy#|O", &col->action, &keyed, &col->alphabet, &col->length, &col->prefix,
+                          &col->prefix_len, &col->collect, &callback, &col->program, &col->program_len, &check))
+        return -1;
+    if (check != Py_None) {
+        int check_alphabet;
+        if (!PyArg_ParseTuple(check, "iiy#", &check_alphabet, &col->check_length, &col->check_prefix,
+                              &col->check_prefix_len))
+            return -1;
+        if (check_alphabet < 0 || check_alphabet > 3 || col->check_length < 1 || col->check_length > 77) {
+            PyErr_SetString(PyExc_ValueError, "a check's alphabet must be 0-3 and its length 1-77");
+            return -1;
+        }
+        const char *symbols = check_alphabet == ALPHA_HEX ? HEX : check_alphabet == ALPHA_BASE32 ? B32 :
+                              check_alphabet == ALPHA_BASE64URL ? B64 : "0123456789";
+        for (const char *s = symbols; *s; s++) col->symbols[(unsigned char)*s] = 1;
+        col->check = 1;
+    }
+    if (callback != Py_None && !PyCallable_Check(callback)) {
+        PyErr_SetString(PyExc_TypeError, "a column's callback must be callable or None");
+        return -1;
+    }
+    col->callback = callback == Py_None ? NULL : callback;
+    for (Py_ssize_t k = 0; k < col->program_len; k++) {  /* check the program once, not per value */
+        unsigned char op = col->program[k];
+        if (op == 'r' && k + 1 < col->program_len && k + 1 + col->program[k + 1] < col->program_len) {
+            k += 1 + col->program[k + 1];
+        } else if (op != 's' && op != 'l' && op != 'u' && op != 'w') {
+            PyErr_SetString(PyExc_ValueError, "a normaliser program holds only s, l, u, w and r<n><chars>");
+            return -1;
+        }
+    }
+    if (col->action < ACT_KEEP || col->action > ACT_PSEUDONYMISE) {
+        PyErr_SetString(PyExc_ValueError, "column action must be 0 (keep), 1 (drop) or 2 (pseudonymise)");
+        return -1;
+    }
+    if (col->action != ACT_PSEUDONYMISE)
+        return 0;
+    if (keyed != Py_None && !PyObject_TypeCheck(keyed, &KeyedType)) {
+        PyErr_SetString(PyExc_TypeError, "a pseudonymised column needs a Keyed or None (randomised)");
+        return -1;
+    }
+    if (col->alphabet < 0 || col->alphabet > 3 || col->length < 1 || col->length > 77) {
+        PyErr_SetString(PyExc_ValueError, "alphabet must be 0-3 and length 1-77");
+        return -1;
+    }
+    col->keyed = keyed == Py_None ? NULL : (KeyedObject *)keyed;
+    col->macs = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(32 * nrows));
+    if (col->macs == NULL)
+        return -1;
+    if (col->collect) {
+        uint64_t zero = 0;
+        if (buf_put(&col->offsets, &zero, sizeof zero) < 0) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* A pseudonymised column's result tuple (macs, nulls, canonicals or None, ends or None, mismatched); NULL on error. */
+static PyObject *column_result(Column *col) {
+    if (_PyBytes_Resize(&col->macs, (Py_ssize_t)(32 * col->count)) < 0)
+        return NULL;
+    PyObject *canon = col->collect ? bytes_from_buf(&col->canon) : Py_NewRef(Py_None);
+    PyObject *ends = col->collect ? bytes_from_buf(&col->offsets) : Py_NewRef(Py_None);
+    PyObject *item = (canon && ends) ? Py_BuildValue("(OnOOn)", col->macs, (Py_ssize_t)col->nulls, canon, ends,
+                                                     (Py_ssize_t)col->mismatched)
+                                     : NULL;
+    Py_XDECREF(canon);
+    Py_XDECREF(ends);
+    return item;
+}
+
+/* What a column holds: its MACs, and its canonical bytes wiped before they are freed. */
+static void column_free(Column *col) {
+    Py_XDECREF(col->macs);
+    col->macs = NULL;
+    if (col->canon.data) {
+        OPENSSL_cleanse(col->canon.data, col->canon.cap);
+        free(col->canon.data);
+    }
+    free(col->offsets.data);
 }
 
 /*
@@ -626,65 +746,10 @@ static PyObject *py_copy_block(PyObject *module, PyObject *args) {
     }
     size_t grow = 1;  /* bytes an output row may have beyond its input row */
     for (int c = 0; c < width; c++) {
-        PyObject *entry = PySequence_Fast_GET_ITEM(fast, c), *keyed, *callback, *check = Py_None;
-        Column *col = &cols[c];
-        if (!PyArg_ParseTuple(entry, "iOiis#pOy#|O", &col->action, &keyed, &col->alphabet, &col->length, &col->prefix,
-                              &col->prefix_len, &col->collect, &callback, &col->program, &col->program_len, &check))
+        if (parse_column(PySequence_Fast_GET_ITEM(fast, c), &cols[c], nrows) < 0)
             goto cleanup;
-        if (check != Py_None) {
-            int check_alphabet;
-            if (!PyArg_ParseTuple(check, "iiy#", &check_alphabet, &col->check_length, &col->check_prefix,
-                                  &col->check_prefix_len))
-                goto cleanup;
-            if (check_alphabet < 0 || check_alphabet > 3 || col->check_length < 1 || col->check_length > 77) {
-                PyErr_SetString(PyExc_ValueError, "a check's alphabet must be 0-3 and its length 1-77");
-                goto cleanup;
-            }
-            const char *symbols = check_alphabet == ALPHA_HEX ? HEX : check_alphabet == ALPHA_BASE32 ? B32 :
-                                  check_alphabet == ALPHA_BASE64URL ? B64 : "0123456789";
-            for (const char *s = symbols; *s; s++) col->symbols[(unsigned char)*s] = 1;
-            col->check = 1;
-        }
-        if (callback != Py_None && !PyCallable_Check(callback)) {
-            PyErr_SetString(PyExc_TypeError, "a column's callback must be callable or None");
-            goto cleanup;
-        }
-        col->callback = callback == Py_None ? NULL : callback;
-        for (Py_ssize_t k = 0; k < col->program_len; k++) {  /* check the program once, not per value */
-            unsigned char op = col->program[k];
-            if (op == 'r' && k + 1 < col->program_len && k + 1 + col->program[k + 1] < col->program_len) {
-                k += 1 + col->program[k + 1];
-            } else if (op != 's' && op != 'l' && op != 'u' && op != 'w') {
-                PyErr_SetString(PyExc_ValueError, "a normaliser program holds only s, l, u, w and r<n><chars>");
-                goto cleanup;
-            }
-        }
-        if (col->action < ACT_KEEP || col->action > ACT_PSEUDONYMISE) {
-            PyErr_SetString(PyExc_ValueError, "column action must be 0 (keep), 1 (drop) or 2 (pseudonymise)");
-            goto cleanup;
-        }
-        if (col->action != ACT_PSEUDONYMISE)
-            continue;
-        if (keyed != Py_None && !PyObject_TypeCheck(keyed, &KeyedType)) {
-            PyErr_SetString(PyExc_TypeError, "a pseudonymised column needs a Keyed or None (randomised)");
-            goto cleanup;
-        }
-        if (col->alphabet < 0 || col->alphabet > 3 || col->length < 1 || col->length > 77) {
-            PyErr_SetString(PyExc_ValueError, "alphabet must be 0-3 and length 1-77");
-            goto cleanup;
-        }
-        col->keyed = keyed == Py_None ? NULL : (KeyedObject *)keyed;
-        col->macs = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(32 * nrows));
-        if (col->macs == NULL)
-            goto cleanup;
-        if (col->collect) {
-            uint64_t zero = 0;
-            if (buf_put(&col->offsets, &zero, sizeof zero) < 0) {
-                PyErr_NoMemory();
-                goto cleanup;
-            }
-        }
-        grow += (size_t)col->prefix_len + (size_t)col->length + 2;
+        if (cols[c].action == ACT_PSEUDONYMISE)
+            grow += (size_t)cols[c].prefix_len + (size_t)cols[c].length + 2;
     }
     out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(len + nrows * grow));
     if (out == NULL)
@@ -712,15 +777,7 @@ static PyObject *py_copy_block(PyObject *module, PyObject *args) {
             Column *col = &cols[c];
             if (col->action != ACT_PSEUDONYMISE)
                 continue;
-            if (_PyBytes_Resize(&col->macs, (Py_ssize_t)(32 * col->count)) < 0)
-                goto cleanup;
-            PyObject *canon = col->collect ? bytes_from_buf(&col->canon) : Py_NewRef(Py_None);
-            PyObject *ends = col->collect ? bytes_from_buf(&col->offsets) : Py_NewRef(Py_None);
-            PyObject *item = (canon && ends) ? Py_BuildValue("(OnOOn)", col->macs, (Py_ssize_t)col->nulls, canon, ends,
-                                                             (Py_ssize_t)col->mismatched)
-                                             : NULL;
-            Py_XDECREF(canon);
-            Py_XDECREF(ends);
+            PyObject *item = column_result(col);
             if (item == NULL || PyList_Append(results, item) < 0) {
                 Py_XDECREF(item);
                 goto cleanup;
@@ -731,20 +788,289 @@ static PyObject *py_copy_block(PyObject *module, PyObject *args) {
     }
 cleanup:
     if (cols != NULL) {
-        for (int c = 0; c < width; c++) {
-            Py_XDECREF(cols[c].macs);
-            if (cols[c].canon.data) {
-                OPENSSL_cleanse(cols[c].canon.data, cols[c].canon.cap);
-                free(cols[c].canon.data);
-            }
-            free(cols[c].offsets.data);
-        }
+        for (int c = 0; c < width; c++)
+            column_free(&cols[c]);
         PyMem_Free(cols);
     }
     Py_XDECREF(out);
     Py_XDECREF(results);
     Py_XDECREF(fast);
     PyBuffer_Release(&data);
+    return result;
+}
+
+/* --- Arrow arrays ------------------------------------------------------------------------------ */
+/* The Arrow layouts arrow_column reads (native.py's ARROW_KINDS names them). */
+enum {
+    KIND_UTF8 = 0, KIND_LARGE_UTF8 = 1, KIND_BINARY = 2, KIND_LARGE_BINARY = 3,
+    KIND_INT8 = 4, KIND_INT16 = 5, KIND_INT32 = 6, KIND_INT64 = 7,
+    KIND_UINT8 = 8, KIND_UINT16 = 9, KIND_UINT32 = 10, KIND_UINT64 = 11,
+    KIND_DATE32 = 12, KIND_BOOL = 13, KIND_COUNT = 14
+};
+/* Bytes per value of the fixed-width kinds (0: variable width or bit-packed). */
+static const int KIND_WIDTH[KIND_COUNT] = {0, 0, 0, 0, 1, 2, 4, 8, 1, 2, 4, 8, 4, 0};
+
+static inline int bit_at(const unsigned char *bits, size_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }
+
+/* The decimal digits of an integer, `-` first when negative (canonical.py: str(int)); returns the length. */
+static size_t format_int(int negative, uint64_t magnitude, char *out) {
+    char digits[24];
+    size_t n = 0;
+    do {
+        digits[n++] = (char)('0' + magnitude % 10);
+        magnitude /= 10;
+    } while (magnitude);
+    size_t len = 0;
+    if (negative)
+        out[len++] = '-';
+    while (n) out[len++] = digits[--n];
+    return len;
+}
+
+/* Days since 1970-01-01 as ISO 8601 YYYY-MM-DD (datetime.date.isoformat), proleptic Gregorian; -1 outside
+ * the years 1 to 9999 (Python's dates). The civil-from-days algorithm of H. Hinnant. */
+static int format_date(int32_t days, char *out) {
+    int64_t z = (int64_t)days + 719468;
+    int64_t era = (z >= 0 ? z : z - 146096) / 146097;
+    int64_t doe = z - era * 146097;
+    int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    int64_t doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    int64_t mp = (5 * doy + 2) / 153;
+    int64_t day = doy - (153 * mp + 2) / 5 + 1;
+    int64_t month = mp < 10 ? mp + 3 : mp - 9;
+    int64_t year = yoe + era * 400 + (month <= 2);
+    if (year < 1 || year > 9999)
+        return -1;
+    out[0] = (char)('0' + year / 1000);
+    out[1] = (char)('0' + year / 100 % 10);
+    out[2] = (char)('0' + year / 10 % 10);
+    out[3] = (char)('0' + year % 10);
+    out[4] = '-';
+    out[5] = (char)('0' + month / 10);
+    out[6] = (char)('0' + month % 10);
+    out[7] = '-';
+    out[8] = (char)('0' + day / 10);
+    out[9] = (char)('0' + day % 10);
+    return 10;
+}
+
+typedef struct {
+    int kind;
+    size_t length, offset;            /* values, and the first one's position in the buffers */
+    const unsigned char *validity;    /* NULL: no NULLs */
+    const unsigned char *offsets;     /* variable-width kinds: int32 or int64 offsets */
+    const unsigned char *data;
+    size_t data_len;
+} ArrowIn;
+
+/*
+ * The canonical bytes of value `i` of a non-text kind, or of a string's bytes, into (*value, *vlen); `text`
+ * is room for the decimal and date forms. Returns 0, or -1 with `fail` filled in.
+ */
+static int arrow_value(const ArrowIn *in, size_t i, char *text, const unsigned char **value, size_t *vlen,
+                       Failure *fail) {
+    size_t j = in->offset + i;
+    const unsigned char *d = in->data;
+    int64_t s = 0;
+    uint64_t u = 0;
+    switch (in->kind) {
+    case KIND_UTF8:
+    case KIND_BINARY:
+    case KIND_LARGE_UTF8:
+    case KIND_LARGE_BINARY: {
+        int64_t start, stop;
+        if (in->kind == KIND_UTF8 || in->kind == KIND_BINARY) {
+            int32_t a, b;
+            memcpy(&a, in->offsets + 4 * j, 4);
+            memcpy(&b, in->offsets + 4 * (j + 1), 4);
+            start = a;
+            stop = b;
+        } else {
+            memcpy(&start, in->offsets + 8 * j, 8);
+            memcpy(&stop, in->offsets + 8 * (j + 1), 8);
+        }
+        if (start < 0 || stop < start || (uint64_t)stop > in->data_len) {
+            fail->message = "the Arrow array's offsets point outside its data";
+            return -1;
+        }
+        *value = d != NULL ? d + start : (const unsigned char *)"";  /* no data buffer: every value is empty */
+        *vlen = (size_t)(stop - start);
+        return 0;
+    }
+    case KIND_BOOL:
+        *value = (const unsigned char *)(bit_at(d, j) ? "true" : "false");
+        *vlen = bit_at(d, j) ? 4 : 5;
+        return 0;
+    case KIND_DATE32: {
+        int32_t days;
+        memcpy(&days, d + 4 * j, 4);
+        int n = format_date(days, text);
+        if (n < 0) {
+            fail->message = "a date outside the years 1 to 9999, which Python's dates (and so the canonical form) "
+                            "cannot hold";
+            return -1;
+        }
+        *value = (const unsigned char *)text;
+        *vlen = (size_t)n;
+        return 0;
+    }
+    case KIND_INT8: { int8_t v; memcpy(&v, d + j, 1); s = v; break; }
+    case KIND_INT16: { int16_t v; memcpy(&v, d + 2 * j, 2); s = v; break; }
+    case KIND_INT32: { int32_t v; memcpy(&v, d + 4 * j, 4); s = v; break; }
+    case KIND_INT64: { memcpy(&s, d + 8 * j, 8); break; }
+    case KIND_UINT8: { uint8_t v; memcpy(&v, d + j, 1); u = v; break; }
+    case KIND_UINT16: { uint16_t v; memcpy(&v, d + 2 * j, 2); u = v; break; }
+    case KIND_UINT32: { uint32_t v; memcpy(&v, d + 4 * j, 4); u = v; break; }
+    default: { memcpy(&u, d + 8 * j, 8); break; }
+    }
+    int negative = in->kind <= KIND_INT64 && s < 0;
+    if (in->kind <= KIND_INT64)
+        u = negative ? (uint64_t)0 - (uint64_t)s : (uint64_t)s;
+    *value = (const unsigned char *)text;
+    *vlen = format_int(negative, u, text);
+    return 0;
+}
+
+/* The loop over an Arrow array (no GIL but for the column's callback); the output string array's offsets
+ * and data are written into `offsets_out` and `data_out`, its validity into `validity_out` when there is one. */
+static int arrow_transform(const ArrowIn *in, Column *col, int32_t *offsets_out, unsigned char *data_out,
+                           unsigned char *validity_out, Failure *fail, int *pyerr, PyThreadState **ts) {
+    ValueScratch scratch = {{0}, {.left = 0}};
+    char text[32];
+    const size_t width = (size_t)col->prefix_len + (size_t)col->length;
+    size_t pos = 0;
+    int status = -1;
+    offsets_out[0] = 0;
+    for (size_t i = 0; i < in->length; i++) {
+        if (in->validity != NULL && !bit_at(in->validity, in->offset + i)) {
+            col->nulls++;
+        } else {
+            const unsigned char *value;
+            size_t vlen;
+            if (validity_out != NULL)
+                validity_out[i >> 3] |= (unsigned char)(1u << (i & 7));
+            if (arrow_value(in, i, text, &value, &vlen, fail) < 0 ||
+                pseudonymise_value(col, value, vlen, data_out + pos, &scratch, fail, pyerr, ts) < 0) {
+                fail->row = (Py_ssize_t)i;
+                goto done;
+            }
+            pos += width;
+        }
+        offsets_out[i + 1] = (int32_t)pos;
+    }
+    status = 0;
+done:
+    value_scratch_free(&scratch);
+    return status;
+}
+
+/* Whether `buf` (a buffer of the array, or None) holds at least `need` bytes; sets ValueError if not. */
+static int arrow_buffer(PyObject *obj, Py_buffer *view, size_t need, const char *what) {
+    if (obj == Py_None) {
+        if (need == 0)
+            return 0;
+        PyErr_Format(PyExc_ValueError, "the Arrow array has no %s buffer", what);
+        return -1;
+    }
+    if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) < 0)
+        return -1;
+    if ((size_t)view->len < need) {
+        PyErr_Format(PyExc_ValueError, "the Arrow array's %s buffer is shorter than its length says", what);
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * arrow_column(column, kind, length, offset, validity, offsets, data) -> (validity, offsets, data, result)
+ *
+ * One Arrow array of `kind` (KIND_*), `length` values from position `offset` of its buffers (validity bitmap
+ * or None when it has no NULLs, offsets or None for fixed-width kinds, data), pseudonymised as `column` (an
+ * entry as copy_block takes, its prefix in UTF-8; the callback and program apply to text kinds only).
+ * Returns the new string array's buffers, validity None without NULLs (int32 offsets, the pseudonyms'
+ * UTF-8 one after the other), and the column's result tuple as copy_block gives it.
+ */
+static PyObject *py_arrow_column(PyObject *module, PyObject *args) {
+    PyObject *entry, *validity_obj, *offsets_obj, *data_obj;
+    int kind;
+    Py_ssize_t length, offset;
+    if (!PyArg_ParseTuple(args, "OinnOOO", &entry, &kind, &length, &offset, &validity_obj, &offsets_obj, &data_obj))
+        return NULL;
+    Py_buffer validity = {0}, offsets = {0}, data = {0};
+    Column col;
+    memset(&col, 0, sizeof col);
+    PyObject *result = NULL, *validity_out = NULL, *offsets_out = NULL, *data_out = NULL, *item = NULL;
+    if (kind < 0 || kind >= KIND_COUNT || length < 0 || offset < 0) {
+        PyErr_SetString(PyExc_ValueError, "arrow_column: an unknown kind, or a negative length or offset");
+        return NULL;
+    }
+    size_t n = (size_t)length, end = (size_t)offset + n;
+    int variable = kind <= KIND_LARGE_BINARY, text = kind == KIND_UTF8 || kind == KIND_LARGE_UTF8;
+    size_t offset_width = kind == KIND_UTF8 || kind == KIND_BINARY ? 4 : 8;
+    size_t data_need = kind == KIND_BOOL ? (end + 7) / 8 : (size_t)KIND_WIDTH[kind] * end;
+    if (arrow_buffer(validity_obj, &validity, validity_obj == Py_None ? 0 : (end + 7) / 8, "validity") < 0 ||
+        arrow_buffer(offsets_obj, &offsets, variable ? offset_width * (end + 1) : 0, "offsets") < 0 ||
+        arrow_buffer(data_obj, &data, variable ? 0 : data_need, "data") < 0)
+        goto cleanup;
+    if (parse_column(entry, &col, n) < 0)
+        goto cleanup;
+    if (col.action != ACT_PSEUDONYMISE) {
+        PyErr_SetString(PyExc_ValueError, "arrow_column takes a pseudonymised column");
+        goto cleanup;
+    }
+    if (!text) {  /* normalisers and NFC are for text; other values are canonical as they are written */
+        col.callback = NULL;
+        col.program_len = 0;
+    }
+    size_t width = (size_t)col.prefix_len + (size_t)col.length;
+    if (n && width * n > (size_t)INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "the batch's pseudonyms would pass 2 GiB; use a smaller batch size");
+        goto cleanup;
+    }
+    data_out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(width * n));
+    offsets_out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(4 * (n + 1)));
+    if (validity_obj != Py_None) {
+        validity_out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)((n + 7) / 8));
+        if (validity_out != NULL)
+            memset(PyBytes_AS_STRING(validity_out), 0, (n + 7) / 8);
+    }
+    if (data_out == NULL || offsets_out == NULL || (validity_obj != Py_None && validity_out == NULL))
+        goto cleanup;
+    {
+        ArrowIn in = {kind, n, (size_t)offset, validity.buf, offsets.buf, data.buf, data.buf ? (size_t)data.len : 0};
+        Failure fail = {NULL, PyExc_ValueError, 0};
+        int pyerr = 0;
+        PyThreadState *ts = PyEval_SaveThread();
+        int status = arrow_transform(&in, &col, (int32_t *)PyBytes_AS_STRING(offsets_out),
+                                     (unsigned char *)PyBytes_AS_STRING(data_out),
+                                     validity_out ? (unsigned char *)PyBytes_AS_STRING(validity_out) : NULL,
+                                     &fail, &pyerr, &ts);
+        PyEval_RestoreThread(ts);
+        if (status < 0) {
+            if (!pyerr)
+                PyErr_Format(fail.exc_type, "%s (value %zd of the array)", fail.message, fail.row + 1);
+            goto cleanup;
+        }
+    }
+    if (_PyBytes_Resize(&data_out, (Py_ssize_t)(width * col.count)) < 0)
+        goto cleanup;
+    if (col.nulls == 0)
+        Py_CLEAR(validity_out);
+    item = column_result(&col);
+    if (item != NULL)
+        result = Py_BuildValue("(OOOO)", validity_out ? validity_out : Py_None, offsets_out, data_out, item);
+cleanup:
+    column_free(&col);
+    Py_XDECREF(item);
+    Py_XDECREF(validity_out);
+    Py_XDECREF(offsets_out);
+    Py_XDECREF(data_out);
+    if (validity.obj != NULL)
+        PyBuffer_Release(&validity);
+    if (offsets.obj != NULL)
+        PyBuffer_Release(&offsets);
+    if (data.obj != NULL)
+        PyBuffer_Release(&data);
     return result;
 }
 
@@ -876,6 +1202,7 @@ done:
 static PyMethodDef module_methods[] = {
     {"copy_block", py_copy_block, METH_VARARGS, "Pseudonymise a block of COPY text rows (see the source)."},
     {"seal_rows", py_seal_rows, METH_VARARGS, "Escrow rows in COPY text, every value sealed with AES-256-GCM."},
+    {"arrow_column", py_arrow_column, METH_VARARGS, "Pseudonymise one Arrow array from its buffers (see the source)."},
     {"encode", py_encode, METH_VARARGS, "encode(macs, alphabet, length): pseudonym characters, `length` per MAC."},
     {NULL, NULL, 0, NULL},
 };

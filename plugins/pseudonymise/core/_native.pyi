@@ -43,3 +43,13 @@ def seal_rows(
     ad_suffix: Buffer = ...,
     /,
 ) -> bytes: ...
+def arrow_column(
+    column: _Column,
+    kind: int,
+    length: int,
+    offset: int,
+    validity: Buffer | None,
+    offsets: Buffer | None,
+    data: Buffer | None,
+    /,
+) -> tuple[bytes | None, bytes, bytes, _ColumnResult]: ...

@@ -1,5 +1,8 @@
 """The only door to the C engine (``_native.c``): typed column plans in, the plugin's own errors out.
 
+It takes COPY text blocks (:func:`copy_block`) and Arrow arrays (:func:`arrow_column`, read from their
+buffers), and encodes and seals escrow for both.
+
 The extension is optional: where it was not built, or with ``PSEUDONYMISE_PURE_PYTHON=1``,
 :func:`available` is false and the callers use their pure-Python definitions, which give the same
 pseudonyms and escrow bytes. No other module imports ``pseudonymise.core._native``; its calling
@@ -15,8 +18,10 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+import pyarrow as pa
+
 from pseudonymise.core.copytext import _pg_text
-from pseudonymise.core.errors import DataIOError, EscrowError, InvalidTextError, PolicyError
+from pseudonymise.core.errors import DataIOError, EscrowError, InvalidTextError, PolicyError, UnsupportedTypeError
 from pseudonymise.core.formats import PseudonymFormat
 
 if TYPE_CHECKING:
@@ -94,16 +99,16 @@ class ColumnPlan:
                      check: PseudonymFormat | None = None) -> ColumnPlan:
         return cls("pseudonymise", fmt, keyed, collect, canonical, program, check)
 
-    def _entry(self) -> tuple[object, ...]:
-        """The extension's tuple: (action, keyed, alphabet, length, COPY-escaped prefix, collect, callback,
-        program[, check])."""
+    def _entry(self, copy_text: bool = True) -> tuple[object, ...]:
+        """The extension's tuple: (action, keyed, alphabet, length, prefix (COPY-escaped for COPY text, else as
+        it is), collect, callback, program[, check])."""
         fmt = self.format
         if fmt is None:
             return (_ACTION_CODES[self.action], None, 0, 0, "", False, None, b"")
         check = None if self.check is None else (
             ALPHABET_CODES[self.check.alphabet], self.check.length, self.check.prefix.encode("utf-8"))
-        return (_ACTION_CODES[self.action], self.keyed, ALPHABET_CODES[fmt.alphabet], fmt.length, _pg_text(fmt.prefix),
-                self.collect, self.canonical, self.program, check)
+        return (_ACTION_CODES[self.action], self.keyed, ALPHABET_CODES[fmt.alphabet], fmt.length,
+                _pg_text(fmt.prefix) if copy_text else fmt.prefix, self.collect, self.canonical, self.program, check)
 
 
 KEEP = ColumnPlan("keep")
@@ -161,6 +166,56 @@ def copy_block(data: bytes, plan: BlockPlan) -> BlockResult:
     return BlockResult(out, rows, [ColumnResult(*r) for r in results])
 
 
+#: The Arrow types the C engine reads from their buffers: their code (``KIND_*`` in _native.c) and the type
+#: tag canonical.py gives their values (``str``, ``bytes``, ``int``, ``date``, ``bool``).
+_ARROW_KINDS: dict[pa.DataType, tuple[int, str]] = {
+    pa.string(): (0, "str"), pa.large_string(): (1, "str"), pa.binary(): (2, "bytes"), pa.large_binary(): (3, "bytes"),
+    pa.int8(): (4, "int"), pa.int16(): (5, "int"), pa.int32(): (6, "int"), pa.int64(): (7, "int"),
+    pa.uint8(): (8, "int"), pa.uint16(): (9, "int"), pa.uint32(): (10, "int"), pa.uint64(): (11, "int"),
+    pa.date32(): (12, "date"), pa.bool_(): (13, "bool"),
+}
+
+
+def arrow_type_tag(arrow_type: pa.DataType) -> str | None:
+    """The type tag of an Arrow type's values when the C engine reads that type (``None``: it does not; the
+    caller converts the array to Python values and uses the pure-Python engine)."""
+    kind = _ARROW_KINDS.get(arrow_type)
+    return kind[1] if kind is not None else None
+
+
+def arrow_column(array: pa.Array, plan: ColumnPlan, column: str) -> tuple[pa.StringArray, ColumnResult]:
+    """One Arrow array of a type :func:`arrow_type_tag` knows, pseudonymised by the C engine straight from its
+    buffers (the array's ``offset`` respected, NULLs kept): a new string array, and the column's result.
+
+    Values are made canonical as canonical.py does (text NFC through ``plan.canonical``, whose normalisers,
+    like ``plan.program``, apply to text only; integers in decimal; dates in ISO 8601; booleans as
+    ``true``/``false``; bytes as they are). Text that is not UTF-8 becomes :class:`InvalidTextError`, a date
+    Python cannot hold :class:`UnsupportedTypeError`, both naming ``column`` and no value.
+    """
+    kind = _ARROW_KINDS.get(array.type)
+    if kind is None or plan.format is None:
+        raise ValueError(f"the C engine does not read Arrow {array.type} arrays, or the plan pseudonymises nothing")
+    buffers = array.buffers()
+    validity = buffers[0] if array.null_count else None
+    offsets, data = (buffers[1], buffers[2]) if len(buffers) == 3 else (None, buffers[1])
+    try:
+        valid, ends, names, result = _engine().arrow_column(plan._entry(copy_text=False), kind[0], len(array),
+                                                             array.offset, validity, offsets, data)
+    except UnicodeError:
+        error: PolicyError = InvalidTextError(
+            f"column {column!r} holds text that is not valid UTF-8; fix the source encoding"
+        )
+    except ValueError as exc:
+        error = UnsupportedTypeError(f"column {column!r}: {exc}; cast the column in the source")
+    else:
+        found = ColumnResult(*result)
+        out = pa.Array.from_buffers(pa.string(), len(array),
+                                    [None if valid is None else pa.py_buffer(valid), pa.py_buffer(ends),
+                                     pa.py_buffer(names)], null_count=found.nulls)
+        return out, found  # type: ignore[return-value]
+    raise error
+
+
 def encode(macs: bytes, fmt: PseudonymFormat) -> bytes:
     """The pseudonyms of ``macs`` (32 bytes each) in ``fmt``, one after the other, as UTF-8."""
     try:
@@ -186,5 +241,5 @@ def seal_rows(dek: bytes, *, ad_prefix: bytes, plain_prefix: bytes, pseudonyms: 
         raise EscrowError(f"the C engine could not seal escrow rows: {exc}") from exc
 
 
-__all__ = ["ALPHABET_CODES", "DROP", "KEEP", "BlockPlan", "BlockResult", "ColumnPlan", "ColumnResult", "ascii_program", "available",
-           "copy_block", "encode", "keyed", "seal_rows"]
+__all__ = ["ALPHABET_CODES", "DROP", "KEEP", "BlockPlan", "BlockResult", "ColumnPlan", "ColumnResult", "arrow_column",
+           "arrow_type_tag", "ascii_program", "available", "copy_block", "encode", "keyed", "seal_rows"]

@@ -2,11 +2,12 @@
 
 A :class:`Pseudonymiser` is made from a verified pseudonymisation token and a
 :class:`~pseudonymise.core.policy.ColumnPolicy`; it turns a batch (a mapping of column name to a
-sequence of values, or a :class:`CopyBlock` of rows) into the output batch, counts NULLs and values,
+sequence of values, a :class:`CopyBlock` of rows, or a ``pyarrow.RecordBatch``) into the output batch
+of the same kind, counts NULLs and values,
 collects what escrow must seal for reversible projects, and fails the run if two different values
 ever meet in one pseudonym. :class:`SecondaryPseudonymiser` does the same with a secondary token over
-existing pseudonyms. Both share :class:`PseudonymEngine`: the per-batch flow, the C engine's plan for
-COPY blocks, the collision check and the counts.
+existing pseudonyms. Both share :class:`PseudonymEngine`: the per-batch flow, the C engine's plans for
+COPY blocks and Arrow arrays, the collision check and the counts.
 
 Work is done a column at a time: canonical bytes of the whole column, then its MACs in one tight
 loop (``mac.py``), then all pseudonyms at once (:meth:`PseudonymFormat.encode_many`), with no object
@@ -25,12 +26,13 @@ from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
 from pseudonymise.core import native
 from pseudonymise.core.canonical import canonical_many
 from pseudonymise.core.collisions import CollisionGuard, RecentMacs
 from pseudonymise.core.copytext import CopyBlock
-from pseudonymise.core.errors import PolicyError, TokenKindError
+from pseudonymise.core.errors import PolicyError, TokenKindError, UnsupportedTypeError, raise_alone
 from pseudonymise.core.formats import PseudonymFormat
 from pseudonymise.core.mac import (
     SECONDARY_LABEL,
@@ -81,7 +83,7 @@ class Batch:
     listed again (see :class:`_Escrowed`): write every batch's escrow, in order, in the run's transaction.
     """
 
-    columns: dict[str, list[Any]] | CopyBlock
+    columns: dict[str, list[Any]] | CopyBlock | pa.RecordBatch
     stats: Stats
     escrow: Sequence[EscrowItem] | EscrowBlocks = field(default_factory=list)
 
@@ -105,6 +107,18 @@ def _with_nulls(values: Sequence[Any], pseudonyms: list[str], nulls: int) -> lis
 def _as_list(values: Sequence[Any]) -> list[Any]:
     """A kept column passes through: lists (and their subclasses) as they are, anything else copied."""
     return values if isinstance(values, list) else list(values)
+
+
+def _python_values(array: pa.Array, column: str) -> list[Any]:
+    """An Arrow array's values as Python objects (for the pure-Python engine), or a clear error naming the column."""
+    try:
+        return array.to_pylist()  # type: ignore[no-any-return]
+    except (pa.ArrowException, ValueError, OverflowError) as exc:  # e.g. a date past year 9999: its text names it
+        error = UnsupportedTypeError(
+            f"column {column!r}: its Arrow {array.type} values cannot be read as Python values "
+            f"({exc.__class__.__name__}); cast the column in the source"
+        )
+    raise_alone(error)
 
 
 def _batch_size(columns: Mapping[str, Sequence[Any]]) -> int:
@@ -184,6 +198,7 @@ class PseudonymEngine(ABC):
         self._transit = transit
         self._guard = CollisionGuard(fmt, randomised)
         self._plans: dict[tuple[str, ...], _CopyPlan | None] = {}
+        self._arrow_plans: dict[str, native.ColumnPlan] = {}
 
     # --- what each engine says ---
     @abstractmethod
@@ -199,9 +214,13 @@ class PseudonymEngine(ABC):
         """Where a batch's column path collects what escrow must seal (``None``: nothing to seal)."""
         return None
 
-    def _block_escrow(self, results: list[tuple[str, native.ColumnResult]]) -> Sequence[EscrowItem] | EscrowBlocks:
-        """What escrow must seal of a block's pseudonymised columns."""
+    def _block_escrow(self, results: list[tuple[str, native.ColumnResult, str]]) -> Sequence[EscrowItem] | EscrowBlocks:
+        """What escrow must seal of the C engine's pseudonymised columns: (column, result, type tag) each."""
         return []
+
+    def _arrow_type_tag(self, arrow_type: pa.DataType) -> str | None:
+        """The type tag of a pseudonymised Arrow column's values when the C engine reads it (``None``: it does not)."""
+        return native.arrow_type_tag(arrow_type)
 
     def _end_batch(self) -> None:
         """A batch is done and its escrow listed (the first-level engine then remembers what was sealed)."""
@@ -224,19 +243,70 @@ class PseudonymEngine(ABC):
         """
         if isinstance(columns, CopyBlock):
             return self._pseudonymise_block(columns, source_columns or ())
+        if isinstance(columns, pa.RecordBatch):
+            return self.pseudonymise_record_batch(columns)
         rows = _batch_size(columns)
         plan = self.policy.plan(list(columns))
+        done, stats, escrow = self._python_columns([(r, columns[r.column]) for r in plan if r.action == "pseudonymise"],
+                                                   rows)
+        out = {rule.column: _as_list(columns[rule.column]) if rule.action == "keep" else done[rule.column]
+               for rule in plan if rule.action != "drop"}
+        return Batch(out, stats, escrow)
+
+    def pseudonymise_record_batch(self, batch: pa.RecordBatch) -> Batch:
+        """Apply the policy to one ``pyarrow.RecordBatch``; the :class:`Batch` it gives holds a ``pyarrow.RecordBatch``.
+
+        Accepts any ``pyarrow.RecordBatch`` whose column names are the source's columns (distinct; the policy is
+        checked against them first, as :meth:`pseudonymise_batch` does), of any length, sliced or not. Out comes a
+        record batch of the same rows: kept columns as they are (same Arrow type, not copied), dropped columns
+        left out, pseudonymised columns as ``pa.string()`` arrays, NULL where the input was NULL. The output's
+        columns are :meth:`output_columns`, in the input's order.
+
+        Pseudonymised columns of type string, large_string, binary, large_binary, (u)int8-64, date32 or bool are
+        read by the C engine straight from their Arrow buffers, with no Python object per value. Any other type
+        (timestamps, dictionaries, ...), a key held in Vault Transit, or no C engine: the batch's pseudonymised
+        columns go through the pure-Python engine instead (``to_pylist``), with the same pseudonyms, counts and
+        escrow, and the same errors (floats refused, secondary input checked against the source format).
+        ``Batch.escrow`` is what escrow must seal (write every batch's, in order, with ``EscrowWriter``); the
+        collision check sees every value; call :meth:`finish` after the last batch, before committing.
+        """
+        names = batch.schema.names
+        if len(set(names)) != len(names):
+            raise PolicyError("the record batch has duplicate column names; give every column its own name")
+        plan = self.policy.plan(names)
+        targets = [(i, rule) for i, rule in enumerate(plan) if rule.action == "pseudonymise"]
+        tags = [self._arrow_type_tag(batch.column(i).type) for i, _ in targets]
+        done: dict[str, pa.Array]
+        if native.available() and self._transit is None and None not in tags:
+            arrays = [native.arrow_column(batch.column(i), self._arrow_plan(rule), rule.column) for i, rule in targets]
+            done = {rule.column: array for (_, rule), (array, _) in zip(targets, arrays, strict=True)}
+            stats, escrow = self._native_results([r.column for _, r in targets], [found for _, found in arrays],
+                                                 batch.num_rows, tags)  # type: ignore[arg-type]
+        else:
+            values = [(rule, _python_values(batch.column(i), rule.column)) for i, rule in targets]
+            lists, stats, escrow = self._python_columns(values, batch.num_rows)
+            done = {column: pa.array(pseudonyms, type=pa.string()) for column, pseudonyms in lists.items()}
+        kept = [(rule.column, batch.column(i) if rule.action == "keep" else done[rule.column])
+                for i, rule in enumerate(plan) if rule.action != "drop"]
+        out = pa.RecordBatch.from_arrays([a for _, a in kept], names=[n for n, _ in kept])
+        return Batch(out, stats, escrow)
+
+    def _python_columns(self, columns: Sequence[tuple[ColumnRule, Sequence[Any]]],
+                        rows: int) -> tuple[dict[str, list[str | None]], Stats, Sequence[EscrowItem]]:
+        """A batch's pseudonymised columns through the pure-Python engine: their pseudonyms, the counts, the escrow."""
         stats = Stats(rows_in=rows, rows_out=rows)
         escrow = self._new_escrow()
-        out: dict[str, list[Any]] = {}
-        for rule in plan:
-            if rule.action == "keep":
-                out[rule.column] = _as_list(columns[rule.column])
-            elif rule.action == "pseudonymise":
-                out[rule.column] = self._column(columns[rule.column], rule, stats, escrow)
+        out = {rule.column: self._column(values, rule, stats, escrow) for rule, values in columns}
         self._end_batch()
         self.stats.add(stats)
-        return Batch(out, stats, escrow or [])
+        return out, stats, escrow or []
+
+    def _arrow_plan(self, rule: ColumnRule) -> native.ColumnPlan:
+        """The C engine's plan of a pseudonymised column for Arrow arrays, made once per column."""
+        plan = self._arrow_plans.get(rule.column)
+        if plan is None:
+            plan = self._arrow_plans[rule.column] = self._column_plan(rule)
+        return plan
 
     def takes_copy_blocks(self, columns: Sequence[str]) -> bool:
         """Whether :meth:`pseudonymise_batch` can take :class:`CopyBlock` rows of these source columns:
@@ -263,19 +333,29 @@ class PseudonymEngine(ABC):
         if plan is None:
             raise PolicyError("this run cannot pseudonymise COPY text directly; read the source as columns")
         result = native.copy_block(block.data, plan.block)
-        for column, found in zip(plan.pseudonymised, result.columns, strict=True):
+        # COPY text gives text: the same type tag as the column path, which decodes it to str
+        stats, escrow = self._native_results(plan.pseudonymised, result.columns, result.rows,
+                                             ["str"] * len(plan.pseudonymised))
+        return Batch(CopyBlock(result.data, result.rows), stats, escrow)
+
+    def _native_results(self, columns: Sequence[str], results: Sequence[native.ColumnResult], rows: int,
+                        tags: Sequence[str]) -> tuple[Stats, Sequence[EscrowItem] | EscrowBlocks]:
+        """A batch's pseudonymised columns as the C engine left them (COPY block or Arrow arrays): input the
+        plan's check found wrong refused, the collision check fed with every column before any escrow is
+        listed, the counts, and what escrow must seal (values of the type ``tags`` name)."""
+        for column, found in zip(columns, results, strict=True):
             if found.mismatched:
                 raise self._refuse_input(column, found.mismatched, len(found.macs) // 32)
-        stats = Stats(rows_in=result.rows, rows_out=result.rows)
-        for column, found in zip(plan.pseudonymised, result.columns, strict=True):
+        stats = Stats(rows_in=rows, rows_out=rows)
+        for column, found in zip(columns, results, strict=True):
             count = len(found.macs) // 32
             self._guard.add(column, found.macs, None, count=count)
             stats.nulls += found.nulls
             stats.values_pseudonymised += count
-        escrow = self._block_escrow(list(zip(plan.pseudonymised, result.columns, strict=True)))
+        escrow = self._block_escrow(list(zip(columns, results, tags, strict=True)))
         self._end_batch()
         self.stats.add(stats)
-        return Batch(CopyBlock(result.data, result.rows), stats, escrow)
+        return stats, escrow
 
     def finish(self) -> None:
         """End of the run: complete the collision check (DESIGN §4.6); raise before anything is committed."""
@@ -354,16 +434,15 @@ class Pseudonymiser(PseudonymEngine):
     def _new_escrow(self) -> EscrowItems | None:
         return EscrowItems() if self.reversible else None
 
-    def _block_escrow(self, results: list[tuple[str, native.ColumnResult]]) -> EscrowBlocks:
+    def _block_escrow(self, results: list[tuple[str, native.ColumnResult, str]]) -> EscrowBlocks:
         sealed: list[EscrowBlock] = []
         if self.reversible:
-            for column, found in results:
+            for column, found, tag in results:
                 fresh = self._escrowed.unsealed(found.macs) if self._escrowed is not None else None
                 names = native.encode(found.macs, self.format)
-                # COPY text gives text: the same type tag as the column path, which decodes it to str
                 items = EscrowBlock(names, len(self.format.prefix.encode("utf-8")) + self.format.length,
                                     found.canonicals or b"", np.frombuffer(found.ends or b"", dtype=np.uint64),
-                                    domain=self.policy.rules[column].domain)
+                                    type_tag=tag, domain=self.policy.rules[column].domain)
                 sealed.append(items if fresh is None else items.take(fresh))
         return EscrowBlocks(sealed)
 
@@ -407,6 +486,11 @@ class SecondaryPseudonymiser(PseudonymEngine):
     def _column_plan(self, rule: ColumnRule) -> native.ColumnPlan:
         # pseudonyms as they are (no normaliser, no NFC), each checked against the source format
         return native.ColumnPlan.pseudonymise(self.format, self._macs, check=self.source_format)  # type: ignore[arg-type]
+
+    def _arrow_type_tag(self, arrow_type: pa.DataType) -> str | None:
+        # the input is text pseudonyms; any other type goes to the column path, which refuses it by name
+        tag = native.arrow_type_tag(arrow_type)
+        return tag if tag == "str" else None
 
     def _refuse_input(self, column: str, mismatched: int, values: int) -> PolicyError:
         fmt = self.source_format
