@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from pseudonymise.core import native
 from pseudonymise.core.errors import DatabaseIOError, EscrowError
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import RunSummary, Store, run_pseudonymisation, run_purge, run_rekey, run_reversal
@@ -307,9 +308,9 @@ def _sql_run(store: Store, raw: str, issuer: Issuer, hospital: sa.Engine, target
     policy = ColumnPolicy.pseudonymise("pid", default="keep")
     query = QuerySource(hospital, f"SELECT * FROM {table} WHERE day >= :start AND day < :end ORDER BY id",
                         {"start": start, "end": end}, batch_size=3)
-    return run_pseudonymisation(store, GivenToken(raw, issuer.public_keys()), policy,
-                                plan_transfer(query, TableDestination(target, SharedTransaction(store.engine)), policy,
-                                              use_copy=False))
+    transfer = plan_transfer(query, TableDestination(target, SharedTransaction(store.engine)), policy, use_copy=False)
+    assert transfer.arrow_batches == native.available()  # Arrow record batches to the C engine
+    return run_pseudonymisation(store, GivenToken(raw, issuer.public_keys()), policy, transfer)
 
 
 def _expected(raw: str, start: str = "2026-11-01", end: str = "2026-12-01") -> list[tuple[Any, ...]]:
@@ -382,3 +383,22 @@ def test_generic_sql_path_escrow_on_sqlite_is_read_back_by_reversal(sqlite_url: 
                                                                   SharedTransaction(store.engine))))
     assert revealed.counts["not_found"] == 0
     assert _select(store.engine, "SELECT id, pid FROM revealed ORDER BY id") == list(zip(IDS, PIDS, strict=True))
+
+
+def test_generic_sql_path_takes_a_column_of_mixed_types_as_the_python_engine_does(sqlite_url: str, issuer: Issuer,
+                                                                                  tmp_path: Any) -> None:
+    """SQLite lets a column hold integers and text: such a batch stays Python values (no Arrow), the others go
+    to the C engine as Arrow; every pseudonym is still DESIGN §4's, an integer's from its decimal digits."""
+    import sqlite3
+
+    path = tmp_path / "mixed.db"
+    pids: list[Any] = ["P1", None, "P2", 42, "P1", 42, "Ärzte", "P3"]
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE visits (id INTEGER PRIMARY KEY, pid, n INTEGER, day DATE, ward TEXT)")
+        conn.executemany("INSERT INTO visits VALUES (?, ?, ?, ?, ?)", zip(IDS, pids, COUNTS, DAYS, WARDS, strict=True))
+    store = Store(sa.create_engine(sqlite_url))
+    raw = issuer.issue("research-b", "pseudonymisation")
+    summary = _sql_run(store, raw, issuer, sa.create_engine(f"sqlite:///{path}"), TableTarget("out", mode="replace"))
+    assert summary.counts["values_pseudonymised"] == 7
+    assert _select(store.engine, "SELECT id, pid, n, day, ward FROM out ORDER BY id") == list(
+        zip(IDS, reference.token_pseudonyms(raw, pids), COUNTS, DAYS, WARDS, strict=True))

@@ -6,10 +6,11 @@ import datetime as dt
 import uuid
 from typing import Any
 
+import pyarrow as pa
 import pytest
 import sqlalchemy as sa
 from pseudonymise.core.errors import DataIOError, PolicyError, UnsupportedTypeError
-from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableTarget, _pg_text, copy_text_fields
+from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableTarget, _pg_text, copy_text_fields, record_batch
 
 HOSTILE = 'we"ird; DROP TABLE x; --'
 Q = '"' + HOSTILE.replace('"', '""') + '"'  # the test's own SQL quotes it by hand
@@ -275,3 +276,36 @@ def test_sqlite_value_of_the_wrong_type_fails_naming_the_column_and_writes_nothi
         sink.write({"k": [3], "d": ["secret-value-3"]})
     assert "secret-value" not in str(raised.value) and raised.value.__context__ is None
     assert _table(sqlite_url, "t") == [(1, dt.date(2026, 1, 1))]
+
+
+# --- Arrow batches from the generic source ------------------------------------------------------------
+@pytest.mark.parametrize("values, arrow_type", [
+    (["a", None, "ü"], pa.string()), ([1, None, -(2**63)], pa.int64()), ([True, None], pa.bool_()),
+    ([None, None], pa.null()), ([0.5, None, 2.0], pa.float64()), ([b"\x00", None], pa.binary()),
+    ([dt.date(2026, 1, 2), None], pa.date32()),
+])
+def test_record_batch_holds_columns_of_one_type_exactly(values: list[Any], arrow_type: pa.DataType) -> None:
+    batch = record_batch({"c": values, "k": list(range(len(values)))})
+    assert batch is not None and batch.schema.field("c").type == arrow_type
+    back = batch.column(0).to_pylist()
+    assert back == values and list(map(type, back)) == list(map(type, values))
+
+
+@pytest.mark.parametrize("values", [
+    [1, "1"], ["a", b"a"], [1, 2.5], [2.5, 1], [True, 1], [dt.date(2026, 1, 1), dt.datetime(2026, 1, 1, 5)],
+    [2**64], ["lone \ud800"], [uuid.UUID(int=1)], [dt.datetime(2026, 1, 1, tzinfo=dt.UTC)],
+])
+def test_record_batch_refuses_what_arrow_would_not_give_back_exactly(values: list[Any]) -> None:
+    """Several Python types in one column (SQLite allows it), or a type Arrow would change: columns stay Python."""
+    assert record_batch({"ok": ["x"] * len(values), "c": values}) is None
+
+
+def test_sqlite_source_gives_record_batches_and_python_columns_where_arrow_cannot(sqlite_url: str) -> None:
+    import sqlite3
+
+    with sqlite3.connect(_sqlite_file(sqlite_url)) as conn:
+        conn.execute("CREATE TABLE s (k INTEGER, v)")
+        conn.executemany("INSERT INTO s VALUES (?, ?)", [(1, "a"), (2, None), (3, 7), (4, "d")])
+    batches = list(SqlSource(sa.create_engine(sqlite_url), "SELECT * FROM s ORDER BY k", batch_size=2).record_batches())
+    assert isinstance(batches[0], pa.RecordBatch) and batches[0].to_pydict() == {"k": [1, 2], "v": ["a", None]}
+    assert batches[1] == {"k": [3, 4], "v": [7, "d"]}  # an integer and a text in one column

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
+import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -102,19 +103,61 @@ class SqlSource:
                 and all(p is None for p in processors))
 
     def batches(self) -> Iterator[dict[str, list[Any]]]:
+        for columns in self._columns():
+            yield {name: list(values) for name, values in columns.items()}
+
+    def _columns(self) -> Iterator[dict[str, tuple[Any, ...]]]:
+        """Each batch's rows turned into columns (tuples); the connection is closed after the last one."""
         try:
             with database_errors(f"reading the source {self.label} failed", data_fix=SOURCE_DATA_FIX):
                 fetch = self._result.cursor.fetchmany if self.reads_the_cursor else self._result.fetchmany
                 while rows := fetch(self.batch_size):
-                    yield {name: list(col) for name, col in zip(self.columns, zip(*rows, strict=True), strict=True)}
+                    yield dict(zip(self.columns, zip(*rows, strict=True), strict=True))
         finally:
             self.close()
+
+    def record_batches(self) -> Iterator[pa.RecordBatch | dict[str, list[Any]]]:
+        """The batches of :meth:`batches` as ``pyarrow.RecordBatch``es, for the C engine's Arrow path: built
+        column-wise from the fetched rows, one Arrow array per column. A batch with a column Arrow would not
+        give back exactly (see :func:`record_batch`) stays columns of Python values."""
+        for columns in self._columns():
+            batch = record_batch(columns)
+            yield {name: list(values) for name, values in columns.items()} if batch is None else batch
 
     def close(self) -> None:
         conn = getattr(self, "_conn", None)
         if conn is not None:
             conn.close()
             self._conn = None  # type: ignore[assignment]
+
+
+#: The Python types whose values an Arrow array holds and gives back (``to_pylist``) exactly, and that array's type.
+_ARROW_EXACT: dict[type, pa.DataType] = {str: pa.string(), int: pa.int64(), float: pa.float64(), bytes: pa.binary(),
+                                         bool: pa.bool_(), dt.date: pa.date32()}
+_ARROW_INFERRED_EXACT = {pa.string(), pa.int64(), pa.bool_(), pa.null()}
+
+
+def record_batch(columns: Mapping[str, Sequence[Any]]) -> pa.RecordBatch | None:
+    """Columns of Python values as a ``pyarrow.RecordBatch``, or ``None`` when one of them would not come back
+    from Arrow exactly as it went in: values of several types in one column (SQLite's dynamic typing allows it),
+    of a type outside :data:`_ARROW_EXACT` (timestamps with their offsets, decimals with their exponents, UUIDs),
+    integers beyond 64 bits, text that is not valid Unicode. Then the batch stays columns of Python values,
+    which the pure-Python engine takes with the same results."""
+    arrays = []
+    for values in columns.values():
+        try:
+            array = pa.array(values)
+        except (pa.ArrowException, OverflowError, TypeError, ValueError, UnicodeError):
+            return None
+        # Arrow infers these types only from values all of that one Python type (None aside); any other it may
+        # infer from a mix (an integer among floats, text among bytes, a date among timestamps): check the values
+        if array.type not in _ARROW_INFERRED_EXACT:
+            kinds = set(map(type, values))
+            kinds.discard(type(None))
+            if len(kinds) != 1 or _ARROW_EXACT.get(kinds.pop()) != array.type:
+                return None
+        arrays.append(array)
+    return pa.RecordBatch.from_arrays(arrays, names=list(columns))
 
 
 def _read_failure(exc: BaseException, label: str) -> DataIOError:
@@ -445,7 +488,9 @@ class TableSink:
         """Whether :meth:`write` takes :class:`CopyBlock` rows as well as columns (a COPY target)."""
         return self.copy
 
-    def write(self, batch: dict[str, list[Any]] | CopyBlock) -> None:
+    def write(self, batch: dict[str, list[Any]] | CopyBlock | pa.RecordBatch) -> None:
+        if isinstance(batch, pa.RecordBatch):  # the C engine's Arrow output: Python values for the driver
+            batch = {name: array.to_pylist() for name, array in zip(batch.schema.names, batch.columns, strict=True)}
         if self.table is None:
             self._create(batch if isinstance(batch, dict) else {})
             self._prepare()
