@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 import sqlalchemy as sa
-from pseudonymise.core.errors import DataIOError, PolicyError, UnsupportedTypeError
+from pseudonymise.core.errors import DatabaseIOError, DataIOError, PolicyError, UnsupportedTypeError
 from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableTarget, _pg_text, copy_text_fields, record_batch
 
 HOSTILE = 'we"ird; DROP TABLE x; --'
@@ -270,7 +270,7 @@ def test_sqlite_value_of_the_wrong_type_fails_naming_the_column_and_writes_nothi
     sa.Table("t", meta, sa.Column("k", sa.Integer), sa.Column("d", sa.Date))
     meta.create_all(engine)
     _write(sqlite_url, TableTarget("t"), [{"k": [1], "d": [dt.date(2026, 1, 1)]}])
-    with pytest.raises(DataIOError, match="column 'd' does not convert") as raised, engine.begin() as conn:
+    with pytest.raises(DatabaseIOError, match="column 'd' does not convert") as raised, engine.begin() as conn:
         sink = TableTarget("t", mode="replace").sink(conn, ["k", "d"])
         sink.write({"k": [2], "d": [dt.date(2026, 1, 2)]})
         sink.write({"k": [3], "d": ["secret-value-3"]})

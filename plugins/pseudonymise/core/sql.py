@@ -34,6 +34,7 @@ from pseudonymise.core.db import advisory_lock
 from pseudonymise.core.errors import (
     SOURCE_DATA_FIX,
     TARGET_DATA_FIX,
+    DatabaseIOError,
     DataIOError,
     PolicyError,
     UnsupportedTypeError,
@@ -561,10 +562,10 @@ class TableSink:
         try:
             return list(map(process, values))
         except (TypeError, ValueError) as exc:  # its text may quote a value: named by class only
-            raise_alone(DataIOError(
+            raise_alone(DatabaseIOError(
                 f"writing the target {self.target.label} failed: a value of column {column!r} does not convert to "
-                f"the column's type ({self.table.c[column].type}; {type(exc).__name__}); nothing was committed. "  # type: ignore[union-attr]
-                f"{TARGET_DATA_FIX}"))
+                f"the column's type ({self.table.c[column].type}; {type(exc).__name__}); nothing was committed: "  # type: ignore[union-attr]
+                f"{TARGET_DATA_FIX}. The driver's message is left out because it can quote data values"))
 
     def _upsert_statement(self) -> Any:
         assert self.table is not None
