@@ -402,3 +402,13 @@ def test_generic_sql_path_takes_a_column_of_mixed_types_as_the_python_engine_doe
     assert summary.counts["values_pseudonymised"] == 7
     assert _select(store.engine, "SELECT id, pid, n, day, ward FROM out ORDER BY id") == list(
         zip(IDS, reference.token_pseudonyms(raw, pids), COUNTS, DAYS, WARDS, strict=True))
+
+
+def test_an_in_memory_sqlite_store_is_written_from_the_runs_own_thread(issuer: Issuer) -> None:
+    """Writes go to a background thread on PostgreSQL and SQLite files; an in-memory SQLite database's
+    connection belongs to the thread that opened it, so its run writes in place."""
+    store = Store(sa.create_engine("sqlite://"))
+    raw = issuer.issue("research-b", "pseudonymisation")
+    _pseudonymise(store, raw, issuer, Batches(_visits(), size=3), _table("visits"))
+    assert [r[0] for r in _select(store.engine, "SELECT pid FROM visits ORDER BY id")] == \
+        reference.token_pseudonyms(raw, PIDS)

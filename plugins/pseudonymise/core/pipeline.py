@@ -185,7 +185,7 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
             # a database error escaping the writes or the COMMIT: SQLSTATE and names only, never the driver's text
             with database_errors("writing the target, escrow and audit failed; nothing was committed",
                                  columns=out_columns, data_fix=TARGET_DATA_FIX), store.engine.begin() as conn, \
-                    _Writes(background=store.engine.dialect.name in ("postgresql", "sqlite")) as writes:
+                    _Writes(background=_writes_in_background(store.engine)) as writes:
                 sink = transfer.open_sink(out_columns, conn)
                 with _cycle_collection_paused():
                     for batch in transfer.batches(key_at_hand=mac is None):
@@ -210,6 +210,16 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
                 sink.abort()
             raise
         return _summary(use, out_columns, engine.stats.as_dict())
+
+
+def _writes_in_background(engine: Engine) -> bool:
+    """Whether a run's writes go to the background thread: on PostgreSQL, and on a SQLite file (sqlite3 lets
+    go of the GIL while it steps, and SQLAlchemy opens file databases for use from any thread; an in-memory
+    database's connection belongs to the thread that opened it)."""
+    if engine.dialect.name == "postgresql":
+        return True
+    database = engine.url.database or ""
+    return engine.dialect.name == "sqlite" and database not in ("", ":memory:") and "memory" not in database
 
 
 @contextlib.contextmanager
