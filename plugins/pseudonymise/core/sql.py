@@ -1,10 +1,12 @@
 """SQL sources and table targets: streamed reads, one-transaction writes, PostgreSQL COPY both ways.
 
-Sources yield batches of columns with flat memory: a server-side cursor on any SQLAlchemy
-database, or ``COPY (query) TO STDOUT`` on PostgreSQL, read through a pipe from a reader thread
-and cut into columns block by block in the text format (:mod:`pseudonymise.core.copytext`).
-Targets write inside the caller's transaction with ``INSERT`` (generic) or ``COPY FROM STDIN``
-(PostgreSQL), after the write mode's preparation (delete the run's partition, or the whole table)
+Sources yield batches of columns with flat memory: a streamed cursor on any SQLAlchemy database
+(``fetchmany`` on the DB-API cursor itself where SQLAlchemy would not change a value, as on SQLite;
+as Python columns or ``pyarrow`` record batches), or ``COPY (query) TO STDOUT`` on PostgreSQL, read
+through a pipe from a reader thread and cut into columns block by block in the text format
+(:mod:`pseudonymise.core.copytext`). Targets write inside the caller's transaction with ``INSERT``
+(generic; the DB-API cursor's ``executemany`` on SQLite) or ``COPY FROM STDIN`` (PostgreSQL), after
+the write mode's preparation (delete the run's partition, or the whole table)
 in that same transaction, so a failed or killed task leaves the target as it was. Columns that
 go from a COPY source to a COPY target unchanged stay in COPY text all the way.
 """
