@@ -72,6 +72,8 @@ CASES = {
     "f": "(f) in-database: pgcrypto hmac() in INSERT ... SELECT",
     "big": "(b) at the big size",
     "ranges": "(b) as 2 mapped key ranges, 2 concurrent processes",
+    "sqlite_raw": "(g) SQLite raw copy: sqlite3 fetchmany -> executemany, no transformation",
+    "sqlite": "(h) pseudonymise SQLite -> SQLite: deterministic, irreversible",
 }
 
 
@@ -145,7 +147,7 @@ def url(cfg: Mapping[str, Any], db: str) -> str:
 
 
 def worker(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    runner = {"a": _raw_copy, "e": _pandas, "f": _pgcrypto}.get(case, _operator)
+    runner = {"a": _raw_copy, "e": _pandas, "f": _pgcrypto, "sqlite_raw": _sqlite_raw_copy}.get(case, _operator)
     return runner(case, cfg)
 
 
@@ -237,6 +239,54 @@ def _pgcrypto(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return watch.result(rows, "one INSERT ... SELECT in the source database (pgcrypto hmac, base32 in SQL)")
 
 
+# --- the SQLite cases: the embedded default's generic SQL path -----------------------------------
+#: (h)'s rate before issue 13 (commit fac1852: SQLAlchemy rows and INSERTs, the pure-Python engine) on this
+#: two-core machine: 67,041 rows/s, the median of 3 runs (50,581-72,105) with other work keeping the load at
+#: about 2 (22,000-28,000 at a load of 6-7): what the issue's "5x" is measured against
+SQLITE_BEFORE = 67_000
+SQLITE_TABLE = "CREATE TABLE {table} (id INTEGER PRIMARY KEY, patient_id TEXT, mrn TEXT, visit_date DATE, ward TEXT)"
+
+
+def sqlite_visits(path: Path, rows: int, table: str = "visits") -> None:
+    """The benchmark's table (:func:`visits_sql`'s rows, computed the same way in Python) in a SQLite file;
+    dates as ISO text, as SQLAlchemy stores a ``DATE`` in SQLite."""
+    import datetime as dt
+    import sqlite3
+
+    patients = max(rows // 4, 1)
+    epoch = dt.date(2020, 1, 1)
+
+    def row(g: int) -> tuple[Any, ...]:
+        p = 1 + (g * 2654435761) % patients
+        pid = f"Pe\u0301{p}" if p % 997 == 0 else f"P\t{p}\\" if p % 1999 == 0 else f"P{p:09d}"
+        mrn = None if g % 50 == 0 else f"MRN-{p * 7 + 13:010d}"
+        return g, pid, mrn, (epoch + dt.timedelta(days=g % 1826)).isoformat(), WARDS[g % len(WARDS)]
+
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(SQLITE_TABLE.format(table=table))
+        conn.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?)", map(row, range(1, rows + 1)))
+
+
+def _sqlite_raw_copy(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The limit of the generic path on SQLite: rows out with ``fetchmany``, in with ``executemany``, one
+    transaction, nothing transformed."""
+    import sqlite3
+
+    src, dst = sqlite3.connect(cfg["sqlite_src"]), sqlite3.connect(cfg["sqlite_dst"])
+    with Stopwatch() as watch:
+        dst.execute(f"DROP TABLE IF EXISTS {cfg['target']}")
+        dst.execute(SQLITE_TABLE.format(table=cfg["target"]).replace(" PRIMARY KEY", ""))
+        cursor = src.execute(f"SELECT * FROM {cfg['source']}")
+        rows = 0
+        while batch := cursor.fetchmany(cfg["batch_size"]):
+            dst.executemany(f"INSERT INTO {cfg['target']} VALUES (?, ?, ?, ?, ?)", batch)
+            rows += len(batch)
+        dst.commit()
+    src.close()
+    dst.close()
+    return watch.result(rows, "sqlite3 cursor.fetchmany + executemany, one transaction")
+
+
 def _operator(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
     import logging
 
@@ -256,7 +306,8 @@ def _operator(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
     operator = operator_class(
         task_id=f"bench_{case}", pseudonymise_conn_id=cfg["token_conn"], source_conn_id=cfg["source_conn"],
         columns={c: "pseudonymise" for c in PSEUDONYMISED}, unlisted_columns="keep",
-        target_conn_id="bench_dst", target_table=cfg["target"], batch_size=cfg["batch_size"], **kwargs)
+        target_conn_id=cfg.get("target_conn", "bench_dst"), target_table=cfg["target"], batch_size=cfg["batch_size"],
+        **kwargs)
     with Stopwatch() as watch:
         summary = operator.execute(context={})
     return watch.result(summary["rows_out"], f"{operator_class.__name__}.execute() with a minimal context",
@@ -592,6 +643,54 @@ class Bench:
                        f"({expr('patient_id')}, {expr('mrn')}, b.visit_date, b.ward)")[0][0]
         self.check("(d) equals pgcrypto over (b)'s pseudonyms", bad == 0, f"{bad} rows differ")
 
+    # the SQLite cases --------------------------------------------------------------------------
+    def setup_sqlite(self) -> None:
+        """The benchmark's table in a SQLite file, a SQLite target file, and their Airflow connections."""
+        t0 = time.perf_counter()
+        src, dst = self.work / "sqlite_src.db", self.work / "sqlite_dst.db"
+        sqlite_visits(src, self.args.rows)
+        print(f"generated SQLite visits: {self.args.rows:,} rows in {time.perf_counter() - t0:.1f} s", flush=True)
+        self.cfg.update(sqlite_src=str(src), sqlite_dst=str(dst))
+        for name, path in (("BENCH_SQLITE_SRC", src), ("BENCH_SQLITE_DST", dst)):
+            self.env[f"AIRFLOW_CONN_{name}"] = json.dumps({"conn_type": "sqlite", "host": str(path)})
+
+    def run_sqlite(self, suffix: str) -> tuple[Result, Result]:
+        raw = self.run("sqlite_raw", source="visits", target=f"g_out{suffix}")
+        ours = self.run("sqlite", source="visits", target=f"h_out{suffix}", source_conn="bench_sqlite_src",
+                        target_conn="bench_sqlite_dst", token_conn="bench_det")
+        return raw, ours
+
+    def check_sqlite(self, case: str, target: str) -> None:
+        """Every row of the SQLite ``target`` equals the source with the standard library's HMACs (DESIGN §4)."""
+        import hashlib
+        import hmac
+        import sqlite3
+
+        key = bytes.fromhex(self.cfg["keys"]["det"])
+
+        def pseudonym(value: str | None) -> str | None:
+            if value is None:
+                return None
+            mac = hmac.new(key, LABEL + b"\x00" + unicodedata.normalize("NFC", value).encode(), hashlib.sha256).digest()
+            return base64.b32encode(mac).decode().lower()[:26]
+
+        src, dst = sqlite3.connect(self.cfg["sqlite_src"]), sqlite3.connect(self.cfg["sqlite_dst"])
+        try:
+            expected = src.execute("SELECT id, patient_id, mrn, visit_date, ward FROM visits ORDER BY id")
+            actual = dst.execute(f"SELECT id, patient_id, mrn, visit_date, ward FROM {target} ORDER BY id")
+            rows = mismatched = 0
+            for exp, act in zip(expected, actual, strict=False):
+                rows += 1
+                if act != (exp[0], pseudonym(exp[1]), pseudonym(exp[2]), exp[3], exp[4]):
+                    mismatched += 1
+            total = src.execute("SELECT count(*) FROM visits").fetchone()[0]
+            out = dst.execute(f"SELECT count(*) FROM {target}").fetchone()[0]
+        finally:
+            src.close()
+            dst.close()
+        self.check(f"{case} equals the standard library's hmac", mismatched == 0 and rows == total == out,
+                   f"{rows:,} rows compared, {mismatched} differ ({out:,} in the target, {total:,} in the source)")
+
     def check_same(self, name: str, left: str, right: str) -> None:
         bad = self.sql(self.cfg["dst_db"],
                        f"SELECT count(*) FROM {left} l FULL JOIN {right} r USING (id) WHERE "
@@ -620,7 +719,7 @@ def main() -> int:
                         help="ranges: let the first range create the target inside its run, as before "
                              "CreateTargetTableOperator (to compare)")
     parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,ranges,big,airflow,"
-                                                   "celery, files (every file case) or file-copy,file-cli,file-hmac,"
+                                                   "celery,sqlite, files (every file case) or file-copy,file-cli,file-hmac,"
                                                    "file-presidio,file-parquet-copy,file-parquet-cli")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run (a)-(d), (f) and the ranges this many times, interleaved, and report the median")
@@ -657,6 +756,11 @@ def main() -> int:
                                                           source_conn="bench_dst", token_conn="bench_sec"))
             if "f" not in skip:
                 runs.setdefault("f", []).append(bench.run("f", source="visits", target=f"f_out{x}"))
+            if "sqlite" not in skip:
+                if rep == 1:
+                    bench.setup_sqlite()
+                for result in bench.run_sqlite(x):
+                    runs.setdefault(result.case, []).append(result)
             if "ranges" not in skip:
                 total, split = bench.run_ranges("visits", f"p_out{x}")
                 runs.setdefault("ranges", []).append(total)
@@ -693,7 +797,7 @@ def main() -> int:
             file_lines, file_results = file_cases.run_all(
                 bench.work / "files", args.rows, args.repeat, bench.cfg["tokens"]["det"], bench.cfg["jwks"],
                 bytes.fromhex(bench.cfg["keys"]["det"]), skip, bench.check)
-        order = ("a", "b", "c", "d", "e", "f", "ranges", "big")
+        order = ("a", "b", "c", "d", "e", "f", "ranges", "big", "sqlite_raw", "sqlite")
         results = {case: median(runs[case]) for case in order if case in runs}
         speedup = results["b"].seconds / results["ranges"].seconds if "ranges" in results else None
 
@@ -706,6 +810,8 @@ def main() -> int:
             bench.check_secondary()
         if "ranges" in results:
             bench.check_same("2 mapped ranges equal (b)", "b_out", "p_out")
+        if "sqlite" in results:
+            bench.check_sqlite("(h)", "h_out")
         if "big" in results:
             out = bench.sql(bench.cfg["dst_db"], "SELECT count(*) FROM big_out")[0][0]
             bench.check("big run: every row written", out == args.big_rows == results["big"].rows,
@@ -738,6 +844,11 @@ def main() -> int:
         if "e" in results:
             e = results["e"]
             targets.append(("(b) rows/s / (e) rows/s", b.rate / e.rate, ">= 10", b.rate >= 10 * e.rate))
+        if "sqlite" in results:
+            g, h = results["sqlite_raw"], results["sqlite"]
+            targets.append(("(h) rows/s / (g) rows/s", h.rate / g.rate, "info", True))
+            targets.append((f"(h) rows/s / {SQLITE_BEFORE:,} (before issue 13)", h.rate / SQLITE_BEFORE, ">= 5",
+                            h.rate >= 5 * SQLITE_BEFORE))
         if "big" in results:
             big = results["big"]
             targets.append((f"peak RSS at {args.big_rows:,} / at {args.rows:,}", big.peak_rss_mib / b.peak_rss_mib,

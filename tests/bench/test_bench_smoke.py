@@ -21,11 +21,12 @@ def test_bench_smoke() -> None:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
     for case in ("(a) raw COPY", "(b) pseudonymise: deterministic", "(c) pseudonymise: reversible",
-                 "(d) secondary", "(e) naive: pandas", "(f) in-database: pgcrypto", "2 mapped key ranges"):
+                 "(d) secondary", "(e) naive: pandas", "(f) in-database: pgcrypto", "2 mapped key ranges",
+                 "(g) SQLite raw copy", "(h) pseudonymise SQLite -> SQLite"):
         assert case in proc.stdout, f"{case!r} missing from the output"
     for check in ("(b) equals pgcrypto", "(f) equals pgcrypto", "(c) equals pgcrypto",
                   "(c) one escrow row per distinct value", "(c) escrow reveals the originals",
-                  "(d) equals pgcrypto", "2 mapped ranges equal (b)"):
+                  "(d) equals pgcrypto", "2 mapped ranges equal (b)", "(h) equals the standard library's hmac"):
         assert f"[ok] {check}" in proc.stdout, f"check {check!r} did not pass"
     for case in ("CSV: pyarrow read_csv + write_csv", "CSV: pseudonymise file pseudonymise",
                  "CSV: hand-written csv module + hmac", "CSV: Presidio structured engine",

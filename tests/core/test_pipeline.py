@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from pseudonymise.core.errors import EscrowError
+from pseudonymise.core import native
+from pseudonymise.core.errors import DatabaseIOError, EscrowError
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import RunSummary, Store, run_pseudonymisation, run_purge, run_rekey, run_reversal
-from pseudonymise.core.plan import SinkFactory, plan_transfer
+from pseudonymise.core.plan import QuerySource, SharedTransaction, SinkFactory, TableDestination, plan_transfer
 from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.sql import TableTarget
 from pseudonymise.core.use import GivenToken, RunContext
@@ -283,3 +284,131 @@ def test_reversal_whose_sink_fails_reveals_nothing_and_is_audited_failed(store: 
                  lambda columns, conn: failing)
     assert failing.aborted and failing.inner.rows == {}
     assert _pairs(_audit(store))[2:] == [("reverse", "started", "started"), ("reverse", "finished", "failed")]
+
+
+# --- the generic SQL path: a SQLite source read from its cursor, a table written in the run's transaction ------
+DAYS = ["2026-11-03", "2026-11-03", "2026-11-03", "2026-11-04", "2026-11-04", "2026-11-04", "2026-11-05", "2026-11-05"]
+COUNTS = [10, None, -3, 2**40, 0, 7, None, 12]
+
+
+@pytest.fixture
+def hospital(tmp_path: Any) -> sa.Engine:
+    """A SQLite source of visits: text with NULLs, NFD-free non-ASCII and a trailing space, integers, ISO dates."""
+    import sqlite3
+
+    path = tmp_path / "hospital.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE visits (id INTEGER PRIMARY KEY, pid TEXT, n INTEGER, day DATE, ward TEXT)")
+        conn.executemany("INSERT INTO visits VALUES (?, ?, ?, ?, ?)", zip(IDS, PIDS, COUNTS, DAYS, WARDS, strict=True))
+    return sa.create_engine(f"sqlite:///{path}")
+
+
+def _sql_run(store: Store, raw: str, issuer: Issuer, hospital: sa.Engine, target: TableTarget, *,
+             start: str = "2026-11-01", end: str = "2026-12-01", table: str = "visits") -> RunSummary:
+    policy = ColumnPolicy.pseudonymise("pid", default="keep")
+    query = QuerySource(hospital, f"SELECT * FROM {table} WHERE day >= :start AND day < :end ORDER BY id",
+                        {"start": start, "end": end}, batch_size=3)
+    transfer = plan_transfer(query, TableDestination(target, SharedTransaction(store.engine)), policy, use_copy=False)
+    assert transfer.arrow_batches == native.available()  # Arrow record batches to the C engine
+    return run_pseudonymisation(store, GivenToken(raw, issuer.public_keys()), policy, transfer)
+
+
+def _expected(raw: str, start: str = "2026-11-01", end: str = "2026-12-01") -> list[tuple[Any, ...]]:
+    """The source rows of ``[start, end)`` with the pseudonyms DESIGN §4 gives (tests.reference)."""
+    rows = [r for r in zip(IDS, PIDS, COUNTS, DAYS, WARDS, strict=True) if start <= r[3] < end]
+    return [(i, p, n, d, w) for (i, _, n, d, w), p in
+            zip(rows, reference.token_pseudonyms(raw, [r[1] for r in rows]), strict=True)]
+
+
+@pytest.mark.parametrize("mode", ["append", "replace_partition", "upsert", "replace"])
+def test_generic_sql_path_writes_every_mode_and_reruns_identically(store: Store, issuer: Issuer,
+                                                                   hospital: sa.Engine, mode: str) -> None:
+    """SQLite to SQLite, and SQLite to PostgreSQL with ``use_copy=False`` (its INSERT path): every write mode,
+    run twice over the same interval as a backfill does, in batches smaller than the run."""
+    raw = issuer.issue("research-b", "pseudonymisation")
+    options: dict[str, Any] = {"replace_partition": {"partition_column": "day", "partition_start": "2026-11-04",
+                                                     "partition_end": "2026-11-05"},
+                               "upsert": {"upsert_key": ["id"]}}.get(mode, {})
+    interval = {"start": "2026-11-04", "end": "2026-11-05"} if mode == "replace_partition" else {}
+    if mode == "replace_partition":  # the other days are there already, and stay
+        _sql_run(store, raw, issuer, hospital, TableTarget("out", mode="append"))
+    summaries = [_sql_run(store, raw, issuer, hospital, TableTarget("out", mode=mode, **options), **interval)
+                 for _ in range(2)]
+    got = _select(store.engine, "SELECT id, pid, n, day, ward FROM out ORDER BY id")
+    once = _expected(raw)
+    assert got == (sorted(once * 2) if mode == "append" else once)
+    rows = 3 if mode == "replace_partition" else 8
+    assert [s.counts["rows_out"] for s in summaries] == [rows, rows]
+    assert summaries[0].counts["nulls"] == 1  # PIDS[3], of 2026-11-04
+
+
+def test_generic_sql_path_failing_mid_run_leaves_the_target_as_it_was(sqlite_url: str, issuer: Issuer,
+                                                                      hospital: sa.Engine) -> None:
+    """The second batch breaks a constraint of the target: the first batch's rows, the replace's deletion
+    and the escrow all roll back; the use is audited ``failed`` without the driver's text."""
+    store = Store(sa.create_engine(sqlite_url))
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE out (id INTEGER, pid TEXT NOT NULL, n INTEGER, day TEXT, ward TEXT)"))
+        conn.execute(sa.text("INSERT INTO out VALUES (0, 'old', 1, '2026-01-01', 'x')"))
+    store.create()
+    raw = issuer.issue("research-a", "pseudonymisation")
+    with pytest.raises(DatabaseIOError, match="IntegrityError"):
+        _sql_run(store, raw, issuer, hospital, TableTarget("out", mode="replace"))  # PIDS[3] is NULL: batch 2
+    assert _select(store.engine, "SELECT * FROM out") == [(0, "old", 1, "2026-01-01", "x")]
+    assert _count(store.engine, "pseudonymise_escrow") == 0
+    audit = _audit(store)
+    assert _pairs(audit)[-1] == ("pseudonymise", "finished", "failed")
+    assert "P1" not in json.dumps(audit, default=str)
+
+
+def test_generic_sql_path_escrow_on_sqlite_is_read_back_by_reversal(sqlite_url: str, issuer: Issuer,
+                                                                   hospital: sa.Engine, tmp_path: Any) -> None:
+    """A reversible run SQLite to SQLite, then its target read back (the cursor path again) and reversed."""
+    store = Store(sa.create_engine(sqlite_url))
+    raw = issuer.issue("research-a", "pseudonymisation")
+    summary = _sql_run(store, raw, issuer, hospital, TableTarget("out", mode="replace"))
+    assert summary.counts["escrow_rows"] == len({p for p in PIDS if p is not None})
+    assert _select(store.engine, "SELECT id, pid, n, day, ward FROM out ORDER BY id") == _expected(raw)
+    # the pseudonymised table, handed over in a file of its own (a source query open on the audit's own SQLite
+    # file keeps its read lock while the audit's started row must commit: that waits, then fails)
+    import sqlite3
+
+    shared = tmp_path / "shared.db"
+    with sqlite3.connect(shared) as conn:
+        conn.execute("CREATE TABLE out (id INTEGER, pid TEXT)")
+        conn.executemany("INSERT INTO out VALUES (?, ?)", _select(store.engine, "SELECT id, pid FROM out"))
+    query = QuerySource(sa.create_engine(f"sqlite:///{shared}"), "SELECT id, pid FROM out ORDER BY id", batch_size=3)
+    revealed = run_reversal(store, GivenToken(issuer.issue("research-a", "reverse"), issuer.public_keys()), ["pid"],
+                            plan_transfer(query, TableDestination(TableTarget("revealed", mode="replace"),
+                                                                  SharedTransaction(store.engine))))
+    assert revealed.counts["not_found"] == 0
+    assert _select(store.engine, "SELECT id, pid FROM revealed ORDER BY id") == list(zip(IDS, PIDS, strict=True))
+
+
+def test_generic_sql_path_takes_a_column_of_mixed_types_as_the_python_engine_does(sqlite_url: str, issuer: Issuer,
+                                                                                  tmp_path: Any) -> None:
+    """SQLite lets a column hold integers and text: such a batch stays Python values (no Arrow), the others go
+    to the C engine as Arrow; every pseudonym is still DESIGN §4's, an integer's from its decimal digits."""
+    import sqlite3
+
+    path = tmp_path / "mixed.db"
+    pids: list[Any] = ["P1", None, "P2", 42, "P1", 42, "Ärzte", "P3"]
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE visits (id INTEGER PRIMARY KEY, pid, n INTEGER, day DATE, ward TEXT)")
+        conn.executemany("INSERT INTO visits VALUES (?, ?, ?, ?, ?)", zip(IDS, pids, COUNTS, DAYS, WARDS, strict=True))
+    store = Store(sa.create_engine(sqlite_url))
+    raw = issuer.issue("research-b", "pseudonymisation")
+    summary = _sql_run(store, raw, issuer, sa.create_engine(f"sqlite:///{path}"), TableTarget("out", mode="replace"))
+    assert summary.counts["values_pseudonymised"] == 7
+    assert _select(store.engine, "SELECT id, pid, n, day, ward FROM out ORDER BY id") == list(
+        zip(IDS, reference.token_pseudonyms(raw, pids), COUNTS, DAYS, WARDS, strict=True))
+
+
+def test_an_in_memory_sqlite_store_is_written_from_the_runs_own_thread(issuer: Issuer) -> None:
+    """Writes go to a background thread on PostgreSQL and SQLite files; an in-memory SQLite database's
+    connection belongs to the thread that opened it, so its run writes in place."""
+    store = Store(sa.create_engine("sqlite://"))
+    raw = issuer.issue("research-b", "pseudonymisation")
+    _pseudonymise(store, raw, issuer, Batches(_visits(), size=3), _table("visits"))
+    assert [r[0] for r in _select(store.engine, "SELECT pid FROM visits ORDER BY id")] == \
+        reference.token_pseudonyms(raw, PIDS)

@@ -94,6 +94,12 @@ def test_sqlite_and_files_take_the_generic_path(sqlite_url: str, tmp_path: Path)
     _fill(engine)
     transfer = plan_transfer(QuerySource(engine, "SELECT * FROM src"), _table(engine), POLICY)
     assert isinstance(transfer.source, SqlSource) and not transfer.copy_text
+    assert transfer.arrow_batches == native.available()  # record batches for the C engine
+    batches = list(transfer.batches(key_at_hand=True))
+    assert [type(b).__name__ for b in batches] == ["RecordBatch" if native.available() else "dict"]
+    assert [type(b) for b in plan_transfer(QuerySource(engine, "SELECT * FROM src"), _table(engine), POLICY)
+            .batches(key_at_hand=False)] == [dict]  # a key in Vault Transit: Python values
+    assert not plan_transfer(QuerySource(engine, "SELECT * FROM src"), _table(engine), None).arrow_batches  # reversal
     (tmp_path / "in.csv").write_text("pid,ward\nP1,a\n")
     out = tmp_path / "out.csv"
     transfer = plan_transfer(CsvSource(tmp_path / "in.csv"), FileDestination(str(out)), POLICY)

@@ -6,10 +6,11 @@ import datetime as dt
 import uuid
 from typing import Any
 
+import pyarrow as pa
 import pytest
 import sqlalchemy as sa
-from pseudonymise.core.errors import DataIOError, PolicyError, UnsupportedTypeError
-from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableTarget, _pg_text, copy_text_fields
+from pseudonymise.core.errors import DatabaseIOError, DataIOError, PolicyError, UnsupportedTypeError
+from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableTarget, _pg_text, copy_text_fields, record_batch
 
 HOSTILE = 'we"ird; DROP TABLE x; --'
 Q = '"' + HOSTILE.replace('"', '""') + '"'  # the test's own SQL quotes it by hand
@@ -162,3 +163,149 @@ def test_failed_load_leaves_target_unchanged(sqlite_url: str) -> None:
         sink.write({"k": [2, 3], "p": ["y", "z"]})
         raise RuntimeError("killed mid-load")
     assert _table(sqlite_url, "t") == [(1, "x")]
+
+
+# --- the generic path on SQLite: the DB-API cursor both ways ----------------------------------------
+def _sqlite_file(url: str) -> str:
+    return url.removeprefix("sqlite:///")
+
+
+def test_sqlite_source_reads_the_drivers_values_from_the_cursor(sqlite_url: str) -> None:
+    """Every storage class, NULLs, and a column of mixed classes (SQLite's dynamic typing) come out as
+    sqlite3 itself gives them, in batches of ``batch_size``."""
+    import sqlite3
+
+    rows = [(i, None if i % 4 == 0 else f"v\t{i}", f"2026-01-{1 + i % 28:02d}", i / 4 if i % 3 else None,
+             bytes([i % 256, 0]), 2**62 + i, i if i % 2 else f"t{i}") for i in range(1, 11)]
+    with sqlite3.connect(_sqlite_file(sqlite_url)) as conn:
+        conn.execute("CREATE TABLE s (k INTEGER PRIMARY KEY, t TEXT, d DATE, f REAL, b BLOB, big BIGINT, mixed)")
+        conn.executemany("INSERT INTO s VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    source = SqlSource(sa.create_engine(sqlite_url), "SELECT * FROM s WHERE k >= :lo ORDER BY k", {"lo": 2},
+                       batch_size=4)
+    assert source.reads_the_cursor
+    data = _collect(source)
+    assert data.pop("__batches__") == [3]
+    assert data == {name: [r[i] for r in rows[1:]] for i, name in enumerate(["k", "t", "d", "f", "b", "big", "mixed"])}
+
+
+@pytest.mark.postgres
+def test_postgres_cursor_source_still_reads_through_sqlalchemy(pg_url: str) -> None:
+    """PostgreSQL's generic path reads a server-side cursor that SQLAlchemy reads ahead of the caller."""
+    engine = _fill(pg_url)
+    source = SqlSource(engine, f'SELECT id, "select" FROM {Q} ORDER BY id', batch_size=300)
+    assert not source.reads_the_cursor
+    data = _collect(source)
+    assert data["__batches__"] == [4] and data["id"] == list(range(1, 1001))
+
+
+def _typed_columns() -> list[sa.Column[Any]]:
+    return [sa.Column("k", sa.Integer, primary_key=True), sa.Column("t", sa.Text), sa.Column("d", sa.Date),
+            sa.Column("ts", sa.DateTime), sa.Column("b", sa.Boolean), sa.Column("n", sa.Numeric(10, 2)),
+            sa.Column("f", sa.Float), sa.Column("blob", sa.LargeBinary), sa.Column("big", sa.BigInteger)]
+
+
+def _typed_rows() -> dict[str, list[Any]]:
+    import decimal
+
+    n = 7
+    return {"k": list(range(1, n + 1)), "t": ["a\tb", None, "ünï", "", "x'y", "\\N", "z"],
+            "d": [dt.date(2026, 1, i) for i in range(1, n)] + [None],
+            "ts": [dt.datetime(2026, 1, i, 10, i, 0, i * 1000) for i in range(1, n)] + [None],
+            "b": [True, False, None, True, False, True, False],
+            "n": [decimal.Decimal("1.25"), None, decimal.Decimal("-3.5"), decimal.Decimal(0), decimal.Decimal("9.99"),
+                  decimal.Decimal("12"), decimal.Decimal("0.01")],
+            "f": [0.5, None, -1.25, 3.0, 1e10, 2.5, 0.1], "blob": [b"\x00\xff", None, b"", b"a", b"b", b"c", b"d"],
+            "big": [2**62, None, -(2**62), 0, 1, 2, 3]}
+
+
+def _stored(url: str, table: str) -> list[tuple[Any, ...]]:
+    """Each cell as SQLite stores it (its storage class and value), read with sqlite3 itself."""
+    import sqlite3
+
+    names = [c.name for c in _typed_columns()]
+    with sqlite3.connect(_sqlite_file(url)) as conn:
+        return conn.execute(f"SELECT {', '.join(f'typeof({c}), {c}' for c in names)} FROM {table} ORDER BY k").fetchall()
+
+
+@pytest.mark.parametrize("mode", ["append", "upsert"])
+def test_sqlite_bulk_insert_stores_what_sqlalchemys_insert_stores(sqlite_url: str, mode: str) -> None:
+    """The cursor's executemany binds every type as SQLAlchemy's own INSERT did before it (dates and
+    timestamps as SQLite text, booleans as integers, decimals as reals), NULLs included."""
+    engine = sa.create_engine(sqlite_url)
+    meta = sa.MetaData()
+    for name in ("ours", "theirs"):
+        sa.Table(name, meta, *_typed_columns())
+    meta.create_all(engine)
+    batch = _typed_rows()
+    with engine.begin() as conn:
+        sink = TableTarget("ours", mode=mode, upsert_key=["k"] if mode == "upsert" else None).sink(conn, list(batch))
+        sink.write({k: v[:3] for k, v in batch.items()})
+        sink.write({k: v[3:] for k, v in batch.items()})
+        sink.commit()
+        rows = [dict(zip(batch, r, strict=True)) for r in zip(*batch.values(), strict=True)]
+        conn.execute(meta.tables["theirs"].insert(), rows)  # SQLAlchemy's own INSERT, as the target was written before
+    assert _stored(sqlite_url, "ours") == _stored(sqlite_url, "theirs")
+    assert len(_stored(sqlite_url, "ours")) == 7
+
+
+def test_sqlite_bulk_insert_handles_hostile_column_names(sqlite_url: str) -> None:
+    import sqlite3
+
+    names = ['we"ird; --', "a b", "per%cent", ":colon", "?q"]
+    engine = sa.create_engine(sqlite_url)
+    batch = {name: [f"{i}-{name}" for i in range(3)] for name in names}
+    for _ in range(2):  # created with its unique key, then the same rows again
+        with engine.begin() as conn:
+            sink = TableTarget(HOSTILE, mode="upsert", upsert_key=[names[0]]).sink(conn, names)
+            sink.write(batch)
+            sink.commit()
+    with sqlite3.connect(_sqlite_file(sqlite_url)) as conn:
+        got = conn.execute(f"SELECT * FROM {Q} ORDER BY rowid").fetchall()
+    assert got == [tuple(batch[n][i] for n in names) for i in range(3)]
+
+
+def test_sqlite_value_of_the_wrong_type_fails_naming_the_column_and_writes_nothing(sqlite_url: str) -> None:
+    engine = sa.create_engine(sqlite_url)
+    meta = sa.MetaData()
+    sa.Table("t", meta, sa.Column("k", sa.Integer), sa.Column("d", sa.Date))
+    meta.create_all(engine)
+    _write(sqlite_url, TableTarget("t"), [{"k": [1], "d": [dt.date(2026, 1, 1)]}])
+    with pytest.raises(DatabaseIOError, match="column 'd' does not convert") as raised, engine.begin() as conn:
+        sink = TableTarget("t", mode="replace").sink(conn, ["k", "d"])
+        sink.write({"k": [2], "d": [dt.date(2026, 1, 2)]})
+        sink.write({"k": [3], "d": ["secret-value-3"]})
+    assert "secret-value" not in str(raised.value) and raised.value.__context__ is None
+    assert _table(sqlite_url, "t") == [(1, dt.date(2026, 1, 1))]
+
+
+# --- Arrow batches from the generic source ------------------------------------------------------------
+@pytest.mark.parametrize("values, arrow_type", [
+    (["a", None, "ü"], pa.string()), ([1, None, -(2**63)], pa.int64()), ([True, None], pa.bool_()),
+    ([None, None], pa.null()), ([0.5, None, 2.0], pa.float64()), ([b"\x00", None], pa.binary()),
+    ([dt.date(2026, 1, 2), None], pa.date32()),
+])
+def test_record_batch_holds_columns_of_one_type_exactly(values: list[Any], arrow_type: pa.DataType) -> None:
+    batch = record_batch({"c": values, "k": list(range(len(values)))})
+    assert batch is not None and batch.schema.field("c").type == arrow_type
+    back = batch.column(0).to_pylist()
+    assert back == values and list(map(type, back)) == list(map(type, values))
+
+
+@pytest.mark.parametrize("values", [
+    [1, "1"], ["a", b"a"], [1, 2.5], [2.5, 1], [True, 1], [dt.date(2026, 1, 1), dt.datetime(2026, 1, 1, 5)],
+    [2**64], ["lone \ud800"], [uuid.UUID(int=1)], [dt.datetime(2026, 1, 1, tzinfo=dt.UTC)],
+])
+def test_record_batch_refuses_what_arrow_would_not_give_back_exactly(values: list[Any]) -> None:
+    """Several Python types in one column (SQLite allows it), or a type Arrow would change: columns stay Python."""
+    assert record_batch({"ok": ["x"] * len(values), "c": values}) is None
+
+
+def test_sqlite_source_gives_record_batches_and_python_columns_where_arrow_cannot(sqlite_url: str) -> None:
+    import sqlite3
+
+    with sqlite3.connect(_sqlite_file(sqlite_url)) as conn:
+        conn.execute("CREATE TABLE s (k INTEGER, v)")
+        conn.executemany("INSERT INTO s VALUES (?, ?)", [(1, "a"), (2, None), (3, 7), (4, "d")])
+    batches = list(SqlSource(sa.create_engine(sqlite_url), "SELECT * FROM s ORDER BY k", batch_size=2).record_batches())
+    assert isinstance(batches[0], pa.RecordBatch) and batches[0].to_pydict() == {"k": [1, 2], "v": ["a", None]}
+    assert batches[1] == {"k": [3, 4], "v": [7, "d"]}  # an integer and a text in one column

@@ -16,10 +16,12 @@ engine and pyarrow's writer both release the GIL); at most two batches wait, so 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import queue
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -184,14 +186,15 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
             # a database error escaping the writes or the COMMIT: SQLSTATE and names only, never the driver's text
             with database_errors("writing the target, escrow and audit failed; nothing was committed",
                                  columns=out_columns, data_fix=TARGET_DATA_FIX), store.engine.begin() as conn, \
-                    _Writes(background=store.engine.dialect.name == "postgresql" or transfer.arrow) as writes:
+                    _Writes(background=_writes_in_background(store.engine)) as writes:
                 sink = transfer.open_sink(out_columns, conn)
-                for batch in transfer.batches(key_at_hand=mac is None):
-                    out = engine.pseudonymise_batch(batch, columns)
-                    writes.submit(_writer(sink, escrow, conn, out.columns, out.escrow, escrow_rows))
-                    use.counts.update(engine.stats.as_dict(), escrow_rows=escrow_rows[0])
-                    if progress:
-                        progress(engine.stats)
+                with _cycle_collection_paused():
+                    for batch in transfer.batches(key_at_hand=mac is None):
+                        out = engine.pseudonymise_batch(batch, columns)
+                        writes.submit(_writer(sink, escrow, conn, out.columns, out.escrow, escrow_rows))
+                        use.counts.update(engine.stats.as_dict(), escrow_rows=escrow_rows[0])
+                        if progress:
+                            progress(engine.stats)
                 engine.finish()  # the collision check completes before anything commits
                 writes.drain()
                 if escrow is not None:
@@ -208,6 +211,35 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
                 sink.abort()
             raise
         return _summary(use, out_columns, engine.stats.as_dict())
+
+
+def _writes_in_background(engine: Engine) -> bool:
+    """Whether a run's writes go to the background thread: on PostgreSQL, and on a SQLite file (sqlite3 lets
+    go of the GIL while it steps, and SQLAlchemy opens file databases for use from any thread; an in-memory
+    database's connection belongs to the thread that opened it)."""
+    if engine.dialect.name == "postgresql":
+        return True
+    database = engine.url.database or ""
+    return engine.dialect.name == "sqlite" and database not in ("", ":memory:") and "memory" not in database
+
+
+@contextlib.contextmanager
+def _cycle_collection_paused() -> Iterator[None]:
+    """Python's cycle collector off while batches stream, and back on after.
+
+    A batch is tens of thousands of row tuples and value lists, freed by reference counting as soon as the
+    batch is written: none of them is in a reference cycle. Yet allocating them keeps triggering the
+    collector, whose older generations hold every object the worker imported (Airflow, SQLAlchemy, pandas:
+    millions), so it rescanned those again and again: a third of a SQLite run's time (issue 13's profile).
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _writer(sink: Sink, escrow: EscrowWriter | None, conn: Connection, columns: Any,

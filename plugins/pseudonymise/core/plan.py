@@ -6,7 +6,8 @@ in a database or any other :class:`Destination`) and the column policy, and retu
 PostgreSQL goes by COPY both ways, unless the pseudonymised columns have types whose COPY text is not
 their canonical form; then, with the C engine and the key at hand, the engine works on whole blocks
 of COPY text (no Python object per row). Everything else takes the generic path: columns of Python
-values, written with ``INSERT`` (or COPY into a PostgreSQL table).
+values, written with ``INSERT`` (or COPY into a PostgreSQL table); from a SQL source into a table, with
+the C engine and the key at hand, its batches reach the engine as ``pyarrow.RecordBatch``es.
 
 Where a table's transaction commits is explicit too: in the audit store's own transaction
 (:class:`SharedTransaction`, the default, so rows and the audit's ``finished`` row commit together)
@@ -185,6 +186,8 @@ class Transfer:
         token's key is at hand (not in Vault Transit).
     :ivar arrow: the source's rows travel as ``pyarrow.RecordBatch`` es (its ``record_batches()``), which the
         destination's sink writes as they are.
+    :ivar arrow_batches: on the generic SQL path into a table, the source's batches go to the C engine as
+        ``pyarrow.RecordBatch``es (when the key is at hand), which it reads from their buffers.
     :ivar source_label: what the audit names as the source (``hospital_db:query``, ``file:in.csv`` …);
         ``target_label`` likewise.
     """
@@ -194,6 +197,7 @@ class Transfer:
     copy_text: bool = False
     native_blocks: bool = False
     arrow: bool = False
+    arrow_batches: bool = False
     type_names: Mapping[str, str] | None = None
     pseudonymised: Sequence[str] = ()
     use_copy: bool | None = None
@@ -214,6 +218,9 @@ class Transfer:
             return blocks
         if self.arrow:
             return self.source.record_batches()  # type: ignore[attr-defined, no-any-return]
+        if self.arrow_batches and key_at_hand:
+            assert isinstance(self.source, SqlSource)
+            return self.source.record_batches()
         return self.source.batches()
 
     def open_sink(self, columns: list[str], conn: Connection) -> Sink:
@@ -281,6 +288,8 @@ def plan_transfer(source: QuerySource | Source, destination: Destination | Table
     return Transfer(
         opened, destination, copy_text=copy_text, arrow=arrow,
         native_blocks=copy_text and policy is not None and native.available() and _writes_a_column(policy, opened.columns),
+        arrow_batches=(isinstance(opened, SqlSource) and isinstance(destination, TableDestination) and policy is not None
+                       and native.available() and bool(pseudonymised)),
         type_names=opened.type_names if isinstance(opened, PostgresCopySource) else None,
         pseudonymised=pseudonymised, use_copy=use_copy, source_label=source_label, target_label=target_label)
 

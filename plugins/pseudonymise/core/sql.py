@@ -1,10 +1,12 @@
 """SQL sources and table targets: streamed reads, one-transaction writes, PostgreSQL COPY both ways.
 
-Sources yield batches of columns with flat memory: a server-side cursor on any SQLAlchemy
-database, or ``COPY (query) TO STDOUT`` on PostgreSQL, read through a pipe from a reader thread
-and cut into columns block by block in the text format (:mod:`pseudonymise.core.copytext`).
-Targets write inside the caller's transaction with ``INSERT`` (generic) or ``COPY FROM STDIN``
-(PostgreSQL), after the write mode's preparation (delete the run's partition, or the whole table)
+Sources yield batches of columns with flat memory: a streamed cursor on any SQLAlchemy database
+(``fetchmany`` on the DB-API cursor itself where SQLAlchemy would not change a value, as on SQLite;
+as Python columns or ``pyarrow`` record batches), or ``COPY (query) TO STDOUT`` on PostgreSQL, read
+through a pipe from a reader thread and cut into columns block by block in the text format
+(:mod:`pseudonymise.core.copytext`). Targets write inside the caller's transaction with ``INSERT``
+(generic; the DB-API cursor's ``executemany`` on SQLite) or ``COPY FROM STDIN`` (PostgreSQL), after
+the write mode's preparation (delete the run's partition, or the whole table)
 in that same transaction, so a failed or killed task leaves the target as it was. Columns that
 go from a COPY source to a COPY target unchanged stay in COPY text all the way.
 """
@@ -19,9 +21,11 @@ import io
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import cached_property
 from typing import Any
 
+import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -32,6 +36,7 @@ from pseudonymise.core.db import advisory_lock
 from pseudonymise.core.errors import (
     SOURCE_DATA_FIX,
     TARGET_DATA_FIX,
+    DatabaseIOError,
     DataIOError,
     PolicyError,
     UnsupportedTypeError,
@@ -87,20 +92,75 @@ class SqlSource:
                     "cast it to text or bigint in the source query"
                 )
 
+    @property
+    def reads_the_cursor(self) -> bool:
+        """Whether batches come straight from the DB-API cursor (``fetchmany``), with no SQLAlchemy row per row.
+
+        That is where SQLAlchemy itself would hand the driver's values on as they are: no server-side cursor
+        (which it reads ahead of the caller) and no result processor on any column (a dialect may add one by
+        the driver's type code), as on SQLite. Elsewhere (PostgreSQL's named cursors, say), and whenever
+        SQLAlchemy's result does not say, rows come through SQLAlchemy's result.
+        """
+        processors = getattr(getattr(self._result, "_metadata", None), "_processors", None)
+        return (not self.engine.dialect.supports_server_side_cursors and processors is not None
+                and all(p is None for p in processors))
+
     def batches(self) -> Iterator[dict[str, list[Any]]]:
+        for columns in self._columns():
+            yield {name: list(values) for name, values in columns.items()}
+
+    def _columns(self) -> Iterator[dict[str, tuple[Any, ...]]]:
+        """Each batch's rows turned into columns (tuples); the connection is closed after the last one."""
         try:
             with database_errors(f"reading the source {self.label} failed", data_fix=SOURCE_DATA_FIX):
-                for part in self._result.partitions(self.batch_size):
-                    cols = list(zip(*part, strict=True)) if part else []
-                    yield {name: list(col) for name, col in zip(self.columns, cols, strict=True)}
+                fetch = self._result.cursor.fetchmany if self.reads_the_cursor else self._result.fetchmany
+                while rows := fetch(self.batch_size):
+                    yield dict(zip(self.columns, zip(*rows, strict=True), strict=True))
         finally:
             self.close()
+
+    def record_batches(self) -> Iterator[pa.RecordBatch | dict[str, list[Any]]]:
+        """The batches of :meth:`batches` as ``pyarrow.RecordBatch``es, for the C engine's Arrow path: built
+        column-wise from the fetched rows, one Arrow array per column. A batch with a column Arrow would not
+        give back exactly (see :func:`record_batch`) stays columns of Python values."""
+        for columns in self._columns():
+            batch = record_batch(columns)
+            yield {name: list(values) for name, values in columns.items()} if batch is None else batch
 
     def close(self) -> None:
         conn = getattr(self, "_conn", None)
         if conn is not None:
             conn.close()
             self._conn = None  # type: ignore[assignment]
+
+
+#: The Python types whose values an Arrow array holds and gives back (``to_pylist``) exactly, and that array's type.
+_ARROW_EXACT: dict[type, pa.DataType] = {str: pa.string(), int: pa.int64(), float: pa.float64(), bytes: pa.binary(),
+                                         bool: pa.bool_(), dt.date: pa.date32()}
+_ARROW_INFERRED_EXACT = {pa.string(), pa.int64(), pa.bool_(), pa.null()}
+
+
+def record_batch(columns: Mapping[str, Sequence[Any]]) -> pa.RecordBatch | None:
+    """Columns of Python values as a ``pyarrow.RecordBatch``, or ``None`` when one of them would not come back
+    from Arrow exactly as it went in: values of several types in one column (SQLite's dynamic typing allows it),
+    of a type outside :data:`_ARROW_EXACT` (timestamps with their offsets, decimals with their exponents, UUIDs),
+    integers beyond 64 bits, text that is not valid Unicode. Then the batch stays columns of Python values,
+    which the pure-Python engine takes with the same results."""
+    arrays = []
+    for values in columns.values():
+        try:
+            array = pa.array(values)
+        except (pa.ArrowException, OverflowError, TypeError, ValueError, UnicodeError):
+            return None
+        # Arrow infers these types only from values all of that one Python type (None aside); any other it may
+        # infer from a mix (an integer among floats, text among bytes, a date among timestamps): check the values
+        if array.type not in _ARROW_INFERRED_EXACT:
+            kinds = set(map(type, values))
+            kinds.discard(type(None))
+            if len(kinds) != 1 or _ARROW_EXACT.get(kinds.pop()) != array.type:
+                return None
+        arrays.append(array)
+    return pa.RecordBatch.from_arrays(arrays, names=list(columns))
 
 
 def _read_failure(exc: BaseException, label: str) -> DataIOError:
@@ -442,7 +502,9 @@ class TableSink:
             self.conn.execute(sa.delete(t).where(cond))
         self._prepared = True
 
-    def write(self, batch: dict[str, list[Any]] | CopyBlock) -> None:
+    def write(self, batch: dict[str, list[Any]] | CopyBlock | pa.RecordBatch) -> None:
+        if isinstance(batch, pa.RecordBatch):  # the C engine's Arrow output: Python values for the driver
+            batch = {name: array.to_pylist() for name, array in zip(batch.schema.names, batch.columns, strict=True)}
         if self.table is None:
             self._create(batch if isinstance(batch, dict) else {})
             self._prepare()
@@ -466,11 +528,57 @@ class TableSink:
 
     def _insert(self, cols: list[list[Any]]) -> None:
         assert self.table is not None
+        if self.conn.dialect.name == "sqlite":
+            self._executemany(cols)
+            return
+        # other drivers: SQLAlchemy knows each one's bulk path (multi-row VALUES, fast_executemany …)
         rows = [dict(zip(self.columns, r, strict=True)) for r in zip(*cols, strict=True)]
         if self.target.mode == "upsert":
             self.conn.execute(self._upsert_statement(), rows)
         else:
             self.conn.execute(self.table.insert(), rows)
+
+    def _executemany(self, cols: list[list[Any]]) -> None:
+        """The rows through the DB-API cursor's ``executemany`` on the run's own connection (so in its
+        transaction), bound as SQLAlchemy binds them: each column through its type's bind processor
+        (dates and timestamps to SQLite's text, booleans to integers …), a whole column at a time.
+        sqlite3 prepares the statement once and steps it per row: its bulk path."""
+        statement, order, processors = self._bulk_insert
+        bound = []
+        for i in order:
+            process = processors[i]
+            bound.append(cols[i] if process is None else self._bind_column(cols[i], process, self.columns[i]))
+        cursor = self.conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.executemany(statement, zip(*bound, strict=True))
+        finally:
+            cursor.close()
+
+    @cached_property
+    def _bulk_insert(self) -> tuple[str, list[int], list[Callable[[Any], Any] | None]]:
+        """The INSERT (or upsert) as the driver's SQL with positional parameters, which column each
+        parameter takes, and each column's bind processor; compiled once per sink."""
+        assert self.table is not None
+        dialect = self.conn.dialect
+        stmt = self._upsert_statement() if self.target.mode == "upsert" else self.table.insert()
+        compiled = stmt.compile(dialect=dialect, column_keys=self.columns)
+        if not compiled.positional or compiled.positiontup is None:
+            raise PolicyError(f"the {dialect.name} driver takes named parameters; this write path needs positional ones")
+        index = {name: i for i, name in enumerate(self.columns)}
+        # the statement's parameters by bind name (escaped for the driver, as SQLAlchemy would send them)
+        names = compiled.construct_params({c: c for c in self.columns}, escape_names=False)
+        order = [index[names[name]] for name in compiled.positiontup]
+        processors = [self.table.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in self.columns]
+        return compiled.string, order, processors
+
+    def _bind_column(self, values: list[Any], process: Callable[[Any], Any], column: str) -> list[Any]:
+        try:
+            return list(map(process, values))
+        except (TypeError, ValueError) as exc:  # its text may quote a value: named by class only
+            raise_alone(DatabaseIOError(
+                f"writing the target {self.target.label} failed: a value of column {column!r} does not convert to "
+                f"the column's type ({self.table.c[column].type}; {type(exc).__name__}); nothing was committed: "  # type: ignore[union-attr]
+                f"{TARGET_DATA_FIX}. The driver's message is left out because it can quote data values"))
 
     def _upsert_statement(self) -> Any:
         assert self.table is not None
