@@ -361,6 +361,9 @@ class CreateTargetTableOperator(PseudonymiseOperator):
     ui_color = "#e9f5db"
 
     def __init__(self, **kwargs: Any) -> None:
+        if kwargs.get("create_table") is False:
+            raise ValueError("CreateTargetTableOperator creates the target table: create_table=False contradicts it; "
+                             "leave create_table out (or drop this task if the table must already exist)")
         kwargs.setdefault("outlets", [])
         kwargs.update(partition_start=None, partition_end=None)
         super().__init__(**kwargs)

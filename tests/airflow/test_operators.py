@@ -302,3 +302,12 @@ def test_subject_erasure_operator(world: dict[str, Any]) -> None:
         ("success", 1, None), ("success", None, subject_visits)]
     assert "P770839" not in run.output and "P770839" not in json.dumps(audit_rows(world["urls"]["research"]),
                                                                        default=str)
+
+
+def test_create_target_table_operator_refuses_create_table_false() -> None:
+    from pseudonymise.operators import CreateTargetTableOperator
+
+    with pytest.raises(ValueError, match="create_table=False contradicts it"):
+        CreateTargetTableOperator(task_id="create", pseudonymise_conn_id="t", source_conn_id="s", sql="SELECT 1",
+                                  columns={"id": "pseudonymise"}, target_conn_id="d", target_table="x",
+                                  create_table=False)
