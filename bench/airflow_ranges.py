@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -43,14 +42,7 @@ def _seconds(ti: dict[str, Any]) -> tuple[float, float]:
 
 def run_parts(stack: FullStack, parts: int, day: int) -> dict[str, Any]:
     run_id = stack.trigger(DAG_ID, f"2026-01-{day:02d}T00:00:00Z", {"parts": parts})
-    deadline = time.monotonic() + 1800
-    while time.monotonic() < deadline:
-        run = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
-        if run["state"] in ("success", "failed"):
-            break
-        time.sleep(1)
-    else:
-        raise RuntimeError(f"{DAG_ID} (parts={parts}) did not finish")
+    run = stack.wait_for_run(DAG_ID, run_id, timeout=1800)
     tis = stack.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")["task_instances"]
     ranges = [t for t in tis if t["task_id"] == "pseudonymise_range"]
     if run["state"] != "success" or len(ranges) != parts or any(t["state"] != "success" for t in ranges):

@@ -241,6 +241,16 @@ class FullStack:
         body: dict[str, Any] = {"logical_date": logical_date, **({"conf": conf} if conf else {})}
         return self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", body)["dag_run_id"]
 
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 600, poll: float = 1) -> dict[str, Any]:
+        """Wait until the DAG run ``run_id`` has ended (success or failed) and return it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run: dict[str, Any] = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+            if run["state"] in ("success", "failed"):
+                return run
+            time.sleep(poll)
+        raise RuntimeError(f"{dag_id} run {run_id} did not finish within {timeout} s")
+
     def wait_for_runs(self, dag_id: str, expected: int, timeout: float = 600) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -42,12 +42,7 @@ def _run(stack: FullStack, parts: int) -> tuple[str, list[dict[str, Any]]]:
     """Trigger the key-range DAG with ``parts`` ranges through the REST API, wait for it, return its task instances."""
     run_id = stack.request("POST", f"/api/v2/dags/{MAPPED_DAG}/dagRuns",
                            {"logical_date": None, "conf": {"parts": parts}})["dag_run_id"]
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        run = stack.request("GET", f"/api/v2/dags/{MAPPED_DAG}/dagRuns/{run_id}")
-        if run["state"] in ("success", "failed"):
-            break
-        time.sleep(2)
+    run = stack.wait_for_run(MAPPED_DAG, run_id, timeout=600, poll=2)
     tis = stack.request("GET", f"/api/v2/dags/{MAPPED_DAG}/dagRuns/{run_id}/taskInstances?limit=100")["task_instances"]
     assert run["state"] == "success", [(t["task_id"], t["map_index"], t["state"], t["hostname"]) for t in tis]
     return run_id, tis
