@@ -451,12 +451,12 @@ BEGIN
     IF v_jti IS NOT NULL THEN
         IF EXISTS (SELECT 1 FROM {revoked} r WHERE r.jti = v_jti) THEN
             verdict := 'revoked';
-        ELSE
+        ELSIF max_uses IS NOT NULL THEN  -- counted only for a token that has a limit
             SELECT count(*) INTO uses FROM {audit} a
              WHERE a.token_jti = v_jti AND a.event = 'started' AND a.use_id <> p->>'use_id'
                AND NOT EXISTS (SELECT 1 FROM {audit} d
                                 WHERE d.use_id = a.use_id AND d.event = 'finished' AND d.outcome = 'denied');
-            IF max_uses IS NOT NULL AND uses >= max_uses THEN
+            IF uses >= max_uses THEN
                 verdict := 'used_up';
             END IF;
         END IF;
