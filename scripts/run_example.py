@@ -73,7 +73,7 @@ def main() -> None:
        "--output", str(work / "research-a.token"), env=base_env)
     jwks = sh(cli, "issuer", "public-key", env=base_env)
     token = (work / "research-a.token").read_text().strip()
-    claims = json.loads(subprocess.run([cli, "token", "inspect", "--token-file", str(work / "research-a.token")],
+    claims = json.loads(subprocess.run([cli, "token", "inspect", "--json", "--token-file", str(work / "research-a.token")],
                                        env=base_env, capture_output=True, text=True, check=True).stdout)
     print(f"   token {claims['jti']} ({claims['kind']}, project {claims['sub']}, {claims['method']}, "
           f"fingerprint {claims['fingerprint']})")

@@ -25,6 +25,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+import sqlalchemy as sa
 from pseudonymise.cli import build_parser
 from pseudonymise.core.escrow import EscrowWriter
 from pseudonymise.core.issuer import DirectoryStore, Issuer
@@ -169,16 +170,16 @@ def test_token_inspect_shows_claims_not_secrets(cli: Cli) -> None:
     cli.run("issuer", "public-key", "--output", keys)
     for args in (("--token-file", cli.tokens["research-a"]), ("--token-file", cli.tokens["research-a"],
                                                               "--issuer-keys", keys)):
-        proc = cli.run("token", "inspect", *args)
+        proc = cli.run("token", "inspect", "--json", *args)
         claims = json.loads(proc.stdout)
         assert claims["valid"] is True
         assert (claims["sub"], claims["kind"], claims["method"]) == ("research-a", "pseudonymisation", "reversible")
         assert "key" not in claims and "escrow_public_key" not in claims
         assert claims["fingerprint"] == hashlib.sha256(cli.token("research-a").encode()).hexdigest()[:16]
-    reverse = json.loads(cli.run("token", "inspect", "--token-file", cli.tokens["reverse-a"]).stdout)
+    reverse = json.loads(cli.run("token", "inspect", "--json", "--token-file", cli.tokens["reverse-a"]).stdout)
     assert reverse["kind"] == "reverse" and "escrow_private_key" not in reverse
     assert reverse["verify_key_versions"] == [1] and "verify_keys" not in reverse
-    secondary = json.loads(cli.run("token", "inspect", "--token-file", cli.tokens["vendor-x"]).stdout)
+    secondary = json.loads(cli.run("token", "inspect", "--json", "--token-file", cli.tokens["vendor-x"]).stdout)
     assert (secondary["source_project"], secondary["source_format"]) == \
         ("research-a", {"alphabet": "base32", "length": 26, "prefix": ""})
     assert "key" not in secondary
@@ -190,7 +191,7 @@ def test_token_inspect_of_a_tampered_token(cli: Cli) -> None:
     claims["sub"] = "research-a"
     forged = f"{header}.{b64url_encode(json.dumps(claims).encode())}.{sig}"
     cli.secrets.add(forged)
-    proc = cli.run("token", "inspect", stdin=forged + "\n", expect=1)
+    proc = cli.run("token", "inspect", "--json", stdin=forged + "\n", expect=1)
     result = json.loads(proc.stdout)
     assert result == {"valid": False, "error": "TokenSignatureError", "reason": result["reason"]}
 
@@ -319,17 +320,50 @@ def test_file_reverse_gives_back_the_normalised_originals(cli: Cli, pseudonymise
     assert rows[0]["triggered_by"]  # the user who asked for the reversal
 
 
-def test_file_reverse_of_unknown_pseudonyms(cli: Cli) -> None:
+def test_file_reverse_that_matches_nothing_fails_unless_allowed(cli: Cli) -> None:
+    """Issue 16: a reversal whose pseudonyms have no escrow wrote a blank column and exited 0; now it fails,
+    writing nothing, with counts (never a value), and --allow-missing writes the blanks with a warning."""
     source = cli.home / "unknown.csv"
-    source.write_text("patient_id\nnot-a-known-pseudonym\n\n", encoding="utf-8")
+    source.write_text("patient_id\nnotaknownpseudonym0000000a\n\nnotaknownpseudonym0000000b\n", encoding="utf-8")
     out = cli.home / "unknown.out.csv"
     proc = cli.run("file", "reverse", source, out, "--columns", "patient_id", "--db", cli.db,
-                   "--token-file", cli.tokens["reverse-a"])
-    assert "1 pseudonym(s) had no escrow" in proc.stderr
-    assert read_csv(out) == [{"patient_id": ""}]
+                   "--token-file", cli.tokens["reverse-a"], expect=1)
+    assert "none of the 2 distinct pseudonym(s) in the first 2 rows read have no escrow" in proc.stderr
+    assert "--allow-missing" in proc.stderr and "notaknown" not in proc.stderr and not out.exists()
+    assert cli.audit_rows()[-1]["error_class"] == "EscrowNotFoundError"
+    proc = cli.run("file", "reverse", source, out, "--columns", "patient_id", "--db", cli.db,
+                   "--token-file", cli.tokens["reverse-a"], "--allow-missing")
+    assert "2 pseudonym(s) had no escrow and were written as empty (--allow-missing)" in proc.stderr
+    assert read_csv(out) == [{"patient_id": ""}, {"patient_id": ""}]
     proc = cli.run("file", "reverse", source, cli.home / "strict.csv", "--columns", "patient_id", "--db", cli.db,
                    "--token-file", cli.tokens["reverse-a"], "--require-all", expect=1)
     assert "no escrow" in proc.stderr and not (cli.home / "strict.csv").exists()
+    both = cli.run("file", "reverse", source, out, "--columns", "patient_id", "--allow-missing", "--require-all",
+                   expect=2)
+    assert "not allowed with argument" in both.stderr
+
+
+def test_file_reverse_that_matches_part_of_the_input_fails_unless_allowed(cli: Cli, pseudonymised: Path) -> None:
+    """Two pseudonyms of the 240 replaced by unknown ones: the count names 2 of 240, nothing is written; with
+    --allow-missing the 238 others are revealed."""
+    rows = read_csv(pseudonymised)
+    rows[5]["patient_id"], rows[7]["patient_id"] = "unknownunknownunknown00005", "unknownunknownunknown00007"
+    mixed = cli.home / "mixed.csv"
+    with mixed.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = cli.home / "mixed.out.csv"
+    proc = cli.run("file", "reverse", mixed, out, "--columns", "patient_id", "--db", cli.db,
+                   "--token-file", cli.tokens["reverse-a"], expect=1)
+    distinct = len({r["patient_id"] for r in rows})
+    assert f"2 of the {distinct} distinct pseudonym(s) in the first 240 rows read have no escrow" in proc.stderr
+    assert "unknownunknown" not in proc.stderr and not out.exists()
+    cli.run("file", "reverse", mixed, out, "--columns", "patient_id", "--db", cli.db,
+            "--token-file", cli.tokens["reverse-a"], "--allow-missing")
+    revealed, source = read_csv(out), read_csv(SAMPLE)
+    assert [r["patient_id"] for r in revealed] == [
+        "" if i in (5, 7) else s["patient_id"].strip().upper() for i, s in enumerate(source)]
 
 
 def test_file_pseudonymise_and_reverse_parquet_with_integers(cli: Cli) -> None:
@@ -551,7 +585,7 @@ def test_a_reverse_token_is_single_use_by_default(cli: Cli, pseudonymised: Path)
     path = cli.issue("reverse-once", "research-a", "reverse")
     claims = reference.claims(cli.token("reverse-once"))
     assert claims["max_uses"] == 1
-    assert json.loads(cli.run("token", "inspect", "--token-file", path).stdout)["max_uses"] == 1
+    assert json.loads(cli.run("token", "inspect", "--json", "--token-file", path).stdout)["max_uses"] == 1
     first = cli.home / "once-1.csv"
     cli.run("file", "reverse", pseudonymised, first, "--columns", "patient_id", "--db", cli.db, "--token-file", path)
     second = cli.home / "once-2.csv"
@@ -626,8 +660,12 @@ def test_subject_erase_by_identifier_then_reversal_is_severed(cli: Cli, tmp_path
         assert conn.execute("SELECT count(*) FROM shared WHERE patient_id = ?", (erased_pseudonym,)).fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM shared").fetchone() == (len(rows) - carrying,)
     back = tmp_path / "back.csv"
+    severed = cli.run("file", "reverse", pseudonymised, back, "--columns", "patient_id", "--db", db,
+                      "--token-file", cli.tokens["reverse-a"], expect=1)
+    distinct = len({r["patient_id"] for r in rows})
+    assert f"1 of the {distinct} distinct pseudonym(s) in the first 240 rows read have no escrow" in severed.stderr
     cli.run("file", "reverse", pseudonymised, back, "--columns", "patient_id", "--db", db,
-            "--token-file", cli.tokens["reverse-a"])
+            "--token-file", cli.tokens["reverse-a"], "--allow-missing")
     revealed = read_csv(back)
     assert revealed[1]["patient_id"] == ""  # severed for ever
     assert revealed[2]["patient_id"] == originals[2]["patient_id"].strip().upper()  # the others still revealable
@@ -639,3 +677,248 @@ def test_subject_erase_by_identifier_then_reversal_is_severed(cli: Cli, tmp_path
     bad_target = cli.run("subject", "erase", "--pseudonyms", ids, "--project", "research-a", "--target", "shared",
                          "--db", db, expect=1)
     assert "must be TABLE.COLUMN" in bad_target.stderr
+
+
+# --- answers that cannot mislead (issue 16) ---------------------------------------------------------
+AUDIT_DB_COMMANDS = [
+    ("audit", "verify"), ("audit", "show"), ("token", "revocations"), ("token", "revoke", "some-jti", "--reason", "r"),
+    ("escrow", "purge"), ("audit", "checkpoint", "--signing-key", "unused.jwk"),
+    ("subject", "erase", "--pseudonyms", "unused.txt", "--project", "research-a"),
+]
+
+
+@pytest.mark.parametrize("command", AUDIT_DB_COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_a_missing_audit_database_is_an_error_and_nothing_is_created(cli: Cli, tmp_path: Path,
+                                                                    command: tuple[str, ...]) -> None:
+    """`audit verify` on a path with no database created an empty one and answered "verified: 0 rows"; every
+    command that reads or acts on an existing audit now refuses, naming the path, and creates nothing."""
+    missing = tmp_path / "typo.db"
+    proc = cli.run(*command, "--db", f"sqlite:///{missing}", expect=1)
+    assert proc.stderr.startswith(f"error: no audit database at '{missing}'") and "--db" in proc.stderr
+    assert not missing.exists() and list(tmp_path.iterdir()) == []
+    default = cli.run(*command, env={"PSEUDONYMISE_DB": f"sqlite:///{missing}"}, expect=1)
+    assert "no audit database" in default.stderr and not missing.exists()
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE unrelated (x integer)")
+    proc = cli.run(*command, "--db", f"sqlite:///{other}", expect=1)
+    assert "has no audit table 'pseudonymise_audit'" in proc.stderr and "--schema" in proc.stderr
+    with sqlite3.connect(other) as conn:
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["unrelated"]
+
+
+@pytest.mark.postgres
+def test_audit_verify_with_schema(cli: Cli, pg_url: str) -> None:
+    """`audit verify --schema`: the audit in a schema of its own is found there, and only there."""
+    from pseudonymise.core.audit import AuditLog
+
+    from tests.tampering import make_uses
+
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA research_audit"))
+    audit = AuditLog(engine, schema="research_audit")
+    make_uses(audit, Issuer(DirectoryStore(cli.store)), ["pseudonymise", "pseudonymise"], None)
+    engine.dispose()
+    proc = cli.run("audit", "verify", "--db", pg_url, "--schema", "research_audit")
+    assert proc.stdout.startswith("audit chain verified: 4 rows")
+    shown = cli.run("audit", "show", "--db", pg_url, "--schema", "research_audit").stdout
+    assert shown.count("pseudonymise") == 4 and "None" not in shown
+    proc = cli.run("audit", "verify", "--db", pg_url, expect=1)
+    assert "has no audit table 'pseudonymise_audit'" in proc.stderr
+    proc = cli.run("audit", "verify", "--db", pg_url, "--schema", "elsewhere", expect=1)
+    assert "has no audit table 'elsewhere.pseudonymise_audit'" in proc.stderr
+
+
+def _sample_rows(delimiter: str) -> str:
+    return "".join(delimiter.join(row) + "\n" for row in csv.reader(SAMPLE.open(encoding="utf-8", newline="")))
+
+
+@pytest.mark.parametrize(("delimiter", "argument", "named"), [(";", ";", "';'"), ("\t", "tab", "tab"),
+                                                               ("|", "|", "'|'")])
+def test_delimiter(cli: Cli, tmp_path: Path, delimiter: str, argument: str, named: str) -> None:
+    """A file separated by another delimiter fails naming the delimiter it saw and the option; with
+    --delimiter it is read, and written back with the same delimiter (or --output-delimiter)."""
+    source = tmp_path / "visits.csv"
+    source.write_text(_sample_rows(delimiter), encoding="utf-8")
+    out = tmp_path / "out.csv"
+    base = ("file", "pseudonymise", source, out, "--policy", POLICY, "--db", cli.db,
+            "--token-file", cli.tokens["research-a"])
+    proc = cli.run(*base, expect=1)
+    assert f"looks {named}-separated" in proc.stderr and f"(--delimiter {named})" in proc.stderr
+    assert not out.exists()
+    cli.run(*base, "--delimiter", argument)
+    written = list(csv.reader(out.open(encoding="utf-8", newline=""), delimiter=delimiter))
+    source_rows = read_csv(SAMPLE)
+    assert written[0] == ["patient_id", "birth_year", "visit_date", "diagnosis_code", "ward"]
+    assert [r[0] for r in written[1:]] == reference.token_pseudonyms(
+        cli.token("research-a"), [r["patient_id"].strip().upper() for r in source_rows])
+    assert [r[4] for r in written[1:]] == [r["ward"] for r in source_rows]
+    comma = tmp_path / "comma.csv"
+    cli.run(*base[:3], comma, *base[4:], "--delimiter", argument, "--output-delimiter", ",")
+    assert read_csv(comma) == [dict(zip(written[0], r, strict=True)) for r in written[1:]]
+
+
+def test_bad_delimiter_argument(cli: Cli) -> None:
+    proc = cli.run("file", "pseudonymise", SAMPLE, "x.csv", "--delimiter", ";;", expect=2)
+    assert "';;' is not a CSV delimiter" in proc.stderr
+
+
+def test_output_that_is_the_input_is_refused(cli: Cli, tmp_path: Path) -> None:
+    """The same file as input and output (written another way: relative, through a symbolic link or a hard
+    link) silently replaced the source; now it is refused before anything runs, and the source is intact."""
+    source = tmp_path / "data" / "visits.csv"
+    source.parent.mkdir()
+    source.write_bytes(SAMPLE.read_bytes())
+    (tmp_path / "link.csv").symlink_to(source)
+    os.link(source, tmp_path / "hard.csv")
+    rows_before = len(cli.audit_rows())
+    for output in (source, tmp_path / "data" / ".." / "data" / "visits.csv", tmp_path / "link.csv",
+                   tmp_path / "hard.csv"):
+        for command in (("file", "pseudonymise", source, output, "--policy", POLICY),
+                        ("file", "reverse", source, output, "--columns", "patient_id")):
+            proc = cli.run(*command, "--db", cli.db, "--token-file", cli.tokens["reverse-a"], expect=1)
+            assert "is the input file: it would be overwritten" in proc.stderr
+    relative = subprocess.run(
+        [sys.executable, "-m", "pseudonymise.cli", "file", "pseudonymise", "visits.csv", "./visits.csv", "--policy",
+         str(POLICY), "--db", cli.db, "--token-file", str(cli.tokens["research-a"])],
+        cwd=source.parent, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120,
+        env={**os.environ, "PSEUDONYMISE_STORE": str(cli.store)})
+    assert relative.returncode == 1 and "is the input file" in relative.stderr
+    assert source.read_bytes() == SAMPLE.read_bytes()
+    assert len(cli.audit_rows()) == rows_before  # refused before any token use
+
+
+def test_a_token_pasted_as_an_argument_is_never_echoed(cli: Cli, pseudonymised: Path, tmp_path: Path) -> None:
+    """argparse's own messages quote the argument ("invalid choice: '…'", "unrecognized arguments: …"), and
+    so do the CLI's (a path, a project id, a database URL): a real token put in each of those places is
+    answered with an error that names the problem, never the token (Cli.run fails on any secret in output)."""
+    raw = cli.token("research-a")
+    payload = raw.split(".")[1]
+    cases = [
+        (("token", "inspect", raw), 2, "unrecognized arguments: <redacted>"),
+        (("token", "inspect", "--token-file", cli.tokens["research-a"], raw), 2, "unrecognized arguments"),
+        (("token", "issue", "--project", "research-a", "--kind", raw, "--output", "-"), 2, "invalid choice: '<redacted>'"),
+        (("token", "issue", "--project", "research-a", "--kind", "reverse", "--expires-in", raw, "--output", "-"), 2,
+         "'<redacted>' is not a duration"),
+        (("audit", "show", "--db", cli.db, "--limit", raw), 2, "invalid int value: '<redacted>'"),
+        ((f"--token={raw}", "token", "inspect"), 2, "unrecognized arguments: --token=<redacted>"),
+        (("project", "show", raw), 1, "<redacted>"),
+        (("project", "create", payload), 1, "'<redacted>' is invalid"),
+        (("token", "inspect", "--token-file", raw), 1, "cannot read the token file '<redacted>'"),
+        (("file", "pseudonymise", raw, tmp_path / "o.csv", "--policy", POLICY, "--token-file",
+          cli.tokens["research-a"]), 1, "<redacted>"),
+        (("audit", "verify", "--db", raw), 1, "the database URL is not valid"),
+        (("token", "revoke", raw, "--reason", "r", "--db", cli.db), 1, "at most 64 characters"),
+    ]
+    for case, (args, code, said) in enumerate(cases):
+        proc = cli.run(*args, expect=code)
+        said_to_user = proc.stdout + proc.stderr  # not proc itself: a failure report would print its arguments
+        assert said in said_to_user, f"case {case}"
+        assert payload not in said_to_user and raw[-40:] not in said_to_user
+    assert [r["token_jti"] for r in cli.audit_rows()].count(raw) == 0
+
+
+def test_cli_redact_keeps_paths_and_names() -> None:
+    """Only a JWS, or a whole command-line word that looks like a key, is replaced: paths, ids and names in
+    a message stay readable."""
+    from pseudonymise import cli as cli_module
+
+    key = "Q2hhbmdlIHRoaXMga2V5IGZvciBhIHJlYWwgb25lIQ"  # 42 base64url characters
+    cli_module._ARGV[:] = ["file", "pseudonymise", "/data/patients-pseudonymised-for-research_a.csv", key]
+    try:
+        text = cli_module.redact(f"cannot open '/data/patients-pseudonymised-for-research_a.csv' (key {key}), "
+                                 "project research-a, use 0b6fa3c4-1c1f-4d7e-9b6f-2f6a3c4d5e6f")
+    finally:
+        cli_module._ARGV[:] = []
+    assert text == ("cannot open '/data/patients-pseudonymised-for-research_a.csv' (key <redacted>), "
+                    "project research-a, use 0b6fa3c4-1c1f-4d7e-9b6f-2f6a3c4d5e6f")
+
+
+def test_token_inspect_prints_utc_times_people_read(cli: Cli) -> None:
+    """`token inspect` printed seconds since 1970; now each instant in UTC to the minute with how far it is,
+    computed here from the token's own claims; --json keeps the claims as numbers, --field prints one."""
+    path = cli.issue("inspect-times", "research-b", "pseudonymisation", "--expires-in", "31d")
+    claims = reference.claims(cli.token("inspect-times"))
+    text = cli.run("token", "inspect", "--token-file", path).stdout
+    lines = dict(line.split(":", 1) for line in text.splitlines())
+    expires = datetime.fromtimestamp(claims["exp"], UTC).strftime("%Y-%m-%d %H:%M")
+    issued = datetime.fromtimestamp(claims["iat"], UTC).strftime("%Y-%m-%d %H:%M")
+    assert lines["exp"].strip() == f"{expires} UTC (in 31 days)  [expires]"
+    assert lines["iat"].strip() == f"{issued} UTC (now)  [issued]"
+    assert lines["jti"].strip() == claims["jti"] and lines["valid"].strip() == "true"
+    assert lines["retention_until"].strip().endswith(" UTC (in 1 year)")
+    assert json.loads(cli.run("token", "inspect", "--json", "--token-file", path).stdout)["exp"] == claims["exp"]
+    assert cli.run("token", "inspect", "--field", "jti", "--token-file", path).stdout == claims["jti"] + "\n"
+    unknown = cli.run("token", "inspect", "--field", "nope", "--token-file", path, expect=1)
+    assert "has no claim 'nope'" in unknown.stderr
+
+
+def test_human_time() -> None:
+    from pseudonymise.cli import human_time
+
+    now = datetime(2026, 11, 30, 0, 0, tzinfo=UTC)
+    assert human_time(datetime(2026, 12, 31, tzinfo=UTC), now) == "2026-12-31 00:00 UTC (in 31 days)"
+    assert human_time(int(datetime(2026, 11, 29, 21, 0, tzinfo=UTC).timestamp()), now) == \
+        "2026-11-29 21:00 UTC (3 hours ago)"
+    assert human_time(now + timedelta(seconds=59), now) == "2026-11-30 00:00 UTC (now)"
+    assert human_time(now + timedelta(days=730), now) == "2028-11-29 00:00 UTC (in 2 years)"
+    assert human_time(now - timedelta(minutes=1), now) == "2026-11-29 23:59 UTC (1 minute ago)"
+
+
+def test_audit_show_prints_no_none(cli: Cli, tmp_path: Path) -> None:
+    """A purge of every project has no project and a started row no counts: `audit show` printed
+    `project=None in=None`; now "-"."""
+    db = f"sqlite:///{tmp_path / 'show.db'}"
+    cli.run("file", "pseudonymise", SAMPLE, tmp_path / "o.csv", "--policy", POLICY, "--db", db,
+            "--token-file", cli.tokens["research-a"])
+    cli.run("escrow", "purge", "--db", db)
+    text = cli.run("audit", "show", "--db", db).stdout
+    assert "None" not in text
+    lines = text.splitlines()
+    assert len(lines) == 4 and "purge        success  project=- token=- in=- out=- null=- escrow=0" in lines[3]
+    assert "no audit row matches" in cli.run("audit", "show", "--db", db, "--outcome", "denied").stdout
+
+
+def test_messages_speak_of_token_files_and_databases_not_connections(cli: Cli, tmp_path: Path) -> None:
+    """The core's advice is written for Airflow connections; the CLI names its own things."""
+    empty = tmp_path / "empty.token"
+    empty.write_text("\n", encoding="utf-8")
+    other = tmp_path / "other-issuer"
+    subprocess.run([sys.executable, "-m", "pseudonymise.cli", "--store", str(other), "issuer", "init", "--issuer-id",
+                    "other"], check=True, capture_output=True, stdin=subprocess.DEVNULL)
+    other_keys = tmp_path / "other-keys.json"
+    other_keys.write_text(subprocess.run(
+        [sys.executable, "-m", "pseudonymise.cli", "--store", str(other), "issuer", "public-key"], check=True,
+        capture_output=True, text=True, stdin=subprocess.DEVNULL).stdout, encoding="utf-8")
+    base = ("file", "pseudonymise", SAMPLE, tmp_path / "o.csv", "--policy", POLICY, "--db", cli.db)
+    cases = [
+        ((*base, "--token-file", empty), "check the token file or variable"),
+        ((*base, "--token-file", cli.tokens["reverse-a"]), "use a token file of the right kind"),
+        ((*base, "--token-file", cli.tokens["research-a"], "--issuer-keys", other_keys), "to --issuer-keys"),
+    ]
+    for args, said in cases:
+        proc = cli.run(*args, expect=1)
+        assert said in proc.stderr and "connection" not in proc.stderr, proc.stderr
+    from pseudonymise.cli import cli_message
+
+    assert cli_message("the database does not exist: check the connection") == \
+        "the database does not exist: check the database URL (--db)"
+    assert "connection" not in cli_message("token t expired at 2026-01-01T00:00:00Z; ask the issuer for a new token "
+                                           "and update the connection")
+
+
+def test_every_option_has_help() -> None:
+    """Every argument of every command (the subcommand choosers too) says what it is in --help."""
+    missing: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{path}: {'/'.join(action.option_strings) or action.dest}")
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+
+    walk(build_parser(), "pseudonymise")
+    assert missing == []

@@ -16,10 +16,11 @@ import sys
 import textwrap
 import time
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from pseudonymise import __version__
@@ -39,8 +40,12 @@ from pseudonymise.core.checkpoint import (
     verify_against_witness,
 )
 from pseudonymise.core.errors import (
+    AuditError,
     CheckpointError,
+    DataIOError,
+    DelimiterError,
     ErasureError,
+    EscrowNotFoundError,
     IssuerError,
     PolicyError,
     PseudonymiseError,
@@ -72,6 +77,58 @@ def parse_duration(text: str) -> timedelta:
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write e.g. 90d, 12h, 2w or 1y")
     return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+
+
+# --- what the CLI prints: no secret, no Airflow term ---------------------------------------------
+#: what a pasted token or key looks like: a compact JWS (three long base64url parts), or one long run of
+#: base64url or hex characters
+_TOKEN_LIKE = re.compile(r"[A-Za-z0-9_\-]{16,}\.[A-Za-z0-9_\-]{16,}\.[A-Za-z0-9_\-]{16,}")
+_SECRET_LIKE = re.compile(rf"{_TOKEN_LIKE.pattern}|[A-Za-z0-9_\-+=]{{32,}}")
+#: the command line being run: its words that look like a secret are never printed back
+_ARGV: list[str] = []
+REDACTED = "<redacted>"
+
+#: The core's messages are written for Airflow tasks, where a token lives in a connection; on the command
+#: line the same advice names the token file, the database URL or the option instead.
+_CLI_WORDING = (
+    ("check the connection password, Vault secret or token file", "check the token file or variable"),
+    ("add the issuer's JWKS to the connection",
+     "pass --issuer-keys FILE (from `pseudonymise issuer public-key`) or set PSEUDONYMISE_ISSUER_KEYS"),
+    ("to the connection's issuer_keys", "to --issuer-keys"),
+    ("update the connection", "use the new token file"),
+    ("use a connection that holds the right kind", "use a token file of the right kind"),
+    ("give the connection a transit_vault_conn_id so HMACs can be computed there",
+     "set VAULT_ADDR and VAULT_TOKEN so HMACs can be computed there"),
+    ("check the connection's user and password", "check the user and password in --db"),
+    ("check the connection", "check the database URL (--db)"),
+    ("run the task again", "run the command again"),
+)
+
+
+def redact(text: str) -> str:
+    """``text`` without any token (JWS-shaped text) or any word of the command line that looks like a token
+    or a key (all of it a long base64url or hex run), each replaced by ``<redacted>``. Paths and names
+    stay readable: only a whole word of the command line, or a whole JWS, is replaced."""
+    words = {value for word in _ARGV for value in (word, word.partition("=")[2]) if _SECRET_LIKE.fullmatch(value)}
+    for word in sorted(words, key=len, reverse=True):
+        text = text.replace(word, REDACTED)
+    return _TOKEN_LIKE.sub(REDACTED, text)
+
+
+def cli_message(text: str) -> str:
+    """An error message as the CLI prints it: in its own words, and redacted."""
+    for airflow, cli in _CLI_WORDING:
+        text = text.replace(airflow, cli)
+    return redact(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that its error messages (which quote the argument: "invalid choice: '…'",
+    "unrecognized arguments: …") never echo a token or a key pasted in the wrong place."""
+
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {redact(message)}\n")
 
 
 # --- where things come from -------------------------------------------------------------------
@@ -212,6 +269,31 @@ def _emit(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
+def existing_store(args: argparse.Namespace) -> Store:
+    """The audit database of a command that reads or acts on an existing audit (``audit verify``/``show``/
+    ``checkpoint``, ``token revoke``/``revocations``, ``escrow purge``, ``subject erase``): refused, with
+    nothing created, when the SQLite file or the audit table is not there. A command that uses a token
+    (``file …``) creates them instead: its run is the audit's first row."""
+    url = sa.engine.make_url(args.db)
+    table, schema = getattr(args, "table", "pseudonymise_audit"), getattr(args, "schema", None)
+    if url.get_backend_name() == "sqlite" and not url.query.get("uri"):
+        path = url.database or ""
+        if path in ("", ":memory:"):
+            raise AuditError(f"--db {args.db!r} is an in-memory SQLite database, which holds no audit; give the "
+                             "audit database the runs wrote to, e.g. sqlite:///pseudonymise.db")
+        if not Path(path).is_file():
+            raise AuditError(f"no audit database at {path!r}: the file does not exist (nothing was created); "
+                             "give the audit database the runs wrote to with --db or PSEUDONYMISE_DB")
+    store = Store(args.db, audit_table=table, schema=schema)
+    with store.engine.connect() as conn:
+        present = sa.inspect(conn).has_table(table, schema=schema)
+    if not present:
+        where = f"{schema}.{table}" if schema else table
+        raise AuditError(f"the audit database {url.render_as_string(hide_password=True)!r} has no audit table "
+                         f"{where!r} (nothing was created); check --db, --table and --schema")
+    return store
+
+
 # --- commands ---------------------------------------------------------------------------------
 def cmd_issuer_init(args: argparse.Namespace) -> int:
     issuer = Issuer.init(open_store(args.store), args.issuer_id)
@@ -280,7 +362,7 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    store = Store(args.db, audit_table=args.table)
+    store = existing_store(args)
     use = AuditUse(operation="revoke", source="cli", context=RunContext(triggered_by=current_user()).audit_fields())
     store.audit.revoke(args.jti, args.reason, use)
     print(f"token {args.jti} revoked; every later use of it is refused and audited 'denied' (audit use {use.use_id})")
@@ -288,7 +370,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revocations(args: argparse.Namespace) -> int:
-    rows = Store(args.db, audit_table=args.table).audit.revocations()
+    rows = existing_store(args).audit.revocations()
     if args.json:
         print(json.dumps([{**r, "revoked_at": utc_seconds(r["revoked_at"])} for r in rows], indent=2))
     elif not rows:
@@ -316,9 +398,53 @@ def cmd_token_inspect(args: argparse.Namespace) -> int:
         token = verify_token(raw, keys)
         result: dict[str, Any] = {"valid": True, **token.public_claims()}
     except TokenError as exc:
-        result = {"valid": False, "error": type(exc).__name__, "reason": str(exc)}
-    _emit(result)
+        result = {"valid": False, "error": type(exc).__name__, "reason": cli_message(str(exc))}
+    if args.field:
+        if args.field not in result:
+            raise TokenError(f"the token has no claim {args.field!r}; it has {', '.join(sorted(result))}")
+        value = result[args.field]
+        print(value if isinstance(value, str) else json.dumps(value))
+    elif args.json:
+        _emit(result)
+    else:
+        print(_claims_text(result))
     return 0 if result["valid"] else 1
+
+
+#: the claims that are instants (seconds since 1970), printed as UTC times
+_TIME_CLAIMS = {"iat": "issued", "nbf": "valid from", "exp": "expires"}
+
+
+def human_time(value: datetime | int | float, now: datetime | None = None) -> str:
+    """``2026-12-31 00:00 UTC (in 31 days)``: an instant in UTC to the minute, and how far it is from now."""
+    when = datetime.fromtimestamp(value, UTC) if isinstance(value, int | float) else value.astimezone(UTC)
+    seconds = int(((now or datetime.now(UTC)) - when).total_seconds())
+    ago = seconds >= 0
+    seconds = abs(seconds)
+    for unit, size in (("year", 365 * 86400), ("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size * 0.995:  # a year's token issued a few seconds ago expires "in 1 year"
+            count = max(1, round(seconds / size))
+            span = f"{count} {unit}{'s' if count != 1 else ''}"
+            break
+    else:
+        return f"{when:%Y-%m-%d %H:%M} UTC (now)"
+    return f"{when:%Y-%m-%d %H:%M} UTC ({span} ago)" if ago else f"{when:%Y-%m-%d %H:%M} UTC (in {span})"
+
+
+def _claims_text(result: dict[str, Any]) -> str:
+    """``token inspect``'s answer for people: one claim a line, times in UTC with how far they are."""
+    lines = []
+    for name, value in result.items():
+        if name in _TIME_CLAIMS:
+            text = f"{human_time(value)}  [{_TIME_CLAIMS[name]}]"
+        elif name == "retention_until":
+            text = human_time(parse_instant(value))
+        elif isinstance(value, dict | list):
+            text = json.dumps(value, sort_keys=True)
+        else:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+        lines.append(f"{name + ':':<21} {text}")
+    return "\n".join(lines)
 
 
 class OutputFile:
@@ -335,6 +461,7 @@ class OutputFile:
     def __init__(self, args: argparse.Namespace, source: Source, pseudonymised: set[str] | None) -> None:
         """:param pseudonymised: the pseudonymised columns; ``None`` for a reversal."""
         self.path, self.fmt, self.source, self.pseudonymised = args.output, args.output_format, source, pseudonymised
+        self.delimiter = args.output_delimiter or args.delimiter
 
     def open(self, columns: list[str], conn: Any) -> Sink:
         schema = None
@@ -345,7 +472,7 @@ class OutputFile:
 
             schema = pa.schema([pa.field(name, pa.string()) if name in self.pseudonymised else input_schema.field(name)
                                 for name in columns])
-        return open_sink(self.path, columns, self.fmt, schema)
+        return open_sink(self.path, columns, self.fmt, schema, self.delimiter)
 
 
 def _report(summary: Any, started: float) -> None:
@@ -360,9 +487,23 @@ def _report(summary: Any, started: float) -> None:
     )
 
 
+def _file_source(args: argparse.Namespace) -> Source:
+    """The input of a ``file`` command, refused when it is also the output (after symbolic links and relative
+    paths are resolved), or when its header says the CSV delimiter is another one."""
+    source_path, output_path = Path(args.input).resolve(), Path(args.output).resolve()
+    if source_path == output_path or (output_path.exists() and source_path.exists()
+                                      and os.path.samefile(source_path, output_path)):
+        raise DataIOError(f"the output {args.output!r} is the input file: it would be overwritten; write to "
+                          "another file")
+    try:
+        return open_source(args.input, args.input_format, args.batch_size, args.delimiter)
+    except DelimiterError as exc:
+        raise DelimiterError(f"{exc} (--delimiter {_DELIMITER_ARGUMENT.get(exc.seen, exc.seen)})", exc.seen) from None
+
+
 def cmd_file_pseudonymise(args: argparse.Namespace, secondary: bool = False) -> int:
     policy = build_policy(args)
-    source = open_source(args.input, args.input_format, args.batch_size)
+    source = _file_source(args)
     transfer = plan_transfer(source, OutputFile(args, source, set(policy.pseudonymised_columns)), policy,
                              source_label=f"file:{args.input}", target_label=f"file:{args.output}")
     started = time.monotonic()
@@ -379,16 +520,21 @@ def cmd_file_secondary(args: argparse.Namespace) -> int:
 
 def cmd_file_reverse(args: argparse.Namespace) -> int:
     columns = _split(args.columns)
-    source = open_source(args.input, args.input_format, args.batch_size)
+    source = _file_source(args)
     transfer = plan_transfer(source, OutputFile(args, source, None), None,
                              source_label=f"file:{args.input}", target_label=f"file:{args.output}")
     started = time.monotonic()
-    summary = run_reversal(Store(args.db), CliTokens(args), columns, transfer, RunContext(triggered_by=current_user()),
-                           progress=ProgressPrinter(args.progress), require_all=args.require_all)
+    try:
+        summary = run_reversal(Store(args.db), CliTokens(args), columns, transfer,
+                               RunContext(triggered_by=current_user()), progress=ProgressPrinter(args.progress),
+                               require_all=not args.allow_missing)
+    except EscrowNotFoundError as exc:
+        raise EscrowNotFoundError(f"{exc}. Check the column and that the reverse token is of the project that "
+                                  "pseudonymised the file; --allow-missing writes them as empty instead") from None
     _report(summary, started)
     if summary.counts.get("not_found"):
-        print(f"warning: {summary.counts['not_found']} pseudonym(s) had no escrow and were written as empty",
-              file=sys.stderr)
+        print(f"warning: {summary.counts['not_found']} pseudonym(s) had no escrow and were written as empty "
+              "(--allow-missing)", file=sys.stderr)
     return 0
 
 
@@ -410,7 +556,7 @@ def cmd_subject_erase(args: argparse.Namespace) -> int:
     if bool(args.identifiers) == bool(args.pseudonyms):
         raise ErasureError("give either --identifiers FILE (with the project's pseudonymisation token) or "
                            "--pseudonyms FILE (with --project)")
-    store = Store(args.db)
+    store = existing_store(args)
     target_engine = make_engine(args.target_db) if args.target_db else store.engine
     targets = []
     for spec in args.target:
@@ -439,13 +585,13 @@ def cmd_subject_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_escrow_purge(args: argparse.Namespace) -> int:
-    summary = run_purge(Store(args.db), RunContext(triggered_by=current_user()), project=args.project)
+    summary = run_purge(existing_store(args), RunContext(triggered_by=current_user()), project=args.project)
     print(f"purged {summary.counts['escrow_rows']} escrow row(s) past retention; audit use {summary.use_id}")
     return 0
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    store = Store(args.db, audit_table=args.table)
+    store = existing_store(args)
     witnessed = _verify_witness(args, store) if args.witness else None  # the chain's verification included
     result = witnessed.chain if witnessed is not None else store.audit.verify()
     print(witnessed if witnessed is not None else result)
@@ -486,19 +632,21 @@ def _verify_escrow(args: argparse.Namespace, store: Store, chain_ok: bool) -> bo
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
-    store = Store(args.db, audit_table=args.table)
-    store.create()
+    store = existing_store(args)
     rows = store.audit.recent(args.limit, project=args.project, outcome=args.outcome)
     if args.json:
         _emit(rows)
         return 0
+    if not rows:
+        print("no audit row matches" if args.project or args.outcome else "the audit is empty")
     for row in reversed(rows):
+        shown = {k: "-" if v is None else v for k, v in row.items()}  # a count not recorded is "-", never None
         when = row["recorded_at"].strftime("%Y-%m-%d %H:%M:%S")
-        counts = f"in={row['rows_in']} out={row['rows_out']} null={row['rows_null']} escrow={row['escrow_rows']}" \
-            if row["event"] == "finished" else ""
-        error = f" {row['error_class']}: {row['error_message']}" if row["error_class"] else ""
-        print(f"#{row['seq']:<5} {when} {row['operation']:<12} {row['outcome']:<8} project={row['project']} "
-              f"token={row['token_jti']} {counts}{error}")
+        counts = f" in={shown['rows_in']} out={shown['rows_out']} null={shown['rows_null']} " \
+            f"escrow={shown['escrow_rows']}" if row["event"] == "finished" else ""
+        error = f" {row['error_class']}: {cli_message(str(row['error_message']))}" if row["error_class"] else ""
+        print(f"#{row['seq']:<5} {when} UTC {row['operation']:<12} {row['outcome']:<8} project={shown['project']} "
+              f"token={shown['token_jti']}{counts}{error}")
     return 0
 
 
@@ -570,7 +718,7 @@ def _verify_witness(args: argparse.Namespace, store: Store) -> WitnessVerifyResu
 
 
 def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
-    store = Store(args.db, audit_table=args.table)
+    store = existing_store(args)
     result = Checkpointer(store.audit, _signer(args), _witnesses(args.witness), audit_id=args.audit_id).checkpoint()
     if result is None:
         print("the audit is empty: nothing to checkpoint yet")
@@ -631,11 +779,41 @@ def _add_token_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--project", help="refuse tokens of any other project")
 
 
+#: what --delimiter accepts besides one character, and how a delimiter is written back as an argument
+_DELIMITER_WORDS = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
+_DELIMITER_ARGUMENT = {"\t": "tab", ";": "';'", "|": "'|'", ",": "','"}
+
+
+def parse_delimiter(text: str) -> str:
+    value = _DELIMITER_WORDS.get(text.lower(), text)
+    if len(value) != 1 or value in '"\r\n':
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CSV delimiter; give one character such as ';' or '|', "
+                                         "or tab")
+    return value
+
+
+def _add_db_args(p: argparse.ArgumentParser, what: str = "the audit database") -> None:
+    p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB), metavar="URL",
+                   help=f"{what}, as an SQLAlchemy URL (default {DEFAULT_DB}, or PSEUDONYMISE_DB)")
+
+
+def _add_audit_args(p: argparse.ArgumentParser) -> None:
+    """--db, --table and --schema of a command that reads or acts on an existing audit database."""
+    _add_db_args(p)
+    p.add_argument("--table", default="pseudonymise_audit", help="the audit table (default pseudonymise_audit)")
+    p.add_argument("--schema", help="the schema holding the audit table (PostgreSQL; default: the search path's)")
+
+
 def _add_file_args(p: argparse.ArgumentParser, policy: bool) -> None:
     p.add_argument("input", help="input .csv or .parquet file")
-    p.add_argument("output", help="output .csv or .parquet file (written atomically)")
+    p.add_argument("output", help="output .csv or .parquet file (written atomically; never the input file)")
     p.add_argument("--input-format", choices=("csv", "parquet"), help="override the input's extension")
     p.add_argument("--output-format", choices=("csv", "parquet"), help="override the output's extension")
+    p.add_argument("--delimiter", type=parse_delimiter, default=",", metavar="CHAR",
+                   help="the CSV field delimiter: one character, or tab (default ','); a header that looks "
+                        "separated by another one is refused, naming it")
+    p.add_argument("--output-delimiter", type=parse_delimiter, metavar="CHAR",
+                   help="the output CSV's delimiter (default: the input's, --delimiter)")
     if policy:
         p.add_argument("--columns", help="comma-separated columns to pseudonymise")
         p.add_argument("--keep", help="comma-separated columns copied unchanged")
@@ -644,30 +822,35 @@ def _add_file_args(p: argparse.ArgumentParser, policy: bool) -> None:
                        help="what happens to columns not named (default: error, so nothing leaves unnoticed)")
         p.add_argument("--policy", metavar="FILE", help="a JSON column policy (see include/policies/)")
     p.add_argument("--batch-size", type=int, default=50_000, help="rows per batch (default 50000)")
-    p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB),
-                   help=f"SQLAlchemy URL of the audit/escrow database (default {DEFAULT_DB} or PSEUDONYMISE_DB)")
-    p.add_argument("--progress", action="store_true", default=sys.stderr.isatty(), help="print progress on stderr")
+    _add_db_args(p, "the audit and escrow database (created at the first run)")
+    p.add_argument("--progress", action="store_true", default=sys.stderr.isatty(),
+                   help="print rows and rate on standard error (default: when it is a terminal)")
     _add_token_args(p)
 
 
+#: The example of the whole tool: from nothing to a pseudonymised copy of the shipped sample, run from the
+#: repository's root (tests/cli/test_help_examples.py runs it, and every other example, on the shipped files).
+WALKTHROUGH = """\
+pseudonymise issuer init --issuer-id my-org
+pseudonymise project create research-a --method reversible --retention 1y
+pseudonymise token issue --project research-a --kind pseudonymisation --output research-a.token
+pseudonymise file pseudonymise include/sample/patients.csv patients.pseudonymised.csv \\
+    --policy include/policies/patients.json --token-file research-a.token
+pseudonymise audit show"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pseudonymise", formatter_class=_Formatter,
         description="Issue and inspect pseudonymisation tokens, and pseudonymise files without Airflow.",
-        epilog=textwrap.dedent("""\
-            example:
-              pseudonymise issuer init --issuer-id my-org
-              pseudonymise project create research-a --method reversible --retention 1y
-              pseudonymise token issue --project research-a --kind pseudonymisation --output research-a.token
-              pseudonymise file pseudonymise include/sample/patients.csv out.csv \\
-                  --columns patient_id --keep birth_year,diagnosis --drop name --token-file research-a.token
-            """),
+        epilog="example (from the repository's root):\n" + textwrap.indent(WALKTHROUGH, "  "),
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     parser.add_argument("--store", default=os.environ.get("PSEUDONYMISE_STORE", DEFAULT_STORE),
                         help="issuer store: a directory (default ~/.pseudonymise or PSEUDONYMISE_STORE) or "
                              "vault:<mount>/<path> with VAULT_ADDR and VAULT_TOKEN set")
-    groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True, help="what to work on")
 
     def command(group: Any, name: str, help_: str, example: str, func: Any) -> argparse.ArgumentParser:
         p = group.add_parser(name, help=help_, description=help_, formatter_class=_Formatter,
@@ -677,26 +860,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     def group(name: str, help_: str, example: str) -> Any:
         return groups.add_parser(name, help=help_, description=help_, formatter_class=_Formatter,
-                                 epilog="example:\n  " + example).add_subparsers(dest="cmd", required=True)
+                                 epilog="example:\n  " + example).add_subparsers(
+            dest="cmd", metavar="COMMAND", required=True, help="the command")
 
     issuer = group("issuer", "the token issuer's own key", "pseudonymise issuer init --issuer-id my-org")
     p = command(issuer, "init", "Create the issuer and its Ed25519 signing key in the store.",
-                "pseudonymise --store ~/.pseudonymise issuer init --issuer-id my-org", cmd_issuer_init)
+                "pseudonymise --store ./my-org-issuer issuer init --issuer-id my-org", cmd_issuer_init)
     p.add_argument("--issuer-id", required=True, help="the issuer's name, written in every token's 'iss'")
     p = command(issuer, "public-key", "Print the issuer's public keys (JWKS) for consumers to trust.",
                 "pseudonymise issuer public-key --output issuer-keys.json", cmd_issuer_public_key)
-    p.add_argument("--output", help="write to FILE instead of standard output")
+    p.add_argument("--output", metavar="FILE", help="write to FILE instead of standard output")
 
-    project = group("project", "projects and their settings", "pseudonymise project create research-a --method reversible")
+    project = group("project", "projects and their settings", "pseudonymise project create research-b --method reversible")
     p = command(project, "create", "Create a project with its own secret key (and escrow key pair if reversible).",
-                "pseudonymise project create research-a --method reversible --treatment deterministic --retention 2y",
+                "pseudonymise project create research-c --method reversible --treatment deterministic --retention 2y",
                 cmd_project_create)
     p.add_argument("project", help="project id: lowercase letters, digits, '.', '_', '-'")
-    p.add_argument("--method", choices=("reversible", "irreversible"), default="irreversible")
-    p.add_argument("--treatment", choices=("deterministic", "randomised"), default="deterministic")
+    p.add_argument("--method", choices=("reversible", "irreversible"), default="irreversible",
+                   help="reversible keeps a sealed escrow so a reverse token can reveal originals (default "
+                        "irreversible)")
+    p.add_argument("--treatment", choices=("deterministic", "randomised"), default="deterministic",
+                   help="deterministic: the same value gives the same pseudonym in every run; randomised: a new "
+                        "one each time (default deterministic)")
     p.add_argument("--retention", type=parse_duration, help="retention period from now, e.g. 365d (default 1y)")
     p.add_argument("--retention-until", help="retention end as an ISO 8601 instant, e.g. 2028-01-01T00:00:00Z")
-    p.add_argument("--alphabet", choices=tuple(ALPHABETS), default=DEFAULT_ALPHABET)
+    p.add_argument("--alphabet", choices=tuple(ALPHABETS), default=DEFAULT_ALPHABET,
+                   help=f"the pseudonyms' characters (default {DEFAULT_ALPHABET})")
     p.add_argument("--length", type=int, default=DEFAULT_LENGTH, help=f"pseudonym length (default {DEFAULT_LENGTH})")
     p.add_argument("--prefix", default="", help="text put in front of every pseudonym")
     p.add_argument("--custody", choices=("local", "transit"), default="local",
@@ -705,15 +894,17 @@ def build_parser() -> argparse.ArgumentParser:
     command(project, "list", "List projects and their settings (no secrets).", "pseudonymise project list", cmd_project_list)
     p = command(project, "show", "Show one project's settings (no secrets).", "pseudonymise project show research-a",
                 cmd_project_show)
-    p.add_argument("project")
+    p.add_argument("project", help="the project id")
 
     token = group("token", "issue and inspect tokens",
                   "pseudonymise token issue --project research-a --kind pseudonymisation --output research-a.token")
     p = command(token, "issue", "Issue a signed token of a project.",
                 "pseudonymise token issue --project research-a --kind reverse --expires-in 7d --output reverse.token",
                 cmd_token_issue)
-    p.add_argument("--project", required=True)
-    p.add_argument("--kind", required=True, choices=("pseudonymisation", "reverse", "secondary"))
+    p.add_argument("--project", required=True, help="the project whose token this is")
+    p.add_argument("--kind", required=True, choices=("pseudonymisation", "reverse", "secondary"),
+                   help="what the token allows: pseudonymise, reveal originals, or re-pseudonymise another "
+                        "project's pseudonyms")
     p.add_argument("--expires-in", type=parse_duration, default=timedelta(days=30), help="lifetime, e.g. 30d (default)")
     p.add_argument("--source-project", help="for secondary tokens: the project whose pseudonyms they re-pseudonymise")
     p.add_argument("--output", required=True, help="file to write the token to (mode 0600), or '-' for standard output")
@@ -721,57 +912,65 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uses the token allows, counted in the audit of whoever uses it (default: 1 for reverse "
                         "tokens, no limit otherwise; 0: no limit)")
     p = command(token, "revoke", "Revoke a token by its id (jti), for ever; audited. Every later use is refused.",
-                "pseudonymise token revoke 0b6f…-jti --reason 'laptop lost' --db postgresql://audit-owner@db/research",
-                cmd_token_revoke)
-    p.add_argument("jti", help="the token's id (`pseudonymise token inspect` prints it; the audit shows it)")
+                "pseudonymise token revoke \"$(pseudonymise token inspect --token-file reverse.token --field jti)\" "
+                "--reason 'laptop lost'", cmd_token_revoke)
+    p.add_argument("jti", help="the token's id (`pseudonymise token inspect --field jti` prints it; the audit shows it)")
     p.add_argument("--reason", required=True, help="why: recorded with the revocation")
-    p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB),
-                   help="the audit database the token's users write to (SQLAlchemy URL)")
-    p.add_argument("--table", default="pseudonymise_audit", help="the audit table (default pseudonymise_audit)")
+    _add_audit_args(p)
     p = command(token, "revocations", "List the revoked tokens of an audit database.",
                 "pseudonymise token revocations --db sqlite:///pseudonymise.db", cmd_token_revocations)
-    p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB), help="the audit database (SQLAlchemy URL)")
-    p.add_argument("--table", default="pseudonymise_audit", help="the audit table (default pseudonymise_audit)")
+    _add_audit_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p = command(token, "inspect", "Verify a token and print its claims, never its secrets.",
+    p = command(token, "inspect", "Verify a token and print its claims, never its secrets (times in UTC).",
                 "pseudonymise token inspect --token-file research-a.token --issuer-keys issuer-keys.json", cmd_token_inspect)
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the claims as JSON (times in seconds since 1970)")
+    output.add_argument("--field", metavar="CLAIM", help="print one claim's value only, e.g. jti")
     _add_token_args(p)
 
     files = group("file", "pseudonymise, re-pseudonymise or reverse CSV/Parquet files",
-                  "pseudonymise file pseudonymise in.csv out.csv --columns patient_id --default keep --token-file t.token")
+                  "pseudonymise file pseudonymise include/sample/patients.csv out.csv "
+                  "--policy include/policies/patients.json --token-file research-a.token")
     p = command(files, "pseudonymise", "Pseudonymise chosen columns of a CSV or Parquet file.",
-                "pseudonymise file pseudonymise in.csv out.parquet --columns patient_id --normalise patient_id=strip,upper"
-                " --keep visit_date --drop name --token-file research-a.token", cmd_file_pseudonymise)
+                "pseudonymise file pseudonymise include/sample/patients.csv out.parquet --columns patient_id "
+                "--normalise patient_id=strip,upper --keep birth_year,visit_date,diagnosis_code,ward --drop name "
+                "--token-file research-a.token", cmd_file_pseudonymise)
     _add_file_args(p, policy=True)
     p.add_argument("--normalise", action="append", metavar="COLUMN=N1,N2",
                    help="normalisers run before pseudonymising: strip, lower, upper, casefold, remove_whitespace, "
                         "remove:<chars>")
     p.add_argument("--domain", action="append", metavar="COLUMN=DOMAIN", help="per-column domain (default: none)")
     p = command(files, "secondary", "Re-pseudonymise pseudonymised columns with a secondary token.",
-                "pseudonymise file secondary research.csv vendor.csv --columns patient_id --default keep "
-                "--token-file vendor.token", cmd_file_secondary)
+                "pseudonymise file secondary patients.pseudonymised.csv vendor.csv --columns patient_id "
+                "--default keep --token-file vendor.token", cmd_file_secondary)
     _add_file_args(p, policy=True)
     p.set_defaults(normalise=None, domain=None)
-    p = command(files, "reverse", "Reveal the originals of pseudonyms in a file with a reverse token (audited first).",
-                "pseudonymise file reverse to-check.csv revealed.csv --columns patient_id --token-file reverse.token",
-                cmd_file_reverse)
+    p = command(files, "reverse", "Reveal the originals of pseudonyms in a file with a reverse token (audited first). "
+                "Fails, writing nothing, when a pseudonym has no escrow, unless --allow-missing.",
+                "pseudonymise file reverse patients.pseudonymised.csv revealed.csv --columns patient_id "
+                "--token-file reverse.token", cmd_file_reverse)
     _add_file_args(p, policy=False)
     p.add_argument("--columns", required=True, help="comma-separated pseudonym columns to reverse")
-    p.add_argument("--require-all", action="store_true", help="fail, writing nothing, if any pseudonym has no escrow")
+    missing = p.add_mutually_exclusive_group()
+    missing.add_argument("--allow-missing", action="store_true",
+                         help="write a pseudonym without escrow (unknown, erased, purged, or of another project) as "
+                              "an empty field, with a warning and exit 0, instead of failing")
+    missing.add_argument("--require-all", action="store_true",
+                         help="fail, writing nothing, if any pseudonym has no escrow (the default; kept for scripts)")
 
     escrow = group("escrow", "the sealed escrow of reversible projects", "pseudonymise escrow purge --db sqlite:///pseudonymise.db")
     p = command(escrow, "purge", "Delete escrow rows past their retention end (audited).",
-                "pseudonymise escrow purge --db postgresql://warehouse/research", cmd_escrow_purge)
-    p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB))
+                "pseudonymise escrow purge --project research-a", cmd_escrow_purge)
+    _add_db_args(p, "the database holding the escrow and the audit")
     p.add_argument("--project", help="only this project")
 
     subject = group("subject", "erase one person (or a few) on request",
-                    "pseudonymise subject erase --identifiers ids.txt --column patient_id --token-file t.token")
+                    "pseudonymise subject erase --pseudonyms pseudonyms.txt --project research-a")
     p = command(subject, "erase",
                 "Erase subjects: delete their escrow rows (reversal severed for ever) and, with --target, the rows "
                 "of tables that carry their pseudonyms; audited, counts only.",
-                "pseudonymise subject erase --identifiers ids.txt --column patient_id --token-file research-a.token "
-                "--target visits.patient_id --db postgresql://audit-owner@db/research", cmd_subject_erase)
+                "pseudonymise subject erase --identifiers ids.txt --column patient_id --normalise strip,upper "
+                "--token-file research-a.token --db sqlite:///pseudonymise.db", cmd_subject_erase)
     p.add_argument("--identifiers", metavar="FILE",
                    help="the subjects' original identifiers, one per line ('-': standard input); needs the "
                         "project's pseudonymisation token")
@@ -783,54 +982,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", action="append", default=[], metavar="[SCHEMA.]TABLE.COLUMN",
                    help="also delete the rows of this table whose COLUMN holds one of the pseudonyms (repeatable)")
     p.add_argument("--target-db", metavar="URL", help="the database of the targets (default: --db)")
-    p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB),
-                   help="the database holding the escrow and the audit (SQLAlchemy URL)")
+    _add_db_args(p, "the database holding the escrow and the audit")
     _add_token_args(p)
 
     audit = group("audit", "the tamper-evident audit table", "pseudonymise audit verify --db sqlite:///pseudonymise.db")
-    for name, help_, example, func in (
-        ("verify", "Verify the audit hash chain; name the first broken row.", "pseudonymise audit verify --db sqlite:///pseudonymise.db", cmd_audit_verify),
-        ("show", "Show recent audit rows.", "pseudonymise audit show --limit 50 --project research-a", cmd_audit_show),
-    ):
-        p = command(audit, name, help_, example, func)
-        p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB))
-        p.add_argument("--table", default="pseudonymise_audit")
-        if name == "verify":
-            _add_checkpoint_args(p, signing=False)
-            p.add_argument("--escrow", action="store_true",
-                           help="also list escrow rows that reversal would refuse (with a reverse token: every "
-                                "row of its project opened and checked, audited)")
-            _add_token_args(p)
-        if name == "show":
-            p.add_argument("--limit", type=int, default=20)
-            p.add_argument("--project")
-            p.add_argument("--outcome", choices=("started", "success", "failed", "denied"))
-            p.add_argument("--json", action="store_true")
+    p = command(audit, "verify", "Verify the audit hash chain; name the first broken row.",
+                "pseudonymise audit verify --escrow --db sqlite:///pseudonymise.db", cmd_audit_verify)
+    _add_audit_args(p)
+    _add_checkpoint_args(p, signing=False)
+    p.add_argument("--escrow", action="store_true",
+                   help="also list escrow rows that reversal would refuse (with a reverse token: every "
+                        "row of its project opened and checked, audited)")
+    _add_token_args(p)
+    p = command(audit, "show", "Show recent audit rows (times in UTC; '-' where a count was not recorded).",
+                "pseudonymise audit show --limit 50 --project research-a", cmd_audit_show)
+    _add_audit_args(p)
+    p.add_argument("--limit", type=int, default=20, help="how many of the latest rows (default 20)")
+    p.add_argument("--project", help="only this project's rows")
+    p.add_argument("--outcome", choices=("started", "success", "failed", "denied"), help="only rows with this outcome")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p = command(audit, "checkpoint", "Sign a checkpoint of the audit chain's head; record it beside the audit and in "
-                "the witnesses.", "pseudonymise audit checkpoint --db postgresql://audit-owner@db/research "
-                "--signing-key audit-signing.jwk --witness /mnt/worm/audit-checkpoints.jsonl", cmd_audit_checkpoint)
-    p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB))
-    p.add_argument("--table", default="pseudonymise_audit")
+                "the witnesses.", "pseudonymise audit checkpoint --signing-key audit-signing.jwk "
+                "--witness audit-checkpoints.jsonl", cmd_audit_checkpoint)
+    _add_audit_args(p)
     _add_checkpoint_args(p, signing=True)
     p = command(audit, "keygen", "Make an audit signing key (a private Ed25519 JWK, or an ed25519 Vault Transit key) "
-                "and print its public JWKS.", "pseudonymise audit keygen --output audit-signing.jwk > audit-public.jwks",
-                cmd_audit_keygen)
+                "and print its public JWKS.", "pseudonymise audit keygen --output audit-signing-2027.jwk "
+                "> audit-public-2027.jwks", cmd_audit_keygen)
     p.add_argument("--output", metavar="FILE", help="write the private JWK here (mode 0600; never overwritten)")
     p.add_argument("--transit-key", metavar="MOUNT/NAME", help="create (or reuse) this ed25519 Transit key instead")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except PseudonymiseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cli_message(str(exc))}", file=sys.stderr)
         return 1
     except sa_exc.ArgumentError as exc:
-        print(f"error: the database URL is not valid ({exc}); write it like sqlite:///pseudonymise.db or "
-              "postgresql://user@host/db", file=sys.stderr)
+        print(f"error: the database URL is not valid ({redact(str(exc))}); write it like sqlite:///pseudonymise.db "
+              "or postgresql://user@host/db", file=sys.stderr)
         return 1
     except sa_exc.SQLAlchemyError as exc:
         print(f"error: the database could not be used ({exc.__class__.__name__}); check --db and that the "

@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pseudonymise.core.errors import DataIOError, InvalidTextError
+from pseudonymise.core.errors import DataIOError, DelimiterError, InvalidTextError
 from pseudonymise.core.files import (
     CsvSink,
     CsvSource,
@@ -326,3 +326,33 @@ def test_parquet_record_batches_by_row_group_and_sink_keeps_the_schema(tmp_path:
     with pytest.raises(DataIOError, match=r"'id'.*does not fit") as info:
         bad.write(pa.RecordBatch.from_pydict({"id": ["P770839"]}))
     assert "P770839" not in str(info.value) and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(("delimiter", "name"), [(";", "';'"), ("\t", "tab"), ("|", "'|'")])
+def test_a_csv_read_with_the_wrong_delimiter_is_refused_naming_the_one_it_has(tmp_path: Path, delimiter: str,
+                                                                                name: str) -> None:
+    """Issue 16: a ';'-separated file read with ',' became one column named 'a;b;c'; now the error names
+    the delimiter it saw (never the header's text), and with that delimiter the file is read."""
+    path = tmp_path / "visits.csv"
+    path.write_text(delimiter.join(["patient_id", "ward", "note"]) + "\n" + delimiter.join(["P1", "w1", "a,b"]) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(DelimiterError, match=f"looks {name}-separated") as info:
+        open_source(path)
+    assert info.value.seen == delimiter and "patient_id" not in str(info.value)
+    source = open_source(path, delimiter=delimiter)
+    assert source.columns == ["patient_id", "ward", "note"]
+    assert list(source.batches()) == [{"patient_id": ["P1"], "ward": ["w1"], "note": ["a,b"]}]
+    wrong = tmp_path / "comma.csv"
+    wrong.write_text("patient_id,ward\nP1,w1\n", encoding="utf-8")
+    with pytest.raises(DelimiterError, match="looks ','-separated"):
+        open_source(wrong, delimiter=";")
+
+
+def test_a_one_column_csv_is_not_taken_for_another_delimiter(tmp_path: Path) -> None:
+    """One column whose name holds no delimiter, or repeats the same name around it, is a one-column file."""
+    for header in ("patient_id", "a;a", "x;"):
+        path = tmp_path / "one.csv"
+        path.write_text(f"{header}\nP1\n", encoding="utf-8")
+        assert open_source(path).columns == [header]
+    with pytest.raises(DataIOError, match="one character"):
+        open_source(path, delimiter=";;")

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from pseudonymise.core import native
-from pseudonymise.core.errors import DatabaseIOError, EscrowError
+from pseudonymise.core.errors import DatabaseIOError, EscrowNotFoundError
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import RunSummary, Store, run_pseudonymisation, run_purge, run_rekey, run_reversal
 from pseudonymise.core.plan import QuerySource, SharedTransaction, SinkFactory, TableDestination, plan_transfer
@@ -204,13 +204,13 @@ def test_reverse_requiring_all_refuses_an_unknown_pseudonym_and_writes_nothing(s
     _pseudonymise(store, issuer.issue("research-a", "pseudonymisation"), issuer, Rows(_visits()),
                   lambda columns, conn: out)
     sink = Collect()
-    with pytest.raises(EscrowError, match="1 pseudonym"):
+    with pytest.raises(EscrowNotFoundError, match=r"1 of the \d+ distinct pseudonym"):
         _reverse(store, issuer.issue("research-a", "reverse"), issuer,
                  Rows({"pid": [*out.rows["pid"], "not-a-pseudonym"]}), lambda columns, conn: sink, require_all=True)
     assert sink.rows == {} and sink.aborted and not sink.committed
     audit = _audit(store)
     assert _pairs(audit)[2:] == [("reverse", "started", "started"), ("reverse", "finished", "failed")]
-    assert audit[3]["error_class"] == "EscrowError"
+    assert audit[3]["error_class"] == "EscrowNotFoundError"
 
 
 # --- purge --------------------------------------------------------------------------------------------

@@ -109,6 +109,11 @@ class EscrowError(PseudonymiseError):
     """Escrow could not be written, read or opened."""
 
 
+class EscrowNotFoundError(EscrowError):
+    """A reversal that must reveal every pseudonym found some without escrow (unknown, purged, or of
+    another project); nothing was written."""
+
+
 class EscrowIntegrityError(EscrowError):
     """An escrow ciphertext failed authentication (tampered, or moved to another pseudonym)."""
 
@@ -162,6 +167,15 @@ class SigningUnreachableError(SigningUnavailableError, ServiceUnavailableError):
 # --- I/O --------------------------------------------------------------------------------------
 class DataIOError(PseudonymiseError):
     """A source or target could not be read or written."""
+
+
+class DelimiterError(DataIOError):
+    """A CSV file looks separated by another delimiter than the one it is read with (its header is one
+    column that holds that delimiter); :attr:`seen` is the delimiter found there."""
+
+    def __init__(self, message: str, seen: str) -> None:
+        super().__init__(message)
+        self.seen = seen
 
 
 class DatabaseIOError(DataIOError):

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from pseudonymise.core.errors import DataIOError, InvalidTextError, raise_alone
+from pseudonymise.core.errors import DataIOError, DelimiterError, InvalidTextError, raise_alone
 
 FORMATS = ("csv", "parquet")
 csv.field_size_limit(64 * 1024 * 1024)
@@ -35,6 +35,8 @@ csv.field_size_limit(64 * 1024 * 1024)
 #: the reader's memory grow with the file (1M rows: 205 MiB, 3M: 330 MiB at 16 MiB; 143 and 160 at 1 MiB).
 _CSV_BLOCK = 1 << 20
 _CSV_MAX_BLOCK = 256 << 20
+#: the delimiters a CSV's header is looked at for (:func:`check_delimiter`), with the names messages give them
+DELIMITER_NAMES = {",": "','", ";": "';'", "\t": "tab", "|": "'|'"}
 
 
 def file_format(path: str | os.PathLike[str], explicit: str | None = None) -> str:
@@ -67,6 +69,10 @@ class CsvSource:
             raise DataIOError(f"batch_size must be at least 1, not {batch_size}")
         self.path = os.fspath(path)
         self.batch_size = batch_size
+        if len(delimiter) != 1 or delimiter in '"\r\n':
+            raise DataIOError(f"the CSV delimiter must be one character other than a quote or a line break, "
+                              f"not {delimiter!r}")
+        self.delimiter = delimiter
         self._delimiter, self._encoding, self._null = delimiter, encoding, null
         self._fh: IO[str] | None = None
         rows = self._stdlib_rows()
@@ -252,9 +258,29 @@ class ParquetSource:
         self._file.close()
 
 
-def open_source(path: str | os.PathLike[str], fmt: str | None = None, batch_size: int = 50_000) -> CsvSource | ParquetSource:
+def check_delimiter(source: CsvSource) -> None:
+    """Refuse a CSV read with the wrong delimiter: a header that is one column holding another common
+    delimiter, which splits it into several distinct names, means the file is separated by that one
+    (:class:`DelimiterError` naming it). Only the delimiter is named, never the header's text."""
+    if len(source.columns) != 1:
+        return
+    header = source.columns[0]
+    for seen, name in DELIMITER_NAMES.items():
+        parts = [p.strip() for p in header.split(seen)]
+        if seen != source.delimiter and len(parts) > 1 and all(parts) and len(set(parts)) == len(parts):
+            raise DelimiterError(
+                f"{source.path!r} looks {name}-separated: its header is one column holding "
+                f"{name}, and it is read with {DELIMITER_NAMES.get(source.delimiter, repr(source.delimiter))} "
+                f"as the delimiter; name the delimiter {name}", seen)
+
+
+def open_source(path: str | os.PathLike[str], fmt: str | None = None, batch_size: int = 50_000,
+                delimiter: str = ",") -> CsvSource | ParquetSource:
+    """A CSV (separated by ``delimiter``, checked by :func:`check_delimiter`) or Parquet source."""
     if file_format(path, fmt) == "csv":
-        return CsvSource(path, batch_size)
+        source = CsvSource(path, batch_size, delimiter)
+        check_delimiter(source)
+        return source
     return ParquetSource(path, batch_size)
 
 
@@ -451,7 +477,7 @@ class ParquetSink:
 
 
 def open_sink(path: str | os.PathLike[str], columns: Sequence[str], fmt: str | None = None,
-              schema: pa.Schema | None = None) -> CsvSink | ParquetSink:
+              schema: pa.Schema | None = None, delimiter: str = ",") -> CsvSink | ParquetSink:
     if file_format(path, fmt) == "csv":
-        return CsvSink(path, columns)
+        return CsvSink(path, columns, delimiter)
     return ParquetSink(path, columns, schema)

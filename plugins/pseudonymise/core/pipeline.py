@@ -32,7 +32,7 @@ from sqlalchemy.engine import Connection, Engine
 from pseudonymise.core.audit import AuditLog, AuditUse
 from pseudonymise.core.checkpoint import CheckpointTable
 from pseudonymise.core.db import make_engine
-from pseudonymise.core.errors import TARGET_DATA_FIX, EscrowError, PolicyError, database_errors
+from pseudonymise.core.errors import TARGET_DATA_FIX, EscrowError, EscrowNotFoundError, PolicyError, database_errors
 from pseudonymise.core.escrow import EscrowReader, EscrowTables, EscrowWriter, purge
 from pseudonymise.core.plan import Sink, Transfer
 from pseudonymise.core.policy import ColumnPolicy, ColumnRule
@@ -295,9 +295,11 @@ def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Map
                         stats.values_pseudonymised += len(revealed.values)
                         not_found += len(revealed.not_found)
                     if require_all and not_found:
-                        raise EscrowError(
-                            f"{not_found} pseudonym(s) have no escrow (unknown, purged after retention, or of "
-                            "another project); nothing was written"
+                        looked_up = not_found + stats.values_pseudonymised
+                        share = f"none of the {looked_up}" if not_found == looked_up else f"{not_found} of the {looked_up}"
+                        raise EscrowNotFoundError(
+                            f"{share} distinct pseudonym(s) in the first {stats.rows_in:,} rows read have no escrow (unknown, "
+                            "purged after retention, or of another project); nothing was written"
                         )
                     sink.write(batch)
                     stats.rows_out += rows
