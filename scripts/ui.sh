@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # The Airflow UI with the plugin's pages and HTTP API, on the main job's world: run scripts/main.sh
 # first, then this, and open the printed address. Options: --work DIR (default var/example),
-# --port N (default 8080); anything else goes to `airflow api-server`.
+# --state DIR (where main.sh keeps the issuer and token; default: the work folder's name with -state),
+# --port N (default 8080); anything else goes to `airflow api-server`. PSEUDONYMISE_VENV: the virtual
+# environment (default .venv, as scripts/setup.sh makes it).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${PSEUDONYMISE_VENV:-$ROOT/.venv}"
 WORK="$ROOT/var/example"
+STATE=""
 PORT=8080
 EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --work) WORK="$(cd "$2" && pwd)"; shift 2 ;;
+        --state) STATE="$(cd "$2" && pwd)"; shift 2 ;;
         --port) PORT="$2"; shift 2 ;;
         *) EXTRA+=("$1"); shift ;;
     esac
 done
-if [ ! -f "$WORK/research.db" ] || [ ! -x "$ROOT/.venv/bin/airflow" ]; then
+STATE="${STATE:-$WORK-state}"
+if [ ! -f "$WORK/research.db" ] || [ ! -f "$STATE/research-a.token" ] || [ ! -x "$VENV/bin/airflow" ]; then
     echo "error: no $WORK/research.db: run 'bash scripts/main.sh' first" >&2
     exit 1
 fi
@@ -27,12 +33,12 @@ export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="${AIRFLOW__CORE__SIMPLE_AUTH_MA
 export AIRFLOW_CONN_RESEARCH_DB="{\"conn_type\": \"sqlite\", \"host\": \"$WORK/research.db\"}"
 export AIRFLOW__PSEUDONYMISE__AUDIT_CONN_ID=research_db
 # The research project's token connection, as the example DAG has it, so the HTTP API can use it.
-AIRFLOW_CONN_PSEUDONYMISE_RESEARCH="$(PSEUDONYMISE_STORE="$WORK/issuer" "$ROOT/.venv/bin/python" - "$WORK" <<'PY'
+AIRFLOW_CONN_PSEUDONYMISE_RESEARCH="$(PSEUDONYMISE_STORE="$STATE/issuer" "$VENV/bin/python" - "$STATE" <<'PY'
 import json, pathlib, subprocess, sys
-work = pathlib.Path(sys.argv[1])
-jwks = subprocess.run([str(pathlib.Path(sys.executable).parent / "pseudonymise"), "issuer", "public-key"],
+state = pathlib.Path(sys.argv[1])
+jwks = subprocess.run([sys.executable, "-m", "pseudonymise.cli", "issuer", "public-key"],
                       capture_output=True, text=True, check=True).stdout
-print(json.dumps({"conn_type": "pseudonymise", "password": (work / "research-a.token").read_text().strip(),
+print(json.dumps({"conn_type": "pseudonymise", "password": (state / "research-a.token").read_text().strip(),
                   "extra": {"issuer_keys": jwks, "project": "research-a"}}))
 PY
 )"
@@ -40,4 +46,4 @@ export AIRFLOW_CONN_PSEUDONYMISE_RESEARCH
 
 echo "==> http://127.0.0.1:$PORT/pseudonymise/audit (Airflow UI: http://127.0.0.1:$PORT, Plugins > Pseudonymisation)"
 echo "==> sign in as admin; the password is printed below and kept in $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
-exec "$ROOT/.venv/bin/airflow" api-server --host "${HOST:-127.0.0.1}" --port "$PORT" "${EXTRA[@]}"
+exec "$VENV/bin/airflow" api-server --host "${HOST:-127.0.0.1}" --port "$PORT" "${EXTRA[@]}"

@@ -882,7 +882,7 @@ def test_audit_show_prints_no_none(cli: Cli, tmp_path: Path) -> None:
 
 def test_messages_speak_of_token_files_and_databases_not_connections(cli: Cli, tmp_path: Path) -> None:
     """The core's advice is written for Airflow connections; the CLI names its own things."""
-    empty = tmp_path / "empty.token"
+    empty = tmp_path / "blank-token.txt"
     empty.write_text("\n", encoding="utf-8")
     other = tmp_path / "other-issuer"
     subprocess.run([sys.executable, "-m", "pseudonymise.cli", "--store", str(other), "issuer", "init", "--issuer-id",
