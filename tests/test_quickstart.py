@@ -21,6 +21,6 @@ def test_main_job_runs_the_example_dag_on_sqlite(tmp_path: Path) -> None:
     assert "rows in (hospital source) 24, rows out (research table) 24" in out
     assert "audit chain verified: 2 rows" in out
     assert "pseudonymise success" in out
-    token = (tmp_path / "example" / "research-a.token").read_text().strip()
+    token = (tmp_path / "example-state" / "research-a.token").read_text().strip()  # kept between runs
     assert token not in out and token not in proc.stderr
     assert token not in (tmp_path / "example" / "dags-test.log").read_text()

@@ -436,6 +436,14 @@ def test_audit_rows_newest_first_with_filters(api: Api, audit_db: AuditDb, token
 
     everything = get()
     assert [r["seq"] for r in everything] == [7, 6, 5, 4, 3, 2, 1]
+    # columns and details are the JSON they hold, not JSON strings inside JSON (issue 16)
+    stored = {r["seq"]: r for r in audit_db.store.audit.iter_rows()}
+    for row in everything:
+        assert row["columns"] is None or row["columns"] == json.loads(stored[row["seq"]]["columns"])
+        assert row["details"] is None or row["details"] == json.loads(stored[row["seq"]]["details"])
+    finished = [r for r in everything if r["outcome"] == "success"]
+    assert finished and all(isinstance(r["columns"], list) and isinstance(r["details"], dict) for r in finished)
+    assert all(isinstance(v, str) for r in finished for v in r["columns"])
     assert {r["use_id"] for r in get(dag_id="dag_a")} == {uses["a1"], uses["a2"]}
     assert {r["use_id"] for r in get(dag_id="dag_a", task_id="t2", run_id="r1", map_index="3")} == {uses["a2"]}
     assert get(dag_id="dag_a", map_index="4") == []

@@ -71,13 +71,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_example.py"), "--work", str(work)],
                          capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    state = work.with_name("example-state")  # where run_example.py keeps the issuer and the token
     jwks = subprocess.run([str(BIN / "pseudonymise"), "issuer", "public-key"], capture_output=True, text=True,
-                          check=True, env={**os.environ, "PSEUDONYMISE_STORE": str(work / "issuer")}).stdout
+                          check=True, env={**os.environ, "PSEUDONYMISE_STORE": str(state / "issuer")}).stdout
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PSEUDONYMISE"))}
+    env["PSEUDONYMISE_VENV"] = sys.prefix  # ui.sh runs this interpreter's Airflow (default: the repository's .venv)
     # A connection naming the wrong project, for a use the API must refuse (and audit).
     env["AIRFLOW_CONN_PSEUDONYMISE_MISCONFIGURED"] = json.dumps({
-        "conn_type": "pseudonymise", "password": (work / "research-a.token").read_text().strip(),
+        "conn_type": "pseudonymise", "password": (state / "research-a.token").read_text().strip(),
         "extra": {"issuer_keys": jwks, "project": "research-b"}})
     log = work / "api-server.log"
     with open(log, "w") as out:  # as the README says, through scripts/ui.sh
@@ -115,6 +117,26 @@ def _screenshot(page: Any, name: str) -> None:
         shutil.copyfile(ARTIFACTS / f"{name}.png", SCREENSHOTS / f"{name}.png")
 
 
+#: what `fits` evaluates: the page has no horizontal scroll bar, and no table needs its container's
+FITS = """() => {
+    const root = document.documentElement;
+    const wraps = Array.from(document.querySelectorAll('.table-wrap'));
+    return {page: [root.scrollWidth, root.clientWidth],
+            tables: wraps.map(w => [w.firstElementChild.id, w.scrollWidth, w.clientWidth])};
+}"""
+
+
+def fits(page: Any, name: str, tables_whole: bool = True) -> None:
+    """No horizontal overflow of the page (issue 16: the audit table overflowed its header); with
+    ``tables_whole``, every table shows all its columns without scrolling inside its container."""
+    measured = page.evaluate(FITS)
+    scroll, client = measured["page"]
+    assert scroll <= client, f"{name}: the page is {scroll} px wide in a {client} px window"
+    if tables_whole:
+        for table, width, room in measured["tables"]:
+            assert width <= room, f"{name}: table #{table} needs {width} px of {room}: columns are cut"
+
+
 def test_the_dag_runs_audit_in_the_browser(server: Server) -> None:
     try:
         from playwright.sync_api import expect, sync_playwright
@@ -131,7 +153,7 @@ def test_the_dag_runs_audit_in_the_browser(server: Server) -> None:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(viewport={"width": 1400, "height": 860})
+            context = browser.new_context(viewport={"width": 1280, "height": 860})
             page = context.new_page()
             page.set_default_timeout(30_000)
 
@@ -168,6 +190,7 @@ def test_the_dag_runs_audit_in_the_browser(server: Server) -> None:
             assert rows.nth(1).get_attribute("data-use-id") == made["use_id"]
             expect(rows.nth(2)).to_contain_text(dag_id)
             expect(rows.nth(2)).to_contain_text("success")
+            fits(page, "audit trail")
             _screenshot(page, "audit-trail")
 
             # The task instance's extra link, as Airflow serves it, lands on that instance's uses.
@@ -182,6 +205,7 @@ def test_the_dag_runs_audit_in_the_browser(server: Server) -> None:
             assert [rows.nth(i).get_attribute("data-use-id") for i in range(rows.count())] == run_uses
             assert {(rows.nth(i).get_attribute("data-task-id"), rows.nth(i).get_attribute("data-map-index"))
                     for i in range(rows.count())} == {(task_id, str(map_index))}
+            fits(page, "task view")
             _screenshot(page, "task-view")
 
             # The same view as a tab of the task instance in the Airflow UI (the plugin's external view).
@@ -191,6 +215,14 @@ def test_the_dag_runs_audit_in_the_browser(server: Server) -> None:
             framed = page.frame_locator("iframe").locator("tr.use")
             expect(framed).to_have_count(len(run_uses))
             assert framed.first.get_attribute("data-use-id") == run_uses[0]
+            # every column shows in the tab (it cut them after "In"), each header inside the frame
+            frame = next(f for f in page.frames if "/pseudonymise/audit" in f.url)
+            fits(frame, "task instance tab")
+            headers = frame.evaluate("() => Array.from(document.querySelectorAll('#uses th')).map(th => "
+                                     "[th.textContent, th.getBoundingClientRect().right])")
+            room = frame.evaluate("() => document.documentElement.clientWidth")
+            assert [h for h, _ in headers][-5:] == ["In", "Out", "NULL", "Escrow", "Error"]
+            assert all(right <= room for _, right in headers), (headers, room)
             _screenshot(page, "airflow-task-tab")
 
             page.goto(f"{server.base}/pseudonymise/tokens")
@@ -198,12 +230,14 @@ def test_the_dag_runs_audit_in_the_browser(server: Server) -> None:
             expect(tokens).to_have_count(1)
             expect(tokens.first).to_have_attribute("data-state", "valid")
             expect(page.locator("#escrow")).to_contain_text("research-a")
+            fits(page, "tokens")
             _screenshot(page, "tokens")
 
             page.goto(f"{server.base}/pseudonymise/charts")
             expect(page.locator("#daily-chart rect[data-outcome='success']")).to_have_count(1)
             expect(page.locator("#project-chart rect[data-project='research-a']")).to_have_attribute(
                 "data-rows", str(24 + 1))
+            fits(page, "charts")
             _screenshot(page, "charts")
         finally:
             browser.close()

@@ -12,6 +12,7 @@ appear only in the answer to an enabled, authorised reversal.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -93,13 +94,17 @@ class BatchResponse(BaseModel):
     records: list[dict[str, Any]]
 
 
+#: The audit columns stored as JSON text, given by the API as the JSON they hold (a list, an object).
+JSON_COLUMNS: dict[str, Any] = {"columns": list[str], "details": dict[str, Any]}
+
+
 def _audit_row_model() -> type[BaseModel]:
     """The API's audit row, derived from the audit's one schema (:data:`pseudonymise.core.audit.SCHEMA`)."""
     required = {"seq", "use_id", "event", "recorded_at"}
     types: dict[str, Any] = {"id": int, "instant": datetime, "int": int, "text": str, "long_text": str}
     fields: dict[str, Any] = {}
     for column in SCHEMA:
-        kind = types[column.kind]
+        kind = JSON_COLUMNS.get(column.name, types[column.kind])
         fields[column.name] = ((kind, Field(description=column.description)) if column.name in required
                                else (kind | None, Field(None, description=column.description)))
     fields["prev_hash"] = (str, Field(description="row_hash of the previous row (64 zeros for the first)."))
@@ -108,6 +113,12 @@ def _audit_row_model() -> type[BaseModel]:
 
 
 AuditRow = _audit_row_model()
+
+
+def api_row(row: dict[str, Any]) -> Any:
+    """An audit row as the API gives it: ``columns`` and ``details`` as the JSON they hold. ``row_hash``
+    covers the stored text, which is ``json.dumps`` of ``columns`` and ``json.dumps(details, sort_keys=True)``."""
+    return AuditRow.model_validate({**row, **{name: json.loads(row[name]) for name in JSON_COLUMNS if row.get(name)}})
 
 
 class AuditRowsResponse(BaseModel):
@@ -360,9 +371,11 @@ def audit_rows(flt: TrailFilterDep, store: StoreDep, scope: DagScopeDep, cfg: Co
                offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
                limit: Annotated[int, Query(ge=1, description="At most [pseudonymise] api_max_rows.")] = 100) -> Any:
     """The audit rows (``started`` and ``finished``) matching the filters, of the DAGs you may read
-    and of uses outside any DAG; the same filters as the audit page."""
+    and of uses outside any DAG; the same filters as the audit page. ``columns`` is a JSON list and
+    ``details`` a JSON object (``row_hash`` covers them as stored: ``json.dumps(columns)`` and
+    ``json.dumps(details, sort_keys=True)``)."""
     rows = Trail(store, scope).rows(flt, offset, min(limit, cfg.api_max_rows))
-    return AuditRowsResponse(rows=[AuditRow.model_validate(r) for r in rows], offset=offset,
+    return AuditRowsResponse(rows=[api_row(r) for r in rows], offset=offset,
                              limit=min(limit, cfg.api_max_rows))
 
 
