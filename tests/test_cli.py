@@ -696,6 +696,8 @@ def test_a_missing_audit_database_is_an_error_and_nothing_is_created(cli: Cli, t
     proc = cli.run(*command, "--db", f"sqlite:///{missing}", expect=1)
     assert proc.stderr.startswith(f"error: no audit database at '{missing}'") and "--db" in proc.stderr
     assert not missing.exists() and list(tmp_path.iterdir()) == []
+    if command[:2] != ("audit", "verify"):  # the rest once: every command goes through the same check
+        return
     default = cli.run(*command, env={"PSEUDONYMISE_DB": f"sqlite:///{missing}"}, expect=1)
     assert "no audit database" in default.stderr and not missing.exists()
     other = tmp_path / "other.db"

@@ -113,6 +113,7 @@ def test_rewrite_and_a_forged_checkpoint_are_named(tmp_path: Path, issuer: Issue
 
 def test_missing_keys_and_bad_witness_specs_say_how_to_fix_them(tmp_path: Path, keys: dict[str, Any]) -> None:
     db = f"sqlite:///{tmp_path / 'pseudonymise.db'}"
+    AuditLog(sa.create_engine(db)).create()  # an empty audit (a missing database is refused first: test_cli.py)
     proc = run("audit", "checkpoint", "--db", db, "--witness", tmp_path / "w.jsonl", cwd=tmp_path, expect=1)
     assert "no audit signing key: pass --signing-key FILE" in proc.stderr
     proc = run("audit", "verify", "--db", db, "--witness", tmp_path / "w.jsonl", cwd=tmp_path, expect=1)
