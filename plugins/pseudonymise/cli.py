@@ -829,7 +829,7 @@ def _add_file_args(p: argparse.ArgumentParser, policy: bool) -> None:
 
 
 #: The example of the whole tool: from nothing to a pseudonymised copy of the shipped sample, run from the
-#: repository's root (tests/cli/test_help_examples.py runs it, and every other example, on the shipped files).
+#: repository's root (tests/test_cli_help.py runs it, and every other example, on the shipped files).
 WALKTHROUGH = """\
 pseudonymise issuer init --issuer-id my-org
 pseudonymise project create research-a --method reversible --retention 1y
