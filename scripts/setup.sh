@@ -173,7 +173,8 @@ setup_venv() {
     local requirements want marker
     requirements="$(requirements_file)"
     marker="$VENV/.installed-$(basename "$requirements" .txt)"
-    want="$(cat "$requirements" pyproject.toml setup.py plugins/pseudonymise/core/_native.c | sha256sum | cut -d' ' -f1)"
+    # every requirements file: requirements.txt may include the others with -r
+    want="$(cat "$requirements" requirements*.txt pyproject.toml setup.py plugins/pseudonymise/core/_native.c | sha256sum | cut -d' ' -f1)"
     if [ "$(cat "$marker" 2>/dev/null || true)" = "$want" ]; then
         return 0
     fi
