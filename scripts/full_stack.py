@@ -51,7 +51,8 @@ class FullStack:
     """
 
     def __init__(self, workdir: Path | None = None, *, parallelism: int = 8, dags_folder: Path | None = None,
-                 executor: str = "local", workers: int = 2, concurrency: int = 4) -> None:
+                 executor: str = "local", workers: int = 2, concurrency: int = 4,
+                 users: dict[str, str] | None = None, triggerer: bool = False) -> None:
         if executor not in EXECUTORS:
             raise ValueError(f"executor {executor!r} is unknown; use one of {', '.join(EXECUTORS)}")
         self.work = Path(workdir or tempfile.mkdtemp(prefix="pseudonymise-stack-"))
@@ -61,6 +62,11 @@ class FullStack:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.pg = self.bao = self.redis = None
         self.api_token: str | None = None
+        #: user name -> role of the simple auth manager: ``admin``, the ``airflow_api`` connection's reader
+        #: of approvals (a viewer), and those asked for
+        self.users = {"admin": "admin", "approvals-reader": "viewer", **(users or {})}
+        self.user_tokens: dict[str, str] = {}
+        self.with_triggerer = triggerer
 
     # --- setup ------------------------------------------------------------------------------
     def start(self) -> FullStack:
@@ -77,11 +83,12 @@ class FullStack:
         if self.executor == "celery":
             self.redis = start_redis()
         self.port = free_port()
-        self.password = secrets.token_urlsafe(12)
-        (self.work / "passwords.json").write_text(json.dumps({"admin": self.password}))
+        self.passwords = {user: secrets.token_urlsafe(12) for user in self.users}
+        self.password = self.passwords["admin"]
+        (self.work / "passwords.json").write_text(json.dumps(self.passwords))
         self.env = self._airflow_env()
         self._run("db", "migrate")
-        for name in ("api-server", "scheduler", "dag-processor"):
+        for name in ("api-server", "scheduler", "dag-processor", *(["triggerer"] if self.with_triggerer else [])):
             self._spawn(name, [name] + (["--port", str(self.port)] if name == "api-server" else []))
         for hostname in self.worker_hostnames:
             self._spawn(hostname, *self._celery_worker(hostname))
@@ -149,6 +156,10 @@ class FullStack:
         client = hvac.Client(url=self.bao.addr, token=self.bao.token)
         client.secrets.kv.v2.create_or_update_secret(path="connections/pseudonymise_research", secret=conn,
                                                      mount_point="secret")
+        # the reverse token of the same project, for the four-eyes reversal DAG
+        reverse = {**conn, "password": issuer.issue("research-a", "reverse")}
+        client.secrets.kv.v2.create_or_update_secret(path="connections/pseudonymise_research_reverse",
+                                                     secret=reverse, mount_point="secret")
 
     def _airflow_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PSEUDONYMISE"))}
@@ -163,7 +174,7 @@ class FullStack:
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor" if self.executor == "celery" else "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in self.users.items()),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.work / "passwords.json"),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{self.port}/execution/",
             "AIRFLOW__API__PORT": str(self.port),
@@ -178,6 +189,10 @@ class FullStack:
             "AIRFLOW__PSEUDONYMISE__AUDIT_CONN_ID": "research_db",
             "AIRFLOW_CONN_HOSPITAL_DB": pg("hospital"),
             "AIRFLOW_CONN_RESEARCH_DB": pg("research"),
+            # the REST API as the reversal DAG reads its four-eyes approval (a viewer user)
+            "AIRFLOW_CONN_AIRFLOW_API": json.dumps({"conn_type": "http", "host": "http://127.0.0.1", "port": self.port,
+                                                    "login": "approvals-reader",
+                                                    "password": self.passwords["approvals-reader"]}),
         })
         if self.redis is not None:
             env.update({
@@ -202,15 +217,26 @@ class FullStack:
         return proc.stdout
 
     # --- REST API ---------------------------------------------------------------------------
-    def request(self, method: str, path: str, body: Any = None, auth: bool = True) -> Any:
+    def request(self, method: str, path: str, body: Any = None, auth: bool = True, user: str = "admin") -> Any:
+        """A REST call as ``user`` (one of :attr:`users`), JSON in and out."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
         req.add_header("Content-Type", "application/json")
         if auth:
-            req.add_header("Authorization", f"Bearer {self.api_token}")
+            req.add_header("Authorization", f"Bearer {self.token_for(user)}")
         with urllib.request.urlopen(req, timeout=30) as resp:
             text = resp.read().decode()
         return json.loads(text) if text else None
+
+    def token_for(self, user: str) -> str:
+        """The API JWT of ``user`` (logged in once)."""
+        if user == "admin" and self.api_token:
+            return self.api_token
+        if user not in self.user_tokens:
+            self.user_tokens[user] = self.request("POST", "/auth/token", {"username": user,
+                                                                          "password": self.passwords[user]},
+                                                  auth=False)["access_token"]
+        return self.user_tokens[user]
 
     def _wait_for_api(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -237,9 +263,11 @@ class FullStack:
                 time.sleep(2)
         raise RuntimeError(f"DAG {dag_id} was not parsed within {timeout} s")
 
-    def trigger(self, dag_id: str, logical_date: str, conf: dict[str, Any] | None = None) -> str:
+    def trigger(self, dag_id: str, logical_date: str | None, conf: dict[str, Any] | None = None,
+                user: str = "admin") -> str:
+        """Trigger a run of ``dag_id`` as ``user`` through the REST API; its run id."""
         body: dict[str, Any] = {"logical_date": logical_date, **({"conf": conf} if conf else {})}
-        return self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", body)["dag_run_id"]
+        return self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", body, user=user)["dag_run_id"]
 
     def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 600, poll: float = 1) -> dict[str, Any]:
         """Wait until the DAG run ``run_id`` has ended (success or failed) and return it."""

@@ -23,8 +23,10 @@ from urllib.parse import urlencode
 from airflow.sdk import Asset, BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from pseudonymise.core.approval import Approval
 from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.errors import (
+    ApprovalError,
     ErasureError,
     PolicyError,
     PseudonymiseError,
@@ -34,7 +36,14 @@ from pseudonymise.core.errors import (
 )
 from pseudonymise.core.files import open_source
 from pseudonymise.core.locks import ensure_lock_table
-from pseudonymise.core.pipeline import Store, run_pseudonymisation, run_purge, run_rekey, run_reversal
+from pseudonymise.core.pipeline import (
+    Store,
+    record_refusal,
+    run_pseudonymisation,
+    run_purge,
+    run_rekey,
+    run_reversal,
+)
 from pseudonymise.core.plan import (
     Destination,
     FileDestination,
@@ -50,7 +59,13 @@ from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.pseudonymiser import Stats
 from pseudonymise.core.sql import TableTarget, table_query
 from pseudonymise.core.use import RunContext
-from pseudonymise.hooks import ObjectStorageHook, PseudonymisationTokenHook, SqlDataHook, is_object_storage
+from pseudonymise.hooks import (
+    AirflowApprovalHook,
+    ObjectStorageHook,
+    PseudonymisationTokenHook,
+    SqlDataHook,
+    is_object_storage,
+)
 
 AUDIT_PAGE = "/pseudonymise/audit"
 
@@ -102,7 +117,7 @@ def _failing_the_task() -> Iterator[None]:
     that cannot be reached, a full disk) propagate as they are, so the task's ``retries`` apply."""
     try:
         yield
-    except (TokenError, PolicyError) as exc:
+    except (TokenError, PolicyError, ApprovalError) as exc:
         raise _task_failure(exc) from exc
 
 
@@ -181,8 +196,8 @@ class BaseDataOperator(BaseOperator):
                  target_conn_id: str | None = None, target_table: str | None = None, target_schema: str | None = None,
                  target_path: str | None = None, target_format: str | None = None,
                  write_mode: str = "append", partition_column: str | None = None,
-                 partition_start: Any = "{{ data_interval_start | ds }}",
-                 partition_end: Any = "{{ data_interval_end | ds }}",
+                 partition_start: Any = "{{ data_interval_start | ds if data_interval_start is defined and data_interval_start else '' }}",
+                 partition_end: Any = "{{ data_interval_end | ds if data_interval_end is defined and data_interval_end else '' }}",
                  upsert_key: Sequence[str] | None = None, create_table: bool = True, batch_size: int = 50_000,
                  audit_conn_id: str | None = None, audit_table: str = "pseudonymise_audit",
                  audit_schema: str | None = None, storage_conn_id: str | None = None,
@@ -270,8 +285,11 @@ class BaseDataOperator(BaseOperator):
         return TableDestination(target, SeparateTransaction(self.get_db_hook(self.target_conn_id).get_engine()))
 
     def _table_target(self) -> TableTarget:
+        # a run without a data interval (triggered with no logical date) renders the defaults empty
         return TableTarget(self.target_table, self.target_schema, self.write_mode, self.partition_column,  # type: ignore[arg-type]
-                           self.partition_start, self.partition_end, self.upsert_key, self.create_table)
+                           self.partition_start if self.partition_start != "" else None,
+                           self.partition_end if self.partition_end != "" else None, self.upsert_key,
+                           self.create_table)
 
 
 class PseudonymiseOperator(BaseDataOperator):
@@ -393,12 +411,22 @@ class CreateTargetTableOperator(PseudonymiseOperator):
 class ReversePseudonymsOperator(BaseDataOperator):
     """Reveal the originals of chosen pseudonyms with a ``reverse`` token, into a target the DAG names.
 
-    The audit ``started`` row (with the user who triggered the run) commits before anything is
-    revealed; originals go only to the target, never to XCom or the log. Reads with a cursor and
-    writes with ``INSERT`` on PostgreSQL too.
+    Four eyes: by default the operator runs only when the run's ``approval_task_id`` (an
+    ``ApprovalOperator`` upstream, Airflow's human-in-the-loop) was answered *Approve* by a user other
+    than the one who triggered the run, as the Airflow API server recorded both (read with
+    :class:`~pseudonymise.hooks.AirflowApprovalHook` through ``airflow_api_conn_id``). Otherwise it fails
+    before the token is read, audited ``denied``. The requester, the approver and the reason are in the
+    audit row of the reversal. The audit ``started`` row (with the user who triggered the run) commits
+    before anything is revealed; originals go only to the target, never to XCom or the log. Reads with a
+    cursor and writes with ``INSERT`` on PostgreSQL too.
 
     :param pseudonym_columns: the columns of the source that hold pseudonyms to reverse (templated).
     :param pseudonymise_conn_id: the ``pseudonymise`` connection holding the reverse token (required).
+    :param reason: why the originals are needed, as the requester gave it (templated; required with four eyes).
+    :param approval_task_id: the approval task of the same run (default ``approve_reversal``).
+    :param airflow_api_conn_id: the Airflow REST API connection the approval is read through.
+    :param require_approval: ``False`` waives four eyes for this task; the waiver is logged as a warning and
+        recorded in the audit row (``four_eyes.via = "waived"``), for a DPO to see.
     :param require_all: fail, writing nothing, if a pseudonym has no escrow (unknown, or purged).
     :param write_mode: as :class:`BaseDataOperator`, but ``replace`` by default.
     :param batch_size: rows per batch (default 10,000).
@@ -406,23 +434,55 @@ class ReversePseudonymsOperator(BaseDataOperator):
     The other source, target and audit parameters are those of :class:`BaseDataOperator`.
     """
 
-    template_fields: Sequence[str] = (*BaseDataOperator.template_fields, "pseudonym_columns")
+    template_fields: Sequence[str] = (*BaseDataOperator.template_fields, "pseudonym_columns", "reason")
     ui_color = "#ffd6a5"
 
     def __init__(self, *, pseudonym_columns: Sequence[str], pseudonymise_conn_id: str, require_all: bool = False,
+                 reason: str | None = None, approval_task_id: str | None = "approve_reversal",
+                 airflow_api_conn_id: str = "airflow_api", require_approval: bool = True,
                  write_mode: str = "replace", batch_size: int = 10_000, **kwargs: Any) -> None:
         super().__init__(pseudonymise_conn_id=pseudonymise_conn_id, write_mode=write_mode, batch_size=batch_size,
                          **kwargs)
-        self.pseudonym_columns, self.require_all = pseudonym_columns, require_all
+        if require_approval and not approval_task_id:
+            raise ValueError(f"{self.task_id}: four eyes needs approval_task_id (an ApprovalOperator of the same "
+                             "DAG); or waive it with require_approval=False, which the audit records")
+        self.pseudonym_columns, self.require_all, self.reason = pseudonym_columns, require_all, reason
+        self.approval_task_id, self.airflow_api_conn_id = approval_task_id, airflow_api_conn_id
+        self.require_approval = require_approval
+
+    def _approval(self, context: Mapping[str, Any], run: RunContext) -> Approval:
+        reason = (self.reason or "").strip() or None
+        if not self.require_approval:
+            self.log.warning("four eyes WAIVED for this reversal (require_approval=False); the audit records it")
+            return Approval(requester=run.triggered_by or "", approver="", reason=reason, approved_at=None,
+                            via="waived", reference=self.task_id)
+        if reason is None:
+            raise ApprovalError("a reversal needs a reason (the operator's reason, e.g. from the run's params); "
+                                "the approver decides on it and the audit records it")
+        assert self.approval_task_id is not None
+        ti = context["ti"]
+        return AirflowApprovalHook(self.airflow_api_conn_id).approval(
+            ti.dag_id, ti.run_id, self.approval_task_id, reason=reason)
 
     def execute(self, context: Any) -> dict[str, Any]:
         with _failing_the_task():
+            run = self.run_context(context)
+            try:
+                approval = self._approval(context, run)
+            except ApprovalError as exc:
+                use_id = record_refusal(self.store, "reverse", exc, run, columns=list(self.pseudonym_columns),
+                                        details={"four_eyes": {"requester": run.triggered_by,
+                                                               "reason": (self.reason or "").strip() or None,
+                                                               "approval_task_id": self.approval_task_id}})
+                self.log.error("reverse refused without four eyes; audit use %s", use_id)
+                raise
             transfer = self.plan(None, use_copy=False)
-            summary = run_reversal(self.store, self.token_hook, list(self.pseudonym_columns), transfer,
-                                   self.run_context(context), require_all=self.require_all)
-        self.log.info("reverse: %d rows, %d pseudonyms revealed, %d without escrow; audit use %s",
-                      summary.counts["rows_in"], summary.counts["values_pseudonymised"],
-                      summary.counts["not_found"], summary.use_id)
+            summary = run_reversal(self.store, self.token_hook, list(self.pseudonym_columns), transfer, run,
+                                   require_all=self.require_all, approval=approval)
+        self.log.info("reverse: %d rows, %d pseudonyms revealed, %d without escrow; requested by %s, approved by "
+                      "%s; audit use %s", summary.counts["rows_in"], summary.counts["values_pseudonymised"],
+                      summary.counts["not_found"], approval.requester or "-", approval.approver or "(waived)",
+                      summary.use_id)
         return summary.as_dict()
 
 

@@ -209,10 +209,28 @@ def test_secondary_reverse_and_purge_example_dags(world: dict[str, Any], tmp_pat
     picked = sorted({r[0] for r in research})[:3]
     requests.write_text("patient_id\n" + "\n".join(picked) + "\nunknownpseudonym\n")
     output = tmp_path / "revealed.csv"
-    run = world["airflow"].dags_test("pseudonymise_audit_reversal", "2026-11-04", connections,
-                                     dags_folder=EXAMPLE_DAGS,
-                                     conf={"requests_file": str(requests), "output_file": str(output)})
+    # The example reversal DAG waits for a person's approval (tests/stack/test_four_eyes.py runs it with the
+    # API server); here the operator alone. First four eyes, with no API server to read the approval from:
+    # refused before the token is read, audited denied, nothing written.
+    reveal = {"operator": "ReversePseudonymsOperator", "task_id": "reveal",
+              "pseudonymise_conn_id": "pseudonymise_research_reverse", "pseudonym_columns": ["patient_id"],
+              "source_path": str(requests), "target_path": str(output), "audit_conn_id": "research_db",
+              "reason": "check of a data quality complaint", "airflow_api_conn_id": "airflow_api"}
+    api_down = {**connections, "airflow_api": {"conn_type": "http", "host": "http://127.0.0.1", "port": 9,
+                                               "login": "viewer", "password": "not-a-real-password"}}
+    run = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", api_down, spec={"tasks": [reveal]})
+    assert run.returncode != 0 and not output.exists()
+    assert "is unreachable" in run.output and "not-a-real-password" not in run.output
+    refused = [a for a in audit_rows(world["urls"]["research"]) if a["operation"] == "reverse"]
+    assert [a["outcome"] for a in refused][-2:] == ["started", "denied"]
+    assert refused[-1]["token_jti"] is None and refused[-1]["error_class"] == "ApprovalUnavailableError"
+    assert json.loads(refused[-1]["details"])["four_eyes"]["reason"] == "check of a data quality complaint"
+
+    # Four eyes waived by the DAG (require_approval=False): it runs, and the audit says it was waived.
+    run = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", connections,
+                                     spec={"tasks": [{**reveal, "require_approval": False}]})
     assert run.returncode == 0, run.output[-3000:]
+    assert "four eyes WAIVED" in run.output
     revealed = [r["patient_id"] for r in csv.DictReader(output.open())]
     engine = sa.create_engine(world["urls"]["hospital"])
     with engine.connect() as conn:
@@ -221,9 +239,10 @@ def test_secondary_reverse_and_purge_example_dags(world: dict[str, Any], tmp_pat
     for value in revealed[:3]:
         assert value not in run.output  # originals go to the target only, never to the log
     audit = audit_rows(world["urls"]["research"])
-    reverse_rows = [a for a in audit if a["operation"] == "reverse"]
+    reverse_rows = [a for a in audit if a["operation"] == "reverse"][-2:]
     assert [a["outcome"] for a in reverse_rows] == ["started", "success"]
     assert reverse_rows[0]["seq"] < reverse_rows[1]["seq"]
+    assert json.loads(reverse_rows[1]["details"])["four_eyes"]["via"] == "waived"
 
     run = world["airflow"].dags_test("pseudonymise_retention_purge", "2026-11-04", connections,
                                      dags_folder=EXAMPLE_DAGS)

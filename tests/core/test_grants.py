@@ -9,8 +9,9 @@ from typing import Any, ClassVar
 
 import pytest
 import sqlalchemy as sa
+from pseudonymise.core.approval import ReverseRequests
 from pseudonymise.core.audit import AuditLog, AuditUse
-from pseudonymise.core.errors import AuditError, TokenRevokedError, TokenUsedUpError
+from pseudonymise.core.errors import ApprovalError, AuditError, TokenRevokedError, TokenUsedUpError
 from pseudonymise.core.escrow import reveal
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import Store, run_pseudonymisation
@@ -141,4 +142,45 @@ def test_use_limits_and_revocation_through_the_roles(pg_url: str, issuer: Issuer
     assert rows == [("reverse", "success", "pseudonymise_pipeline"), ("reverse", "denied", "pseudonymise_pipeline"),
                     ("revoke", "success", "pseudonymise_auditor"),
                     ("pseudonymise", "denied", "pseudonymise_pipeline")]
+    _drop_roles(pg_url, postgres, pipeline, auditor, viewer, owner)
+
+
+def test_the_pipeline_role_cannot_make_or_approve_a_reversal_request(pg_url: str, postgres: Any) -> None:
+    """Four eyes against the pipeline's database role: it may append audit rows (and so write a row that
+    *says* a request was approved), but the request table is not granted to it, so it can neither insert an
+    approved request nor approve a pending one, and its forged audit row approves nothing. The auditor role
+    (the API server's) runs the whole flow; the viewer only reads."""
+    owner = _grant(pg_url)
+    pipeline, auditor, viewer = (_as(pg_url, r) for r in ("pseudonymise_pipeline", "pseudonymise_auditor",
+                                                          "pseudonymise_viewer"))
+    values = {"id": ["a" * 26, "b" * 26]}
+    requests = ReverseRequests(AuditLog(auditor))
+    made = requests.submit(connection_id="rev", columns=["id"], batch=values, requester="alice", reason="SAR 12")
+    rid = made["request_id"]
+    for statement in (f"UPDATE pseudonymise_reverse_request SET status = 'approved', decided_by = 'bob' "
+                      f"WHERE request_id = '{rid}'",
+                      "INSERT INTO pseudonymise_reverse_request (request_id, connection_id, columns, pseudonym_digest, "
+                      "pseudonyms, require_all, requester, reason, status, created_at, expires_at) VALUES "
+                      "('00000000-0000-0000-0000-000000000001', 'rev', '[\"id\"]', 'x', 1, false, 'mallory', 'x', "
+                      "'approved', now(), now() + interval '1 day')",
+                      "SELECT * FROM pseudonymise_reverse_request"):
+        with pipeline.connect() as conn, pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+            conn.execute(sa.text(statement))
+    with viewer.connect() as conn, pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+        conn.execute(sa.text(f"UPDATE pseudonymise_reverse_request SET status = 'approved' WHERE request_id = '{rid}'"))
+    forged = AuditUse(operation="reverse_approve", context={"triggered_by": "bob"})
+    with pipeline.begin() as conn:  # the append function is the pipeline's right: the row goes in
+        AuditLog(pipeline).append(conn, {**forged.record(), "event": "started", "outcome": "started"})
+    with pytest.raises(ApprovalError, match="is pending, not approved"):
+        requests.claim(rid, connection_id="rev", user="alice", columns=["id"], batch=values)
+    with pytest.raises(ApprovalError, match="own requester"):
+        requests.decide(rid, user="ALICE ", approve=True)  # the same person, however the name is written
+    requests.decide(rid, user="bob", approve=True)
+    approval = requests.claim(rid, connection_id="rev", user="alice", columns=["id"], batch={"id": values["id"][::-1]})
+    assert (approval.requester, approval.approver, approval.reason) == ("alice", "bob", "SAR 12")
+    with pytest.raises(ApprovalError, match="being executed right now"):  # a second, concurrent execution
+        requests.claim(rid, connection_id="rev", user="alice", columns=["id"], batch=values)
+    requests.executed(rid, "use-1")
+    assert [r["state"] for r in ReverseRequests(AuditLog(viewer)).list()] == ["executed"]
+    assert AuditLog(owner).verify().ok
     _drop_roles(pg_url, postgres, pipeline, auditor, viewer, owner)

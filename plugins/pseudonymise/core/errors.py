@@ -183,6 +183,15 @@ class RetireRefusedError(PseudonymiseError):
     """Source rows were not retired: no verified load of their interval, or the source changed since."""
 
 
+class ApprovalError(PseudonymiseError):
+    """A reversal lacks the approval of a second person (four eyes): none recorded, rejected, given by the
+    requester, expired, already executed, or for other pseudonyms; nothing was revealed."""
+
+
+class ApprovalUnavailableError(ApprovalError, ServiceUnavailableError):
+    """The record of the approval (the Airflow API server) could not be reached; retrying may help."""
+
+
 class ErasureError(PseudonymiseError):
     """A subject erasure cannot be done as asked (randomised project by identifiers, no identifiers, a
     missing target); nothing was erased."""

@@ -29,6 +29,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from pseudonymise.core.approval import Approval, ReverseRequests
 from pseudonymise.core.audit import AuditLog, AuditUse
 from pseudonymise.core.checkpoint import CheckpointTable
 from pseudonymise.core.db import make_engine
@@ -50,6 +51,8 @@ class Store:
         self.engine = make_engine(engine) if isinstance(engine, str) else engine
         self.audit = AuditLog(self.engine, audit_table, schema)
         self.escrow = EscrowTables.define(self.audit.metadata, escrow_prefix, schema)
+        # created with the escrow tables on a new database; the HTTP API creates it on an older one
+        ReverseRequests.define(self.audit.metadata, schema)
 
     def create(self) -> None:
         self.audit.create()
@@ -253,7 +256,7 @@ def _writer(sink: Sink, escrow: EscrowWriter | None, conn: Connection, columns: 
 
 def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Mapping[str, str], transfer: Transfer,
                  run: RunContext | None = None, *, progress: Progress | None = None,
-                 require_all: bool = False) -> RunSummary:
+                 require_all: bool = False, approval: Approval | None = None) -> RunSummary:
     """Replace pseudonyms in ``columns`` by their originals; the audit ``started`` row commits first.
 
     ``columns`` may map each column to its pseudonymisation domain, which only escrow written before
@@ -262,6 +265,7 @@ def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Map
     having asked for the originals.
 
     :param require_all: fail, writing nothing, when a pseudonym has no escrow (unknown, or purged).
+    :param approval: the second person's approval (four eyes), recorded in the use's ``finished`` row.
     """
     domains = dict(columns) if isinstance(columns, Mapping) else dict.fromkeys(columns, "")
     columns = list(domains)
@@ -270,6 +274,8 @@ def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Map
     with TokenUse(store.audit, "reverse", tokens, kind="reverse", source=transfer.source_label,
                   target=transfer.target_label, columns=list(columns), run=run) as use:
         assert use.token is not None
+        if approval is not None:
+            use.details.update(approval.details())
         missing = [c for c in columns if c not in source.columns]
         if missing or not columns:
             raise PolicyError(
@@ -313,6 +319,19 @@ def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Map
                 sink.abort()
             raise
         return _summary(use, list(columns), counts)
+
+
+def record_refusal(store: Store, operation: str, error: BaseException, run: RunContext | None = None, *,
+                   source: str | None = None, target: str | None = None, columns: Sequence[str] | None = None,
+                   details: Mapping[str, Any] | None = None) -> str:
+    """Audit an attempted use refused before its token was read (a reversal without four eyes): a
+    ``started`` and a ``denied`` row; returns the use id. The caller raises ``error``."""
+    store.create()
+    use = AuditUse(operation=operation, source=source, target=target, columns=columns,
+                   context=(run or RunContext()).audit_fields())
+    store.audit.start(use)
+    store.audit.finish(use, "denied", error=error, details=details)
+    return use.use_id
 
 
 def run_purge(store: Store, run: RunContext | None = None, *, project: str | None = None,

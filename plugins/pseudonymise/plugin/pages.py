@@ -94,5 +94,18 @@ def charts_page(request: Request, store: StoreDep, scope: DagScopeDep,
                  daily=daily, projects=projects, colours=charts.OUTCOME_COLOURS)
 
 
+@router.get("/reverse-requests", name="requests_page", response_class=HTMLResponse, dependencies=[ReadAudit])
+def requests_page(request: Request, store: StoreDep, cfg: ConfigDep,
+                  state: Annotated[str | None, Query(max_length=16)] = None) -> HTMLResponse:
+    """Reversal requests of the HTTP API (four eyes): pending first in the filter, who asked, why, and the decision."""
+    from pseudonymise.plugin.api import reverse_requests
+
+    requests = reverse_requests(store, cfg)
+    requests.create()
+    rows = requests.list(status=state or None)
+    return _page(request, "reverse_requests.html", requests=rows, state=state or "", enabled=cfg.api_allow_reversal,
+                 ttl=cfg.reverse_request_ttl_minutes, pending=sum(r["state"] == "pending" for r in rows))
+
+
 def error_page(request: Request, status_code: int, message: str, login_url: str | None) -> HTMLResponse:
     return _page(request, "error.html", status_code=status_code, message=message, login_url=login_url)
