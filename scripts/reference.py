@@ -92,7 +92,6 @@ def _class_section(cls: type, level: str = "##") -> str:
 
 def operators_md() -> str:
     from airflow.sdk import BaseOperator
-
     from pseudonymise import operators
 
     parts = [HEADER + "# Operators\n\nEvery operator of `pseudonymise.operators`, in source order. Data operators "
@@ -103,7 +102,6 @@ def operators_md() -> str:
 
 def hooks_md() -> str:
     from airflow.sdk import BaseHook
-
     from pseudonymise import hooks
 
     parts = [HEADER + "# Hooks and connections\n\nEvery hook of `pseudonymise.hooks`; each says which connection "
