@@ -1,4 +1,4 @@
-"""The audited flows every entry point shares: pseudonymise, secondary, reverse, re-key and purge.
+"""The audited flows every entry point shares: pseudonymise, secondary, reverse, re-key, purge, dry run, risk report.
 
 Each flow takes a :class:`~pseudonymise.core.use.TokenSource` (where the token comes from), a
 :class:`~pseudonymise.core.plan.Transfer` planned by :func:`~pseudonymise.core.plan.plan_transfer`
@@ -38,7 +38,7 @@ from pseudonymise.core.escrow import EscrowReader, EscrowTables, EscrowWriter, p
 from pseudonymise.core.plan import SharedTransaction, Sink, TableDestination, Transfer
 from pseudonymise.core.policy import ColumnPolicy, ColumnRule
 from pseudonymise.core.pseudonymiser import Pseudonymiser, SecondaryPseudonymiser, Stats
-from pseudonymise.core.risk import MEMORY_GROUPS, PostgresRiskTap, RiskSpec, SpillRiskTap, gate
+from pseudonymise.core.risk import MEMORY_GROUPS, PostgresRiskTap, RiskReport, RiskSpec, SpillRiskTap, gate
 from pseudonymise.core.sql import reflect_table
 from pseudonymise.core.use import RunContext, TokenSource, TokenUse
 
@@ -470,6 +470,27 @@ def run_purge(store: Store, run: RunContext | None = None, *, project: str | Non
         store.audit.finish(use, "failed", error=exc)
         raise
     return RunSummary("purge", use.use_id, project, None, None, [], {"escrow_rows": deleted})
+
+
+def run_risk_report(store: Store, describe: Callable[[], RiskReport], run: RunContext | None = None, *,
+                    source: str | None = None, columns: Sequence[str] = ()) -> RiskReport:
+    """Describe a table's or file's re-identification risk (``describe`` computes it) as an audited
+    ``risk_report`` use: no token is used; the report (counts and column names, never a value) goes to the
+    ``finished`` row's details, where the plugin's risk page reads it."""
+    store.create()
+    use = AuditUse(operation="risk_report", source=source, columns=list(columns),
+                   context=(run or RunContext()).audit_fields())
+    store.audit.start(use)
+    try:
+        report = describe()
+    except BaseException as exc:
+        store.audit.finish(use, "failed", error=exc)
+        raise
+    store.audit.finish(use, "success", counts={"rows_in": report.figures.rows},
+                       details={"risk_report": report.as_dict()})
+    if run is not None and run.on_finished is not None:
+        run.on_finished(store.audit)
+    return report
 
 
 def run_rekey(store: Store, reverse_tokens: TokenSource, new_tokens: TokenSource, table: str,

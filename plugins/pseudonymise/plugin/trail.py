@@ -26,7 +26,8 @@ from pseudonymise.plugin.access import DagScope
 
 #: Outcomes a filter may ask for: a use's final outcome, or ``incomplete`` (started, never finished).
 USE_OUTCOMES = ("success", "failed", "denied", "incomplete")
-OPERATIONS = ("pseudonymise", "secondary", "reverse", "rekey", "purge", "verify", "revoke", "retire")
+OPERATIONS = ("pseudonymise", "secondary", "reverse", "rekey", "purge", "verify", "revoke", "retire", "dry_run",
+              "risk_report")
 _VERIFY_TTL_SECONDS = 60.0
 _verified: dict[tuple[str, str], tuple[float, tuple[Any, ...], VerifyResult]] = {}
 _verified_lock = threading.Lock()
