@@ -437,7 +437,7 @@ class RiskReport:
         return "\n".join(lines)
 
 
-def _subsets(qis: Sequence[str], max_qis: int) -> Iterator[tuple[int, ...]]:
+def _subsets(qis: Sequence[str]) -> Iterator[tuple[int, ...]]:
     for size in range(1, len(qis) + 1):
         yield from itertools.combinations(range(len(qis)), size)
 
@@ -460,13 +460,15 @@ def _check_report(spec: RiskSpec, columns: Sequence[str], max_qis: int, label: s
 
 
 def describe_table(conn: Connection, table: str | None, spec: RiskSpec, *, schema: str | None = None,
-                   query: str | None = None, label: str | None = None,
+                   query: str | None = None, parameters: Mapping[str, Any] | None = None, label: str | None = None,
                    max_quasi_identifiers: int = MAX_REPORT_QIS) -> RiskReport:
-    """The risk report of a table (or of a ``query``'s rows), by ``GROUP BY`` in its database."""
+    """The risk report of a table (or of a ``query``'s rows, with ``:name`` bind ``parameters``), by ``GROUP BY``
+    in its database."""
     prep = conn.dialect.identifier_preparer
+    bound = dict(parameters or {})
     if query is not None:
         source = f"({query}) AS src"
-        columns = list(conn.execute(sa.text(f"SELECT * FROM ({query}) AS q LIMIT 0")).keys())
+        columns = list(conn.execute(sa.text(f"SELECT * FROM ({query}) AS q LIMIT 0"), bound).keys())
     else:
         if table is None:
             raise PolicyError("risk report: name a table or a query")
@@ -479,12 +481,12 @@ def describe_table(conn: Connection, table: str | None, spec: RiskSpec, *, schem
     _check_report(spec, columns, max_quasi_identifiers, label)
     q = [prep.quote(c) for c in spec.quasi_identifiers]
     sensitive = prep.quote(spec.l_column) if spec.l_column else None
-    params = {"k": spec.k, "l": spec.l_min}
+    params = {**bound, "k": spec.k, "l": spec.l_min}
     classes = _classes(source, q, sensitive, weighted=False)
     figures = _figures(spec, conn.execute(sa.text(_summary_sql(classes, bool(sensitive))), params).one())
-    sizes = conn.execute(sa.text(_histogram_sql(classes))).all()
+    sizes = conn.execute(sa.text(_histogram_sql(classes)), bound).all()
     combos = []
-    for positions in _subsets(spec.quasi_identifiers, max_quasi_identifiers):
+    for positions in _subsets(spec.quasi_identifiers):
         sub = _classes(source, [q[i] for i in positions], None, weighted=False)
         sub_spec = RiskSpec(tuple(spec.quasi_identifiers[i] for i in positions), spec.k)
         combos.append(_combination(spec, positions, _figures(sub_spec, conn.execute(
@@ -506,7 +508,7 @@ def describe_batches(batches: Iterable[Any], columns: Sequence[str], spec: RiskS
         classes = _classes("counts", counts.qcols, spec.l_column, weighted=True)
         sizes = counts.query(_histogram_sql(classes))
         combos = []
-        for positions in _subsets(spec.quasi_identifiers, max_quasi_identifiers):
+        for positions in _subsets(spec.quasi_identifiers):
             sub_spec = RiskSpec(tuple(spec.quasi_identifiers[i] for i in positions), spec.k)
             combos.append(_combination(spec, positions, _spill_figures(counts, sub_spec, positions)))
         return RiskReport(label, figures, _bin_histogram(sizes, spec.k), combos)
