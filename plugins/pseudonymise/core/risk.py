@@ -154,7 +154,8 @@ class RiskFigures:
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {**self.spec.as_dict(), "rows": self.rows, "classes": self.classes,
                                "smallest_class": self.smallest_class, "classes_below_k": self.classes_below_k,
-                               "rows_below_k": self.rows_below_k, "passed": self.passed}
+                               "rows_below_k": self.rows_below_k, "passed": self.passed,
+                               **({"spills": self.spilled} if self.spilled else {})}
         if self.spec.l_column:
             out.update(l_smallest=self.l_smallest, classes_below_l=self.classes_below_l,
                        rows_below_l=self.rows_below_l)
@@ -297,20 +298,21 @@ class SpillCounts:
         s = list(map(_encode, sensitive)) if sensitive is not None else ["null"] * (len(encoded[0]) if encoded else 0)
         self._counts.update(zip(*encoded, s, strict=True))
         if len(self._counts) > self.memory_groups:
-            self.spill()
+            self._flush()
+            self.spills += 1  # a spill: more classes than memory_groups were held
 
-    def spill(self) -> None:
+    def _flush(self) -> None:
+        """Add the counts held in memory to the file's, and forget them."""
         if not self._counts:
             return
         self._db.execute("BEGIN")
         self._db.executemany(self._upsert, ((*key, n) for key, n in self._counts.items()))
         self._db.execute("COMMIT")
         self._counts.clear()
-        self.spills += 1
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        """Run ``sql`` (``:k``/``:l`` parameters) over the counts, spilling what is still in memory first."""
-        self.spill()
+        """Run ``sql`` (``:k``/``:l`` parameters) over the counts, adding what is still in memory first."""
+        self._flush()
         text, order = _qmark(sql)
         return self._db.execute(text, [(params or {})[name] for name in order]).fetchall()
 
