@@ -31,7 +31,7 @@ from pseudonymise.core.plan import (
 from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.risk import RiskSpec, SpillCounts, describe_batches, describe_table, size_bins
 from pseudonymise.core.sql import TableTarget
-from pseudonymise.core.use import GivenToken
+from pseudonymise.core.use import GivenToken, RunContext
 
 from tests.core.conftest import Rows
 
@@ -308,7 +308,10 @@ def test_dry_run_writes_nothing_but_its_audited_use(store: Store, issuer: Issuer
     target = TableTarget("shared", mode="append")
     transfer = plan_transfer(Rows(data), TableDestination(target, SharedTransaction(store.engine)), POLICY,
                              source_label="hospital:visits", target_label="table:shared")
-    summary = run_dry_run(store, _token(issuer), POLICY, transfer, sample=120, risk=risk)
+    checkpoints: list[object] = []
+    run = RunContext(dag_id="extract", task_id="dry", on_finished=checkpoints.append)
+    summary = run_dry_run(store, _token(issuer), POLICY, transfer, run, sample=120, risk=risk)
+    assert checkpoints == []  # no signed checkpoint after a dry run
     after = _tables(store.engine)
     assert after == {**before, "pseudonymise_audit": before["pseudonymise_audit"] + 2}
     assert "shared" not in after and list(tmp_path.glob("*.partial")) == []

@@ -17,6 +17,7 @@ engine and pyarrow's writer both release the GIL); at most two batches wait, so 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import queue
@@ -265,12 +266,14 @@ def run_dry_run(store: Store, tokens: TokenSource, policy: ColumnPolicy, transfe
     The token is read and verified (its use audited, operation ``dry_run``), the policy is planned against the
     source's columns, the sampled values are pseudonymised (their types checked, the collision check run) and
     the risk gate computed over the sample's output; the target is only inspected (whether it exists and has the
-    output columns). No target row, escrow row, checkpoint or file is written. The summary's ``dry_run`` says
-    what a real run would do; a risk gate that falls short on the sample is reported (``risk.passed`` false),
-    not raised: a sample's classes are not the full run's.
+    output columns). No target row, escrow row, signed checkpoint (``run.on_finished`` is not called) or file is
+    written. The summary's ``dry_run`` says what a real run would do; a risk gate that falls short on the
+    sample is reported (``risk.passed`` false), not raised: a sample's classes are not the full run's.
     """
     if isinstance(sample, bool) or not isinstance(sample, int) or sample < 1:
         raise PolicyError(f"a dry run's sample must be a positive number of rows, not {sample!r}")
+    if run is not None and run.on_finished is not None:
+        run = dataclasses.replace(run, on_finished=None)  # no signed checkpoint either: the next real use's covers it
     store.create()
     columns = transfer.columns
     with TokenUse(store.audit, "dry_run", tokens, kind="secondary" if secondary else "pseudonymisation",
