@@ -28,6 +28,20 @@ def _nice_max(value: int) -> int:
     return 10 * step
 
 
+def _bar_chart_frame(name: str, title: str, width: int, height: int, left: int, right: int, top: int,
+                     plot_h: int, top_value: int) -> list[str]:
+    """The opening of a vertical bar chart: the SVG element, its title, and the value axis with 5 grid lines."""
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" viewBox="0 0 {width} {height}" '
+             f'width="{width}" height="{height}" aria-labelledby="{name}-title">',
+             f'<title id="{name}-title">{escape(title)}</title>']
+    for i in range(6):
+        value = top_value * i / 5
+        y = top + plot_h - plot_h * i / 5
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="axis">{value:g}</text>')
+    return parts
+
+
 def daily_outcomes(days: Sequence[DailyUses], width: int = 900, height: int = 260) -> Markup:
     """A stacked bar per day, one colour per outcome, with a legend."""
     left, right, top, bottom = 44, 10, 28, 34
@@ -36,14 +50,8 @@ def daily_outcomes(days: Sequence[DailyUses], width: int = 900, height: int = 26
     n = max(len(days), 1)
     slot = plot_w / n
     bar = max(slot * 0.7, 1.0)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" viewBox="0 0 {width} {height}" '
-             f'width="{width}" height="{height}" aria-labelledby="daily-title">',
-             '<title id="daily-title">Token uses per day by outcome</title>']
-    for i in range(6):
-        value = top_value * i / 5
-        y = top + plot_h - plot_h * i / 5
-        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="axis">{value:g}</text>')
+    parts = _bar_chart_frame("daily", "Token uses per day by outcome", width, height, left, right, top, plot_h,
+                             top_value)
     label_every = max(1, round(n / 10))
     for i, day in enumerate(days):
         x = left + i * slot + (slot - bar) / 2
@@ -102,14 +110,8 @@ def class_sizes(distribution: Sequence[Mapping[str, Any]], k: int, width: int = 
     n = max(len(distribution), 1)
     slot = plot_w / n
     bar = max(slot * 0.7, 1.0)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" viewBox="0 0 {width} {height}" '
-             f'width="{width}" height="{height}" aria-labelledby="sizes-title">',
-             '<title id="sizes-title">Equivalence classes by size</title>']
-    for i in range(6):
-        value = top_value * i / 5
-        y = top + plot_h - plot_h * i / 5
-        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="axis">{value:g}</text>')
+    parts = _bar_chart_frame("sizes", "Equivalence classes by size", width, height, left, right, top, plot_h,
+                             top_value)
     for i, b in enumerate(distribution):
         lo, hi, classes, rows = int(b["from"]), b["to"], int(b["classes"]), int(b["rows"])
         label = str(lo) if hi == lo else f"{lo}+" if hi is None else f"{lo}-{hi}"
