@@ -373,14 +373,15 @@ def _report(summary: Any, started: float) -> None:
 def cmd_file_pseudonymise(args: argparse.Namespace, secondary: bool = False) -> int:
     policy = build_policy(args)
     risk = build_risk(args)
-    source = open_source(args.input, args.input_format, args.batch_size)
+    sample = DRY_RUN_SAMPLE if args.sample is None else args.sample
+    batch_size = max(1, min(args.batch_size, sample)) if args.dry_run else args.batch_size  # no more than the sample
+    source = open_source(args.input, args.input_format, batch_size)
     transfer = plan_transfer(source, OutputFile(args, source, set(policy.pseudonymised_columns)), policy,
                              source_label=f"file:{args.input}", target_label=f"file:{args.output}")
     started = time.monotonic()
     if args.dry_run:
         summary = run_dry_run(Store(args.db), CliTokens(args), policy, transfer, RunContext(triggered_by=current_user()),
-                              secondary=secondary, sample=DRY_RUN_SAMPLE if args.sample is None else args.sample,
-                              risk=risk,
+                              secondary=secondary, sample=sample, risk=risk,
                               risk_memory_groups=args.risk_memory_groups)
         _emit(summary.as_dict())
         _report_dry_run(summary.dry_run or {})

@@ -338,6 +338,8 @@ class PseudonymiseOperator(BaseDataOperator):
         policy = self.policy()
         with _failing_the_task():
             risk = RiskSpec.parse(self.risk)
+            if self.dry_run:  # read no more than the sample
+                self.batch_size = max(1, min(self.batch_size, self.sample))
             transfer = self.plan(policy, use_copy=self.use_copy)
             if self.dry_run:
                 return self._dry_run(context, policy, transfer, risk)

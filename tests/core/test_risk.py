@@ -234,6 +234,18 @@ def test_spill_counts_add_up_across_spills(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_spill_counts_keep_types_apart_in_memory_and_on_disk(tmp_path: Path) -> None:
+    """``1``, ``True``, ``"1"`` and ``1.0`` are equal to Python but four classes, as in the database's output."""
+    import datetime as dt
+
+    for memory_groups in (1, 100):  # spilling after every batch, and never
+        counts = SpillCounts(1, memory_groups=memory_groups, directory=str(tmp_path))
+        for values in ([1, True, "1"], ["1", 1.0, None], [dt.date(2028, 2, 29), "2028-02-29", None]):
+            counts.add([values], None)
+        assert sorted(n for _, n in counts.query("SELECT q0, sum(n) FROM counts GROUP BY q0")) == [1, 1, 1, 1, 1, 2, 2]
+        counts.close()
+
+
 # --- the risk report ----------------------------------------------------------------------------
 def _expected_combinations(data: dict[str, list[Any]], qis: list[str], k: int) -> list[dict[str, Any]]:
     from itertools import combinations

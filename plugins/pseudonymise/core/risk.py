@@ -266,6 +266,23 @@ def _encode(value: Any) -> str:
     return json.dumps(f"{type(value).__name__}:{value.isoformat() if hasattr(value, 'isoformat') else value!r}")
 
 
+_TEXT = {str, type(None)}
+
+
+def _keys(values: Sequence[Any]) -> Sequence[Any]:
+    """A column's values as the in-memory counts key them: text and NULL as they are (no call per value when the
+    whole column is text), anything else as a 1-tuple of its encoding, which no text equals (``1`` is not ``"1"``,
+    and ``True`` is not ``1``, though Python's ``==`` says so)."""
+    if set(map(type, values)) <= _TEXT:
+        return values
+    return [v if type(v) is str or v is None else (_encode(v),) for v in values]
+
+
+def _stored(key: Any) -> str:
+    """A key of the in-memory counts as the spill table's text (:func:`_encode`'s)."""
+    return key[0] if type(key) is tuple else _encode(key)
+
+
 class SpillCounts:
     """Counts of rows per (quasi-identifier values, sensitive value), at most ``memory_groups`` in memory; the
     rest spilled into an SQLite file in ``directory`` (default: the system's temporary folder), removed on close."""
@@ -294,19 +311,19 @@ class SpillCounts:
                         f"ON CONFLICT ({key}) DO UPDATE SET n = n + excluded.n")
 
     def add(self, columns: Sequence[Sequence[Any]], sensitive: Sequence[Any] | None) -> None:
-        encoded = [list(map(_encode, c)) for c in columns]
-        s = list(map(_encode, sensitive)) if sensitive is not None else ["null"] * (len(encoded[0]) if encoded else 0)
-        self._counts.update(zip(*encoded, s, strict=True))
+        keyed = [_keys(c) for c in columns]
+        s = _keys(sensitive) if sensitive is not None else [None] * (len(keyed[0]) if keyed else 0)
+        self._counts.update(zip(*keyed, s, strict=True))
         if len(self._counts) > self.memory_groups:
             self._flush()
             self.spills += 1  # a spill: more classes than memory_groups were held
 
     def _flush(self) -> None:
-        """Add the counts held in memory to the file's, and forget them."""
+        """Add the counts held in memory to the file's (as text), and forget them."""
         if not self._counts:
             return
         self._db.execute("BEGIN")
-        self._db.executemany(self._upsert, ((*key, n) for key, n in self._counts.items()))
+        self._db.executemany(self._upsert, ((*map(_stored, key), n) for key, n in self._counts.items()))
         self._db.execute("COMMIT")
         self._counts.clear()
 
