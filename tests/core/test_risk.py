@@ -284,6 +284,10 @@ def test_report_of_a_table_matches_pandas(db_url: str) -> None:
     assert "age_band, sex, zip3" in text and "class size" in text
     for value in filter(None, data["zip3"]):
         assert f'"{value}"' not in json.dumps(found)  # counts and column names, never a class's values
+    with engine.connect() as conn:  # a query with bind parameters, one of them named like the gate's own
+        queried = describe_table(conn, None, spec, query="SELECT * FROM extract WHERE sex = :k", parameters={"k": "F"})
+    women = {key: [v for v, sex in zip(values, data["sex"], strict=True) if sex == "F"] for key, values in data.items()}
+    assert _figures(queried.as_dict()) == _expected(women, QIS, 5, "diagnosis") and queried.source == "query"
     with engine.connect() as conn, pytest.raises(PolicyError, match="'postcode' are not in"):
         describe_table(conn, "extract", RiskSpec(("postcode",), 5))
     with engine.connect() as conn, pytest.raises(PolicyError, match="does not exist"):

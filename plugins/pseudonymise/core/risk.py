@@ -23,6 +23,7 @@ import io
 import itertools
 import json
 import os
+import re
 import sqlite3
 import tempfile
 import uuid
@@ -197,11 +198,11 @@ def _classes(source: str, qis: Sequence[str], sensitive: str | None, *, weighted
 
 
 def _summary_sql(classes: str, with_l: bool) -> str:
-    sql = ("SELECT count(*), coalesce(sum(n), 0), min(n), coalesce(sum(CASE WHEN n < :k THEN 1 ELSE 0 END), 0), "
-           "coalesce(sum(CASE WHEN n < :k THEN n ELSE 0 END), 0)")
+    sql = ("SELECT count(*), coalesce(sum(n), 0), min(n), coalesce(sum(CASE WHEN n < :risk_k THEN 1 ELSE 0 END), 0), "
+           "coalesce(sum(CASE WHEN n < :risk_k THEN n ELSE 0 END), 0)")
     if with_l:
-        sql += (", min(d), coalesce(sum(CASE WHEN d < :l THEN 1 ELSE 0 END), 0), "
-                "coalesce(sum(CASE WHEN d < :l THEN n ELSE 0 END), 0)")
+        sql += (", min(d), coalesce(sum(CASE WHEN d < :risk_l THEN 1 ELSE 0 END), 0), "
+                "coalesce(sum(CASE WHEN d < :risk_l THEN n ELSE 0 END), 0)")
     return f"{sql} FROM ({classes}) AS g"
 
 
@@ -328,7 +329,7 @@ class SpillCounts:
         self._counts.clear()
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        """Run ``sql`` (``:k``/``:l`` parameters) over the counts, adding what is still in memory first."""
+        """Run ``sql`` (``:risk_k``/``:risk_l`` parameters) over the counts, adding what is still in memory first."""
         self._flush()
         text, order = _qmark(sql)
         return self._db.execute(text, [(params or {})[name] for name in order]).fetchall()
@@ -340,20 +341,12 @@ class SpillCounts:
             os.unlink(self.path)
 
 
+_PARAMETER = re.compile(r":(risk_k|risk_l)\b")
+
+
 def _qmark(sql: str) -> tuple[str, list[str]]:
-    """``sql`` with ``:k`` and ``:l`` as ``?`` (sqlite3's positional style) and their order."""
-    order: list[str] = []
-    out = []
-    i = 0
-    while i < len(sql):
-        if sql[i] == ":" and i + 1 < len(sql) and sql[i + 1] in "kl" and (i + 2 == len(sql) or not sql[i + 2].isalnum()):
-            order.append(sql[i + 1])
-            out.append("?")
-            i += 2
-        else:
-            out.append(sql[i])
-            i += 1
-    return "".join(out), order
+    """``sql`` with ``:risk_k`` and ``:risk_l`` as ``?`` (sqlite3's positional style) and their order."""
+    return _PARAMETER.sub("?", sql), _PARAMETER.findall(sql)
 
 
 class SpillRiskTap:
@@ -378,7 +371,7 @@ class SpillRiskTap:
 
 def _spill_figures(counts: SpillCounts, spec: RiskSpec, positions: Sequence[int]) -> RiskFigures:
     classes = _classes("counts", [counts.qcols[i] for i in positions], spec.l_column, weighted=True)
-    row = counts.query(_summary_sql(classes, bool(spec.l_column)), {"k": spec.k, "l": spec.l_min})[0]
+    row = counts.query(_summary_sql(classes, bool(spec.l_column)), {"risk_k": spec.k, "risk_l": spec.l_min})[0]
     return _figures(spec, row, counts.spills)
 
 
@@ -415,7 +408,7 @@ class PostgresRiskTap:
         classes = _classes(self.table, [self._quote(q) for q in spec.quasi_identifiers],
                            self._quote(spec.l_column) if spec.l_column else None, weighted=False)
         row = self.conn.execute(sa.text(_summary_sql(classes, bool(spec.l_column))),
-                                {"k": spec.k, "l": spec.l_min}).one()
+                                {"risk_k": spec.k, "risk_l": spec.l_min}).one()
         return _figures(spec, row)
 
     def close(self) -> None:
@@ -500,7 +493,7 @@ def describe_table(conn: Connection, table: str | None, spec: RiskSpec, *, schem
     _check_report(spec, columns, max_quasi_identifiers, label)
     q = [prep.quote(c) for c in spec.quasi_identifiers]
     sensitive = prep.quote(spec.l_column) if spec.l_column else None
-    params = {**bound, "k": spec.k, "l": spec.l_min}
+    params = {**bound, "risk_k": spec.k, "risk_l": spec.l_min}
     classes = _classes(source, q, sensitive, weighted=False)
     figures = _figures(spec, conn.execute(sa.text(_summary_sql(classes, bool(sensitive))), params).one())
     sizes = conn.execute(sa.text(_histogram_sql(classes)), bound).all()
