@@ -178,14 +178,17 @@ def test_gate_failure_commits_nothing_and_audits_the_figures(store: Store, issue
         assert value not in (finished["error_message"] or "") and value not in finished["details"]
 
 
-def test_gate_over_a_copy_run_between_postgresql_databases_matches_pandas(pg_url: str, issuer: Issuer) -> None:
-    """PostgreSQL to PostgreSQL: COPY text blocks (the C engine's path) go into the gate's temporary table."""
+@pytest.mark.parametrize("mode", ["replace", "append"])
+def test_gate_over_a_copy_run_between_postgresql_databases_matches_pandas(pg_url: str, issuer: Issuer,
+                                                                          mode: str) -> None:
+    """PostgreSQL to PostgreSQL, COPY text blocks (the C engine's path): grouped in the target a replace run
+    leaves holding its rows alone, or in the gate's temporary table (append)."""
     data = _rows(800, seed=3)
     engine = sa.create_engine(pg_url)
     pd.DataFrame(data).to_sql("visits", engine, index=False)
     store = Store(engine)
     transfer = plan_transfer(QuerySource(engine, "SELECT * FROM visits", batch_size=300),
-                             TableDestination(TableTarget("shared", mode="replace"), SharedTransaction(engine)), POLICY)
+                             TableDestination(TableTarget("shared", mode=mode), SharedTransaction(engine)), POLICY)
     assert transfer.copy_text
     risk = RiskSpec(tuple(QIS), 2, "diagnosis", 2)
     with pytest.raises(RiskGateError):

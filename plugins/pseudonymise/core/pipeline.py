@@ -243,14 +243,16 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
 
 def _risk_tap(risk: RiskSpec | None, columns: list[str], transfer: Transfer, conn: Connection,
               memory_groups: int) -> PostgresRiskTap | SpillRiskTap | None:
-    """Where the gate counts the run's output: a temporary table of the run's own transaction when it loads a
-    PostgreSQL table in the store's transaction, else counts that spill to disk."""
+    """Where the gate counts the run's output: in the run's own transaction when it loads a PostgreSQL table in the
+    store's transaction (the target itself when the run replaces it, else a temporary table), else counts that
+    spill to disk."""
     if risk is None:
         return None
     destination = transfer.destination
     if (isinstance(destination, TableDestination) and isinstance(destination.transaction, SharedTransaction)
             and conn.dialect.name == "postgresql"):
-        return PostgresRiskTap(risk, columns, conn)
+        target = destination.target
+        return PostgresRiskTap(risk, columns, conn, (target.schema, target.table) if target.mode == "replace" else None)
     return SpillRiskTap(risk, columns, memory_groups=memory_groups)
 
 

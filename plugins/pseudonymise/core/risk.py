@@ -7,8 +7,9 @@ values ever leave this module (a class's quasi-identifier values are data).
 
 Counting is done by a database's ``GROUP BY``, never by a Python dict of all rows:
 
-- :class:`PostgresRiskTap`: a run into a PostgreSQL table copies its output rows into a temporary table
-  (``ON COMMIT DROP``) of the run's own transaction, grouped there before the commit;
+- :class:`PostgresRiskTap`: a run into a PostgreSQL table groups, in its own transaction before the commit,
+  the target itself when the run replaces it, else a copy of its output rows in a temporary table
+  (``ON COMMIT DROP``);
 - :class:`SpillRiskTap`: anywhere else (files, SQLite, other databases, dry runs), counts per class are
   kept in memory up to ``memory_groups`` entries and then spilled into an SQLite file on disk, where the
   same ``GROUP BY`` runs at the end;
@@ -376,18 +377,30 @@ def _spill_figures(counts: SpillCounts, spec: RiskSpec, positions: Sequence[int]
 
 
 class PostgresRiskTap:
-    """The gate's counts of a run into a PostgreSQL table: its output rows copied (COPY text) into a temporary
-    table of the run's own transaction (dropped at its end), grouped there before the commit."""
+    """The gate's counts of a run into a PostgreSQL table, grouped in the run's own transaction before the commit.
 
-    def __init__(self, spec: RiskSpec, columns: Sequence[str], conn: Connection) -> None:
+    With ``table`` (a target the run *replaces*, so that it holds this run's rows alone once they are written),
+    the ``GROUP BY`` runs over the target itself. Otherwise the run's output rows are also copied (COPY text)
+    into a temporary table of the transaction (dropped at its end), grouped there.
+    """
+
+    def __init__(self, spec: RiskSpec, columns: Sequence[str], conn: Connection,
+                 table: tuple[str | None, str] | None = None) -> None:
         self.spec, self.columns, self.conn = spec, list(columns), conn
         prep = conn.dialect.identifier_preparer
         self._quote = prep.quote
+        self._copy = table is None
+        if table is not None:
+            schema, name = table
+            self.table = f"{prep.quote(schema) + '.' if schema else ''}{prep.quote(name)}"
+            return
         self.table = prep.quote(f"_pseudonymise_risk_{uuid.uuid4().hex[:12]}")
         cols = ", ".join(f"{prep.quote(c)} text" for c in self.columns)
         conn.execute(sa.text(f"CREATE TEMP TABLE {self.table} ({cols}) ON COMMIT DROP"))
 
     def add(self, batch: Any) -> None:
+        if not self._copy:
+            return
         if isinstance(batch, CopyBlock):
             data = batch.data
         else:
@@ -405,6 +418,8 @@ class PostgresRiskTap:
 
     def figures(self) -> RiskFigures:
         spec = self.spec
+        if not self._copy and self.conn.execute(sa.text("SELECT to_regclass(:t)"), {"t": self.table}).scalar() is None:
+            return RiskFigures(spec, 0, 0, None, 0, 0)  # no row written: the sink creates the table at its commit
         classes = _classes(self.table, [self._quote(q) for q in spec.quasi_identifiers],
                            self._quote(spec.l_column) if spec.l_column else None, weighted=False)
         row = self.conn.execute(sa.text(_summary_sql(classes, bool(spec.l_column))),
