@@ -319,13 +319,13 @@ class PseudonymiseOperator(BaseDataOperator):
                  **kwargs: Any) -> None:
         if isinstance(risk, Mapping) and "{{" not in str(risk):
             RiskSpec.parse(risk)  # a DAG with bad risk settings fails to load, naming the problem
-        self.risk, self.risk_memory_groups, self.dry_run, self.sample = risk, risk_memory_groups, dry_run, sample
         target_conn_id, target_table = kwargs.get("target_conn_id"), kwargs.get("target_table")
         if target_table and target_conn_id and "outlets" not in kwargs and "{{" not in target_table:
             schema = kwargs.get("target_schema") or "default"
             kwargs["outlets"] = [Asset(name=f"pseudonymise/{target_conn_id}/{schema}/{target_table}")]
         super().__init__(**kwargs)
         self.columns, self.unlisted_columns, self.use_copy = columns, unlisted_columns, use_copy
+        self.risk, self.risk_memory_groups, self.dry_run, self.sample = risk, risk_memory_groups, dry_run, sample
 
     def policy(self) -> ColumnPolicy:
         if isinstance(self.columns, Mapping):
@@ -358,7 +358,6 @@ class PseudonymiseOperator(BaseDataOperator):
             summary.use_id,
         )
         return summary.as_dict()
-
 
     def _dry_run(self, context: Any, policy: ColumnPolicy, transfer: Transfer, risk: RiskSpec | None) -> dict[str, Any]:
         summary = run_dry_run(self.store, self.token_hook, policy, transfer, self.run_context(context),

@@ -100,3 +100,15 @@ def test_gate_dry_run_and_report_in_one_dag_run(world: dict[str, Any]) -> None:
     assert counts["pseudonymise_escrow"] == week["patient_id"].str.strip().str.upper().nunique()
     for value in week["patient_id"]:
         assert value.strip() not in json.dumps(details)
+
+
+def test_bad_risk_settings_fail_when_the_dag_loads() -> None:
+    from pseudonymise.core.errors import PolicyError
+    from pseudonymise.operators import PseudonymiseOperator, RiskReportOperator
+
+    with pytest.raises(PolicyError, match="k must be an integer of at least 2"):
+        PseudonymiseOperator(task_id="t", columns=["patient_id"], risk={"quasi_identifiers": ["ward"], "k": 1})
+    templated = PseudonymiseOperator(task_id="t", columns=["patient_id"], risk={"quasi_identifiers": "{{ params.qi }}"})
+    assert templated.risk == {"quasi_identifiers": "{{ params.qi }}"} and "risk" in templated.template_fields
+    with pytest.raises(ValueError, match="either risk or quasi_identifiers"):
+        RiskReportOperator(task_id="r", quasi_identifiers=["ward"], risk={"quasi_identifiers": ["ward"]})
