@@ -24,6 +24,7 @@ from pseudonymise.core.pipeline import Store, run_dry_run, run_pseudonymisation
 from pseudonymise.core.plan import (
     FileDestination,
     QuerySource,
+    SeparateTransaction,
     SharedTransaction,
     TableDestination,
     plan_transfer,
@@ -373,3 +374,17 @@ def test_dry_run_to_a_file_writes_no_file_and_checks_the_policy(sqlite_url: str,
     assert store.audit.verify().ok and not out.exists()
     with pytest.raises(PolicyError, match="positive number"):
         run_dry_run(store, _token(issuer), POLICY, transfer, sample=0)
+
+
+def test_gate_over_a_table_in_another_database_than_the_audit(sqlite_url: str, pg_url: str, issuer: Issuer) -> None:
+    """A PostgreSQL target in its own transaction (the audit in SQLite): counted by spilling, its rows rolled back."""
+    data = _rows(300, seed=8)
+    store, target = Store(sa.create_engine(sqlite_url)), sa.create_engine(pg_url)
+    risk = RiskSpec(tuple(QIS), 3)
+    transfer = plan_transfer(Rows(data), TableDestination(TableTarget("shared"), SeparateTransaction(target)), POLICY)
+    with pytest.raises(RiskGateError):
+        run_pseudonymisation(store, _token(issuer, "research-b"), POLICY, transfer, risk=risk, risk_memory_groups=20)
+    assert not sa.inspect(target).has_table("shared")
+    found = json.loads(list(store.audit.iter_rows())[-1]["details"])["risk"]
+    assert _figures(found) == _expected(data, QIS, 3) and found["spills"] >= 1
+    target.dispose()
