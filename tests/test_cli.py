@@ -441,6 +441,19 @@ def test_file_dry_run_writes_nothing_and_prints_what_a_run_would_do(cli: Cli, tm
         assert row.patient_id.strip() not in proc.stdout + proc.stderr
 
 
+def test_file_secondary_dry_run_checks_the_secondary_token(cli: Cli, pseudonymised: Path, tmp_path: Path) -> None:
+    db, out = f"sqlite:///{tmp_path / 'secondary.db'}", tmp_path / "vendor.csv"
+    proc = cli.run("file", "secondary", pseudonymised, out, "--columns", "patient_id", "--default", "keep", "--db", db,
+                   "--token-file", cli.tokens["vendor-x"], "--dry-run", "--sample", "10")
+    report = json.loads(proc.stdout)
+    assert report["operation"] == "dry_run" and report["dry_run"]["sample_rows"] == 10 and not out.exists()
+    with sqlite3.connect(tmp_path / "secondary.db") as conn:
+        assert conn.execute("SELECT DISTINCT token_kind FROM pseudonymise_audit").fetchall() == [("secondary",)]
+    refused = cli.run("file", "secondary", SAMPLE, out, "--columns", "patient_id", "--default", "keep", "--db", db,
+                      "--token-file", cli.tokens["vendor-x"], "--dry-run", "--sample", "10", expect=1)
+    assert "patient_id" in refused.stderr and not out.exists()  # raw identifiers refused, as a real run would
+
+
 def test_file_risk_gate_fails_the_run_and_writes_nothing(cli: Cli, tmp_path: Path) -> None:
     db, out = f"sqlite:///{tmp_path / 'gate.db'}", tmp_path / "out.csv"
     qis = ["birth_year", "ward", "diagnosis_code"]
