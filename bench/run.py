@@ -13,6 +13,9 @@ case in a fresh process so peak memory is per case:
   (e) the naive way: pandas read_sql, map of hmac, to_sql;
   (f) pgcrypto hmac() in INSERT ... SELECT, inside the database;
   (b) again at --big-rows, to show memory stays flat;
+  (i) (b) with a re-identification risk gate (a temporary table grouped in the run's transaction), (j) the
+  SQLite case with the same gate (counts spilled to disk), (k) a dry run with the gate on 1,000 rows and
+  (l) RiskReportOperator over the source table, each checked against the standard library's Counter;
   (b) as two mapped key ranges (operators.key_range_kwargs) run as two concurrent processes;
   the same two ranges as mapped tasks on a real Airflow, LocalExecutor with parallelism 2, then
   CeleryExecutor with two workers of one task each (bench/airflow_ranges.py: scheduler, API server,
@@ -74,7 +77,17 @@ CASES = {
     "ranges": "(b) as 2 mapped key ranges, 2 concurrent processes",
     "sqlite_raw": "(g) SQLite raw copy: sqlite3 fetchmany -> executemany, no transformation",
     "sqlite": "(h) pseudonymise SQLite -> SQLite: deterministic, irreversible",
+    "risk": "(i) (b) with a risk gate: k=5 over ward, l=2 of visit_date (PostgreSQL GROUP BY)",
+    "risk_sqlite": "(j) (h) with the same gate (SQLite: counts spilled to disk)",
+    "dry": "(k) dry run of (b) with the gate, on the first 1,000 rows",
+    "report": "(l) RiskReportOperator over the source: k=5, (visit_date, ward), every combination",
 }
+#: The gate of cases (i)-(k): it passes at every size (8 wards; many dates per ward), yet groups every row.
+RISK = {"quasi_identifiers": ["ward"], "k": 5, "l": {"column": "visit_date", "min": 2}}
+REPORT_QIS = ("visit_date", "ward")
+#: Classes (with their sensitive values) case (j) counts in memory before spilling: less than it meets, so it spills.
+RISK_MEMORY_GROUPS = 1_000
+DRY_SAMPLE = 1_000
 
 
 def visits_sql(table: str, rows: int) -> str:
@@ -147,8 +160,22 @@ def url(cfg: Mapping[str, Any], db: str) -> str:
 
 
 def worker(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    runner = {"a": _raw_copy, "e": _pandas, "f": _pgcrypto, "sqlite_raw": _sqlite_raw_copy}.get(case, _operator)
+    runner = {"a": _raw_copy, "e": _pandas, "f": _pgcrypto, "sqlite_raw": _sqlite_raw_copy,
+              "report": _risk_report}.get(case, _operator)
     return runner(case, cfg)
+
+
+def _risk_report(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    import logging
+
+    logging.disable(logging.INFO)
+    from pseudonymise.operators import RiskReportOperator
+
+    operator = RiskReportOperator(task_id="bench_report", source_conn_id=cfg["source_conn"], source_table=cfg["source"],
+                                  quasi_identifiers=list(REPORT_QIS), k=5, audit_conn_id="bench_dst")
+    with Stopwatch() as watch:
+        report = operator.execute(context={})
+    return watch.result(report["rows"], "RiskReportOperator.execute() with a minimal context", report=report)
 
 
 def _raw_copy(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -302,6 +329,11 @@ def _operator(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
                   "partition_end": cfg["range"]["partition_end"]}
     else:
         kwargs = {"source_table": cfg["source"], "write_mode": "replace"}
+    if case in ("risk", "risk_sqlite", "dry"):
+        kwargs.update(risk=RISK, risk_memory_groups=RISK_MEMORY_GROUPS)
+    if case == "dry":  # the first rows in id order, so the check knows which rows the sample holds
+        kwargs = {**{k: v for k, v in kwargs.items() if k != "source_table"}, "dry_run": True, "sample": DRY_SAMPLE,
+                  "sql": f"SELECT * FROM {cfg['source']} ORDER BY id"}
     operator_class = SecondaryPseudonymiseOperator if secondary else PseudonymiseOperator
     operator = operator_class(
         task_id=f"bench_{case}", pseudonymise_conn_id=cfg["token_conn"], source_conn_id=cfg["source_conn"],
@@ -310,8 +342,10 @@ def _operator(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
         **kwargs)
     with Stopwatch() as watch:
         summary = operator.execute(context={})
-    return watch.result(summary["rows_out"], f"{operator_class.__name__}.execute() with a minimal context",
-                        escrow_rows=summary["escrow_rows"])
+    return watch.result(summary["rows_in"] if case == "dry" else summary["rows_out"],
+                        f"{operator_class.__name__}.execute() with a minimal context"
+                        + (", dry_run=True" if case == "dry" else ""),
+                        escrow_rows=summary["escrow_rows"], risk=summary.get("risk"), dry_run=summary.get("dry_run"))
 
 
 def worker_main(case: str) -> None:
@@ -691,6 +725,67 @@ class Bench:
         self.check(f"{case} equals the standard library's hmac", mismatched == 0 and rows == total == out,
                    f"{rows:,} rows compared, {mismatched} differ ({out:,} in the target, {total:,} in the source)")
 
+    # the risk cases ----------------------------------------------------------------------------
+    def check_risk(self, name: str, rows: Iterator[tuple[Any, ...]], found: Mapping[str, Any] | None,
+                   qis: int, k: int, l_min: int | None) -> None:
+        """The gate's or report's figures against the standard library: a Counter of each class's rows (and a
+        set of its sensitive values) over ``rows`` of (quasi-identifiers..., sensitive)."""
+        from collections import Counter, defaultdict
+
+        sizes: Counter[tuple[Any, ...]] = Counter()
+        values: defaultdict[tuple[Any, ...], set[Any]] = defaultdict(set)
+        for row in rows:
+            key = tuple(row[:qis])
+            sizes[key] += 1
+            if l_min is not None and row[qis] is not None:
+                values[key].add(row[qis])
+        want = {"rows": sum(sizes.values()), "classes": len(sizes), "smallest_class": min(sizes.values()),
+                "classes_below_k": sum(n < k for n in sizes.values()),
+                "rows_below_k": sum(n for n in sizes.values() if n < k)}
+        if l_min is not None:
+            distinct = {key: len(values[key]) for key in sizes}
+            want.update(l_smallest=min(distinct.values()), classes_below_l=sum(d < l_min for d in distinct.values()),
+                        rows_below_l=sum(sizes[key] for key, d in distinct.items() if d < l_min))
+        got = {key: (found or {}).get(key) for key in want}
+        self.check(name, got == want, f"{want['rows']:,} rows, {want['classes']:,} classes, smallest "
+                   f"{want['smallest_class']}; {'the same' if got == want else f'found {got}'}")
+
+    def check_risk_cases(self, results: Mapping[str, Result]) -> None:
+        import sqlite3
+
+        gate = (1, RISK["k"], RISK["l"]["min"])  # type: ignore[index]
+        if "risk" in results:
+            self.check_against_pgcrypto("(i)", "det", "visits", "i_out")
+            self.check_risk("(i) gate figures equal the standard library's", self.stream(
+                self.cfg["src_db"], "SELECT ward, visit_date FROM visits"), results["risk"].extra["risk"], *gate)
+        if "risk_sqlite" in results:
+            self.check_sqlite("(j)", "j_out")
+            spills = results["risk_sqlite"].extra["risk"].get("spills", 0)
+            self.check("(j) counts spilled to disk", spills > 0,
+                       f"{spills} spill(s) of more than {RISK_MEMORY_GROUPS:,} counts held in memory")
+            src = sqlite3.connect(self.cfg["sqlite_src"])
+            try:
+                self.check_risk("(j) gate figures equal the standard library's", iter(src.execute(
+                    "SELECT ward, visit_date FROM visits").fetchall()), results["risk_sqlite"].extra["risk"], *gate)
+            finally:
+                src.close()
+        if "dry" in results:
+            dry = results["dry"].extra["dry_run"]
+            exists = self.sql(self.cfg["dst_db"], "SELECT to_regclass('k_out') IS NOT NULL")[0][0]
+            self.check("(k) dry run wrote nothing", not exists and dry["sample_rows"] == min(DRY_SAMPLE, self.args.rows),
+                       f"{dry['sample_rows']:,} rows sampled, target {'exists' if exists else 'absent'}")
+            self.check_risk("(k) dry run's figures equal the standard library's over its sample", self.stream(
+                self.cfg["src_db"], f"SELECT ward, visit_date FROM visits ORDER BY id LIMIT {DRY_SAMPLE}"),
+                results["dry"].extra["risk"], *gate)
+        if "report" in results:
+            report = results["report"].extra["report"]
+            self.check_risk("(l) report figures equal the standard library's", self.stream(
+                self.cfg["src_db"], "SELECT visit_date, ward FROM visits"), report, 2, 5, None)
+            for combo in report["combinations"][:2]:  # each quasi-identifier alone
+                column = combo["quasi_identifiers"][0]
+                self.check_risk(f"(l) report over {column} alone", self.stream(
+                    self.cfg["src_db"], f"SELECT {column} FROM visits"), {**combo, "rows": self.args.rows}, 1, 5, None)
+
     def check_same(self, name: str, left: str, right: str) -> None:
         bad = self.sql(self.cfg["dst_db"],
                        f"SELECT count(*) FROM {left} l FULL JOIN {right} r USING (id) WHERE "
@@ -719,7 +814,7 @@ def main() -> int:
                         help="ranges: let the first range create the target inside its run, as before "
                              "CreateTargetTableOperator (to compare)")
     parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,ranges,big,airflow,"
-                                                   "celery,sqlite, files (every file case) or file-copy,file-cli,file-hmac,"
+                                                   "celery,sqlite,risk, files (every file case) or file-copy,file-cli,file-hmac,"
                                                    "file-presidio,file-parquet-copy,file-parquet-cli")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run (a)-(d), (f) and the ranges this many times, interleaved, and report the median")
@@ -761,6 +856,15 @@ def main() -> int:
                     bench.setup_sqlite()
                 for result in bench.run_sqlite(x):
                     runs.setdefault(result.case, []).append(result)
+            if "risk" not in skip:  # the gate's cost: (i) against (b), (j) against (h); a dry run; a report
+                runs.setdefault("risk", []).append(bench.run("risk", source="visits", target=f"i_out{x}", **primary))
+                if "sqlite" not in skip:
+                    runs.setdefault("risk_sqlite", []).append(bench.run(
+                        "risk_sqlite", source="visits", target=f"j_out{x}", source_conn="bench_sqlite_src",
+                        target_conn="bench_sqlite_dst", token_conn="bench_det"))
+                runs.setdefault("dry", []).append(bench.run("dry", source="visits", target="k_out", **primary))
+                runs.setdefault("report", []).append(bench.run("report", source="visits", target="l_report",
+                                                               source_conn="bench_src"))
             if "ranges" not in skip:
                 total, split = bench.run_ranges("visits", f"p_out{x}")
                 runs.setdefault("ranges", []).append(total)
@@ -797,7 +901,8 @@ def main() -> int:
             file_lines, file_results = file_cases.run_all(
                 bench.work / "files", args.rows, args.repeat, bench.cfg["tokens"]["det"], bench.cfg["jwks"],
                 bytes.fromhex(bench.cfg["keys"]["det"]), skip, bench.check)
-        order = ("a", "b", "c", "d", "e", "f", "ranges", "big", "sqlite_raw", "sqlite")
+        order = ("a", "b", "c", "d", "e", "f", "ranges", "big", "sqlite_raw", "sqlite", "risk", "risk_sqlite", "dry",
+                 "report")
         results = {case: median(runs[case]) for case in order if case in runs}
         speedup = results["b"].seconds / results["ranges"].seconds if "ranges" in results else None
 
@@ -812,6 +917,7 @@ def main() -> int:
             bench.check_same("2 mapped ranges equal (b)", "b_out", "p_out")
         if "sqlite" in results:
             bench.check_sqlite("(h)", "h_out")
+        bench.check_risk_cases(results)
         if "big" in results:
             out = bench.sql(bench.cfg["dst_db"], "SELECT count(*) FROM big_out")[0][0]
             bench.check("big run: every row written", out == args.big_rows == results["big"].rows,
@@ -849,6 +955,11 @@ def main() -> int:
             targets.append(("(h) rows/s / (g) rows/s", h.rate / g.rate, "info", True))
             targets.append((f"(h) rows/s / {SQLITE_BEFORE:,} (before issue 13)", h.rate / SQLITE_BEFORE, ">= 5",
                             h.rate >= 5 * SQLITE_BEFORE))
+        if "risk" in results:
+            targets.append(("(i) rows/s / (b) rows/s (the gate's cost)", results["risk"].rate / b.rate, "info", True))
+        if "risk_sqlite" in results:
+            targets.append(("(j) rows/s / (h) rows/s (the gate's cost)", results["risk_sqlite"].rate
+                            / results["sqlite"].rate, "info", True))
         if "big" in results:
             big = results["big"]
             targets.append((f"peak RSS at {args.big_rows:,} / at {args.rows:,}", big.peak_rss_mib / b.peak_rss_mib,

@@ -38,6 +38,7 @@ from pseudonymise.core.checkpoint import (
     WitnessVerifyResult,
     verify_against_witness,
 )
+from pseudonymise.core.db import make_engine
 from pseudonymise.core.errors import (
     CheckpointError,
     ErasureError,
@@ -51,10 +52,19 @@ from pseudonymise.core.files import open_sink, open_source
 from pseudonymise.core.formats import ALPHABETS, DEFAULT_ALPHABET, DEFAULT_LENGTH, PseudonymFormat
 from pseudonymise.core.instants import utc_seconds
 from pseudonymise.core.issuer import DirectoryStore, Issuer, ProjectStore, VaultStore
-from pseudonymise.core.pipeline import Store, run_pseudonymisation, run_purge, run_reversal
+from pseudonymise.core.pipeline import (
+    DRY_RUN_SAMPLE,
+    Store,
+    run_dry_run,
+    run_pseudonymisation,
+    run_purge,
+    run_reversal,
+    run_risk_report,
+)
 from pseudonymise.core.plan import Sink, Source, plan_transfer
 from pseudonymise.core.policy import ColumnPolicy, ColumnRule
 from pseudonymise.core.pseudonymiser import Stats
+from pseudonymise.core.risk import MAX_REPORT_QIS, MEMORY_GROUPS, RiskSpec, describe_batches, describe_table
 from pseudonymise.core.tokens import Token, TrustedKeys, parse_instant, verify_token
 from pseudonymise.core.transit import TransitMac
 from pseudonymise.core.use import RunContext, TokenUse, current_user
@@ -362,14 +372,102 @@ def _report(summary: Any, started: float) -> None:
 
 def cmd_file_pseudonymise(args: argparse.Namespace, secondary: bool = False) -> int:
     policy = build_policy(args)
-    source = open_source(args.input, args.input_format, args.batch_size)
+    risk = build_risk(args)
+    sample = DRY_RUN_SAMPLE if args.sample is None else args.sample
+    batch_size = max(1, min(args.batch_size, sample)) if args.dry_run else args.batch_size  # no more than the sample
+    source = open_source(args.input, args.input_format, batch_size)
     transfer = plan_transfer(source, OutputFile(args, source, set(policy.pseudonymised_columns)), policy,
                              source_label=f"file:{args.input}", target_label=f"file:{args.output}")
     started = time.monotonic()
+    if args.dry_run:
+        summary = run_dry_run(Store(args.db), CliTokens(args), policy, transfer, RunContext(triggered_by=current_user()),
+                              secondary=secondary, sample=sample, risk=risk,
+                              risk_memory_groups=args.risk_memory_groups)
+        _emit(summary.as_dict())
+        _report_dry_run(summary.dry_run or {})
+        return 0
+    if args.sample is not None:
+        raise PolicyError("--sample applies to a dry run only; add --dry-run")
     summary = run_pseudonymisation(Store(args.db), CliTokens(args), policy, transfer,
                                    RunContext(triggered_by=current_user()), secondary=secondary,
-                                   progress=ProgressPrinter(args.progress))
+                                   progress=ProgressPrinter(args.progress), risk=risk,
+                                   risk_memory_groups=args.risk_memory_groups)
     _report(summary, started)
+    if summary.risk is not None:
+        r = summary.risk
+        print(f"risk gate passed: {r['classes']:,} classes, smallest {r['smallest_class']} (k={r['k']})", file=sys.stderr)
+    return 0
+
+
+def _report_dry_run(report: dict[str, Any]) -> None:
+    """What a real run would do, for a person (the JSON on standard output says the same)."""
+    lines = [f"dry run: nothing was written; {report.get('sample_rows', 0):,} rows sampled ({report.get('sample')})",
+             f"  target: {report.get('target')} ({report.get('would')})"]
+    lines += [f"  {column}: {action}" for column, action in report.get("actions", {}).items()]
+    risk = report.get("risk")
+    if risk:
+        verdict = "would pass" if risk["passed"] else "would FAIL"
+        lines.append(f"  risk gate on the sample {verdict}: {risk['classes']:,} classes, smallest {risk['smallest_class']}, "
+                     f"{risk['classes_below_k']:,} classes ({risk['rows_below_k']:,} rows) below k={risk['k']}"
+                     + (f"; {risk['classes_below_l']:,} classes below l={risk['l']['min']}" if "l" in risk else ""))
+        lines.append("  (a sample's classes are not the whole run's: the real run's gate decides)")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def build_risk(args: argparse.Namespace) -> RiskSpec | None:
+    """The risk gate of ``--risk FILE`` or of ``--quasi-identifiers`` with ``--risk-k``, ``--l-column``, ``--l-min``."""
+    flags = args.quasi_identifiers or args.risk_k is not None or args.l_column or args.l_min is not None
+    if args.risk:
+        if flags:
+            raise PolicyError("give either --risk FILE or --quasi-identifiers/--risk-k/--l-column/--l-min, not both")
+        try:
+            return RiskSpec.parse(json.loads(Path(args.risk).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PolicyError(f"cannot read the risk settings {args.risk!r} ({exc.__class__.__name__}); check the "
+                              "path and JSON") from None
+    if not flags:
+        return None
+    if not args.quasi_identifiers:
+        raise PolicyError("--risk-k, --l-column and --l-min need --quasi-identifiers a,b,c")
+    if args.l_min is not None and not args.l_column:
+        raise PolicyError("--l-min needs --l-column, the sensitive column")
+    data: dict[str, Any] = {"quasi_identifiers": _split(args.quasi_identifiers),
+                            "k": 5 if args.risk_k is None else args.risk_k}
+    if args.l_column:
+        data["l"] = {"column": args.l_column, "min": 2 if args.l_min is None else args.l_min}
+    return RiskSpec.parse(data)
+
+
+def cmd_risk_report(args: argparse.Namespace) -> int:
+    spec = build_risk(args)
+    if spec is None:
+        raise PolicyError("say which columns are quasi-identifiers: --quasi-identifiers a,b,c (or --risk FILE)")
+    if bool(args.input) == bool(args.source_db):
+        raise PolicyError("describe either a file (INPUT) or a table (--source-db with --table or --query)")
+    if args.input:
+        label = f"file:{args.input}"
+        source = open_source(args.input, args.input_format, args.batch_size)
+        batches = source.record_batches if hasattr(source, "record_batches") else source.batches
+
+        def describe() -> Any:
+            return describe_batches(batches(), source.columns, spec, label, memory_groups=args.risk_memory_groups,
+                                    max_quasi_identifiers=args.max_quasi_identifiers)
+    else:
+        if bool(args.table) == bool(args.query):
+            raise PolicyError("with --source-db, give --table or --query")
+        label = f"table:{(args.schema + '.') if args.schema else ''}{args.table}" if args.table else "query"
+        engine = make_engine(args.source_db)
+
+        def describe() -> Any:
+            with engine.connect() as conn:
+                return describe_table(conn, args.table, spec, schema=args.schema, query=args.query, label=label,
+                                      max_quasi_identifiers=args.max_quasi_identifiers)
+    report = run_risk_report(Store(args.db), describe, RunContext(triggered_by=current_user()), source=label,
+                             columns=spec.columns)
+    if args.json:
+        _emit(report.as_dict())
+    else:
+        print(report.text())
     return 0
 
 
@@ -631,6 +729,18 @@ def _add_token_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--project", help="refuse tokens of any other project")
 
 
+def _add_risk_args(p: argparse.ArgumentParser, *, report: bool = False) -> None:
+    g = p.add_argument_group("re-identification risk" + ("" if report else " gate (fails the run, writing nothing)"))
+    g.add_argument("--risk", metavar="FILE", help='JSON risk settings: {"quasi_identifiers": [...], "k": 5, '
+                                                   '"l": {"column": "diagnosis", "min": 2}}')
+    g.add_argument("--quasi-identifiers", metavar="A,B,C", help="comma-separated quasi-identifier columns")
+    g.add_argument("--risk-k", type=int, metavar="K", help="smallest class size allowed (default 5)")
+    g.add_argument("--l-column", metavar="COLUMN", help="sensitive column each class must show several values of")
+    g.add_argument("--l-min", type=int, metavar="L", help="distinct sensitive values per class (default 2)")
+    g.add_argument("--risk-memory-groups", type=int, default=MEMORY_GROUPS, metavar="N",
+                   help=f"classes counted in memory before spilling to disk (default {MEMORY_GROUPS})")
+
+
 def _add_file_args(p: argparse.ArgumentParser, policy: bool) -> None:
     p.add_argument("input", help="input .csv or .parquet file")
     p.add_argument("output", help="output .csv or .parquet file (written atomically)")
@@ -648,6 +758,16 @@ def _add_file_args(p: argparse.ArgumentParser, policy: bool) -> None:
                    help=f"SQLAlchemy URL of the audit/escrow database (default {DEFAULT_DB} or PSEUDONYMISE_DB)")
     p.add_argument("--progress", action="store_true", default=sys.stderr.isatty(), help="print progress on stderr")
     _add_token_args(p)
+
+
+def _add_run_checks(p: argparse.ArgumentParser) -> None:
+    _add_risk_args(p)
+    g = p.add_argument_group("dry run")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check the token, policy, types, collisions and risk gate on a sample; write nothing but the "
+                        "audited dry_run use, and print what a real run would do")
+    g.add_argument("--sample", type=int, metavar="N",
+                   help=f"rows a dry run reads: the first N of the input (default {DRY_RUN_SAMPLE})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -747,11 +867,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="normalisers run before pseudonymising: strip, lower, upper, casefold, remove_whitespace, "
                         "remove:<chars>")
     p.add_argument("--domain", action="append", metavar="COLUMN=DOMAIN", help="per-column domain (default: none)")
+    _add_run_checks(p)
     p = command(files, "secondary", "Re-pseudonymise pseudonymised columns with a secondary token.",
                 "pseudonymise file secondary research.csv vendor.csv --columns patient_id --default keep "
                 "--token-file vendor.token", cmd_file_secondary)
     _add_file_args(p, policy=True)
     p.set_defaults(normalise=None, domain=None)
+    _add_run_checks(p)
     p = command(files, "reverse", "Reveal the originals of pseudonyms in a file with a reverse token (audited first).",
                 "pseudonymise file reverse to-check.csv revealed.csv --columns patient_id --token-file reverse.token",
                 cmd_file_reverse)
@@ -786,6 +908,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB),
                    help="the database holding the escrow and the audit (SQLAlchemy URL)")
     _add_token_args(p)
+
+    risk = group("risk", "re-identification risk of a file or table",
+                 "pseudonymise risk report extract.csv --quasi-identifiers birth_band,sex,postcode3 --risk-k 5")
+    p = command(risk, "report", "Describe a file's or table's re-identification risk: class sizes and the rows below "
+                "k per combination of quasi-identifiers (counts only; audited as risk_report).",
+                "pseudonymise risk report --source-db postgresql://db/research --table extract "
+                "--quasi-identifiers birth_band,sex,postcode3 --risk-k 5 --json", cmd_risk_report)
+    p.add_argument("input", nargs="?", help="a .csv or .parquet file to describe (or --source-db)")
+    p.add_argument("--input-format", choices=("csv", "parquet"), help="override the input's extension")
+    p.add_argument("--source-db", metavar="URL", help="the database of the table to describe (SQLAlchemy URL)")
+    p.add_argument("--table", help="the table to describe")
+    p.add_argument("--schema", help="the table's schema")
+    p.add_argument("--query", help="a query whose rows to describe, instead of --table")
+    p.add_argument("--batch-size", type=int, default=50_000, help="rows per batch of a file (default 50000)")
+    p.add_argument("--max-quasi-identifiers", type=int, default=MAX_REPORT_QIS, metavar="N",
+                   help=f"refuse more quasi-identifiers than this: 2^N - 1 combinations (default {MAX_REPORT_QIS})")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB),
+                   help="the audit database, where the report is recorded (SQLAlchemy URL)")
+    _add_risk_args(p, report=True)
 
     audit = group("audit", "the tamper-evident audit table", "pseudonymise audit verify --db sqlite:///pseudonymise.db")
     for name, help_, example, func in (

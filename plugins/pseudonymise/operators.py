@@ -37,12 +37,15 @@ from pseudonymise.core.errors import (
 from pseudonymise.core.files import open_source
 from pseudonymise.core.locks import ensure_lock_table
 from pseudonymise.core.pipeline import (
+    DRY_RUN_SAMPLE,
     Store,
     record_refusal,
+    run_dry_run,
     run_pseudonymisation,
     run_purge,
     run_rekey,
     run_reversal,
+    run_risk_report,
 )
 from pseudonymise.core.plan import (
     Destination,
@@ -57,6 +60,7 @@ from pseudonymise.core.plan import (
 )
 from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.pseudonymiser import Stats
+from pseudonymise.core.risk import MAX_REPORT_QIS, MEMORY_GROUPS, RiskReport, RiskSpec, describe_batches, describe_table
 from pseudonymise.core.sql import TableTarget, table_query
 from pseudonymise.core.use import RunContext
 from pseudonymise.hooks import (
@@ -301,26 +305,39 @@ class PseudonymiseOperator(BaseDataOperator):
         (default, so a new column never leaves unnoticed), ``keep`` or ``drop``.
     :param use_copy: PostgreSQL COPY both ways when source and target are PostgreSQL (default: when
         possible); ``False`` reads with a cursor and writes with ``INSERT``.
+    :param risk: a re-identification risk gate over this run's output rows (templated):
+        ``{"quasi_identifiers": ["birth_year", "postcode3"], "k": 5, "l": {"column": "diagnosis", "min": 2}}``.
+        Computed before the commit; when it falls short the task fails and nothing is committed (see docs/risk.md).
+    :param risk_memory_groups: classes the gate counts in memory before spilling to disk (files, SQLite, other
+        databases; a PostgreSQL target is grouped in the database).
+    :param dry_run: check the token, policy, column types, collisions and risk gate on the first ``sample``
+        rows and write nothing but the audited ``dry_run`` use; the XCom result says what a real run would do.
+    :param sample: rows a dry run reads (default 1000).
 
     The token, source, target, write mode and audit parameters are those of :class:`BaseDataOperator`;
     the target table becomes an asset (``pseudonymise/<target_conn_id>/<schema>/<table>``).
     """
 
-    template_fields: Sequence[str] = (*BaseDataOperator.template_fields, "columns")
+    template_fields: Sequence[str] = (*BaseDataOperator.template_fields, "columns", "risk")
     template_fields_renderers: ClassVar[dict[str, str]] = {**BaseDataOperator.template_fields_renderers,
-                                                           "columns": "json"}
+                                                           "columns": "json", "risk": "json"}
     ui_color = "#d8f3dc"
     secondary = False
     token_kind = "pseudonymisation"
 
     def __init__(self, *, columns: Mapping[str, Any] | Sequence[str], unlisted_columns: str = "error",
-                 use_copy: bool | None = None, **kwargs: Any) -> None:
+                 use_copy: bool | None = None, risk: Mapping[str, Any] | str | None = None,
+                 risk_memory_groups: int = MEMORY_GROUPS, dry_run: bool = False, sample: int = DRY_RUN_SAMPLE,
+                 **kwargs: Any) -> None:
+        if isinstance(risk, Mapping) and "{{" not in str(risk):
+            RiskSpec.parse(risk)  # a DAG with bad risk settings fails to load, naming the problem
         target_conn_id, target_table = kwargs.get("target_conn_id"), kwargs.get("target_table")
         if target_table and target_conn_id and "outlets" not in kwargs and "{{" not in target_table:
             schema = kwargs.get("target_schema") or "default"
             kwargs["outlets"] = [Asset(name=f"pseudonymise/{target_conn_id}/{schema}/{target_table}")]
         super().__init__(**kwargs)
         self.columns, self.unlisted_columns, self.use_copy = columns, unlisted_columns, use_copy
+        self.risk, self.risk_memory_groups, self.dry_run, self.sample = risk, risk_memory_groups, dry_run, sample
 
     def policy(self) -> ColumnPolicy:
         if isinstance(self.columns, Mapping):
@@ -332,17 +349,40 @@ class PseudonymiseOperator(BaseDataOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         policy = self.policy()
         with _failing_the_task():
+            risk = RiskSpec.parse(self.risk)
+            if self.dry_run:  # read no more than the sample
+                self.batch_size = max(1, min(self.batch_size, self.sample))
             transfer = self.plan(policy, use_copy=self.use_copy)
+            if self.dry_run:
+                return self._dry_run(context, policy, transfer, risk)
             # read the token, open the audited use, stream the batches through the pseudonymiser into the
             # target, close the use (its finished row in the target's transaction)
             summary = run_pseudonymisation(self.store, self.token_hook, policy, transfer, self.run_context(context),
-                                           secondary=self.secondary, progress=_ProgressLog(self.log))
+                                           secondary=self.secondary, progress=_ProgressLog(self.log), risk=risk,
+                                           risk_memory_groups=self.risk_memory_groups)
+        if summary.risk is not None:
+            self.log.info("risk gate passed: %d classes, smallest %s, k=%d", summary.risk["classes"],
+                          summary.risk["smallest_class"], summary.risk["k"])
         self.log.info(
             "%s: %d rows in, %d out, %d values pseudonymised, %d NULL, %d escrow rows; audit use %s",
             summary.operation, summary.counts["rows_in"], summary.counts["rows_out"],
             summary.counts["values_pseudonymised"], summary.counts["nulls"], summary.counts["escrow_rows"],
             summary.use_id,
         )
+        return summary.as_dict()
+
+    def _dry_run(self, context: Any, policy: ColumnPolicy, transfer: Transfer, risk: RiskSpec | None) -> dict[str, Any]:
+        summary = run_dry_run(self.store, self.token_hook, policy, transfer, self.run_context(context),
+                              secondary=self.secondary, sample=self.sample, risk=risk,
+                              risk_memory_groups=self.risk_memory_groups)
+        report = summary.dry_run or {}
+        self.log.info("dry run, nothing written: %d rows sampled; target %s (%s); actions %s; audit use %s",
+                      report.get("sample_rows", 0), report.get("target"), report.get("would"),
+                      ", ".join(f"{c}={a}" for c, a in report.get("actions", {}).items()), summary.use_id)
+        if summary.risk is not None and not summary.risk["passed"]:
+            self.log.warning("the risk gate would fail on the sample: %d classes (%d rows) below k=%d; the real "
+                             "run's gate decides over all its rows", summary.risk["classes_below_k"],
+                             summary.risk["rows_below_k"], summary.risk["k"])
         return summary.as_dict()
 
 
@@ -406,6 +446,82 @@ class CreateTargetTableOperator(PseudonymiseOperator):
         self.log.info("target %s %s with columns %s", label, "created" if created else "already exists",
                       ", ".join(columns))
         return {"target": label, "created": created, "columns": columns}
+
+
+class RiskReportOperator(BaseDataOperator):
+    """Describe the re-identification risk of an existing table, query or file: counts, never a value.
+
+    The report (returned to XCom, logged as a table, and recorded in the audit's details as a ``risk_report``
+    use, which the plugin's Risk page charts) holds the figures over all quasi-identifiers, the class-size
+    distribution, and for every combination of the quasi-identifiers its classes and the rows in classes
+    below ``k``. A table or query is grouped by its own database; a file's rows are counted in memory up to
+    ``risk_memory_groups`` classes and spilled to disk beyond. No token is used.
+
+    :param quasi_identifiers: the quasi-identifier columns (templated); or give ``risk`` whole.
+    :param k: the smallest class size a DPO accepts (default 5).
+    :param l: ``{"column": "diagnosis", "min": 2}``: distinct sensitive values each class must show.
+    :param risk: the settings as one object, as :class:`PseudonymiseOperator` takes them (templated).
+    :param fail_below_k: fail the task when any class is below ``k`` (or ``l``): a gate over a whole table that
+        several runs appended to (a run's own gate covers that run's rows only).
+    :param max_quasi_identifiers: refuse more quasi-identifiers than this (their combinations double with each).
+
+    Source parameters are those of :class:`BaseDataOperator` (``source_conn_id`` with ``source_table`` or
+    ``sql``, or ``source_path``); the audit goes to ``audit_conn_id``, by default the source's database.
+    """
+
+    template_fields: Sequence[str] = (*BaseDataOperator.template_fields, "quasi_identifiers", "risk")
+    ui_color = "#ffe8cc"
+
+    def __init__(self, *, quasi_identifiers: Sequence[str] | str | None = None, k: int = 5,
+                 l: Mapping[str, Any] | None = None, risk: Mapping[str, Any] | None = None,  # noqa: E741
+                 fail_below_k: bool = False, risk_memory_groups: int = MEMORY_GROUPS,
+                 max_quasi_identifiers: int = MAX_REPORT_QIS, **kwargs: Any) -> None:
+        if risk is not None and quasi_identifiers is not None:
+            raise ValueError("give either risk or quasi_identifiers (with k and l), not both")
+        super().__init__(**kwargs)
+        self.quasi_identifiers, self.k, self.l, self.risk = quasi_identifiers, k, l, risk
+        self.fail_below_k, self.risk_memory_groups = fail_below_k, risk_memory_groups
+        self.max_quasi_identifiers = max_quasi_identifiers
+
+    def spec(self) -> RiskSpec:
+        data = self.risk if self.risk is not None else {
+            "quasi_identifiers": self.quasi_identifiers, "k": self.k, **({"l": self.l} if self.l else {})}
+        spec = RiskSpec.parse(data)
+        if spec is None:
+            raise PolicyError("RiskReportOperator needs quasi_identifiers (or risk)")
+        return spec
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        with _failing_the_task():
+            spec = self.spec()
+            describe, label = self._describer(spec)
+            report = run_risk_report(self.store, describe, self.run_context(context), source=label,
+                                     columns=spec.columns)
+        self.log.info("risk report\n%s", report.text())
+        if self.fail_below_k and not report.figures.passed:
+            raise AirflowFailException(f"{label}: {report.figures.failure()}")
+        return report.as_dict()
+
+    def _describer(self, spec: RiskSpec) -> tuple[Callable[[], RiskReport], str]:
+        limit = self.max_quasi_identifiers
+        if self.source_path:
+            label = f"file:{self.source_path}"
+            source = self._source()
+            assert not isinstance(source, QuerySource)
+            batches = getattr(source, "record_batches", source.batches)
+            return (lambda: describe_batches(batches(), source.columns, spec, label, max_quasi_identifiers=limit,
+                                             memory_groups=self.risk_memory_groups)), label
+        if not self.source_conn_id or not (self.sql or self.source_table):
+            raise PolicyError("give a source: source_conn_id with sql or source_table, or source_path")
+        label = f"{self.source_conn_id}:{self.source_table or 'query'}"
+        engine = self.get_db_hook(self.source_conn_id).get_engine()
+
+        def describe() -> RiskReport:
+            with engine.connect() as conn:
+                return describe_table(conn, None if self.sql else self.source_table, spec, schema=self.source_schema,
+                                      query=self.sql, parameters=self.parameters, label=label,
+                                      max_quasi_identifiers=limit)
+        return describe, label
 
 
 class ReversePseudonymsOperator(BaseDataOperator):

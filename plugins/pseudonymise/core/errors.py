@@ -100,6 +100,10 @@ class InvalidTextError(PolicyError):
     """Text that is not valid Unicode (undecodable bytes, lone surrogates)."""
 
 
+class RiskGateError(PolicyError):
+    """The output's re-identification risk is above what the run's risk gate allows (k, l); nothing was committed."""
+
+
 class CollisionError(PseudonymiseError):
     """Two different values gave one pseudonym within a run; the run must fail."""
 
