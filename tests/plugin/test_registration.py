@@ -58,8 +58,8 @@ def test_airflow_reports_the_plugin_and_its_defaults(api: Api) -> None:
     listed = subprocess.run([AIRFLOW, "plugins", "--output", "json"], env=env, capture_output=True, text=True,
                             check=True, timeout=120)
     plugin = next(p for p in json.loads(listed.stdout) if p["name"] == "pseudonymise")
-    assert [v["name"] for v in plugin["external_views"]] == ["Audit trail", "Tokens", "Charts",
-                                                           "Pseudonymisation audit"]
+    assert [v["name"] for v in plugin["external_views"]] == ["Audit trail", "Tokens", "Reversal requests", "Risk",
+                                                           "Charts", "Pseudonymisation audit"]
     value = subprocess.run([AIRFLOW, "config", "get-value", "pseudonymise", "expiry_warning_days"], env=env,
                            capture_output=True, text=True, check=True, timeout=120)
     assert value.stdout.strip() == "14"
