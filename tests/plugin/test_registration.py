@@ -47,7 +47,7 @@ def test_the_provider_publishes_the_config_section_not_a_second_plugin() -> None
     assert {name: o["default"] for name, o in options.items()} == {
         "audit_conn_id": None, "audit_table": "pseudonymise_audit", "audit_schema": None,
         "expiry_warning_days": "14", "api_max_rows": "1000", "api_allow_reversal": "False",
-        "audit_signing_conn_id": None}
+        "audit_signing_conn_id": None, "reverse_request_ttl_minutes": "1440"}
 
 
 @pytest.mark.slow
