@@ -119,7 +119,7 @@ class ColumnRule:
         if self.action not in ACTIONS:
             raise PolicyError(f"column {self.column!r}: action {self.action!r} is unknown; use {', '.join(ACTIONS)}")
         allowed = _FIELDS[self.action]
-        given = [name for name in _ALL_FIELDS[2:] if getattr(self, name) not in (None, (), "")]
+        given = [name for name in _ALL_FIELDS[1:] if getattr(self, name) not in (None, (), "")]
         stray = [name for name in given if name not in allowed]
         if stray:
             if self.action != "pseudonymise" and set(stray) <= {"normalise", "domain"} and not allowed:
