@@ -155,11 +155,11 @@ def generalise_date(value: dt.date | str | None, to: str) -> str | None:
     if isinstance(value, dt.datetime):
         value = value.date()
     if to == "year":
-        return "%04d" % value.year
+        return str(value.year).zfill(4)
     if to == "month":
-        return "%04d-%02d" % (value.year, value.month)
+        return str(value.year).zfill(4) + "-" + str(value.month).zfill(2)
     iso = value.isocalendar()
-    return "%04d-W%02d" % (iso[0], iso[1])
+    return str(iso[0]).zfill(4) + "-W" + str(iso[1]).zfill(2)
 
 
 def integer_band(value: int | str | None, width: int, bottom: int | None = None, top: int | None = None) -> str | None:

@@ -155,7 +155,7 @@ def test_a_named_zone_in_arrow_moves_the_instant_by_whole_days(mint: Mint) -> No
     assert out.schema.field("t").type == pa.timestamp("us", tz="Europe/Amsterdam")
     got = [v.astimezone(dt.UTC) for v in out.column(1).to_pylist()]
     key = _key(token)
-    assert got == [i + dt.timedelta(days=reference.date_shift_offset(key, s, 20)) for i, s in zip(instants, "ab")]
+    assert got == [i + dt.timedelta(days=reference.date_shift_offset(key, s, 20)) for i, s in zip(instants, "ab", strict=True)]
 
 
 def test_the_subject_gives_its_offset_from_its_original_normalised_value(mint: Mint) -> None:
@@ -247,7 +247,7 @@ def test_generalise_refuses_text_that_is_not_a_whole_number_by_row(mint: Mint) -
     assert "4.5e1" not in str(caught.value)
     with pytest.raises(UnsupportedTypeError, match="column 'age' holds float values"):
         Pseudonymiser(token, policy).pseudonymise_batch({"age": [42.0]})
-    with pytest.raises(UnsupportedTypeError, match="date_shift to|takes dates"):
+    with pytest.raises(UnsupportedTypeError, match=r"column 'd' holds int values; date_shift takes dates, timestamps or ISO 8601 text"):
         Pseudonymiser(token, ColumnPolicy.from_mapping({"columns": {"s": "keep", "d": {
             "action": "date_shift", "subject": "s", "max_days": 5}}})).pseudonymise_batch({"s": ["a"], "d": [7]})
 
@@ -259,7 +259,7 @@ def test_a_shift_out_of_the_calendar_fails_clearly(mint: Mint, value: Any) -> No
     policy = ColumnPolicy.from_mapping({"columns": {"s": "keep", "d": {"action": "date_shift", "subject": "s",
                                                                         "max_days": 50}}})
     key = _key(token)
-    forward = isinstance(value, dt.date) and value.year == 9999 or isinstance(value, str) and value.startswith("9999")
+    forward = str(value).startswith("9999")
     subject = next(s for s in map(str, range(1000)) if (reference.date_shift_offset(key, s, 50) > 0) == forward)
     for batch in ({"s": ["x", subject], "d": [None, value]},
                   pa.RecordBatch.from_pydict({"s": ["x", subject], "d": [None, value]})):
