@@ -1,7 +1,8 @@
 """The de-identifying actions through every real path of a run, each compared with tests/reference.py.
 
 The same visits go PostgreSQL to PostgreSQL by COPY and by cursor and INSERT (real PostgreSQL), SQLite to SQLite
-(dates as ISO text), CSV to CSV (all text) and Parquet to Parquet (typed Arrow columns); every output, read back
+(dates as ISO text), CSV to CSV (all text) and Parquet to Parquet (typed Arrow columns), each with the C engine
+and with the pure-Python engine (the C engine switched off as ``PSEUDONYMISE_PURE_PYTHON=1`` does); every output, read back
 and normalised to Python values (text dates parsed, timestamps as UTC instants), must equal the reference's, so
 every engine gives the same result. Runs are audited: the audit's columns name each action, never a value.
 """
@@ -19,6 +20,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
+from pseudonymise.core import native
 from pseudonymise.core.errors import PolicyError
 from pseudonymise.core.files import open_source
 from pseudonymise.core.issuer import Issuer
@@ -101,6 +103,14 @@ def _pg_source(pg_url: str, table: str = "visits") -> sa.Engine:
     return engine
 
 
+@pytest.fixture(params=["c-engine", "pure-python"])
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both engines: the C engine where it is built, and the pure-Python one."""
+    if request.param == "pure-python":
+        monkeypatch.setattr(native, "_ext", None)
+    return str(request.param)
+
+
 @pytest.fixture
 def pg_store(pg_url: str) -> Iterator[Store]:
     store = Store(sa.create_engine(pg_url))
@@ -111,7 +121,7 @@ def pg_store(pg_url: str) -> Iterator[Store]:
 @pytest.mark.postgres
 @pytest.mark.parametrize("use_copy", [None, False], ids=["copy", "cursor"])
 def test_postgres_paths_equal_the_reference(pg_store: Store, pg_url: str, issuer: Issuer,
-                                            use_copy: bool | None) -> None:
+                                            use_copy: bool | None, engine: str) -> None:
     raw = issuer.issue("research-a", "pseudonymisation")
     source = _pg_source(pg_url)
     transfer = plan_transfer(QuerySource(source, "SELECT * FROM visits ORDER BY visit_id", batch_size=4),
@@ -143,7 +153,7 @@ def _sqlite_source(path: Path) -> sa.Engine:
     return engine
 
 
-def test_sqlite_path_equals_the_reference(tmp_path: Path, issuer: Issuer) -> None:
+def test_sqlite_path_equals_the_reference(tmp_path: Path, issuer: Issuer, engine: str) -> None:
     raw = issuer.issue("research-a", "pseudonymisation")
     store = Store(sa.create_engine(f"sqlite:///{tmp_path / 'target.db'}"))
     transfer = plan_transfer(QuerySource(_sqlite_source(tmp_path / "source.db"), "SELECT * FROM visits", batch_size=4),
@@ -157,7 +167,7 @@ def test_sqlite_path_equals_the_reference(tmp_path: Path, issuer: Issuer) -> Non
         reference.b64url_decode(reference.claims(raw)["key"]), "P1", 30))  # ISO text stays ISO text
 
 
-def test_csv_path_equals_the_reference(tmp_path: Path, issuer: Issuer) -> None:
+def test_csv_path_equals_the_reference(tmp_path: Path, issuer: Issuer, engine: str) -> None:
     raw = issuer.issue("research-a", "pseudonymisation")
     source = tmp_path / "visits.csv"
     table = pa.table({c: pa.array([_text(v[i]) for v in VISITS], pa.string()) for i, c in enumerate(COLUMNS)})
@@ -170,7 +180,7 @@ def test_csv_path_equals_the_reference(tmp_path: Path, issuer: Issuer) -> None:
     assert _normalised([tuple(r[c] for c in COLUMNS) for r in got]) == _normalised(_expected(raw))
 
 
-def test_parquet_path_equals_the_reference_and_keeps_the_types(tmp_path: Path, issuer: Issuer) -> None:
+def test_parquet_path_equals_the_reference_and_keeps_the_types(tmp_path: Path, issuer: Issuer, engine: str) -> None:
     raw = issuer.issue("research-a", "pseudonymisation")
     source = tmp_path / "visits.parquet"
     arrays = [pa.array([v[i] for v in VISITS]) for i in range(len(COLUMNS))]
