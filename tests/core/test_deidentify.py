@@ -15,8 +15,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pseudonymise.core.deidentify import DeidentifyError
-from pseudonymise.core.errors import PolicyError, UnsupportedTypeError
+from pseudonymise.core.errors import DeidentifyError, PolicyError, UnsupportedTypeError
 from pseudonymise.core.policy import ColumnPolicy, ColumnRule
 from pseudonymise.core.pseudonymiser import Pseudonymiser
 from pseudonymise.core.tokens import Token

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from pseudonymise.core.canonical import canonical_many
 from pseudonymise.core.copytext import CopyText, decode_column
-from pseudonymise.core.errors import PolicyError, UnsupportedTypeError, raise_alone
+from pseudonymise.core.errors import DeidentifyError, UnsupportedTypeError, raise_alone
 from pseudonymise.core.mac import Macs, keyed, token_macs
 from pseudonymise.core.policy import DEIDENTIFY_ACTIONS, ColumnPolicy, ColumnRule, build_normaliser
 from pseudonymise.core.tokens import Token
@@ -53,10 +53,6 @@ def offsets(macs: bytes, max_days: int) -> np.ndarray:
     shift = (first % np.uint64(2 * max_days)).astype(np.int64) - max_days
     shift[shift >= 0] += 1
     return shift
-
-
-class DeidentifyError(PolicyError):
-    """A value a de-identifying action cannot take (named by column and row, never by value)."""
 
 
 def _at(rule: ColumnRule, row: int) -> str:
@@ -312,4 +308,4 @@ def _shift_days(array: pa.Array, shifts: list[int | None], rule: ColumnRule, fir
     return pa.array(np.where(nulls, 0, moved).astype(np.int32), type=pa.int32(), mask=nulls).cast(pa.date32())
 
 
-__all__ = ["DATE_SHIFT_LABEL", "Deidentifier", "DeidentifyError", "band", "date_shift_label", "mask", "offsets"]
+__all__ = ["DATE_SHIFT_LABEL", "Deidentifier", "band", "date_shift_label", "mask", "offsets"]

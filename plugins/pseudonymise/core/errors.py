@@ -100,6 +100,11 @@ class InvalidTextError(PolicyError):
     """Text that is not valid Unicode (undecodable bytes, lone surrogates)."""
 
 
+class DeidentifyError(PolicyError):
+    """A value a de-identifying action cannot take (a date that does not parse, a shift out of range), named by
+    column and row, never by value."""
+
+
 class CollisionError(PseudonymiseError):
     """Two different values gave one pseudonym within a run; the run must fail."""
 
