@@ -293,3 +293,20 @@ def test_the_audited_columns_name_each_action_never_a_parameter() -> None:
                                       "phone:mask", "account:mask", "name:suppress"]
     assert ColumnRule("d", "date_shift", subject="s", max_days=3).to_mapping() == {
         "action": "date_shift", "subject": "s", "max_days": 3}
+
+
+@pytest.mark.parametrize("values", [["2024-02-29", None, "0999-12-31", "2024-03-01"],  # all YYYY-MM-DD: Arrow parses
+                                    ["2024-02-29", "20240301", None, "2024-03-01T08:00"]])  # other ISO forms: per value
+def test_iso_date_text_takes_either_road_to_the_same_dates(mint: Mint, values: list[str | None]) -> None:
+    """Text that is all ``YYYY-MM-DD`` is parsed and shifted by Arrow and numpy, any other ISO text value by value:
+    both give the reference's dates, as text, in columns of values and in record batches alike."""
+    token = mint("research-b")
+    policy = ColumnPolicy.from_mapping({"columns": {"s": "keep", "d": {"action": "date_shift", "subject": "s",
+                                                                        "max_days": 40}}})
+    subjects = ["a", "b", "c", None]
+    expected = [reference.shift(v, None if s is None else reference.date_shift_offset(_key(token), s, 40))
+                for v, s in zip(values, subjects, strict=True)]
+    assert Pseudonymiser(token, policy).pseudonymise_batch({"s": subjects, "d": values}).columns["d"] == expected
+    batch = pa.RecordBatch.from_pydict({"s": subjects, "d": pa.array(values, pa.large_string())})
+    out = Pseudonymiser(token, policy).pseudonymise_record_batch(batch).columns
+    assert out.column(1).type == pa.large_string() and out.column(1).to_pylist() == expected

@@ -243,8 +243,11 @@ class Deidentifier:
                 key = (rule.subject, rule.max_days, rule.domain)
                 if key not in shifts:
                     shifts[key] = self.subject_offsets(values(rule.subject), rule)  # type: ignore[arg-type]
-                out[rule.column] = [None if v is None or d is None else _shift(v, d, rule, first_row + i)
-                                    for i, (v, d) in enumerate(zip(column, shifts[key], strict=True), 1)]
+                text = _iso_dates(column)
+                out[rule.column] = (
+                    [None if v is None or d is None else _shift(v, d, rule, first_row + i)
+                     for i, (v, d) in enumerate(zip(column, shifts[key], strict=True), 1)] if text is None
+                    else _shift_days(text, shifts[key], rule, first_row).cast(pa.string()).to_pylist())
             else:
                 change = _value_function(rule)
                 out[rule.column] = [None if v is None else change(v, first_row + i) for i, v in enumerate(column, 1)]
@@ -262,12 +265,16 @@ class Deidentifier:
             array = batch.column(names.index(rule.column))
             if rule.action == "suppress":
                 out[rule.column] = pa.nulls(len(array), type=array.type)
-            elif rule.action == "date_shift" and pa.types.is_date32(array.type):
+            elif rule.action == "date_shift" and (pa.types.is_date32(array.type) or
+                                                  (days := _iso_dates(array)) is not None):
                 key = (rule.subject, rule.max_days, rule.domain)
                 if key not in shifts:
                     shifts[key] = self.subject_offsets(_pylist(batch.column(names.index(rule.subject)),  # type: ignore[arg-type]
                                                                rule.subject), rule)  # type: ignore[arg-type]
-                out[rule.column] = _shift_days(array, shifts[key], rule, first_row)
+                if pa.types.is_date32(array.type):
+                    out[rule.column] = _shift_days(array, shifts[key], rule, first_row)
+                else:  # ISO date text stays text, of its own Arrow type
+                    out[rule.column] = _shift_days(days, shifts[key], rule, first_row).cast(array.type)
             else:
                 pending.append(rule)
         if pending:
@@ -292,6 +299,19 @@ def _pylist(array: pa.Array, column: str) -> list[Any]:
         error = UnsupportedTypeError(f"column {column!r}: its Arrow {array.type} values cannot be read as Python "
                                      "values; cast the column in the source")
     raise_alone(error)
+
+
+def _iso_dates(values: Sequence[Any] | pa.Array) -> pa.Array | None:
+    """Text that is all ISO dates (``YYYY-MM-DD``, as COPY text, CSV files and SQLite hold dates) as a date32
+    array, parsed by Arrow; ``None`` when any value is of another form (the per-value path then takes the column,
+    with its timestamps, other ISO forms and row-numbered errors)."""
+    try:
+        array = values if isinstance(values, pa.Array) else pa.array(values, type=pa.string())
+        if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+            return None
+        return array.cast(pa.date32())
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):  # not all ISO dates: per value
+        return None
 
 
 def _shift_days(array: pa.Array, shifts: list[int | None], rule: ColumnRule, first_row: int) -> pa.Array:

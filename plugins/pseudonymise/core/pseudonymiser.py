@@ -275,6 +275,10 @@ class PseudonymEngine(ABC):
         escrow, and the same errors (floats refused, secondary input checked against the source format).
         ``Batch.escrow`` is what escrow must seal (write every batch's, in order, with ``EscrowWriter``); the
         collision check sees every value; call :meth:`finish` after the last batch, before committing.
+
+        Columns of a de-identifying action (``date_shift``, ``generalise``, ``mask``, ``suppress``) come from
+        ``deidentify.py``, computed from this batch's source values (a ``date_shift`` subject before it is
+        pseudonymised): shifted dates keep their Arrow type, generalised and masked values are ``pa.string()``.
         """
         names = batch.schema.names
         if len(set(names)) != len(names):
