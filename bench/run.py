@@ -12,6 +12,8 @@ case in a fresh process so peak memory is per case:
   (d) SecondaryPseudonymiseOperator.execute() over (b)'s output;
   (e) the naive way: pandas read_sql, map of hmac, to_sql;
   (f) pgcrypto hmac() in INSERT ... SELECT, inside the database;
+  (m) PseudonymiseOperator.execute() with de-identifying actions (patient_id pseudonymised, visit_date
+      shifted per patient, mrn masked, ward generalised to a prefix), checked against the same in SQL;
   (b) again at --big-rows, to show memory stays flat;
   (i) (b) with a re-identification risk gate (a temporary table grouped in the run's transaction), (j) the
   SQLite case with the same gate (counts spilled to disk), (k) a dry run with the gate on 1,000 rows and
@@ -81,6 +83,7 @@ CASES = {
     "risk_sqlite": "(j) (h) with the same gate (SQLite: counts spilled to disk)",
     "dry": "(k) dry run of (b) with the gate, on the first 1,000 rows",
     "report": "(l) RiskReportOperator over the source: k=5, (visit_date, ward), every combination",
+    "m": "(m) de-identify: (b) + visit_date shifted per patient, mrn masked, ward to a prefix",
 }
 #: The gate of cases (i)-(k): it passes at every size (8 wards; many dates per ward), yet groups every row.
 RISK = {"quasi_identifiers": ["ward"], "k": 5, "l": {"column": "visit_date", "min": 2}}
@@ -88,6 +91,13 @@ REPORT_QIS = ("visit_date", "ward")
 #: Classes (with their sensitive values) case (j) counts in memory before spilling: less than it meets, so it spills.
 RISK_MEMORY_GROUPS = 1_000
 DRY_SAMPLE = 1_000
+#: (m)'s column policy: the issue-15 actions on the benchmark's table (docs/deidentification.md)
+DEID_COLUMNS: dict[str, Any] = {
+    "id": "keep", "patient_id": "pseudonymise",
+    "visit_date": {"action": "date_shift", "subject": "patient_id", "max_days": 30},
+    "mrn": {"action": "mask", "keep_last": 4}, "ward": {"action": "generalise", "prefix": 3},
+}
+DATE_SHIFT_LABEL = b"pseudonymise/v1/date-shift\x00"
 
 
 def visits_sql(table: str, rows: int) -> str:
@@ -337,7 +347,7 @@ def _operator(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
     operator_class = SecondaryPseudonymiseOperator if secondary else PseudonymiseOperator
     operator = operator_class(
         task_id=f"bench_{case}", pseudonymise_conn_id=cfg["token_conn"], source_conn_id=cfg["source_conn"],
-        columns={c: "pseudonymise" for c in PSEUDONYMISED}, unlisted_columns="keep",
+        columns=DEID_COLUMNS if case == "m" else {c: "pseudonymise" for c in PSEUDONYMISED}, unlisted_columns="keep",
         target_conn_id=cfg.get("target_conn", "bench_dst"), target_table=cfg["target"], batch_size=cfg["batch_size"],
         **kwargs)
     with Stopwatch() as watch:
@@ -639,6 +649,32 @@ class Bench:
             self.check("(f) equals pgcrypto + Python base32", f_mismatched == 0,
                        f"{rows:,} rows compared, {f_mismatched} differ")
 
+    def check_deidentified(self, source: str, target: str) -> None:
+        """(m): every row equals DESIGN §4 and §4.7 and the actions' definitions computed in SQL with pgcrypto."""
+        key = self.cfg["keys"]["det"]
+        max_days = DEID_COLUMNS["visit_date"]["max_days"]
+        mac = sql_hmac("s.patient_id", key, DATE_SHIFT_LABEL + b"\x00")
+        first = f"('x' || encode(substring({mac} from 1 for 8), 'hex'))::bit(64)::bigint"
+        unsigned = f"({first}::numeric + CASE WHEN {first} < 0 THEN 18446744073709551616 ELSE 0 END)"
+        offset = f"(mod({unsigned}, {2 * max_days}) - {max_days})"
+        shifted = f"s.visit_date + ({offset} + CASE WHEN {offset} >= 0 THEN 1 ELSE 0 END)::int"
+        masked = ("CASE WHEN length(s.mrn) <= 4 THEN repeat('*', length(s.mrn)) "
+                  "ELSE repeat('*', length(s.mrn) - 4) || right(s.mrn, 4) END")
+        expected = self.stream(self.cfg["src_db"],
+                               f"SELECT s.id, encode({sql_hmac('s.patient_id', key)}, 'hex'), {shifted}, {masked}, "
+                               f"left(normalize(s.ward, NFC), 3), s.visit_date FROM {source} s ORDER BY s.id")
+        actual = self.stream(self.cfg["dst_db"], f"SELECT id, patient_id, visit_date, mrn, ward FROM {target} ORDER BY id")
+        rows = mismatched = unshifted = 0
+        for exp, act in zip(expected, actual, strict=False):
+            rows += 1
+            b32 = base64.b32encode(bytes.fromhex(exp[1])).decode().lower()[:26]
+            mismatched += tuple(act) != (exp[0], b32, exp[2], exp[3], exp[4])
+            unshifted += act[2] == exp[5]  # the formula never gives an offset of 0
+        total = self.sql(self.cfg["src_db"], f"SELECT count(*) FROM {source}")[0][0]
+        self.check("(m) equals pgcrypto (pseudonyms, date shift, mask, prefix)",
+                   mismatched == 0 and unshifted == 0 and rows == total,
+                   f"{rows:,} rows compared, {mismatched} differ, {unshifted} dates unshifted ({total:,} in the source)")
+
     def check_escrow(self, source: str) -> None:
         from pseudonymise.core.escrow import reveal
         from pseudonymise.core.pipeline import Store
@@ -813,7 +849,7 @@ def main() -> int:
     parser.add_argument("--ranges-create-in-run", action="store_true",
                         help="ranges: let the first range create the target inside its run, as before "
                              "CreateTargetTableOperator (to compare)")
-    parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,ranges,big,airflow,"
+    parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,m,ranges,big,airflow,"
                                                    "celery,sqlite,risk, files (every file case) or file-copy,file-cli,file-hmac,"
                                                    "file-presidio,file-parquet-copy,file-parquet-cli")
     parser.add_argument("--repeat", type=int, default=1,
@@ -851,6 +887,8 @@ def main() -> int:
                                                           source_conn="bench_dst", token_conn="bench_sec"))
             if "f" not in skip:
                 runs.setdefault("f", []).append(bench.run("f", source="visits", target=f"f_out{x}"))
+            if "m" not in skip:
+                runs.setdefault("m", []).append(bench.run("m", source="visits", target=f"m_out{x}", **primary))
             if "sqlite" not in skip:
                 if rep == 1:
                     bench.setup_sqlite()
@@ -901,7 +939,7 @@ def main() -> int:
             file_lines, file_results = file_cases.run_all(
                 bench.work / "files", args.rows, args.repeat, bench.cfg["tokens"]["det"], bench.cfg["jwks"],
                 bytes.fromhex(bench.cfg["keys"]["det"]), skip, bench.check)
-        order = ("a", "b", "c", "d", "e", "f", "ranges", "big", "sqlite_raw", "sqlite", "risk", "risk_sqlite", "dry",
+        order = ("a", "b", "c", "d", "e", "f", "m", "ranges", "big", "sqlite_raw", "sqlite", "risk", "risk_sqlite", "dry",
                  "report")
         results = {case: median(runs[case]) for case in order if case in runs}
         speedup = results["b"].seconds / results["ranges"].seconds if "ranges" in results else None
@@ -918,6 +956,8 @@ def main() -> int:
         if "sqlite" in results:
             bench.check_sqlite("(h)", "h_out")
         bench.check_risk_cases(results)
+        if "m" in results:
+            bench.check_deidentified("visits", "m_out")
         if "big" in results:
             out = bench.sql(bench.cfg["dst_db"], "SELECT count(*) FROM big_out")[0][0]
             bench.check("big run: every row written", out == args.big_rows == results["big"].rows,
@@ -950,6 +990,8 @@ def main() -> int:
         if "e" in results:
             e = results["e"]
             targets.append(("(b) rows/s / (e) rows/s", b.rate / e.rate, ">= 10", b.rate >= 10 * e.rate))
+        if "m" in results:
+            targets.append(("(m) rows/s / (b) rows/s", results["m"].rate / b.rate, "info", True))
         if "sqlite" in results:
             g, h = results["sqlite_raw"], results["sqlite"]
             targets.append(("(h) rows/s / (g) rows/s", h.rate / g.rate, "info", True))

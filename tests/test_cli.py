@@ -753,3 +753,54 @@ def test_subject_erase_by_identifier_then_reversal_is_severed(cli: Cli, tmp_path
     bad_target = cli.run("subject", "erase", "--pseudonyms", ids, "--project", "research-a", "--target", "shared",
                          "--db", db, expect=1)
     assert "must be TABLE.COLUMN" in bad_target.stderr
+
+
+# --- de-identifying actions ----------------------------------------------------------------------
+RESEARCH_POLICY = REPO / "include" / "policies" / "research_extract.json"
+
+
+def _research_csv(path: Path, extra: str = "") -> list[dict[str, str]]:
+    """The sample patients with a synthetic postcode, as the research extract policy expects."""
+    rows = read_csv(SAMPLE)[:40]
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, [*rows[0], "postcode"])
+        writer.writeheader()
+        for i, row in enumerate(rows):
+            writer.writerow({**row, "postcode": f"{1011 + i * 37 % 8000}{'ABCD'[i % 4]}{'XYZ'[i % 3]}"})
+        if extra:
+            fh.write(extra)
+    return read_csv(path)
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_file_pseudonymise_with_the_research_extract_policy(cli: Cli, tmp_path: Path, suffix: str) -> None:
+    source = _research_csv(tmp_path / "research.csv")
+    out = tmp_path / f"research.out.{suffix}"
+    proc = cli.run("file", "pseudonymise", tmp_path / "research.csv", out, "--policy", RESEARCH_POLICY, "--db", cli.db,
+                   "--token-file", cli.tokens["research-b"])
+    assert "40 rows in, 40 out" in proc.stderr
+    got = read_csv(out) if suffix == "csv" else [{k: ("" if v is None else v) for k, v in r.items()}
+                                                 for r in pq.read_table(out).to_pylist()]
+    assert list(got[0]) == ["patient_id", "birth_year", "visit_date", "diagnosis_code", "ward", "postcode"]
+    key = project_key(cli, "research-b")
+    for before, after in zip(source, got, strict=True):
+        subject = before["patient_id"].strip().upper()  # the subject's normalisers, as its pseudonym's
+        assert after["patient_id"] == reference.pseudonym(key, subject)
+        assert after["visit_date"] == reference.shift(before["visit_date"],
+                                                      reference.date_shift_offset(key, subject, 30))
+        assert after["birth_year"] == reference.integer_band(before["birth_year"], 5)
+        assert after["postcode"] == before["postcode"][:3]
+        assert (after["diagnosis_code"], after["ward"]) == (before["diagnosis_code"], before["ward"])
+    done = [r for r in cli.audit_rows() if r["target"] == f"file:{out}"][-1]
+    assert done["outcome"] == "success" and json.loads(done["columns"]) == [
+        "patient_id", "birth_year:generalise", "visit_date:date_shift", "postcode:generalise"]
+
+
+def test_file_pseudonymise_refuses_an_unparsable_date_naming_row_not_value(cli: Cli, tmp_path: Path) -> None:
+    _research_csv(tmp_path / "bad.csv", extra="P999,Someone,1950,03/04/2026 x9q,,icu,1234AB\n")
+    out = tmp_path / "bad.out.csv"
+    proc = cli.run("file", "pseudonymise", tmp_path / "bad.csv", out, "--policy", RESEARCH_POLICY, "--db", cli.db,
+                   "--token-file", cli.tokens["research-b"], expect=1)
+    assert "column 'visit_date', row 41" in proc.stderr and "ISO 8601" in proc.stderr
+    assert "x9q" not in proc.stderr and "03/04" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()

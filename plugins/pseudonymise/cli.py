@@ -343,7 +343,8 @@ class OutputFile:
     takes_arrow = True
 
     def __init__(self, args: argparse.Namespace, source: Source, pseudonymised: set[str] | None) -> None:
-        """:param pseudonymised: the pseudonymised columns; ``None`` for a reversal."""
+        """:param pseudonymised: the columns whose output is text (pseudonymised, generalised, masked); ``None`` for
+            a reversal."""
         self.path, self.fmt, self.source, self.pseudonymised = args.output, args.output_format, source, pseudonymised
 
     def open(self, columns: list[str], conn: Any) -> Sink:
@@ -376,7 +377,7 @@ def cmd_file_pseudonymise(args: argparse.Namespace, secondary: bool = False) -> 
     sample = DRY_RUN_SAMPLE if args.sample is None else args.sample
     batch_size = max(1, min(args.batch_size, sample)) if args.dry_run else args.batch_size  # no more than the sample
     source = open_source(args.input, args.input_format, batch_size)
-    transfer = plan_transfer(source, OutputFile(args, source, set(policy.pseudonymised_columns)), policy,
+    transfer = plan_transfer(source, OutputFile(args, source, set(policy.text_columns)), policy,
                              source_label=f"file:{args.input}", target_label=f"file:{args.output}")
     started = time.monotonic()
     if args.dry_run:
@@ -752,7 +753,8 @@ def _add_file_args(p: argparse.ArgumentParser, policy: bool) -> None:
         p.add_argument("--drop", help="comma-separated columns left out of the output")
         p.add_argument("--default", choices=("error", "keep", "drop"), default="error",
                        help="what happens to columns not named (default: error, so nothing leaves unnoticed)")
-        p.add_argument("--policy", metavar="FILE", help="a JSON column policy (see include/policies/)")
+        p.add_argument("--policy", metavar="FILE", help="a JSON column policy (see include/policies/): pseudonymise, keep, "
+                       "drop, date_shift, generalise, mask, suppress")
     p.add_argument("--batch-size", type=int, default=50_000, help="rows per batch (default 50000)")
     p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB),
                    help=f"SQLAlchemy URL of the audit/escrow database (default {DEFAULT_DB} or PSEUDONYMISE_DB)")

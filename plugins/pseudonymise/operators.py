@@ -301,6 +301,8 @@ class PseudonymiseOperator(BaseDataOperator):
 
     :param columns: the column policy: ``{"patient_id": {"action": "pseudonymise", "normalise": ["strip"],
         "domain": ""}, "name": "drop", "birth_year": "keep"}``, or a list of columns to pseudonymise (templated).
+        The de-identifying actions ``date_shift`` (``{"action": "date_shift", "subject": "patient_id",
+        "max_days": 30}``), ``generalise``, ``mask`` and ``suppress`` work here too (docs/deidentification.md).
     :param unlisted_columns: what happens to source columns the policy does not name: ``error``
         (default, so a new column never leaves unnoticed), ``keep`` or ``drop``.
     :param use_copy: PostgreSQL COPY both ways when source and target are PostgreSQL (default: when

@@ -19,6 +19,7 @@ from pseudonymise.core.issuer import Issuer
 from tests import reference
 from tests.airflow.conftest import (
     EXAMPLE_DAGS,
+    ROOT,
     audit_rows,
     dag_spec,
     expected_pseudonyms,
@@ -330,3 +331,73 @@ def test_create_target_table_operator_refuses_create_table_false() -> None:
         CreateTargetTableOperator(task_id="create", pseudonymise_conn_id="t", source_conn_id="s", sql="SELECT 1",
                                   columns={"id": "pseudonymise"}, target_conn_id="d", target_table="x",
                                   create_table=False)
+
+
+# --- de-identifying actions ----------------------------------------------------------------------------------
+def _research_expected(token: str, source: list[dict[str, str]]) -> list[tuple[Any, ...]]:
+    """The research extract policy applied with tests.reference: (patient_id, birth_year, visit_date, postcode)."""
+    key = reference.b64url_decode(reference.claims(token)["key"])
+    out = []
+    for row in source:
+        subject = row["patient_id"].strip().upper()
+        out.append((reference.pseudonym(key, subject), reference.integer_band(row["birth_year"], 5),
+                    dt.date.fromisoformat(row["visit_date"]) + dt.timedelta(
+                        days=reference.date_shift_offset(key, subject, 30)), row["postcode"][:3]))
+    return sorted(out)
+
+
+def test_research_extract_example_dag_de_identifies_and_reruns_identically(world: dict[str, Any]) -> None:
+    """The example DAG: the sample visits (with postcodes) into research_db, twice; the same table both times,
+    equal to the reference, every use audited with its columns' actions."""
+    with open(ROOT / "include/sample/research_visits.csv", encoding="utf-8", newline="") as fh:
+        source = list(csv.DictReader(fh))
+    snapshots = []
+    for _ in range(2):
+        run = world["airflow"].dags_test("pseudonymise_research_extract", "2026-11-04", world["connections"],
+                                         dags_folder=EXAMPLE_DAGS)
+        assert run.returncode == 0, run.output[-4000:]
+        snapshots.append(rows(world["urls"]["research"], "research_extract", "patient_id, visit_date, postcode"))
+    assert snapshots[0] == snapshots[1]
+    engine = sa.create_engine(world["urls"]["research"])
+    with engine.connect() as conn:
+        got = sorted(tuple(r) for r in conn.execute(sa.text(
+            "SELECT patient_id, birth_year, visit_date::date, postcode FROM research_extract")))
+        names = [r[0] for r in conn.execute(sa.text(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'research_extract' "
+            "ORDER BY ordinal_position"))]
+    engine.dispose()
+    assert names == ["patient_id", "birth_year", "visit_date", "diagnosis_code", "ward", "postcode"]
+    assert got == _research_expected(world["token"], source)
+    finished = [a for a in audit_rows(world["urls"]["research"]) if a["event"] == "finished"]
+    assert [a["outcome"] for a in finished] == ["success", "success"]
+    assert json.loads(finished[0]["columns"]) == ["patient_id", "birth_year:generalise", "visit_date:date_shift",
+                                                  "postcode:generalise"]
+
+
+def test_operator_shifts_postgres_dates_by_copy_and_upserts_identically(world: dict[str, Any]) -> None:
+    """PostgreSQL to PostgreSQL (COPY text, then columns): typed dates shifted per patient, bands and prefixes as
+    text, a suppressed column NULL of its type; upsert on the visit key twice gives the same rows."""
+    columns = {"visit_id": "keep", "patient_id": {"action": "pseudonymise", "normalise": ["strip", "upper"]},
+               "birth_year": {"action": "generalise", "width": 5, "bottom": 1940, "top": 2010},
+               "visit_date": {"action": "date_shift", "subject": "patient_id", "max_days": 30},
+               "ward": {"action": "mask", "keep_first": 2}, "diagnosis_code": "suppress"}
+    spec = dag_spec(world, sql="SELECT visit_id, patient_id, birth_year, visit_date, ward, diagnosis_code "
+                               "FROM patient_visits WHERE visit_date >= :start AND visit_date < :end",
+                    columns=columns, unlisted_columns="error", write_mode="upsert", upsert_key=["visit_id"])
+    for _ in range(2):
+        run = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", world["connections"], spec=spec)
+        assert run.returncode == 0, run.output[-3000:]
+    out = rows(world["urls"]["research"], "visits", "visit_id")
+    assert len(out) == 24
+    key = reference.b64url_decode(reference.claims(world["token"])["key"])
+    hospital = sa.create_engine(world["urls"]["hospital"])
+    with hospital.connect() as conn:
+        source = [tuple(r) for r in conn.execute(sa.text(
+            "SELECT visit_id, patient_id, birth_year, visit_date, ward FROM patient_visits "
+            "WHERE visit_date = DATE '2026-11-03' ORDER BY visit_id"))]
+    hospital.dispose()
+    expected = [(vid, reference.pseudonym(key, pid.strip().upper()), reference.integer_band(year, 5, 1940, 2010),
+                 day + dt.timedelta(days=reference.date_shift_offset(key, pid.strip().upper(), 30)),
+                 reference.masked(ward, keep_first=2), None) for vid, pid, year, day, ward in source]
+    assert out == expected
+    assert all(isinstance(r[3], dt.date) for r in out)  # the target's visit_date is a date, as the source's

@@ -564,3 +564,39 @@ def test_one_audit_schema_makes_the_table_the_records_and_the_api_model() -> Non
     assert list(AuditRow.model_fields) == [*FIELDS, "prev_hash", "row_hash"]
     for column in SCHEMA:
         assert AuditRow.model_fields[column.name].description == column.description
+
+
+def test_de_identifying_actions_over_json_records(api: Api, audit_db: AuditDb,
+                                                  token_connections: TokenConnections) -> None:
+    """JSON has no dates: ISO 8601 text is shifted as text; the audit names each action, never a value."""
+    policy = {"patient_id": "pseudonymise", "visit_date": {"action": "date_shift", "subject": "patient_id",
+                                                           "max_days": 30},
+              "birth_year": {"action": "generalise", "width": 5}, "postcode": {"action": "generalise", "prefix": 3},
+              "phone": {"action": "mask", "keep_last": 2}, "name": "suppress"}
+    records = [{"patient_id": "P1", "visit_date": "2024-02-29", "birth_year": 1942, "postcode": "1011AB",
+                "phone": "0612345678", "name": "Ada"},
+               {"patient_id": None, "visit_date": "2024-03-01", "birth_year": None, "postcode": None,
+                "phone": None, "name": "Grace"}]
+    response = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"),
+                               json={"policy": policy, "records": records})
+    assert response.status_code == 200, response.text
+    raw = token_connections.tokens["pseudonymise"]
+    days = reference.date_shift_offset(reference.b64url_decode(reference.claims(raw)["key"]), "P1", 30)
+    assert response.json()["records"] == [
+        {"patient_id": reference.token_pseudonyms(raw, ["P1"])[0], "visit_date": reference.shift("2024-02-29", days),
+         "birth_year": "1940-1944", "postcode": "101", "phone": "********78", "name": None},
+        {"patient_id": None, "visit_date": None, "birth_year": None, "postcode": None, "phone": None, "name": None}]
+    finished = audit_db.rows()[-1]
+    assert json.loads(finished["columns"]) == ["patient_id", "visit_date:date_shift", "birth_year:generalise",
+                                               "postcode:generalise", "phone:mask", "name:suppress"]
+
+
+def test_an_unparsable_date_fails_the_use_naming_column_and_row(api: Api, audit_db: AuditDb,
+                                                               token_connections: TokenConnections) -> None:
+    policy = {"id": "keep", "day": {"action": "date_shift", "subject": "id", "max_days": 3}}
+    response = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"), json={
+        "policy": policy, "records": [{"id": 1, "day": "2024-01-01"}, {"id": 2, "day": "next tuesday"}]})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "column 'day', row 2" in detail and "tuesday" not in detail
+    assert audit_db.outcomes() == [("started", None), ("failed", "DeidentifyError")]

@@ -102,6 +102,9 @@ class InvalidTextError(PolicyError):
 
 class RiskGateError(PolicyError):
     """The output's re-identification risk is above what the run's risk gate allows (k, l); nothing was committed."""
+class DeidentifyError(PolicyError):
+    """A value a de-identifying action cannot take (a date that does not parse, a shift out of range), named by
+    column and row, never by value."""
 
 
 class CollisionError(PseudonymiseError):

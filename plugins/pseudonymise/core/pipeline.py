@@ -189,7 +189,7 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
     columns = transfer.columns
     with TokenUse(store.audit, "secondary" if secondary else "pseudonymise", tokens,
                   kind="secondary" if secondary else "pseudonymisation", source=transfer.source_label,
-                  target=transfer.target_label, columns=policy.pseudonymised_columns, run=run) as use:
+                  target=transfer.target_label, columns=policy.audited_columns, run=run) as use:
         assert use.token is not None
         mac = use.mac_service()
         engine: Pseudonymiser | SecondaryPseudonymiser = (

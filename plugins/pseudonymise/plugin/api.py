@@ -70,8 +70,12 @@ class PseudonymiseRequest(BaseModel):
         "records": [{"patient_id": "P-0001", "name": "Ada", "birth_year": 1960}]}})
 
     policy: dict[str, Any] = Field(description='Column policy, as in a DAG: {"column": "pseudonymise" | "keep" | '
-                                               '"drop" | {"action": ..., "normalise": [...], "domain": ...}}, or '
-                                               '{"columns": {...}, "default": "error" | "keep" | "drop"}.')
+                                               '"drop" | "suppress" | {"action": ..., "normalise": [...], "domain": ...}'
+                                               ' | {"action": "date_shift", "subject": ..., "max_days": N} | '
+                                               '{"action": "generalise", "to" | "width" | "prefix": ...} | '
+                                               '{"action": "mask", "keep_last" | "keep_first": N, "char": "*"}}, or '
+                                               '{"columns": {...}, "default": "error" | "keep" | "drop"}. Dates in '
+                                               'JSON records are ISO 8601 text.')
     records: list[dict[str, Any]] = Field(description="The records, each with the same fields; at most "
                                                       "[pseudonymise] api_max_rows of them.")
 
