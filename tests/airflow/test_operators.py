@@ -369,9 +369,17 @@ def test_research_extract_example_dag_de_identifies_and_reruns_identically(world
     assert names == ["patient_id", "birth_year", "visit_date", "diagnosis_code", "ward", "postcode"]
     assert got == _research_expected(world["token"], source)
     finished = [a for a in audit_rows(world["urls"]["research"]) if a["event"] == "finished"]
-    assert [a["outcome"] for a in finished] == ["success", "success"]
+    assert [(a["operation"], a["outcome"]) for a in finished] == [("pseudonymise", "success"),
+                                                                  ("risk_report", "success")] * 2
     assert json.loads(finished[0]["columns"]) == ["patient_id", "birth_year:generalise", "visit_date:date_shift",
                                                   "postcode:generalise"]
+    # the k=5 gate over the birth-year bands passed and is recorded; the report's figures match pandas
+    import pandas as pd
+
+    frame = pd.DataFrame(got, columns=["patient_id", "birth_year", "visit_date", "postcode"])
+    assert json.loads(finished[0]["details"])["risk"]["smallest_class"] == frame.groupby("birth_year").size().min()
+    report = json.loads(finished[1]["details"])
+    assert json.dumps(report).count("P7") == 0  # counts and column names only
 
 
 def test_operator_shifts_postgres_dates_by_copy_and_upserts_identically(world: dict[str, Any]) -> None:
