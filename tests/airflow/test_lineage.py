@@ -57,6 +57,7 @@ def test_openlineage_events_name_the_tables_and_each_columns_action(world: dict[
         {"operator": "ReversePseudonymsOperator", "task_id": "reveal", "upstream": "pseudonymise",
          "pseudonymise_conn_id": "pseudonymise_reverse", "source_conn_id": "research_db", "source_table": "visits",
          "pseudonym_columns": ["patient_id"], "target_path": str(revealed), "audit_conn_id": "research_db"},
+        {"operator": "EscrowPurgeOperator", "task_id": "purge", "upstream": "reveal", "audit_conn_id": "research_db"},
     ]
     issuer = world["issuer"]
     connections = {**world["connections"],
@@ -108,6 +109,11 @@ def test_openlineage_events_name_the_tables_and_each_columns_action(world: dict[
     unmasked = file_out["facets"]["columnLineage"]["fields"]["patient_id"]["inputFields"][0]["transformations"][0]
     assert unmasked["description"] == "reverse" and unmasked["masking"] is False
     assert reveal["run"]["facets"]["pseudonymise"]["operation"] == "reverse"
+
+    # an operator whose datasets follow from its arguments: the purge deletes from the escrow table
+    purge = _task_event(events, "purge", "COMPLETE")
+    assert [(d["namespace"], d["name"]) for d in purge["outputs"]] == [(target_ns, f"{target_db}.public.pseudonymise_escrow")]
+    assert purge["run"]["facets"]["pseudonymise"]["operation"] == "purge"
 
     # never a value or a token in what is sent (the revealed file holds values; the events do not)
     text = events_file.read_text()
