@@ -15,7 +15,6 @@ audit rows. The end-to-end test tests/stack/test_full_stack.py drives the same c
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import secrets
@@ -29,12 +28,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import hvac
 import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.seed import LOGIN_USER, seed  # noqa: E402
 from scripts.services import free_port, start_openbao, start_postgres, start_redis  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -64,7 +63,7 @@ class FullStack:
         self.api_token: str | None = None
         #: user name -> role of the simple auth manager: ``admin``, the ``airflow_api`` connection's reader
         #: of approvals (a viewer), and those asked for
-        self.users = {"admin": "admin", "approvals-reader": "viewer", **(users or {})}
+        self.users = {LOGIN_USER: "admin", "approvals-reader": "viewer", **(users or {})}
         self.user_tokens: dict[str, str] = {}
         self.with_triggerer = triggerer
 
@@ -77,15 +76,22 @@ class FullStack:
             for db in ("airflow_meta", "hospital", "research"):
                 conn.execute(sa.text(f'CREATE DATABASE "{db}"'))
         admin.dispose()
-        self._load_hospital()
         self.bao = start_openbao()
-        self._issue_token_into_vault()
+        # the compose file's seeding, here too: issuer, token connections in Vault, login, JWT secret, source rows
+        seeded = seed(vault_url=self.bao.addr, vault_token=self.bao.token, hospital_url=self.pg.url("hospital"),
+                      issuer_store=self.work / "issuer", secrets_dir=self.work / "secrets")
+        self.issuer, self.token = seeded.issuer, seeded.tokens["pseudonymise_research"]
+        self.passwords_file, self.jwt_secret_file = seeded.passwords_file, seeded.jwt_secret_file
         if self.executor == "celery":
             self.redis = start_redis()
         self.port = free_port()
-        self.passwords = {user: secrets.token_urlsafe(12) for user in self.users}
-        self.password = self.passwords["admin"]
-        (self.work / "passwords.json").write_text(json.dumps(self.passwords))
+        seeded_passwords = json.loads(self.passwords_file.read_text())
+        # the seeded login keeps its password; the other users of this stack get theirs here
+        self.passwords = {user: seeded_passwords.get(user) or secrets.token_urlsafe(12) for user in self.users}
+        self.password = self.passwords[LOGIN_USER]
+        self.users_file = self.work / "users.json"
+        self.users_file.write_text(json.dumps(self.passwords))
+        self.users_file.chmod(0o600)
         self.env = self._airflow_env()
         self._run("db", "migrate")
         for name in ("api-server", "scheduler", "dag-processor", *(["triggerer"] if self.with_triggerer else [])):
@@ -132,35 +138,6 @@ class FullStack:
         if waiting:
             raise RuntimeError(f"Celery worker(s) {', '.join(waiting)} did not get ready within {timeout} s")
 
-    def _load_hospital(self) -> None:
-        engine = sa.create_engine(self.pg.url("hospital"))
-        with open(ROOT / "include/sample/patients.csv", encoding="utf-8", newline="") as fh, engine.begin() as conn:
-            conn.execute(sa.text("CREATE TABLE patient_visits (visit_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
-                                 " patient_id text, name text, birth_year integer, visit_date date,"
-                                 " diagnosis_code text, ward text)"))
-            rows = [{k: (v or None) for k, v in r.items()} for r in csv.DictReader(fh)]
-            conn.execute(sa.text("INSERT INTO patient_visits (patient_id, name, birth_year, visit_date, diagnosis_code,"
-                                 " ward) VALUES (:patient_id, :name, CAST(:birth_year AS int), :visit_date,"
-                                 " :diagnosis_code, :ward)"), rows)
-        engine.dispose()
-
-    def _issue_token_into_vault(self) -> None:
-        from pseudonymise.core.issuer import DirectoryStore, Issuer
-
-        issuer = Issuer.init(DirectoryStore(self.work / "issuer"), "stack-issuer")
-        issuer.create_project("research-a", method="reversible")
-        self.token = issuer.issue("research-a", "pseudonymisation")
-        self.issuer = issuer
-        conn = {"conn_type": "pseudonymise", "password": self.token,
-                "extra": {"issuer_keys": json.dumps(issuer.public_keys().to_jwks()), "project": "research-a"}}
-        client = hvac.Client(url=self.bao.addr, token=self.bao.token)
-        client.secrets.kv.v2.create_or_update_secret(path="connections/pseudonymise_research", secret=conn,
-                                                     mount_point="secret")
-        # the reverse token of the same project, for the four-eyes reversal DAG
-        reverse = {**conn, "password": issuer.issue("research-a", "reverse")}
-        client.secrets.kv.v2.create_or_update_secret(path="connections/pseudonymise_research_reverse",
-                                                     secret=reverse, mount_point="secret")
-
     def _airflow_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PSEUDONYMISE"))}
 
@@ -175,10 +152,11 @@ class FullStack:
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor" if self.executor == "celery" else "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in self.users.items()),
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.work / "passwords.json"),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.users_file),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{self.port}/execution/",
             "AIRFLOW__API__PORT": str(self.port),
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+            # read from the seeded file by every process, as in the compose file
+            "AIRFLOW__API_AUTH__JWT_SECRET_CMD": f"cat {self.jwt_secret_file}",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.pg.url("airflow_meta"),
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
@@ -230,7 +208,7 @@ class FullStack:
 
     def token_for(self, user: str) -> str:
         """The API JWT of ``user`` (logged in once)."""
-        if user == "admin" and self.api_token:
+        if user == LOGIN_USER and self.api_token:
             return self.api_token
         if user not in self.user_tokens:
             self.user_tokens[user] = self.request("POST", "/auth/token", {"username": user,
@@ -245,7 +223,7 @@ class FullStack:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited: {(self.work / f'{name}.log').read_text()[-3000:]}")
             try:
-                self.api_token = self.request("POST", "/auth/token", {"username": "admin", "password": self.password},
+                self.api_token = self.request("POST", "/auth/token", {"username": LOGIN_USER, "password": self.password},
                                               auth=False)["access_token"]
                 return
             except (urllib.error.URLError, ConnectionError, TimeoutError):

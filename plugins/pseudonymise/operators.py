@@ -20,7 +20,7 @@ from functools import cached_property
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
-from airflow.sdk import Asset, BaseOperator, BaseOperatorLink
+from airflow.sdk import Asset, AssetAlias, BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from pseudonymise.core.approval import Approval
@@ -70,8 +70,24 @@ from pseudonymise.hooks import (
     SqlDataHook,
     is_object_storage,
 )
+from pseudonymise.lineage import (
+    LineageDataset,
+    operator_lineage,
+    path_dataset,
+    query_origins,
+    query_tables,
+    table_dataset,
+)
 
 AUDIT_PAGE = "/pseudonymise/audit"
+#: the asset aliases of target tables: ``pseudonymise/<target_conn_id>/<schema or default>/<table>``
+ALIAS_PREFIX = "pseudonymise/"
+
+
+def target_alias(target_conn_id: str, target_table: str, target_schema: str | None = None) -> AssetAlias:
+    """The asset alias a :class:`PseudonymiseOperator` writing ``target_table`` declares; schedule a DAG on it to run
+    after each load. Each load attaches the table's asset (``postgres://host:port/database/schema/table``)."""
+    return AssetAlias(name=f"{ALIAS_PREFIX}{target_conn_id}/{target_schema or 'default'}/{target_table}")
 
 
 class AuditTrailLink(BaseOperatorLink):
@@ -247,6 +263,59 @@ class BaseDataOperator(BaseOperator):
             raise PolicyError("no database for the audit table: set audit_conn_id (file-to-file runs need one)")
         return Store(self.get_db_hook(conn_id).get_engine(), self.audit_table, self.audit_schema)
 
+    # --- lineage: OpenLineage facets and asset events ---------------------------------------------
+    #: set by ``execute``: ``columns`` ((source column, action) per column) and ``run`` (the use's summary)
+    _lineage: dict[str, Any] | None = None
+
+    def source_datasets(self) -> tuple[list[LineageDataset], dict[str, tuple[LineageDataset, str]]]:
+        """The datasets the task reads and, for a query, where each of its columns comes from (the OpenLineage
+        SQL parser's answer; a query it cannot read gives no input rather than a wrong one)."""
+        if self.source_path:
+            return [path_dataset(str(self.source_path))], {}
+        if not self.source_conn_id:
+            return [], {}
+        engine = self.get_db_hook(self.source_conn_id).get_engine()
+        if self.source_table:
+            return [table_dataset(engine, str(self.source_table), self.source_schema)], {}
+        try:
+            return query_tables(str(self.sql), engine), query_origins(str(self.sql), engine)
+        except Exception as exc:  # the parser's own errors; lineage never fails a task
+            self.log.warning("lineage: the source query could not be parsed (%s); no input dataset reported",
+                             exc.__class__.__name__)
+            return [], {}
+
+    def target_datasets(self) -> list[LineageDataset]:
+        """The dataset the task writes."""
+        if self.target_path:
+            return [path_dataset(str(self.target_path))]
+        if self.target_conn_id and self.target_table:
+            engine = self.get_db_hook(self.target_conn_id).get_engine()
+            return [table_dataset(engine, str(self.target_table), self.target_schema)]
+        return []
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        """OpenLineage, as the task starts: the datasets it reads and writes."""
+        inputs, _ = self.source_datasets()
+        return operator_lineage(inputs, self.target_datasets())
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage, once the task ended: the datasets, each output column's origin and action (column
+        lineage) and the use's counts and audit id (the ``pseudonymise`` run facet); no value, no token."""
+        inputs, origins = self.source_datasets()
+        lineage = self._lineage or {}
+        return operator_lineage(inputs, self.target_datasets(), lineage.get("columns"), origins, lineage.get("run"))
+
+    def _emit_target_asset(self, context: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
+        """Attach the target's asset (its OpenLineage-style URI, known only now that the connection is read)
+        to the task's asset alias, so DAGs scheduled on the alias run after this one."""
+        aliases = [o for o in self.outlets if isinstance(o, AssetAlias) and o.name.startswith(ALIAS_PREFIX)]
+        targets = self.target_datasets()
+        if not aliases or not targets or "outlet_events" not in context:
+            return
+        extra = {"audit_use_id": summary.get("use_id"), "rows_out": summary.get("rows_out")}
+        for alias in aliases:
+            context["outlet_events"][alias].add(Asset(uri=targets[0].uri), extra=extra)
+
     # --- the pieces of a run ----------------------------------------------------------------------
     def run_context(self, context: Mapping[str, Any]) -> RunContext:
         """Who and when, for the audit; a signed checkpoint after the use with ``audit_signing_conn_id``."""
@@ -316,8 +385,11 @@ class PseudonymiseOperator(BaseDataOperator):
         rows and write nothing but the audited ``dry_run`` use; the XCom result says what a real run would do.
     :param sample: rows a dry run reads (default 1000).
 
-    The token, source, target, write mode and audit parameters are those of :class:`BaseDataOperator`;
-    the target table becomes an asset (``pseudonymise/<target_conn_id>/<schema>/<table>``).
+    The token, source, target, write mode and audit parameters are those of :class:`BaseDataOperator`.
+    A target table is an outlet through its asset alias (:func:`target_alias`), to which each run attaches the
+    table's asset, named as OpenLineage names it (``postgres://host:port/database/schema/table``); a target file
+    is an outlet asset of its URI (``file:///path``, ``s3://bucket/key``). OpenLineage events carry the column
+    lineage: each output column's source column and the policy's action on it.
     """
 
     template_fields: Sequence[str] = (*BaseDataOperator.template_fields, "columns", "risk")
@@ -334,9 +406,12 @@ class PseudonymiseOperator(BaseDataOperator):
         if isinstance(risk, Mapping) and "{{" not in str(risk):
             RiskSpec.parse(risk)  # a DAG with bad risk settings fails to load, naming the problem
         target_conn_id, target_table = kwargs.get("target_conn_id"), kwargs.get("target_table")
-        if target_table and target_conn_id and "outlets" not in kwargs and "{{" not in target_table:
-            schema = kwargs.get("target_schema") or "default"
-            kwargs["outlets"] = [Asset(name=f"pseudonymise/{target_conn_id}/{schema}/{target_table}")]
+        target_path = kwargs.get("target_path")
+        if "outlets" not in kwargs:
+            if target_table and target_conn_id and "{{" not in target_table:
+                kwargs["outlets"] = [target_alias(target_conn_id, target_table, kwargs.get("target_schema"))]
+            elif target_path and "{{" not in str(target_path):
+                kwargs["outlets"] = [Asset(uri=path_dataset(str(target_path)).uri)]
         super().__init__(**kwargs)
         self.columns, self.unlisted_columns, self.use_copy = columns, unlisted_columns, use_copy
         self.risk, self.risk_memory_groups, self.dry_run, self.sample = risk, risk_memory_groups, dry_run, sample
@@ -348,6 +423,18 @@ class PseudonymiseOperator(BaseDataOperator):
             return ColumnPolicy.from_mapping(data)
         return ColumnPolicy.from_mapping({"columns": list(self.columns), "default": self.unlisted_columns})
 
+    def column_action(self, action: str) -> str:
+        """The action's name in lineage: the policy's own (``pseudonymise``, ``keep`` …)."""
+        return action
+
+    def _column_actions(self, policy: ColumnPolicy, columns: Sequence[str]) -> list[tuple[str, str]] | None:
+        """(source column, action) for lineage; ``None`` when the policy refuses the columns (the run then
+        fails, audited, with the policy's own error)."""
+        try:
+            return [(rule.column, self.column_action(rule.action)) for rule in policy.plan(columns)]
+        except PolicyError:
+            return None
+
     def execute(self, context: Any) -> dict[str, Any]:
         policy = self.policy()
         with _failing_the_task():
@@ -357,11 +444,14 @@ class PseudonymiseOperator(BaseDataOperator):
             transfer = self.plan(policy, use_copy=self.use_copy)
             if self.dry_run:
                 return self._dry_run(context, policy, transfer, risk)
+            self._lineage = {"columns": self._column_actions(policy, transfer.columns)}
             # read the token, open the audited use, stream the batches through the pseudonymiser into the
             # target, close the use (its finished row in the target's transaction)
             summary = run_pseudonymisation(self.store, self.token_hook, policy, transfer, self.run_context(context),
                                            secondary=self.secondary, progress=_ProgressLog(self.log), risk=risk,
                                            risk_memory_groups=self.risk_memory_groups)
+        self._lineage["run"] = summary.as_dict()
+        self._emit_target_asset(context, summary.as_dict())
         if summary.risk is not None:
             self.log.info("risk gate passed: %d classes, smallest %s, k=%d", summary.risk["classes"],
                           summary.risk["smallest_class"], summary.risk["k"])
@@ -398,6 +488,10 @@ class SecondaryPseudonymiseOperator(PseudonymiseOperator):
     ui_color = "#b7e4c7"
     secondary = True
     token_kind = "secondary"
+
+    def column_action(self, action: str) -> str:
+        """``secondary`` for the columns re-pseudonymised; the others as the policy names them."""
+        return "secondary" if action == "pseudonymise" else action
 
 
 class CreateTargetTableOperator(PseudonymiseOperator):
@@ -595,8 +689,11 @@ class ReversePseudonymsOperator(BaseDataOperator):
                 self.log.error("reverse refused without four eyes; audit use %s", use_id)
                 raise
             transfer = self.plan(None, use_copy=False)
+            self._lineage = {"columns": [(c, "reverse" if c in self.pseudonym_columns else "keep")
+                                         for c in transfer.columns]}
             summary = run_reversal(self.store, self.token_hook, list(self.pseudonym_columns), transfer, run,
                                    require_all=self.require_all, approval=approval)
+        self._lineage["run"] = summary.as_dict()
         self.log.info("reverse: %d rows, %d pseudonyms revealed, %d without escrow; requested by %s, approved by "
                       "%s; audit use %s", summary.counts["rows_in"], summary.counts["values_pseudonymised"],
                       summary.counts["not_found"], approval.requester or "-", approval.approver or "(waived)",
@@ -604,7 +701,31 @@ class ReversePseudonymsOperator(BaseDataOperator):
         return summary.as_dict()
 
 
-class EscrowPurgeOperator(BaseOperator):
+def _escrow_dataset(audit_conn_id: str, schema: str | None) -> LineageDataset:
+    """The escrow table (``pseudonymise_escrow``) of the audit database: what purges and erasures delete from."""
+    return table_dataset(SqlDataHook(audit_conn_id).get_engine(), "pseudonymise_escrow", schema)
+
+
+class _LineageFromArguments:
+    """OpenLineage for the operators whose datasets follow from their arguments (:meth:`lineage_datasets`), with
+    the use's summary as the ``pseudonymise`` run facet once they ran."""
+
+    _lineage_run: dict[str, Any] | None = None
+
+    def lineage_datasets(self) -> tuple[list[LineageDataset], list[LineageDataset], list[tuple[str, str]] | None]:
+        """Inputs, outputs and (column, action) pairs, the columns keeping their names."""
+        return [], [], None
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        inputs, outputs, _ = self.lineage_datasets()
+        return operator_lineage(inputs, outputs)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        inputs, outputs, columns = self.lineage_datasets()
+        return operator_lineage(inputs, outputs, columns, None, self._lineage_run)
+
+
+class EscrowPurgeOperator(_LineageFromArguments, BaseOperator):
     """Delete escrow rows past their project's retention end; the purge and its audit row commit together.
 
     :param audit_conn_id: the database holding the escrow and audit tables.
@@ -622,15 +743,20 @@ class EscrowPurgeOperator(BaseOperator):
         self.audit_conn_id, self.project = audit_conn_id, project
         self.audit_table, self.audit_schema = audit_table, audit_schema
 
+    def lineage_datasets(self) -> tuple[list[LineageDataset], list[LineageDataset], list[tuple[str, str]] | None]:
+        """It deletes from the escrow table."""
+        return [], [_escrow_dataset(self.audit_conn_id, self.audit_schema)], None
+
     def execute(self, context: Any) -> dict[str, Any]:
         store = Store(SqlDataHook(self.audit_conn_id).get_engine(), self.audit_table, self.audit_schema)
         summary = run_purge(store, run_context(context), project=self.project)
+        self._lineage_run = summary.as_dict()
         self.log.info("purge: %d escrow rows past retention deleted; audit use %s",
                       summary.counts["escrow_rows"], summary.use_id)
         return summary.as_dict()
 
 
-class SourceRetireOperator(BaseOperator):
+class SourceRetireOperator(_LineageFromArguments, BaseOperator):
     """Delete the source rows of this run's data interval, or export them first, once the audit proves they
     were loaded: a ``success`` of ``load_task_id`` for the same DAG and data interval whose rows read equal
     the rows of the interval now (mapped load tasks are summed). Otherwise nothing is deleted and the task
@@ -667,6 +793,12 @@ class SourceRetireOperator(BaseOperator):
         self.audit_conn_id, self.audit_table, self.audit_schema = audit_conn_id, audit_table, audit_schema
         self.export_path, self.export_format, self.storage_conn_id = export_path, export_format, storage_conn_id
 
+    def lineage_datasets(self) -> tuple[list[LineageDataset], list[LineageDataset], list[tuple[str, str]] | None]:
+        """It reads the source table and deletes from it, after writing the export when there is one."""
+        source = table_dataset(SqlDataHook(self.source_conn_id).get_engine(), str(self.table), self.schema)
+        export = [path_dataset(str(self.export_path))] if self.export_path else []
+        return [source], [*export, source], None
+
     def execute(self, context: Any) -> dict[str, Any]:
         from pseudonymise.core.retire import LoadSelector, SourceInterval, run_retire
 
@@ -695,13 +827,14 @@ class SourceRetireOperator(BaseOperator):
                                      source_label=f"{self.source_conn_id}:{interval.label}")
             except RetireRefusedError as exc:
                 raise AirflowFailException(str(exc)) from exc
+        self._lineage_run = summary.as_dict()
         self.log.info("retired %d rows of %s (the load read %d; %d exported); audit use %s",
                       summary.counts["rows_deleted"], interval.label, summary.counts["rows_loaded"],
                       summary.counts["rows_exported"], summary.use_id)
         return summary.as_dict()
 
 
-class SubjectErasureOperator(BaseOperator):
+class SubjectErasureOperator(_LineageFromArguments, BaseOperator):
     """Erase subjects on request: delete their escrow rows (reversal severed for ever; the other subjects of
     the same escrow batches stay revealable) and, when ``targets`` are named, the rows of those tables that
     carry their pseudonyms, each target in one transaction with its own audited use (counts only).
@@ -746,6 +879,12 @@ class SubjectErasureOperator(BaseOperator):
         self.targets = [dict(t) for t in targets]
         self.audit_table, self.audit_schema = audit_table, audit_schema
 
+    def lineage_datasets(self) -> tuple[list[LineageDataset], list[LineageDataset], list[tuple[str, str]] | None]:
+        """It deletes from the escrow table and from the named target tables."""
+        targets = [table_dataset(SqlDataHook(t["conn_id"]).get_engine(), t["table"], t.get("schema"))
+                   for t in self.targets]
+        return [], [_escrow_dataset(self.audit_conn_id, self.audit_schema), *targets], None
+
     def _values(self, sql: str) -> list[Any]:
         import sqlalchemy as sa
 
@@ -771,13 +910,14 @@ class SubjectErasureOperator(BaseOperator):
                                                   targets, run)
             except ErasureError as exc:
                 raise AirflowFailException(str(exc)) from exc
+        self._lineage_run = summary.as_dict()
         self.log.info("erased %d escrow rows of %d pseudonyms in project %s; audit use %s",
                       summary.counts["escrow_rows"], summary.counts["values_pseudonymised"], summary.project,
                       summary.use_id)
         return summary.as_dict()
 
 
-class RekeyPseudonymsOperator(BaseOperator):
+class RekeyPseudonymsOperator(_LineageFromArguments, BaseOperator):
     """After a key rotation, re-key a reversible project's pseudonyms in a table, in place.
 
     Old pseudonyms are opened through escrow with the reverse token and pseudonymised again with
@@ -807,12 +947,18 @@ class RekeyPseudonymsOperator(BaseOperator):
         self.target_conn_id, self.target_table, self.target_schema = target_conn_id, target_table, target_schema
         self.audit_table = audit_table
 
+    def lineage_datasets(self) -> tuple[list[LineageDataset], list[LineageDataset], list[tuple[str, str]] | None]:
+        """The table, re-keyed in place: each pseudonym column with the action ``rekey``."""
+        table = table_dataset(SqlDataHook(self.target_conn_id).get_engine(), str(self.target_table), self.target_schema)
+        return [table], [table], [(column, "rekey") for column in self.columns]
+
     def execute(self, context: Any) -> dict[str, Any]:
         store = Store(SqlDataHook(self.target_conn_id).get_engine(), self.audit_table, self.target_schema)
         with _failing_the_task():
             summary = run_rekey(store, PseudonymisationTokenHook(self.reverse_conn_id),
                                 PseudonymisationTokenHook(self.pseudonymise_conn_id), self.target_table, self.columns,
                                 run_context(context), schema=self.target_schema)
+        self._lineage_run = summary.as_dict()
         self.log.info("rekey: %d pseudonyms re-keyed with the new token; audit use %s",
                       summary.counts["values_pseudonymised"], summary.use_id)
         return summary.as_dict()
