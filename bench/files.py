@@ -5,11 +5,14 @@
     hmac     a hand-written script: the csv module and hmac per value
     presidio Presidio's structured engine (presidio-structured on pandas), a salted SHA-256 ``hash`` operator
     parquet  pyarrow read_table + write_table, and the CLI, on the Parquet file
+    deid     the CLI with de-identifying actions (patient_id pseudonymised, visit_date shifted per patient, mrn
+             masked, ward to a prefix), on the CSV and on the Parquet file
 
 Every case runs as its own process (interpreter start and imports included, as a user runs it), timed by the
 parent with its CPU time and peak memory (``os.wait4``). Outputs are checked against an independent
 computation: DESIGN §4 with the standard library's ``hmac`` for the CLI and the script (whose bytes must also
-equal the CLI's), ``hashlib.sha256(value + salt)`` for Presidio, the source rows for the copies.
+equal the CLI's), ``hashlib.sha256(value + salt)`` for Presidio, the source rows for the copies, DESIGN §4.7 and
+the actions' definitions in the standard library for the de-identifying runs.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import csv
 import datetime as dt
 import hashlib
 import hmac
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +31,7 @@ import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL = b"pseudonymise/v1\x00\x00"  # DESIGN §4: label, then the (empty) domain and NUL
@@ -41,7 +46,15 @@ CASES = {
     "file-presidio": "CSV: Presidio structured engine (pandas, salted SHA-256 hash)",
     "file-parquet-copy": "Parquet: pyarrow read_table + write_table, no transformation",
     "file-parquet-cli": "Parquet: pseudonymise file pseudonymise (this project's CLI)",
+    "file-deid-cli": "CSV: the CLI with date_shift, mask and generalise",
+    "file-parquet-deid-cli": "Parquet: the CLI with date_shift, mask and generalise",
 }
+#: the de-identifying cases' column policy (issue 15; docs/deidentification.md)
+DEID_POLICY = {"columns": {
+    "id": "keep", "patient_id": "pseudonymise",
+    "visit_date": {"action": "date_shift", "subject": "patient_id", "max_days": 30},
+    "mrn": {"action": "mask", "keep_last": 4}, "ward": {"action": "generalise", "prefix": 3}}}
+DATE_SHIFT_LABEL = b"pseudonymise/v1/date-shift\x00\x00"  # DESIGN §4.7: label, the (empty) domain and NUL
 
 # Every case's process reports its own peak memory at exit: VmHWM starts afresh at exec, whereas the rusage
 # of a child forked from this (large) process counts the pages it shared before its exec.
@@ -135,6 +148,22 @@ def pseudonym(key: bytes, value: str | None) -> str | None:
     return base64.b32encode(mac).decode("ascii").lower()[:26]
 
 
+def shifted(key: bytes, subject: str | None, day: dt.date | None) -> dt.date | None:
+    """DESIGN §4.7 in the standard library: the subject's non-zero offset of at most 30 days added to ``day``."""
+    if subject is None or day is None:
+        return None
+    mac = hmac.new(key, DATE_SHIFT_LABEL + unicodedata.normalize("NFC", subject).encode("utf-8"), hashlib.sha256)
+    offset = int.from_bytes(mac.digest()[:8], "big") % 60 - 30
+    return day + dt.timedelta(days=offset + 1 if offset >= 0 else offset)
+
+
+def masked(value: str | None) -> str | None:
+    """All but the last 4 characters as ``*`` (all of them when there are 4 or fewer)."""
+    if value is None:
+        return None
+    return "*" * len(value) if len(value) <= 4 else "*" * (len(value) - 4) + value[-4:]
+
+
 @dataclass
 class Run:
     case: str
@@ -175,6 +204,7 @@ class FileBench:
         work.mkdir(parents=True, exist_ok=True)
         (work / "det.token").write_text(token)
         (work / "issuer-keys.json").write_text(jwks)
+        (work / "deid-policy.json").write_text(json.dumps(DEID_POLICY))
         self.csv, self.parquet = work / "visits.csv", work / "visits.parquet"
         # a user's installed package has its bytecode compiled: let the cases write theirs (the test
         # harness may forbid it), and compile it once before anything is timed
@@ -213,6 +243,10 @@ class FileBench:
             "file-presidio": [sys.executable, "-c", PRESIDIO_SCRIPT, str(self.csv), str(out), SALT.hex()],
             "file-parquet-copy": [sys.executable, "-c", PARQUET_COPY_SCRIPT, str(self.parquet), str(out)],
             "file-parquet-cli": [*cli[:5], str(self.parquet), str(out), *cli[5:]],
+            "file-deid-cli": [*cli[:5], str(self.csv), str(out), "--policy", str(self.work / "deid-policy.json"),
+                              *cli[9:]],
+            "file-parquet-deid-cli": [*cli[:5], str(self.parquet), str(out), "--policy",
+                                      str(self.work / "deid-policy.json"), *cli[9:]],
         }[case]
 
     def output(self, case: str, rep: int) -> Path:
@@ -263,6 +297,37 @@ class FileBench:
             self.check("Parquet copy equals the source", same, f"{self.rows:,} rows")
         elif case == "file-parquet-cli":
             self._verify_parquet(out)
+        elif case in ("file-deid-cli", "file-parquet-deid-cli"):
+            self._verify_deidentified(case, out)
+
+    def _verify_deidentified(self, case: str, out: Path) -> None:
+        """Each output row against the source row, computed with the standard library."""
+        import pyarrow as pa
+        import pyarrow.csv as pa_csv
+        import pyarrow.parquet as pq
+
+        if case == "file-deid-cli":
+            def text_table(path: Path) -> list[dict[str, Any]]:
+                return pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(  # type: ignore[no-any-return]
+                    column_types=dict.fromkeys(COLUMNS, pa.string()), strings_can_be_null=True)).to_pylist()
+
+            source, got = text_table(self.csv), text_table(out)
+            day = dt.date.fromisoformat
+        else:
+            source, got = pq.read_table(self.parquet).to_pylist(), pq.read_table(out).to_pylist()
+
+            def day(value: dt.date) -> dt.date:
+                return value
+        bad = unshifted = 0
+        for s, g in zip(source, got, strict=True):
+            want_day = shifted(self.key, s["patient_id"], None if s["visit_date"] is None else day(s["visit_date"]))
+            got_day = None if g["visit_date"] is None else day(g["visit_date"])
+            bad += (g["id"] != s["id"] or g["patient_id"] != pseudonym(self.key, s["patient_id"]) or got_day != want_day
+                    or g["mrn"] != masked(s["mrn"]) or g["ward"] != unicodedata.normalize("NFC", s["ward"])[:3])
+            unshifted += got_day == day(s["visit_date"])
+        self.check(f"{CASES[case].split(':')[0]} de-identified CLI equals DESIGN §4/§4.7 (stdlib)",
+                   bad == 0 and unshifted == 0 and len(got) == self.rows,
+                   f"{len(got):,} rows compared, {bad} differ, {unshifted} dates unshifted")
 
     def _verify_parquet(self, out: Path) -> None:
         import pyarrow as pa

@@ -12,7 +12,12 @@ case in a fresh process so peak memory is per case:
   (d) SecondaryPseudonymiseOperator.execute() over (b)'s output;
   (e) the naive way: pandas read_sql, map of hmac, to_sql;
   (f) pgcrypto hmac() in INSERT ... SELECT, inside the database;
+  (m) PseudonymiseOperator.execute() with de-identifying actions (patient_id pseudonymised, visit_date
+      shifted per patient, mrn masked, ward generalised to a prefix), checked against the same in SQL;
   (b) again at --big-rows, to show memory stays flat;
+  (i) (b) with a re-identification risk gate (a temporary table grouped in the run's transaction), (j) the
+  SQLite case with the same gate (counts spilled to disk), (k) a dry run with the gate on 1,000 rows and
+  (l) RiskReportOperator over the source table, each checked against the standard library's Counter;
   (b) as two mapped key ranges (operators.key_range_kwargs) run as two concurrent processes;
   the same two ranges as mapped tasks on a real Airflow, LocalExecutor with parallelism 2, then
   CeleryExecutor with two workers of one task each (bench/airflow_ranges.py: scheduler, API server,
@@ -74,7 +79,25 @@ CASES = {
     "ranges": "(b) as 2 mapped key ranges, 2 concurrent processes",
     "sqlite_raw": "(g) SQLite raw copy: sqlite3 fetchmany -> executemany, no transformation",
     "sqlite": "(h) pseudonymise SQLite -> SQLite: deterministic, irreversible",
+    "risk": "(i) (b) with a risk gate: k=5 over ward, l=2 of visit_date (PostgreSQL GROUP BY)",
+    "risk_sqlite": "(j) (h) with the same gate (SQLite: counts spilled to disk)",
+    "dry": "(k) dry run of (b) with the gate, on the first 1,000 rows",
+    "report": "(l) RiskReportOperator over the source: k=5, (visit_date, ward), every combination",
+    "m": "(m) de-identify: (b) + visit_date shifted per patient, mrn masked, ward to a prefix",
 }
+#: The gate of cases (i)-(k): it passes at every size (8 wards; many dates per ward), yet groups every row.
+RISK = {"quasi_identifiers": ["ward"], "k": 5, "l": {"column": "visit_date", "min": 2}}
+REPORT_QIS = ("visit_date", "ward")
+#: Classes (with their sensitive values) case (j) counts in memory before spilling: less than it meets, so it spills.
+RISK_MEMORY_GROUPS = 1_000
+DRY_SAMPLE = 1_000
+#: (m)'s column policy: the issue-15 actions on the benchmark's table (docs/deidentification.md)
+DEID_COLUMNS: dict[str, Any] = {
+    "id": "keep", "patient_id": "pseudonymise",
+    "visit_date": {"action": "date_shift", "subject": "patient_id", "max_days": 30},
+    "mrn": {"action": "mask", "keep_last": 4}, "ward": {"action": "generalise", "prefix": 3},
+}
+DATE_SHIFT_LABEL = b"pseudonymise/v1/date-shift\x00"
 
 
 def visits_sql(table: str, rows: int) -> str:
@@ -147,8 +170,22 @@ def url(cfg: Mapping[str, Any], db: str) -> str:
 
 
 def worker(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    runner = {"a": _raw_copy, "e": _pandas, "f": _pgcrypto, "sqlite_raw": _sqlite_raw_copy}.get(case, _operator)
+    runner = {"a": _raw_copy, "e": _pandas, "f": _pgcrypto, "sqlite_raw": _sqlite_raw_copy,
+              "report": _risk_report}.get(case, _operator)
     return runner(case, cfg)
+
+
+def _risk_report(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    import logging
+
+    logging.disable(logging.INFO)
+    from pseudonymise.operators import RiskReportOperator
+
+    operator = RiskReportOperator(task_id="bench_report", source_conn_id=cfg["source_conn"], source_table=cfg["source"],
+                                  quasi_identifiers=list(REPORT_QIS), k=5, audit_conn_id="bench_dst")
+    with Stopwatch() as watch:
+        report = operator.execute(context={})
+    return watch.result(report["rows"], "RiskReportOperator.execute() with a minimal context", report=report)
 
 
 def _raw_copy(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -302,16 +339,23 @@ def _operator(case: str, cfg: dict[str, Any]) -> dict[str, Any]:
                   "partition_end": cfg["range"]["partition_end"]}
     else:
         kwargs = {"source_table": cfg["source"], "write_mode": "replace"}
+    if case in ("risk", "risk_sqlite", "dry"):
+        kwargs.update(risk=RISK, risk_memory_groups=RISK_MEMORY_GROUPS)
+    if case == "dry":  # the first rows in id order, so the check knows which rows the sample holds
+        kwargs = {**{k: v for k, v in kwargs.items() if k != "source_table"}, "dry_run": True, "sample": DRY_SAMPLE,
+                  "sql": f"SELECT * FROM {cfg['source']} ORDER BY id"}
     operator_class = SecondaryPseudonymiseOperator if secondary else PseudonymiseOperator
     operator = operator_class(
         task_id=f"bench_{case}", pseudonymise_conn_id=cfg["token_conn"], source_conn_id=cfg["source_conn"],
-        columns={c: "pseudonymise" for c in PSEUDONYMISED}, unlisted_columns="keep",
+        columns=DEID_COLUMNS if case == "m" else {c: "pseudonymise" for c in PSEUDONYMISED}, unlisted_columns="keep",
         target_conn_id=cfg.get("target_conn", "bench_dst"), target_table=cfg["target"], batch_size=cfg["batch_size"],
         **kwargs)
     with Stopwatch() as watch:
         summary = operator.execute(context={})
-    return watch.result(summary["rows_out"], f"{operator_class.__name__}.execute() with a minimal context",
-                        escrow_rows=summary["escrow_rows"])
+    return watch.result(summary["rows_in"] if case == "dry" else summary["rows_out"],
+                        f"{operator_class.__name__}.execute() with a minimal context"
+                        + (", dry_run=True" if case == "dry" else ""),
+                        escrow_rows=summary["escrow_rows"], risk=summary.get("risk"), dry_run=summary.get("dry_run"))
 
 
 def worker_main(case: str) -> None:
@@ -605,6 +649,32 @@ class Bench:
             self.check("(f) equals pgcrypto + Python base32", f_mismatched == 0,
                        f"{rows:,} rows compared, {f_mismatched} differ")
 
+    def check_deidentified(self, source: str, target: str) -> None:
+        """(m): every row equals DESIGN §4 and §4.7 and the actions' definitions computed in SQL with pgcrypto."""
+        key = self.cfg["keys"]["det"]
+        max_days = DEID_COLUMNS["visit_date"]["max_days"]
+        mac = sql_hmac("s.patient_id", key, DATE_SHIFT_LABEL + b"\x00")
+        first = f"('x' || encode(substring({mac} from 1 for 8), 'hex'))::bit(64)::bigint"
+        unsigned = f"({first}::numeric + CASE WHEN {first} < 0 THEN 18446744073709551616 ELSE 0 END)"
+        offset = f"(mod({unsigned}, {2 * max_days}) - {max_days})"
+        shifted = f"s.visit_date + ({offset} + CASE WHEN {offset} >= 0 THEN 1 ELSE 0 END)::int"
+        masked = ("CASE WHEN length(s.mrn) <= 4 THEN repeat('*', length(s.mrn)) "
+                  "ELSE repeat('*', length(s.mrn) - 4) || right(s.mrn, 4) END")
+        expected = self.stream(self.cfg["src_db"],
+                               f"SELECT s.id, encode({sql_hmac('s.patient_id', key)}, 'hex'), {shifted}, {masked}, "
+                               f"left(normalize(s.ward, NFC), 3), s.visit_date FROM {source} s ORDER BY s.id")
+        actual = self.stream(self.cfg["dst_db"], f"SELECT id, patient_id, visit_date, mrn, ward FROM {target} ORDER BY id")
+        rows = mismatched = unshifted = 0
+        for exp, act in zip(expected, actual, strict=False):
+            rows += 1
+            b32 = base64.b32encode(bytes.fromhex(exp[1])).decode().lower()[:26]
+            mismatched += tuple(act) != (exp[0], b32, exp[2], exp[3], exp[4])
+            unshifted += act[2] == exp[5]  # the formula never gives an offset of 0
+        total = self.sql(self.cfg["src_db"], f"SELECT count(*) FROM {source}")[0][0]
+        self.check("(m) equals pgcrypto (pseudonyms, date shift, mask, prefix)",
+                   mismatched == 0 and unshifted == 0 and rows == total,
+                   f"{rows:,} rows compared, {mismatched} differ, {unshifted} dates unshifted ({total:,} in the source)")
+
     def check_escrow(self, source: str) -> None:
         from pseudonymise.core.escrow import reveal
         from pseudonymise.core.pipeline import Store
@@ -691,6 +761,67 @@ class Bench:
         self.check(f"{case} equals the standard library's hmac", mismatched == 0 and rows == total == out,
                    f"{rows:,} rows compared, {mismatched} differ ({out:,} in the target, {total:,} in the source)")
 
+    # the risk cases ----------------------------------------------------------------------------
+    def check_risk(self, name: str, rows: Iterator[tuple[Any, ...]], found: Mapping[str, Any] | None,
+                   qis: int, k: int, l_min: int | None) -> None:
+        """The gate's or report's figures against the standard library: a Counter of each class's rows (and a
+        set of its sensitive values) over ``rows`` of (quasi-identifiers..., sensitive)."""
+        from collections import Counter, defaultdict
+
+        sizes: Counter[tuple[Any, ...]] = Counter()
+        values: defaultdict[tuple[Any, ...], set[Any]] = defaultdict(set)
+        for row in rows:
+            key = tuple(row[:qis])
+            sizes[key] += 1
+            if l_min is not None and row[qis] is not None:
+                values[key].add(row[qis])
+        want = {"rows": sum(sizes.values()), "classes": len(sizes), "smallest_class": min(sizes.values()),
+                "classes_below_k": sum(n < k for n in sizes.values()),
+                "rows_below_k": sum(n for n in sizes.values() if n < k)}
+        if l_min is not None:
+            distinct = {key: len(values[key]) for key in sizes}
+            want.update(l_smallest=min(distinct.values()), classes_below_l=sum(d < l_min for d in distinct.values()),
+                        rows_below_l=sum(sizes[key] for key, d in distinct.items() if d < l_min))
+        got = {key: (found or {}).get(key) for key in want}
+        self.check(name, got == want, f"{want['rows']:,} rows, {want['classes']:,} classes, smallest "
+                   f"{want['smallest_class']}; {'the same' if got == want else f'found {got}'}")
+
+    def check_risk_cases(self, results: Mapping[str, Result]) -> None:
+        import sqlite3
+
+        gate = (1, RISK["k"], RISK["l"]["min"])  # type: ignore[index]
+        if "risk" in results:
+            self.check_against_pgcrypto("(i)", "det", "visits", "i_out")
+            self.check_risk("(i) gate figures equal the standard library's", self.stream(
+                self.cfg["src_db"], "SELECT ward, visit_date FROM visits"), results["risk"].extra["risk"], *gate)
+        if "risk_sqlite" in results:
+            self.check_sqlite("(j)", "j_out")
+            spills = results["risk_sqlite"].extra["risk"].get("spills", 0)
+            self.check("(j) counts spilled to disk", spills > 0,
+                       f"{spills} spill(s) of more than {RISK_MEMORY_GROUPS:,} counts held in memory")
+            src = sqlite3.connect(self.cfg["sqlite_src"])
+            try:
+                self.check_risk("(j) gate figures equal the standard library's", iter(src.execute(
+                    "SELECT ward, visit_date FROM visits").fetchall()), results["risk_sqlite"].extra["risk"], *gate)
+            finally:
+                src.close()
+        if "dry" in results:
+            dry = results["dry"].extra["dry_run"]
+            exists = self.sql(self.cfg["dst_db"], "SELECT to_regclass('k_out') IS NOT NULL")[0][0]
+            self.check("(k) dry run wrote nothing", not exists and dry["sample_rows"] == min(DRY_SAMPLE, self.args.rows),
+                       f"{dry['sample_rows']:,} rows sampled, target {'exists' if exists else 'absent'}")
+            self.check_risk("(k) dry run's figures equal the standard library's over its sample", self.stream(
+                self.cfg["src_db"], f"SELECT ward, visit_date FROM visits ORDER BY id LIMIT {DRY_SAMPLE}"),
+                results["dry"].extra["risk"], *gate)
+        if "report" in results:
+            report = results["report"].extra["report"]
+            self.check_risk("(l) report figures equal the standard library's", self.stream(
+                self.cfg["src_db"], "SELECT visit_date, ward FROM visits"), report, 2, 5, None)
+            for combo in report["combinations"][:2]:  # each quasi-identifier alone
+                column = combo["quasi_identifiers"][0]
+                self.check_risk(f"(l) report over {column} alone", self.stream(
+                    self.cfg["src_db"], f"SELECT {column} FROM visits"), {**combo, "rows": self.args.rows}, 1, 5, None)
+
     def check_same(self, name: str, left: str, right: str) -> None:
         bad = self.sql(self.cfg["dst_db"],
                        f"SELECT count(*) FROM {left} l FULL JOIN {right} r USING (id) WHERE "
@@ -718,8 +849,8 @@ def main() -> int:
     parser.add_argument("--ranges-create-in-run", action="store_true",
                         help="ranges: let the first range create the target inside its run, as before "
                              "CreateTargetTableOperator (to compare)")
-    parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,ranges,big,airflow,"
-                                                   "celery,sqlite, files (every file case) or file-copy,file-cli,file-hmac,"
+    parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,m,ranges,big,airflow,"
+                                                   "celery,sqlite,risk, files (every file case) or file-copy,file-cli,file-hmac,"
                                                    "file-presidio,file-parquet-copy,file-parquet-cli")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run (a)-(d), (f) and the ranges this many times, interleaved, and report the median")
@@ -756,11 +887,22 @@ def main() -> int:
                                                           source_conn="bench_dst", token_conn="bench_sec"))
             if "f" not in skip:
                 runs.setdefault("f", []).append(bench.run("f", source="visits", target=f"f_out{x}"))
+            if "m" not in skip:
+                runs.setdefault("m", []).append(bench.run("m", source="visits", target=f"m_out{x}", **primary))
             if "sqlite" not in skip:
                 if rep == 1:
                     bench.setup_sqlite()
                 for result in bench.run_sqlite(x):
                     runs.setdefault(result.case, []).append(result)
+            if "risk" not in skip:  # the gate's cost: (i) against (b), (j) against (h); a dry run; a report
+                runs.setdefault("risk", []).append(bench.run("risk", source="visits", target=f"i_out{x}", **primary))
+                if "sqlite" not in skip:
+                    runs.setdefault("risk_sqlite", []).append(bench.run(
+                        "risk_sqlite", source="visits", target=f"j_out{x}", source_conn="bench_sqlite_src",
+                        target_conn="bench_sqlite_dst", token_conn="bench_det"))
+                runs.setdefault("dry", []).append(bench.run("dry", source="visits", target="k_out", **primary))
+                runs.setdefault("report", []).append(bench.run("report", source="visits", target="l_report",
+                                                               source_conn="bench_src"))
             if "ranges" not in skip:
                 total, split = bench.run_ranges("visits", f"p_out{x}")
                 runs.setdefault("ranges", []).append(total)
@@ -797,7 +939,8 @@ def main() -> int:
             file_lines, file_results = file_cases.run_all(
                 bench.work / "files", args.rows, args.repeat, bench.cfg["tokens"]["det"], bench.cfg["jwks"],
                 bytes.fromhex(bench.cfg["keys"]["det"]), skip, bench.check)
-        order = ("a", "b", "c", "d", "e", "f", "ranges", "big", "sqlite_raw", "sqlite")
+        order = ("a", "b", "c", "d", "e", "f", "m", "ranges", "big", "sqlite_raw", "sqlite", "risk", "risk_sqlite", "dry",
+                 "report")
         results = {case: median(runs[case]) for case in order if case in runs}
         speedup = results["b"].seconds / results["ranges"].seconds if "ranges" in results else None
 
@@ -812,6 +955,9 @@ def main() -> int:
             bench.check_same("2 mapped ranges equal (b)", "b_out", "p_out")
         if "sqlite" in results:
             bench.check_sqlite("(h)", "h_out")
+        bench.check_risk_cases(results)
+        if "m" in results:
+            bench.check_deidentified("visits", "m_out")
         if "big" in results:
             out = bench.sql(bench.cfg["dst_db"], "SELECT count(*) FROM big_out")[0][0]
             bench.check("big run: every row written", out == args.big_rows == results["big"].rows,
@@ -844,11 +990,18 @@ def main() -> int:
         if "e" in results:
             e = results["e"]
             targets.append(("(b) rows/s / (e) rows/s", b.rate / e.rate, ">= 10", b.rate >= 10 * e.rate))
+        if "m" in results:
+            targets.append(("(m) rows/s / (b) rows/s", results["m"].rate / b.rate, "info", True))
         if "sqlite" in results:
             g, h = results["sqlite_raw"], results["sqlite"]
             targets.append(("(h) rows/s / (g) rows/s", h.rate / g.rate, "info", True))
             targets.append((f"(h) rows/s / {SQLITE_BEFORE:,} (before issue 13)", h.rate / SQLITE_BEFORE, ">= 5",
                             h.rate >= 5 * SQLITE_BEFORE))
+        if "risk" in results:
+            targets.append(("(i) rows/s / (b) rows/s (the gate's cost)", results["risk"].rate / b.rate, "info", True))
+        if "risk_sqlite" in results:
+            targets.append(("(j) rows/s / (h) rows/s (the gate's cost)", results["risk_sqlite"].rate
+                            / results["sqlite"].rate, "info", True))
         if "big" in results:
             big = results["big"]
             targets.append((f"peak RSS at {args.big_rows:,} / at {args.rows:,}", big.peak_rss_mib / b.peak_rss_mib,

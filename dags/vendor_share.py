@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from airflow.sdk import DAG, Asset
-from pseudonymise.operators import SecondaryPseudonymiseOperator
+from airflow.sdk import DAG
+from pseudonymise.operators import SecondaryPseudonymiseOperator, target_alias
 
-RESEARCH_TABLE = Asset(name="pseudonymise/research_db/default/patient_visits_pseudonymised")
+# the research table's asset alias: each load attaches the table's asset (postgres://host:port/research/public/…)
+RESEARCH_TABLE = target_alias("research_db", "patient_visits_pseudonymised")
 
 with DAG(
     dag_id="pseudonymise_vendor_share",

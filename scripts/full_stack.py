@@ -15,7 +15,6 @@ audit rows. The end-to-end test tests/stack/test_full_stack.py drives the same c
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import secrets
@@ -29,12 +28,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import hvac
 import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.seed import LOGIN_USER, seed  # noqa: E402
 from scripts.services import free_port, start_openbao, start_postgres, start_redis  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -51,7 +50,8 @@ class FullStack:
     """
 
     def __init__(self, workdir: Path | None = None, *, parallelism: int = 8, dags_folder: Path | None = None,
-                 executor: str = "local", workers: int = 2, concurrency: int = 4) -> None:
+                 executor: str = "local", workers: int = 2, concurrency: int = 4,
+                 users: dict[str, str] | None = None, triggerer: bool = False) -> None:
         if executor not in EXECUTORS:
             raise ValueError(f"executor {executor!r} is unknown; use one of {', '.join(EXECUTORS)}")
         self.work = Path(workdir or tempfile.mkdtemp(prefix="pseudonymise-stack-"))
@@ -61,6 +61,11 @@ class FullStack:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.pg = self.bao = self.redis = None
         self.api_token: str | None = None
+        #: user name -> role of the simple auth manager: ``admin``, the ``airflow_api`` connection's reader
+        #: of approvals (a viewer), and those asked for
+        self.users = {LOGIN_USER: "admin", "approvals-reader": "viewer", **(users or {})}
+        self.user_tokens: dict[str, str] = {}
+        self.with_triggerer = triggerer
 
     # --- setup ------------------------------------------------------------------------------
     def start(self) -> FullStack:
@@ -71,17 +76,25 @@ class FullStack:
             for db in ("airflow_meta", "hospital", "research"):
                 conn.execute(sa.text(f'CREATE DATABASE "{db}"'))
         admin.dispose()
-        self._load_hospital()
         self.bao = start_openbao()
-        self._issue_token_into_vault()
+        # the compose file's seeding, here too: issuer, token connections in Vault, login, JWT secret, source rows
+        seeded = seed(vault_url=self.bao.addr, vault_token=self.bao.token, hospital_url=self.pg.url("hospital"),
+                      issuer_store=self.work / "issuer", secrets_dir=self.work / "secrets")
+        self.issuer, self.token = seeded.issuer, seeded.tokens["pseudonymise_research"]
+        self.passwords_file, self.jwt_secret_file = seeded.passwords_file, seeded.jwt_secret_file
         if self.executor == "celery":
             self.redis = start_redis()
         self.port = free_port()
-        self.password = secrets.token_urlsafe(12)
-        (self.work / "passwords.json").write_text(json.dumps({"admin": self.password}))
+        seeded_passwords = json.loads(self.passwords_file.read_text())
+        # the seeded login keeps its password; the other users of this stack get theirs here
+        self.passwords = {user: seeded_passwords.get(user) or secrets.token_urlsafe(12) for user in self.users}
+        self.password = self.passwords[LOGIN_USER]
+        self.users_file = self.work / "users.json"
+        self.users_file.write_text(json.dumps(self.passwords))
+        self.users_file.chmod(0o600)
         self.env = self._airflow_env()
         self._run("db", "migrate")
-        for name in ("api-server", "scheduler", "dag-processor"):
+        for name in ("api-server", "scheduler", "dag-processor", *(["triggerer"] if self.with_triggerer else [])):
             self._spawn(name, [name] + (["--port", str(self.port)] if name == "api-server" else []))
         for hostname in self.worker_hostnames:
             self._spawn(hostname, *self._celery_worker(hostname))
@@ -125,31 +138,6 @@ class FullStack:
         if waiting:
             raise RuntimeError(f"Celery worker(s) {', '.join(waiting)} did not get ready within {timeout} s")
 
-    def _load_hospital(self) -> None:
-        engine = sa.create_engine(self.pg.url("hospital"))
-        with open(ROOT / "include/sample/patients.csv", encoding="utf-8", newline="") as fh, engine.begin() as conn:
-            conn.execute(sa.text("CREATE TABLE patient_visits (visit_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
-                                 " patient_id text, name text, birth_year integer, visit_date date,"
-                                 " diagnosis_code text, ward text)"))
-            rows = [{k: (v or None) for k, v in r.items()} for r in csv.DictReader(fh)]
-            conn.execute(sa.text("INSERT INTO patient_visits (patient_id, name, birth_year, visit_date, diagnosis_code,"
-                                 " ward) VALUES (:patient_id, :name, CAST(:birth_year AS int), :visit_date,"
-                                 " :diagnosis_code, :ward)"), rows)
-        engine.dispose()
-
-    def _issue_token_into_vault(self) -> None:
-        from pseudonymise.core.issuer import DirectoryStore, Issuer
-
-        issuer = Issuer.init(DirectoryStore(self.work / "issuer"), "stack-issuer")
-        issuer.create_project("research-a", method="reversible")
-        self.token = issuer.issue("research-a", "pseudonymisation")
-        self.issuer = issuer
-        conn = {"conn_type": "pseudonymise", "password": self.token,
-                "extra": {"issuer_keys": json.dumps(issuer.public_keys().to_jwks()), "project": "research-a"}}
-        client = hvac.Client(url=self.bao.addr, token=self.bao.token)
-        client.secrets.kv.v2.create_or_update_secret(path="connections/pseudonymise_research", secret=conn,
-                                                     mount_point="secret")
-
     def _airflow_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PSEUDONYMISE"))}
 
@@ -163,11 +151,12 @@ class FullStack:
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor" if self.executor == "celery" else "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.work / "passwords.json"),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in self.users.items()),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.users_file),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{self.port}/execution/",
             "AIRFLOW__API__PORT": str(self.port),
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+            # read from the seeded file by every process, as in the compose file
+            "AIRFLOW__API_AUTH__JWT_SECRET_CMD": f"cat {self.jwt_secret_file}",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.pg.url("airflow_meta"),
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
@@ -178,6 +167,10 @@ class FullStack:
             "AIRFLOW__PSEUDONYMISE__AUDIT_CONN_ID": "research_db",
             "AIRFLOW_CONN_HOSPITAL_DB": pg("hospital"),
             "AIRFLOW_CONN_RESEARCH_DB": pg("research"),
+            # the REST API as the reversal DAG reads its four-eyes approval (a viewer user)
+            "AIRFLOW_CONN_AIRFLOW_API": json.dumps({"conn_type": "http", "host": "http://127.0.0.1", "port": self.port,
+                                                    "login": "approvals-reader",
+                                                    "password": self.passwords["approvals-reader"]}),
         })
         if self.redis is not None:
             env.update({
@@ -202,15 +195,26 @@ class FullStack:
         return proc.stdout
 
     # --- REST API ---------------------------------------------------------------------------
-    def request(self, method: str, path: str, body: Any = None, auth: bool = True) -> Any:
+    def request(self, method: str, path: str, body: Any = None, auth: bool = True, user: str = "admin") -> Any:
+        """A REST call as ``user`` (one of :attr:`users`), JSON in and out."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
         req.add_header("Content-Type", "application/json")
         if auth:
-            req.add_header("Authorization", f"Bearer {self.api_token}")
+            req.add_header("Authorization", f"Bearer {self.token_for(user)}")
         with urllib.request.urlopen(req, timeout=30) as resp:
             text = resp.read().decode()
         return json.loads(text) if text else None
+
+    def token_for(self, user: str) -> str:
+        """The API JWT of ``user`` (logged in once)."""
+        if user == LOGIN_USER and self.api_token:
+            return self.api_token
+        if user not in self.user_tokens:
+            self.user_tokens[user] = self.request("POST", "/auth/token", {"username": user,
+                                                                          "password": self.passwords[user]},
+                                                  auth=False)["access_token"]
+        return self.user_tokens[user]
 
     def _wait_for_api(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -219,7 +223,7 @@ class FullStack:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited: {(self.work / f'{name}.log').read_text()[-3000:]}")
             try:
-                self.api_token = self.request("POST", "/auth/token", {"username": "admin", "password": self.password},
+                self.api_token = self.request("POST", "/auth/token", {"username": LOGIN_USER, "password": self.password},
                                               auth=False)["access_token"]
                 return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -237,9 +241,11 @@ class FullStack:
                 time.sleep(2)
         raise RuntimeError(f"DAG {dag_id} was not parsed within {timeout} s")
 
-    def trigger(self, dag_id: str, logical_date: str, conf: dict[str, Any] | None = None) -> str:
+    def trigger(self, dag_id: str, logical_date: str | None, conf: dict[str, Any] | None = None,
+                user: str = "admin") -> str:
+        """Trigger a run of ``dag_id`` as ``user`` through the REST API; its run id."""
         body: dict[str, Any] = {"logical_date": logical_date, **({"conf": conf} if conf else {})}
-        return self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", body)["dag_run_id"]
+        return self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", body, user=user)["dag_run_id"]
 
     def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 600, poll: float = 1) -> dict[str, Any]:
         """Wait until the DAG run ``run_id`` has ended (success or failed) and return it."""

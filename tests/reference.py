@@ -118,3 +118,79 @@ def rfc4231_cases() -> list[dict[str, bytes]]:
                 cases.append(current)
                 current = {}
     return cases
+
+
+# --- DESIGN §4.7 and the de-identifying actions (docs/deidentification.md), with hmac and datetime -------------
+DATE_SHIFT_LABEL = b"pseudonymise/v1/date-shift\x00"
+
+
+def date_shift_offset(key: bytes, subject: str | int, max_days: int, domain: str = "") -> int:
+    """§4.7: the first 8 bytes of HMAC-SHA256(key, label + domain + NUL + canonical(subject)), big-endian, modulo
+    ``2 * max_days``, minus ``max_days``, plus one when not negative."""
+    mac = hmac.new(key, DATE_SHIFT_LABEL + domain.encode("utf-8") + b"\x00" + canonical(subject), hashlib.sha256)
+    offset = int.from_bytes(mac.digest()[:8], "big") % (2 * max_days) - max_days
+    return offset + 1 if offset >= 0 else offset
+
+
+def shift(value: dt.date | str | None, days: int | None) -> dt.date | str | None:
+    """A date or timestamp moved by ``days`` whole days (a timestamp with an offset: its instant by ``days`` × 24 h,
+    written in its own offset); ISO text stays ISO text. NULL value or NULL offset (NULL subject): NULL."""
+    if value is None or days is None:
+        return None
+    if isinstance(value, str):
+        if len(value) <= 10:
+            return (dt.date.fromisoformat(value) + dt.timedelta(days=days)).isoformat()
+        moment = dt.datetime.fromisoformat(value)
+        return (moment + dt.timedelta(days=days)).isoformat(sep=value[10] if value[10] in "T " else "T")
+    return value + dt.timedelta(days=days)
+
+
+def generalise_date(value: dt.date | str | None, to: str) -> str | None:
+    """``YYYY``, ``YYYY-MM`` or ISO ``YYYY-Www`` (the ISO year of the ISO week) of a date, a timestamp's own date,
+    or ISO text."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value) if len(value) > 10 else dt.date.fromisoformat(value)
+    if isinstance(value, dt.datetime):
+        value = value.date()
+    if to == "year":
+        return str(value.year).zfill(4)
+    if to == "month":
+        return str(value.year).zfill(4) + "-" + str(value.month).zfill(2)
+    iso = value.isocalendar()
+    return str(iso[0]).zfill(4) + "-W" + str(iso[1]).zfill(2)
+
+
+def integer_band(value: int | str | None, width: int, bottom: int | None = None, top: int | None = None) -> str | None:
+    """``"<bottom"``, ``">=top"``, else ``"lo-hi"`` with both ends in the band, bands of ``width`` counted from
+    ``bottom`` (or 0); width 1 gives ``"lo"``."""
+    if value is None:
+        return None
+    number = int(value)
+    if bottom is not None and number < bottom:
+        return f"<{bottom}"
+    if top is not None and number >= top:
+        return f">={top}"
+    origin = 0 if bottom is None else bottom
+    low = number - (number - origin) % width
+    return str(low) if width == 1 else f"{low}-{low + width - 1}"
+
+
+def text_prefix(value: str | int | None, length: int) -> str | None:
+    return None if value is None else unicodedata.normalize("NFC", str(value))[:length]
+
+
+def masked(value: str | int | None, char: str = "*", *, keep_first: int | None = None,
+           keep_last: int | None = None) -> str | None:
+    """All but the first/last N characters replaced by ``char``; a value of N characters or fewer, all of it."""
+    if value is None:
+        return None
+    text = unicodedata.normalize("NFC", str(value))
+    keep = keep_first if keep_first is not None else keep_last
+    assert keep is not None
+    if len(text) <= keep:
+        return char * len(text)
+    if keep_first is not None:
+        return text[:keep] + char * (len(text) - keep)
+    return char * (len(text) - keep) + text[len(text) - keep:]

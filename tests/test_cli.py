@@ -431,6 +431,119 @@ def test_file_runs_with_and_without_the_c_engine_write_the_same_files(cli: Cli, 
 
 
 # --- escrow purge ------------------------------------------------------------------------------
+# --- risk gate, risk report, dry run (issue 15) -----------------------------------------------------
+def _sample_frame(rows: int | None = None) -> Any:
+    """The sample as the plugin reads a CSV: every column text, an empty field NULL (pandas, independently)."""
+    import pandas as pd
+
+    frame = pd.read_csv(SAMPLE, dtype=str, keep_default_na=False).replace("", None)
+    return frame if rows is None else frame.head(rows)
+
+
+def _risk_expected(frame: Any, qis: list[str], k: int) -> dict[str, int]:
+    sizes = frame.groupby(qis, dropna=False).size()
+    return {"rows": len(frame), "classes": len(sizes), "smallest_class": int(sizes.min()),
+            "classes_below_k": int((sizes < k).sum()), "rows_below_k": int(sizes[sizes < k].sum())}
+
+
+def _audit_outcomes(db: str) -> list[tuple[str, str]]:
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
+        return [tuple(r) for r in conn.execute("SELECT operation, outcome FROM pseudonymise_audit ORDER BY seq")]
+
+
+def test_file_dry_run_writes_nothing_and_prints_what_a_run_would_do(cli: Cli, tmp_path: Path) -> None:
+    db, out = f"sqlite:///{tmp_path / 'dry.db'}", tmp_path / "out.csv"
+    proc = cli.run("file", "pseudonymise", SAMPLE, out, "--policy", POLICY, "--db", db, "--token-file",
+                   cli.tokens["research-a"], "--dry-run", "--sample", "60", "--quasi-identifiers", "birth_year,ward",
+                   "--risk-k", "2")
+    report = json.loads(proc.stdout)
+    assert report["operation"] == "dry_run" and report["rows_in"] == 60 and report["rows_out"] == 0
+    dry = report["dry_run"]
+    assert dry["sample_rows"] == 60 and dry["actions"]["name"] == "drop" and dry["target"] == f"file:{out}"
+    expected = _risk_expected(_sample_frame(60), ["birth_year", "ward"], 2)
+    assert {key: dry["risk"][key] for key in expected} == expected
+    assert "dry run: nothing was written; 60 rows sampled" in proc.stderr and "patient_id: pseudonymise" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dry.db"]
+    with sqlite3.connect(tmp_path / "dry.db") as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        counts = {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
+    assert counts.pop("pseudonymise_audit") == 2 and counts.pop("pseudonymise_audit_head") == 1
+    assert set(counts.values()) == {0}  # escrow, checkpoints, revocations: nothing
+    assert _audit_outcomes(db) == [("dry_run", "started"), ("dry_run", "success")]
+    assert "audit chain verified: 2 rows" in cli.run("audit", "verify", "--db", db).stdout
+    for row in _sample_frame(60).itertuples():
+        assert row.patient_id.strip() not in proc.stdout + proc.stderr
+
+
+def test_file_secondary_dry_run_checks_the_secondary_token(cli: Cli, pseudonymised: Path, tmp_path: Path) -> None:
+    db, out = f"sqlite:///{tmp_path / 'secondary.db'}", tmp_path / "vendor.csv"
+    proc = cli.run("file", "secondary", pseudonymised, out, "--columns", "patient_id", "--default", "keep", "--db", db,
+                   "--token-file", cli.tokens["vendor-x"], "--dry-run", "--sample", "10")
+    report = json.loads(proc.stdout)
+    assert report["operation"] == "dry_run" and report["dry_run"]["sample_rows"] == 10 and not out.exists()
+    with sqlite3.connect(tmp_path / "secondary.db") as conn:
+        assert conn.execute("SELECT DISTINCT token_kind FROM pseudonymise_audit").fetchall() == [("secondary",)]
+    refused = cli.run("file", "secondary", SAMPLE, out, "--columns", "patient_id", "--default", "keep", "--db", db,
+                      "--token-file", cli.tokens["vendor-x"], "--dry-run", "--sample", "10", expect=1)
+    assert "patient_id" in refused.stderr and not out.exists()  # raw identifiers refused, as a real run would
+
+
+def test_file_risk_gate_fails_the_run_and_writes_nothing(cli: Cli, tmp_path: Path) -> None:
+    db, out = f"sqlite:///{tmp_path / 'gate.db'}", tmp_path / "out.csv"
+    qis = ["birth_year", "ward", "diagnosis_code"]
+    risk = tmp_path / "risk.json"
+    risk.write_text(json.dumps({"quasi_identifiers": qis, "k": 5}))
+    proc = cli.run("file", "pseudonymise", SAMPLE, out, "--policy", POLICY, "--db", db, "--token-file",
+                   cli.tokens["research-a"], "--risk", risk, expect=1)
+    expected = _risk_expected(_sample_frame(), qis, 5)
+    assert "re-identification risk gate failed" in proc.stderr
+    assert f"{expected['classes_below_k']} of {expected['classes']} classes" in proc.stderr
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert _audit_outcomes(db) == [("pseudonymise", "started"), ("pseudonymise", "failed")]
+    with sqlite3.connect(tmp_path / "gate.db") as conn:
+        assert conn.execute("SELECT count(*) FROM pseudonymise_escrow").fetchone()[0] == 0
+        details = json.loads(conn.execute("SELECT details FROM pseudonymise_audit WHERE seq = 2").fetchone()[0])
+    assert {key: details["risk"][key] for key in expected} == expected and details["risk"]["passed"] is False
+    proc = cli.run("file", "pseudonymise", SAMPLE, out, "--policy", POLICY, "--db", db, "--token-file",
+                   cli.tokens["research-a"], "--quasi-identifiers", "ward", "--risk-k", "2")
+    assert "risk gate passed" in proc.stderr and out.exists()
+
+
+@pytest.mark.parametrize(("flags", "error"), [
+    (["--risk-k", "1", "--quasi-identifiers", "ward"], "k must be an integer of at least 2"),
+    (["--risk-k", "3"], "need --quasi-identifiers"),
+    (["--quasi-identifiers", "name"], "'name' is dropped by the column policy"),
+    (["--quasi-identifiers", "postcode"], "'postcode' is not in the source"),
+    (["--sample", "5"], "--sample applies to a dry run only"),
+])
+def test_bad_risk_and_dry_run_flags_are_refused(cli: Cli, tmp_path: Path, flags: list[str], error: str) -> None:
+    proc = cli.run("file", "pseudonymise", SAMPLE, tmp_path / "out.csv", "--policy", POLICY, "--db",
+                   f"sqlite:///{tmp_path / 'bad.db'}", "--token-file", cli.tokens["research-a"], *flags, expect=1)
+    assert error in proc.stderr and not (tmp_path / "out.csv").exists()
+
+
+def test_risk_report_of_a_file_and_of_a_table(cli: Cli, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'report.db'}"
+    qis = ["birth_year", "ward"]
+    frame = _sample_frame()
+    proc = cli.run("risk", "report", SAMPLE, "--quasi-identifiers", ",".join(qis), "--risk-k", "3", "--db", db,
+                   "--json")
+    report = json.loads(proc.stdout)
+    expected = _risk_expected(frame, qis, 3)
+    assert {key: report[key] for key in expected} == expected
+    combos = {tuple(c["quasi_identifiers"]): c for c in report["combinations"]}
+    assert set(combos) == {("birth_year",), ("ward",), ("birth_year", "ward")}
+    assert combos[("ward",)]["rows_below_k"] == _risk_expected(frame, ["ward"], 3)["rows_below_k"]
+    assert sum(b["rows"] for b in report["distribution"]) == len(frame)
+    frame.to_sql("extract", f"sqlite:///{tmp_path / 'data.db'}", index=False)
+    text = cli.run("risk", "report", "--source-db", f"sqlite:///{tmp_path / 'data.db'}", "--table", "extract",
+                   "--quasi-identifiers", ",".join(qis), "--risk-k", "3", "--db", db).stdout
+    assert f"{expected['rows']} rows, {expected['classes']} classes" in text and "class size" in text
+    assert _audit_outcomes(db) == [("risk_report", "started"), ("risk_report", "success")] * 2
+    for value in frame["ward"].dropna().unique():
+        assert value not in proc.stdout and value not in text
+
+
 def test_escrow_purge(cli: Cli) -> None:
     db = f"sqlite:///{cli.home / 'purge.db'}"
     store = Store(db)
@@ -536,7 +649,8 @@ def _subcommands() -> list[tuple[str, ...]]:
 
 
 def test_every_subcommand_is_listed() -> None:
-    assert len(_subcommands()) == 18
+    assert len(_subcommands()) == 19
+    assert ("risk", "report") in _subcommands()
     assert ("subject", "erase") in _subcommands()
     assert ("token", "revoke") in _subcommands() and ("token", "revocations") in _subcommands()
     assert ("file", "reverse") in _subcommands() and ("audit", "verify") in _subcommands()
@@ -924,3 +1038,54 @@ def test_every_option_has_help() -> None:
 
     walk(build_parser(), "pseudonymise")
     assert missing == []
+
+
+# --- de-identifying actions ----------------------------------------------------------------------
+RESEARCH_POLICY = REPO / "include" / "policies" / "research_extract.json"
+
+
+def _research_csv(path: Path, extra: str = "") -> list[dict[str, str]]:
+    """The sample patients with a synthetic postcode, as the research extract policy expects."""
+    rows = read_csv(SAMPLE)[:40]
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, [*rows[0], "postcode"])
+        writer.writeheader()
+        for i, row in enumerate(rows):
+            writer.writerow({**row, "postcode": f"{1011 + i * 37 % 8000}{'ABCD'[i % 4]}{'XYZ'[i % 3]}"})
+        if extra:
+            fh.write(extra)
+    return read_csv(path)
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_file_pseudonymise_with_the_research_extract_policy(cli: Cli, tmp_path: Path, suffix: str) -> None:
+    source = _research_csv(tmp_path / "research.csv")
+    out = tmp_path / f"research.out.{suffix}"
+    proc = cli.run("file", "pseudonymise", tmp_path / "research.csv", out, "--policy", RESEARCH_POLICY, "--db", cli.db,
+                   "--token-file", cli.tokens["research-b"])
+    assert "40 rows in, 40 out" in proc.stderr
+    got = read_csv(out) if suffix == "csv" else [{k: ("" if v is None else v) for k, v in r.items()}
+                                                 for r in pq.read_table(out).to_pylist()]
+    assert list(got[0]) == ["patient_id", "birth_year", "visit_date", "diagnosis_code", "ward", "postcode"]
+    key = project_key(cli, "research-b")
+    for before, after in zip(source, got, strict=True):
+        subject = before["patient_id"].strip().upper()  # the subject's normalisers, as its pseudonym's
+        assert after["patient_id"] == reference.pseudonym(key, subject)
+        assert after["visit_date"] == reference.shift(before["visit_date"],
+                                                      reference.date_shift_offset(key, subject, 30))
+        assert after["birth_year"] == reference.integer_band(before["birth_year"], 5)
+        assert after["postcode"] == before["postcode"][:3]
+        assert (after["diagnosis_code"], after["ward"]) == (before["diagnosis_code"], before["ward"])
+    done = [r for r in cli.audit_rows() if r["target"] == f"file:{out}"][-1]
+    assert done["outcome"] == "success" and json.loads(done["columns"]) == [
+        "patient_id", "birth_year:generalise", "visit_date:date_shift", "postcode:generalise"]
+
+
+def test_file_pseudonymise_refuses_an_unparsable_date_naming_row_not_value(cli: Cli, tmp_path: Path) -> None:
+    _research_csv(tmp_path / "bad.csv", extra="P999,Someone,1950,03/04/2026 x9q,,icu,1234AB\n")
+    out = tmp_path / "bad.out.csv"
+    proc = cli.run("file", "pseudonymise", tmp_path / "bad.csv", out, "--policy", RESEARCH_POLICY, "--db", cli.db,
+                   "--token-file", cli.tokens["research-b"], expect=1)
+    assert "column 'visit_date', row 41" in proc.stderr and "ISO 8601" in proc.stderr
+    assert "x9q" not in proc.stderr and "03/04" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()

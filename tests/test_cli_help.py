@@ -93,7 +93,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, bin_dir: Path) -> Path:
 
 def test_every_command_has_an_example() -> None:
     commands = [command for command, _ in help_examples()]
-    assert len(commands) == 1 + 7 + 18 and len(set(commands)) == len(commands)
+    assert len(commands) == 1 + 8 + 19 and len(set(commands)) == len(commands)
     assert all(example.startswith("pseudonymise ") for _, example in help_examples())
 
 

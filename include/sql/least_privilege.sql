@@ -36,11 +36,15 @@ GRANT EXECUTE ON FUNCTION pseudonymise_audit_revoke(jsonb, text, text) TO pseudo
 GRANT SELECT ON pseudonymise_revoked TO pseudonymise_auditor;
 GRANT SELECT ON pseudonymise_audit, pseudonymise_audit_head TO pseudonymise_auditor;
 GRANT SELECT ON pseudonymise_escrow, pseudonymise_escrow_batch TO pseudonymise_auditor;
+-- Reversal requests of the HTTP API (four eyes): the role of the API server that reverses keeps them.
+-- The pipeline role gets nothing here: it may append audit rows, but never make or approve a request.
+GRANT SELECT, INSERT, UPDATE ON pseudonymise_reverse_request TO pseudonymise_auditor;
 -- The purge job additionally needs DELETE on the two escrow tables.
 
 -- The viewer (the Airflow UI's audit pages, read-only API users): reads the audit, nothing else.
 CREATE ROLE pseudonymise_viewer LOGIN;
 GRANT SELECT ON pseudonymise_audit, pseudonymise_audit_head, pseudonymise_revoked TO pseudonymise_viewer;
+GRANT SELECT ON pseudonymise_reverse_request TO pseudonymise_viewer;
 
 -- Signed audit checkpoints (DESIGN §6.1): the audit owner's first run creates
 -- pseudonymise_audit_checkpoint and its two SECURITY DEFINER functions (EXECUTE revoked from PUBLIC).

@@ -39,6 +39,7 @@ from pseudonymise.core.checkpoint import (
     WitnessVerifyResult,
     verify_against_witness,
 )
+from pseudonymise.core.db import make_engine
 from pseudonymise.core.errors import (
     AuditError,
     CheckpointError,
@@ -56,10 +57,19 @@ from pseudonymise.core.files import open_sink, open_source
 from pseudonymise.core.formats import ALPHABETS, DEFAULT_ALPHABET, DEFAULT_LENGTH, PseudonymFormat
 from pseudonymise.core.instants import utc_seconds
 from pseudonymise.core.issuer import DirectoryStore, Issuer, ProjectStore, VaultStore
-from pseudonymise.core.pipeline import Store, run_pseudonymisation, run_purge, run_reversal
+from pseudonymise.core.pipeline import (
+    DRY_RUN_SAMPLE,
+    Store,
+    run_dry_run,
+    run_pseudonymisation,
+    run_purge,
+    run_reversal,
+    run_risk_report,
+)
 from pseudonymise.core.plan import Sink, Source, plan_transfer
 from pseudonymise.core.policy import ColumnPolicy, ColumnRule
 from pseudonymise.core.pseudonymiser import Stats
+from pseudonymise.core.risk import MAX_REPORT_QIS, MEMORY_GROUPS, RiskSpec, describe_batches, describe_table
 from pseudonymise.core.tokens import Token, TrustedKeys, parse_instant, verify_token
 from pseudonymise.core.transit import TransitMac
 from pseudonymise.core.use import RunContext, TokenUse, current_user
@@ -459,7 +469,8 @@ class OutputFile:
     takes_arrow = True
 
     def __init__(self, args: argparse.Namespace, source: Source, pseudonymised: set[str] | None) -> None:
-        """:param pseudonymised: the pseudonymised columns; ``None`` for a reversal."""
+        """:param pseudonymised: the columns whose output is text (pseudonymised, generalised, masked); ``None`` for
+            a reversal."""
         self.path, self.fmt, self.source, self.pseudonymised = args.output, args.output_format, source, pseudonymised
         self.delimiter = args.output_delimiter or args.delimiter
 
@@ -487,7 +498,7 @@ def _report(summary: Any, started: float) -> None:
     )
 
 
-def _file_source(args: argparse.Namespace) -> Source:
+def _file_source(args: argparse.Namespace, batch_size: int | None = None) -> Source:
     """The input of a ``file`` command, refused when it is also the output (after symbolic links and relative
     paths are resolved), or when its header says the CSV delimiter is another one."""
     source_path, output_path = Path(args.input).resolve(), Path(args.output).resolve()
@@ -496,21 +507,109 @@ def _file_source(args: argparse.Namespace) -> Source:
         raise DataIOError(f"the output {args.output!r} is the input file: it would be overwritten; write to "
                           "another file")
     try:
-        return open_source(args.input, args.input_format, args.batch_size, args.delimiter)
+        return open_source(args.input, args.input_format, batch_size or args.batch_size, args.delimiter)
     except DelimiterError as exc:
         raise DelimiterError(f"{exc} (--delimiter {_DELIMITER_ARGUMENT.get(exc.seen, exc.seen)})", exc.seen) from None
 
 
 def cmd_file_pseudonymise(args: argparse.Namespace, secondary: bool = False) -> int:
     policy = build_policy(args)
-    source = _file_source(args)
-    transfer = plan_transfer(source, OutputFile(args, source, set(policy.pseudonymised_columns)), policy,
+    risk = build_risk(args)
+    sample = DRY_RUN_SAMPLE if args.sample is None else args.sample
+    batch_size = max(1, min(args.batch_size, sample)) if args.dry_run else args.batch_size  # no more than the sample
+    source = _file_source(args, batch_size)
+    transfer = plan_transfer(source, OutputFile(args, source, set(policy.text_columns)), policy,
                              source_label=f"file:{args.input}", target_label=f"file:{args.output}")
     started = time.monotonic()
+    if args.dry_run:
+        summary = run_dry_run(Store(args.db), CliTokens(args), policy, transfer, RunContext(triggered_by=current_user()),
+                              secondary=secondary, sample=sample, risk=risk,
+                              risk_memory_groups=args.risk_memory_groups)
+        _emit(summary.as_dict())
+        _report_dry_run(summary.dry_run or {})
+        return 0
+    if args.sample is not None:
+        raise PolicyError("--sample applies to a dry run only; add --dry-run")
     summary = run_pseudonymisation(Store(args.db), CliTokens(args), policy, transfer,
                                    RunContext(triggered_by=current_user()), secondary=secondary,
-                                   progress=ProgressPrinter(args.progress))
+                                   progress=ProgressPrinter(args.progress), risk=risk,
+                                   risk_memory_groups=args.risk_memory_groups)
     _report(summary, started)
+    if summary.risk is not None:
+        r = summary.risk
+        print(f"risk gate passed: {r['classes']:,} classes, smallest {r['smallest_class']} (k={r['k']})", file=sys.stderr)
+    return 0
+
+
+def _report_dry_run(report: dict[str, Any]) -> None:
+    """What a real run would do, for a person (the JSON on standard output says the same)."""
+    lines = [f"dry run: nothing was written; {report.get('sample_rows', 0):,} rows sampled ({report.get('sample')})",
+             f"  target: {report.get('target')} ({report.get('would')})"]
+    lines += [f"  {column}: {action}" for column, action in report.get("actions", {}).items()]
+    risk = report.get("risk")
+    if risk:
+        verdict = "would pass" if risk["passed"] else "would FAIL"
+        lines.append(f"  risk gate on the sample {verdict}: {risk['classes']:,} classes, smallest {risk['smallest_class']}, "
+                     f"{risk['classes_below_k']:,} classes ({risk['rows_below_k']:,} rows) below k={risk['k']}"
+                     + (f"; {risk['classes_below_l']:,} classes below l={risk['l']['min']}" if "l" in risk else ""))
+        lines.append("  (a sample's classes are not the whole run's: the real run's gate decides)")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def build_risk(args: argparse.Namespace) -> RiskSpec | None:
+    """The risk gate of ``--risk FILE`` or of ``--quasi-identifiers`` with ``--risk-k``, ``--l-column``, ``--l-min``."""
+    flags = args.quasi_identifiers or args.risk_k is not None or args.l_column or args.l_min is not None
+    if args.risk:
+        if flags:
+            raise PolicyError("give either --risk FILE or --quasi-identifiers/--risk-k/--l-column/--l-min, not both")
+        try:
+            return RiskSpec.parse(json.loads(Path(args.risk).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PolicyError(f"cannot read the risk settings {args.risk!r} ({exc.__class__.__name__}); check the "
+                              "path and JSON") from None
+    if not flags:
+        return None
+    if not args.quasi_identifiers:
+        raise PolicyError("--risk-k, --l-column and --l-min need --quasi-identifiers a,b,c")
+    if args.l_min is not None and not args.l_column:
+        raise PolicyError("--l-min needs --l-column, the sensitive column")
+    data: dict[str, Any] = {"quasi_identifiers": _split(args.quasi_identifiers),
+                            "k": 5 if args.risk_k is None else args.risk_k}
+    if args.l_column:
+        data["l"] = {"column": args.l_column, "min": 2 if args.l_min is None else args.l_min}
+    return RiskSpec.parse(data)
+
+
+def cmd_risk_report(args: argparse.Namespace) -> int:
+    spec = build_risk(args)
+    if spec is None:
+        raise PolicyError("say which columns are quasi-identifiers: --quasi-identifiers a,b,c (or --risk FILE)")
+    if bool(args.input) == bool(args.source_db):
+        raise PolicyError("describe either a file (INPUT) or a table (--source-db with --table or --query)")
+    if args.input:
+        label = f"file:{args.input}"
+        source = open_source(args.input, args.input_format, args.batch_size)
+        batches = source.record_batches if hasattr(source, "record_batches") else source.batches
+
+        def describe() -> Any:
+            return describe_batches(batches(), source.columns, spec, label, memory_groups=args.risk_memory_groups,
+                                    max_quasi_identifiers=args.max_quasi_identifiers)
+    else:
+        if bool(args.table) == bool(args.query):
+            raise PolicyError("with --source-db, give --table or --query")
+        label = f"table:{(args.schema + '.') if args.schema else ''}{args.table}" if args.table else "query"
+        engine = make_engine(args.source_db)
+
+        def describe() -> Any:
+            with engine.connect() as conn:
+                return describe_table(conn, args.table, spec, schema=args.schema, query=args.query, label=label,
+                                      max_quasi_identifiers=args.max_quasi_identifiers)
+    report = run_risk_report(Store(args.db), describe, RunContext(triggered_by=current_user()), source=label,
+                             columns=spec.columns)
+    if args.json:
+        _emit(report.as_dict())
+    else:
+        print(report.text())
     return 0
 
 
@@ -804,6 +903,18 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schema", help="the schema holding the audit table (PostgreSQL; default: the search path's)")
 
 
+def _add_risk_args(p: argparse.ArgumentParser, *, report: bool = False) -> None:
+    g = p.add_argument_group("re-identification risk" + ("" if report else " gate (fails the run, writing nothing)"))
+    g.add_argument("--risk", metavar="FILE", help='JSON risk settings: {"quasi_identifiers": [...], "k": 5, '
+                                                   '"l": {"column": "diagnosis", "min": 2}}')
+    g.add_argument("--quasi-identifiers", metavar="A,B,C", help="comma-separated quasi-identifier columns")
+    g.add_argument("--risk-k", type=int, metavar="K", help="smallest class size allowed (default 5)")
+    g.add_argument("--l-column", metavar="COLUMN", help="sensitive column each class must show several values of")
+    g.add_argument("--l-min", type=int, metavar="L", help="distinct sensitive values per class (default 2)")
+    g.add_argument("--risk-memory-groups", type=int, default=MEMORY_GROUPS, metavar="N",
+                   help=f"classes counted in memory before spilling to disk (default {MEMORY_GROUPS})")
+
+
 def _add_file_args(p: argparse.ArgumentParser, policy: bool) -> None:
     p.add_argument("input", help="input .csv or .parquet file")
     p.add_argument("output", help="output .csv or .parquet file (written atomically; never the input file)")
@@ -820,7 +931,8 @@ def _add_file_args(p: argparse.ArgumentParser, policy: bool) -> None:
         p.add_argument("--drop", help="comma-separated columns left out of the output")
         p.add_argument("--default", choices=("error", "keep", "drop"), default="error",
                        help="what happens to columns not named (default: error, so nothing leaves unnoticed)")
-        p.add_argument("--policy", metavar="FILE", help="a JSON column policy (see include/policies/)")
+        p.add_argument("--policy", metavar="FILE", help="a JSON column policy (see include/policies/): pseudonymise, keep, "
+                       "drop, date_shift, generalise, mask, suppress")
     p.add_argument("--batch-size", type=int, default=50_000, help="rows per batch (default 50000)")
     _add_db_args(p, "the audit and escrow database (created at the first run)")
     p.add_argument("--progress", action="store_true", default=sys.stderr.isatty(),
@@ -837,6 +949,16 @@ pseudonymise token issue --project research-a --kind pseudonymisation --output r
 pseudonymise file pseudonymise include/sample/patients.csv patients.pseudonymised.csv \\
     --policy include/policies/patients.json --token-file research-a.token
 pseudonymise audit show"""
+
+
+def _add_run_checks(p: argparse.ArgumentParser) -> None:
+    _add_risk_args(p)
+    g = p.add_argument_group("dry run")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check the token, policy, types, collisions and risk gate on a sample; write nothing but the "
+                        "audited dry_run use, and print what a real run would do")
+    g.add_argument("--sample", type=int, metavar="N",
+                   help=f"rows a dry run reads: the first N of the input (default {DRY_RUN_SAMPLE})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -940,11 +1062,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="normalisers run before pseudonymising: strip, lower, upper, casefold, remove_whitespace, "
                         "remove:<chars>")
     p.add_argument("--domain", action="append", metavar="COLUMN=DOMAIN", help="per-column domain (default: none)")
+    _add_run_checks(p)
     p = command(files, "secondary", "Re-pseudonymise pseudonymised columns with a secondary token.",
                 "pseudonymise file secondary patients.pseudonymised.csv vendor.csv --columns patient_id "
                 "--default keep --token-file vendor.token", cmd_file_secondary)
     _add_file_args(p, policy=True)
     p.set_defaults(normalise=None, domain=None)
+    _add_run_checks(p)
     p = command(files, "reverse", "Reveal the originals of pseudonyms in a file with a reverse token (audited first). "
                 "Fails, writing nothing, when a pseudonym has no escrow, unless --allow-missing.",
                 "pseudonymise file reverse patients.pseudonymised.csv revealed.csv --columns patient_id "
@@ -984,6 +1108,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-db", metavar="URL", help="the database of the targets (default: --db)")
     _add_db_args(p, "the database holding the escrow and the audit")
     _add_token_args(p)
+
+    risk = group("risk", "re-identification risk of a file or table",
+                 "pseudonymise risk report include/sample/patients.csv --quasi-identifiers birth_year,ward --risk-k 5")
+    p = command(risk, "report", "Describe a file's or table's re-identification risk: class sizes and the rows below "
+                "k per combination of quasi-identifiers (counts only; audited as risk_report).",
+                "pseudonymise risk report patients.pseudonymised.csv --quasi-identifiers birth_year,ward "
+                "--l-column diagnosis_code --l-min 2 --json", cmd_risk_report)
+    p.add_argument("input", nargs="?", help="a .csv or .parquet file to describe (or --source-db)")
+    p.add_argument("--input-format", choices=("csv", "parquet"), help="override the input's extension")
+    p.add_argument("--source-db", metavar="URL", help="the database of the table to describe (SQLAlchemy URL)")
+    p.add_argument("--table", help="the table to describe")
+    p.add_argument("--schema", help="the table's schema")
+    p.add_argument("--query", help="a query whose rows to describe, instead of --table")
+    p.add_argument("--batch-size", type=int, default=50_000, help="rows per batch of a file (default 50000)")
+    p.add_argument("--max-quasi-identifiers", type=int, default=MAX_REPORT_QIS, metavar="N",
+                   help=f"refuse more quasi-identifiers than this: 2^N - 1 combinations (default {MAX_REPORT_QIS})")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--db", default=os.environ.get("PSEUDONYMISE_DB", DEFAULT_DB),
+                   help="the audit database, where the report is recorded (SQLAlchemy URL)")
+    _add_risk_args(p, report=True)
 
     audit = group("audit", "the tamper-evident audit table", "pseudonymise audit verify --db sqlite:///pseudonymise.db")
     p = command(audit, "verify", "Verify the audit hash chain; name the first broken row.",

@@ -15,7 +15,7 @@ import contextlib
 import os
 import tempfile
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from airflow.sdk import BaseHook
@@ -28,6 +28,9 @@ from pseudonymise.core.files import open_sink
 from pseudonymise.core.tokens import Token, TrustedKeys, secret_parts, verify_token
 from pseudonymise.core.transit import TransitMac
 from pseudonymise.core.vault import VaultClient, is_unreachable
+
+if TYPE_CHECKING:
+    from pseudonymise.core.approval import Approval
 
 
 def _unavailable(message: str, exc: BaseException) -> TokenUnavailableError:
@@ -474,3 +477,128 @@ class AuditSigningHook(BaseHook):
         earlier = PublicKeys.from_jwks(extras["public_keys"]) if extras.get("public_keys") else None
         return Checkpointer(audit, self.get_signer(), self.get_witnesses(), audit_id=extras.get("audit_id") or None,
                             public_keys=earlier)
+
+
+class AirflowApprovalHook(BaseHook):
+    """Reads, through the Airflow REST API, who triggered a DAG run and who answered its approval task, so a
+    reversal can hold to four eyes (:func:`~pseudonymise.core.approval.require_four_eyes`).
+
+    The answer of an ``ApprovalOperator`` (Airflow's human-in-the-loop) is read from the API server, which
+    records the user who answered it; its XCom is not trusted, because DAG code or any user who may edit
+    XCom entries could write one. Connection fields (type ``http`` or ``generic``): ``host`` (with
+    ``http://`` or ``https://``, or ``schema`` giving it), ``port``, and ``login``/``password`` of an Airflow
+    user that may read DAG runs and human-in-the-loop details (the ``viewer`` role is enough); the password
+    and the API's JWT are masked in logs.
+
+    :param airflow_api_conn_id: the connection id (default ``airflow_api``).
+    """
+
+    conn_name_attr = "airflow_api_conn_id"
+    default_conn_name = "airflow_api"
+    hook_name = "Airflow REST API (four-eyes approvals)"
+    APPROVE = "Approve"  # ApprovalOperator's option for yes
+
+    def __init__(self, airflow_api_conn_id: str = default_conn_name, timeout: float = 30, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.airflow_api_conn_id, self.timeout = airflow_api_conn_id, timeout
+
+    @cached_property
+    def base_url(self) -> str:
+        from pseudonymise.core.errors import ApprovalError
+
+        try:
+            conn = self.get_connection(self.airflow_api_conn_id)
+        except Exception as exc:  # Airflow raises several types for a missing connection
+            raise ApprovalError(f"connection {self.airflow_api_conn_id!r} could not be read ({exc.__class__.__name__});"
+                                " create it with the Airflow API server's URL and a user that may read DAG runs "
+                                "and human-in-the-loop details (the viewer role)") from None
+        if not conn.host or not conn.login or not conn.password:
+            raise ApprovalError(f"connection {self.airflow_api_conn_id!r} needs host, login and password (an Airflow "
+                                "user that may read DAG runs and human-in-the-loop details)")
+        mask_secret(conn.password)
+        self._credentials = (conn.login, conn.password)
+        host = conn.host.rstrip("/")
+        if "://" not in host:
+            host = f"{conn.schema or 'http'}://{host}"
+        if conn.port and host.count(":") < 2:
+            host = f"{host}:{conn.port}"
+        return host
+
+    def _call(self, method: str, path: str, body: Any = None, jwt: str | None = None) -> Any:
+        import json
+        import urllib.error
+        import urllib.request
+
+        from pseudonymise.core.errors import ApprovalError
+
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base_url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json", "Accept": "application/json",
+                                                  **({"Authorization": f"Bearer {jwt}"} if jwt else {})})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise ApprovalError(f"the Airflow API refused connection {self.airflow_api_conn_id!r}'s user "
+                                    f"(HTTP {exc.code} on {path.split('?')[0]}); give it a role that may read DAG "
+                                    "runs and human-in-the-loop details (viewer)") from None
+            if exc.code == 404:
+                return None
+            raise ApprovalError(f"the Airflow API answered HTTP {exc.code} on {path.split('?')[0]}; no approval "
+                                "could be read, so nothing is revealed") from None
+        except (urllib.error.URLError, OSError) as exc:
+            from pseudonymise.core.errors import ApprovalUnavailableError
+
+            raise ApprovalUnavailableError(f"the Airflow API at {self.base_url} is unreachable ({exc.__class__.__name__}); no "
+                                "approval could be read, so nothing is revealed. Check connection "
+                                f"{self.airflow_api_conn_id!r}") from None
+
+    def _jwt(self) -> str:
+        from pseudonymise.core.errors import ApprovalError
+
+        base = self.base_url  # reads the credentials
+        answer = self._call("POST", "/auth/token", {"username": self._credentials[0],
+                                                    "password": self._credentials[1]})
+        if not isinstance(answer, dict) or not answer.get("access_token"):
+            raise ApprovalError(f"the Airflow API at {base} gave no token for connection "
+                                f"{self.airflow_api_conn_id!r}'s user; check its login and password")
+        mask_secret(answer["access_token"])
+        return str(answer["access_token"])
+
+    def approval(self, dag_id: str, run_id: str, approval_task_id: str, *, reason: str | None,
+                 map_index: int = -1) -> Approval:
+        """The approval of run ``run_id`` by its task ``approval_task_id``, held to four eyes.
+
+        :class:`ApprovalError` unless the task was answered ``Approve`` by a person other than the user
+        who triggered the run (both as the API server recorded them).
+        """
+        from urllib.parse import quote
+
+        from pseudonymise.core.approval import Approval, require_four_eyes
+        from pseudonymise.core.errors import ApprovalError
+
+        jwt = self._jwt()
+        run_path = f"/api/v2/dags/{quote(dag_id, safe='')}/dagRuns/{quote(run_id, safe='')}"
+        run = self._call("GET", run_path, jwt=jwt)
+        if run is None:
+            raise ApprovalError(f"the Airflow API does not know run {run_id!r} of DAG {dag_id!r}")
+        what = f"the reversal in run {run_id!r}"
+        detail = self._call("GET", f"{run_path}/taskInstances/{quote(approval_task_id, safe='')}/{map_index}"
+                                   "/hitlDetails", jwt=jwt)
+        if detail is None:
+            raise ApprovalError(f"{what} has no approval: run {run_id!r} has no human-in-the-loop task "
+                                f"{approval_task_id!r}; put an ApprovalOperator with that task id upstream")
+        user = detail.get("responded_by_user") or {}
+        if not detail.get("response_received"):
+            raise ApprovalError(f"{what} has not been approved yet (task {approval_task_id!r} has no answer)")
+        if self.APPROVE not in (detail.get("chosen_options") or []):
+            raise ApprovalError(f"{what} was not approved: task {approval_task_id!r} was answered "
+                                f"{', '.join(detail.get('chosen_options') or []) or 'nothing'}")
+        if not user:
+            raise ApprovalError(f"{what} was answered by no person (a timeout's default, or the task itself); "
+                                "four eyes needs a user's approval")
+        approver = str(user.get("name") or user.get("id") or "")
+        require_four_eyes(run.get("triggering_user_name"), approver, what=what)
+        return Approval(requester=str(run["triggering_user_name"]), approver=approver, reason=reason,
+                        approved_at=detail.get("responded_at"), via="airflow-hitl", reference=approval_task_id)

@@ -20,11 +20,13 @@ from functools import cached_property
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
-from airflow.sdk import Asset, BaseOperator, BaseOperatorLink
+from airflow.sdk import Asset, AssetAlias, BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from pseudonymise.core.approval import Approval
 from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.errors import (
+    ApprovalError,
     ErasureError,
     PolicyError,
     PseudonymiseError,
@@ -34,7 +36,17 @@ from pseudonymise.core.errors import (
 )
 from pseudonymise.core.files import open_source
 from pseudonymise.core.locks import ensure_lock_table
-from pseudonymise.core.pipeline import Store, run_pseudonymisation, run_purge, run_rekey, run_reversal
+from pseudonymise.core.pipeline import (
+    DRY_RUN_SAMPLE,
+    Store,
+    record_refusal,
+    run_dry_run,
+    run_pseudonymisation,
+    run_purge,
+    run_rekey,
+    run_reversal,
+    run_risk_report,
+)
 from pseudonymise.core.plan import (
     Destination,
     FileDestination,
@@ -48,11 +60,34 @@ from pseudonymise.core.plan import (
 )
 from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.pseudonymiser import Stats
+from pseudonymise.core.risk import MAX_REPORT_QIS, MEMORY_GROUPS, RiskReport, RiskSpec, describe_batches, describe_table
 from pseudonymise.core.sql import TableTarget, table_query
 from pseudonymise.core.use import RunContext
-from pseudonymise.hooks import ObjectStorageHook, PseudonymisationTokenHook, SqlDataHook, is_object_storage
+from pseudonymise.hooks import (
+    AirflowApprovalHook,
+    ObjectStorageHook,
+    PseudonymisationTokenHook,
+    SqlDataHook,
+    is_object_storage,
+)
+from pseudonymise.lineage import (
+    LineageDataset,
+    operator_lineage,
+    path_dataset,
+    query_origins,
+    query_tables,
+    table_dataset,
+)
 
 AUDIT_PAGE = "/pseudonymise/audit"
+#: the asset aliases of target tables: ``pseudonymise/<target_conn_id>/<schema or default>/<table>``
+ALIAS_PREFIX = "pseudonymise/"
+
+
+def target_alias(target_conn_id: str, target_table: str, target_schema: str | None = None) -> AssetAlias:
+    """The asset alias a :class:`PseudonymiseOperator` writing ``target_table`` declares; schedule a DAG on it to run
+    after each load. Each load attaches the table's asset (``postgres://host:port/database/schema/table``)."""
+    return AssetAlias(name=f"{ALIAS_PREFIX}{target_conn_id}/{target_schema or 'default'}/{target_table}")
 
 
 class AuditTrailLink(BaseOperatorLink):
@@ -102,7 +137,7 @@ def _failing_the_task() -> Iterator[None]:
     that cannot be reached, a full disk) propagate as they are, so the task's ``retries`` apply."""
     try:
         yield
-    except (TokenError, PolicyError) as exc:
+    except (TokenError, PolicyError, ApprovalError) as exc:
         raise _task_failure(exc) from exc
 
 
@@ -181,8 +216,8 @@ class BaseDataOperator(BaseOperator):
                  target_conn_id: str | None = None, target_table: str | None = None, target_schema: str | None = None,
                  target_path: str | None = None, target_format: str | None = None,
                  write_mode: str = "append", partition_column: str | None = None,
-                 partition_start: Any = "{{ data_interval_start | ds }}",
-                 partition_end: Any = "{{ data_interval_end | ds }}",
+                 partition_start: Any = "{{ data_interval_start | ds if data_interval_start is defined and data_interval_start else '' }}",
+                 partition_end: Any = "{{ data_interval_end | ds if data_interval_end is defined and data_interval_end else '' }}",
                  upsert_key: Sequence[str] | None = None, create_table: bool = True, batch_size: int = 50_000,
                  audit_conn_id: str | None = None, audit_table: str = "pseudonymise_audit",
                  audit_schema: str | None = None, storage_conn_id: str | None = None,
@@ -228,6 +263,59 @@ class BaseDataOperator(BaseOperator):
             raise PolicyError("no database for the audit table: set audit_conn_id (file-to-file runs need one)")
         return Store(self.get_db_hook(conn_id).get_engine(), self.audit_table, self.audit_schema)
 
+    # --- lineage: OpenLineage facets and asset events ---------------------------------------------
+    #: set by ``execute``: ``columns`` ((source column, action) per column) and ``run`` (the use's summary)
+    _lineage: dict[str, Any] | None = None
+
+    def source_datasets(self) -> tuple[list[LineageDataset], dict[str, tuple[LineageDataset, str]]]:
+        """The datasets the task reads and, for a query, where each of its columns comes from (the OpenLineage
+        SQL parser's answer; a query it cannot read gives no input rather than a wrong one)."""
+        if self.source_path:
+            return [path_dataset(str(self.source_path))], {}
+        if not self.source_conn_id:
+            return [], {}
+        engine = self.get_db_hook(self.source_conn_id).get_engine()
+        if self.source_table:
+            return [table_dataset(engine, str(self.source_table), self.source_schema)], {}
+        try:
+            return query_tables(str(self.sql), engine), query_origins(str(self.sql), engine)
+        except Exception as exc:  # the parser's own errors; lineage never fails a task
+            self.log.warning("lineage: the source query could not be parsed (%s); no input dataset reported",
+                             exc.__class__.__name__)
+            return [], {}
+
+    def target_datasets(self) -> list[LineageDataset]:
+        """The dataset the task writes."""
+        if self.target_path:
+            return [path_dataset(str(self.target_path))]
+        if self.target_conn_id and self.target_table:
+            engine = self.get_db_hook(self.target_conn_id).get_engine()
+            return [table_dataset(engine, str(self.target_table), self.target_schema)]
+        return []
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        """OpenLineage, as the task starts: the datasets it reads and writes."""
+        inputs, _ = self.source_datasets()
+        return operator_lineage(inputs, self.target_datasets())
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage, once the task ended: the datasets, each output column's origin and action (column
+        lineage) and the use's counts and audit id (the ``pseudonymise`` run facet); no value, no token."""
+        inputs, origins = self.source_datasets()
+        lineage = self._lineage or {}
+        return operator_lineage(inputs, self.target_datasets(), lineage.get("columns"), origins, lineage.get("run"))
+
+    def _emit_target_asset(self, context: Mapping[str, Any], summary: Mapping[str, Any]) -> None:
+        """Attach the target's asset (its OpenLineage-style URI, known only now that the connection is read)
+        to the task's asset alias, so DAGs scheduled on the alias run after this one."""
+        aliases = [o for o in self.outlets if isinstance(o, AssetAlias) and o.name.startswith(ALIAS_PREFIX)]
+        targets = self.target_datasets()
+        if not aliases or not targets or "outlet_events" not in context:
+            return
+        extra = {"audit_use_id": summary.get("use_id"), "rows_out": summary.get("rows_out")}
+        for alias in aliases:
+            context["outlet_events"][alias].add(Asset(uri=targets[0].uri), extra=extra)
+
     # --- the pieces of a run ----------------------------------------------------------------------
     def run_context(self, context: Mapping[str, Any]) -> RunContext:
         """Who and when, for the audit; a signed checkpoint after the use with ``audit_signing_conn_id``."""
@@ -270,8 +358,11 @@ class BaseDataOperator(BaseOperator):
         return TableDestination(target, SeparateTransaction(self.get_db_hook(self.target_conn_id).get_engine()))
 
     def _table_target(self) -> TableTarget:
+        # a run without a data interval (triggered with no logical date) renders the defaults empty
         return TableTarget(self.target_table, self.target_schema, self.write_mode, self.partition_column,  # type: ignore[arg-type]
-                           self.partition_start, self.partition_end, self.upsert_key, self.create_table)
+                           self.partition_start if self.partition_start != "" else None,
+                           self.partition_end if self.partition_end != "" else None, self.upsert_key,
+                           self.create_table)
 
 
 class PseudonymiseOperator(BaseDataOperator):
@@ -279,30 +370,51 @@ class PseudonymiseOperator(BaseDataOperator):
 
     :param columns: the column policy: ``{"patient_id": {"action": "pseudonymise", "normalise": ["strip"],
         "domain": ""}, "name": "drop", "birth_year": "keep"}``, or a list of columns to pseudonymise (templated).
+        The de-identifying actions ``date_shift`` (``{"action": "date_shift", "subject": "patient_id",
+        "max_days": 30}``), ``generalise``, ``mask`` and ``suppress`` work here too (docs/deidentification.md).
     :param unlisted_columns: what happens to source columns the policy does not name: ``error``
         (default, so a new column never leaves unnoticed), ``keep`` or ``drop``.
     :param use_copy: PostgreSQL COPY both ways when source and target are PostgreSQL (default: when
         possible); ``False`` reads with a cursor and writes with ``INSERT``.
+    :param risk: a re-identification risk gate over this run's output rows (templated):
+        ``{"quasi_identifiers": ["birth_year", "postcode3"], "k": 5, "l": {"column": "diagnosis", "min": 2}}``.
+        Computed before the commit; when it falls short the task fails and nothing is committed (see docs/risk.md).
+    :param risk_memory_groups: classes the gate counts in memory before spilling to disk (files, SQLite, other
+        databases; a PostgreSQL target is grouped in the database).
+    :param dry_run: check the token, policy, column types, collisions and risk gate on the first ``sample``
+        rows and write nothing but the audited ``dry_run`` use; the XCom result says what a real run would do.
+    :param sample: rows a dry run reads (default 1000).
 
-    The token, source, target, write mode and audit parameters are those of :class:`BaseDataOperator`;
-    the target table becomes an asset (``pseudonymise/<target_conn_id>/<schema>/<table>``).
+    The token, source, target, write mode and audit parameters are those of :class:`BaseDataOperator`.
+    A target table is an outlet through its asset alias (:func:`target_alias`), to which each run attaches the
+    table's asset, named as OpenLineage names it (``postgres://host:port/database/schema/table``); a target file
+    is an outlet asset of its URI (``file:///path``, ``s3://bucket/key``). OpenLineage events carry the column
+    lineage: each output column's source column and the policy's action on it.
     """
 
-    template_fields: Sequence[str] = (*BaseDataOperator.template_fields, "columns")
+    template_fields: Sequence[str] = (*BaseDataOperator.template_fields, "columns", "risk")
     template_fields_renderers: ClassVar[dict[str, str]] = {**BaseDataOperator.template_fields_renderers,
-                                                           "columns": "json"}
+                                                           "columns": "json", "risk": "json"}
     ui_color = "#d8f3dc"
     secondary = False
     token_kind = "pseudonymisation"
 
     def __init__(self, *, columns: Mapping[str, Any] | Sequence[str], unlisted_columns: str = "error",
-                 use_copy: bool | None = None, **kwargs: Any) -> None:
+                 use_copy: bool | None = None, risk: Mapping[str, Any] | str | None = None,
+                 risk_memory_groups: int = MEMORY_GROUPS, dry_run: bool = False, sample: int = DRY_RUN_SAMPLE,
+                 **kwargs: Any) -> None:
+        if isinstance(risk, Mapping) and "{{" not in str(risk):
+            RiskSpec.parse(risk)  # a DAG with bad risk settings fails to load, naming the problem
         target_conn_id, target_table = kwargs.get("target_conn_id"), kwargs.get("target_table")
-        if target_table and target_conn_id and "outlets" not in kwargs and "{{" not in target_table:
-            schema = kwargs.get("target_schema") or "default"
-            kwargs["outlets"] = [Asset(name=f"pseudonymise/{target_conn_id}/{schema}/{target_table}")]
+        target_path = kwargs.get("target_path")
+        if "outlets" not in kwargs:
+            if target_table and target_conn_id and "{{" not in target_table:
+                kwargs["outlets"] = [target_alias(target_conn_id, target_table, kwargs.get("target_schema"))]
+            elif target_path and "{{" not in str(target_path):
+                kwargs["outlets"] = [Asset(uri=path_dataset(str(target_path)).uri)]
         super().__init__(**kwargs)
         self.columns, self.unlisted_columns, self.use_copy = columns, unlisted_columns, use_copy
+        self.risk, self.risk_memory_groups, self.dry_run, self.sample = risk, risk_memory_groups, dry_run, sample
 
     def policy(self) -> ColumnPolicy:
         if isinstance(self.columns, Mapping):
@@ -311,20 +423,58 @@ class PseudonymiseOperator(BaseDataOperator):
             return ColumnPolicy.from_mapping(data)
         return ColumnPolicy.from_mapping({"columns": list(self.columns), "default": self.unlisted_columns})
 
+    def column_action(self, action: str) -> str:
+        """The action's name in lineage: the policy's own (``pseudonymise``, ``keep`` …)."""
+        return action
+
+    def _column_actions(self, policy: ColumnPolicy, columns: Sequence[str]) -> list[tuple[str, str]] | None:
+        """(source column, action) for lineage; ``None`` when the policy refuses the columns (the run then
+        fails, audited, with the policy's own error)."""
+        try:
+            return [(rule.column, self.column_action(rule.action)) for rule in policy.plan(columns)]
+        except PolicyError:
+            return None
+
     def execute(self, context: Any) -> dict[str, Any]:
         policy = self.policy()
         with _failing_the_task():
+            risk = RiskSpec.parse(self.risk)
+            if self.dry_run:  # read no more than the sample
+                self.batch_size = max(1, min(self.batch_size, self.sample))
             transfer = self.plan(policy, use_copy=self.use_copy)
+            if self.dry_run:
+                return self._dry_run(context, policy, transfer, risk)
+            self._lineage = {"columns": self._column_actions(policy, transfer.columns)}
             # read the token, open the audited use, stream the batches through the pseudonymiser into the
             # target, close the use (its finished row in the target's transaction)
             summary = run_pseudonymisation(self.store, self.token_hook, policy, transfer, self.run_context(context),
-                                           secondary=self.secondary, progress=_ProgressLog(self.log))
+                                           secondary=self.secondary, progress=_ProgressLog(self.log), risk=risk,
+                                           risk_memory_groups=self.risk_memory_groups)
+        self._lineage["run"] = summary.as_dict()
+        self._emit_target_asset(context, summary.as_dict())
+        if summary.risk is not None:
+            self.log.info("risk gate passed: %d classes, smallest %s, k=%d", summary.risk["classes"],
+                          summary.risk["smallest_class"], summary.risk["k"])
         self.log.info(
             "%s: %d rows in, %d out, %d values pseudonymised, %d NULL, %d escrow rows; audit use %s",
             summary.operation, summary.counts["rows_in"], summary.counts["rows_out"],
             summary.counts["values_pseudonymised"], summary.counts["nulls"], summary.counts["escrow_rows"],
             summary.use_id,
         )
+        return summary.as_dict()
+
+    def _dry_run(self, context: Any, policy: ColumnPolicy, transfer: Transfer, risk: RiskSpec | None) -> dict[str, Any]:
+        summary = run_dry_run(self.store, self.token_hook, policy, transfer, self.run_context(context),
+                              secondary=self.secondary, sample=self.sample, risk=risk,
+                              risk_memory_groups=self.risk_memory_groups)
+        report = summary.dry_run or {}
+        self.log.info("dry run, nothing written: %d rows sampled; target %s (%s); actions %s; audit use %s",
+                      report.get("sample_rows", 0), report.get("target"), report.get("would"),
+                      ", ".join(f"{c}={a}" for c, a in report.get("actions", {}).items()), summary.use_id)
+        if summary.risk is not None and not summary.risk["passed"]:
+            self.log.warning("the risk gate would fail on the sample: %d classes (%d rows) below k=%d; the real "
+                             "run's gate decides over all its rows", summary.risk["classes_below_k"],
+                             summary.risk["rows_below_k"], summary.risk["k"])
         return summary.as_dict()
 
 
@@ -338,6 +488,10 @@ class SecondaryPseudonymiseOperator(PseudonymiseOperator):
     ui_color = "#b7e4c7"
     secondary = True
     token_kind = "secondary"
+
+    def column_action(self, action: str) -> str:
+        """``secondary`` for the columns re-pseudonymised; the others as the policy names them."""
+        return "secondary" if action == "pseudonymise" else action
 
 
 class CreateTargetTableOperator(PseudonymiseOperator):
@@ -390,15 +544,101 @@ class CreateTargetTableOperator(PseudonymiseOperator):
         return {"target": label, "created": created, "columns": columns}
 
 
+class RiskReportOperator(BaseDataOperator):
+    """Describe the re-identification risk of an existing table, query or file: counts, never a value.
+
+    The report (returned to XCom, logged as a table, and recorded in the audit's details as a ``risk_report``
+    use, which the plugin's Risk page charts) holds the figures over all quasi-identifiers, the class-size
+    distribution, and for every combination of the quasi-identifiers its classes and the rows in classes
+    below ``k``. A table or query is grouped by its own database; a file's rows are counted in memory up to
+    ``risk_memory_groups`` classes and spilled to disk beyond. No token is used.
+
+    :param quasi_identifiers: the quasi-identifier columns (templated); or give ``risk`` whole.
+    :param k: the smallest class size a DPO accepts (default 5).
+    :param l: ``{"column": "diagnosis", "min": 2}``: distinct sensitive values each class must show.
+    :param risk: the settings as one object, as :class:`PseudonymiseOperator` takes them (templated).
+    :param fail_below_k: fail the task when any class is below ``k`` (or ``l``): a gate over a whole table that
+        several runs appended to (a run's own gate covers that run's rows only).
+    :param max_quasi_identifiers: refuse more quasi-identifiers than this (their combinations double with each).
+
+    Source parameters are those of :class:`BaseDataOperator` (``source_conn_id`` with ``source_table`` or
+    ``sql``, or ``source_path``); the audit goes to ``audit_conn_id``, by default the source's database.
+    """
+
+    template_fields: Sequence[str] = (*BaseDataOperator.template_fields, "quasi_identifiers", "risk")
+    ui_color = "#ffe8cc"
+
+    def __init__(self, *, quasi_identifiers: Sequence[str] | str | None = None, k: int = 5,
+                 l: Mapping[str, Any] | None = None, risk: Mapping[str, Any] | None = None,  # noqa: E741
+                 fail_below_k: bool = False, risk_memory_groups: int = MEMORY_GROUPS,
+                 max_quasi_identifiers: int = MAX_REPORT_QIS, **kwargs: Any) -> None:
+        if risk is not None and quasi_identifiers is not None:
+            raise ValueError("give either risk or quasi_identifiers (with k and l), not both")
+        super().__init__(**kwargs)
+        self.quasi_identifiers, self.k, self.l, self.risk = quasi_identifiers, k, l, risk
+        self.fail_below_k, self.risk_memory_groups = fail_below_k, risk_memory_groups
+        self.max_quasi_identifiers = max_quasi_identifiers
+
+    def spec(self) -> RiskSpec:
+        data = self.risk if self.risk is not None else {
+            "quasi_identifiers": self.quasi_identifiers, "k": self.k, **({"l": self.l} if self.l else {})}
+        spec = RiskSpec.parse(data)
+        if spec is None:
+            raise PolicyError("RiskReportOperator needs quasi_identifiers (or risk)")
+        return spec
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        with _failing_the_task():
+            spec = self.spec()
+            describe, label = self._describer(spec)
+            report = run_risk_report(self.store, describe, self.run_context(context), source=label,
+                                     columns=spec.columns)
+        self.log.info("risk report\n%s", report.text())
+        if self.fail_below_k and not report.figures.passed:
+            raise AirflowFailException(f"{label}: {report.figures.failure()}")
+        return report.as_dict()
+
+    def _describer(self, spec: RiskSpec) -> tuple[Callable[[], RiskReport], str]:
+        limit = self.max_quasi_identifiers
+        if self.source_path:
+            label = f"file:{self.source_path}"
+            source = self._source()
+            assert not isinstance(source, QuerySource)
+            batches = getattr(source, "record_batches", source.batches)
+            return (lambda: describe_batches(batches(), source.columns, spec, label, max_quasi_identifiers=limit,
+                                             memory_groups=self.risk_memory_groups)), label
+        if not self.source_conn_id or not (self.sql or self.source_table):
+            raise PolicyError("give a source: source_conn_id with sql or source_table, or source_path")
+        label = f"{self.source_conn_id}:{self.source_table or 'query'}"
+        engine = self.get_db_hook(self.source_conn_id).get_engine()
+
+        def describe() -> RiskReport:
+            with engine.connect() as conn:
+                return describe_table(conn, None if self.sql else self.source_table, spec, schema=self.source_schema,
+                                      query=self.sql, parameters=self.parameters, label=label,
+                                      max_quasi_identifiers=limit)
+        return describe, label
+
+
 class ReversePseudonymsOperator(BaseDataOperator):
     """Reveal the originals of chosen pseudonyms with a ``reverse`` token, into a target the DAG names.
 
-    The audit ``started`` row (with the user who triggered the run) commits before anything is
-    revealed; originals go only to the target, never to XCom or the log. Reads with a cursor and
-    writes with ``INSERT`` on PostgreSQL too.
+    Four eyes: by default the operator runs only when the run's ``approval_task_id`` (an
+    ``ApprovalOperator`` upstream, Airflow's human-in-the-loop) was answered *Approve* by a user other
+    than the one who triggered the run, as the Airflow API server recorded both (read with
+    :class:`~pseudonymise.hooks.AirflowApprovalHook` through ``airflow_api_conn_id``). Otherwise it fails
+    before the token is read, audited ``denied``. The requester, the approver and the reason are in the
+    audit row of the reversal. The audit ``started`` row (with the user who triggered the run) commits
+    before anything is revealed; originals go only to the target, never to XCom or the log. Reads with a
+    cursor and writes with ``INSERT`` on PostgreSQL too.
 
     :param pseudonym_columns: the columns of the source that hold pseudonyms to reverse (templated).
     :param pseudonymise_conn_id: the ``pseudonymise`` connection holding the reverse token (required).
+    :param reason: why the originals are needed, as the requester gave it (templated; required with four eyes).
+    :param approval_task_id: the approval task of the same run (default ``approve_reversal``).
+    :param airflow_api_conn_id: the Airflow REST API connection the approval is read through.
+    :param require_approval: ``False`` waives four eyes for this task; the waiver is logged as a warning and
+        recorded in the audit row (``four_eyes.via = "waived"``), for a DPO to see.
     :param require_all: fail, writing nothing, if a pseudonym has no escrow (unknown, or purged).
     :param write_mode: as :class:`BaseDataOperator`, but ``replace`` by default.
     :param batch_size: rows per batch (default 10,000).
@@ -406,27 +646,86 @@ class ReversePseudonymsOperator(BaseDataOperator):
     The other source, target and audit parameters are those of :class:`BaseDataOperator`.
     """
 
-    template_fields: Sequence[str] = (*BaseDataOperator.template_fields, "pseudonym_columns")
+    template_fields: Sequence[str] = (*BaseDataOperator.template_fields, "pseudonym_columns", "reason")
     ui_color = "#ffd6a5"
 
     def __init__(self, *, pseudonym_columns: Sequence[str], pseudonymise_conn_id: str, require_all: bool = False,
+                 reason: str | None = None, approval_task_id: str | None = "approve_reversal",
+                 airflow_api_conn_id: str = "airflow_api", require_approval: bool = True,
                  write_mode: str = "replace", batch_size: int = 10_000, **kwargs: Any) -> None:
         super().__init__(pseudonymise_conn_id=pseudonymise_conn_id, write_mode=write_mode, batch_size=batch_size,
                          **kwargs)
-        self.pseudonym_columns, self.require_all = pseudonym_columns, require_all
+        if require_approval and not approval_task_id:
+            raise ValueError(f"{self.task_id}: four eyes needs approval_task_id (an ApprovalOperator of the same "
+                             "DAG); or waive it with require_approval=False, which the audit records")
+        self.pseudonym_columns, self.require_all, self.reason = pseudonym_columns, require_all, reason
+        self.approval_task_id, self.airflow_api_conn_id = approval_task_id, airflow_api_conn_id
+        self.require_approval = require_approval
+
+    def _approval(self, context: Mapping[str, Any], run: RunContext) -> Approval:
+        reason = (self.reason or "").strip() or None
+        if not self.require_approval:
+            self.log.warning("four eyes WAIVED for this reversal (require_approval=False); the audit records it")
+            return Approval(requester=run.triggered_by or "", approver="", reason=reason, approved_at=None,
+                            via="waived", reference=self.task_id)
+        if reason is None:
+            raise ApprovalError("a reversal needs a reason (the operator's reason, e.g. from the run's params); "
+                                "the approver decides on it and the audit records it")
+        assert self.approval_task_id is not None
+        ti = context["ti"]
+        return AirflowApprovalHook(self.airflow_api_conn_id).approval(
+            ti.dag_id, ti.run_id, self.approval_task_id, reason=reason)
 
     def execute(self, context: Any) -> dict[str, Any]:
         with _failing_the_task():
+            run = self.run_context(context)
+            try:
+                approval = self._approval(context, run)
+            except ApprovalError as exc:
+                use_id = record_refusal(self.store, "reverse", exc, run, columns=list(self.pseudonym_columns),
+                                        details={"four_eyes": {"requester": run.triggered_by,
+                                                               "reason": (self.reason or "").strip() or None,
+                                                               "approval_task_id": self.approval_task_id}})
+                self.log.error("reverse refused without four eyes; audit use %s", use_id)
+                raise
             transfer = self.plan(None, use_copy=False)
-            summary = run_reversal(self.store, self.token_hook, list(self.pseudonym_columns), transfer,
-                                   self.run_context(context), require_all=self.require_all)
-        self.log.info("reverse: %d rows, %d pseudonyms revealed, %d without escrow; audit use %s",
-                      summary.counts["rows_in"], summary.counts["values_pseudonymised"],
-                      summary.counts["not_found"], summary.use_id)
+            self._lineage = {"columns": [(c, "reverse" if c in self.pseudonym_columns else "keep")
+                                         for c in transfer.columns]}
+            summary = run_reversal(self.store, self.token_hook, list(self.pseudonym_columns), transfer, run,
+                                   require_all=self.require_all, approval=approval)
+        self._lineage["run"] = summary.as_dict()
+        self.log.info("reverse: %d rows, %d pseudonyms revealed, %d without escrow; requested by %s, approved by "
+                      "%s; audit use %s", summary.counts["rows_in"], summary.counts["values_pseudonymised"],
+                      summary.counts["not_found"], approval.requester or "-", approval.approver or "(waived)",
+                      summary.use_id)
         return summary.as_dict()
 
 
-class EscrowPurgeOperator(BaseOperator):
+def _escrow_dataset(audit_conn_id: str, schema: str | None) -> LineageDataset:
+    """The escrow table (``pseudonymise_escrow``) of the audit database: what purges and erasures delete from."""
+    return table_dataset(SqlDataHook(audit_conn_id).get_engine(), "pseudonymise_escrow", schema)
+
+
+class _LineageFromArguments:
+    """OpenLineage for the operators whose datasets follow from their arguments (:meth:`lineage_datasets`), with
+    the use's summary as the ``pseudonymise`` run facet once they ran."""
+
+    _lineage_run: dict[str, Any] | None = None
+
+    def lineage_datasets(self) -> tuple[list[LineageDataset], list[LineageDataset], list[tuple[str, str]] | None]:
+        """Inputs, outputs and (column, action) pairs, the columns keeping their names."""
+        return [], [], None
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        inputs, outputs, _ = self.lineage_datasets()
+        return operator_lineage(inputs, outputs)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        inputs, outputs, columns = self.lineage_datasets()
+        return operator_lineage(inputs, outputs, columns, None, self._lineage_run)
+
+
+class EscrowPurgeOperator(_LineageFromArguments, BaseOperator):
     """Delete escrow rows past their project's retention end; the purge and its audit row commit together.
 
     :param audit_conn_id: the database holding the escrow and audit tables.
@@ -444,15 +743,20 @@ class EscrowPurgeOperator(BaseOperator):
         self.audit_conn_id, self.project = audit_conn_id, project
         self.audit_table, self.audit_schema = audit_table, audit_schema
 
+    def lineage_datasets(self) -> tuple[list[LineageDataset], list[LineageDataset], list[tuple[str, str]] | None]:
+        """It deletes from the escrow table."""
+        return [], [_escrow_dataset(self.audit_conn_id, self.audit_schema)], None
+
     def execute(self, context: Any) -> dict[str, Any]:
         store = Store(SqlDataHook(self.audit_conn_id).get_engine(), self.audit_table, self.audit_schema)
         summary = run_purge(store, run_context(context), project=self.project)
+        self._lineage_run = summary.as_dict()
         self.log.info("purge: %d escrow rows past retention deleted; audit use %s",
                       summary.counts["escrow_rows"], summary.use_id)
         return summary.as_dict()
 
 
-class SourceRetireOperator(BaseOperator):
+class SourceRetireOperator(_LineageFromArguments, BaseOperator):
     """Delete the source rows of this run's data interval, or export them first, once the audit proves they
     were loaded: a ``success`` of ``load_task_id`` for the same DAG and data interval whose rows read equal
     the rows of the interval now (mapped load tasks are summed). Otherwise nothing is deleted and the task
@@ -489,6 +793,12 @@ class SourceRetireOperator(BaseOperator):
         self.audit_conn_id, self.audit_table, self.audit_schema = audit_conn_id, audit_table, audit_schema
         self.export_path, self.export_format, self.storage_conn_id = export_path, export_format, storage_conn_id
 
+    def lineage_datasets(self) -> tuple[list[LineageDataset], list[LineageDataset], list[tuple[str, str]] | None]:
+        """It reads the source table and deletes from it, after writing the export when there is one."""
+        source = table_dataset(SqlDataHook(self.source_conn_id).get_engine(), str(self.table), self.schema)
+        export = [path_dataset(str(self.export_path))] if self.export_path else []
+        return [source], [*export, source], None
+
     def execute(self, context: Any) -> dict[str, Any]:
         from pseudonymise.core.retire import LoadSelector, SourceInterval, run_retire
 
@@ -517,13 +827,14 @@ class SourceRetireOperator(BaseOperator):
                                      source_label=f"{self.source_conn_id}:{interval.label}")
             except RetireRefusedError as exc:
                 raise AirflowFailException(str(exc)) from exc
+        self._lineage_run = summary.as_dict()
         self.log.info("retired %d rows of %s (the load read %d; %d exported); audit use %s",
                       summary.counts["rows_deleted"], interval.label, summary.counts["rows_loaded"],
                       summary.counts["rows_exported"], summary.use_id)
         return summary.as_dict()
 
 
-class SubjectErasureOperator(BaseOperator):
+class SubjectErasureOperator(_LineageFromArguments, BaseOperator):
     """Erase subjects on request: delete their escrow rows (reversal severed for ever; the other subjects of
     the same escrow batches stay revealable) and, when ``targets`` are named, the rows of those tables that
     carry their pseudonyms, each target in one transaction with its own audited use (counts only).
@@ -568,6 +879,12 @@ class SubjectErasureOperator(BaseOperator):
         self.targets = [dict(t) for t in targets]
         self.audit_table, self.audit_schema = audit_table, audit_schema
 
+    def lineage_datasets(self) -> tuple[list[LineageDataset], list[LineageDataset], list[tuple[str, str]] | None]:
+        """It deletes from the escrow table and from the named target tables."""
+        targets = [table_dataset(SqlDataHook(t["conn_id"]).get_engine(), t["table"], t.get("schema"))
+                   for t in self.targets]
+        return [], [_escrow_dataset(self.audit_conn_id, self.audit_schema), *targets], None
+
     def _values(self, sql: str) -> list[Any]:
         import sqlalchemy as sa
 
@@ -593,13 +910,14 @@ class SubjectErasureOperator(BaseOperator):
                                                   targets, run)
             except ErasureError as exc:
                 raise AirflowFailException(str(exc)) from exc
+        self._lineage_run = summary.as_dict()
         self.log.info("erased %d escrow rows of %d pseudonyms in project %s; audit use %s",
                       summary.counts["escrow_rows"], summary.counts["values_pseudonymised"], summary.project,
                       summary.use_id)
         return summary.as_dict()
 
 
-class RekeyPseudonymsOperator(BaseOperator):
+class RekeyPseudonymsOperator(_LineageFromArguments, BaseOperator):
     """After a key rotation, re-key a reversible project's pseudonyms in a table, in place.
 
     Old pseudonyms are opened through escrow with the reverse token and pseudonymised again with
@@ -629,12 +947,18 @@ class RekeyPseudonymsOperator(BaseOperator):
         self.target_conn_id, self.target_table, self.target_schema = target_conn_id, target_table, target_schema
         self.audit_table = audit_table
 
+    def lineage_datasets(self) -> tuple[list[LineageDataset], list[LineageDataset], list[tuple[str, str]] | None]:
+        """The table, re-keyed in place: each pseudonym column with the action ``rekey``."""
+        table = table_dataset(SqlDataHook(self.target_conn_id).get_engine(), str(self.target_table), self.target_schema)
+        return [table], [table], [(column, "rekey") for column in self.columns]
+
     def execute(self, context: Any) -> dict[str, Any]:
         store = Store(SqlDataHook(self.target_conn_id).get_engine(), self.audit_table, self.target_schema)
         with _failing_the_task():
             summary = run_rekey(store, PseudonymisationTokenHook(self.reverse_conn_id),
                                 PseudonymisationTokenHook(self.pseudonymise_conn_id), self.target_table, self.columns,
                                 run_context(context), schema=self.target_schema)
+        self._lineage_run = summary.as_dict()
         self.log.info("rekey: %d pseudonyms re-keyed with the new token; audit use %s",
                       summary.counts["values_pseudonymised"], summary.use_id)
         return summary.as_dict()

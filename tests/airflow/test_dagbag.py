@@ -29,7 +29,8 @@ def test_example_dags_import_without_errors(airflow_world: AirflowWorld) -> None
     assert result["errors"] == {}
     assert result["dags"] == ["pseudonymise_audit_checkpoint", "pseudonymise_audit_reversal",
                               "pseudonymise_patient_extract",
-                              "pseudonymise_retention_purge", "pseudonymise_token_expiry_check",
+                              "pseudonymise_research_extract", "pseudonymise_retention_purge",
+                              "pseudonymise_token_expiry_check",
                               "pseudonymise_vendor_share", "pseudonymise_visits_by_key_range"]
 
 

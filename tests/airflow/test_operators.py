@@ -19,6 +19,7 @@ from pseudonymise.core.issuer import Issuer
 from tests import reference
 from tests.airflow.conftest import (
     EXAMPLE_DAGS,
+    ROOT,
     audit_rows,
     dag_spec,
     expected_pseudonyms,
@@ -209,10 +210,28 @@ def test_secondary_reverse_and_purge_example_dags(world: dict[str, Any], tmp_pat
     picked = sorted({r[0] for r in research})[:3]
     requests.write_text("patient_id\n" + "\n".join(picked) + "\nunknownpseudonym\n")
     output = tmp_path / "revealed.csv"
-    run = world["airflow"].dags_test("pseudonymise_audit_reversal", "2026-11-04", connections,
-                                     dags_folder=EXAMPLE_DAGS,
-                                     conf={"requests_file": str(requests), "output_file": str(output)})
+    # The example reversal DAG waits for a person's approval (tests/stack/test_four_eyes.py runs it with the
+    # API server); here the operator alone. First four eyes, with no API server to read the approval from:
+    # refused before the token is read, audited denied, nothing written.
+    reveal = {"operator": "ReversePseudonymsOperator", "task_id": "reveal",
+              "pseudonymise_conn_id": "pseudonymise_research_reverse", "pseudonym_columns": ["patient_id"],
+              "source_path": str(requests), "target_path": str(output), "audit_conn_id": "research_db",
+              "reason": "check of a data quality complaint", "airflow_api_conn_id": "airflow_api"}
+    api_down = {**connections, "airflow_api": {"conn_type": "http", "host": "http://127.0.0.1", "port": 9,
+                                               "login": "viewer", "password": "not-a-real-password"}}
+    run = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", api_down, spec={"tasks": [reveal]})
+    assert run.returncode != 0 and not output.exists()
+    assert "is unreachable" in run.output and "not-a-real-password" not in run.output
+    refused = [a for a in audit_rows(world["urls"]["research"]) if a["operation"] == "reverse"]
+    assert [a["outcome"] for a in refused][-2:] == ["started", "denied"]
+    assert refused[-1]["token_jti"] is None and refused[-1]["error_class"] == "ApprovalUnavailableError"
+    assert json.loads(refused[-1]["details"])["four_eyes"]["reason"] == "check of a data quality complaint"
+
+    # Four eyes waived by the DAG (require_approval=False): it runs, and the audit says it was waived.
+    run = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", connections,
+                                     spec={"tasks": [{**reveal, "require_approval": False}]})
     assert run.returncode == 0, run.output[-3000:]
+    assert "four eyes WAIVED" in run.output
     revealed = [r["patient_id"] for r in csv.DictReader(output.open())]
     engine = sa.create_engine(world["urls"]["hospital"])
     with engine.connect() as conn:
@@ -221,9 +240,10 @@ def test_secondary_reverse_and_purge_example_dags(world: dict[str, Any], tmp_pat
     for value in revealed[:3]:
         assert value not in run.output  # originals go to the target only, never to the log
     audit = audit_rows(world["urls"]["research"])
-    reverse_rows = [a for a in audit if a["operation"] == "reverse"]
+    reverse_rows = [a for a in audit if a["operation"] == "reverse"][-2:]
     assert [a["outcome"] for a in reverse_rows] == ["started", "success"]
     assert reverse_rows[0]["seq"] < reverse_rows[1]["seq"]
+    assert json.loads(reverse_rows[1]["details"])["four_eyes"]["via"] == "waived"
 
     run = world["airflow"].dags_test("pseudonymise_retention_purge", "2026-11-04", connections,
                                      dags_folder=EXAMPLE_DAGS)
@@ -311,3 +331,81 @@ def test_create_target_table_operator_refuses_create_table_false() -> None:
         CreateTargetTableOperator(task_id="create", pseudonymise_conn_id="t", source_conn_id="s", sql="SELECT 1",
                                   columns={"id": "pseudonymise"}, target_conn_id="d", target_table="x",
                                   create_table=False)
+
+
+# --- de-identifying actions ----------------------------------------------------------------------------------
+def _research_expected(token: str, source: list[dict[str, str]]) -> list[tuple[Any, ...]]:
+    """The research extract policy applied with tests.reference: (patient_id, birth_year, visit_date, postcode)."""
+    key = reference.b64url_decode(reference.claims(token)["key"])
+    out = []
+    for row in source:
+        subject = row["patient_id"].strip().upper()
+        out.append((reference.pseudonym(key, subject), reference.integer_band(row["birth_year"], 5),
+                    dt.date.fromisoformat(row["visit_date"]) + dt.timedelta(
+                        days=reference.date_shift_offset(key, subject, 30)), row["postcode"][:3]))
+    return sorted(out)
+
+
+def test_research_extract_example_dag_de_identifies_and_reruns_identically(world: dict[str, Any]) -> None:
+    """The example DAG: the sample visits (with postcodes) into research_db, twice; the same table both times,
+    equal to the reference, every use audited with its columns' actions."""
+    with open(ROOT / "include/sample/research_visits.csv", encoding="utf-8", newline="") as fh:
+        source = list(csv.DictReader(fh))
+    snapshots = []
+    for _ in range(2):
+        run = world["airflow"].dags_test("pseudonymise_research_extract", "2026-11-04", world["connections"],
+                                         dags_folder=EXAMPLE_DAGS)
+        assert run.returncode == 0, run.output[-4000:]
+        snapshots.append(rows(world["urls"]["research"], "research_extract", "patient_id, visit_date, postcode"))
+    assert snapshots[0] == snapshots[1]
+    engine = sa.create_engine(world["urls"]["research"])
+    with engine.connect() as conn:
+        got = sorted(tuple(r) for r in conn.execute(sa.text(
+            "SELECT patient_id, birth_year, visit_date::date, postcode FROM research_extract")))
+        names = [r[0] for r in conn.execute(sa.text(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'research_extract' "
+            "ORDER BY ordinal_position"))]
+    engine.dispose()
+    assert names == ["patient_id", "birth_year", "visit_date", "diagnosis_code", "ward", "postcode"]
+    assert got == _research_expected(world["token"], source)
+    finished = [a for a in audit_rows(world["urls"]["research"]) if a["event"] == "finished"]
+    assert [(a["operation"], a["outcome"]) for a in finished] == [("pseudonymise", "success"),
+                                                                  ("risk_report", "success")] * 2
+    assert json.loads(finished[0]["columns"]) == ["patient_id", "birth_year:generalise", "visit_date:date_shift",
+                                                  "postcode:generalise"]
+    # the k=5 gate over the birth-year bands passed and is recorded; the report's figures match pandas
+    import pandas as pd
+
+    frame = pd.DataFrame(got, columns=["patient_id", "birth_year", "visit_date", "postcode"])
+    assert json.loads(finished[0]["details"])["risk"]["smallest_class"] == frame.groupby("birth_year").size().min()
+    report = json.loads(finished[1]["details"])
+    assert json.dumps(report).count("P7") == 0  # counts and column names only
+
+
+def test_operator_shifts_postgres_dates_by_copy_and_upserts_identically(world: dict[str, Any]) -> None:
+    """PostgreSQL to PostgreSQL (COPY text, then columns): typed dates shifted per patient, bands and prefixes as
+    text, a suppressed column NULL of its type; upsert on the visit key twice gives the same rows."""
+    columns = {"visit_id": "keep", "patient_id": {"action": "pseudonymise", "normalise": ["strip", "upper"]},
+               "birth_year": {"action": "generalise", "width": 5, "bottom": 1940, "top": 2010},
+               "visit_date": {"action": "date_shift", "subject": "patient_id", "max_days": 30},
+               "ward": {"action": "mask", "keep_first": 2}, "diagnosis_code": "suppress"}
+    spec = dag_spec(world, sql="SELECT visit_id, patient_id, birth_year, visit_date, ward, diagnosis_code "
+                               "FROM patient_visits WHERE visit_date >= :start AND visit_date < :end",
+                    columns=columns, unlisted_columns="error", write_mode="upsert", upsert_key=["visit_id"])
+    for _ in range(2):
+        run = world["airflow"].dags_test("pseudonymise_test", "2026-11-04", world["connections"], spec=spec)
+        assert run.returncode == 0, run.output[-3000:]
+    out = rows(world["urls"]["research"], "visits", "visit_id")
+    assert len(out) == 24
+    key = reference.b64url_decode(reference.claims(world["token"])["key"])
+    hospital = sa.create_engine(world["urls"]["hospital"])
+    with hospital.connect() as conn:
+        source = [tuple(r) for r in conn.execute(sa.text(
+            "SELECT visit_id, patient_id, birth_year, visit_date, ward FROM patient_visits "
+            "WHERE visit_date = DATE '2026-11-03' ORDER BY visit_id"))]
+    hospital.dispose()
+    expected = [(vid, reference.pseudonym(key, pid.strip().upper()), reference.integer_band(year, 5, 1940, 2010),
+                 day + dt.timedelta(days=reference.date_shift_offset(key, pid.strip().upper(), 30)),
+                 reference.masked(ward, keep_first=2), None) for vid, pid, year, day, ward in source]
+    assert out == expected
+    assert all(isinstance(r[3], dt.date) for r in out)  # the target's visit_date is a date, as the source's

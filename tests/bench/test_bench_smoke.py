@@ -22,19 +22,31 @@ def test_bench_smoke() -> None:
     assert proc.returncode == 0, output[-5000:]
     for case in ("(a) raw COPY", "(b) pseudonymise: deterministic", "(c) pseudonymise: reversible",
                  "(d) secondary", "(e) naive: pandas", "(f) in-database: pgcrypto", "2 mapped key ranges",
-                 "(g) SQLite raw copy", "(h) pseudonymise SQLite -> SQLite"):
+                 "(g) SQLite raw copy", "(h) pseudonymise SQLite -> SQLite", "(i) (b) with a risk gate",
+                 "(j) (h) with the same gate", "(k) dry run of (b)", "(l) RiskReportOperator",
+                 "(m) de-identify: (b) + visit_date shifted per patient"):
         assert case in proc.stdout, f"{case!r} missing from the output"
     for check in ("(b) equals pgcrypto", "(f) equals pgcrypto", "(c) equals pgcrypto",
                   "(c) one escrow row per distinct value", "(c) escrow reveals the originals",
-                  "(d) equals pgcrypto", "2 mapped ranges equal (b)", "(h) equals the standard library's hmac"):
+                  "(d) equals pgcrypto", "2 mapped ranges equal (b)", "(h) equals the standard library's hmac",
+                  "(i) equals pgcrypto", "(i) gate figures equal the standard library's",
+                  "(j) equals the standard library's hmac", "(j) counts spilled to disk",
+                  "(j) gate figures equal the standard library's", "(k) dry run wrote nothing",
+                  "(k) dry run's figures equal the standard library's over its sample",
+                  "(l) report figures equal the standard library's", "(l) report over visit_date alone",
+                  "(l) report over ward alone", "(m) equals pgcrypto (pseudonyms, date shift, mask, prefix)"):
         assert f"[ok] {check}" in proc.stdout, f"check {check!r} did not pass"
     for case in ("CSV: pyarrow read_csv + write_csv", "CSV: pseudonymise file pseudonymise",
                  "CSV: hand-written csv module + hmac", "CSV: Presidio structured engine",
-                 "Parquet: pyarrow read_table + write_table", "Parquet: pseudonymise file pseudonymise"):
+                 "Parquet: pyarrow read_table + write_table", "Parquet: pseudonymise file pseudonymise",
+                 "CSV: the CLI with date_shift, mask and generalise",
+                 "Parquet: the CLI with date_shift, mask and generalise"):
         assert f"| {case}" in proc.stdout, f"file case {case!r} missing from the table"
     for check in ("file copy equals the source", "file CLI equals DESIGN §4 (stdlib hmac)",
                   "hand-written csv + hmac equals the CLI byte for byte", "Presidio equals sha256(value + salt)",
-                  "Parquet copy equals the source", "Parquet CLI equals DESIGN §4 (stdlib hmac)"):
+                  "Parquet copy equals the source", "Parquet CLI equals DESIGN §4 (stdlib hmac)",
+                  "CSV de-identified CLI equals DESIGN §4/§4.7 (stdlib)",
+                  "Parquet de-identified CLI equals DESIGN §4/§4.7 (stdlib)"):
         assert f"[ok] {check}" in proc.stdout, f"check {check!r} did not pass"
     assert "file CLI rows/s / CSV copy-through rows/s" in proc.stdout
     assert "speedup of 2 mapped range tasks over one task on LocalExecutor" in proc.stdout

@@ -9,13 +9,15 @@ from typing import Any, ClassVar
 
 import pytest
 import sqlalchemy as sa
+from pseudonymise.core.approval import ReverseRequests
 from pseudonymise.core.audit import AuditLog, AuditUse
-from pseudonymise.core.errors import AuditError, TokenRevokedError, TokenUsedUpError
+from pseudonymise.core.errors import ApprovalError, AuditError, RiskGateError, TokenRevokedError, TokenUsedUpError
 from pseudonymise.core.escrow import reveal
 from pseudonymise.core.issuer import Issuer
-from pseudonymise.core.pipeline import Store, run_pseudonymisation
-from pseudonymise.core.plan import SinkFactory, plan_transfer
+from pseudonymise.core.pipeline import Store, run_dry_run, run_pseudonymisation, run_risk_report
+from pseudonymise.core.plan import SharedTransaction, SinkFactory, TableDestination, plan_transfer
 from pseudonymise.core.policy import ColumnPolicy
+from pseudonymise.core.risk import RiskSpec, describe_table
 from pseudonymise.core.sql import TableTarget
 from pseudonymise.core.tokens import verify_token
 from pseudonymise.core.use import GivenToken, TokenUse
@@ -142,3 +144,80 @@ def test_use_limits_and_revocation_through_the_roles(pg_url: str, issuer: Issuer
                     ("revoke", "success", "pseudonymise_auditor"),
                     ("pseudonymise", "denied", "pseudonymise_pipeline")]
     _drop_roles(pg_url, postgres, pipeline, auditor, viewer, owner)
+
+
+def test_the_pipeline_role_cannot_make_or_approve_a_reversal_request(pg_url: str, postgres: Any) -> None:
+    """Four eyes against the pipeline's database role: it may append audit rows (and so write a row that
+    *says* a request was approved), but the request table is not granted to it, so it can neither insert an
+    approved request nor approve a pending one, and its forged audit row approves nothing. The auditor role
+    (the API server's) runs the whole flow; the viewer only reads."""
+    owner = _grant(pg_url)
+    pipeline, auditor, viewer = (_as(pg_url, r) for r in ("pseudonymise_pipeline", "pseudonymise_auditor",
+                                                          "pseudonymise_viewer"))
+    values = {"id": ["a" * 26, "b" * 26]}
+    requests = ReverseRequests(AuditLog(auditor))
+    made = requests.submit(connection_id="rev", columns=["id"], batch=values, requester="alice", reason="SAR 12")
+    rid = made["request_id"]
+    for statement in (f"UPDATE pseudonymise_reverse_request SET status = 'approved', decided_by = 'bob' "
+                      f"WHERE request_id = '{rid}'",
+                      "INSERT INTO pseudonymise_reverse_request (request_id, connection_id, columns, pseudonym_digest, "
+                      "pseudonyms, require_all, requester, reason, status, created_at, expires_at) VALUES "
+                      "('00000000-0000-0000-0000-000000000001', 'rev', '[\"id\"]', 'x', 1, false, 'mallory', 'x', "
+                      "'approved', now(), now() + interval '1 day')",
+                      "SELECT * FROM pseudonymise_reverse_request"):
+        with pipeline.connect() as conn, pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+            conn.execute(sa.text(statement))
+    with viewer.connect() as conn, pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+        conn.execute(sa.text(f"UPDATE pseudonymise_reverse_request SET status = 'approved' WHERE request_id = '{rid}'"))
+    forged = AuditUse(operation="reverse_approve", context={"triggered_by": "bob"})
+    with pipeline.begin() as conn:  # the append function is the pipeline's right: the row goes in
+        AuditLog(pipeline).append(conn, {**forged.record(), "event": "started", "outcome": "started"})
+    with pytest.raises(ApprovalError, match="is pending, not approved"):
+        requests.claim(rid, connection_id="rev", user="alice", columns=["id"], batch=values)
+    with pytest.raises(ApprovalError, match="own requester"):
+        requests.decide(rid, user="ALICE ", approve=True)  # the same person, however the name is written
+    requests.decide(rid, user="bob", approve=True)
+    approval = requests.claim(rid, connection_id="rev", user="alice", columns=["id"], batch={"id": values["id"][::-1]})
+    assert (approval.requester, approval.approver, approval.reason) == ("alice", "bob", "SAR 12")
+    with pytest.raises(ApprovalError, match="being executed right now"):  # a second, concurrent execution
+        requests.claim(rid, connection_id="rev", user="alice", columns=["id"], batch=values)
+    requests.executed(rid, "use-1")
+    assert [r["state"] for r in ReverseRequests(AuditLog(viewer)).list()] == ["executed"]
+    assert AuditLog(owner).verify().ok
+    _drop_roles(pg_url, postgres, pipeline, auditor, viewer, owner)
+
+
+def test_pipeline_role_runs_a_risk_gate_a_dry_run_and_a_report(pg_url: str, issuer: Issuer, postgres: Any) -> None:
+    """The gate's temporary table, the dry_run and risk_report operations, through the least-privilege roles
+    (the audit appended by the server's functions, whatever the operation's name)."""
+    owner = _grant(pg_url)
+    with owner.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE gated (id text)"))
+        conn.execute(sa.text("GRANT SELECT, INSERT, DELETE ON gated TO pseudonymise_pipeline"))
+    pipeline = _as(pg_url, "pseudonymise_pipeline")
+    store = Store(pipeline)
+    policy = ColumnPolicy.pseudonymise("id")
+    token = GivenToken(issuer.issue("research-a", "pseudonymisation"), issuer.public_keys())
+
+    def transfer():  # type: ignore[no-untyped-def]
+        return plan_transfer(_Rows(), TableDestination(TableTarget("gated"), SharedTransaction(pipeline)), policy)
+
+    with pytest.raises(RiskGateError, match="3 of 3 classes"):
+        run_pseudonymisation(store, token, policy, transfer(), risk=RiskSpec(("id",), 2))
+    dry = run_dry_run(store, token, policy, transfer(), sample=2, risk=RiskSpec(("id",), 2))
+    assert dry.dry_run is not None and dry.dry_run["sample_rows"] == 2 and dry.dry_run["target_exists"] is True
+
+    def describe():  # type: ignore[no-untyped-def]
+        with pipeline.connect() as conn:
+            return describe_table(conn, "gated", RiskSpec(("id",), 2))
+    assert run_risk_report(store, describe, source="table:gated").figures.rows == 0
+    with owner.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM gated")).scalar() == 0
+        assert conn.execute(sa.text("SELECT count(*) FROM pseudonymise_escrow")).scalar() == 0
+        rows = conn.execute(sa.text("SELECT operation, outcome, db_role FROM pseudonymise_audit ORDER BY seq")).all()
+    assert [(r[0], r[1]) for r in rows] == [("pseudonymise", "started"), ("pseudonymise", "failed"),
+                                            ("dry_run", "started"), ("dry_run", "success"),
+                                            ("risk_report", "started"), ("risk_report", "success")]
+    assert {r[2] for r in rows} == {"pseudonymise_pipeline"}
+    assert AuditLog(owner).verify().ok
+    _drop_roles(pg_url, postgres, pipeline, owner)

@@ -106,3 +106,28 @@ def test_batches_larger_than_the_servers_json_limit(transit: tuple[Issuer, hvac.
     out = Pseudonymiser(token, ColumnPolicy.pseudonymise("id"), mac).pseudonymise_batch(
         {"id": [f"V{i}" for i in range(1200)]}).columns["id"]
     assert len(set(out)) == 1200 and mac.requests == 3
+
+
+def test_date_shift_offsets_are_transit_hmacs_of_the_design_message(transit: tuple[Issuer, hvac.Client, str]) -> None:
+    """DESIGN §4.7 with the key in Vault Transit: the offset is computed from Transit's HMAC of the date-shift
+    message (one plain Transit call per subject here, the offset formula in the standard library)."""
+    import datetime as dt
+
+    issuer, client, mount = transit
+    token = verify_token(issuer.issue("tr", "pseudonymisation"), issuer.public_keys())
+    policy = ColumnPolicy.from_mapping({"columns": {"id": "pseudonymise", "d": {
+        "action": "date_shift", "subject": "id", "max_days": 45, "domain": "visits"}}})
+    mac = TransitMac(client, mount, "pseudonymise-tr", key_version=token.key_version)
+    subjects = ["P1", "P2", None, 42]
+    out = Pseudonymiser(token, policy, mac).pseudonymise_batch(
+        {"id": subjects, "d": [dt.date(2024, 2, 29)] * 4}).columns["d"]
+    for subject, shifted in zip(subjects, out, strict=True):
+        if subject is None:
+            assert shifted is None
+            continue
+        resp = client.secrets.transit.generate_hmac(
+            name="pseudonymise-tr", algorithm="sha2-256", mount_point=mount, hash_input=base64.b64encode(
+                b"pseudonymise/v1/date-shift\x00visits\x00" + str(subject).encode()).decode())
+        first = int.from_bytes(base64.b64decode(resp["data"]["hmac"].split(":", 2)[2])[:8], "big") % 90 - 45
+        days = first + 1 if first >= 0 else first
+        assert shifted == dt.date(2024, 2, 29) + dt.timedelta(days=days)

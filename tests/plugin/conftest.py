@@ -28,7 +28,8 @@ from pseudonymise.core.issuer import DirectoryStore, Issuer
 from pseudonymise.core.pipeline import Store
 
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
-USERS = {"admin": "admin", "op": "op", "viewer": "viewer"}
+#: user name -> role; two of role op, so that one can approve what the other asks (four eyes)
+USERS = {"admin": "admin", "op": "op", "op2": "op", "user": "user", "viewer": "viewer"}
 
 
 @dataclass

@@ -102,47 +102,105 @@ def test_secondary_pseudonymisation(api: Api, audit_db: AuditDb, token_connectio
 
 
 # --- reverse ------------------------------------------------------------------------------------
+def approved(api: Api, conns: TokenConnections, body: dict[str, Any], name: str = "reverse",
+             requester: str = "op", approver: str = "op2") -> str:
+    """Four eyes: ``requester`` asks for the reversal of ``body``'s pseudonyms, ``approver`` approves; the request id."""
+    asked = api.client.post(url(conns, name, "reverse-requests"), headers=api.auth(requester),
+                            json={**body, "reason": "a patient asked for their data"})
+    assert asked.status_code == 201, asked.text
+    request_id = asked.json()["request_id"]
+    decided = api.client.post(f"{url(conns, name, 'reverse-requests')}/{request_id}/approve",
+                              headers=api.auth(approver), json={"comment": "checked"})
+    assert decided.status_code == 200 and decided.json()["status"] == "approved", decided.text
+    return request_id
+
+
 def test_reversal_is_refused_unless_enabled(api: Api, audit_db: AuditDb, token_connections: TokenConnections) -> None:
-    response = api.client.post(url(token_connections, "reverse", "reverse"), headers=api.auth("admin"),
-                               json={"columns": ["patient_id"], "records": [{"patient_id": "x" * 26}]})
-    assert response.status_code == 403
-    assert "api_allow_reversal" in response.json()["detail"]
+    body = {"columns": ["patient_id"], "records": [{"patient_id": "x" * 26}]}
+    for action, extra in (("reverse", {"request_id": "0" * 36}), ("reverse-requests", {"reason": "why not"})):
+        response = api.client.post(url(token_connections, "reverse", action), headers=api.auth("admin"),
+                                   json={**body, **extra})
+        assert response.status_code == 403
+        assert "api_allow_reversal" in response.json()["detail"]
     assert audit_db.rows() == []
 
 
-def test_reversal_when_enabled_reveals_and_audits_the_caller(api: Api, audit_db: AuditDb,
-                                                             token_connections: TokenConnections,
-                                                             allow_reversal: None) -> None:
+def test_reversal_without_an_approved_request_is_refused(api: Api, audit_db: AuditDb,
+                                                         token_connections: TokenConnections,
+                                                         allow_reversal: None) -> None:
+    response = api.client.post(url(token_connections, "reverse", "reverse"), headers=api.auth("admin"),
+                               json={"columns": ["patient_id"], "records": [{"patient_id": "x" * 26}]})
+    assert response.status_code == 403 and "second person's approval" in response.json()["detail"]
+    assert "reverse-requests" in response.json()["detail"]
+    assert audit_db.rows() == []  # refused before the token was read
+
+
+def test_approved_reversal_reveals_and_audits_requester_and_approver(api: Api, audit_db: AuditDb,
+                                                                    token_connections: TokenConnections,
+                                                                    allow_reversal: None) -> None:
     made = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"),
                            json={"policy": POLICY, "records": RECORDS}).json()
     records = [{"patient_id": r["patient_id"], "visit": i} for i, r in enumerate(made["records"])]
     records.append({"patient_id": "unknownpseudonym0000000000", "visit": 9})
+    body = {"columns": ["patient_id"], "records": records}
+    request_id = approved(api, token_connections, body)
     response = api.client.post(url(token_connections, "reverse", "reverse"), headers=api.auth("op"),
-                               json={"columns": ["patient_id"], "records": records})
+                               json={**body, "request_id": request_id})
     assert response.status_code == 200, response.text
-    body = response.json()
+    out = response.json()
     # Canonical originals: the normalised text (strip, upper) the pseudonyms were made of.
-    assert [r["patient_id"] for r in body["records"]] == ["P-0001", "P-0002", None, None]
-    assert [r["visit"] for r in body["records"]] == [0, 1, 2, 9]
-    assert body["counts"]["not_found"] == 1 and body["counts"]["values_pseudonymised"] == 2
-    rows = [r for r in audit_db.rows() if r["operation"] == "reverse"]
-    assert [(r["event"], r["outcome"], r["triggered_by"]) for r in rows] == [
-        ("started", "started", "op"), ("finished", "success", "op")]
-    assert rows[0]["seq"] < rows[1]["seq"]
+    assert [r["patient_id"] for r in out["records"]] == ["P-0001", "P-0002", None, None]
+    assert [r["visit"] for r in out["records"]] == [0, 1, 2, 9]
+    assert out["counts"]["not_found"] == 1 and out["counts"]["values_pseudonymised"] == 2
+    rows = [r for r in audit_db.rows() if r["operation"].startswith("reverse")]
+    assert [(r["operation"], r["outcome"], r["triggered_by"]) for r in rows] == [
+        ("reverse_request", "started", "op"), ("reverse_request", "success", "op"),
+        ("reverse_approve", "started", "op2"), ("reverse_approve", "success", "op2"),
+        ("reverse", "started", "op"), ("reverse", "success", "op")]
+    four_eyes = json.loads(rows[-1]["details"])["four_eyes"]
+    assert four_eyes == {"requester": "op", "approver": "op2", "reason": "a patient asked for their data",
+                         "approved_at": four_eyes["approved_at"], "via": "api-request", "reference": request_id}
+    assert json.loads(rows[1]["details"])["pseudonyms"] == 3  # counts only: no pseudonym in the audit
+    assert not any(r["patient_id"] in json.dumps(rows, default=str) for r in records if r["patient_id"])
+    listed = api.client.get(f"{BASE}/reverse-requests", headers=api.auth("viewer")).json()
+    assert [(r["request_id"], r["state"], r["use_id"]) for r in listed] == [(request_id, "executed", out["use_id"])]
+    assert audit_db.store.audit.verify().ok
 
+    again = api.client.post(url(token_connections, "reverse", "reverse"), headers=api.auth("op"),
+                            json={**body, "request_id": request_id})
+    assert again.status_code == 403 and "executed already" in again.json()["detail"]
+    assert audit_db.rows()[-1]["outcome"] == "denied" and audit_db.rows()[-1]["token_jti"] is None
+
+
+def test_a_failed_reversal_keeps_its_approval(api: Api, audit_db: AuditDb, token_connections: TokenConnections,
+                                              allow_reversal: None) -> None:
+    body = {"columns": ["patient_id"], "records": [{"patient_id": "unknownpseudonym0000000000"}]}
+    request_id = approved(api, token_connections, body)
     strict = api.client.post(url(token_connections, "reverse", "reverse"), headers=api.auth("op"),
-                             json={"columns": ["patient_id"], "records": records, "require_all": True})
+                             json={**body, "request_id": request_id, "require_all": True})
     assert strict.status_code == 422 and "no escrow" in strict.json()["detail"]
     assert audit_db.rows()[-1]["outcome"] == "failed"
+    state = api.client.get(f"{BASE}/reverse-requests", headers=api.auth("viewer")).json()[0]["state"]
+    assert state == "approved"  # nothing was revealed, so the approval still stands
+    lenient = api.client.post(url(token_connections, "reverse", "reverse"), headers=api.auth("op"),
+                              json={**body, "request_id": request_id})
+    assert lenient.status_code == 200 and lenient.json()["counts"]["not_found"] == 1
 
 
 def test_reversal_of_csv(api: Api, audit_db: AuditDb, token_connections: TokenConnections, allow_reversal: None) -> None:
     made = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"),
                            json={"policy": {"id": "pseudonymise"}, "records": [{"id": 42}]}).json()
     pseudonym = made["records"][0]["id"]
-    response = api.client.post(url(token_connections, "reverse", "reverse"), params={"columns": "id"},
-                               headers={**api.auth("admin"), "Content-Type": "text/csv"},
-                               content=f"id,note\n{pseudonym},x\n".encode())
+    csv_body = f"id,note\n{pseudonym},x\n".encode()
+    headers = {**api.auth("op"), "Content-Type": "text/csv"}
+    asked = api.client.post(url(token_connections, "reverse", "reverse-requests"), headers=headers, content=csv_body,
+                            params={"columns": "id", "reason": "complaint 17"})
+    assert asked.status_code == 201, asked.text
+    request_id = asked.json()["request_id"]
+    assert api.client.post(f"{url(token_connections, 'reverse', 'reverse-requests')}/{request_id}/approve",
+                           headers=api.auth("admin")).status_code == 200
+    response = api.client.post(url(token_connections, "reverse", "reverse"), headers=headers, content=csv_body,
+                               params={"columns": "id", "request_id": request_id})
     assert response.status_code == 200, response.text
     assert response.text.splitlines() == ["id,note", "42,x"]
 
@@ -150,23 +208,28 @@ def test_reversal_of_csv(api: Api, audit_db: AuditDb, token_connections: TokenCo
 def test_reversal_with_a_pseudonymisation_token_is_denied(api: Api, audit_db: AuditDb,
                                                           token_connections: TokenConnections,
                                                           allow_reversal: None) -> None:
-    response = api.client.post(url(token_connections, "pseudonymise", "reverse"), headers=api.auth("admin"),
-                               json={"columns": ["id"], "records": [{"id": "abc"}]})
+    body = {"columns": ["id"], "records": [{"id": "abc"}]}
+    request_id = approved(api, token_connections, body, name="pseudonymise")
+    response = api.client.post(url(token_connections, "pseudonymise", "reverse"), headers=api.auth("op"),
+                               json={**body, "request_id": request_id})
     assert response.status_code == 422 and "'reverse' token" in response.json()["detail"]
-    assert audit_db.outcomes() == [("started", None), ("denied", "TokenKindError")]
+    assert audit_db.outcomes()[-2:] == [("started", None), ("denied", "TokenKindError")]
 
 
 def test_a_single_use_reverse_token_reveals_once(api: Api, audit_db: AuditDb, token_connections: TokenConnections,
                                                  allow_reversal: None) -> None:
     """max_uses (v1.1) through the HTTP API: the second reversal with a single-use token is refused (422, the
-    reason named), audited 'denied', and reveals nothing."""
+    reason named), audited 'denied', and reveals nothing, although its request was approved too."""
     made = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"),
                            json={"policy": {"id": "pseudonymise"}, "records": [{"id": 42}]}).json()
     pseudonym = made["records"][0]["id"]
     body = {"columns": ["id"], "records": [{"id": pseudonym}]}
-    first = api.client.post(url(token_connections, "reverse_once", "reverse"), headers=api.auth("admin"), json=body)
+    first_id, second_id = (approved(api, token_connections, body, name="reverse_once") for _ in range(2))
+    first = api.client.post(url(token_connections, "reverse_once", "reverse"), headers=api.auth("op"),
+                            json={**body, "request_id": first_id})
     assert first.status_code == 200 and first.json()["records"] == [{"id": 42}]
-    second = api.client.post(url(token_connections, "reverse_once", "reverse"), headers=api.auth("admin"), json=body)
+    second = api.client.post(url(token_connections, "reverse_once", "reverse"), headers=api.auth("op"),
+                             json={**body, "request_id": second_id})
     assert second.status_code == 422 and "allows 1 use (max_uses)" in second.json()["detail"]
     # the original 42 is not revealed (the token id in the message, a random UUID, may hold the digits "42")
     assert "records" not in second.json() and "42" not in re.sub(r"[0-9a-f-]{36}", "", second.text)
@@ -209,7 +272,10 @@ def test_the_ui_cookie_alone_never_uses_a_token(api: Api, audit_db: AuditDb, tok
     assert audit_db.rows() == []
     with_bearer = api.client.post(url(token_connections, "pseudonymise" if action != "reverse" else "reverse",
                                       action), json=body, headers={**headers, **api.auth("op")})
-    assert with_bearer.status_code in (200, 422), with_bearer.text  # the use runs (the reversal finds no escrow)
+    if action == "reverse":  # past the Bearer check, on to four eyes: no approved request
+        assert with_bearer.status_code == 403 and "approval" in with_bearer.json()["detail"], with_bearer.text
+        return
+    assert with_bearer.status_code in (200, 422), with_bearer.text  # the use runs
     assert audit_db.rows()[-1]["triggered_by"] == "op"
 
 
@@ -508,3 +574,39 @@ def test_one_audit_schema_makes_the_table_the_records_and_the_api_model() -> Non
     assert list(AuditRow.model_fields) == [*FIELDS, "prev_hash", "row_hash"]
     for column in SCHEMA:
         assert AuditRow.model_fields[column.name].description == column.description
+
+
+def test_de_identifying_actions_over_json_records(api: Api, audit_db: AuditDb,
+                                                  token_connections: TokenConnections) -> None:
+    """JSON has no dates: ISO 8601 text is shifted as text; the audit names each action, never a value."""
+    policy = {"patient_id": "pseudonymise", "visit_date": {"action": "date_shift", "subject": "patient_id",
+                                                           "max_days": 30},
+              "birth_year": {"action": "generalise", "width": 5}, "postcode": {"action": "generalise", "prefix": 3},
+              "phone": {"action": "mask", "keep_last": 2}, "name": "suppress"}
+    records = [{"patient_id": "P1", "visit_date": "2024-02-29", "birth_year": 1942, "postcode": "1011AB",
+                "phone": "0612345678", "name": "Ada"},
+               {"patient_id": None, "visit_date": "2024-03-01", "birth_year": None, "postcode": None,
+                "phone": None, "name": "Grace"}]
+    response = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"),
+                               json={"policy": policy, "records": records})
+    assert response.status_code == 200, response.text
+    raw = token_connections.tokens["pseudonymise"]
+    days = reference.date_shift_offset(reference.b64url_decode(reference.claims(raw)["key"]), "P1", 30)
+    assert response.json()["records"] == [
+        {"patient_id": reference.token_pseudonyms(raw, ["P1"])[0], "visit_date": reference.shift("2024-02-29", days),
+         "birth_year": "1940-1944", "postcode": "101", "phone": "********78", "name": None},
+        {"patient_id": None, "visit_date": None, "birth_year": None, "postcode": None, "phone": None, "name": None}]
+    finished = audit_db.rows()[-1]
+    assert json.loads(finished["columns"]) == ["patient_id", "visit_date:date_shift", "birth_year:generalise",
+                                               "postcode:generalise", "phone:mask", "name:suppress"]
+
+
+def test_an_unparsable_date_fails_the_use_naming_column_and_row(api: Api, audit_db: AuditDb,
+                                                               token_connections: TokenConnections) -> None:
+    policy = {"id": "keep", "day": {"action": "date_shift", "subject": "id", "max_days": 3}}
+    response = api.client.post(url(token_connections, "pseudonymise"), headers=api.auth("admin"), json={
+        "policy": policy, "records": [{"id": 1, "day": "2024-01-01"}, {"id": 2, "day": "next tuesday"}]})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "column 'day', row 2" in detail and "tuesday" not in detail
+    assert audit_db.outcomes() == [("started", None), ("failed", "DeidentifyError")]

@@ -23,7 +23,10 @@ def test_openapi_document_needs_a_user_and_describes_every_route(api: Api, audit
     assert doc["servers"] == [{"url": "/pseudonymise"}]
     assert set(doc["paths"]) == {
         "/api/v1/connections/{connection_id}/pseudonymise", "/api/v1/connections/{connection_id}/secondary",
-        "/api/v1/connections/{connection_id}/reverse", "/api/v1/audit", "/api/v1/audit/verify", "/api/v1/tokens"}
+        "/api/v1/connections/{connection_id}/reverse", "/api/v1/audit", "/api/v1/audit/verify", "/api/v1/tokens",
+        "/api/v1/connections/{connection_id}/reverse-requests", "/api/v1/reverse-requests",
+        "/api/v1/connections/{connection_id}/reverse-requests/{request_id}/approve",
+        "/api/v1/connections/{connection_id}/reverse-requests/{request_id}/reject"}
     post = doc["paths"]["/api/v1/connections/{connection_id}/pseudonymise"]["post"]
     assert set(post["requestBody"]["content"]) == {"application/json", "text/csv"}
     assert {"200", "401", "403", "404", "413", "422"} <= set(post["responses"])
@@ -43,12 +46,16 @@ def _csv_body(_ctx: Any, value: Any) -> bytes:
 OPERATIONS = [("POST", "/api/v1/connections/{connection_id}/pseudonymise"),
               ("POST", "/api/v1/connections/{connection_id}/secondary"),
               ("POST", "/api/v1/connections/{connection_id}/reverse"),
+              ("POST", "/api/v1/connections/{connection_id}/reverse-requests"),
+              ("POST", "/api/v1/connections/{connection_id}/reverse-requests/{request_id}/approve"),
+              ("GET", "/api/v1/reverse-requests"),
               ("GET", "/api/v1/audit"), ("GET", "/api/v1/audit/verify"), ("GET", "/api/v1/tokens")]
 
 
 # Invalid requests only where there is an input to get wrong (the JWT is fixed in every case).
 CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
-    (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if p not in ("/api/v1/audit/verify", "/api/v1/tokens")]
+    (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS
+    if p not in ("/api/v1/audit/verify", "/api/v1/tokens", "/api/v1/reverse-requests")]
 
 
 @pytest.mark.slow

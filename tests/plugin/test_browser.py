@@ -239,6 +239,21 @@ def test_the_dag_runs_audit_in_the_browser(server: Server) -> None:
                 "data-rows", str(24 + 1))
             fits(page, "charts")
             _screenshot(page, "charts")
+
+            # A risk report of the research table by the CLI, into the same audit; the Risk page charts it.
+            report = subprocess.run(
+                [sys.executable, "-m", "pseudonymise.cli", "risk", "report", "--source-db",
+                 f"sqlite:///{server.research_db}", "--table", "patient_visits_pseudonymised", "--quasi-identifiers",
+                 "birth_year,ward", "--risk-k", "5", "--db", f"sqlite:///{server.research_db}", "--json"],
+                capture_output=True, text=True, timeout=120, check=False)
+            assert report.returncode == 0, report.stderr
+            classes = json.loads(report.stdout)["classes"]
+            page.goto(f"{server.base}/pseudonymise/risk")
+            expect(page.locator("#reports tr[data-use]")).to_have_count(1)
+            expect(page.locator("#verdict")).to_contain_text(f"in {classes} classes over (birth_year, ward)")
+            expect(page.locator("#combinations tbody tr")).to_have_count(3)
+            assert page.locator("#size-chart rect[data-classes]").count() >= 1
+            _screenshot(page, "risk")
         finally:
             browser.close()
     log = server.log.read_text()

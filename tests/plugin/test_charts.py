@@ -33,3 +33,17 @@ def test_project_names_are_escaped() -> None:
     assert "<img" not in svg and "&lt;img" in svg
     assert 'data-rows="10"' in svg and 'data-rows="5"' in svg
     assert "no successful pseudonymisation" in str(project_rows([]))
+
+
+def test_class_size_bars_are_red_below_k_and_to_scale() -> None:
+    from pseudonymise.plugin.charts import class_sizes
+
+    distribution = [{"from": 1, "to": 1, "classes": 4, "rows": 4}, {"from": 2, "to": 2, "classes": 0, "rows": 0},
+                    {"from": 5, "to": 9, "classes": 2, "rows": 13}, {"from": 10, "to": None, "classes": 1, "rows": 40}]
+    svg = str(class_sizes(distribution, k=5, width=400))
+    bars = re.findall(r'height="([\d.]+)" fill="(#\w+)" data-size="([^"]+)" data-classes="(\d+)" data-rows="(\d+)" '
+                      r'data-below-k="(\w+)"', svg)
+    assert [(size, colour, below) for _, colour, size, _, _, below in bars] == [
+        ("1", "#c62828", "true"), ("5-9", "#2e7d32", "false"), ("10+", "#2e7d32", "false")]  # no bar for 0 classes
+    heights = [float(h) for h, *_ in bars]
+    assert heights[0] == pytest.approx(2 * heights[1]) == pytest.approx(4 * heights[2])

@@ -130,7 +130,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             time.sleep(0.5)
         passwords = json.loads((home / "passwords.json").read_text())
         jwts = {}
-        for user in ("op", "viewer"):
+        for user in ("op", "op2", "viewer"):
             login = call(base + "/auth/token", method="POST", headers={"Content-Type": "application/json"},
                          body=json.dumps({"username": user, "password": passwords[user]}).encode())
             assert login.status == 201, login.text
@@ -153,6 +153,18 @@ def bearer(site: Site, user: str = "op") -> dict[str, str]:
 def cookie(site: Site, user: str = "op") -> dict[str, str]:
     """What a browser adds to a request to Airflow's host from any page of the same site, once signed in."""
     return {"Cookie": f"_token={site.jwts[user]}"}
+
+
+def approved_request(site: Site, body: bytes, content_type: str = "application/json", query: str = "") -> str:
+    """Four eyes: ``op`` asks for the reversal of ``body``'s pseudonyms, ``op2`` approves; the request id."""
+    asked = call(f"{site.url('reverse-requests', 'reverse')}{query}", method="POST", body=body,
+                 headers={**bearer(site), "Content-Type": content_type})
+    assert asked.status == 201, asked.text
+    request_id = asked.json()["request_id"]
+    decided = call(f"{site.url('reverse-requests', 'reverse')}/{request_id}/approve", method="POST",
+                   headers=bearer(site, "op2"))
+    assert decided.status == 200, decided.text
+    return str(request_id)
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +217,11 @@ def test_a_cross_site_post_with_the_ui_cookie_uses_no_token(site: Site, pseudony
 
 def test_the_same_calls_with_a_bearer_header_and_json_work(site: Site, pseudonym: str) -> None:
     before = len(site.audit_rows())
+    wanted = {"columns": ["patient_id"], "records": [{"patient_id": pseudonym}]}
+    request_id = approved_request(site, json.dumps({**wanted, "reason": "audit sample"}).encode())
+    before = len(site.audit_rows())
     revealed = call(site.url("reverse"), method="POST", headers={**bearer(site), "Content-Type": "application/json"},
-                    body=json.dumps({"columns": ["patient_id"], "records": [{"patient_id": pseudonym}]}).encode())
+                    body=json.dumps({**wanted, "request_id": request_id}).encode())
     assert revealed.status == 200, revealed.text
     assert revealed.json()["records"] == [{"patient_id": ORIGINAL}]
     made = call(site.url("pseudonymise"), method="POST",
@@ -267,7 +282,8 @@ def test_csv_answers_neutralise_formula_cells(site: Site, pseudonym: str) -> Non
     assert made.status == 200, made.text
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows([["name", "id"], [made.json()["records"][0]["name"], pseudonym]])
-    revealed = call(f"{site.url('reverse')}?columns=name,id", method="POST",
+    request_id = approved_request(site, out.getvalue().encode(), "text/csv", "?columns=name,id&reason=audit")
+    revealed = call(f"{site.url('reverse')}?columns=name,id&request_id={request_id}", method="POST",
                     headers={**bearer(site), "Content-Type": "text/csv"}, body=out.getvalue().encode())
     assert revealed.status == 200, revealed.text
     assert list(csv.reader(io.StringIO(revealed.text, newline=""))) == [["name", "id"], ["'" + hyperlink, ORIGINAL]]

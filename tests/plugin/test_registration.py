@@ -47,7 +47,7 @@ def test_the_provider_publishes_the_config_section_not_a_second_plugin() -> None
     assert {name: o["default"] for name, o in options.items()} == {
         "audit_conn_id": None, "audit_table": "pseudonymise_audit", "audit_schema": None,
         "expiry_warning_days": "14", "api_max_rows": "1000", "api_allow_reversal": "False",
-        "audit_signing_conn_id": None}
+        "audit_signing_conn_id": None, "reverse_request_ttl_minutes": "1440"}
 
 
 @pytest.mark.slow
@@ -58,8 +58,8 @@ def test_airflow_reports_the_plugin_and_its_defaults(api: Api) -> None:
     listed = subprocess.run([AIRFLOW, "plugins", "--output", "json"], env=env, capture_output=True, text=True,
                             check=True, timeout=120)
     plugin = next(p for p in json.loads(listed.stdout) if p["name"] == "pseudonymise")
-    assert [v["name"] for v in plugin["external_views"]] == ["Audit trail", "Tokens", "Charts",
-                                                           "Pseudonymisation audit"]
+    assert [v["name"] for v in plugin["external_views"]] == ["Audit trail", "Tokens", "Reversal requests", "Risk",
+                                                           "Charts", "Pseudonymisation audit"]
     value = subprocess.run([AIRFLOW, "config", "get-value", "pseudonymise", "expiry_warning_days"], env=env,
                            capture_output=True, text=True, check=True, timeout=120)
     assert value.stdout.strip() == "14"

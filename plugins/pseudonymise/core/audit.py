@@ -63,7 +63,7 @@ SCHEMA: tuple[AuditColumn, ...] = (
     _c("use_id", "text", "One token use: its started and finished rows share it.", 36),
     _c("event", "text", "started or finished.", 16),
     _c("recorded_at", "instant", "The audit database's clock."),
-    _c("operation", "text", "pseudonymise, secondary, reverse, rekey, purge, verify, revoke, retire.", 40),
+    _c("operation", "text", "pseudonymise, secondary, reverse, rekey, purge, verify, revoke, retire, dry_run, risk_report.", 40),
     _c("outcome", "text", "started, success, failed or denied.", 16),
     _c("project", "text", "The verified token's project, else the project the use asked for.", 200),
     _c("token_jti", "text", "The verified token's id (never the token).", 64),

@@ -100,6 +100,13 @@ class InvalidTextError(PolicyError):
     """Text that is not valid Unicode (undecodable bytes, lone surrogates)."""
 
 
+class RiskGateError(PolicyError):
+    """The output's re-identification risk is above what the run's risk gate allows (k, l); nothing was committed."""
+class DeidentifyError(PolicyError):
+    """A value a de-identifying action cannot take (a date that does not parse, a shift out of range), named by
+    column and row, never by value."""
+
+
 class CollisionError(PseudonymiseError):
     """Two different values gave one pseudonym within a run; the run must fail."""
 
@@ -195,6 +202,15 @@ class DatabaseIOError(DataIOError):
 
 class RetireRefusedError(PseudonymiseError):
     """Source rows were not retired: no verified load of their interval, or the source changed since."""
+
+
+class ApprovalError(PseudonymiseError):
+    """A reversal lacks the approval of a second person (four eyes): none recorded, rejected, given by the
+    requester, expired, already executed, or for other pseudonyms; nothing was revealed."""
+
+
+class ApprovalUnavailableError(ApprovalError, ServiceUnavailableError):
+    """The record of the approval (the Airflow API server) could not be reached; retrying may help."""
 
 
 class ErasureError(PseudonymiseError):

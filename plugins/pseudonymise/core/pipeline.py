@@ -1,4 +1,4 @@
-"""The audited flows every entry point shares: pseudonymise, secondary, reverse, re-key and purge.
+"""The audited flows every entry point shares: pseudonymise, secondary, reverse, re-key, purge, dry run, risk report.
 
 Each flow takes a :class:`~pseudonymise.core.use.TokenSource` (where the token comes from), a
 :class:`~pseudonymise.core.plan.Transfer` planned by :func:`~pseudonymise.core.plan.plan_transfer`
@@ -17,7 +17,9 @@ engine and pyarrow's writer both release the GIL); at most two batches wait, so 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
+import os
 import queue
 import threading
 import uuid
@@ -29,14 +31,17 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from pseudonymise.core.approval import Approval, ReverseRequests
 from pseudonymise.core.audit import AuditLog, AuditUse
 from pseudonymise.core.checkpoint import CheckpointTable
 from pseudonymise.core.db import make_engine
 from pseudonymise.core.errors import TARGET_DATA_FIX, EscrowError, EscrowNotFoundError, PolicyError, database_errors
 from pseudonymise.core.escrow import EscrowReader, EscrowTables, EscrowWriter, purge
-from pseudonymise.core.plan import Sink, Transfer
+from pseudonymise.core.plan import SharedTransaction, Sink, TableDestination, Transfer
 from pseudonymise.core.policy import ColumnPolicy, ColumnRule
 from pseudonymise.core.pseudonymiser import Pseudonymiser, SecondaryPseudonymiser, Stats
+from pseudonymise.core.risk import MEMORY_GROUPS, PostgresRiskTap, RiskReport, RiskSpec, SpillRiskTap, gate
+from pseudonymise.core.sql import reflect_table
 from pseudonymise.core.use import RunContext, TokenSource, TokenUse
 
 Progress = Callable[[Stats], None]
@@ -50,6 +55,8 @@ class Store:
         self.engine = make_engine(engine) if isinstance(engine, str) else engine
         self.audit = AuditLog(self.engine, audit_table, schema)
         self.escrow = EscrowTables.define(self.audit.metadata, escrow_prefix, schema)
+        # created with the escrow tables on a new database; the HTTP API creates it on an older one
+        ReverseRequests.define(self.audit.metadata, schema)
 
     def create(self) -> None:
         self.audit.create()
@@ -88,11 +95,16 @@ class RunSummary:
     token_fingerprint: str | None
     columns: list[str]
     counts: dict[str, int] = field(default_factory=dict)
+    #: the risk gate's figures (counts), when the run had one
+    risk: dict[str, Any] | None = None
+    #: a dry run's report: rows sampled, actions, target, risk (counts and names only)
+    dry_run: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"operation": self.operation, "use_id": self.use_id, "project": self.project,
                 "token_jti": self.token_jti, "token_fingerprint": self.token_fingerprint,
-                "columns": self.columns, **self.counts}
+                "columns": self.columns, **self.counts, **({"risk": self.risk} if self.risk is not None else {}),
+                **({"dry_run": self.dry_run} if self.dry_run is not None else {})}
 
 
 def _summary(use: TokenUse, columns: Sequence[str], counts: Mapping[str, int]) -> RunSummary:
@@ -160,38 +172,47 @@ class _Writes:
 
 def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy, transfer: Transfer,
                          run: RunContext | None = None, *, secondary: bool = False,
-                         progress: Progress | None = None) -> RunSummary:
+                         progress: Progress | None = None, risk: RiskSpec | None = None,
+                         risk_memory_groups: int = MEMORY_GROUPS) -> RunSummary:
     """Pseudonymise (or, with ``secondary``, re-pseudonymise) the transfer's source into its sink, audited.
 
     :param tokens: where the token comes from; its MAC service computes the MACs of a token whose key
         is held in Vault Transit.
     :param run: who runs the use and when; its ``on_finished`` runs after the use (e.g. a signed checkpoint).
     :param progress: called with the running counts after each batch.
+    :param risk: the re-identification risk gate over this run's output rows, checked after the last write and
+        before the commit: when it falls short, :class:`~pseudonymise.core.errors.RiskGateError` and nothing is
+        committed (target, escrow; a file is not renamed into place); its figures go to the audit's details.
+    :param risk_memory_groups: classes the gate counts in memory before it spills them to disk (off PostgreSQL).
     """
     store.create()
     columns = transfer.columns
     with TokenUse(store.audit, "secondary" if secondary else "pseudonymise", tokens,
                   kind="secondary" if secondary else "pseudonymisation", source=transfer.source_label,
-                  target=transfer.target_label, columns=policy.pseudonymised_columns, run=run) as use:
+                  target=transfer.target_label, columns=policy.audited_columns, run=run) as use:
         assert use.token is not None
         mac = use.mac_service()
         engine: Pseudonymiser | SecondaryPseudonymiser = (
             SecondaryPseudonymiser(use.token, policy, mac) if secondary else Pseudonymiser(use.token, policy, mac)
         )
         out_columns = engine.output_columns(columns)  # policy errors before anything is written
+        if risk is not None:
+            risk.check(columns, out_columns)
         escrow = EscrowWriter(use.token, store.escrow, defer=True) if not secondary and use.token.reversible else None
         escrow_rows = [0]  # counted by the writer, added to the stats once the writes are done
         sink: Sink | None = None
+        tap: PostgresRiskTap | SpillRiskTap | None = None
         try:
             # a database error escaping the writes or the COMMIT: SQLSTATE and names only, never the driver's text
             with database_errors("writing the target, escrow and audit failed; nothing was committed",
                                  columns=out_columns, data_fix=TARGET_DATA_FIX), store.engine.begin() as conn, \
                     _Writes(background=_writes_in_background(store.engine)) as writes:
                 sink = transfer.open_sink(out_columns, conn)
+                tap = _risk_tap(risk, out_columns, transfer, conn, risk_memory_groups)
                 with _cycle_collection_paused():
                     for batch in transfer.batches(key_at_hand=mac is None):
                         out = engine.pseudonymise_batch(batch, columns)
-                        writes.submit(_writer(sink, escrow, conn, out.columns, out.escrow, escrow_rows))
+                        writes.submit(_writer(sink, escrow, conn, out.columns, out.escrow, escrow_rows, tap))
                         use.counts.update(engine.stats.as_dict(), escrow_rows=escrow_rows[0])
                         if progress:
                             progress(engine.stats)
@@ -200,6 +221,10 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
                 if escrow is not None:
                     escrow_rows[0] += escrow.flush(conn)
                 engine.stats.escrow_rows += escrow_rows[0]
+                if tap is not None:  # over this run's output rows, before anything commits
+                    figures = tap.figures()
+                    use.details["risk"] = figures.as_dict()
+                    gate(figures)
                 sink.commit()
                 details: dict[str, Any] = {"key_version": use.token.key_version}
                 if escrow is not None and escrow.digests:
@@ -210,7 +235,127 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
             if sink is not None:
                 sink.abort()
             raise
-        return _summary(use, out_columns, engine.stats.as_dict())
+        finally:
+            if tap is not None:
+                tap.close()
+        summary = _summary(use, out_columns, engine.stats.as_dict())
+        if "risk" in use.details:
+            summary.risk = use.details["risk"]
+        return summary
+
+
+def _risk_tap(risk: RiskSpec | None, columns: list[str], transfer: Transfer, conn: Connection,
+              memory_groups: int) -> PostgresRiskTap | SpillRiskTap | None:
+    """Where the gate counts the run's output: in the run's own transaction when it loads a PostgreSQL table in the
+    store's transaction (the target itself when the run replaces it, else a temporary table), else counts that
+    spill to disk."""
+    if risk is None:
+        return None
+    destination = transfer.destination
+    if (isinstance(destination, TableDestination) and isinstance(destination.transaction, SharedTransaction)
+            and conn.dialect.name == "postgresql"):
+        target = destination.target
+        return PostgresRiskTap(risk, columns, conn, (target.schema, target.table) if target.mode == "replace" else None)
+    return SpillRiskTap(risk, columns, memory_groups=memory_groups)
+
+
+#: Rows a dry run reads by default (the first rows of the source).
+DRY_RUN_SAMPLE = 1000
+
+
+def run_dry_run(store: Store, tokens: TokenSource, policy: ColumnPolicy, transfer: Transfer,
+                run: RunContext | None = None, *, secondary: bool = False, sample: int = DRY_RUN_SAMPLE,
+                risk: RiskSpec | None = None, risk_memory_groups: int = MEMORY_GROUPS) -> RunSummary:
+    """Check a run on the first ``sample`` rows of the source and write nothing but its audited ``dry_run`` use.
+
+    The token is read and verified (its use audited, operation ``dry_run``), the policy is planned against the
+    source's columns, the sampled values are pseudonymised (their types checked, the collision check run) and
+    the risk gate computed over the sample's output; the target is only inspected (whether it exists and has the
+    output columns). No target row, escrow row, signed checkpoint (``run.on_finished`` is not called) or file is
+    written. The summary's ``dry_run`` says what a real run would do; a risk gate that falls short on the
+    sample is reported (``risk.passed`` false), not raised: a sample's classes are not the full run's.
+    """
+    if isinstance(sample, bool) or not isinstance(sample, int) or sample < 1:
+        raise PolicyError(f"a dry run's sample must be a positive number of rows, not {sample!r}")
+    if run is not None and run.on_finished is not None:
+        run = dataclasses.replace(run, on_finished=None)  # no signed checkpoint either: the next real use's covers it
+    store.create()
+    columns = transfer.columns
+    with TokenUse(store.audit, "dry_run", tokens, kind="secondary" if secondary else "pseudonymisation",
+                  source=transfer.source_label, target=transfer.target_label, columns=policy.pseudonymised_columns,
+                  run=run) as use:
+        assert use.token is not None
+        mac = use.mac_service()
+        engine: Pseudonymiser | SecondaryPseudonymiser = (
+            SecondaryPseudonymiser(use.token, policy, mac) if secondary else Pseudonymiser(use.token, policy, mac)
+        )
+        out_columns = engine.output_columns(columns)
+        if risk is not None:
+            risk.check(columns, out_columns)
+        target = _inspect_target(transfer, out_columns)
+        tap = SpillRiskTap(risk, out_columns, memory_groups=risk_memory_groups) if risk is not None else None
+        rows = 0
+        try:
+            batches = transfer.source.batches()
+            try:
+                for batch in batches:
+                    batch = _first_rows(batch, sample - rows)
+                    out = engine.pseudonymise_batch(batch, columns)
+                    if tap is not None:
+                        tap.add(out.columns)
+                    rows += len(next(iter(batch.values()), ()))
+                    if rows >= sample:
+                        break
+            finally:
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()
+            engine.finish()  # the collision check over the sample
+            report: dict[str, Any] = {
+                "sample_rows": rows, "sample": f"the first {sample} rows of the source",
+                "actions": {rule.column: rule.action for rule in policy.plan(columns)},
+                "output_columns": out_columns, **target,
+            }
+            if tap is not None:
+                report["risk"] = tap.figures().as_dict()
+            counts = {**engine.stats.as_dict(), "rows_out": 0, "escrow_rows": 0}
+            use.succeed(None, counts=counts, details={"dry_run": report})
+        finally:
+            engine.close()
+            if tap is not None:
+                tap.close()
+    summary = _summary(use, out_columns, counts)
+    summary.dry_run = report
+    summary.risk = report.get("risk")
+    return summary
+
+
+def _first_rows(batch: Mapping[str, Sequence[Any]], rows: int) -> dict[str, Any]:
+    """The first ``rows`` rows of a batch of columns (a column keeps its type: COPY text stays COPY text)."""
+    return {name: values if len(values) <= rows else type(values)(values[:rows]) if isinstance(values, list)
+            else list(values)[:rows] for name, values in batch.items()}
+
+
+def _inspect_target(transfer: Transfer, out_columns: Sequence[str]) -> dict[str, Any]:
+    """What a real run would find at the target, read only: the table's existence and missing columns, or the file."""
+    destination = transfer.destination
+    if isinstance(destination, TableDestination):
+        target = destination.target
+        with destination.engine.connect() as conn:
+            table = reflect_table(conn, target.table, target.schema)
+        if table is None:
+            if not target.create:
+                raise PolicyError(f"the target {target.label} does not exist; create it or set create=True")
+            return {"target": target.label, "target_exists": False, "would": f"create {target.label} and write "
+                    f"({target.mode})"}
+        missing = [c for c in out_columns if c not in table.c]
+        if missing:
+            raise PolicyError(f"column(s) {', '.join(map(repr, missing))} are not in the target {target.label}; "
+                              "add them to the table or drop them in the column policy")
+        return {"target": target.label, "target_exists": True, "would": f"write into {target.label} ({target.mode})"}
+    path = getattr(destination, "path", None)
+    return {"target": transfer.target_label or (f"file:{path}" if path else "sink"),
+            "target_exists": bool(path) and os.path.exists(path), "would": "write the file atomically"}
 
 
 def _writes_in_background(engine: Engine) -> bool:
@@ -243,17 +388,20 @@ def _cycle_collection_paused() -> Iterator[None]:
 
 
 def _writer(sink: Sink, escrow: EscrowWriter | None, conn: Connection, columns: Any,
-            items: Sequence[Any], escrow_rows: list[int]) -> Callable[[], None]:
+            items: Sequence[Any], escrow_rows: list[int],
+            tap: PostgresRiskTap | SpillRiskTap | None = None) -> Callable[[], None]:
     def write() -> None:
         sink.write(columns)
         if escrow is not None:
             escrow_rows[0] += escrow.write(conn, items)
+        if tap is not None:
+            tap.add(columns)
     return write
 
 
 def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Mapping[str, str], transfer: Transfer,
                  run: RunContext | None = None, *, progress: Progress | None = None,
-                 require_all: bool = False) -> RunSummary:
+                 require_all: bool = False, approval: Approval | None = None) -> RunSummary:
     """Replace pseudonyms in ``columns`` by their originals; the audit ``started`` row commits first.
 
     ``columns`` may map each column to its pseudonymisation domain, which only escrow written before
@@ -262,6 +410,7 @@ def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Map
     having asked for the originals.
 
     :param require_all: fail, writing nothing, when a pseudonym has no escrow (unknown, or purged).
+    :param approval: the second person's approval (four eyes), recorded in the use's ``finished`` row.
     """
     domains = dict(columns) if isinstance(columns, Mapping) else dict.fromkeys(columns, "")
     columns = list(domains)
@@ -270,6 +419,8 @@ def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Map
     with TokenUse(store.audit, "reverse", tokens, kind="reverse", source=transfer.source_label,
                   target=transfer.target_label, columns=list(columns), run=run) as use:
         assert use.token is not None
+        if approval is not None:
+            use.details.update(approval.details())
         missing = [c for c in columns if c not in source.columns]
         if missing or not columns:
             raise PolicyError(
@@ -317,6 +468,19 @@ def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Map
         return _summary(use, list(columns), counts)
 
 
+def record_refusal(store: Store, operation: str, error: BaseException, run: RunContext | None = None, *,
+                   source: str | None = None, target: str | None = None, columns: Sequence[str] | None = None,
+                   details: Mapping[str, Any] | None = None) -> str:
+    """Audit an attempted use refused before its token was read (a reversal without four eyes): a
+    ``started`` and a ``denied`` row; returns the use id. The caller raises ``error``."""
+    store.create()
+    use = AuditUse(operation=operation, source=source, target=target, columns=columns,
+                   context=(run or RunContext()).audit_fields())
+    store.audit.start(use)
+    store.audit.finish(use, "denied", error=error, details=details)
+    return use.use_id
+
+
 def run_purge(store: Store, run: RunContext | None = None, *, project: str | None = None,
               now: datetime | None = None) -> RunSummary:
     """Delete escrow rows past their retention end (of ``project`` only, if given); the purge and its
@@ -332,6 +496,27 @@ def run_purge(store: Store, run: RunContext | None = None, *, project: str | Non
         store.audit.finish(use, "failed", error=exc)
         raise
     return RunSummary("purge", use.use_id, project, None, None, [], {"escrow_rows": deleted})
+
+
+def run_risk_report(store: Store, describe: Callable[[], RiskReport], run: RunContext | None = None, *,
+                    source: str | None = None, columns: Sequence[str] = ()) -> RiskReport:
+    """Describe a table's or file's re-identification risk (``describe`` computes it) as an audited
+    ``risk_report`` use: no token is used; the report (counts and column names, never a value) goes to the
+    ``finished`` row's details, where the plugin's risk page reads it."""
+    store.create()
+    use = AuditUse(operation="risk_report", source=source, columns=list(columns),
+                   context=(run or RunContext()).audit_fields())
+    store.audit.start(use)
+    try:
+        report = describe()
+    except BaseException as exc:
+        store.audit.finish(use, "failed", error=exc)
+        raise
+    store.audit.finish(use, "success", counts={"rows_in": report.figures.rows},
+                       details={"risk_report": report.as_dict()})
+    if run is not None and run.on_finished is not None:
+        run.on_finished(store.audit)
+    return report
 
 
 def run_rekey(store: Store, reverse_tokens: TokenSource, new_tokens: TokenSource, table: str,

@@ -183,11 +183,13 @@ class Transfer:
 
     :ivar copy_text: the source yields COPY text and the target takes it (PostgreSQL COPY both ways).
     :ivar native_blocks: on that path, the C engine pseudonymises whole blocks of COPY text, when the
-        token's key is at hand (not in Vault Transit).
+        token's key is at hand (not in Vault Transit) and the policy has no de-identifying action.
     :ivar arrow: the source's rows travel as ``pyarrow.RecordBatch`` es (its ``record_batches()``), which the
         destination's sink writes as they are.
     :ivar arrow_batches: on the generic SQL path into a table, the source's batches go to the C engine as
         ``pyarrow.RecordBatch``es (when the key is at hand), which it reads from their buffers.
+    :ivar pseudonymised: the output columns that are text whatever their source type (pseudonyms, generalised and
+        masked values): a target table the run creates gives them the type ``text``.
     :ivar source_label: what the audit names as the source (``hospital_db:query``, ``file:in.csv`` …);
         ``target_label`` likewise.
     """
@@ -276,6 +278,10 @@ def plan_transfer(source: QuerySource | Source, destination: Destination | Table
         wherever both ends are PostgreSQL.
     """
     pseudonymised = list(policy.pseudonymised_columns) if policy is not None else []
+    # de-identifying actions run on columns of values (Python or Arrow), never on raw COPY blocks; the target gives
+    # their text outputs (generalised, masked) a text type, as it does pseudonyms
+    deidentifies = policy is not None and bool(policy.deidentified_columns)
+    text_columns = list(policy.text_columns) if policy is not None else []
     if isinstance(destination, TableDestination):
         takes_copy = use_copy is not False and destination.engine.dialect.name == "postgresql"
     else:
@@ -287,11 +293,12 @@ def plan_transfer(source: QuerySource | Source, destination: Destination | Table
              and bool(getattr(destination, "takes_arrow", False)))
     return Transfer(
         opened, destination, copy_text=copy_text, arrow=arrow,
-        native_blocks=copy_text and policy is not None and native.available() and _writes_a_column(policy, opened.columns),
+        native_blocks=(copy_text and policy is not None and native.available() and not deidentifies
+                       and _writes_a_column(policy, opened.columns)),
         arrow_batches=(isinstance(opened, SqlSource) and isinstance(destination, TableDestination) and policy is not None
                        and native.available() and bool(pseudonymised)),
         type_names=opened.type_names if isinstance(opened, PostgresCopySource) else None,
-        pseudonymised=pseudonymised, use_copy=use_copy, source_label=source_label, target_label=target_label)
+        pseudonymised=text_columns, use_copy=use_copy, source_label=source_label, target_label=target_label)
 
 
 def _open_query(query: QuerySource, pseudonymised: Sequence[str], copy_wanted: bool) -> Source:

@@ -32,6 +32,7 @@ from pseudonymise.core import native
 from pseudonymise.core.canonical import canonical_many
 from pseudonymise.core.collisions import CollisionGuard, RecentMacs
 from pseudonymise.core.copytext import CopyBlock
+from pseudonymise.core.deidentify import Deidentifier
 from pseudonymise.core.errors import PolicyError, TokenKindError, UnsupportedTypeError, raise_alone
 from pseudonymise.core.formats import PseudonymFormat
 from pseudonymise.core.mac import (
@@ -199,6 +200,8 @@ class PseudonymEngine(ABC):
         self._guard = CollisionGuard(fmt, randomised)
         self._plans: dict[tuple[str, ...], _CopyPlan | None] = {}
         self._arrow_plans: dict[str, native.ColumnPlan] = {}
+        #: the policy's de-identifying actions (``None`` when it has none: then no batch pays for them)
+        self._deidentifier: Deidentifier | None = None
 
     # --- what each engine says ---
     @abstractmethod
@@ -247,8 +250,11 @@ class PseudonymEngine(ABC):
             return self.pseudonymise_record_batch(columns)
         rows = _batch_size(columns)
         plan = self.policy.plan(list(columns))
+        changed = self._deidentifier.columns(columns, self.stats.rows_in) if self._deidentifier else None
         done, stats, escrow = self._python_columns([(r, columns[r.column]) for r in plan if r.action == "pseudonymise"],
                                                    rows)
+        if changed:
+            done.update(changed)
         out = {rule.column: _as_list(columns[rule.column]) if rule.action == "keep" else done[rule.column]
                for rule in plan if rule.action != "drop"}
         return Batch(out, stats, escrow)
@@ -269,11 +275,16 @@ class PseudonymEngine(ABC):
         escrow, and the same errors (floats refused, secondary input checked against the source format).
         ``Batch.escrow`` is what escrow must seal (write every batch's, in order, with ``EscrowWriter``); the
         collision check sees every value; call :meth:`finish` after the last batch, before committing.
+
+        Columns of a de-identifying action (``date_shift``, ``generalise``, ``mask``, ``suppress``) come from
+        ``deidentify.py``, computed from this batch's source values (a ``date_shift`` subject before it is
+        pseudonymised): shifted dates keep their Arrow type, generalised and masked values are ``pa.string()``.
         """
         names = batch.schema.names
         if len(set(names)) != len(names):
             raise PolicyError("the record batch has duplicate column names; give every column its own name")
         plan = self.policy.plan(names)
+        changed = self._deidentifier.arrays(batch, self.stats.rows_in) if self._deidentifier else None
         targets = [(i, rule) for i, rule in enumerate(plan) if rule.action == "pseudonymise"]
         tags = [self._arrow_type_tag(batch.column(i).type) for i, _ in targets]
         done: dict[str, pa.Array]
@@ -286,13 +297,15 @@ class PseudonymEngine(ABC):
             values = [(rule, _python_values(batch.column(i), rule.column)) for i, rule in targets]
             lists, stats, escrow = self._python_columns(values, batch.num_rows)
             done = {column: pa.array(pseudonyms, type=pa.string()) for column, pseudonyms in lists.items()}
+        if changed:
+            done.update(changed)
         kept = [(rule.column, batch.column(i) if rule.action == "keep" else done[rule.column])
                 for i, rule in enumerate(plan) if rule.action != "drop"]
         out = pa.RecordBatch.from_arrays([a for _, a in kept], names=[n for n, _ in kept])
         return Batch(out, stats, escrow)
 
     def _python_columns(self, columns: Sequence[tuple[ColumnRule, Sequence[Any]]],
-                        rows: int) -> tuple[dict[str, list[str | None]], Stats, Sequence[EscrowItem]]:
+                        rows: int) -> tuple[dict[str, list[Any]], Stats, Sequence[EscrowItem]]:
         """A batch's pseudonymised columns through the pure-Python engine: their pseudonyms, the counts, the escrow."""
         stats = Stats(rows_in=rows, rows_out=rows)
         escrow = self._new_escrow()
@@ -317,7 +330,7 @@ class PseudonymEngine(ABC):
         key = tuple(columns)
         if key not in self._plans:
             plan = None
-            if native.available() and self._transit is None:
+            if native.available() and self._transit is None and self._deidentifier is None:
                 rules = self.policy.plan(columns)
                 if any(r.action != "drop" for r in rules):
                     plan = _CopyPlan(native.BlockPlan(tuple(self._column_plan(r) if r.action == "pseudonymise" else
@@ -331,7 +344,8 @@ class PseudonymEngine(ABC):
         """The block through the C engine; the collision check sees every column before any escrow is listed."""
         plan = self._copy_plan(columns)
         if plan is None:
-            raise PolicyError("this run cannot pseudonymise COPY text directly; read the source as columns")
+            raise PolicyError("this run cannot pseudonymise COPY text directly (no C engine, a key in Vault Transit, "
+                              "or de-identifying actions in the policy); read the source as columns")
         result = native.copy_block(block.data, plan.block)
         # COPY text gives text: the same type tag as the column path, which decodes it to str
         stats, escrow = self._native_results(plan.pseudonymised, result.columns, result.rows,
@@ -383,6 +397,7 @@ class Pseudonymiser(PseudonymEngine):
         self.reversible = token.reversible
         self._escrowed = _Escrowed() if self.reversible and not self.randomised else None
         self._macs: dict[str, Macs] = {}
+        self._deidentifier = Deidentifier.of(policy, token, transit, randomised)
 
     def _macs_for(self, domain: str) -> Macs:
         macs = self._macs.get(domain)
@@ -473,6 +488,12 @@ class SecondaryPseudonymiser(PseudonymEngine):
                 "its input cannot be checked); ask the issuer to re-issue it"
             )
         check_custody(token, transit)
+        if policy.deidentified_columns:
+            raise PolicyError(
+                f"column(s) {', '.join(map(repr, policy.deidentified_columns))}: date_shift, generalise, mask and "
+                "suppress apply when data is first pseudonymised, not in a secondary run; apply them with the "
+                "source project's pseudonymisation token, or keep or drop these columns here"
+            )
         for rule in policy.rules.values():
             if rule.action == "pseudonymise" and (rule.normalise or rule.domain):
                 raise PolicyError(

@@ -22,8 +22,9 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from pseudonymise.core.approval import ReverseRequests
 from pseudonymise.core.audit import SCHEMA
-from pseudonymise.core.errors import AuditError, PseudonymiseError, RequestError, TokenError
+from pseudonymise.core.errors import ApprovalError, AuditError, PseudonymiseError, RequestError, TokenError
 from pseudonymise.core.pipeline import RunSummary, Store, run_pseudonymisation, run_reversal
 from pseudonymise.core.plan import plan_transfer
 from pseudonymise.core.policy import ColumnPolicy
@@ -45,6 +46,11 @@ from pseudonymise.plugin.batch import (
 from pseudonymise.plugin.config import PluginConfig
 from pseudonymise.plugin.trail import Trail
 
+
+def reverse_requests(store: Store, cfg: PluginConfig) -> ReverseRequests:
+    """The reversal requests beside the audit of ``store``, expiring after ``reverse_request_ttl_minutes``."""
+    return ReverseRequests(store.audit, timedelta(minutes=cfg.reverse_request_ttl_minutes))
+
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1")
 #: Request bodies are read up to this many bytes per allowed record (plus a margin), then refused.
@@ -65,8 +71,12 @@ class PseudonymiseRequest(BaseModel):
         "records": [{"patient_id": "P-0001", "name": "Ada", "birth_year": 1960}]}})
 
     policy: dict[str, Any] = Field(description='Column policy, as in a DAG: {"column": "pseudonymise" | "keep" | '
-                                               '"drop" | {"action": ..., "normalise": [...], "domain": ...}}, or '
-                                               '{"columns": {...}, "default": "error" | "keep" | "drop"}.')
+                                               '"drop" | "suppress" | {"action": ..., "normalise": [...], "domain": ...}'
+                                               ' | {"action": "date_shift", "subject": ..., "max_days": N} | '
+                                               '{"action": "generalise", "to" | "width" | "prefix": ...} | '
+                                               '{"action": "mask", "keep_last" | "keep_first": N, "char": "*"}}, or '
+                                               '{"columns": {...}, "default": "error" | "keep" | "drop"}. Dates in '
+                                               'JSON records are ISO 8601 text.')
     records: list[dict[str, Any]] = Field(description="The records, each with the same fields; at most "
                                                       "[pseudonymise] api_max_rows of them.")
 
@@ -314,52 +324,114 @@ async def secondary(request: Request, connection_id: str, user: TokenUserDep, cf
     return await _pseudonymise(request, connection_id, user, cfg, store, policy, secondary=True)
 
 
-@router.post("/connections/{connection_id}/reverse", response_model=BatchResponse, tags=["Reverse"],
-             summary="Reveal the originals of pseudonyms (only if enabled)", dependencies=[UseToken, UseConnection],
-             responses={**_BATCH_ERRORS, **_BATCH_200},
-             openapi_extra=_batch_openapi(ReverseRequest, "CSV with a header row; name the columns in ?columns=."))
-async def reverse(request: Request, connection_id: str, user: TokenUserDep, cfg: ConfigDep, store: StoreDep,
-                  columns: Annotated[str | None, Query(description="For a text/csv body: the comma-separated "
-                                                                   "columns that hold pseudonyms.")] = None,
-                  require_all: Annotated[bool, Query(description="For a text/csv body: fail if a pseudonym "
-                                                                 "has no escrow.")] = False) -> Any:
-    """Replace pseudonyms by their originals with the **reverse** token held in the connection
-    ``connection_id``. Refused unless ``[pseudonymise] api_allow_reversal`` is true. The audit
-    ``started`` row, with your user name as ``triggered_by``, commits before anything is revealed.
-    """
-    if not cfg.api_allow_reversal:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "reversal through the HTTP API is disabled; an administrator "
-                            "can enable it with [pseudonymise] api_allow_reversal = True")
+class ReverseExecuteRequest(ReverseRequest):
+    """JSON body of the execution of an approved reversal request."""
+
+    request_id: str = Field(description="The approved request (POST …/reverse-requests) these pseudonyms were "
+                                        "approved in; it executes once, by its requester, with exactly them.")
+
+
+REVERSAL_OFF = ("reversal through the HTTP API is disabled; an administrator can enable it with [pseudonymise] "
+                "api_allow_reversal = True")
+
+
+async def reverse_body(request: Request, cfg: PluginConfig, columns: str | None, require_all: bool,
+                       extra: dict[str, str | None]) -> tuple[list[str], Any, bool, dict[str, Any]]:
+    """The columns, records, ``require_all`` and the ``extra`` fields (JSON members, or for a CSV body the
+    query values given in ``extra``) of a reversal or reversal request; 4xx for a body that cannot be read."""
     as_csv = _is_csv(request)
     body = await _read_body(request, cfg)
     try:
         if as_csv:
             wanted = [c.strip() for c in (columns or "").split(",") if c.strip()]
-            batch, require = from_csv(body, cfg.api_max_rows), require_all
+            batch, require, extras = from_csv(body, cfg.api_max_rows), require_all, dict(extra)
         else:
             document = parse_json(body)
-            if not isinstance(document, dict) or not {"columns", "records"} <= set(document) <= {
-                    "columns", "records", "require_all"}:
+            allowed = {"columns", "records", "require_all", *extra}
+            if not isinstance(document, dict) or not {"columns", "records"} <= set(document) <= allowed:
                 raise RequestError('the JSON body must be an object with "columns", "records" and optionally '
-                                 '"require_all"', 422)
+                                   + ", ".join(f'"{k}"' for k in sorted(allowed - {"columns", "records"})), 422)
             wanted, require = document["columns"], document.get("require_all", False)
             if not isinstance(wanted, list) or not all(isinstance(c, str) for c in wanted) or not isinstance(require, bool):
                 raise RequestError('"columns" must be a list of field names and "require_all" true or false', 422)
+            extras = {k: document.get(k) for k in extra}
+            if not all(v is None or isinstance(v, str) for v in extras.values()):
+                raise RequestError(", ".join(f'"{k}"' for k in extra) + " must be text", 422)
             batch = from_records(document["records"], cfg.api_max_rows)
         if not wanted:
             raise RequestError("name the columns that hold pseudonyms", 422)
     except RequestError as exc:
         raise HTTPException(exc.status, str(exc)) from exc
+    return wanted, batch, require, extras
+
+
+def pseudonyms_by_column(columns: list[str], batch: Any) -> dict[str, list[Any]]:
+    """The values of ``columns`` in an API batch; 422 naming a column the records do not have."""
+    missing = [c for c in columns if c not in batch.columns]
+    if missing:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"column(s) {', '.join(map(repr, missing))} are not in the records (they have "
+                            f"{', '.join(map(repr, batch.columns))})")
+    values: dict[str, list[Any]] = {c: [] for c in columns}
+    for part in batch.batches():
+        for c in columns:
+            values[c].extend(part[c])
+    return values
+
+
+@router.post("/connections/{connection_id}/reverse", response_model=BatchResponse, tags=["Reverse"],
+             summary="Execute an approved reversal request (only if enabled)", dependencies=[UseToken, UseConnection],
+             responses={**_BATCH_ERRORS, **_BATCH_200},
+             openapi_extra=_batch_openapi(ReverseExecuteRequest, "CSV with a header row; name the columns in "
+                                                                 "?columns= and the request in ?request_id=."))
+async def reverse(request: Request, connection_id: str, user: TokenUserDep, cfg: ConfigDep, store: StoreDep,
+                  columns: Annotated[str | None, Query(description="For a text/csv body: the comma-separated "
+                                                                   "columns that hold pseudonyms.")] = None,
+                  require_all: Annotated[bool, Query(description="For a text/csv body: fail if a pseudonym "
+                                                                 "has no escrow.")] = False,
+                  request_id: Annotated[str | None, Query(description="For a text/csv body: the approved "
+                                                                      "request.")] = None) -> Any:
+    """Replace pseudonyms by their originals with the **reverse** token held in the connection
+    ``connection_id``, as approved in a reversal request: only its requester, once, with exactly the
+    pseudonyms approved, before it expires (four eyes: ``POST …/reverse-requests``, then a second user's
+    ``…/approve``). Refused unless ``[pseudonymise] api_allow_reversal`` is true. The audit ``started``
+    row, with your user name as ``triggered_by`` and the approval in the ``finished`` row, commits before
+    anything is revealed.
+    """
+    if not cfg.api_allow_reversal:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, REVERSAL_OFF)
+    wanted, batch, require, extras = await reverse_body(request, cfg, columns, require_all,
+                                                        {"request_id": request_id})
+    if not extras["request_id"]:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "a reversal through the HTTP API needs a second person's "
+                            "approval: POST these pseudonyms with a reason to /pseudonymise/api/v1/connections/"
+                            f"{connection_id}/reverse-requests, have another user approve it, then send them "
+                            'here again with "request_id"')
     who = user_name(user)
+    requests = reverse_requests(store, cfg)
 
     def run() -> Any:
+        try:
+            requests.create()
+            approval = requests.claim(extras["request_id"], connection_id=connection_id, user=who, columns=wanted,
+                                      batch=pseudonyms_by_column(wanted, batch))
+        except ApprovalError as exc:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from exc
+        except AuditError as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
         tokens, answer = _tokens(connection_id), _Answer()
         transfer = plan_transfer(batch, answer, None, source_label=f"api:{connection_id}", target_label="api:response")
-        summary = _run(tokens, lambda: run_reversal(
-            store, tokens, wanted, transfer, RunContext(triggered_by=who, on_finished=_checkpoint_after_use(cfg)),
-            require_all=require))
-        log.info("reverse through the API by %s: %d records; audit use %s", who, len(batch), summary.use_id)
-        return _respond(summary, answer.sink, as_csv)
+        try:
+            summary = _run(tokens, lambda: run_reversal(
+                store, tokens, wanted, transfer, RunContext(triggered_by=who, on_finished=_checkpoint_after_use(cfg)),
+                require_all=require, approval=approval))
+        except BaseException:
+            requests.release(approval.reference)
+            raise
+        requests.executed(approval.reference, summary.use_id)
+        log.info("reverse through the API by %s, approved by %s: %d records; audit use %s", who, approval.approver,
+                 len(batch), summary.use_id)
+        return _respond(summary, answer.sink, _is_csv(request))
 
     return await run_in_threadpool(run)
 

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
 from pseudonymise import __version__
-from pseudonymise.plugin import api, pages
+from pseudonymise.plugin import api, pages, reverse_requests
 
 PREFIX = "/pseudonymise"
 _SECURITY_HEADERS = {
@@ -92,6 +92,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Pseudonymisation", version=__version__, description=DESCRIPTION,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(api.router)
+    app.include_router(reverse_requests.router)
     app.include_router(pages.router)
     app.add_middleware(_SecurityHeaders)
     app.add_exception_handler(StarletteHTTPException, _http_error)

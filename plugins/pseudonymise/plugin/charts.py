@@ -6,7 +6,8 @@ screen reader says).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from markupsafe import Markup, escape
 
@@ -27,6 +28,20 @@ def _nice_max(value: int) -> int:
     return 10 * step
 
 
+def _bar_chart_frame(name: str, title: str, width: int, height: int, left: int, right: int, top: int,
+                     plot_h: int, top_value: int) -> list[str]:
+    """The opening of a vertical bar chart: the SVG element, its title, and the value axis with 5 grid lines."""
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" viewBox="0 0 {width} {height}" '
+             f'width="{width}" height="{height}" aria-labelledby="{name}-title">',
+             f'<title id="{name}-title">{escape(title)}</title>']
+    for i in range(6):
+        value = top_value * i / 5
+        y = top + plot_h - plot_h * i / 5
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="axis">{value:g}</text>')
+    return parts
+
+
 def daily_outcomes(days: Sequence[DailyUses], width: int = 900, height: int = 260) -> Markup:
     """A stacked bar per day, one colour per outcome, with a legend."""
     left, right, top, bottom = 44, 10, 28, 34
@@ -35,14 +50,8 @@ def daily_outcomes(days: Sequence[DailyUses], width: int = 900, height: int = 26
     n = max(len(days), 1)
     slot = plot_w / n
     bar = max(slot * 0.7, 1.0)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" viewBox="0 0 {width} {height}" '
-             f'width="{width}" height="{height}" aria-labelledby="daily-title">',
-             '<title id="daily-title">Token uses per day by outcome</title>']
-    for i in range(6):
-        value = top_value * i / 5
-        y = top + plot_h - plot_h * i / 5
-        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
-        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="axis">{value:g}</text>')
+    parts = _bar_chart_frame("daily", "Token uses per day by outcome", width, height, left, right, top, plot_h,
+                             top_value)
     label_every = max(1, round(n / 10))
     for i, day in enumerate(days):
         x = left + i * slot + (slot - bar) / 2
@@ -89,5 +98,39 @@ def project_rows(totals: Sequence[tuple[str, int, int]], width: int = 900) -> Ma
                      f'data-project="{name}" data-rows="{rows}"><title>{name}: {rows} rows, {values} values '
                      f'pseudonymised</title></rect>')
         parts.append(f'<text x="{label_w + max(w, 1) + 6:.1f}" y="{y + 16}" class="axis">{rows}</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def class_sizes(distribution: Sequence[Mapping[str, Any]], k: int, width: int = 900, height: int = 260) -> Markup:
+    """A bar per class-size bin of a risk report: how many classes have that size; bins below ``k`` in red."""
+    left, right, top, bottom = 54, 10, 28, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    top_value = _nice_max(max((int(b["classes"]) for b in distribution), default=0))
+    n = max(len(distribution), 1)
+    slot = plot_w / n
+    bar = max(slot * 0.7, 1.0)
+    parts = _bar_chart_frame("sizes", "Equivalence classes by size", width, height, left, right, top, plot_h,
+                             top_value)
+    for i, b in enumerate(distribution):
+        lo, hi, classes, rows = int(b["from"]), b["to"], int(b["classes"]), int(b["rows"])
+        label = str(lo) if hi == lo else f"{lo}+" if hi is None else f"{lo}-{hi}"
+        below = hi is not None and int(hi) < k
+        x = left + i * slot + (slot - bar) / 2
+        h = plot_h * classes / top_value
+        y = top + plot_h - h
+        colour = "#c62828" if below else "#2e7d32"
+        tip = escape(f"size {label}: {classes} classes, {rows} rows{' (below k)' if below else ''}")
+        if classes:
+            parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar:.1f}" height="{h:.1f}" fill="{colour}" '
+                         f'data-size="{escape(label)}" data-classes="{classes}" data-rows="{rows}" '
+                         f'data-below-k="{str(below).lower()}"><title>{tip}</title></rect>')
+        parts.append(f'<text x="{x + bar / 2:.1f}" y="{top + plot_h + 16}" text-anchor="middle" class="axis">'
+                     f'{escape(label)}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 4}" text-anchor="middle" class="axis">class size '
+                 f'(rows sharing one combination of quasi-identifiers); red: below k={k}</text>')
+    parts.append(f'<rect x="{left}" y="6" width="12" height="12" fill="#c62828"/><text x="{left + 16}" y="16" '
+                 f'class="legend">below k</text><rect x="{left + 110}" y="6" width="12" height="12" fill="#2e7d32"/>'
+                 f'<text x="{left + 126}" y="16" class="legend">k or more</text>')
     parts.append("</svg>")
     return Markup("".join(parts))

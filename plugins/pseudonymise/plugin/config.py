@@ -24,8 +24,11 @@ OPTIONS: dict[str, tuple[str, str]] = {
                                   "AuditCheckpointOperator): when set, every token use through the HTTP API is "
                                   "followed by a signed checkpoint of the audit chain. Empty: only the scheduled "
                                   "checkpoints."),
-    "api_allow_reversal": ("False", "Allow reversal through the HTTP API (audited with the calling user). "
-                                    "Off by default: originals then only ever reach a target a DAG names."),
+    "api_allow_reversal": ("False", "Allow reversal through the HTTP API at all (audited with the calling user). "
+                                    "Off by default: originals then only ever reach a target a DAG names. When on, "
+                                    "each reversal is a request that a second user approves (four eyes)."),
+    "reverse_request_ttl_minutes": ("1440", "How long a reversal request of the HTTP API waits for approval, and "
+                                            "how long its requester then has to execute it once."),
 }
 
 
@@ -38,6 +41,7 @@ class PluginConfig:
     api_max_rows: int
     api_allow_reversal: bool
     audit_signing_conn_id: str | None = None
+    reverse_request_ttl_minutes: int = 1440
 
     @classmethod
     def load(cls) -> PluginConfig:
@@ -67,6 +71,7 @@ class PluginConfig:
             api_max_rows=integer("api_max_rows", 1),
             api_allow_reversal=reversal in ("true", "1", "yes"),
             audit_signing_conn_id=get("audit_signing_conn_id") or None,
+            reverse_request_ttl_minutes=integer("reverse_request_ttl_minutes", 1),
         )
 
 

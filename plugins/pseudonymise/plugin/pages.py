@@ -19,7 +19,15 @@ from pseudonymise import __version__
 from pseudonymise.plugin import charts
 from pseudonymise.plugin.access import DagScopeDep, ReadAudit
 from pseudonymise.plugin.audit_store import ConfigDep, StoreDep, TrailFilterDep
-from pseudonymise.plugin.trail import OPERATIONS, USE_OUTCOMES, Trail, distinct_values, latest_checkpoints, window
+from pseudonymise.plugin.trail import (
+    OPERATIONS,
+    USE_OUTCOMES,
+    Trail,
+    distinct_values,
+    latest_checkpoints,
+    risk_entries,
+    window,
+)
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -92,6 +100,28 @@ def charts_page(request: Request, store: StoreDep, scope: DagScopeDep,
     return _page(request, "charts.html", days=days, since=since, until=until,
                  daily_chart=charts.daily_outcomes(daily), project_chart=charts.project_rows(projects),
                  daily=daily, projects=projects, colours=charts.OUTCOME_COLOURS)
+
+
+@router.get("/reverse-requests", name="requests_page", response_class=HTMLResponse, dependencies=[ReadAudit])
+def requests_page(request: Request, store: StoreDep, cfg: ConfigDep,
+                  state: Annotated[str | None, Query(max_length=16)] = None) -> HTMLResponse:
+    """Reversal requests of the HTTP API (four eyes): pending first in the filter, who asked, why, and the decision."""
+    from pseudonymise.plugin.api import reverse_requests
+
+    requests = reverse_requests(store, cfg)
+    requests.create()
+    rows = requests.list(status=state or None)
+    return _page(request, "reverse_requests.html", requests=rows, state=state or "", enabled=cfg.api_allow_reversal,
+                 ttl=cfg.reverse_request_ttl_minutes, pending=sum(r["state"] == "pending" for r in rows))
+@router.get("/risk", name="risk_page", response_class=HTMLResponse, dependencies=[ReadAudit])
+def risk_page(request: Request, store: StoreDep, scope: DagScopeDep,
+              use_id: Annotated[str | None, Query(max_length=36)] = None) -> HTMLResponse:
+    """The latest risk reports (the chosen one, by default the newest, charted) and the latest risk gates."""
+    reports, gates = risk_entries(store, scope)
+    chosen = next((r for r in reports if r.use_id == use_id), reports[0] if reports else None)
+    chart = charts.class_sizes(chosen.figures.get("distribution", []), int(chosen.figures.get("k", 5))) \
+        if chosen else None
+    return _page(request, "risk.html", reports=reports, gates=gates, chosen=chosen, chart=chart)
 
 
 def error_page(request: Request, status_code: int, message: str, login_url: str | None) -> HTMLResponse:

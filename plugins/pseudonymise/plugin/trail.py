@@ -26,7 +26,8 @@ from pseudonymise.plugin.access import DagScope
 
 #: Outcomes a filter may ask for: a use's final outcome, or ``incomplete`` (started, never finished).
 USE_OUTCOMES = ("success", "failed", "denied", "incomplete")
-OPERATIONS = ("pseudonymise", "secondary", "reverse", "rekey", "purge", "verify", "revoke", "retire")
+OPERATIONS = ("pseudonymise", "secondary", "reverse", "reverse_request", "reverse_approve", "reverse_reject", "rekey",
+              "purge", "verify", "revoke", "retire", "erase", "dry_run", "risk_report")
 _VERIFY_TTL_SECONDS = 60.0
 _verified: dict[tuple[str, str], tuple[float, tuple[Any, ...], VerifyResult]] = {}
 _verified_lock = threading.Lock()
@@ -358,6 +359,56 @@ class Trail:
         with _verified_lock:
             _verified[key] = (now, head, result)
         return result, now
+
+
+@dataclass(frozen=True)
+class RiskEntry:
+    """A risk report or a run's risk gate, as the audit's ``finished`` row recorded it: counts only."""
+
+    use_id: str
+    recorded_at: datetime
+    operation: str
+    outcome: str
+    dag_id: str | None
+    task_id: str | None
+    run_id: str | None
+    source: str | None
+    figures: dict[str, Any]
+
+
+#: Operations whose ``finished`` rows may carry risk figures in their details.
+RISK_OPERATIONS = ("risk_report", "pseudonymise", "secondary", "dry_run")
+
+
+def risk_entries(store: Store, scope: DagScope, limit: int = 20, scan: int = 500) -> tuple[list[RiskEntry],
+                                                                                       list[RiskEntry]]:
+    """(the latest risk reports, the latest runs with a risk gate or a dry run's risk figures), newest first,
+    among the last ``scan`` finished rows of those operations the user may see."""
+    t = store.audit.table
+    query = (sa.select(t.c.use_id, t.c.recorded_at, t.c.operation, t.c.outcome, t.c.dag_id, t.c.task_id,
+                       t.c.run_id, t.c.source, t.c.details)
+             .where(t.c.event == "finished", t.c.operation.in_(RISK_OPERATIONS), t.c.details.is_not(None),
+                    scope.clause(t.c.dag_id))
+             .order_by(t.c.seq.desc()).limit(scan))
+    reports: list[RiskEntry] = []
+    gates: list[RiskEntry] = []
+    with store.engine.connect() as conn:
+        for row in conn.execute(query):
+            try:
+                details = json.loads(row.details)
+            except ValueError:
+                continue
+            figures = details.get("risk_report") if row.operation == "risk_report" else (
+                (details.get("dry_run") or {}).get("risk") if row.operation == "dry_run" else details.get("risk"))
+            if not isinstance(figures, dict):
+                continue
+            recorded = row.recorded_at if row.recorded_at.tzinfo else row.recorded_at.replace(tzinfo=UTC)
+            entry = RiskEntry(row.use_id, recorded, row.operation, row.outcome, row.dag_id, row.task_id, row.run_id,
+                              row.source, figures)
+            target = reports if row.operation == "risk_report" else gates
+            if len(target) < limit:
+                target.append(entry)
+    return reports, gates
 
 
 @dataclass(frozen=True)
