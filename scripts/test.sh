@@ -7,7 +7,7 @@ source "$(dirname "$0")/setup.sh"
 ensure_system_packages
 mkdir -p test-artifacts
 set +e
-"$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest -p no:cacheprovider --durations=25 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

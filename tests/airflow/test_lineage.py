@@ -57,7 +57,7 @@ def test_openlineage_events_name_the_tables_and_each_columns_action(world: dict[
         {"operator": "ReversePseudonymsOperator", "task_id": "reveal", "upstream": "pseudonymise",
          "pseudonymise_conn_id": "pseudonymise_reverse", "source_conn_id": "research_db", "source_table": "visits",
          "pseudonym_columns": ["patient_id"], "target_path": str(revealed), "audit_conn_id": "research_db",
-         # four eyes needs the API server (tests/stack/test_four_eyes_stack.py); lineage is the point here
+         # four eyes needs the API server (tests/stack/test_full_stack.py); lineage is the point here
          "require_approval": False},
         {"operator": "EscrowPurgeOperator", "task_id": "purge", "upstream": "reveal", "audit_conn_id": "research_db"},
     ]
