@@ -19,6 +19,7 @@ with DAG(
     schedule=[RESEARCH_TABLE],
     start_date=datetime(2026, 11, 1),
     catchup=False,
+    max_active_runs=1,  # each run replaces the whole vendor table: one at a time, in the order of the loads
     tags=["pseudonymise", "example"],
     doc_md=__doc__,
 ):

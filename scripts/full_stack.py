@@ -73,7 +73,7 @@ class FullStack:
         self.pg = start_postgres()
         admin = sa.create_engine(self.pg.url(), isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
-            for db in ("airflow_meta", "hospital", "research"):
+            for db in ("airflow_meta", "hospital", "research", "vendor"):
                 conn.execute(sa.text(f'CREATE DATABASE "{db}"'))
         admin.dispose()
         self.bao = start_openbao()
@@ -81,6 +81,7 @@ class FullStack:
         seeded = seed(vault_url=self.bao.addr, vault_token=self.bao.token, hospital_url=self.pg.url("hospital"),
                       issuer_store=self.work / "issuer", secrets_dir=self.work / "secrets")
         self.issuer, self.token = seeded.issuer, seeded.tokens["pseudonymise_research"]
+        self.vendor_token = seeded.tokens["pseudonymise_vendor"]
         self.passwords_file, self.jwt_secret_file = seeded.passwords_file, seeded.jwt_secret_file
         if self.executor == "celery":
             self.redis = start_redis()
@@ -167,6 +168,7 @@ class FullStack:
             "AIRFLOW__PSEUDONYMISE__AUDIT_CONN_ID": "research_db",
             "AIRFLOW_CONN_HOSPITAL_DB": pg("hospital"),
             "AIRFLOW_CONN_RESEARCH_DB": pg("research"),
+            "AIRFLOW_CONN_VENDOR_DB": pg("vendor"),
             # the REST API as the reversal DAG reads its four-eyes approval (a viewer user)
             "AIRFLOW_CONN_AIRFLOW_API": json.dumps({"conn_type": "http", "host": "http://127.0.0.1", "port": self.port,
                                                     "login": "approvals-reader",
@@ -301,8 +303,8 @@ class FullStack:
         if self.pg:
             self.pg.stop("immediate", remove=True)
 
-    def research_rows(self, sql: str) -> list[tuple[Any, ...]]:
-        engine = sa.create_engine(self.pg.url("research"))
+    def research_rows(self, sql: str, database: str = "research") -> list[tuple[Any, ...]]:
+        engine = sa.create_engine(self.pg.url(database))
         with engine.connect() as conn:
             rows = [tuple(r) for r in conn.execute(sa.text(sql))]
         engine.dispose()

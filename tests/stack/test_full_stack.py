@@ -3,7 +3,8 @@ processor (LocalExecutor); the token connection comes from Vault through the Vau
 
 A run is triggered through the REST API as a real client would, then `airflow backfill create`
 covers three days twice; target rows, audit rows and the logs are checked in PostgreSQL and on disk.
-Then two overlapping backfills and REST-triggered runs of the same intervals run at once, held
+The loads trigger the vendor share DAG through the research table's asset alias (checked against the
+standard library). Then two overlapping backfills and REST-triggered runs of the same intervals run at once, held
 together inside their transactions, and leave exactly one copy of each interval. Last, four eyes: the
 example reversal DAG waits in Airflow's human-in-the-loop ``ApprovalOperator`` (the triggerer runs for
 it) and reverses only when a user other than the one who triggered the run approved it through the REST
@@ -30,6 +31,7 @@ from pseudonymise.core.audit import AuditLog
 
 from scripts.full_stack import DAG_ID, FullStack
 from tests.airflow.conftest import expected_pseudonyms
+from tests.reference import token_pseudonyms
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.vault, pytest.mark.slow]
 
@@ -48,6 +50,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullStack]:
 def test_full_stack_rest_trigger_and_backfill_twice(stack: FullStack) -> None:
     t0 = time.monotonic()
     stack.wait_for_dag(DAG_ID)
+    stack.wait_for_dag(VENDOR)  # unpaused: scheduled on the research table's asset alias
     # the scheduler's own run of the latest interval first: it attaches the target's new asset, and Airflow
     # 3.3 fails one of two tasks that create the same new asset at one instant (docs/dags.md, "Assets")
     stack.wait_for_runs(DAG_ID, 1)
@@ -71,7 +74,7 @@ def test_full_stack_rest_trigger_and_backfill_twice(stack: FullStack) -> None:
     engine = sa.create_engine(stack.pg.url("research"))
     audit = AuditLog(engine)
     assert audit.verify().ok
-    rows = list(audit.iter_rows())
+    rows = [r for r in audit.iter_rows() if r["dag_id"] == DAG_ID]
     finished = [r for r in rows if r["event"] == "finished"]
     # one use per task run: 1 REST-triggered, the scheduler's own latest interval, 3 + 3 backfill
     # (the reprocessing backfill reuses the run ids with a new try number)
@@ -100,11 +103,44 @@ def test_full_stack_rest_trigger_and_backfill_twice(stack: FullStack) -> None:
     assert {r["outcome"] for r in mapped_uses} == {"success"}
     engine.dispose()
 
+    _vendor_share_follows_the_loads(stack)
+
     logs = "\n".join(p.read_text(errors="replace") for p in (stack.work / "airflow").rglob("*.log"))
     logs += "\n".join(p.read_text(errors="replace") for p in stack.work.glob("*.log"))
     assert "pseudonymise: 24 rows in" in logs
+    assert stack.vendor_token not in logs
     assert stack.token not in logs
     print(f"\nfull-stack test wall time: {time.monotonic() - t0:.0f} s")
+
+
+VENDOR = "pseudonymise_vendor_share"
+
+
+def _vendor_share_follows_the_loads(stack: FullStack, timeout: float = 300) -> None:
+    """The vendor share DAG is scheduled on the research table's asset alias: the loads' events trigger it
+    (run type ``asset_triggered``; the event's asset is the table's OpenLineage-style URI, attached by the
+    load through the alias), and its last run re-pseudonymised the whole research table with the vendor's
+    secondary token, as the standard library computes it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = stack.request("GET", f"/api/v2/dags/{VENDOR}/dagRuns?limit=100")["dag_runs"]
+        research = [r[0] for r in stack.research_rows("SELECT patient_id FROM patient_visits_pseudonymised")]
+        present = stack.research_rows("SELECT to_regclass('vendor_patient_visits') IS NOT NULL", "vendor")[0][0]
+        vendor = [r[0] for r in stack.research_rows("SELECT patient_id FROM vendor_patient_visits", "vendor")] \
+            if present else []
+        if runs and all(r["state"] in ("success", "failed") for r in runs) and len(vendor) == len(research):
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"vendor share: {len(vendor)} rows for {len(research)} research rows; runs: "
+                                 f"{[(r['dag_run_id'], r['state']) for r in runs]}")
+        time.sleep(2)
+    assert {(r["run_type"], r["state"]) for r in runs} == {("asset_triggered", "success")}, runs
+    events = stack.request("GET", f"/api/v2/dags/{VENDOR}/dagRuns/{runs[0]['dag_run_id']}/upstreamAssetEvents")
+    assert events["asset_events"] and all(
+        e["uri"].startswith("postgres://127.0.0.1:") and e["uri"].endswith("/research/public/patient_visits_pseudonymised")
+        and e["source_dag_id"] == DAG_ID for e in events["asset_events"]), events
+    assert sorted(vendor) == sorted(token_pseudonyms(stack.vendor_token, research))
+    assert not set(vendor) & set(research)
 
 
 # --- overlapping backfills ------------------------------------------------------------------------
