@@ -154,3 +154,48 @@ def test_the_target_asset_event_carries_the_openlineage_uri(world: dict[str, Any
 def _metadata_url(world: dict[str, Any]) -> str:
     """Airflow's metadata database of the test session (SQLite in its AIRFLOW_HOME)."""
     return f"sqlite:///{world['airflow'].home / 'airflow.db'}"
+
+
+def test_retire_erase_and_rekey_name_what_they_read_and_delete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operators whose datasets follow from their arguments, asked as the provider's extractor asks them
+    (``get_openlineage_facets_on_start``/``_on_complete``): retiring reads the source and deletes from it after
+    the export, erasing deletes from the escrow and from each named target, re-keying rewrites its table in
+    place with the action ``rekey`` on each pseudonym column and no other column claimed. Connections are
+    SQLite files (``sqlite:/path/main/table``); nothing runs, so nothing is mocked."""
+    from pseudonymise.operators import RekeyPseudonymsOperator, SourceRetireOperator, SubjectErasureOperator
+
+    dbs = {name: tmp_path / f"{name}.db" for name in ("hospital", "research", "vendor")}
+    for name, path in dbs.items():
+        monkeypatch.setenv(f"AIRFLOW_CONN_{name.upper()}_DB", f"sqlite:///{path}")
+
+    def names(datasets: Any) -> list[tuple[str, str]]:
+        return [(d.namespace, d.name) for d in datasets]
+
+    retire = SourceRetireOperator(task_id="retire", source_conn_id="hospital_db", table="visits",
+                                  interval_column="visit_date", load_task_id="pseudonymise",
+                                  audit_conn_id="research_db", export_path=str(tmp_path / "export.parquet"))
+    start = retire.get_openlineage_facets_on_start()
+    hospital_visits = (f"sqlite:{dbs['hospital']}", "main.visits")
+    assert names(start.inputs) == [hospital_visits]
+    assert names(start.outputs) == [("file://", str(tmp_path / "export.parquet")), hospital_visits]
+
+    erase = SubjectErasureOperator(task_id="erase", audit_conn_id="research_db", source_conn_id="research_db",
+                                   pseudonyms_sql="SELECT p FROM erasures", project="research-a",
+                                   targets=[{"conn_id": "research_db", "table": "visits", "column": "patient_id"},
+                                            {"conn_id": "vendor_db", "table": "vendor_visits", "column": "patient_id"}])
+    erased = erase.get_openlineage_facets_on_complete(None)
+    assert erased.inputs == []
+    assert names(erased.outputs) == [(f"sqlite:{dbs['research']}", "main.pseudonymise_escrow"),
+                                     (f"sqlite:{dbs['research']}", "main.visits"),
+                                     (f"sqlite:{dbs['vendor']}", "main.vendor_visits")]
+
+    rekey = RekeyPseudonymsOperator(task_id="rekey", columns=["patient_id"], reverse_conn_id="pseudonymise_reverse",
+                                    pseudonymise_conn_id="pseudonymise_new", target_conn_id="research_db",
+                                    target_table="visits")
+    rekeyed = rekey.get_openlineage_facets_on_complete(None)
+    assert names(rekeyed.inputs) == names(rekeyed.outputs) == [(f"sqlite:{dbs['research']}", "main.visits")]
+    fields = rekeyed.outputs[0].facets["columnLineage"].fields
+    assert list(fields) == ["patient_id"]
+    (origin,) = fields["patient_id"].inputFields
+    assert (origin.name, origin.field) == (rekeyed.inputs[0].name, "patient_id")
+    assert origin.transformations[0].description == "rekey" and origin.transformations[0].masking is True
