@@ -341,7 +341,8 @@ class BaseDataOperator(BaseOperator):
         engine = self.get_db_hook(self.source_conn_id).get_engine()
         query = self.sql or table_query(self.source_table, self.source_schema, engine.dialect)  # type: ignore[arg-type]
         label = f"table:{self.source_table}" if self.source_table else "query"
-        return QuerySource(engine, query, self.parameters, self.batch_size, label)
+        return QuerySource(engine, query, self.parameters, self.batch_size, label,
+                           table=None if self.sql else self.source_table, schema=None if self.sql else self.source_schema)
 
     def _destination(self) -> Destination | TableDestination:
         if self.target_path:

@@ -27,6 +27,10 @@
  *                     as sealer.BatchSealer does with the cryptography package. Only native.py imports
  *                     this module (typed by _native.pyi).
  *
+ * ValueFunction(...)  one pseudonymised column as a callable taking one value at a time (None, int, str,
+ *                     bytes), for SQLite's create_function: the same canonical bytes, MAC and encoding; each
+ *                     MAC handed to the run's collision check in blocks.
+ *
  * SHA-256 and AES-GCM are OpenSSL's (libcrypto), which uses the CPU's SHA extensions where there are some.
  */
 #define PY_SSIZE_T_CLEAN
@@ -1293,6 +1297,286 @@ done:
     return result;
 }
 
+/* --- ValueFunction: one pseudonymised column as a per-value callable (SQLite's application-defined function) --- */
+/*
+ * ValueFunction(keyed or None, alphabet, length, prefix (UTF-8), callback or None, program, flush, flush_every)
+ *
+ * Called with one value as Python's sqlite3 module hands it over (None, int, str, bytes, float), it gives the
+ * pseudonym (str) or None, as canonical.py and the column path define them: text through the column's
+ * normalisers (the ASCII `program`, or `callback` for non-ASCII text: normalisers then NFC, as UTF-8),
+ * integers in decimal, bytes as they are; floats (and anything else) are refused with a TypeError naming
+ * only the value's type. Each MAC goes into a buffer that `flush(macs)` (the run's collision check) receives
+ * every `flush_every` values and at `.flush()`. The first exception (a refused value, the collision check
+ * failing) is kept in `.error` with the row (1-based call number) in `.error_row`, since sqlite3 replaces
+ * a function's exception with a generic one; later calls fail at once. Counts: `.calls`, `.nulls`, `.values`.
+ */
+typedef struct {
+    PyObject_HEAD
+    KeyedObject *keyed; /* NULL: randomised */
+    int alphabet, length;
+    PyObject *prefix;   /* bytes, UTF-8 */
+    PyObject *callback; /* NULL or callable(bytes) -> bytes */
+    PyObject *program;  /* bytes */
+    PyObject *flush;    /* callable(bytes) */
+    Py_ssize_t flush_every;
+    Buf macs, normal;
+    Random rnd;
+    Py_ssize_t calls, nulls, values;
+    PyObject *error;
+    Py_ssize_t error_row;
+} ValueFunctionObject;
+
+static int ValueFunction_init(ValueFunctionObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"keyed", "alphabet", "length", "prefix", "callback", "program", "flush", "flush_every",
+                             NULL};
+    PyObject *keyed, *prefix, *callback, *program, *flush;
+    Py_ssize_t flush_every;
+    int alphabet, length;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OiiSOSOn", kwlist, &keyed, &alphabet, &length, &prefix, &callback,
+                                     &program, &flush, &flush_every))
+        return -1;
+    if (keyed != Py_None && !PyObject_TypeCheck(keyed, &KeyedType)) {
+        PyErr_SetString(PyExc_TypeError, "keyed must be a Keyed or None (randomised)");
+        return -1;
+    }
+    if (alphabet < 0 || alphabet > 3 || length < 1 || length > 77 || flush_every < 1) {
+        PyErr_SetString(PyExc_ValueError, "alphabet must be 0-3, length 1-77 and flush_every positive");
+        return -1;
+    }
+    if ((callback != Py_None && !PyCallable_Check(callback)) || !PyCallable_Check(flush)) {
+        PyErr_SetString(PyExc_TypeError, "callback must be callable or None, and flush callable");
+        return -1;
+    }
+    const unsigned char *prog = (const unsigned char *)PyBytes_AS_STRING(program);
+    Py_ssize_t prog_len = PyBytes_GET_SIZE(program);
+    for (Py_ssize_t k = 0; k < prog_len; k++) { /* as parse_column checks it */
+        unsigned char op = prog[k];
+        if (op == 'r' && k + 1 < prog_len && k + 1 + prog[k + 1] < prog_len) {
+            k += 1 + prog[k + 1];
+        } else if (op != 's' && op != 'l' && op != 'u' && op != 'w') {
+            PyErr_SetString(PyExc_ValueError, "a normaliser program holds only s, l, u, w and r<n><chars>");
+            return -1;
+        }
+    }
+    Py_XSETREF(self->keyed, keyed == Py_None ? NULL : (KeyedObject *)Py_NewRef(keyed));
+    Py_XSETREF(self->prefix, Py_NewRef(prefix));
+    Py_XSETREF(self->callback, callback == Py_None ? NULL : Py_NewRef(callback));
+    Py_XSETREF(self->program, Py_NewRef(program));
+    Py_XSETREF(self->flush, Py_NewRef(flush));
+    self->alphabet = alphabet;
+    self->length = length;
+    self->flush_every = flush_every;
+    return 0;
+}
+
+static int ValueFunction_traverse(ValueFunctionObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->keyed);
+    Py_VISIT(self->callback);
+    Py_VISIT(self->flush);
+    Py_VISIT(self->error);
+    return 0;
+}
+
+static int ValueFunction_clear(ValueFunctionObject *self) {
+    Py_CLEAR(self->keyed);
+    Py_CLEAR(self->prefix);
+    Py_CLEAR(self->callback);
+    Py_CLEAR(self->program);
+    Py_CLEAR(self->flush);
+    Py_CLEAR(self->error);
+    return 0;
+}
+
+static void ValueFunction_dealloc(ValueFunctionObject *self) {
+    PyObject_GC_UnTrack(self);
+    ValueFunction_clear(self);
+    free(self->macs.data);
+    if (self->normal.data) {
+        OPENSSL_cleanse(self->normal.data, self->normal.cap);
+        free(self->normal.data);
+    }
+    OPENSSL_cleanse(&self->rnd, sizeof self->rnd);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The buffered MACs to `flush`; 0, or -1 with an exception set. */
+static int value_function_flush(ValueFunctionObject *self) {
+    if (self->macs.len == 0)
+        return 0;
+    PyObject *blob = PyBytes_FromStringAndSize((const char *)self->macs.data, (Py_ssize_t)self->macs.len);
+    if (blob == NULL)
+        return -1;
+    self->macs.len = 0;
+    PyObject *res = PyObject_CallOneArg(self->flush, blob);
+    Py_DECREF(blob);
+    if (res == NULL)
+        return -1;
+    Py_DECREF(res);
+    return 0;
+}
+
+/* Keep the pending exception as the function's error (the first one only), then let it propagate. */
+static PyObject *value_function_fail(ValueFunctionObject *self) {
+    if (self->error == NULL) {
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        PyErr_NormalizeException(&type, &exc, &tb);
+        if (tb != NULL && exc != NULL)
+            PyException_SetTraceback(exc, tb);
+        self->error = Py_NewRef(exc != NULL ? exc : Py_None);
+        self->error_row = self->calls;
+        PyErr_Restore(type, exc, tb);
+    }
+    return NULL;
+}
+
+static PyObject *ValueFunction_call(ValueFunctionObject *self, PyObject *args, PyObject *kwds) {
+    if (kwds != NULL || PyTuple_GET_SIZE(args) != 1) {
+        PyErr_SetString(PyExc_TypeError, "a pseudonym function takes exactly one value");
+        return NULL;
+    }
+    if (self->error != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the pseudonym function already failed");
+        return NULL;
+    }
+    self->calls++;
+    PyObject *value = PyTuple_GET_ITEM(args, 0), *normal = NULL;
+    const unsigned char *data;
+    Py_ssize_t len;
+    char digits[24];
+    if (value == Py_None) {
+        self->nulls++;
+        Py_RETURN_NONE;
+    }
+    if (PyUnicode_Check(value)) {
+        data = (const unsigned char *)PyUnicode_AsUTF8AndSize(value, &len);
+        if (data == NULL)
+            return value_function_fail(self);
+        if (PyUnicode_IS_ASCII(value)) {
+            Py_ssize_t plen = PyBytes_GET_SIZE(self->program);
+            if (plen) {
+                if (buf_reserve(&self->normal, (size_t)len + 1) < 0) {
+                    PyErr_NoMemory();
+                    return value_function_fail(self);
+                }
+                memcpy(self->normal.data, data, (size_t)len);
+                len = (Py_ssize_t)ascii_normalise((const unsigned char *)PyBytes_AS_STRING(self->program), (size_t)plen,
+                                                  self->normal.data, (size_t)len);
+                data = self->normal.data;
+            }
+        } else if (self->callback != NULL) {
+            normal = call_callback(self->callback, data, (size_t)len);
+            if (normal == NULL)
+                return value_function_fail(self);
+            data = (const unsigned char *)PyBytes_AS_STRING(normal);
+            len = PyBytes_GET_SIZE(normal);
+        }
+    } else if (PyLong_CheckExact(value) || (PyLong_Check(value) && !PyBool_Check(value))) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (overflow || (v == -1 && PyErr_Occurred())) { /* not from SQLite (64-bit integers): the exact route */
+            PyErr_Clear();
+            normal = PyObject_Str(value);
+            if (normal == NULL)
+                return value_function_fail(self);
+            Py_SETREF(normal, PyUnicode_AsUTF8String(normal));
+            if (normal == NULL)
+                return value_function_fail(self);
+            data = (const unsigned char *)PyBytes_AS_STRING(normal);
+            len = PyBytes_GET_SIZE(normal);
+        } else {
+            len = snprintf(digits, sizeof digits, "%lld", v);
+            data = (const unsigned char *)digits;
+        }
+    } else if (PyBytes_Check(value)) {
+        data = (const unsigned char *)PyBytes_AS_STRING(value);
+        len = PyBytes_GET_SIZE(value);
+    } else {
+        PyErr_Format(PyExc_TypeError, "%s", PyFloat_Check(value) ? "floating-point" : Py_TYPE(value)->tp_name);
+        return value_function_fail(self);
+    }
+    if (buf_reserve(&self->macs, 32) < 0) {
+        Py_XDECREF(normal);
+        PyErr_NoMemory();
+        return value_function_fail(self);
+    }
+    unsigned char *mac = self->macs.data + self->macs.len;
+    if (self->keyed != NULL) {
+        keyed_mac(self->keyed, data, (size_t)len, mac);
+    } else if (random_mac(&self->rnd, mac) < 0) {
+        Py_XDECREF(normal);
+        PyErr_SetString(PyExc_OSError, "the operating system's random generator failed");
+        return value_function_fail(self);
+    }
+    Py_XDECREF(normal);
+    if (self->normal.data != NULL && data == self->normal.data)
+        OPENSSL_cleanse(self->normal.data, (size_t)len);
+    self->macs.len += 32;
+    self->values++;
+    Py_ssize_t plen = PyBytes_GET_SIZE(self->prefix);
+    char out[256];
+    memcpy(out, PyBytes_AS_STRING(self->prefix), (size_t)plen);
+    encode_mac(mac, self->alphabet, self->length, out + plen);
+    PyObject *result = PyUnicode_DecodeUTF8(out, plen + self->length, "strict");
+    if (result == NULL)
+        return value_function_fail(self);
+    if ((Py_ssize_t)(self->macs.len / 32) >= self->flush_every && value_function_flush(self) < 0) {
+        Py_DECREF(result);
+        return value_function_fail(self);
+    }
+    return result;
+}
+
+static PyObject *ValueFunction_flush(ValueFunctionObject *self, PyObject *unused) {
+    if (value_function_flush(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *ValueFunction_get(ValueFunctionObject *self, void *which) {
+    switch ((intptr_t)which) {
+    case 0: return PyLong_FromSsize_t(self->calls);
+    case 1: return PyLong_FromSsize_t(self->nulls);
+    case 2: return PyLong_FromSsize_t(self->values);
+    case 3: return Py_NewRef(self->error ? self->error : Py_None);
+    default: return PyLong_FromSsize_t(self->error_row);
+    }
+}
+
+static PyGetSetDef ValueFunction_getset[] = {
+    {"calls", (getter)ValueFunction_get, NULL, "values received (NULLs included)", (void *)0},
+    {"nulls", (getter)ValueFunction_get, NULL, "NULLs received", (void *)1},
+    {"values", (getter)ValueFunction_get, NULL, "values pseudonymised", (void *)2},
+    {"error", (getter)ValueFunction_get, NULL, "the first exception raised inside a call, or None", (void *)3},
+    {"error_row", (getter)ValueFunction_get, NULL, "the call (1-based) that raised it", (void *)4},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef ValueFunction_methods[] = {
+    {"flush", (PyCFunction)ValueFunction_flush, METH_NOARGS, "Hand the buffered MACs to the flush callable."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *ValueFunction_repr(PyObject *self) { return PyUnicode_FromString("<ValueFunction (key hidden)>"); }
+
+static PyTypeObject ValueFunctionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pseudonymise.core._native.ValueFunction",
+    .tp_basicsize = sizeof(ValueFunctionObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "ValueFunction(keyed, alphabet, length, prefix, callback, program, flush, flush_every): one column's "
+              "pseudonym per value, for SQLite's create_function.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)ValueFunction_init,
+    .tp_dealloc = (destructor)ValueFunction_dealloc,
+    .tp_traverse = (traverseproc)ValueFunction_traverse,
+    .tp_clear = (inquiry)ValueFunction_clear,
+    .tp_call = (ternaryfunc)ValueFunction_call,
+    .tp_methods = ValueFunction_methods,
+    .tp_getset = ValueFunction_getset,
+    .tp_repr = ValueFunction_repr,
+};
+
 static PyMethodDef module_methods[] = {
     {"copy_block", py_copy_block, METH_VARARGS, "Pseudonymise a block of COPY text rows (see the source)."},
     {"seal_rows", py_seal_rows, METH_VARARGS, "Escrow rows in COPY text, every value sealed with AES-256-GCM."},
@@ -1308,12 +1592,13 @@ static struct PyModuleDef native_module = {
 };
 
 PyMODINIT_FUNC PyInit__native(void) {
-    if (PyType_Ready(&KeyedType) < 0)
+    if (PyType_Ready(&KeyedType) < 0 || PyType_Ready(&ValueFunctionType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Keyed", (PyObject *)&KeyedType) < 0) {
+    if (PyModule_AddObjectRef(m, "Keyed", (PyObject *)&KeyedType) < 0
+        || PyModule_AddObjectRef(m, "ValueFunction", (PyObject *)&ValueFunctionType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

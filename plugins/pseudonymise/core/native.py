@@ -216,6 +216,23 @@ def arrow_column(array: pa.Array, plan: ColumnPlan, column: str) -> tuple[pa.Str
     raise error
 
 
+def value_function(plan: ColumnPlan, flush: Callable[[bytes], object], flush_every: int = 1 << 16) -> Callable[[object], str | None]:
+    """One pseudonymised column as a C callable taking one value at a time, for SQLite's ``create_function``.
+
+    It takes what Python's sqlite3 module hands a function (``None``, ``int``, ``str``, ``bytes``, ``float``) and
+    gives the pseudonym as :func:`arrow_column` would (text through ``plan.program`` or ``plan.canonical``,
+    integers in decimal, bytes as they are), ``None`` for ``None``. Every MAC goes, in blocks of ``flush_every``
+    and at its ``flush()``, to ``flush`` (the run's collision check). A float is refused with a ``TypeError``
+    naming only the type; the first exception raised inside is kept on the callable's ``error`` with the call
+    number in ``error_row`` (sqlite3 replaces it with a generic error); counts in ``calls``, ``nulls``, ``values``.
+    """
+    fmt = plan.format
+    if fmt is None or plan.collect or plan.check is not None:
+        raise ValueError("a value function pseudonymises, with no escrow collected and no input check")
+    return _engine().ValueFunction(plan.keyed, ALPHABET_CODES[fmt.alphabet], fmt.length,  # type: ignore[no-any-return]
+                                   fmt.prefix.encode("utf-8"), plan.canonical, plan.program, flush, flush_every)
+
+
 def recent_known(table: memoryview, used: memoryview, macs: bytes) -> bytes:
     """For each 32-byte MAC, 1 if the table of recent MACs (32 bytes per slot, ``used`` one byte per slot, a power
     of two of them; the slot is the MAC's first 8 bytes, native-endian, masked) holds it, else 0."""
@@ -257,4 +274,4 @@ def seal_rows(dek: bytes, *, ad_prefix: bytes, plain_prefix: bytes, pseudonyms: 
 
 __all__ = ["ALPHABET_CODES", "DROP", "KEEP", "BlockPlan", "BlockResult", "ColumnPlan", "ColumnResult", "arrow_column",
            "arrow_type_tag", "ascii_program", "available", "copy_block", "encode", "keyed", "recent_known",
-           "recent_remember", "seal_rows"]
+           "recent_remember", "seal_rows", "value_function"]

@@ -42,6 +42,7 @@ from pseudonymise.core.policy import ColumnPolicy, ColumnRule
 from pseudonymise.core.pseudonymiser import Pseudonymiser, SecondaryPseudonymiser, Stats
 from pseudonymise.core.risk import MEMORY_GROUPS, PostgresRiskTap, RiskReport, RiskSpec, SpillRiskTap, gate
 from pseudonymise.core.sql import reflect_table
+from pseudonymise.core.sqlite_direct import SqliteDirect
 from pseudonymise.core.use import RunContext, TokenSource, TokenUse
 
 Progress = Callable[[Stats], None]
@@ -204,18 +205,28 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
         tap: PostgresRiskTap | SpillRiskTap | None = None
         try:
             # a database error escaping the writes or the COMMIT: SQLSTATE and names only, never the driver's text
+            # SQLite into SQLite, first-level, irreversible, key at hand, no gate: SQLite itself does the run
+            direct = transfer.sqlite_direct if (mac is None and escrow is None and risk is None
+                                                and isinstance(engine, Pseudonymiser)) else None
             with database_errors("writing the target, escrow and audit failed; nothing was committed",
-                                 columns=out_columns, data_fix=TARGET_DATA_FIX), store.engine.begin() as conn, \
+                                 columns=out_columns, data_fix=TARGET_DATA_FIX), \
+                    _transaction(store.engine, direct) as (conn, attached), \
                     _Writes(background=_writes_in_background(store.engine)) as writes:
                 sink = transfer.open_sink(out_columns, conn)
                 tap = _risk_tap(risk, out_columns, transfer, conn, risk_memory_groups)
-                with _cycle_collection_paused():
-                    for batch in transfer.batches(key_at_hand=mac is None):
-                        out = engine.pseudonymise_batch(batch, columns)
-                        writes.submit(_writer(sink, escrow, conn, out.columns, out.escrow, escrow_rows, tap))
-                        use.counts.update(engine.stats.as_dict(), escrow_rows=escrow_rows[0])
-                        if progress:
-                            progress(engine.stats)
+                if direct is not None and attached is not None and direct.usable(sink):  # type: ignore[arg-type]
+                    direct.run(engine, attached, sink, transfer.source)  # type: ignore[arg-type]
+                    use.counts.update(engine.stats.as_dict(), escrow_rows=0)
+                    if progress:
+                        progress(engine.stats)
+                else:
+                    with _cycle_collection_paused():
+                        for batch in transfer.batches(key_at_hand=mac is None):
+                            out = engine.pseudonymise_batch(batch, columns)
+                            writes.submit(_writer(sink, escrow, conn, out.columns, out.escrow, escrow_rows, tap))
+                            use.counts.update(engine.stats.as_dict(), escrow_rows=escrow_rows[0])
+                            if progress:
+                                progress(engine.stats)
                 engine.finish()  # the collision check completes before anything commits
                 writes.drain()
                 if escrow is not None:
@@ -242,6 +253,19 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
         if "risk" in use.details:
             summary.risk = use.details["risk"]
         return summary
+
+
+@contextlib.contextmanager
+def _transaction(engine: Engine, direct: SqliteDirect | None) -> Iterator[tuple[Connection, str | None]]:
+    """The run's transaction on the store's database; for a run SQLite may do itself, the source file attached
+    first (SQLite allows no ``ATTACH`` inside a transaction) and detached once the transaction has ended. Yields
+    the connection and the schema the source is read by (``None``: the generic path reads it)."""
+    if direct is None:
+        with engine.begin() as conn:
+            yield conn, None
+        return
+    with engine.connect() as conn, direct.attached(conn) as schema, conn.begin():
+        yield conn, schema
 
 
 def _risk_tap(risk: RiskSpec | None, columns: list[str], transfer: Transfer, conn: Connection,

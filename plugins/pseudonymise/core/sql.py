@@ -502,12 +502,17 @@ class TableSink:
             self.conn.execute(sa.delete(t).where(cond))
         self._prepared = True
 
+    def open_table(self, sample: Mapping[str, Sequence[Any]]) -> None:
+        """Create the table (typed by ``sample``'s values, as a first :meth:`write` would) when it does not exist, and
+        apply the write mode's deletion: what a first write does, for a writer that then inserts by itself."""
+        if self.table is None:
+            self._create(sample)
+            self._prepare()
+
     def write(self, batch: dict[str, list[Any]] | CopyBlock | pa.RecordBatch) -> None:
         if isinstance(batch, pa.RecordBatch):  # the C engine's Arrow output: Python values for the driver
             batch = {name: array.to_pylist() for name, array in zip(batch.schema.names, batch.columns, strict=True)}
-        if self.table is None:
-            self._create(batch if isinstance(batch, dict) else {})
-            self._prepare()
+        self.open_table(batch if isinstance(batch, dict) else {})
         if isinstance(batch, CopyBlock):
             if not self.copy:
                 raise PolicyError("COPY text rows can only be written to a PostgreSQL target with COPY")
@@ -617,9 +622,7 @@ class TableSink:
 
     def commit(self) -> None:
         """Finish the write inside the transaction (the caller commits it with the audit row)."""
-        if self.table is None:  # no row at all: still create the table so downstream sees it
-            self._create({})
-            self._prepare()
+        self.open_table({})  # no row at all: still create the table so downstream sees it
         with self._errors(f"finishing the write into the target {self.target.label} failed; nothing was committed"):
             self._finish()
 
