@@ -1435,8 +1435,8 @@ static PyObject *ValueFunction_call(ValueFunctionObject *self, PyObject *args, P
         PyErr_SetString(PyExc_TypeError, "a pseudonym function takes exactly one value");
         return NULL;
     }
-    if (self->error != NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "the pseudonym function already failed");
+    if (self->error != NULL || self->flush == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the pseudonym function already failed or is closed");
         return NULL;
     }
     self->calls++;
@@ -1527,7 +1527,22 @@ static PyObject *ValueFunction_call(ValueFunctionObject *self, PyObject *args, P
     return result;
 }
 
+/* Drop the key, callback and flush: the callable may stay registered on a pooled connection (sqlite3 before
+ * Python 3.13 cannot unregister a function), holding nothing. */
+static PyObject *ValueFunction_close(ValueFunctionObject *self, PyObject *unused) {
+    Py_CLEAR(self->keyed);
+    Py_CLEAR(self->callback);
+    Py_CLEAR(self->flush);
+    if (self->error == NULL)
+        self->error = Py_NewRef(Py_None); /* every later call fails at once */
+    Py_RETURN_NONE;
+}
+
 static PyObject *ValueFunction_flush(ValueFunctionObject *self, PyObject *unused) {
+    if (self->flush == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the pseudonym function is closed");
+        return NULL;
+    }
     if (value_function_flush(self) < 0)
         return NULL;
     Py_RETURN_NONE;
@@ -1538,7 +1553,7 @@ static PyObject *ValueFunction_get(ValueFunctionObject *self, void *which) {
     case 0: return PyLong_FromSsize_t(self->calls);
     case 1: return PyLong_FromSsize_t(self->nulls);
     case 2: return PyLong_FromSsize_t(self->values);
-    case 3: return Py_NewRef(self->error ? self->error : Py_None);
+    case 3: return Py_NewRef(self->error ? self->error : Py_None); /* None once closed, too */
     default: return PyLong_FromSsize_t(self->error_row);
     }
 }
@@ -1554,6 +1569,7 @@ static PyGetSetDef ValueFunction_getset[] = {
 
 static PyMethodDef ValueFunction_methods[] = {
     {"flush", (PyCFunction)ValueFunction_flush, METH_NOARGS, "Hand the buffered MACs to the flush callable."},
+    {"close", (PyCFunction)ValueFunction_close, METH_NOARGS, "Drop the key: every later call fails."},
     {NULL, NULL, 0, NULL},
 };
 

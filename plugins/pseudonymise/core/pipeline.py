@@ -214,8 +214,9 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
                     _Writes(background=_writes_in_background(store.engine)) as writes:
                 sink = transfer.open_sink(out_columns, conn)
                 tap = _risk_tap(risk, out_columns, transfer, conn, risk_memory_groups)
-                if direct is not None and attached is not None and direct.usable(sink):  # type: ignore[arg-type]
-                    direct.run(engine, attached, sink, transfer.source)  # type: ignore[arg-type]
+                if direct is not None and attached is not None \
+                        and direct.prepare(sink, transfer.source):  # type: ignore[arg-type]
+                    direct.run(engine, attached, sink, columns)  # type: ignore[arg-type]
                     use.counts.update(engine.stats.as_dict(), escrow_rows=0)
                     if progress:
                         progress(engine.stats)

@@ -302,6 +302,8 @@ def plan_transfer(source: QuerySource | Source, destination: Destination | Table
               if isinstance(source, QuerySource) and isinstance(opened, SqlSource)
               and isinstance(destination, TableDestination) and isinstance(destination.transaction, SharedTransaction)
               else None)
+    if direct is not None:  # not read at all when SQLite does the run; read again from the start when it does not
+        opened.release()  # type: ignore[union-attr]
     arrow = (policy is not None and not copy_text and callable(getattr(opened, "record_batches", None))
              and bool(getattr(destination, "takes_arrow", False)))
     return Transfer(

@@ -16,7 +16,7 @@ read, never a value), and kept columns are copied by SQLite with the target's co
 driver's binds would be. Every MAC still reaches the run's collision check, in blocks. What the path does
 not do (Vault Transit keys, escrow of reversible projects, secondary tokens, de-identifying actions, the risk
 gate, query sources, a target outside the store's database, a target column whose type converts values on
-the way in) stays on the generic path: :func:`plan_direct` and :meth:`SqliteDirect.usable` say when.
+the way in) stays on the generic path: :func:`plan_direct` and :meth:`SqliteDirect.prepare` say when.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from sqlalchemy.engine import Connection, Engine
 from pseudonymise.core import native
 from pseudonymise.core.canonical import canonical
 from pseudonymise.core.errors import UnsupportedTypeError, raise_alone
+from pseudonymise.core.sql import python_type
 
 if TYPE_CHECKING:
     from pseudonymise.core.policy import ColumnPolicy
@@ -71,18 +72,28 @@ class SqliteDirect:
     table: str
     same_file: bool
 
-    def usable(self, sink: TableSink) -> bool:
-        """Whether the target takes the rows as SQLite copies them: no output column whose type converts a value
-        on the way in (a ``DATE`` column takes only dates from Python, a ``BOOLEAN`` turns them into integers …),
-        so the generic path's binds and SQLite's copy store the same. A table the run creates qualifies: its
-        columns get the types of the values SQLite hands over (text, integer, real, blob)."""
-        if sink.table is None:
-            return True
+    def prepare(self, sink: TableSink, source: SqlSource) -> bool:
+        """Make the target ready for the statement as a first write of the generic path would (created, typed by
+        the first batch's values, when it does not exist; the write mode's deletion), and say whether SQLite's
+        copy stores what the generic path's binds would: no output column of a type that converts values on the
+        way in (``FLOAT`` to ``float``, ``DATE`` only from dates, ``BOOLEAN`` …). ``False`` leaves the target as
+        it was and the source to be read again from its start (the generic path then writes it)."""
         dialect = sink.conn.dialect
-        for column in sink.columns:
-            kind = sink.table.c[column].type
-            if kind.dialect_impl(dialect).bind_processor(dialect) is not None and not isinstance(kind, sa.LargeBinary):
-                return False
+        sample: dict[str, Any] = {}
+        if sink.table is None:
+            batches = source.batches()
+            try:
+                sample = next(iter(batches), {})
+            finally:
+                batches.close()  # type: ignore[attr-defined]
+            kinds = [sa.Text() if c in sink.pseudonymised else python_type(sample.get(c, ())) for c in sink.columns]
+        else:
+            kinds = [sink.table.c[c].type for c in sink.columns]
+        source.release()  # its read must not hold the file while the target (perhaps the same file) commits
+        if any(kind.dialect_impl(dialect).bind_processor(dialect) is not None and not isinstance(kind, sa.LargeBinary)
+               for kind in kinds):
+            return False
+        sink.open_table(sample)
         return True
 
     @contextlib.contextmanager
@@ -117,23 +128,16 @@ class SqliteDirect:
                 dbapi.rollback()
             dbapi.execute(f'DETACH DATABASE "{schema}"')
 
-    def run(self, engine: PseudonymEngine, schema: str, sink: TableSink, source: SqlSource) -> int:
-        """Write every row of the source table into ``sink``'s table with one ``INSERT … SELECT`` on the sink's
-        connection (in its transaction), the pseudonymised columns through the C engine; the rows written.
+    def run(self, engine: PseudonymEngine, schema: str, sink: TableSink, columns: Sequence[str]) -> int:
+        """Write every row of the source table (its ``columns``) into ``sink``'s table, made ready by :meth:`prepare`,
+        with one ``INSERT … SELECT`` on the sink's connection (in its transaction), the pseudonymised columns through
+        the C engine; the rows written.
 
         The counts go to ``engine.stats`` and every MAC to its collision check (call ``engine.finish()`` after).
         A value the engine refuses, or the collision check failing, raises the plugin's own error naming the
         column (and the row read), never a value; the caller's transaction then rolls back.
         """
-        plan = engine.policy.plan(source.columns)
-        if sink.table is None:  # the generic path's first write: kept columns typed by the first batch's values
-            batches = source.batches()
-            try:
-                sample = next(iter(batches), {})
-            finally:
-                batches.close()  # type: ignore[attr-defined]
-            sink.open_table(sample)
-        source.close()  # its read must not hold the file while the target (perhaps the same file) commits
+        plan = engine.policy.plan(columns)
         assert sink.table is not None
         dbapi = sink.conn.connection.dbapi_connection
         assert dbapi is not None
@@ -163,8 +167,12 @@ class SqliteDirect:
             sink.rows_written += rows
             return rows
         finally:
-            for name in names:  # the connection goes back to the pool: nothing of the key stays on it
+            # the connection goes back to the pool: nothing of the key stays on it (sqlite3 cannot unregister a
+            # function before Python 3.13; None in its place fails every call)
+            for name in names:
                 dbapi.create_function(name, 1, None)
+            for function in functions.values():
+                function.close()
             functions.clear()
 
     def _statement(self, sink: TableSink, schema: str, plan: Sequence[Any], names: Sequence[str]) -> str:
