@@ -131,9 +131,10 @@ def test_every_storage_class_gives_the_reference_and_the_generic_paths_target(
     raw = issuer.issue("research-b", "pseudonymisation")
     summaries = [_run(source, store, raw, issuer, TableTarget("out", mode="replace"), direct=direct)
                  for store, direct in zip(stores, (True, False), strict=True)]
-    assert len(direct_runs) == 1
+    assert len(direct_runs) == 1 and summaries[0].path == "sqlite" and summaries[1].path is None
     assert _rows(stores[0].engine) == _expected(raw)
     assert _dump(stores[0].engine) == _dump(stores[1].engine)  # declared types, values and storage classes
+    assert summaries[0].as_dict()["path"] == "sqlite"
     assert summaries[0].counts == summaries[1].counts == {
         "rows_in": 15, "rows_out": 15, "nulls": 3, "values_pseudonymised": 27, "escrow_rows": 0}
     # the NFD and NFC spellings give one pseudonym, as do "P1" and "  p1 " under strip+lower

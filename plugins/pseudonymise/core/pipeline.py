@@ -100,12 +100,15 @@ class RunSummary:
     risk: dict[str, Any] | None = None
     #: a dry run's report: rows sampled, actions, target, risk (counts and names only)
     dry_run: dict[str, Any] | None = None
+    #: ``"sqlite"`` when SQLite itself ran the pseudonymisation (``sqlite_direct.py``), else unset
+    path: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"operation": self.operation, "use_id": self.use_id, "project": self.project,
                 "token_jti": self.token_jti, "token_fingerprint": self.token_fingerprint,
                 "columns": self.columns, **self.counts, **({"risk": self.risk} if self.risk is not None else {}),
-                **({"dry_run": self.dry_run} if self.dry_run is not None else {})}
+                **({"dry_run": self.dry_run} if self.dry_run is not None else {}),
+                **({"path": self.path} if self.path is not None else {})}
 
 
 def _summary(use: TokenUse, columns: Sequence[str], counts: Mapping[str, int]) -> RunSummary:
@@ -201,6 +204,7 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
             risk.check(columns, out_columns)
         escrow = EscrowWriter(use.token, store.escrow, defer=True) if not secondary and use.token.reversible else None
         escrow_rows = [0]  # counted by the writer, added to the stats once the writes are done
+        ran_in_sqlite = False
         sink: Sink | None = None
         tap: PostgresRiskTap | SpillRiskTap | None = None
         try:
@@ -217,6 +221,7 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
                 if direct is not None and attached is not None \
                         and direct.prepare(sink, transfer.source):  # type: ignore[arg-type]
                     direct.run(engine, attached, sink, columns)  # type: ignore[arg-type]
+                    ran_in_sqlite = True
                     use.counts.update(engine.stats.as_dict(), escrow_rows=0)
                     if progress:
                         progress(engine.stats)
@@ -253,6 +258,8 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
         summary = _summary(use, out_columns, engine.stats.as_dict())
         if "risk" in use.details:
             summary.risk = use.details["risk"]
+        if ran_in_sqlite:
+            summary.path = "sqlite"
         return summary
 
 
