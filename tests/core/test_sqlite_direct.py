@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from pseudonymise.core import collisions, native, pseudonymiser, sqlite_direct
-from pseudonymise.core.errors import CollisionError, DatabaseIOError, UnsupportedTypeError
+from pseudonymise.core.errors import CollisionError, DatabaseIOError, InvalidTextError, UnsupportedTypeError
 from pseudonymise.core.formats import PseudonymFormat
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import RunSummary, Store, run_dry_run, run_pseudonymisation
@@ -370,3 +370,21 @@ def test_the_functions_leave_the_pooled_connection(tmp_path: Path, issuer: Issue
                 conn.exec_driver_sql(f"SELECT {name}('x')")
     store.engine.dispose()
 
+
+
+def test_text_that_is_not_utf8_fails_naming_the_pseudonymised_columns(tmp_path: Path, issuer: Issuer,
+                                                                       direct_runs: list[str]) -> None:
+    """sqlite3 cannot hand such text to a function (nor to fetchmany): the run fails, nothing is written. Kept
+    columns are copied byte for byte by SQLite (the generic path cannot read such a row at all)."""
+    source = _source(tmp_path / "src.db")
+    with sqlite3.connect(tmp_path / "src.db") as conn:
+        conn.execute("UPDATE visits SET pid = CAST(x'80ff41' AS TEXT) WHERE id = 3")
+    store = Store(sa.create_engine(f"sqlite:///{tmp_path / 'store.db'}"))
+    with store.engine.begin() as conn:  # an existing target: no first batch read before the statement
+        conn.exec_driver_sql("CREATE TABLE out (id INTEGER, pid TEXT, name TEXT, score)")
+        conn.exec_driver_sql("INSERT INTO out VALUES (1, 'old', 'old', 0)")
+    with pytest.raises(InvalidTextError, match=r"\('pid', 'name'\) holds text that is not valid UTF-8"):
+        _run(source, store, issuer.issue("research-b", "pseudonymisation"), issuer,
+             TableTarget("out", mode="replace"), direct=True)
+    assert len(direct_runs) == 1 and _rows(store.engine) == [(1, "old", "old", 0)]
+    store.engine.dispose()

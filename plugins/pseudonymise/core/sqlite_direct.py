@@ -35,7 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from pseudonymise.core import native
 from pseudonymise.core.canonical import canonical
-from pseudonymise.core.errors import UnsupportedTypeError, raise_alone
+from pseudonymise.core.errors import InvalidTextError, UnsupportedTypeError, raise_alone
 from pseudonymise.core.sql import python_type
 
 if TYPE_CHECKING:
@@ -155,8 +155,9 @@ class SqliteDirect:
             cursor = dbapi.cursor()
             try:
                 cursor.execute(self._statement(sink, schema, plan, names))
-            except sqlite3.Error:
-                _raise_function_error(functions)
+            except sqlite3.Error as exc:
+                if "user-defined function raised exception" in str(exc):
+                    _raise_function_error(functions)
                 raise
             finally:
                 cursor.close()
@@ -199,6 +200,12 @@ class SqliteDirect:
 def _raise_function_error(functions: dict[str, Any]) -> None:
     """The error a column's function kept (sqlite3 reports only "user-defined function raised exception"), as
     the plugin's own, naming the column and the row read; nothing when no function failed."""
+    if all(f.error is None for f in functions.values()):
+        # sqlite3 could not hand a value over at all: text that is not UTF-8 is the one value it cannot convert
+        columns = ", ".join(map(repr, functions))
+        raise_alone(InvalidTextError(f"a pseudonymised column ({columns}) holds text that is not valid UTF-8 "
+                                     f"(by row {max(f.calls for f in functions.values()) + 1:,} read from the source "
+                                     "table); fix the source encoding"))
     for column, function in functions.items():
         error = function.error
         if error is None:
@@ -232,7 +239,10 @@ def plan_direct(source_engine: Engine, table: str | None, schema: str | None, ta
     if source_file is None or not name or name == ":memory:" or name.startswith("file:") \
             or target_engine.url.query.get("uri"):
         return None
-    return SqliteDirect(source_file, table, source_file == os.path.realpath(name))
+    target = os.path.realpath(name)
+    # one file under two names (a hard link) is one file too: attached, its read lock would stall the target's commit
+    same = source_file == target or (os.path.exists(target) and os.path.samefile(source_file, target))
+    return SqliteDirect(source_file, table, same)
 
 
 __all__ = ["FLUSH_EVERY", "SqliteDirect", "database_file", "plan_direct"]
