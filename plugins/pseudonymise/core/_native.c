@@ -29,7 +29,8 @@
  *
  * ValueFunction(...)  one pseudonymised column as a callable taking one value at a time (None, int, str,
  *                     bytes), for SQLite's create_function: the same canonical bytes, MAC and encoding; each
- *                     MAC handed to the run's collision check in blocks.
+ *                     MAC handed to the run's collision check in blocks; sqlite_register(...) makes it SQLite's
+ *                     own function on a Python sqlite3 connection, called with no Python object per value.
  *
  * SHA-256 and AES-GCM are OpenSSL's (libcrypto), which uses the CPU's SHA extensions where there are some.
  */
@@ -1593,12 +1594,278 @@ static PyTypeObject ValueFunctionType = {
     .tp_repr = ValueFunction_repr,
 };
 
+/* --- ValueFunction as SQLite's own function (no Python call per value) ----------------------------- */
+/*
+ * sqlite_register(connection, name, function, deterministic, expected_version) -> bool
+ * sqlite_unregister(connection, name) -> None
+ *
+ * Registers a ValueFunction with sqlite3_create_function_v2 on the sqlite3 handle behind a Python
+ * sqlite3.Connection (its first field after the object header, in every CPython 3 release), through the
+ * libsqlite3 the sqlite3 module already loaded (dlopen with RTLD_NOLOAD; nothing is loaded that was not
+ * there). SQLite then calls `sqlite_value_function` per value while sqlite3 has released the GIL: the
+ * canonical bytes, MAC and pseudonym are made without any Python object; the GIL is taken only for
+ * non-ASCII text (the normaliser callback, which also checks the text is UTF-8), to hand a block of MACs to
+ * the collision check, and to keep an error. Same results and errors as calling the ValueFunction from Python:
+ * an error is kept on the function (`.error`, `.error_row`) and SQLite is told "user-defined function raised
+ * exception", the text sqlite3 gives for a Python function's. Returns False (nothing registered) when the
+ * library is not loaded as a shared library, lacks a symbol, or is not the version the sqlite3 module reports.
+ */
+#include <dlfcn.h>
+
+typedef struct sqlite3 sqlite3;
+typedef struct sqlite3_context sqlite3_context;
+typedef struct sqlite3_value sqlite3_value;
+typedef void (*sqlite_xfunc)(sqlite3_context *, int, sqlite3_value **);
+enum { SQL_INTEGER = 1, SQL_FLOAT = 2, SQL_TEXT = 3, SQL_BLOB = 4, SQL_NULL = 5 };
+#define SQL_UTF8 1
+#define SQL_DETERMINISTIC 0x000000800
+#define SQL_TRANSIENT ((void (*)(void *))-1)
+
+static struct {
+    int ready; /* 0 not tried, 1 usable, -1 not usable */
+    int (*create_function_v2)(sqlite3 *, const char *, int, int, void *, sqlite_xfunc, sqlite_xfunc, void (*)(sqlite3_context *),
+                              void (*)(void *));
+    int (*libversion_number)(void);
+    void *(*user_data)(sqlite3_context *);
+    int (*value_type)(sqlite3_value *);
+    const unsigned char *(*value_text)(sqlite3_value *);
+    const void *(*value_blob)(sqlite3_value *);
+    int (*value_bytes)(sqlite3_value *);
+    long long (*value_int64)(sqlite3_value *);
+    void (*result_text)(sqlite3_context *, const char *, int, void (*)(void *));
+    void (*result_null)(sqlite3_context *);
+    void (*result_error)(sqlite3_context *, const char *, int);
+} SQL;
+
+static int sqlite_symbols(void) {
+    if (SQL.ready)
+        return SQL.ready > 0;
+    SQL.ready = -1;
+    void *lib = dlopen("libsqlite3.so.0", RTLD_NOW | RTLD_NOLOAD);
+    if (lib == NULL)
+        return 0;
+#define SYM(field, name) if ((*(void **)&SQL.field = dlsym(lib, name)) == NULL) return 0;
+    SYM(create_function_v2, "sqlite3_create_function_v2")
+    SYM(libversion_number, "sqlite3_libversion_number")
+    SYM(user_data, "sqlite3_user_data")
+    SYM(value_type, "sqlite3_value_type")
+    SYM(value_text, "sqlite3_value_text")
+    SYM(value_blob, "sqlite3_value_blob")
+    SYM(value_bytes, "sqlite3_value_bytes")
+    SYM(value_int64, "sqlite3_value_int64")
+    SYM(result_text, "sqlite3_result_text")
+    SYM(result_null, "sqlite3_result_null")
+    SYM(result_error, "sqlite3_result_error")
+#undef SYM
+    SQL.ready = 1;
+    return 1;
+}
+
+typedef struct {
+    PyObject_HEAD
+    sqlite3 *db;
+} SqliteConnectionHead;
+
+static const char FUNCTION_FAILED[] = "user-defined function raised exception";
+
+/* Keep the pending Python exception on the function (GIL held), and tell SQLite the call failed. */
+static void sqlite_fail(ValueFunctionObject *self, sqlite3_context *ctx) {
+    value_function_fail(self);
+    PyErr_Clear();
+    SQL.result_error(ctx, FUNCTION_FAILED, -1);
+}
+
+static void sqlite_value_function(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
+    ValueFunctionObject *self = SQL.user_data(ctx);
+    if (self->error != NULL || self->flush == NULL || argc != 1) {
+        SQL.result_error(ctx, FUNCTION_FAILED, -1);
+        return;
+    }
+    self->calls++;
+    int type = SQL.value_type(argv[0]);
+    const unsigned char *data = NULL;
+    size_t len = 0;
+    char digits[24];
+    PyObject *normal = NULL;
+    PyGILState_STATE gil;
+    if (type == SQL_NULL) {
+        self->nulls++;
+        SQL.result_null(ctx);
+        return;
+    }
+    if (type == SQL_INTEGER) {
+        len = (size_t)snprintf(digits, sizeof digits, "%lld", SQL.value_int64(argv[0]));
+        data = (const unsigned char *)digits;
+    } else if (type == SQL_BLOB) {
+        len = (size_t)SQL.value_bytes(argv[0]);
+        data = len ? SQL.value_blob(argv[0]) : (const unsigned char *)"";
+    } else if (type == SQL_TEXT) {
+        data = SQL.value_text(argv[0]);
+        len = (size_t)SQL.value_bytes(argv[0]);
+        int ascii = 1;
+        for (size_t i = 0; i < len; i++)
+            if (data[i] & 0x80) { ascii = 0; break; }
+        if (ascii) {
+            Py_ssize_t plen = PyBytes_GET_SIZE(self->program);
+            if (plen) {
+                if (buf_reserve(&self->normal, len + 1) < 0) {
+                    gil = PyGILState_Ensure();
+                    PyErr_NoMemory();
+                    sqlite_fail(self, ctx);
+                    PyGILState_Release(gil);
+                    return;
+                }
+                memcpy(self->normal.data, data, len);
+                len = ascii_normalise((const unsigned char *)PyBytes_AS_STRING(self->program), (size_t)plen,
+                                      self->normal.data, len);
+                data = self->normal.data;
+            }
+        } else {
+            /* as sqlite3 would: the text must be UTF-8 (a str), then the column's normalisers and NFC */
+            gil = PyGILState_Ensure();
+            PyObject *text = PyUnicode_DecodeUTF8((const char *)data, (Py_ssize_t)len, "strict");
+            if (text == NULL) {
+                sqlite_fail(self, ctx);
+                PyGILState_Release(gil);
+                return;
+            }
+            Py_DECREF(text);
+            if (self->callback != NULL) {
+                normal = call_callback(self->callback, data, len);
+                if (normal == NULL) {
+                    sqlite_fail(self, ctx);
+                    PyGILState_Release(gil);
+                    return;
+                }
+                data = (const unsigned char *)PyBytes_AS_STRING(normal);
+                len = (size_t)PyBytes_GET_SIZE(normal);
+            }
+            PyGILState_Release(gil); /* `normal` stays alive (our reference) until it is hashed below */
+        }
+    } else {
+        gil = PyGILState_Ensure();
+        PyErr_SetString(PyExc_TypeError, type == SQL_FLOAT ? "floating-point" : "unknown");
+        sqlite_fail(self, ctx);
+        PyGILState_Release(gil);
+        return;
+    }
+    if (buf_reserve(&self->macs, 32) < 0) {
+        gil = PyGILState_Ensure();
+        Py_XDECREF(normal);
+        PyErr_NoMemory();
+        sqlite_fail(self, ctx);
+        PyGILState_Release(gil);
+        return;
+    }
+    unsigned char *mac = self->macs.data + self->macs.len;
+    int random_failed = 0;
+    if (self->keyed != NULL)
+        keyed_mac(self->keyed, data, len, mac);
+    else
+        random_failed = random_mac(&self->rnd, mac) < 0;
+    if (self->normal.data != NULL && data == self->normal.data)
+        OPENSSL_cleanse(self->normal.data, len);
+    if (normal != NULL || random_failed) {
+        gil = PyGILState_Ensure();
+        Py_XDECREF(normal);
+        if (random_failed) {
+            PyErr_SetString(PyExc_OSError, "the operating system's random generator failed");
+            sqlite_fail(self, ctx);
+            PyGILState_Release(gil);
+            return;
+        }
+        PyGILState_Release(gil);
+    }
+    self->macs.len += 32;
+    self->values++;
+    Py_ssize_t plen = PyBytes_GET_SIZE(self->prefix);
+    char out[256];
+    memcpy(out, PyBytes_AS_STRING(self->prefix), (size_t)plen);
+    encode_mac(mac, self->alphabet, self->length, out + plen);
+    if ((Py_ssize_t)(self->macs.len / 32) >= self->flush_every) {
+        gil = PyGILState_Ensure();
+        if (value_function_flush(self) < 0) {
+            sqlite_fail(self, ctx);
+            PyGILState_Release(gil);
+            return;
+        }
+        PyGILState_Release(gil);
+    }
+    SQL.result_text(ctx, out, (int)(plen + self->length), SQL_TRANSIENT);
+}
+
+static int sqlite_handle(PyObject *conn, sqlite3 **db) {
+    PyObject *module = PyImport_ImportModule("sqlite3");
+    if (module == NULL)
+        return -1;
+    PyObject *cls = PyObject_GetAttrString(module, "Connection");
+    Py_DECREF(module);
+    if (cls == NULL)
+        return -1;
+    int ok = PyObject_IsInstance(conn, cls);
+    Py_DECREF(cls);
+    if (ok <= 0) {
+        if (ok == 0)
+            PyErr_SetString(PyExc_TypeError, "expected a sqlite3.Connection");
+        return -1;
+    }
+    *db = ((SqliteConnectionHead *)conn)->db;
+    if (*db == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the sqlite3 connection is closed");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_sqlite_register(PyObject *module, PyObject *args) {
+    PyObject *conn, *function;
+    const char *name;
+    int deterministic, expected_version;
+    sqlite3 *db;
+    if (!PyArg_ParseTuple(args, "OsO!pi", &conn, &name, &ValueFunctionType, &function, &deterministic,
+                          &expected_version))
+        return NULL;
+    if (sqlite_handle(conn, &db) < 0)
+        return NULL;
+    if (!sqlite_symbols() || SQL.libversion_number() != expected_version)
+        Py_RETURN_FALSE;
+    int rc = SQL.create_function_v2(db, name, 1, SQL_UTF8 | (deterministic ? SQL_DETERMINISTIC : 0), function,
+                                    sqlite_value_function, NULL, NULL, NULL);
+    if (rc != 0) {
+        PyErr_Format(PyExc_RuntimeError, "SQLite refused the function (code %d)", rc);
+        return NULL;
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *py_sqlite_unregister(PyObject *module, PyObject *args) {
+    PyObject *conn;
+    const char *name;
+    sqlite3 *db;
+    if (!PyArg_ParseTuple(args, "Os", &conn, &name))
+        return NULL;
+    if (sqlite_handle(conn, &db) < 0)
+        return NULL;
+    if (!sqlite_symbols()) {
+        PyErr_SetString(PyExc_RuntimeError, "no function was registered through libsqlite3 here");
+        return NULL;
+    }
+    int rc = SQL.create_function_v2(db, name, 1, SQL_UTF8, NULL, NULL, NULL, NULL, NULL);
+    if (rc != 0) {
+        PyErr_Format(PyExc_RuntimeError, "SQLite did not remove the function (code %d)", rc);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"copy_block", py_copy_block, METH_VARARGS, "Pseudonymise a block of COPY text rows (see the source)."},
     {"seal_rows", py_seal_rows, METH_VARARGS, "Escrow rows in COPY text, every value sealed with AES-256-GCM."},
     {"recent_known", py_recent_known, METH_VARARGS, "Which MACs the table of recent MACs holds (see the source)."},
     {"recent_remember", py_recent_remember, METH_VARARGS, "MACs into the table of recent MACs (see the source)."},
     {"arrow_column", py_arrow_column, METH_VARARGS, "Pseudonymise one Arrow array from its buffers (see the source)."},
+    {"sqlite_register", py_sqlite_register, METH_VARARGS, "Register a ValueFunction as SQLite's own function."},
+    {"sqlite_unregister", py_sqlite_unregister, METH_VARARGS, "Remove a function registered by sqlite_register."},
     {"encode", py_encode, METH_VARARGS, "encode(macs, alphabet, length): pseudonym characters, `length` per MAC."},
     {NULL, NULL, 0, NULL},
 };

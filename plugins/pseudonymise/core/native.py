@@ -13,6 +13,8 @@ what it raises (``ValueError``, ``RuntimeError``) becomes a :class:`~pseudonymis
 from __future__ import annotations
 
 import os
+import sqlite3
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -233,6 +235,25 @@ def value_function(plan: ColumnPlan, flush: Callable[[bytes], object], flush_eve
                                    fmt.prefix.encode("utf-8"), plan.canonical, plan.program, flush, flush_every)
 
 
+def sqlite_register(connection: object, name: str, function: Callable[[object], str | None], *,
+                    deterministic: bool) -> bool:
+    """Make a :func:`value_function` SQLite's own function ``name`` (one argument) on a Python ``sqlite3``
+    connection, called by SQLite with no Python object per value (the GIL taken only for non-ASCII text, a block
+    of MACs, an error). ``False`` when that cannot be done here (not CPython, or the sqlite3 module's SQLite is
+    not the shared ``libsqlite3`` this process loaded, at the version the module reports): register ``function``
+    with ``connection.create_function`` instead, which gives the same values and errors, slower."""
+    if sys.implementation.name != "cpython" or not isinstance(connection, sqlite3.Connection):
+        return False
+    major, minor, patch = sqlite3.sqlite_version_info
+    return bool(_engine().sqlite_register(connection, name, function, deterministic,
+                                          major * 1_000_000 + minor * 1_000 + patch))
+
+
+def sqlite_unregister(connection: object, name: str) -> None:
+    """Remove a function :func:`sqlite_register` registered (it holds the column's key)."""
+    _engine().sqlite_unregister(connection, name)
+
+
 def recent_known(table: memoryview, used: memoryview, macs: bytes) -> bytes:
     """For each 32-byte MAC, 1 if the table of recent MACs (32 bytes per slot, ``used`` one byte per slot, a power
     of two of them; the slot is the MAC's first 8 bytes, native-endian, masked) holds it, else 0."""
@@ -274,4 +295,4 @@ def seal_rows(dek: bytes, *, ad_prefix: bytes, plain_prefix: bytes, pseudonyms: 
 
 __all__ = ["ALPHABET_CODES", "DROP", "KEEP", "BlockPlan", "BlockResult", "ColumnPlan", "ColumnResult", "arrow_column",
            "arrow_type_tag", "ascii_program", "available", "copy_block", "encode", "keyed", "recent_known",
-           "recent_remember", "seal_rows", "value_function"]
+           "recent_remember", "seal_rows", "sqlite_register", "sqlite_unregister", "value_function"]

@@ -5,7 +5,8 @@ every row through Python objects twice (``fetchmany``, then ``executemany``), wh
 pseudonyms themselves. Here the source file is attached to the run's own connection (read-only, under a
 random schema name that no user's can equal; not at all when source and target are one file), each
 pseudonymised column's function (:func:`pseudonymise.core.native.value_function`: the column's key, normalisers,
-domain and format bound in C) is registered on that connection, and one statement
+domain and format bound in C) is registered on that connection as SQLite's own function (SQLite calls it with no
+Python object per value; through sqlite3's ``create_function`` where that cannot be done), and one statement
 ``INSERT INTO target (…) SELECT f1(a), b, f2(c) … FROM source`` writes every row in the run's transaction,
 after the write mode's deletion, before the audit's ``finished`` row, exactly as the generic path does.
 
@@ -143,15 +144,20 @@ class SqliteDirect:
         assert dbapi is not None
         functions: dict[str, Any] = {}
         names: list[str] = []
+        native_names: set[str] = set()
         tag = uuid.uuid4().hex
+        deterministic = not getattr(engine, "randomised", False)
         try:
             for i, rule in enumerate(plan):
                 if rule.action == "pseudonymise":
                     name = f"pseudonymise_{tag}_{i}"
-                    functions[rule.column] = engine.value_function(rule, FLUSH_EVERY)
-                    dbapi.create_function(name, 1, functions[rule.column],
-                                          deterministic=not getattr(engine, "randomised", False))
+                    function = functions[rule.column] = engine.value_function(rule, FLUSH_EVERY)
                     names.append(name)
+                    # SQLite's own function where it can be (no Python call per value), else sqlite3's callback
+                    if native.sqlite_register(dbapi, name, function, deterministic=deterministic):
+                        native_names.add(name)
+                    else:
+                        dbapi.create_function(name, 1, function, deterministic=deterministic)
             cursor = dbapi.cursor()
             try:
                 cursor.execute(self._statement(sink, schema, plan, names))
@@ -169,9 +175,12 @@ class SqliteDirect:
             return rows
         finally:
             # the connection goes back to the pool: nothing of the key stays on it (sqlite3 cannot unregister a
-            # function before Python 3.13; None in its place fails every call)
+            # function before Python 3.13: None in its place fails every call; SQLite's own is removed)
             for name in names:
-                dbapi.create_function(name, 1, None)
+                if name in native_names:
+                    native.sqlite_unregister(dbapi, name)
+                else:
+                    dbapi.create_function(name, 1, None)
             for function in functions.values():
                 function.close()
             functions.clear()
@@ -210,6 +219,10 @@ def _raise_function_error(functions: dict[str, Any]) -> None:
         error = function.error
         if error is None:
             continue
+        if isinstance(error, UnicodeError):  # its text and its .object hold the value: named by the column only
+            del error
+            raise_alone(InvalidTextError(f"column {column!r} holds text that is not valid UTF-8 (first at row "
+                                         f"{function.error_row:,} read from the source table); fix the source encoding"))
         if isinstance(error, TypeError):  # a value canonical.py refuses: its message, the row, never the value
             message = f"column {column!r} holds {error} values, which cannot be pseudonymised reliably"
             if str(error) == "floating-point":
