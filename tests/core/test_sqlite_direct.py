@@ -29,7 +29,6 @@ from pseudonymise.core.use import GivenToken
 from tests import reference
 
 needs_native = pytest.mark.skipif(not native.available(), reason="the C engine is not built or switched off")
-pytestmark = needs_native
 
 #: One value of each kind SQLite can hand over, per row: text (ASCII, NFD and NFC spellings of one name, empty,
 #: padded, a megabyte), integers (negative, 63-bit), a blob with NUL and non-UTF-8 bytes, NULL.
@@ -133,6 +132,7 @@ def _rows(engine: sa.Engine, table: str = "out") -> list[tuple[Any, ...]]:
         return [tuple(r) for r in conn.exec_driver_sql(f'SELECT id, pid, name, score FROM "{table}" ORDER BY id')]
 
 
+@needs_native
 def test_every_storage_class_gives_the_reference_and_the_generic_paths_target(
         tmp_path: Path, issuer: Issuer, stores: tuple[Store, Store], direct_runs: list[str], route: str) -> None:
     """Mixed storage classes in one column, NFC/NFD, normalisers and a domain, a megabyte of text, NULLs."""
@@ -153,6 +153,7 @@ def test_every_storage_class_gives_the_reference_and_the_generic_paths_target(
         assert [r[1] for r in conn.exec_driver_sql("PRAGMA database_list")] in (["main"], ["main", "temp"])
 
 
+@needs_native
 @pytest.mark.parametrize("exists", [False, True])
 @pytest.mark.parametrize("mode", ["append", "replace_partition", "upsert", "replace"])
 def test_every_write_mode_into_a_new_or_existing_target_matches_the_generic_path(
@@ -184,6 +185,7 @@ def test_every_write_mode_into_a_new_or_existing_target_matches_the_generic_path
     assert got == sorted(expected, key=repr)
 
 
+@needs_native
 def test_source_and_target_in_one_file(tmp_path: Path, issuer: Issuer, direct_runs: list[str]) -> None:
     """The source table in the store's own file: read from ``main``, nothing attached, nothing waiting on a lock."""
     path = tmp_path / "one.db"
@@ -199,6 +201,7 @@ def test_source_and_target_in_one_file(tmp_path: Path, issuer: Issuer, direct_ru
     store.engine.dispose()
 
 
+@needs_native
 def test_an_empty_table_makes_an_empty_target(tmp_path: Path, issuer: Issuer, stores: tuple[Store, Store],
                                               direct_runs: list[str]) -> None:
     source = _source(tmp_path / "src.db", pids=[])  # zip(strict) below needs equal lengths: no rows at all
@@ -210,6 +213,7 @@ def test_an_empty_table_makes_an_empty_target(tmp_path: Path, issuer: Issuer, st
     assert _dump(stores[0].engine) == _dump(stores[1].engine) == (_dump(stores[1].engine)[0], [])
 
 
+@needs_native
 def test_identifiers_that_try_to_break_out_of_their_quotes_are_only_names(
         tmp_path: Path, issuer: Issuer, stores: tuple[Store, Store], direct_runs: list[str]) -> None:
     table, column = 'v"; DROP TABLE visits; --', 'a"; DROP TABLE x; --'
@@ -228,6 +232,7 @@ def test_identifiers_that_try_to_break_out_of_their_quotes_are_only_names(
         assert conn.execute(f'SELECT count(*) FROM "{table.replace(chr(34), chr(34) * 2)}"').fetchone() == (15,)
 
 
+@needs_native
 def test_a_float_fails_the_run_naming_column_and_row_and_nothing_is_written(
         tmp_path: Path, issuer: Issuer, stores: tuple[Store, Store], direct_runs: list[str], route: str) -> None:
     """A REAL among the identifiers: the same error class as the generic path, the row read, never the value;
@@ -251,6 +256,7 @@ def test_a_float_fails_the_run_naming_column_and_row_and_nothing_is_written(
     assert errors[0].startswith(errors[1]) and "1234" not in errors[0]
 
 
+@needs_native
 def test_a_collision_inside_the_statement_fails_the_run_and_rolls_back(
         tmp_path: Path, issuer: Issuer, monkeypatch: pytest.MonkeyPatch, direct_runs: list[str], route: str) -> None:
     """The collision check runs inside SQLite's calls (in blocks). No two real values share a 26-character
@@ -280,6 +286,7 @@ def test_a_collision_inside_the_statement_fails_the_run_and_rolls_back(
     store.engine.dispose()
 
 
+@needs_native
 def test_the_collision_check_sees_every_pseudonym(tmp_path: Path, issuer: Issuer, monkeypatch: pytest.MonkeyPatch,
                                                   direct_runs: list[str], route: str) -> None:
     seen: list[tuple[str, bytes]] = []
@@ -304,6 +311,7 @@ def test_the_collision_check_sees_every_pseudonym(tmp_path: Path, issuer: Issuer
     store.engine.dispose()
 
 
+@needs_native
 def test_a_randomised_project_gets_a_fresh_pseudonym_per_occurrence(tmp_path: Path, issuer: Issuer,
                                                                     direct_runs: list[str], route: str) -> None:
     issuer.create_project("random-i", method="irreversible", treatment="randomised")
@@ -319,6 +327,7 @@ def test_a_randomised_project_gets_a_fresh_pseudonym_per_occurrence(tmp_path: Pa
     store.engine.dispose()
 
 
+@needs_native
 def test_runs_the_direct_path_cannot_do_take_the_generic_path(tmp_path: Path, issuer: Issuer,
                                                               direct_runs: list[str]) -> None:
     """A reversible project (escrow), a target column that converts values on the way in, a query source:
@@ -339,6 +348,7 @@ def test_runs_the_direct_path_cannot_do_take_the_generic_path(tmp_path: Path, is
     store.engine.dispose()
 
 
+@needs_native
 def test_a_dry_run_of_a_table_source_reads_its_sample_and_writes_nothing(tmp_path: Path, issuer: Issuer) -> None:
     source = _source(tmp_path / "src.db")
     store = Store(sa.create_engine(f"sqlite:///{tmp_path / 'store.db'}"))
@@ -365,6 +375,7 @@ def test_without_the_c_engine_the_generic_path_gives_the_same_target(tmp_path: P
     store.engine.dispose()
 
 
+@needs_native
 def test_the_functions_leave_the_pooled_connection(tmp_path: Path, issuer: Issuer, direct_runs: list[str], route: str) -> None:
     """The connection goes back to the pool: the functions (holding the key) are unregistered."""
     source = _source(tmp_path / "src.db")
@@ -383,6 +394,7 @@ def test_the_functions_leave_the_pooled_connection(tmp_path: Path, issuer: Issue
 
 
 
+@needs_native
 def test_text_that_is_not_utf8_fails_naming_the_pseudonymised_columns(tmp_path: Path, issuer: Issuer,
                                                                        direct_runs: list[str], route: str) -> None:
     """sqlite3 cannot hand such text to a function (nor to fetchmany): the run fails, nothing is written. Kept
