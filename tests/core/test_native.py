@@ -820,3 +820,25 @@ def test_value_function_keeps_the_flush_callables_error_and_close_drops_the_key(
         other("a")
     with pytest.raises(ValueError, match="escrow"):  # escrow and secondary input checks are not for this path
         native.value_function(native.ColumnPlan.pseudonymise(PseudonymFormat(), None, collect=True), lambda _: None)
+
+
+@needs_native
+def test_sqlite_register_only_through_the_sqlite3_modules_own_library() -> None:
+    """SQLite's own function is registered only when the libsqlite3 at hand is the one the sqlite3 module's extension
+    resolves to, at its version; otherwise nothing is registered and the caller uses create_function."""
+    import sqlite3
+
+    conn = sqlite3.connect(":memory:")
+    function = native.value_function(native.ColumnPlan.pseudonymise(PseudonymFormat(), native.keyed(b"k" * 32, b"")),
+                                     lambda _: None)
+    major, minor, patch = sqlite3.sqlite_version_info
+    version = major * 1_000_000 + minor * 1_000 + patch
+    assert not _extension().sqlite_register(conn, "f", function, True, version + 1, sys.modules["_sqlite3"].__file__)
+    assert not _extension().sqlite_register(conn, "f", function, True, version, "/nonexistent/_sqlite3.so")
+    with pytest.raises(sqlite3.OperationalError, match="no such function"):
+        conn.execute("SELECT f('x')")
+    assert native.sqlite_register(conn, "f", function, deterministic=True)
+    assert conn.execute("SELECT f('x')").fetchone() == (reference.encode(hmac.digest(b"k" * 32, b"x", "sha256")),)
+    native.sqlite_unregister(conn, "f")
+    with pytest.raises(sqlite3.OperationalError, match="no such function"):
+        conn.execute("SELECT f('x')")

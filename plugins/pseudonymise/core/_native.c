@@ -1596,7 +1596,7 @@ static PyTypeObject ValueFunctionType = {
 
 /* --- ValueFunction as SQLite's own function (no Python call per value) ----------------------------- */
 /*
- * sqlite_register(connection, name, function, deterministic, expected_version) -> bool
+ * sqlite_register(connection, name, function, deterministic, expected_version, module_file) -> bool
  * sqlite_unregister(connection, name) -> None
  *
  * Registers a ValueFunction with sqlite3_create_function_v2 on the sqlite3 handle behind a Python
@@ -1608,7 +1608,8 @@ static PyTypeObject ValueFunctionType = {
  * the collision check, and to keep an error. Same results and errors as calling the ValueFunction from Python:
  * an error is kept on the function (`.error`, `.error_row`) and SQLite is told "user-defined function raised
  * exception", the text sqlite3 gives for a Python function's. Returns False (nothing registered) when the
- * library is not loaded as a shared library, lacks a symbol, or is not the version the sqlite3 module reports.
+ * library is not loaded as a shared library, lacks a symbol, is not the version the sqlite3 module reports, or
+ * is not the one the module's extension file (`module_file`) resolves its SQLite functions to.
  */
 #include <dlfcn.h>
 
@@ -1817,17 +1818,28 @@ static int sqlite_handle(PyObject *conn, sqlite3 **db) {
     return 0;
 }
 
+/* Whether the sqlite3 module (its extension file, already loaded) resolves SQLite to the very library whose
+ * functions we hold: not a copy of SQLite linked into the module, nor another libsqlite3 beside it. */
+static int sqlite_is_the_modules(const char *module_file) {
+    void *module = dlopen(module_file, RTLD_NOW | RTLD_NOLOAD);
+    if (module == NULL)
+        return 0;
+    void *theirs = dlsym(module, "sqlite3_libversion_number");
+    dlclose(module); /* RTLD_NOLOAD took a reference: give it back */
+    return theirs != NULL && theirs == *(void **)&SQL.libversion_number;
+}
+
 static PyObject *py_sqlite_register(PyObject *module, PyObject *args) {
     PyObject *conn, *function;
-    const char *name;
+    const char *name, *module_file;
     int deterministic, expected_version;
     sqlite3 *db;
-    if (!PyArg_ParseTuple(args, "OsO!pi", &conn, &name, &ValueFunctionType, &function, &deterministic,
-                          &expected_version))
+    if (!PyArg_ParseTuple(args, "OsO!pis", &conn, &name, &ValueFunctionType, &function, &deterministic,
+                          &expected_version, &module_file))
         return NULL;
     if (sqlite_handle(conn, &db) < 0)
         return NULL;
-    if (!sqlite_symbols() || SQL.libversion_number() != expected_version)
+    if (!sqlite_symbols() || SQL.libversion_number() != expected_version || !sqlite_is_the_modules(module_file))
         Py_RETURN_FALSE;
     int rc = SQL.create_function_v2(db, name, 1, SQL_UTF8 | (deterministic ? SQL_DETERMINISTIC : 0), function,
                                     sqlite_value_function, NULL, NULL, NULL);

@@ -240,13 +240,15 @@ def sqlite_register(connection: object, name: str, function: Callable[[object], 
     """Make a :func:`value_function` SQLite's own function ``name`` (one argument) on a Python ``sqlite3``
     connection, called by SQLite with no Python object per value (the GIL taken only for non-ASCII text, a block
     of MACs, an error). ``False`` when that cannot be done here (not CPython, or the sqlite3 module's SQLite is
-    not the shared ``libsqlite3`` this process loaded, at the version the module reports): register ``function``
+    not the shared ``libsqlite3`` this process loaded, at the version the module reports, the very library the
+    module's extension file resolves SQLite's functions to): register ``function``
     with ``connection.create_function`` instead, which gives the same values and errors, slower."""
-    if sys.implementation.name != "cpython" or not isinstance(connection, sqlite3.Connection):
+    module_file = getattr(sys.modules.get("_sqlite3"), "__file__", None)
+    if sys.implementation.name != "cpython" or not isinstance(connection, sqlite3.Connection) or not module_file:
         return False
     major, minor, patch = sqlite3.sqlite_version_info
     return bool(_engine().sqlite_register(connection, name, function, deterministic,
-                                          major * 1_000_000 + minor * 1_000 + patch))
+                                          major * 1_000_000 + minor * 1_000 + patch, module_file))
 
 
 def sqlite_unregister(connection: object, name: str) -> None:
