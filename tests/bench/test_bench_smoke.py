@@ -22,13 +22,14 @@ def test_bench_smoke() -> None:
     assert proc.returncode == 0, output[-5000:]
     for case in ("(a) raw COPY", "(b) pseudonymise: deterministic", "(c) pseudonymise: reversible",
                  "(d) secondary", "(e) naive: pandas", "(f) in-database: pgcrypto", "2 mapped key ranges",
-                 "(g) SQLite raw copy", "(h) pseudonymise SQLite -> SQLite", "(i) (b) with a risk gate",
+                 "(g) SQLite raw copy", "(g') SQLite's own copy", "(h) pseudonymise SQLite -> SQLite", "(i) (b) with a risk gate",
                  "(j) (h) with the same gate", "(k) dry run of (b)", "(l) RiskReportOperator",
                  "(m) de-identify: (b) + visit_date shifted per patient"):
         assert case in proc.stdout, f"{case!r} missing from the output"
     for check in ("(b) equals pgcrypto", "(f) equals pgcrypto", "(c) equals pgcrypto",
                   "(c) one escrow row per distinct value", "(c) escrow reveals the originals",
                   "(d) equals pgcrypto", "2 mapped ranges equal (b)", "(h) equals the standard library's hmac",
+                  "(g') equals the source", "(h) ran inside SQLite",
                   "(i) equals pgcrypto", "(i) gate figures equal the standard library's",
                   "(j) equals the standard library's hmac", "(j) counts spilled to disk",
                   "(j) gate figures equal the standard library's", "(k) dry run wrote nothing",

@@ -33,7 +33,7 @@ from pseudonymise.core.formats import ALPHABETS, PseudonymFormat
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.mac import PRIMARY_LABEL, SECONDARY_LABEL
 from pseudonymise.core.policy import ColumnPolicy, ColumnRule, build_normaliser
-from pseudonymise.core.pseudonymiser import Pseudonymiser, SecondaryPseudonymiser
+from pseudonymise.core.pseudonymiser import Pseudonymiser, SecondaryPseudonymiser, _canonical_callback
 from pseudonymise.core.sealer import EscrowBlocks
 from pseudonymise.core.tokens import Token, verify_token
 
@@ -762,3 +762,83 @@ def test_recent_macs_in_c_equal_the_numpy_definition(monkeypatch: pytest.MonkeyP
     assert any(any(k) for k, _ in results["c"]) and any(u for _, u in results["c"])
     with pytest.raises(ValueError, match="power-of-two"):
         _extension().recent_known(bytearray(32 * 3), bytearray(3), b"")
+
+
+# --- a column as a per-value function (SQLite's create_function) -------------------------------------
+@needs_native
+@pytest.mark.parametrize("fmt", [PseudonymFormat(), PseudonymFormat("hex", 64, "ID-"), PseudonymFormat("digits", 20, "№"),
+                                 PseudonymFormat("base64url", 43)], ids=lambda f: f"{f.alphabet}{f.length}")
+def test_value_function_gives_the_reference_for_every_value_sqlite_hands_over(fmt: PseudonymFormat) -> None:
+    """Text (ASCII through the normaliser program, the rest through the callback: normalisers then NFC), integers
+    of every size SQLite holds, bytes, NULL: the pseudonyms of tests/reference.py, each MAC handed on in blocks."""
+    key = os.urandom(32)
+    rule = ColumnRule("pid", normalise=("strip", "upper"), domain="ward")
+    blocks: list[bytes] = []
+    function = native.value_function(native.ColumnPlan.pseudonymise(
+        fmt, native.keyed(key, PRIMARY_LABEL + b"ward\x00"), canonical=_canonical_callback(rule.normalise, "pid"),
+        program=native.ascii_program(rule.normalise)), blocks.append, flush_every=2)
+    values: list[Any] = [" p1 ", None, "Pe\u0301", "P\u00e9 ", 0, -(2**63), 2**63 - 1, b"\x00\xff", "", "x" * 100_000]
+    got = [function(v) for v in values]
+    function.flush()
+    normalised = [v.strip().upper() if isinstance(v, str) else v for v in values]
+    options = {"alphabet": fmt.alphabet, "length": fmt.length, "prefix": fmt.prefix}
+    assert got == [None if v is None else reference.pseudonym(key, v, domain="ward", **options) for v in normalised]
+    assert [len(b) for b in blocks] == [64, 64, 64, 64, 32]
+    assert b"".join(blocks) == b"".join(hmac.digest(key, reference.LABEL + b"ward\x00" + reference.canonical(v), "sha256")
+                                        for v in normalised if v is not None)
+    assert (function.calls, function.nulls, function.values, function.error) == (10, 1, 9, None)
+
+
+@needs_native
+def test_value_function_refuses_a_float_keeps_the_error_and_fails_every_later_call() -> None:
+    """sqlite3 replaces a function's exception with its own: the first one stays on the function, with its row."""
+    function = native.value_function(native.ColumnPlan.pseudonymise(PseudonymFormat(), None), lambda _: None)
+    assert function("a") is not None and function(None) is None
+    with pytest.raises(TypeError, match=r"^floating-point$"):
+        function(1234.5)
+    assert isinstance(function.error, TypeError) and function.error_row == 3 and "1234" not in str(function.error)
+    with pytest.raises(RuntimeError):
+        function("b")
+    assert isinstance(function.error, TypeError) and function.calls == 3
+
+
+@needs_native
+def test_value_function_keeps_the_flush_callables_error_and_close_drops_the_key() -> None:
+    def refuse(macs: bytes) -> None:
+        raise CollisionError("column 'pid': two different values gave the same pseudonym in this run")
+
+    function = native.value_function(native.ColumnPlan.pseudonymise(PseudonymFormat(), native.keyed(b"k" * 32, b"")),
+                                      refuse, flush_every=2)
+    function("a")
+    with pytest.raises(CollisionError):
+        function("b")
+    assert isinstance(function.error, CollisionError) and function.error_row == 2
+    other = native.value_function(native.ColumnPlan.pseudonymise(PseudonymFormat(), native.keyed(b"k" * 32, b"")),
+                                  lambda _: None)
+    other.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        other("a")
+    with pytest.raises(ValueError, match="escrow"):  # escrow and secondary input checks are not for this path
+        native.value_function(native.ColumnPlan.pseudonymise(PseudonymFormat(), None, collect=True), lambda _: None)
+
+
+@needs_native
+def test_sqlite_register_only_through_the_sqlite3_modules_own_library() -> None:
+    """SQLite's own function is registered only when the libsqlite3 at hand is the one the sqlite3 module's extension
+    resolves to, at its version; otherwise nothing is registered and the caller uses create_function."""
+    import sqlite3
+
+    conn = sqlite3.connect(":memory:")
+    function = native.value_function(native.ColumnPlan.pseudonymise(PseudonymFormat(), native.keyed(b"k" * 32, b"")),
+                                     lambda _: None)
+    major, minor, patch = sqlite3.sqlite_version_info
+    version = major * 1_000_000 + minor * 1_000 + patch
+    assert not _extension().sqlite_register(conn, "f", function, True, version + 1, sys.modules["_sqlite3"].__file__)
+    assert not _extension().sqlite_register(conn, "f", function, True, version, "/nonexistent/_sqlite3.so")
+    with pytest.raises(sqlite3.OperationalError, match="no such function"):
+        conn.execute("SELECT f('x')")
+    assert native.sqlite_register(conn, "f", function, deterministic=True)
+    assert conn.execute("SELECT f('x')").fetchone() == (reference.encode(hmac.digest(b"k" * 32, b"x", "sha256")),)
+    native.sqlite_unregister(conn, "f")
+    with pytest.raises(sqlite3.OperationalError, match="no such function"):
+        conn.execute("SELECT f('x')")

@@ -27,6 +27,11 @@
  *                     as sealer.BatchSealer does with the cryptography package. Only native.py imports
  *                     this module (typed by _native.pyi).
  *
+ * ValueFunction(...)  one pseudonymised column as a callable taking one value at a time (None, int, str,
+ *                     bytes), for SQLite's create_function: the same canonical bytes, MAC and encoding; each
+ *                     MAC handed to the run's collision check in blocks; sqlite_register(...) makes it SQLite's
+ *                     own function on a Python sqlite3 connection, called with no Python object per value.
+ *
  * SHA-256 and AES-GCM are OpenSSL's (libcrypto), which uses the CPU's SHA extensions where there are some.
  */
 #define PY_SSIZE_T_CLEAN
@@ -1293,12 +1298,586 @@ done:
     return result;
 }
 
+/* --- ValueFunction: one pseudonymised column as a per-value callable (SQLite's application-defined function) --- */
+/*
+ * ValueFunction(keyed or None, alphabet, length, prefix (UTF-8), callback or None, program, flush, flush_every)
+ *
+ * Called with one value as Python's sqlite3 module hands it over (None, int, str, bytes, float), it gives the
+ * pseudonym (str) or None, as canonical.py and the column path define them: text through the column's
+ * normalisers (the ASCII `program`, or `callback` for non-ASCII text: normalisers then NFC, as UTF-8),
+ * integers in decimal, bytes as they are; floats (and anything else) are refused with a TypeError naming
+ * only the value's type. Each MAC goes into a buffer that `flush(macs)` (the run's collision check) receives
+ * every `flush_every` values and at `.flush()`. The first exception (a refused value, the collision check
+ * failing) is kept in `.error` with the row (1-based call number) in `.error_row`, since sqlite3 replaces
+ * a function's exception with a generic one; later calls fail at once. Counts: `.calls`, `.nulls`, `.values`.
+ */
+typedef struct {
+    PyObject_HEAD
+    KeyedObject *keyed; /* NULL: randomised */
+    int alphabet, length;
+    PyObject *prefix;   /* bytes, UTF-8 */
+    PyObject *callback; /* NULL or callable(bytes) -> bytes */
+    PyObject *program;  /* bytes */
+    PyObject *flush;    /* callable(bytes) */
+    Py_ssize_t flush_every;
+    Buf macs, normal;
+    Random rnd;
+    Py_ssize_t calls, nulls, values;
+    PyObject *error;
+    Py_ssize_t error_row;
+} ValueFunctionObject;
+
+static int ValueFunction_init(ValueFunctionObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"keyed", "alphabet", "length", "prefix", "callback", "program", "flush", "flush_every",
+                             NULL};
+    PyObject *keyed, *prefix, *callback, *program, *flush;
+    Py_ssize_t flush_every;
+    int alphabet, length;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OiiSOSOn", kwlist, &keyed, &alphabet, &length, &prefix, &callback,
+                                     &program, &flush, &flush_every))
+        return -1;
+    if (keyed != Py_None && !PyObject_TypeCheck(keyed, &KeyedType)) {
+        PyErr_SetString(PyExc_TypeError, "keyed must be a Keyed or None (randomised)");
+        return -1;
+    }
+    if (alphabet < 0 || alphabet > 3 || length < 1 || length > 77 || flush_every < 1) {
+        PyErr_SetString(PyExc_ValueError, "alphabet must be 0-3, length 1-77 and flush_every positive");
+        return -1;
+    }
+    if ((callback != Py_None && !PyCallable_Check(callback)) || !PyCallable_Check(flush)) {
+        PyErr_SetString(PyExc_TypeError, "callback must be callable or None, and flush callable");
+        return -1;
+    }
+    const unsigned char *prog = (const unsigned char *)PyBytes_AS_STRING(program);
+    Py_ssize_t prog_len = PyBytes_GET_SIZE(program);
+    for (Py_ssize_t k = 0; k < prog_len; k++) { /* as parse_column checks it */
+        unsigned char op = prog[k];
+        if (op == 'r' && k + 1 < prog_len && k + 1 + prog[k + 1] < prog_len) {
+            k += 1 + prog[k + 1];
+        } else if (op != 's' && op != 'l' && op != 'u' && op != 'w') {
+            PyErr_SetString(PyExc_ValueError, "a normaliser program holds only s, l, u, w and r<n><chars>");
+            return -1;
+        }
+    }
+    Py_XSETREF(self->keyed, keyed == Py_None ? NULL : (KeyedObject *)Py_NewRef(keyed));
+    Py_XSETREF(self->prefix, Py_NewRef(prefix));
+    Py_XSETREF(self->callback, callback == Py_None ? NULL : Py_NewRef(callback));
+    Py_XSETREF(self->program, Py_NewRef(program));
+    Py_XSETREF(self->flush, Py_NewRef(flush));
+    self->alphabet = alphabet;
+    self->length = length;
+    self->flush_every = flush_every;
+    return 0;
+}
+
+static int ValueFunction_traverse(ValueFunctionObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->keyed);
+    Py_VISIT(self->callback);
+    Py_VISIT(self->flush);
+    Py_VISIT(self->error);
+    return 0;
+}
+
+static int ValueFunction_clear(ValueFunctionObject *self) {
+    Py_CLEAR(self->keyed);
+    Py_CLEAR(self->prefix);
+    Py_CLEAR(self->callback);
+    Py_CLEAR(self->program);
+    Py_CLEAR(self->flush);
+    Py_CLEAR(self->error);
+    return 0;
+}
+
+static void ValueFunction_dealloc(ValueFunctionObject *self) {
+    PyObject_GC_UnTrack(self);
+    ValueFunction_clear(self);
+    free(self->macs.data);
+    if (self->normal.data) {
+        OPENSSL_cleanse(self->normal.data, self->normal.cap);
+        free(self->normal.data);
+    }
+    OPENSSL_cleanse(&self->rnd, sizeof self->rnd);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The buffered MACs to `flush`; 0, or -1 with an exception set. */
+static int value_function_flush(ValueFunctionObject *self) {
+    if (self->macs.len == 0)
+        return 0;
+    PyObject *blob = PyBytes_FromStringAndSize((const char *)self->macs.data, (Py_ssize_t)self->macs.len);
+    if (blob == NULL)
+        return -1;
+    self->macs.len = 0;
+    PyObject *res = PyObject_CallOneArg(self->flush, blob);
+    Py_DECREF(blob);
+    if (res == NULL)
+        return -1;
+    Py_DECREF(res);
+    return 0;
+}
+
+/* Keep the pending exception as the function's error (the first one only), then let it propagate. */
+static PyObject *value_function_fail(ValueFunctionObject *self) {
+    if (self->error == NULL) {
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        PyErr_NormalizeException(&type, &exc, &tb);
+        if (tb != NULL && exc != NULL)
+            PyException_SetTraceback(exc, tb);
+        self->error = Py_NewRef(exc != NULL ? exc : Py_None);
+        self->error_row = self->calls;
+        PyErr_Restore(type, exc, tb);
+    }
+    return NULL;
+}
+
+static PyObject *ValueFunction_call(ValueFunctionObject *self, PyObject *args, PyObject *kwds) {
+    if (kwds != NULL || PyTuple_GET_SIZE(args) != 1) {
+        PyErr_SetString(PyExc_TypeError, "a pseudonym function takes exactly one value");
+        return NULL;
+    }
+    if (self->error != NULL || self->flush == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the pseudonym function already failed or is closed");
+        return NULL;
+    }
+    self->calls++;
+    PyObject *value = PyTuple_GET_ITEM(args, 0), *normal = NULL;
+    const unsigned char *data;
+    Py_ssize_t len;
+    char digits[24];
+    if (value == Py_None) {
+        self->nulls++;
+        Py_RETURN_NONE;
+    }
+    if (PyUnicode_Check(value)) {
+        data = (const unsigned char *)PyUnicode_AsUTF8AndSize(value, &len);
+        if (data == NULL)
+            return value_function_fail(self);
+        if (PyUnicode_IS_ASCII(value)) {
+            Py_ssize_t plen = PyBytes_GET_SIZE(self->program);
+            if (plen) {
+                if (buf_reserve(&self->normal, (size_t)len + 1) < 0) {
+                    PyErr_NoMemory();
+                    return value_function_fail(self);
+                }
+                memcpy(self->normal.data, data, (size_t)len);
+                len = (Py_ssize_t)ascii_normalise((const unsigned char *)PyBytes_AS_STRING(self->program), (size_t)plen,
+                                                  self->normal.data, (size_t)len);
+                data = self->normal.data;
+            }
+        } else if (self->callback != NULL) {
+            normal = call_callback(self->callback, data, (size_t)len);
+            if (normal == NULL)
+                return value_function_fail(self);
+            data = (const unsigned char *)PyBytes_AS_STRING(normal);
+            len = PyBytes_GET_SIZE(normal);
+        }
+    } else if (PyLong_CheckExact(value) || (PyLong_Check(value) && !PyBool_Check(value))) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (overflow || (v == -1 && PyErr_Occurred())) { /* not from SQLite (64-bit integers): the exact route */
+            PyErr_Clear();
+            normal = PyObject_Str(value);
+            if (normal == NULL)
+                return value_function_fail(self);
+            Py_SETREF(normal, PyUnicode_AsUTF8String(normal));
+            if (normal == NULL)
+                return value_function_fail(self);
+            data = (const unsigned char *)PyBytes_AS_STRING(normal);
+            len = PyBytes_GET_SIZE(normal);
+        } else {
+            len = snprintf(digits, sizeof digits, "%lld", v);
+            data = (const unsigned char *)digits;
+        }
+    } else if (PyBytes_Check(value)) {
+        data = (const unsigned char *)PyBytes_AS_STRING(value);
+        len = PyBytes_GET_SIZE(value);
+    } else {
+        PyErr_Format(PyExc_TypeError, "%s", PyFloat_Check(value) ? "floating-point" : Py_TYPE(value)->tp_name);
+        return value_function_fail(self);
+    }
+    if (buf_reserve(&self->macs, 32) < 0) {
+        Py_XDECREF(normal);
+        PyErr_NoMemory();
+        return value_function_fail(self);
+    }
+    unsigned char *mac = self->macs.data + self->macs.len;
+    if (self->keyed != NULL) {
+        keyed_mac(self->keyed, data, (size_t)len, mac);
+    } else if (random_mac(&self->rnd, mac) < 0) {
+        Py_XDECREF(normal);
+        PyErr_SetString(PyExc_OSError, "the operating system's random generator failed");
+        return value_function_fail(self);
+    }
+    Py_XDECREF(normal);
+    if (self->normal.data != NULL && data == self->normal.data)
+        OPENSSL_cleanse(self->normal.data, (size_t)len);
+    self->macs.len += 32;
+    self->values++;
+    Py_ssize_t plen = PyBytes_GET_SIZE(self->prefix);
+    char out[256];
+    memcpy(out, PyBytes_AS_STRING(self->prefix), (size_t)plen);
+    encode_mac(mac, self->alphabet, self->length, out + plen);
+    PyObject *result = PyUnicode_DecodeUTF8(out, plen + self->length, "strict");
+    if (result == NULL)
+        return value_function_fail(self);
+    if ((Py_ssize_t)(self->macs.len / 32) >= self->flush_every && value_function_flush(self) < 0) {
+        Py_DECREF(result);
+        return value_function_fail(self);
+    }
+    return result;
+}
+
+/* Drop the key, callback and flush: the callable may stay registered on a pooled connection (sqlite3 before
+ * Python 3.13 cannot unregister a function), holding nothing. */
+static PyObject *ValueFunction_close(ValueFunctionObject *self, PyObject *unused) {
+    Py_CLEAR(self->keyed);
+    Py_CLEAR(self->callback);
+    Py_CLEAR(self->flush);
+    if (self->error == NULL)
+        self->error = Py_NewRef(Py_None); /* every later call fails at once */
+    Py_RETURN_NONE;
+}
+
+static PyObject *ValueFunction_flush(ValueFunctionObject *self, PyObject *unused) {
+    if (self->flush == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the pseudonym function is closed");
+        return NULL;
+    }
+    if (value_function_flush(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *ValueFunction_get(ValueFunctionObject *self, void *which) {
+    switch ((intptr_t)which) {
+    case 0: return PyLong_FromSsize_t(self->calls);
+    case 1: return PyLong_FromSsize_t(self->nulls);
+    case 2: return PyLong_FromSsize_t(self->values);
+    case 3: return Py_NewRef(self->error ? self->error : Py_None); /* None once closed, too */
+    default: return PyLong_FromSsize_t(self->error_row);
+    }
+}
+
+static PyGetSetDef ValueFunction_getset[] = {
+    {"calls", (getter)ValueFunction_get, NULL, "values received (NULLs included)", (void *)0},
+    {"nulls", (getter)ValueFunction_get, NULL, "NULLs received", (void *)1},
+    {"values", (getter)ValueFunction_get, NULL, "values pseudonymised", (void *)2},
+    {"error", (getter)ValueFunction_get, NULL, "the first exception raised inside a call, or None", (void *)3},
+    {"error_row", (getter)ValueFunction_get, NULL, "the call (1-based) that raised it", (void *)4},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef ValueFunction_methods[] = {
+    {"flush", (PyCFunction)ValueFunction_flush, METH_NOARGS, "Hand the buffered MACs to the flush callable."},
+    {"close", (PyCFunction)ValueFunction_close, METH_NOARGS, "Drop the key: every later call fails."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *ValueFunction_repr(PyObject *self) { return PyUnicode_FromString("<ValueFunction (key hidden)>"); }
+
+static PyTypeObject ValueFunctionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pseudonymise.core._native.ValueFunction",
+    .tp_basicsize = sizeof(ValueFunctionObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "ValueFunction(keyed, alphabet, length, prefix, callback, program, flush, flush_every): one column's "
+              "pseudonym per value, for SQLite's create_function.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)ValueFunction_init,
+    .tp_dealloc = (destructor)ValueFunction_dealloc,
+    .tp_traverse = (traverseproc)ValueFunction_traverse,
+    .tp_clear = (inquiry)ValueFunction_clear,
+    .tp_call = (ternaryfunc)ValueFunction_call,
+    .tp_methods = ValueFunction_methods,
+    .tp_getset = ValueFunction_getset,
+    .tp_repr = ValueFunction_repr,
+};
+
+/* --- ValueFunction as SQLite's own function (no Python call per value) ----------------------------- */
+/*
+ * sqlite_register(connection, name, function, deterministic, expected_version, module_file) -> bool
+ * sqlite_unregister(connection, name) -> None
+ *
+ * Registers a ValueFunction with sqlite3_create_function_v2 on the sqlite3 handle behind a Python
+ * sqlite3.Connection (its first field after the object header, in every CPython 3 release), through the
+ * libsqlite3 the sqlite3 module already loaded (dlopen with RTLD_NOLOAD; nothing is loaded that was not
+ * there). SQLite then calls `sqlite_value_function` per value while sqlite3 has released the GIL: the
+ * canonical bytes, MAC and pseudonym are made without any Python object; the GIL is taken only for
+ * non-ASCII text (the normaliser callback, which also checks the text is UTF-8), to hand a block of MACs to
+ * the collision check, and to keep an error. Same results and errors as calling the ValueFunction from Python:
+ * an error is kept on the function (`.error`, `.error_row`) and SQLite is told "user-defined function raised
+ * exception", the text sqlite3 gives for a Python function's. Returns False (nothing registered) when the
+ * library is not loaded as a shared library, lacks a symbol, is not the version the sqlite3 module reports, or
+ * is not the one the module's extension file (`module_file`) resolves its SQLite functions to.
+ */
+#include <dlfcn.h>
+
+typedef struct sqlite3 sqlite3;
+typedef struct sqlite3_context sqlite3_context;
+typedef struct sqlite3_value sqlite3_value;
+typedef void (*sqlite_xfunc)(sqlite3_context *, int, sqlite3_value **);
+enum { SQL_INTEGER = 1, SQL_FLOAT = 2, SQL_TEXT = 3, SQL_BLOB = 4, SQL_NULL = 5 };
+#define SQL_UTF8 1
+#define SQL_DETERMINISTIC 0x000000800
+#define SQL_TRANSIENT ((void (*)(void *))-1)
+
+static struct {
+    int ready; /* 0 not tried, 1 usable, -1 not usable */
+    int (*create_function_v2)(sqlite3 *, const char *, int, int, void *, sqlite_xfunc, sqlite_xfunc, void (*)(sqlite3_context *),
+                              void (*)(void *));
+    int (*libversion_number)(void);
+    void *(*user_data)(sqlite3_context *);
+    int (*value_type)(sqlite3_value *);
+    const unsigned char *(*value_text)(sqlite3_value *);
+    const void *(*value_blob)(sqlite3_value *);
+    int (*value_bytes)(sqlite3_value *);
+    long long (*value_int64)(sqlite3_value *);
+    void (*result_text)(sqlite3_context *, const char *, int, void (*)(void *));
+    void (*result_null)(sqlite3_context *);
+    void (*result_error)(sqlite3_context *, const char *, int);
+} SQL;
+
+static int sqlite_symbols(void) {
+    if (SQL.ready)
+        return SQL.ready > 0;
+    SQL.ready = -1;
+    void *lib = dlopen("libsqlite3.so.0", RTLD_NOW | RTLD_NOLOAD);
+    if (lib == NULL)
+        return 0;
+#define SYM(field, name) if ((*(void **)&SQL.field = dlsym(lib, name)) == NULL) return 0;
+    SYM(create_function_v2, "sqlite3_create_function_v2")
+    SYM(libversion_number, "sqlite3_libversion_number")
+    SYM(user_data, "sqlite3_user_data")
+    SYM(value_type, "sqlite3_value_type")
+    SYM(value_text, "sqlite3_value_text")
+    SYM(value_blob, "sqlite3_value_blob")
+    SYM(value_bytes, "sqlite3_value_bytes")
+    SYM(value_int64, "sqlite3_value_int64")
+    SYM(result_text, "sqlite3_result_text")
+    SYM(result_null, "sqlite3_result_null")
+    SYM(result_error, "sqlite3_result_error")
+#undef SYM
+    SQL.ready = 1;
+    return 1;
+}
+
+typedef struct {
+    PyObject_HEAD
+    sqlite3 *db;
+} SqliteConnectionHead;
+
+static const char FUNCTION_FAILED[] = "user-defined function raised exception";
+
+/* Keep the pending Python exception on the function (GIL held), and tell SQLite the call failed. */
+static void sqlite_fail(ValueFunctionObject *self, sqlite3_context *ctx) {
+    value_function_fail(self);
+    PyErr_Clear();
+    SQL.result_error(ctx, FUNCTION_FAILED, -1);
+}
+
+static void sqlite_value_function(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
+    ValueFunctionObject *self = SQL.user_data(ctx);
+    if (self->error != NULL || self->flush == NULL || argc != 1) {
+        SQL.result_error(ctx, FUNCTION_FAILED, -1);
+        return;
+    }
+    self->calls++;
+    int type = SQL.value_type(argv[0]);
+    const unsigned char *data = NULL;
+    size_t len = 0;
+    char digits[24];
+    PyObject *normal = NULL;
+    PyGILState_STATE gil;
+    if (type == SQL_NULL) {
+        self->nulls++;
+        SQL.result_null(ctx);
+        return;
+    }
+    if (type == SQL_INTEGER) {
+        len = (size_t)snprintf(digits, sizeof digits, "%lld", SQL.value_int64(argv[0]));
+        data = (const unsigned char *)digits;
+    } else if (type == SQL_BLOB) {
+        len = (size_t)SQL.value_bytes(argv[0]);
+        data = len ? SQL.value_blob(argv[0]) : (const unsigned char *)"";
+    } else if (type == SQL_TEXT) {
+        data = SQL.value_text(argv[0]);
+        len = (size_t)SQL.value_bytes(argv[0]);
+        int ascii = 1;
+        for (size_t i = 0; i < len; i++)
+            if (data[i] & 0x80) { ascii = 0; break; }
+        if (ascii) {
+            Py_ssize_t plen = PyBytes_GET_SIZE(self->program);
+            if (plen) {
+                if (buf_reserve(&self->normal, len + 1) < 0) {
+                    gil = PyGILState_Ensure();
+                    PyErr_NoMemory();
+                    sqlite_fail(self, ctx);
+                    PyGILState_Release(gil);
+                    return;
+                }
+                memcpy(self->normal.data, data, len);
+                len = ascii_normalise((const unsigned char *)PyBytes_AS_STRING(self->program), (size_t)plen,
+                                      self->normal.data, len);
+                data = self->normal.data;
+            }
+        } else {
+            /* as sqlite3 would: the text must be UTF-8 (a str), then the column's normalisers and NFC */
+            gil = PyGILState_Ensure();
+            PyObject *text = PyUnicode_DecodeUTF8((const char *)data, (Py_ssize_t)len, "strict");
+            if (text == NULL) {
+                sqlite_fail(self, ctx);
+                PyGILState_Release(gil);
+                return;
+            }
+            Py_DECREF(text);
+            if (self->callback != NULL) {
+                normal = call_callback(self->callback, data, len);
+                if (normal == NULL) {
+                    sqlite_fail(self, ctx);
+                    PyGILState_Release(gil);
+                    return;
+                }
+                data = (const unsigned char *)PyBytes_AS_STRING(normal);
+                len = (size_t)PyBytes_GET_SIZE(normal);
+            }
+            PyGILState_Release(gil); /* `normal` stays alive (our reference) until it is hashed below */
+        }
+    } else {
+        gil = PyGILState_Ensure();
+        PyErr_SetString(PyExc_TypeError, type == SQL_FLOAT ? "floating-point" : "unknown");
+        sqlite_fail(self, ctx);
+        PyGILState_Release(gil);
+        return;
+    }
+    if (buf_reserve(&self->macs, 32) < 0) {
+        gil = PyGILState_Ensure();
+        Py_XDECREF(normal);
+        PyErr_NoMemory();
+        sqlite_fail(self, ctx);
+        PyGILState_Release(gil);
+        return;
+    }
+    unsigned char *mac = self->macs.data + self->macs.len;
+    int random_failed = 0;
+    if (self->keyed != NULL)
+        keyed_mac(self->keyed, data, len, mac);
+    else
+        random_failed = random_mac(&self->rnd, mac) < 0;
+    if (self->normal.data != NULL && data == self->normal.data)
+        OPENSSL_cleanse(self->normal.data, len);
+    if (normal != NULL || random_failed) {
+        gil = PyGILState_Ensure();
+        Py_XDECREF(normal);
+        if (random_failed) {
+            PyErr_SetString(PyExc_OSError, "the operating system's random generator failed");
+            sqlite_fail(self, ctx);
+            PyGILState_Release(gil);
+            return;
+        }
+        PyGILState_Release(gil);
+    }
+    self->macs.len += 32;
+    self->values++;
+    Py_ssize_t plen = PyBytes_GET_SIZE(self->prefix);
+    char out[256];
+    memcpy(out, PyBytes_AS_STRING(self->prefix), (size_t)plen);
+    encode_mac(mac, self->alphabet, self->length, out + plen);
+    if ((Py_ssize_t)(self->macs.len / 32) >= self->flush_every) {
+        gil = PyGILState_Ensure();
+        if (value_function_flush(self) < 0) {
+            sqlite_fail(self, ctx);
+            PyGILState_Release(gil);
+            return;
+        }
+        PyGILState_Release(gil);
+    }
+    SQL.result_text(ctx, out, (int)(plen + self->length), SQL_TRANSIENT);
+}
+
+static int sqlite_handle(PyObject *conn, sqlite3 **db) {
+    PyObject *module = PyImport_ImportModule("sqlite3");
+    if (module == NULL)
+        return -1;
+    PyObject *cls = PyObject_GetAttrString(module, "Connection");
+    Py_DECREF(module);
+    if (cls == NULL)
+        return -1;
+    int ok = PyObject_IsInstance(conn, cls);
+    Py_DECREF(cls);
+    if (ok <= 0) {
+        if (ok == 0)
+            PyErr_SetString(PyExc_TypeError, "expected a sqlite3.Connection");
+        return -1;
+    }
+    *db = ((SqliteConnectionHead *)conn)->db;
+    if (*db == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the sqlite3 connection is closed");
+        return -1;
+    }
+    return 0;
+}
+
+/* Whether the sqlite3 module (its extension file, already loaded) resolves SQLite to the very library whose
+ * functions we hold: not a copy of SQLite linked into the module, nor another libsqlite3 beside it. */
+static int sqlite_is_the_modules(const char *module_file) {
+    void *module = dlopen(module_file, RTLD_NOW | RTLD_NOLOAD);
+    if (module == NULL)
+        return 0;
+    void *theirs = dlsym(module, "sqlite3_libversion_number");
+    dlclose(module); /* RTLD_NOLOAD took a reference: give it back */
+    return theirs != NULL && theirs == *(void **)&SQL.libversion_number;
+}
+
+static PyObject *py_sqlite_register(PyObject *module, PyObject *args) {
+    PyObject *conn, *function;
+    const char *name, *module_file;
+    int deterministic, expected_version;
+    sqlite3 *db;
+    if (!PyArg_ParseTuple(args, "OsO!pis", &conn, &name, &ValueFunctionType, &function, &deterministic,
+                          &expected_version, &module_file))
+        return NULL;
+    if (sqlite_handle(conn, &db) < 0)
+        return NULL;
+    if (!sqlite_symbols() || SQL.libversion_number() != expected_version || !sqlite_is_the_modules(module_file))
+        Py_RETURN_FALSE;
+    int rc = SQL.create_function_v2(db, name, 1, SQL_UTF8 | (deterministic ? SQL_DETERMINISTIC : 0), function,
+                                    sqlite_value_function, NULL, NULL, NULL);
+    if (rc != 0) {
+        PyErr_Format(PyExc_RuntimeError, "SQLite refused the function (code %d)", rc);
+        return NULL;
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *py_sqlite_unregister(PyObject *module, PyObject *args) {
+    PyObject *conn;
+    const char *name;
+    sqlite3 *db;
+    if (!PyArg_ParseTuple(args, "Os", &conn, &name))
+        return NULL;
+    if (sqlite_handle(conn, &db) < 0)
+        return NULL;
+    if (!sqlite_symbols()) {
+        PyErr_SetString(PyExc_RuntimeError, "no function was registered through libsqlite3 here");
+        return NULL;
+    }
+    int rc = SQL.create_function_v2(db, name, 1, SQL_UTF8, NULL, NULL, NULL, NULL, NULL);
+    if (rc != 0) {
+        PyErr_Format(PyExc_RuntimeError, "SQLite did not remove the function (code %d)", rc);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"copy_block", py_copy_block, METH_VARARGS, "Pseudonymise a block of COPY text rows (see the source)."},
     {"seal_rows", py_seal_rows, METH_VARARGS, "Escrow rows in COPY text, every value sealed with AES-256-GCM."},
     {"recent_known", py_recent_known, METH_VARARGS, "Which MACs the table of recent MACs holds (see the source)."},
     {"recent_remember", py_recent_remember, METH_VARARGS, "MACs into the table of recent MACs (see the source)."},
     {"arrow_column", py_arrow_column, METH_VARARGS, "Pseudonymise one Arrow array from its buffers (see the source)."},
+    {"sqlite_register", py_sqlite_register, METH_VARARGS, "Register a ValueFunction as SQLite's own function."},
+    {"sqlite_unregister", py_sqlite_unregister, METH_VARARGS, "Remove a function registered by sqlite_register."},
     {"encode", py_encode, METH_VARARGS, "encode(macs, alphabet, length): pseudonym characters, `length` per MAC."},
     {NULL, NULL, 0, NULL},
 };
@@ -1308,12 +1887,13 @@ static struct PyModuleDef native_module = {
 };
 
 PyMODINIT_FUNC PyInit__native(void) {
-    if (PyType_Ready(&KeyedType) < 0)
+    if (PyType_Ready(&KeyedType) < 0 || PyType_Ready(&ValueFunctionType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Keyed", (PyObject *)&KeyedType) < 0) {
+    if (PyModule_AddObjectRef(m, "Keyed", (PyObject *)&KeyedType) < 0
+        || PyModule_AddObjectRef(m, "ValueFunction", (PyObject *)&ValueFunctionType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

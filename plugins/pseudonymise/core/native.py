@@ -13,6 +13,8 @@ what it raises (``ValueError``, ``RuntimeError``) becomes a :class:`~pseudonymis
 from __future__ import annotations
 
 import os
+import sqlite3
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -216,6 +218,44 @@ def arrow_column(array: pa.Array, plan: ColumnPlan, column: str) -> tuple[pa.Str
     raise error
 
 
+def value_function(plan: ColumnPlan, flush: Callable[[bytes], object], flush_every: int = 1 << 16) -> Callable[[object], str | None]:
+    """One pseudonymised column as a C callable taking one value at a time, for SQLite's ``create_function``.
+
+    It takes what Python's sqlite3 module hands a function (``None``, ``int``, ``str``, ``bytes``, ``float``) and
+    gives the pseudonym as :func:`arrow_column` would (text through ``plan.program`` or ``plan.canonical``,
+    integers in decimal, bytes as they are), ``None`` for ``None``. Every MAC goes, in blocks of ``flush_every``
+    and at its ``flush()``, to ``flush`` (the run's collision check). A float is refused with a ``TypeError``
+    naming only the type; the first exception raised inside is kept on the callable's ``error`` with the call
+    number in ``error_row`` (sqlite3 replaces it with a generic error); counts in ``calls``, ``nulls``, ``values``.
+    """
+    fmt = plan.format
+    if fmt is None or plan.collect or plan.check is not None:
+        raise ValueError("a value function pseudonymises, with no escrow collected and no input check")
+    return _engine().ValueFunction(plan.keyed, ALPHABET_CODES[fmt.alphabet], fmt.length,  # type: ignore[no-any-return]
+                                   fmt.prefix.encode("utf-8"), plan.canonical, plan.program, flush, flush_every)
+
+
+def sqlite_register(connection: object, name: str, function: Callable[[object], str | None], *,
+                    deterministic: bool) -> bool:
+    """Make a :func:`value_function` SQLite's own function ``name`` (one argument) on a Python ``sqlite3``
+    connection, called by SQLite with no Python object per value (the GIL taken only for non-ASCII text, a block
+    of MACs, an error). ``False`` when that cannot be done here (not CPython, or the sqlite3 module's SQLite is
+    not the shared ``libsqlite3`` this process loaded, at the version the module reports, the very library the
+    module's extension file resolves SQLite's functions to): register ``function``
+    with ``connection.create_function`` instead, which gives the same values and errors, slower."""
+    module_file = getattr(sys.modules.get("_sqlite3"), "__file__", None)
+    if sys.implementation.name != "cpython" or not isinstance(connection, sqlite3.Connection) or not module_file:
+        return False
+    major, minor, patch = sqlite3.sqlite_version_info
+    return bool(_engine().sqlite_register(connection, name, function, deterministic,
+                                          major * 1_000_000 + minor * 1_000 + patch, module_file))
+
+
+def sqlite_unregister(connection: object, name: str) -> None:
+    """Remove a function :func:`sqlite_register` registered (it holds the column's key)."""
+    _engine().sqlite_unregister(connection, name)
+
+
 def recent_known(table: memoryview, used: memoryview, macs: bytes) -> bytes:
     """For each 32-byte MAC, 1 if the table of recent MACs (32 bytes per slot, ``used`` one byte per slot, a power
     of two of them; the slot is the MAC's first 8 bytes, native-endian, masked) holds it, else 0."""
@@ -257,4 +297,4 @@ def seal_rows(dek: bytes, *, ad_prefix: bytes, plain_prefix: bytes, pseudonyms: 
 
 __all__ = ["ALPHABET_CODES", "DROP", "KEEP", "BlockPlan", "BlockResult", "ColumnPlan", "ColumnResult", "arrow_column",
            "arrow_type_tag", "ascii_program", "available", "copy_block", "encode", "keyed", "recent_known",
-           "recent_remember", "seal_rows"]
+           "recent_remember", "seal_rows", "sqlite_register", "sqlite_unregister", "value_function"]

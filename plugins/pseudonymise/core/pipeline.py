@@ -42,6 +42,7 @@ from pseudonymise.core.policy import ColumnPolicy, ColumnRule
 from pseudonymise.core.pseudonymiser import Pseudonymiser, SecondaryPseudonymiser, Stats
 from pseudonymise.core.risk import MEMORY_GROUPS, PostgresRiskTap, RiskReport, RiskSpec, SpillRiskTap, gate
 from pseudonymise.core.sql import reflect_table
+from pseudonymise.core.sqlite_direct import SqliteDirect
 from pseudonymise.core.use import RunContext, TokenSource, TokenUse
 
 Progress = Callable[[Stats], None]
@@ -99,12 +100,15 @@ class RunSummary:
     risk: dict[str, Any] | None = None
     #: a dry run's report: rows sampled, actions, target, risk (counts and names only)
     dry_run: dict[str, Any] | None = None
+    #: ``"sqlite"`` when SQLite itself ran the pseudonymisation (``sqlite_direct.py``), else unset
+    path: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"operation": self.operation, "use_id": self.use_id, "project": self.project,
                 "token_jti": self.token_jti, "token_fingerprint": self.token_fingerprint,
                 "columns": self.columns, **self.counts, **({"risk": self.risk} if self.risk is not None else {}),
-                **({"dry_run": self.dry_run} if self.dry_run is not None else {})}
+                **({"dry_run": self.dry_run} if self.dry_run is not None else {}),
+                **({"path": self.path} if self.path is not None else {})}
 
 
 def _summary(use: TokenUse, columns: Sequence[str], counts: Mapping[str, int]) -> RunSummary:
@@ -200,22 +204,35 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
             risk.check(columns, out_columns)
         escrow = EscrowWriter(use.token, store.escrow, defer=True) if not secondary and use.token.reversible else None
         escrow_rows = [0]  # counted by the writer, added to the stats once the writes are done
+        ran_in_sqlite = False
         sink: Sink | None = None
         tap: PostgresRiskTap | SpillRiskTap | None = None
         try:
             # a database error escaping the writes or the COMMIT: SQLSTATE and names only, never the driver's text
+            # SQLite into SQLite, first-level, irreversible, key at hand, no gate: SQLite itself does the run
+            direct = transfer.sqlite_direct if (mac is None and escrow is None and risk is None
+                                                and isinstance(engine, Pseudonymiser)) else None
             with database_errors("writing the target, escrow and audit failed; nothing was committed",
-                                 columns=out_columns, data_fix=TARGET_DATA_FIX), store.engine.begin() as conn, \
+                                 columns=out_columns, data_fix=TARGET_DATA_FIX), \
+                    _transaction(store.engine, direct) as (conn, attached), \
                     _Writes(background=_writes_in_background(store.engine)) as writes:
                 sink = transfer.open_sink(out_columns, conn)
                 tap = _risk_tap(risk, out_columns, transfer, conn, risk_memory_groups)
-                with _cycle_collection_paused():
-                    for batch in transfer.batches(key_at_hand=mac is None):
-                        out = engine.pseudonymise_batch(batch, columns)
-                        writes.submit(_writer(sink, escrow, conn, out.columns, out.escrow, escrow_rows, tap))
-                        use.counts.update(engine.stats.as_dict(), escrow_rows=escrow_rows[0])
-                        if progress:
-                            progress(engine.stats)
+                if direct is not None and attached is not None \
+                        and direct.prepare(sink, transfer.source):  # type: ignore[arg-type]
+                    direct.run(engine, attached, sink, columns)  # type: ignore[arg-type]
+                    ran_in_sqlite = True
+                    use.counts.update(engine.stats.as_dict(), escrow_rows=0)
+                    if progress:
+                        progress(engine.stats)
+                else:
+                    with _cycle_collection_paused():
+                        for batch in transfer.batches(key_at_hand=mac is None):
+                            out = engine.pseudonymise_batch(batch, columns)
+                            writes.submit(_writer(sink, escrow, conn, out.columns, out.escrow, escrow_rows, tap))
+                            use.counts.update(engine.stats.as_dict(), escrow_rows=escrow_rows[0])
+                            if progress:
+                                progress(engine.stats)
                 engine.finish()  # the collision check completes before anything commits
                 writes.drain()
                 if escrow is not None:
@@ -241,7 +258,22 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
         summary = _summary(use, out_columns, engine.stats.as_dict())
         if "risk" in use.details:
             summary.risk = use.details["risk"]
+        if ran_in_sqlite:
+            summary.path = "sqlite"
         return summary
+
+
+@contextlib.contextmanager
+def _transaction(engine: Engine, direct: SqliteDirect | None) -> Iterator[tuple[Connection, str | None]]:
+    """The run's transaction on the store's database; for a run SQLite may do itself, the source file attached
+    first (SQLite allows no ``ATTACH`` inside a transaction) and detached once the transaction has ended. Yields
+    the connection and the schema the source is read by (``None``: the generic path reads it)."""
+    if direct is None:
+        with engine.begin() as conn:
+            yield conn, None
+        return
+    with engine.connect() as conn, direct.attached(conn) as schema, conn.begin():
+        yield conn, schema
 
 
 def _risk_tap(risk: RiskSpec | None, columns: list[str], transfer: Transfer, conn: Connection,

@@ -28,6 +28,7 @@ from pseudonymise.core.copytext import CopyBlock
 from pseudonymise.core.errors import PolicyError
 from pseudonymise.core.files import open_sink
 from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableSink, TableTarget
+from pseudonymise.core.sqlite_direct import SqliteDirect, plan_direct
 
 if TYPE_CHECKING:
     from pseudonymise.core.policy import ColumnPolicy
@@ -74,6 +75,8 @@ class QuerySource:
     """A SQL query to read (``:name`` bind ``parameters``), by COPY or a server-side cursor as planned.
 
     :param label: how errors name the source (``table:visits``, ``query``).
+    :param table: the table ``query`` reads whole (``SELECT * FROM`` it), when it is one, and its ``schema``:
+        a SQLite table into a SQLite target may then be pseudonymised by SQLite itself (``sqlite_direct.py``).
     """
 
     engine: Engine
@@ -81,6 +84,8 @@ class QuerySource:
     parameters: Mapping[str, Any] | None = None
     batch_size: int = 50_000
     label: str = "query"
+    table: str | None = None
+    schema: str | None = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,9 @@ class Transfer:
         ``pyarrow.RecordBatch``es (when the key is at hand), which it reads from their buffers.
     :ivar pseudonymised: the output columns that are text whatever their source type (pseudonyms, generalised and
         masked values): a target table the run creates gives them the type ``text``.
+    :ivar sqlite_direct: a SQLite table into a SQLite table of the audit store's database: the run may be one
+        ``INSERT … SELECT`` in SQLite with the C engine per value (``sqlite_direct.py``; the pipeline decides at
+        run time, once it knows the token and the target).
     :ivar source_label: what the audit names as the source (``hospital_db:query``, ``file:in.csv`` …);
         ``target_label`` likewise.
     """
@@ -205,6 +213,7 @@ class Transfer:
     use_copy: bool | None = None
     source_label: str | None = None
     target_label: str | None = None
+    sqlite_direct: SqliteDirect | None = None
 
     @property
     def columns(self) -> list[str]:
@@ -289,6 +298,12 @@ def plan_transfer(source: QuerySource | Source, destination: Destination | Table
     opened = (_open_query(source, pseudonymised, takes_copy and source.engine.dialect.name == "postgresql")
               if isinstance(source, QuerySource) else source)
     copy_text = takes_copy and isinstance(opened, PostgresCopySource)
+    direct = (plan_direct(source.engine, source.table, source.schema, destination.engine, policy)
+              if isinstance(source, QuerySource) and isinstance(opened, SqlSource)
+              and isinstance(destination, TableDestination) and isinstance(destination.transaction, SharedTransaction)
+              else None)
+    if direct is not None:  # not read at all when SQLite does the run; read again from the start when it does not
+        opened.release()  # type: ignore[union-attr]
     arrow = (policy is not None and not copy_text and callable(getattr(opened, "record_batches", None))
              and bool(getattr(destination, "takes_arrow", False)))
     return Transfer(
@@ -298,7 +313,8 @@ def plan_transfer(source: QuerySource | Source, destination: Destination | Table
         arrow_batches=(isinstance(opened, SqlSource) and isinstance(destination, TableDestination) and policy is not None
                        and native.available() and bool(pseudonymised)),
         type_names=opened.type_names if isinstance(opened, PostgresCopySource) else None,
-        pseudonymised=text_columns, use_copy=use_copy, source_label=source_label, target_label=target_label)
+        pseudonymised=text_columns, use_copy=use_copy, source_label=source_label, target_label=target_label,
+        sqlite_direct=direct)
 
 
 def _open_query(query: QuerySource, pseudonymised: Sequence[str], copy_wanted: bool) -> Source:

@@ -371,6 +371,23 @@ class PseudonymEngine(ABC):
         self.stats.add(stats)
         return stats, escrow
 
+    def value_function(self, rule: ColumnRule, flush_every: int) -> Any:
+        """A pseudonymised column as the C engine's per-value callable (:func:`native.value_function`), for SQLite
+        to call: the column's plan (key, normalisers, domain, format) bound in, its MACs fed to this run's
+        collision check every ``flush_every`` values. Only with the C engine and the key at hand, for a run that
+        seals no escrow and checks no input format (first-level, irreversible)."""
+        if self._transit is not None or not native.available():
+            raise PolicyError("pseudonymising inside SQLite needs the C engine and the key at hand (not in Vault Transit)")
+
+        def collide(macs: bytes) -> None:
+            self._guard.add(rule.column, macs, None, count=len(macs) // 32)
+
+        return native.value_function(self._column_plan(rule), collide, flush_every)
+
+    def add_counts(self, rows: int, nulls: int, values: int) -> None:
+        """Counts of rows pseudonymised outside :meth:`pseudonymise_batch` (inside SQLite, say)."""
+        self.stats.add(Stats(rows_in=rows, rows_out=rows, nulls=nulls, values_pseudonymised=values))
+
     def finish(self) -> None:
         """End of the run: complete the collision check (DESIGN §4.6); raise before anything is committed."""
         self._guard.finish()

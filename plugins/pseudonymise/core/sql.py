@@ -71,16 +71,26 @@ class SqlSource:
         self.parameters = dict(parameters or {})
         self.batch_size = batch_size
         self.label = label or "query"
+        self._released = False
+        self._open()
+        self.columns: list[str] = list(self._result.keys())
+        self.type_codes = _type_codes(self._result) if engine.dialect.name == "postgresql" else {}
+
+    def _open(self) -> None:
         with database_errors(f"the source {self.label} could not be read", data_fix=SOURCE_DATA_FIX):
             try:
-                self._conn = engine.connect()
-                self._result = self._conn.execution_options(stream_results=True, yield_per=batch_size).execute(
-                    sa.text(query), self.parameters)
+                self._conn = self.engine.connect()
+                self._result = self._conn.execution_options(stream_results=True, yield_per=self.batch_size).execute(
+                    sa.text(self.query), self.parameters)
             except BaseException:
                 self.close()
                 raise
-        self.columns: list[str] = list(self._result.keys())
-        self.type_codes = _type_codes(self._result) if engine.dialect.name == "postgresql" else {}
+
+    def release(self) -> None:
+        """Close the read until batches are asked for, then run the query again: an open read of a SQLite file
+        holds its lock, which a writer of that file (the audit's ``started`` row, a target in it) would wait for."""
+        self.close()
+        self._released = True
 
     def check_types(self, columns: Sequence[str]) -> None:
         """Refuse floating-point and numeric columns before anything is written (PostgreSQL knows their type)."""
@@ -111,6 +121,9 @@ class SqlSource:
 
     def _columns(self) -> Iterator[dict[str, tuple[Any, ...]]]:
         """Each batch's rows turned into columns (tuples); the connection is closed after the last one."""
+        if self._released:
+            self._released = False
+            self._open()
         try:
             with database_errors(f"reading the source {self.label} failed", data_fix=SOURCE_DATA_FIX):
                 fetch = self._result.cursor.fetchmany if self.reads_the_cursor else self._result.fetchmany
@@ -130,6 +143,9 @@ class SqlSource:
     def close(self) -> None:
         conn = getattr(self, "_conn", None)
         if conn is not None:
+            result = getattr(self, "_result", None)
+            if result is not None:  # its DB-API cursor, mid-read, would keep a SQLite file's read lock in the pool
+                result.close()
             conn.close()
             self._conn = None  # type: ignore[assignment]
 
@@ -311,7 +327,7 @@ def reflect_table(conn: Connection, table: str, schema: str | None) -> sa.Table 
         return None
 
 
-def _python_type(values: Sequence[Any]) -> sa.types.TypeEngine[Any]:
+def python_type(values: Sequence[Any]) -> sa.types.TypeEngine[Any]:
     for v in values:
         if v is None:
             continue
@@ -464,7 +480,7 @@ class TableSink:
         else:
             meta = sa.MetaData()
             sa.Table(self.target.table, meta,
-                     *[sa.Column(c, sa.Text() if c in self.pseudonymised else _python_type(batch.get(c, ())))
+                     *[sa.Column(c, sa.Text() if c in self.pseudonymised else python_type(batch.get(c, ())))
                        for c in self.columns], schema=self.target.schema)
             meta.create_all(self.conn)
         if self.target.mode == "upsert":
@@ -502,12 +518,17 @@ class TableSink:
             self.conn.execute(sa.delete(t).where(cond))
         self._prepared = True
 
+    def open_table(self, sample: Mapping[str, Sequence[Any]]) -> None:
+        """Create the table (typed by ``sample``'s values, as a first :meth:`write` would) when it does not exist, and
+        apply the write mode's deletion: what a first write does, for a writer that then inserts by itself."""
+        if self.table is None:
+            self._create(sample)
+            self._prepare()
+
     def write(self, batch: dict[str, list[Any]] | CopyBlock | pa.RecordBatch) -> None:
         if isinstance(batch, pa.RecordBatch):  # the C engine's Arrow output: Python values for the driver
             batch = {name: array.to_pylist() for name, array in zip(batch.schema.names, batch.columns, strict=True)}
-        if self.table is None:
-            self._create(batch if isinstance(batch, dict) else {})
-            self._prepare()
+        self.open_table(batch if isinstance(batch, dict) else {})
         if isinstance(batch, CopyBlock):
             if not self.copy:
                 raise PolicyError("COPY text rows can only be written to a PostgreSQL target with COPY")
@@ -617,9 +638,7 @@ class TableSink:
 
     def commit(self) -> None:
         """Finish the write inside the transaction (the caller commits it with the audit row)."""
-        if self.table is None:  # no row at all: still create the table so downstream sees it
-            self._create({})
-            self._prepare()
+        self.open_table({})  # no row at all: still create the table so downstream sees it
         with self._errors(f"finishing the write into the target {self.target.label} failed; nothing was committed"):
             self._finish()
 
