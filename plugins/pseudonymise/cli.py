@@ -9,6 +9,7 @@ checkpoint signing and witnesses) is reached with ``VAULT_ADDR`` and ``VAULT_TOK
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -1159,6 +1160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        # Run as the command: what the imports built lives until the process exits, so the cycle collector
+        # need not scan it again and again during the run, nor once more at exit (a tenth of a second).
+        gc.freeze()
     _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -28,6 +28,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from pseudonymise.core.errors import DataIOError, DelimiterError, InvalidTextError, raise_alone
+from pseudonymise.core.threads import read_ahead
 
 FORMATS = ("csv", "parquet")
 csv.field_size_limit(64 * 1024 * 1024)
@@ -176,7 +177,10 @@ class CsvSource:
 
     def record_batches(self) -> Iterator[pa.RecordBatch]:
         """The rows as record batches of ``batch_size`` rows (the last may be shorter), every column ``pa.string()``:
-        the reader's blocks, joined or cut."""
+        the reader's blocks, joined or cut, parsed on a background thread a batch or two ahead of the caller."""
+        return read_ahead(self._record_batches(), name="pseudonymise-csv-reader")
+
+    def _record_batches(self) -> Iterator[pa.RecordBatch]:
         pending: list[pa.RecordBatch] = []
         held = 0
         try:
@@ -225,7 +229,10 @@ class ParquetSource:
 
     def record_batches(self) -> Iterator[pa.RecordBatch]:
         """The file's record batches as pyarrow streams them (row groups read one after the other), of ``batch_size``
-        rows but the last."""
+        rows but the last, decoded on a background thread a batch or two ahead of the caller."""
+        return read_ahead(self._record_batches(), name="pseudonymise-parquet-reader")
+
+    def _record_batches(self) -> Iterator[pa.RecordBatch]:
         batches = self._file.iter_batches(batch_size=self.batch_size)
         while True:
             try:

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from pseudonymise.core import native
 from pseudonymise.core.canonical import canonical_many
-from pseudonymise.core.collisions import CollisionGuard, RecentMacs
+from pseudonymise.core.collisions import CollisionGuard, GuardAside, RecentMacs
 from pseudonymise.core.copytext import CopyBlock
 from pseudonymise.core.deidentify import Deidentifier
 from pseudonymise.core.errors import PolicyError, TokenKindError, UnsupportedTypeError, raise_alone
@@ -197,7 +197,7 @@ class PseudonymEngine(ABC):
         self.format = fmt
         self.stats = Stats()
         self._transit = transit
-        self._guard = CollisionGuard(fmt, randomised)
+        self._guard: CollisionGuard | GuardAside = CollisionGuard(fmt, randomised)
         self._plans: dict[tuple[str, ...], _CopyPlan | None] = {}
         self._arrow_plans: dict[str, native.ColumnPlan] = {}
         #: the policy's de-identifying actions (``None`` when it has none: then no batch pays for them)
@@ -370,6 +370,12 @@ class PseudonymEngine(ABC):
         self._end_batch()
         self.stats.add(stats)
         return stats, escrow
+
+    def check_collisions_aside(self) -> None:
+        """Run this run's collision check on a background thread (before the first batch): a collision is then
+        raised by a later batch or by :meth:`finish`, still before anything is committed."""
+        if isinstance(self._guard, CollisionGuard):
+            self._guard = GuardAside(self._guard)
 
     def finish(self) -> None:
         """End of the run: complete the collision check (DESIGN §4.6); raise before anything is committed."""
