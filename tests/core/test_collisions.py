@@ -147,7 +147,7 @@ def test_guard_aside_passes_distinct_values_and_checks_the_spilled_ones_at_finis
     assert guard.spilled_records == 300  # every distinct value checked, the repeats in the other column skipped
 
 
-def test_guard_aside_close_stops_its_thread_and_forgets_the_run(constant_encoder: None) -> None:
+def test_guard_aside_close_stops_its_thread_and_forgets_the_run() -> None:
     guard = CollisionGuard(PseudonymFormat(), randomised=False, memory_records=2)
     aside = GuardAside(guard)
     for _ in range(5):

@@ -66,9 +66,6 @@ from pseudonymise.core.tokens import b64url_decode, b64url_encode, jwk_thumbprin
 from pseudonymise.core.vault import VaultCallError, VaultClient
 
 STATEMENT_TYPE = "pseudonymise-audit-checkpoint/v1"
-#: Environment variables the CLI reads the signing key and the verification keys from.
-SIGNING_KEY_ENV = "PSEUDONYMISE_AUDIT_SIGNING_KEY"
-PUBLIC_KEYS_ENV = "PSEUDONYMISE_AUDIT_PUBLIC_KEYS"
 _HASH = re.compile(r"[0-9a-f]{64}\Z")
 _KV_SEGMENT = re.compile(r"[^A-Za-z0-9._-]")
 _log = logging.getLogger(__name__)

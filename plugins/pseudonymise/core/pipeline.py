@@ -33,6 +33,7 @@ from pseudonymise.core.approval import Approval, ReverseRequests
 from pseudonymise.core.audit import AuditLog, AuditUse
 from pseudonymise.core.checkpoint import CheckpointTable
 from pseudonymise.core.db import make_engine, sqlite_write_transaction
+from pseudonymise.core.defaults import DRY_RUN_SAMPLE
 from pseudonymise.core.errors import TARGET_DATA_FIX, EscrowError, EscrowNotFoundError, PolicyError, database_errors
 from pseudonymise.core.escrow import EscrowReader, EscrowTables, EscrowWriter, purge
 from pseudonymise.core.plan import SharedTransaction, Sink, TableDestination, Transfer
@@ -234,8 +235,6 @@ def _risk_tap(risk: RiskSpec | None, columns: list[str], transfer: Transfer, con
     return SpillRiskTap(risk, columns, memory_groups=memory_groups)
 
 
-#: Rows a dry run reads by default (the first rows of the source).
-DRY_RUN_SAMPLE = 1000
 
 
 def run_dry_run(store: Store, tokens: TokenSource, policy: ColumnPolicy, transfer: Transfer,

@@ -81,53 +81,81 @@ class Jobs:
         self._thread = None
 
 
-def read_ahead(items: Iterable[T], depth: int = 2, name: str = "pseudonymise-reader") -> Iterator[T]:
-    """``items`` as they come, read on a background thread up to ``depth`` items ahead of the consumer.
+class ReadAhead(Iterator[T]):
+    """``items`` as they come, read on a background thread (started at once) up to ``depth`` items ahead of the
+    consumer.
 
     An error of the iterator is raised here, after the items it gave (the same exception object, with no
-    other as its context). When the consumer stops early (``close()``, an error, a ``break``), the reader
-    stops after the item it is reading and ``items`` is closed in the reader's thread.
+    other as its context). :meth:`close` stops the reader after the item it is reading, and ``items`` is then
+    closed in the reader's thread: it is called when the items are done or failed; a consumer that stops
+    early calls it (one that merely drops the reader stops it too, at the reader's next item).
     """
-    slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    stopped = threading.Event()
 
-    def offer(entry: tuple[str, Any]) -> bool:
-        while not stopped.is_set():
-            try:
-                slots.put(entry, timeout=_POLL)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def __init__(self, items: Iterable[T], depth: int = 2, name: str = "pseudonymise-reader") -> None:
+        self._slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+        self._stopped = threading.Event()
+        self._done = False
+        # the thread holds the queue and the event, not this object: a reader its consumer dropped is collected,
+        # and its __del__ stops the thread
+        self._thread = threading.Thread(target=_read, args=(items, self._slots, self._stopped), name=name,
+                                        daemon=True)
+        self._thread.start()
 
-    def read() -> None:
-        iterator = iter(items)
+    def __iter__(self) -> ReadAhead[T]:
+        return self
+
+    def __next__(self) -> T:
+        if self._done:
+            raise StopIteration
         try:
-            for item in iterator:
-                if not offer(("item", item)):
-                    return
-            offer(("end", None))
-        except BaseException as exc:
-            offer(("error", exc))
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+            kind, value = self._slots.get()
+        except BaseException:  # interrupted while waiting
+            self.close()
+            raise
+        if kind == "item":
+            return value  # type: ignore[no-any-return]
+        self.close()
+        if kind == "error":
+            raise value
+        raise StopIteration
 
-    thread = threading.Thread(target=read, name=name, daemon=True)
-    thread.start()
-    failure: BaseException | None = None
+    def close(self) -> None:
+        """Stop reading (the item being read is finished, then dropped) and wait for the reader to end."""
+        self._done = True
+        self._stopped.set()
+        self._thread.join()
+
+    def __del__(self) -> None:
+        self._stopped.set()  # an abandoned reader stops at its next item
+
+
+def _offer(slots: queue.Queue[tuple[str, Any]], stopped: threading.Event, entry: tuple[str, Any]) -> bool:
+    """Put ``entry`` in the queue once there is room; ``False`` if the consumer stopped first."""
+    while not stopped.is_set():
+        try:
+            slots.put(entry, timeout=_POLL)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _read(items: Iterable[T], slots: queue.Queue[tuple[str, Any]], stopped: threading.Event) -> None:
+    """The reader thread: every item, then the end or the error, into ``slots``; ``items`` closed here."""
+    iterator = iter(items)
     try:
-        while True:
-            kind, value = slots.get()
-            if kind == "item":
-                yield value
-                continue
-            if kind == "error":
-                failure = value
-            break
+        for item in iterator:
+            if not _offer(slots, stopped, ("item", item)):
+                return
+        _offer(slots, stopped, ("end", None))
+    except BaseException as exc:
+        _offer(slots, stopped, ("error", exc))
     finally:
-        stopped.set()
-        thread.join()
-    if failure is not None:
-        raise failure
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+def read_ahead(items: Iterable[T], depth: int = 2, name: str = "pseudonymise-reader") -> ReadAhead[T]:
+    """``items`` read on a background thread, started now, up to ``depth`` items ahead (:class:`ReadAhead`)."""
+    return ReadAhead(items, depth, name)
