@@ -461,7 +461,7 @@ def test_an_existing_sqlite_store_opens_while_another_process_writes(sqlite_url:
 
 def test_a_failed_sqlite_store_creation_leaves_no_table(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from pseudonymise.core.checkpoint import CheckpointTable
-    from pseudonymise.core.errors import EscrowError
+    from pseudonymise.core.errors import AuditError
 
     def broken(self: CheckpointTable, within: Connection | None = None) -> None:
         assert within is not None
@@ -469,6 +469,6 @@ def test_a_failed_sqlite_store_creation_leaves_no_table(sqlite_url: str, monkeyp
         raise sa.exc.OperationalError("CREATE TABLE", {}, Exception("disk I/O error"))
 
     monkeypatch.setattr(CheckpointTable, "create", broken)
-    with pytest.raises(EscrowError, match="cannot create the audit and escrow tables"):
+    with pytest.raises(AuditError, match="cannot create the audit and escrow tables"):
         Store(sqlite_url).create()
     assert _select(sa.create_engine(sqlite_url), "SELECT name FROM sqlite_master") == []

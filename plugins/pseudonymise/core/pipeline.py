@@ -34,7 +34,14 @@ from pseudonymise.core.audit import AuditLog, AuditUse
 from pseudonymise.core.checkpoint import CheckpointTable
 from pseudonymise.core.db import make_engine, sqlite_write_transaction
 from pseudonymise.core.defaults import DRY_RUN_SAMPLE
-from pseudonymise.core.errors import TARGET_DATA_FIX, EscrowError, EscrowNotFoundError, PolicyError, database_errors
+from pseudonymise.core.errors import (
+    TARGET_DATA_FIX,
+    AuditError,
+    EscrowError,
+    EscrowNotFoundError,
+    PolicyError,
+    database_errors,
+)
 from pseudonymise.core.escrow import EscrowReader, EscrowTables, EscrowWriter, purge
 from pseudonymise.core.plan import SharedTransaction, Sink, TableDestination, Transfer
 from pseudonymise.core.policy import ColumnPolicy, ColumnRule
@@ -88,8 +95,8 @@ class Store:
                 self.audit.metadata.create_all(conn, checkfirst=True)
                 self.escrow.upgrade(conn)
         except sa.exc.SQLAlchemyError as exc:
-            raise EscrowError(f"cannot create the audit and escrow tables ({exc.__class__.__name__}); check the "
-                              "database") from exc
+            raise AuditError(f"cannot create the audit and escrow tables ({exc.__class__.__name__}); check that the "
+                             "audit database is reachable and may be written") from exc
 
     def _sqlite_ready(self, conn: Connection, checkpoint: sa.Table) -> bool:
         """Whether every table and index of the store exists on SQLite, with the columns of this release."""
