@@ -181,6 +181,7 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
             risk.check(columns, out_columns)
         if transfer.arrow:  # files: reader, C engine, collision check and writer each on a thread of their own
             engine.check_collisions_aside()
+            engine.hash_columns_side_by_side()
         escrow = EscrowWriter(use.token, store.escrow, defer=True) if not secondary and use.token.reversible else None
         escrow_rows = [0]  # counted by the writer, added to the stats once the writes are done
         sink: Sink | None = None
