@@ -9,6 +9,7 @@ checkpoint signing and witnesses) is reached with ``VAULT_ADDR`` and ``VAULT_TOK
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -18,28 +19,10 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
-
-import sqlalchemy as sa
-from sqlalchemy import exc as sa_exc
+from typing import TYPE_CHECKING, Any
 
 from pseudonymise import __version__
-from pseudonymise.core.audit import AuditUse
-from pseudonymise.core.checkpoint import (
-    PUBLIC_KEYS_ENV,
-    SIGNING_KEY_ENV,
-    Checkpointer,
-    CheckpointSigner,
-    FileWitness,
-    LocalSigner,
-    PublicKeys,
-    TransitSigner,
-    VaultKVWitness,
-    Witness,
-    WitnessVerifyResult,
-    verify_against_witness,
-)
-from pseudonymise.core.db import make_engine
+from pseudonymise.core.defaults import DRY_RUN_SAMPLE, MAX_REPORT_QIS, MEMORY_GROUPS, PUBLIC_KEYS_ENV, SIGNING_KEY_ENV
 from pseudonymise.core.errors import (
     AuditError,
     CheckpointError,
@@ -52,28 +35,23 @@ from pseudonymise.core.errors import (
     PseudonymiseError,
     TokenError,
 )
-from pseudonymise.core.escrow import unproven_rows
-from pseudonymise.core.files import open_sink, open_source
 from pseudonymise.core.formats import ALPHABETS, DEFAULT_ALPHABET, DEFAULT_LENGTH, PseudonymFormat
 from pseudonymise.core.instants import utc_seconds
-from pseudonymise.core.issuer import DirectoryStore, Issuer, ProjectStore, VaultStore
-from pseudonymise.core.pipeline import (
-    DRY_RUN_SAMPLE,
-    Store,
-    run_dry_run,
-    run_pseudonymisation,
-    run_purge,
-    run_reversal,
-    run_risk_report,
-)
-from pseudonymise.core.plan import Sink, Source, plan_transfer
 from pseudonymise.core.policy import ColumnPolicy, ColumnRule
-from pseudonymise.core.pseudonymiser import Stats
-from pseudonymise.core.risk import MAX_REPORT_QIS, MEMORY_GROUPS, RiskSpec, describe_batches, describe_table
-from pseudonymise.core.tokens import Token, TrustedKeys, parse_instant, verify_token
 from pseudonymise.core.transit import TransitMac
-from pseudonymise.core.use import RunContext, TokenUse, current_user
 from pseudonymise.core.vault import VaultClient
+
+# The rest of the core is imported by the commands that use it: SQLAlchemy, numpy, pyarrow and cryptography
+# take most of a short command's time.
+if TYPE_CHECKING:
+    from pseudonymise.core.checkpoint import CheckpointSigner, PublicKeys, Witness, WitnessVerifyResult
+    from pseudonymise.core.files import CsvSource, ParquetSource
+    from pseudonymise.core.issuer import ProjectStore
+    from pseudonymise.core.pipeline import Store
+    from pseudonymise.core.plan import Sink, Source
+    from pseudonymise.core.pseudonymiser import Stats
+    from pseudonymise.core.risk import RiskSpec
+    from pseudonymise.core.tokens import Token, TrustedKeys
 
 DEFAULT_STORE = "~/.pseudonymise"
 DEFAULT_DB = "sqlite:///pseudonymise.db"
@@ -144,6 +122,7 @@ class _Parser(argparse.ArgumentParser):
 # --- where things come from -------------------------------------------------------------------
 def open_store(spec: str) -> ProjectStore:
     """``vault:<mount>/<path>`` (with VAULT_ADDR and VAULT_TOKEN) or a directory."""
+    from pseudonymise.core.issuer import DirectoryStore, VaultStore
     if spec.startswith("vault:"):
         mount, _, path = spec[len("vault:"):].partition("/")
         addr, token = os.environ.get("VAULT_ADDR"), os.environ.get("VAULT_TOKEN")
@@ -192,6 +171,8 @@ class CliTokens:
         return text.strip()
 
     def get_trusted_keys(self) -> TrustedKeys:
+        from pseudonymise.core.issuer import Issuer
+        from pseudonymise.core.tokens import TrustedKeys
         spec = self.args.issuer_keys or os.environ.get("PSEUDONYMISE_ISSUER_KEYS")
         if spec:
             if spec.lstrip().startswith("{") or spec.lstrip().startswith("["):
@@ -284,6 +265,9 @@ def existing_store(args: argparse.Namespace) -> Store:
     ``checkpoint``, ``token revoke``/``revocations``, ``escrow purge``, ``subject erase``): refused, with
     nothing created, when the SQLite file or the audit table is not there. A command that uses a token
     (``file …``) creates them instead: its run is the audit's first row."""
+    import sqlalchemy as sa
+
+    from pseudonymise.core.pipeline import Store
     url = sa.engine.make_url(args.db)
     table, schema = getattr(args, "table", "pseudonymise_audit"), getattr(args, "schema", None)
     if url.get_backend_name() == "sqlite" and not url.query.get("uri"):
@@ -306,12 +290,14 @@ def existing_store(args: argparse.Namespace) -> Store:
 
 # --- commands ---------------------------------------------------------------------------------
 def cmd_issuer_init(args: argparse.Namespace) -> int:
+    from pseudonymise.core.issuer import Issuer
     issuer = Issuer.init(open_store(args.store), args.issuer_id)
     print(f"issuer {issuer.id!r} created in {issuer.store} (key id {issuer.kid})")
     return 0
 
 
 def cmd_issuer_public_key(args: argparse.Namespace) -> int:
+    from pseudonymise.core.issuer import Issuer
     jwks = json.dumps(Issuer(open_store(args.store)).public_keys().to_jwks(), indent=2)
     if args.output:
         Path(args.output).write_text(jwks + "\n", encoding="utf-8")
@@ -322,6 +308,8 @@ def cmd_issuer_public_key(args: argparse.Namespace) -> int:
 
 
 def cmd_project_create(args: argparse.Namespace) -> int:
+    from pseudonymise.core.issuer import Issuer
+    from pseudonymise.core.tokens import parse_instant
     transit_client = None
     if args.custody == "transit":
         vault = VaultClient.from_environment()
@@ -340,16 +328,19 @@ def cmd_project_create(args: argparse.Namespace) -> int:
 
 
 def cmd_project_list(args: argparse.Namespace) -> int:
+    from pseudonymise.core.issuer import Issuer
     _emit([p.settings() for p in Issuer(open_store(args.store)).projects()])
     return 0
 
 
 def cmd_project_show(args: argparse.Namespace) -> int:
+    from pseudonymise.core.issuer import Issuer
     _emit(Issuer(open_store(args.store)).project(args.project).settings())
     return 0
 
 
 def cmd_token_issue(args: argparse.Namespace) -> int:
+    from pseudonymise.core.issuer import Issuer
     max_uses = args.max_uses
     if max_uses is None and args.kind == "reverse":
         max_uses = 1  # DESIGN §3 (v1.1): a reverse token is single-use unless asked otherwise
@@ -372,6 +363,8 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from pseudonymise.core.audit import AuditUse
+    from pseudonymise.core.use import RunContext, current_user
     store = existing_store(args)
     use = AuditUse(operation="revoke", source="cli", context=RunContext(triggered_by=current_user()).audit_fields())
     store.audit.revoke(args.jti, args.reason, use)
@@ -401,6 +394,7 @@ def _non_negative(text: str) -> int:
 
 
 def cmd_token_inspect(args: argparse.Namespace) -> int:
+    from pseudonymise.core.tokens import verify_token
     tokens = CliTokens(args)
     raw = tokens.get_token()
     keys = tokens.get_trusted_keys()
@@ -443,6 +437,7 @@ def human_time(value: datetime | int | float, now: datetime | None = None) -> st
 
 def _claims_text(result: dict[str, Any]) -> str:
     """``token inspect``'s answer for people: one claim a line, times in UTC with how far they are."""
+    from pseudonymise.core.tokens import parse_instant
     lines = []
     for name, value in result.items():
         if name in _TIME_CLAIMS:
@@ -475,6 +470,7 @@ class OutputFile:
         self.delimiter = args.output_delimiter or args.delimiter
 
     def open(self, columns: list[str], conn: Any) -> Sink:
+        from pseudonymise.core.files import open_sink
         schema = None
         input_schema = getattr(self.source, "schema", None)  # a Parquet input's Arrow schema
         if input_schema is not None and self.pseudonymised is not None \
@@ -498,9 +494,10 @@ def _report(summary: Any, started: float) -> None:
     )
 
 
-def _file_source(args: argparse.Namespace, batch_size: int | None = None) -> Source:
+def _file_source(args: argparse.Namespace, batch_size: int | None = None) -> CsvSource | ParquetSource:
     """The input of a ``file`` command, refused when it is also the output (after symbolic links and relative
     paths are resolved), or when its header says the CSV delimiter is another one."""
+    from pseudonymise.core.files import open_source
     source_path, output_path = Path(args.input).resolve(), Path(args.output).resolve()
     if source_path == output_path or (output_path.exists() and source_path.exists()
                                       and os.path.samefile(source_path, output_path)):
@@ -514,10 +511,26 @@ def _file_source(args: argparse.Namespace, batch_size: int | None = None) -> Sou
 
 def cmd_file_pseudonymise(args: argparse.Namespace, secondary: bool = False) -> int:
     policy = build_policy(args)
-    risk = build_risk(args)
     sample = DRY_RUN_SAMPLE if args.sample is None else args.sample
     batch_size = max(1, min(args.batch_size, sample)) if args.dry_run else args.batch_size  # no more than the sample
     source = _file_source(args, batch_size)
+    try:
+        if not args.dry_run and args.sample is None:
+            # parse the first batches on another core while the engine loads and the audit opens (the file
+            # only: the token is used after its audited start, as ever)
+            source.start_reading()
+        return _file_pseudonymise(args, secondary, policy, source, sample)
+    finally:
+        source.close()
+
+
+def _file_pseudonymise(args: argparse.Namespace, secondary: bool, policy: ColumnPolicy,
+                       source: CsvSource | ParquetSource, sample: int) -> int:
+    from pseudonymise.core.pipeline import Store, run_dry_run, run_pseudonymisation
+    from pseudonymise.core.plan import plan_transfer
+    from pseudonymise.core.use import RunContext, current_user
+
+    risk = build_risk(args)
     transfer = plan_transfer(source, OutputFile(args, source, set(policy.text_columns)), policy,
                              source_label=f"file:{args.input}", target_label=f"file:{args.output}")
     started = time.monotonic()
@@ -558,6 +571,7 @@ def _report_dry_run(report: dict[str, Any]) -> None:
 
 def build_risk(args: argparse.Namespace) -> RiskSpec | None:
     """The risk gate of ``--risk FILE`` or of ``--quasi-identifiers`` with ``--risk-k``, ``--l-column``, ``--l-min``."""
+    from pseudonymise.core.risk import RiskSpec
     flags = args.quasi_identifiers or args.risk_k is not None or args.l_column or args.l_min is not None
     if args.risk:
         if flags:
@@ -581,6 +595,11 @@ def build_risk(args: argparse.Namespace) -> RiskSpec | None:
 
 
 def cmd_risk_report(args: argparse.Namespace) -> int:
+    from pseudonymise.core.db import make_engine
+    from pseudonymise.core.files import open_source
+    from pseudonymise.core.pipeline import Store, run_risk_report
+    from pseudonymise.core.risk import describe_batches, describe_table
+    from pseudonymise.core.use import RunContext, current_user
     spec = build_risk(args)
     if spec is None:
         raise PolicyError("say which columns are quasi-identifiers: --quasi-identifiers a,b,c (or --risk FILE)")
@@ -618,6 +637,9 @@ def cmd_file_secondary(args: argparse.Namespace) -> int:
 
 
 def cmd_file_reverse(args: argparse.Namespace) -> int:
+    from pseudonymise.core.pipeline import Store, run_reversal
+    from pseudonymise.core.plan import plan_transfer
+    from pseudonymise.core.use import RunContext, current_user
     columns = _split(args.columns)
     source = _file_source(args)
     transfer = plan_transfer(source, OutputFile(args, source, None), None,
@@ -651,6 +673,7 @@ def _read_values(path: str, what: str) -> list[str]:
 def cmd_subject_erase(args: argparse.Namespace) -> int:
     from pseudonymise.core.db import make_engine
     from pseudonymise.core.erase import ErasureTarget, erase_by_identifiers, erase_by_pseudonyms
+    from pseudonymise.core.use import RunContext, current_user
 
     if bool(args.identifiers) == bool(args.pseudonyms):
         raise ErasureError("give either --identifiers FILE (with the project's pseudonymisation token) or "
@@ -684,6 +707,8 @@ def cmd_subject_erase(args: argparse.Namespace) -> int:
 
 
 def cmd_escrow_purge(args: argparse.Namespace) -> int:
+    from pseudonymise.core.pipeline import run_purge
+    from pseudonymise.core.use import RunContext, current_user
     summary = run_purge(existing_store(args), RunContext(triggered_by=current_user()), project=args.project)
     print(f"purged {summary.counts['escrow_rows']} escrow row(s) past retention; audit use {summary.use_id}")
     return 0
@@ -707,6 +732,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 def _verify_escrow(args: argparse.Namespace, store: Store, chain_ok: bool) -> bool:
     """``audit verify --escrow``: list the escrow rows reversal would refuse (DESIGN.md §5.1), by pseudonym.
     With a reverse token (an audited use) every row of its project is opened and checked, never shown."""
+    from pseudonymise.core.escrow import unproven_rows
+    from pseudonymise.core.use import RunContext, TokenUse, current_user
     if not chain_ok:
         print("escrow not checked: it is proven by the audit chain, which does not verify")
         return False
@@ -766,6 +793,7 @@ def _mount_and_name(spec: str, flag: str) -> tuple[str, str]:
 
 def _signer(args: argparse.Namespace) -> CheckpointSigner:
     """The audit signing key: a Transit key, or a private JWK from a file or an environment variable."""
+    from pseudonymise.core.checkpoint import LocalSigner, TransitSigner
     if args.transit_key:
         return TransitSigner(_vault_client("--transit-key"), *_mount_and_name(args.transit_key, "--transit-key"))
     if args.signing_key:
@@ -784,6 +812,7 @@ def _signer(args: argparse.Namespace) -> CheckpointSigner:
 
 
 def _witnesses(specs: Sequence[str]) -> list[Witness]:
+    from pseudonymise.core.checkpoint import FileWitness, VaultKVWitness
     out: list[Witness] = []
     for spec in specs:
         if spec.startswith("vault:"):
@@ -798,6 +827,7 @@ def _witnesses(specs: Sequence[str]) -> list[Witness]:
 
 
 def _public_keys(args: argparse.Namespace) -> PublicKeys:
+    from pseudonymise.core.checkpoint import PublicKeys
     spec = args.public_keys or os.environ.get(PUBLIC_KEYS_ENV)
     if spec:
         if spec.lstrip().startswith(("{", "[")):
@@ -813,10 +843,12 @@ def _public_keys(args: argparse.Namespace) -> PublicKeys:
 
 
 def _verify_witness(args: argparse.Namespace, store: Store) -> WitnessVerifyResult:
+    from pseudonymise.core.checkpoint import verify_against_witness
     return verify_against_witness(store.audit, _witnesses(args.witness), _public_keys(args), audit_id=args.audit_id)
 
 
 def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
+    from pseudonymise.core.checkpoint import Checkpointer
     store = existing_store(args)
     result = Checkpointer(store.audit, _signer(args), _witnesses(args.witness), audit_id=args.audit_id).checkpoint()
     if result is None:
@@ -827,6 +859,7 @@ def cmd_audit_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_keygen(args: argparse.Namespace) -> int:
+    from pseudonymise.core.checkpoint import LocalSigner, TransitSigner
     if args.transit_key:
         mount, name = _mount_and_name(args.transit_key, "--transit-key")
         keys = TransitSigner.create(_vault_client("--transit-key"), mount, name).public_keys()
@@ -1158,7 +1191,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _database_error(exc: Exception) -> str | None:
+    """The message for an error of SQLAlchemy (a URL it cannot read, a database it cannot use; its own text is
+    not shown, it can quote values), or ``None`` for any other error."""
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is None:  # SQLAlchemy was never loaded: not its error
+        return None
+    if isinstance(exc, sa_exc.ArgumentError):
+        return (f"error: the database URL is not valid ({redact(str(exc))}); write it like sqlite:///pseudonymise.db "
+                "or postgresql://user@host/db")
+    if isinstance(exc, sa_exc.SQLAlchemyError):
+        return (f"error: the database could not be used ({exc.__class__.__name__}); check --db and that the "
+                "server is reachable")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command. Each command loads what it needs (SQLAlchemy, numpy, cryptography) when it runs, so
+    ``--help`` is quick and ``file pseudonymise`` starts reading its input while the engine loads."""
+    command = argv is None  # run as the process's command, not called by a program
+    if command:
+        # what exists now lives until the process exits: the cycle collector need not scan it again
+        gc.freeze()
     _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1167,17 +1221,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PseudonymiseError as exc:
         print(f"error: {cli_message(str(exc))}", file=sys.stderr)
         return 1
-    except sa_exc.ArgumentError as exc:
-        print(f"error: the database URL is not valid ({redact(str(exc))}); write it like sqlite:///pseudonymise.db "
-              "or postgresql://user@host/db", file=sys.stderr)
-        return 1
-    except sa_exc.SQLAlchemyError as exc:
-        print(f"error: the database could not be used ({exc.__class__.__name__}); check --db and that the "
-              "server is reachable", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted; nothing was committed", file=sys.stderr)
         return 130
+    except Exception as exc:
+        message = _database_error(exc)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 1
+    finally:
+        if command:
+            gc.freeze()  # nor once more at exit (a tenth of a second with SQLAlchemy loaded)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
 from pseudonymise.core import formats
-from pseudonymise.core.collisions import RECORD, CollisionGuard
+from pseudonymise.core.collisions import RECORD, CollisionGuard, GuardAside
 from pseudonymise.core.errors import CollisionError
 from pseudonymise.core.formats import PseudonymFormat
 from pseudonymise.core.policy import ColumnPolicy
@@ -121,3 +122,46 @@ def test_memory_stays_bounded_when_spilled() -> None:
     assert len(guard._resident) == 0 and guard.spilled_records == 40_000
     guard.finish()
     guard.close()
+
+
+def test_guard_aside_finds_what_the_guard_finds(constant_encoder: None) -> None:
+    """Fed on its own thread, the check raises a collision at a later batch or at finish, never misses one."""
+    aside = GuardAside(CollisionGuard(PseudonymFormat(), randomised=False))
+    aside.add("a", macs(1) * 3, None)  # one value three times: no collision
+    aside.add("b", macs(1), None)  # another value, the same pseudonym
+    with pytest.raises(CollisionError, match="'a' and 'b'"):
+        for _ in range(10):  # raised by a later batch once the thread has checked it, or by finish
+            aside.add("c", [], None)
+        aside.finish()
+    aside.close()
+
+
+def test_guard_aside_passes_distinct_values_and_checks_the_spilled_ones_at_finish() -> None:
+    guard = CollisionGuard(PseudonymFormat(), randomised=False, memory_records=10)
+    aside = GuardAside(guard)
+    values = macs(300)
+    for start in range(0, 300, 30):
+        aside.add("a", values[start:start + 30], None)
+        aside.add("b", values[start:start + 30][::-1], None)
+    aside.finish()
+    assert guard.spilled_records == 300  # every distinct value checked, the repeats in the other column skipped
+
+
+def test_guard_aside_close_stops_its_thread_and_forgets_the_run() -> None:
+    guard = CollisionGuard(PseudonymFormat(), randomised=False, memory_records=2)
+    aside = GuardAside(guard)
+    for _ in range(5):
+        aside.add("a", macs(3), None)
+    aside.close()  # after a failure elsewhere: no error, temporary files closed
+    assert not any(t.name == "pseudonymise-collisions" and t.is_alive() for t in threading.enumerate())
+    assert all(handle is None or handle.closed for handle in guard._spill or ())
+
+
+def test_pseudonymiser_checks_aside_and_still_fails_before_commit(mint: Mint, constant_encoder: None) -> None:
+    engine = Pseudonymiser(mint("research-b"), ColumnPolicy.pseudonymise("id"))
+    engine.check_collisions_aside()
+    engine.pseudonymise_batch({"id": ["P1", "P1"]})
+    engine.pseudonymise_batch({"id": ["P2"]})
+    with pytest.raises(CollisionError, match="'id'"):
+        engine.finish()
+    engine.close()

@@ -842,3 +842,37 @@ def test_sqlite_register_only_through_the_sqlite3_modules_own_library() -> None:
     native.sqlite_unregister(conn, "f")
     with pytest.raises(sqlite3.OperationalError, match="no such function"):
         conn.execute("SELECT f('x')")
+
+
+@needs_native
+def test_arrow_columns_side_by_side_equal_the_reference_and_fail_as_in_order(issuer: Issuer) -> None:
+    """hash_columns_side_by_side (the file path) gives every column's pseudonyms as DESIGN §4 says, the same
+    counts, and of two failing columns the error of the first, once both halves are done."""
+    token = _token(issuer, "research-b")
+    policy = ColumnPolicy({c: ColumnRule(c) for c in ("a", "b", "c")}, default="keep")
+    a = pa.array([f"P{i}" for i in range(3000)] + [None, "é"])
+    b = pa.array([None if i % 7 == 0 else i for i in range(3002)], pa.int64())
+    c = pa.array([dt.date(2020, 1, 1) + dt.timedelta(days=i) for i in range(3002)], pa.date32())
+    batch = pa.RecordBatch.from_arrays([a, b, c, pa.array(range(3002))], names=["a", "b", "c", "id"])
+    engine = Pseudonymiser(token, policy)
+    engine.hash_columns_side_by_side()
+    out = engine.pseudonymise_record_batch(batch)
+    assert engine._beside is not None and out.stats.nulls == 1 + 429
+    for name, column in (("a", a), ("b", b), ("c", c)):
+        assert out.columns.column(name).to_pylist() == [None if v is None else reference.pseudonym(token.key, v)
+                                                        for v in column.to_pylist()]
+    assert out.columns.column("id").to_pylist() == list(range(3002))
+    engine.finish()
+    assert engine._beside is None
+
+    bad = pa.array([b"\xff"], pa.binary()).cast(pa.string(), safe=False)  # not UTF-8
+    failing = pa.RecordBatch.from_arrays([bad, pa.array([1]), bad, pa.array([1])], names=["a", "b", "c", "id"])
+    engine = Pseudonymiser(token, policy)
+    engine.hash_columns_side_by_side()
+    with pytest.raises(InvalidTextError, match="column 'a'"):  # 'c' fails too, on the helper thread
+        engine.pseudonymise_record_batch(failing)
+    failing = pa.RecordBatch.from_arrays([pa.array(["x"]), pa.array([1]), bad, pa.array([1])], names=["a", "b", "c", "id"])
+    with pytest.raises(InvalidTextError, match="column 'c'"):
+        engine.pseudonymise_record_batch(failing)
+    engine.close()
+    assert engine._beside is None

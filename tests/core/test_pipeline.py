@@ -412,3 +412,63 @@ def test_an_in_memory_sqlite_store_is_written_from_the_runs_own_thread(issuer: I
     _pseudonymise(store, raw, issuer, Batches(_visits(), size=3), _table("visits"))
     assert [r[0] for r in _select(store.engine, "SELECT pid FROM visits ORDER BY id")] == \
         reference.token_pseudonyms(raw, PIDS)
+
+
+def _traced(store: Store) -> list[str]:
+    """Every SQL statement SQLite runs for ``store``'s engine, as SQLite reports it (BEGIN and COMMIT included)."""
+    statements: list[str] = []
+    sa.event.listen(store.engine, "connect", lambda dbapi, _record: dbapi.set_trace_callback(statements.append))
+    return statements
+
+
+def test_a_new_sqlite_store_is_created_in_one_transaction(sqlite_url: str) -> None:
+    """pysqlite runs a schema statement outside any transaction (each synced to disk on its own): the store's
+    tables and indexes are created between one BEGIN IMMEDIATE and one COMMIT, and a second create only looks."""
+    store = Store(sqlite_url)
+    statements = _traced(store)
+    store.create()
+    statements = [s.strip() for s in statements]
+    begins = [i for i, s in enumerate(statements) if s.upper().startswith("BEGIN")]
+    commits = [i for i, s in enumerate(statements) if s.upper().startswith("COMMIT")]
+    creates = [i for i, s in enumerate(statements) if s.upper().startswith("CREATE")]
+    assert [statements[i] for i in begins] == ["BEGIN IMMEDIATE"] and len(commits) == 1
+    assert len(creates) >= 8 and begins[0] < min(creates) and max(creates) < commits[0]
+    names = {r[0] for r in _select(store.engine, "SELECT name FROM sqlite_master")}
+    assert {"pseudonymise_audit", "pseudonymise_audit_head", "pseudonymise_audit_checkpoint"} <= names
+    assert _select(store.engine, "SELECT id, seq FROM pseudonymise_audit_head") == [(1, 0)]
+
+    again = Store(sqlite_url)
+    statements = _traced(again)
+    again.create()
+    assert statements and not any(s.strip().upper().startswith(("BEGIN", "CREATE", "INSERT", "COMMIT")) for s in statements)
+
+
+def test_an_existing_sqlite_store_opens_while_another_process_writes(sqlite_url: str) -> None:
+    """Opening a store whose tables exist takes no write lock: a run starting while another holds it goes on."""
+    Store(sqlite_url).create()
+    path = sqlite_url.removeprefix("sqlite:///")
+    import sqlite3
+
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another run's transaction, holding the write lock
+    try:
+        store = Store(sa.create_engine(sqlite_url, connect_args={"timeout": 0.2}))
+        store.create()  # would raise "database is locked" after 0.2 s if it tried to write
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+def test_a_failed_sqlite_store_creation_leaves_no_table(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pseudonymise.core.checkpoint import CheckpointTable
+    from pseudonymise.core.errors import AuditError
+
+    def broken(self: CheckpointTable, within: Connection | None = None) -> None:
+        assert within is not None
+        within.exec_driver_sql("CREATE TABLE half_made (x)")
+        raise sa.exc.OperationalError("CREATE TABLE", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(CheckpointTable, "create", broken)
+    with pytest.raises(AuditError, match="cannot create the audit and escrow tables"):
+        Store(sqlite_url).create()
+    assert _select(sa.create_engine(sqlite_url), "SELECT name FROM sqlite_master") == []

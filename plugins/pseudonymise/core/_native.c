@@ -1091,6 +1091,19 @@ static inline size_t recent_slot(const unsigned char *mac, size_t mask) {
     return (size_t)(first & mask);
 }
 
+/* How many MACs ahead the loops below ask for their slot, so that several cache misses are under way at once. */
+#define RECENT_AHEAD 8
+static inline void recent_prefetch(const unsigned char *held, const unsigned char *in_use, const unsigned char *mac,
+                                   size_t mask) {
+#if defined(__GNUC__) || defined(__clang__)
+    size_t slot = recent_slot(mac, mask);
+    __builtin_prefetch(held + 32 * slot);
+    __builtin_prefetch(in_use + slot);
+#else
+    (void)held; (void)in_use; (void)mac; (void)mask;
+#endif
+}
+
 static int recent_args(PyObject *args, Py_buffer *table, Py_buffer *used, Py_buffer *macs, int writable) {
     if (!PyArg_ParseTuple(args, writable ? "w*w*y*" : "y*y*y*", table, used, macs))
         return -1;
@@ -1117,6 +1130,8 @@ static PyObject *py_recent_known(PyObject *module, PyObject *args) {
         const unsigned char *held = table.buf, *in_use = used.buf, *m = macs.buf;
         Py_BEGIN_ALLOW_THREADS
         for (size_t i = 0; i < n; i++) {
+            if (i + RECENT_AHEAD < n)  /* the table is far larger than the caches: ask for a later slot now */
+                recent_prefetch(held, in_use, m + 32 * (i + RECENT_AHEAD), mask);
             size_t slot = recent_slot(m + 32 * i, mask);
             flags[i] = in_use[slot] && memcmp(held + 32 * slot, m + 32 * i, 32) == 0;
         }
@@ -1138,6 +1153,8 @@ static PyObject *py_recent_remember(PyObject *module, PyObject *args) {
     const unsigned char *m = macs.buf;
     Py_BEGIN_ALLOW_THREADS
     for (size_t i = 0; i < n; i++) {
+        if (i + RECENT_AHEAD < n)
+            recent_prefetch(held, in_use, m + 32 * (i + RECENT_AHEAD), mask);
         size_t slot = recent_slot(m + 32 * i, mask);
         memcpy(held + 32 * slot, m + 32 * i, 32);
         in_use[slot] = 1;

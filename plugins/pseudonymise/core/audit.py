@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from pseudonymise.core.db import UTCDateTime, advisory_lock, database_now, insert_ignoring_duplicates
+from pseudonymise.core.db import UTCDateTime, advisory_lock, database_now, insert_ignoring_duplicates, joined
 from pseudonymise.core.errors import AuditError, EscrowIntegrityError, PseudonymiseError
 from pseudonymise.core.instants import utc_micros
 
@@ -300,19 +300,22 @@ class AuditLog:
                           f"{self.revoke_function}(jsonb, text, text)"):
             if conn.execute(sa.text("SELECT to_regprocedure(:f)"), {"f": signature}).scalar() is None:
                 return False
-        return not self._missing_columns(conn)
+        return not self.missing_columns(conn)
 
-    def create(self) -> None:
-        """Create the tables (and on PostgreSQL the append function) if absent (idempotent)."""
+    def create(self, within: Connection | None = None) -> None:
+        """Create the tables (and on PostgreSQL the append function) if absent (idempotent).
+
+        :param within: a connection whose transaction the statements join (the caller commits), instead of a
+            transaction of their own."""
         if self._created:
             return
         try:
-            if self.engine.dialect.name == "postgresql":
+            if self.engine.dialect.name == "postgresql" and within is None:
                 with self.engine.connect() as conn:
                     if self._ready_on_postgres(conn):
                         self._created = True
                         return
-            with self.engine.begin() as conn:
+            with joined(within) if within is not None else self.engine.begin() as conn:
                 # Workers starting together on a fresh database race to create the tables: the lock
                 # serialises them on PostgreSQL (whose DDL is transactional), IF NOT EXISTS on SQLite.
                 advisory_lock(conn, self._lock_name)
@@ -350,18 +353,19 @@ class AuditLog:
             ) from exc
         self._created = True
 
-    def _missing_columns(self, conn: Connection) -> list[str]:
+    def missing_columns(self, conn: Connection) -> list[str]:
+        """The optional columns this release has that the table (made by an earlier one) lacks."""
         present = {c["name"] for c in sa.inspect(conn).get_columns(self.table.name, schema=self.table.schema)}
         return [name for name in _OPTIONAL_FIELDS if name not in present]
 
     def _add_missing_columns(self, conn: Connection) -> None:
         """Give a table made by an earlier release the optional columns (NULL in its old rows)."""
-        if not self._missing_columns(conn):
+        if not self.missing_columns(conn):
             return
         # Without advisory locks (SQLite) a write takes the database's lock; then look again.
         conn.execute(sa.update(self.head).where(self.head.c.id == 1).values(seq=self.head.c.seq))
         quote = conn.dialect.identifier_preparer
-        for name in self._missing_columns(conn):
+        for name in self.missing_columns(conn):
             column = self.table.c[name]
             conn.execute(sa.text(f"ALTER TABLE {quote.format_table(self.table)} ADD COLUMN "
                                  f"{quote.format_column(column)} {column.type.compile(conn.dialect)}"))

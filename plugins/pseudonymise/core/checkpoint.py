@@ -49,7 +49,7 @@ from sqlalchemy.schema import CreateTable
 
 from pseudonymise.core.audit import GENESIS, AuditLog, VerifyResult
 from pseudonymise.core.audit import row_hash as compute_row_hash
-from pseudonymise.core.db import UTCDateTime, advisory_lock, insert_ignoring_duplicates
+from pseudonymise.core.db import UTCDateTime, advisory_lock, insert_ignoring_duplicates, joined
 from pseudonymise.core.errors import (
     CheckpointContradictionError,
     CheckpointError,
@@ -66,9 +66,6 @@ from pseudonymise.core.tokens import b64url_decode, b64url_encode, jwk_thumbprin
 from pseudonymise.core.vault import VaultCallError, VaultClient
 
 STATEMENT_TYPE = "pseudonymise-audit-checkpoint/v1"
-#: Environment variables the CLI reads the signing key and the verification keys from.
-SIGNING_KEY_ENV = "PSEUDONYMISE_AUDIT_SIGNING_KEY"
-PUBLIC_KEYS_ENV = "PSEUDONYMISE_AUDIT_PUBLIC_KEYS"
 _HASH = re.compile(r"[0-9a-f]{64}\Z")
 _KV_SEGMENT = re.compile(r"[^A-Za-z0-9._-]")
 _log = logging.getLogger(__name__)
@@ -573,15 +570,16 @@ $fn$"""
         return all(conn.execute(sa.text("SELECT to_regprocedure(:f)"), {"f": f}).scalar() is not None
                    for f in (self.function_signature(conn), self.head_function_signature(conn)))
 
-    def create(self) -> None:
+    def create(self, within: Connection | None = None) -> None:
         """Create the table (and on PostgreSQL its functions, EXECUTE revoked from PUBLIC) if absent.
 
         Looks first (in the catalogue, which every role may read), so a least-privilege role whose
-        owner created everything runs no DDL."""
+        owner created everything runs no DDL. ``within``: a connection whose transaction the statements
+        join (the caller commits), instead of a transaction of their own."""
         if self._created:
             return
         try:
-            with self.engine.begin() as conn:
+            with joined(within) if within is not None else self.engine.begin() as conn:
                 postgres = conn.dialect.name == "postgresql"
                 present = sa.inspect(conn).has_table(self.table.name, schema=self.table.schema)
                 if not present or (postgres and not self._has_functions(conn)):

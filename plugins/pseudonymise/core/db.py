@@ -7,7 +7,9 @@ and PostgreSQL; the few dialect differences (advisory locks, ``ON CONFLICT``) li
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -60,6 +62,27 @@ def advisory_lock(conn: Connection, name: str) -> None:
     if conn.dialect.name == "postgresql":
         key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+
+
+@contextlib.contextmanager
+def joined(conn: Connection) -> Iterator[Connection]:
+    """``conn`` as ``engine.begin()`` gives one, for statements that join its caller's transaction: nothing is
+    committed or rolled back on leaving (the caller does that)."""
+    yield conn
+
+
+@contextlib.contextmanager
+def sqlite_write_transaction(engine: Engine) -> Iterator[Connection]:
+    """One SQLite transaction that holds the database's write lock from its start (``BEGIN IMMEDIATE``, waiting
+    for another writer as the engine's timeout says), committed on leaving, rolled back on an error.
+
+    Python's sqlite3 opens a transaction only before INSERT, UPDATE or DELETE: schema statements otherwise
+    run one transaction each, each synced to disk on its own commit (a new audit database: twenty of them).
+    Here they are all one, so a set of tables is created whole or not at all."""
+    with engine.connect() as conn:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        yield conn
+        conn.commit()
 
 
 def insert_ignoring_duplicates(table: sa.Table, index_elements: list[str]) -> Any:

@@ -109,15 +109,18 @@ class EscrowTables:
         )
         return cls(batches, values)
 
+    def missing_columns(self, conn: Connection) -> list[str]:
+        """The v1.1 columns a batch table made before v1.1 lacks."""
+        present = {c["name"] for c in sa.inspect(conn).get_columns(self.batches.name, schema=self.batches.schema)}
+        return [name for name in _BATCH_V11_COLUMNS if name not in present]
+
     def upgrade(self, conn: Connection) -> None:
         """Give a batch table made before v1.1 its new columns (NULL in the old rows: v1 batches)."""
-        present = {c["name"] for c in sa.inspect(conn).get_columns(self.batches.name, schema=self.batches.schema)}
         quote = conn.dialect.identifier_preparer
-        for name in _BATCH_V11_COLUMNS:
-            if name not in present:
-                column = self.batches.c[name]
-                conn.execute(sa.text(f"ALTER TABLE {quote.format_table(self.batches)} ADD COLUMN "
-                                     f"{quote.format_column(column)} {column.type.compile(conn.dialect)}"))
+        for name in self.missing_columns(conn):
+            column = self.batches.c[name]
+            conn.execute(sa.text(f"ALTER TABLE {quote.format_table(self.batches)} ADD COLUMN "
+                                 f"{quote.format_column(column)} {column.type.compile(conn.dialect)}"))
 
 
 @dataclass

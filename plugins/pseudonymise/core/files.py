@@ -20,14 +20,16 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
 
 from pseudonymise.core.errors import DataIOError, DelimiterError, InvalidTextError, raise_alone
+from pseudonymise.core.threads import ReadAhead, read_ahead
+
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
 
 FORMATS = ("csv", "parquet")
 csv.field_size_limit(64 * 1024 * 1024)
@@ -75,6 +77,7 @@ class CsvSource:
         self.delimiter = delimiter
         self._delimiter, self._encoding, self._null = delimiter, encoding, null
         self._fh: IO[str] | None = None
+        self._ahead = _Started()
         rows = self._stdlib_rows()
         try:
             header = next(rows, None)
@@ -176,7 +179,17 @@ class CsvSource:
 
     def record_batches(self) -> Iterator[pa.RecordBatch]:
         """The rows as record batches of ``batch_size`` rows (the last may be shorter), every column ``pa.string()``:
-        the reader's blocks, joined or cut."""
+        the reader's blocks, joined or cut, parsed on a background thread a batch or two ahead of the caller (or
+        as far as :meth:`start_reading` let it)."""
+        return self._ahead.take() or read_ahead(self._record_batches(), name="pseudonymise-csv-reader")
+
+    def start_reading(self, depth: int = 8) -> None:
+        """Start parsing now, on a background thread, up to ``depth`` batches ahead, while the caller gets ready
+        (the command line loads the engine and opens the audit meanwhile); the next :meth:`record_batches`
+        goes on from there. Only the file is read: no token is used."""
+        self._ahead.start(lambda: read_ahead(self._record_batches(), depth, name="pseudonymise-csv-reader"))
+
+    def _record_batches(self) -> Iterator[pa.RecordBatch]:
         pending: list[pa.RecordBatch] = []
         held = 0
         try:
@@ -197,10 +210,15 @@ class CsvSource:
         raise_alone(error)
 
     def batches(self) -> Iterator[dict[str, list[Any]]]:
-        for batch in self.record_batches():
-            yield {name: column.to_pylist() for name, column in zip(self.columns, batch.columns, strict=True)}
+        batches = self.record_batches()
+        try:
+            for batch in batches:
+                yield {name: column.to_pylist() for name, column in zip(self.columns, batch.columns, strict=True)}
+        finally:
+            _close(batches)
 
     def close(self) -> None:
+        self._ahead.stop()
         if self._fh is not None:
             self._fh.close()
 
@@ -211,8 +229,11 @@ class ParquetSource:
     (:meth:`batches`; ints stay ints)."""
 
     def __init__(self, path: str | os.PathLike[str], batch_size: int = 50_000) -> None:
+        import pyarrow.parquet as pq
+
         self.path = os.fspath(path)
         self.batch_size = batch_size
+        self._ahead = _Started()
         try:
             self._file = pq.ParquetFile(self.path)
         except (OSError, pa.ArrowException) as exc:
@@ -225,7 +246,15 @@ class ParquetSource:
 
     def record_batches(self) -> Iterator[pa.RecordBatch]:
         """The file's record batches as pyarrow streams them (row groups read one after the other), of ``batch_size``
-        rows but the last."""
+        rows but the last, decoded on a background thread a batch or two ahead of the caller (or as far as
+        :meth:`start_reading` let it)."""
+        return self._ahead.take() or read_ahead(self._record_batches(), name="pseudonymise-parquet-reader")
+
+    def start_reading(self, depth: int = 8) -> None:
+        """As :meth:`CsvSource.start_reading`: decode the first batches now, on a background thread."""
+        self._ahead.start(lambda: read_ahead(self._record_batches(), depth, name="pseudonymise-parquet-reader"))
+
+    def _record_batches(self) -> Iterator[pa.RecordBatch]:
         batches = self._file.iter_batches(batch_size=self.batch_size)
         while True:
             try:
@@ -239,15 +268,19 @@ class ParquetSource:
         raise_alone(error)
 
     def batches(self) -> Iterator[dict[str, list[Any]]]:
-        for batch in self.record_batches():
-            try:
-                columns = {name: batch.column(i).to_pylist() for i, name in enumerate(batch.schema.names)}
-            except (pa.ArrowException, ValueError, OverflowError) as exc:  # a value Python cannot hold
-                error = self._damaged(exc)
-                break
-            yield columns
-        else:
-            return
+        batches = self.record_batches()
+        try:
+            for batch in batches:
+                try:
+                    columns = {name: batch.column(i).to_pylist() for i, name in enumerate(batch.schema.names)}
+                except (pa.ArrowException, ValueError, OverflowError) as exc:  # a value Python cannot hold
+                    error = self._damaged(exc)
+                    break
+                yield columns
+            else:
+                return
+        finally:
+            _close(batches)
         raise_alone(error)
 
     def _damaged(self, exc: BaseException) -> DataIOError:
@@ -255,7 +288,33 @@ class ParquetSource:
                            "be truncated or damaged)")
 
     def close(self) -> None:
+        self._ahead.stop()
         self._file.close()
+
+
+class _Started:
+    """A source's reader started ahead of time (:meth:`CsvSource.start_reading`), until a caller takes it."""
+
+    def __init__(self) -> None:
+        self._reader: ReadAhead[pa.RecordBatch] | None = None
+
+    def start(self, reader: Any) -> None:
+        if self._reader is None:
+            self._reader = reader()
+
+    def take(self) -> ReadAhead[pa.RecordBatch] | None:
+        reader, self._reader = self._reader, None
+        return reader
+
+    def stop(self) -> None:
+        if self._reader is not None:
+            self.take().close()  # type: ignore[union-attr]
+
+
+def _close(batches: Iterator[Any]) -> None:
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
 
 
 def check_delimiter(source: CsvSource) -> None:
@@ -320,7 +379,7 @@ class CsvSink:
         self._file = _AtomicFile(path)
         self.columns = list(columns)
         self._delimiter = delimiter
-        self._special = np.frombuffer(f'{delimiter}"\r\n'.encode(), dtype=np.uint8)
+        self._special = f'{delimiter}"\r\n'.encode()
         self._out: pa.NativeFile | None = None
         self._arrow: pa_csv.CSVWriter | None = None
         try:
@@ -340,6 +399,8 @@ class CsvSink:
     def _needs_quoting(self, array: pa.StringArray) -> bool:
         """Whether any value of a text array holds the delimiter, a quote or a line break (its bytes only: a
         slice's buffers hold other rows too)."""
+        import numpy as np
+
         _validity, offsets, data = array.buffers()
         if data is None or not len(array):
             return False
@@ -419,6 +480,8 @@ class ParquetSink:
         try:
             table = self._table(batch)
             if self._writer is None:
+                import pyarrow.parquet as pq
+
                 self._writer = pq.ParquetWriter(self._file.tmp, self._schema)
             self._writer.write_table(table)
         except OSError as exc:  # the operating system's reason (a full disk, say) names no cell
@@ -465,6 +528,8 @@ class ParquetSink:
 
     def commit(self) -> None:
         if self._writer is None:
+            import pyarrow.parquet as pq
+
             self._writer = pq.ParquetWriter(self._file.tmp, self._schema or pa.schema([pa.field(c, pa.string()) for c in self.columns]))
         self._writer.close()
         self._file.commit()

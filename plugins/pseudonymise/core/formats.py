@@ -16,8 +16,6 @@ from functools import lru_cache
 from itertools import repeat
 from typing import Any
 
-import numpy as np
-
 from pseudonymise.core.errors import PolicyError
 
 #: alphabet -> (minimum length for 64 bits, maximum length a 32-byte MAC yields)
@@ -78,6 +76,8 @@ class _BitSlicer:
     def __call__(self, macs: bytes, count: int, length: int) -> list[str]:
         if count == 0:
             return []
+        import numpy as np  # here: the command line reads formats before it needs numpy
+
         j = np.arange(length)
         start = self.bits * j // 8
         raw = np.zeros((count, int(start[-1]) + 2), dtype=np.uint8)

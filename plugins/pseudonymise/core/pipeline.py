@@ -20,8 +20,6 @@ import contextlib
 import dataclasses
 import gc
 import os
-import queue
-import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,8 +32,16 @@ from sqlalchemy.engine import Connection, Engine
 from pseudonymise.core.approval import Approval, ReverseRequests
 from pseudonymise.core.audit import AuditLog, AuditUse
 from pseudonymise.core.checkpoint import CheckpointTable
-from pseudonymise.core.db import make_engine
-from pseudonymise.core.errors import TARGET_DATA_FIX, EscrowError, EscrowNotFoundError, PolicyError, database_errors
+from pseudonymise.core.db import make_engine, sqlite_write_transaction
+from pseudonymise.core.defaults import DRY_RUN_SAMPLE
+from pseudonymise.core.errors import (
+    TARGET_DATA_FIX,
+    AuditError,
+    EscrowError,
+    EscrowNotFoundError,
+    PolicyError,
+    database_errors,
+)
 from pseudonymise.core.escrow import EscrowReader, EscrowTables, EscrowWriter, purge
 from pseudonymise.core.plan import SharedTransaction, Sink, TableDestination, Transfer
 from pseudonymise.core.policy import ColumnPolicy, ColumnRule
@@ -43,6 +49,7 @@ from pseudonymise.core.pseudonymiser import Pseudonymiser, SecondaryPseudonymise
 from pseudonymise.core.risk import MEMORY_GROUPS, PostgresRiskTap, RiskReport, RiskSpec, SpillRiskTap, gate
 from pseudonymise.core.sql import reflect_table
 from pseudonymise.core.sqlite_direct import SqliteDirect
+from pseudonymise.core.threads import Jobs
 from pseudonymise.core.use import RunContext, TokenSource, TokenUse
 
 Progress = Callable[[Stats], None]
@@ -60,6 +67,9 @@ class Store:
         ReverseRequests.define(self.audit.metadata, schema)
 
     def create(self) -> None:
+        if self.engine.dialect.name == "sqlite":
+            self._create_on_sqlite()
+            return
         self.audit.create()
         CheckpointTable(self.audit).create()
         try:
@@ -70,6 +80,34 @@ class Store:
                 self.escrow.upgrade(conn)
         except sa.exc.SQLAlchemyError as exc:
             raise EscrowError(f"cannot create the escrow tables ({exc.__class__.__name__}); check the database") from exc
+
+    def _create_on_sqlite(self) -> None:
+        """On SQLite: look (a read, no lock), and only when a table, an index or a newer column is missing create
+        them all in one transaction that holds the write lock (one commit to disk instead of one per statement;
+        workers starting together wait for each other, and IF NOT EXISTS lets the later ones through)."""
+        checkpoint = CheckpointTable(self.audit)
+        try:
+            with self.engine.connect() as conn:
+                if self._sqlite_ready(conn, checkpoint.table):
+                    return
+            with sqlite_write_transaction(self.engine) as conn:
+                self.audit.create(within=conn)
+                checkpoint.create(within=conn)
+                self.audit.metadata.create_all(conn, checkfirst=True)
+                self.escrow.upgrade(conn)
+        except sa.exc.SQLAlchemyError as exc:
+            raise AuditError(f"cannot create the audit and escrow tables ({exc.__class__.__name__}); check that the "
+                             "audit database is reachable and may be written") from exc
+
+    def _sqlite_ready(self, conn: Connection, checkpoint: sa.Table) -> bool:
+        """Whether every table and index of the store exists on SQLite, with the columns of this release."""
+        tables = [*self.audit.metadata.sorted_tables, checkpoint]
+        wanted = {t.name for t in tables} | {str(i.name) for t in tables for i in t.indexes}
+        schema = conn.dialect.identifier_preparer.quote(self.audit.table.schema) + "." if self.audit.table.schema else ""
+        present = {name for (name,) in conn.exec_driver_sql(f"SELECT name FROM {schema}sqlite_master")}
+        if not wanted <= present:
+            return False
+        return not self.escrow.missing_columns(conn) and not self.audit.missing_columns(conn)
 
     def _escrow_ready(self, conn: Connection) -> bool:
         """On PostgreSQL, whether the escrow tables exist with their v1.1 columns: a least-privilege
@@ -117,63 +155,6 @@ def _summary(use: TokenUse, columns: Sequence[str], counts: Mapping[str, int]) -
                       token.jti if token else None, use.use.token_fingerprint, list(columns), dict(counts))
 
 
-class _Writes:
-    """Runs a run's writes in submission order, on a background thread or (``background=False``) at once.
-
-    The first failure stops the writes; it is raised on the next :meth:`submit` or by :meth:`drain`.
-    Leaving the ``with`` block stops the thread (dropping writes not yet started), so the caller's
-    transaction is never used by two threads at once.
-    """
-
-    def __init__(self, background: bool, depth: int = 2) -> None:
-        self._error: BaseException | None = None
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
-        self._thread: threading.Thread | None = None
-        if background:
-            self._thread = threading.Thread(target=self._work, name="pseudonymise-writer", daemon=True)
-            self._thread.start()
-
-    def __enter__(self) -> _Writes:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop(drop_waiting=True)
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if self._error is None:
-                try:
-                    job()
-                except BaseException as exc:
-                    self._error = exc
-
-    def submit(self, job: Callable[[], None]) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._thread is None:
-            job()
-        else:
-            self._jobs.put(job)
-
-    def drain(self) -> None:
-        """Wait until every write is done; raise the first failure."""
-        self._stop(drop_waiting=False)
-        if self._error is not None:
-            raise self._error
-
-    def _stop(self, drop_waiting: bool) -> None:
-        if self._thread is None:
-            return
-        while drop_waiting:
-            try:
-                self._jobs.get_nowait()
-            except queue.Empty:
-                break
-        self._jobs.put(None)
-        self._thread.join()
-        self._thread = None
-
-
 def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy, transfer: Transfer,
                          run: RunContext | None = None, *, secondary: bool = False,
                          progress: Progress | None = None, risk: RiskSpec | None = None,
@@ -202,6 +183,9 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
         out_columns = engine.output_columns(columns)  # policy errors before anything is written
         if risk is not None:
             risk.check(columns, out_columns)
+        if transfer.arrow:  # files: reader, C engine, collision check and writer each on a thread of their own
+            engine.check_collisions_aside()
+            engine.hash_columns_side_by_side()
         escrow = EscrowWriter(use.token, store.escrow, defer=True) if not secondary and use.token.reversible else None
         escrow_rows = [0]  # counted by the writer, added to the stats once the writes are done
         ran_in_sqlite = False
@@ -215,7 +199,7 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
             with database_errors("writing the target, escrow and audit failed; nothing was committed",
                                  columns=out_columns, data_fix=TARGET_DATA_FIX), \
                     _transaction(store.engine, direct) as (conn, attached), \
-                    _Writes(background=_writes_in_background(store.engine)) as writes:
+                    Jobs(background=_writes_in_background(store.engine), name="pseudonymise-writer") as writes:
                 sink = transfer.open_sink(out_columns, conn)
                 tap = _risk_tap(risk, out_columns, transfer, conn, risk_memory_groups)
                 if direct is not None and attached is not None \
@@ -291,8 +275,6 @@ def _risk_tap(risk: RiskSpec | None, columns: list[str], transfer: Transfer, con
     return SpillRiskTap(risk, columns, memory_groups=memory_groups)
 
 
-#: Rows a dry run reads by default (the first rows of the source).
-DRY_RUN_SAMPLE = 1000
 
 
 def run_dry_run(store: Store, tokens: TokenSource, policy: ColumnPolicy, transfer: Transfer,

@@ -21,6 +21,7 @@ import operator
 import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ import pyarrow as pa
 
 from pseudonymise.core import native
 from pseudonymise.core.canonical import canonical_many
-from pseudonymise.core.collisions import CollisionGuard, RecentMacs
+from pseudonymise.core.collisions import CollisionGuard, GuardAside, RecentMacs
 from pseudonymise.core.copytext import CopyBlock
 from pseudonymise.core.deidentify import Deidentifier
 from pseudonymise.core.errors import PolicyError, TokenKindError, UnsupportedTypeError, raise_alone
@@ -197,9 +198,10 @@ class PseudonymEngine(ABC):
         self.format = fmt
         self.stats = Stats()
         self._transit = transit
-        self._guard = CollisionGuard(fmt, randomised)
+        self._guard: CollisionGuard | GuardAside = CollisionGuard(fmt, randomised)
         self._plans: dict[tuple[str, ...], _CopyPlan | None] = {}
         self._arrow_plans: dict[str, native.ColumnPlan] = {}
+        self._beside: ThreadPoolExecutor | None = None  # the helper thread of hash_columns_side_by_side
         #: the policy's de-identifying actions (``None`` when it has none: then no batch pays for them)
         self._deidentifier: Deidentifier | None = None
 
@@ -289,7 +291,7 @@ class PseudonymEngine(ABC):
         tags = [self._arrow_type_tag(batch.column(i).type) for i, _ in targets]
         done: dict[str, pa.Array]
         if native.available() and self._transit is None and None not in tags:
-            arrays = [native.arrow_column(batch.column(i), self._arrow_plan(rule), rule.column) for i, rule in targets]
+            arrays = self._arrow_columns(batch, targets)
             done = {rule.column: array for (_, rule), (array, _) in zip(targets, arrays, strict=True)}
             stats, escrow = self._native_results([r.column for _, r in targets], [found for _, found in arrays],
                                                  batch.num_rows, tags)  # type: ignore[arg-type]
@@ -303,6 +305,34 @@ class PseudonymEngine(ABC):
                 for i, rule in enumerate(plan) if rule.action != "drop"]
         out = pa.RecordBatch.from_arrays([a for _, a in kept], names=[n for n, _ in kept])
         return Batch(out, stats, escrow)
+
+    def _arrow_columns(self, batch: pa.RecordBatch,
+                       targets: list[tuple[int, ColumnRule]]) -> list[tuple[pa.StringArray, native.ColumnResult]]:
+        """The batch's pseudonymised columns through the C engine, in order: after :meth:`hash_columns_side_by_side`,
+        the second half of them on the helper thread while this thread does the first (the C engine lets go of the
+        GIL). An error is the one the columns give in order, raised once both halves are done."""
+        def run(part: list[tuple[int, ColumnRule]]) -> list[tuple[pa.StringArray, native.ColumnResult]]:
+            return [native.arrow_column(batch.column(i), self._arrow_plan(rule), rule.column) for i, rule in part]
+
+        if self._beside is None or len(targets) < 2:
+            return run(targets)
+        for _, rule in targets:
+            self._arrow_plan(rule)  # made here, once, not by two threads at once
+        half = len(targets) // 2
+        rest = self._beside.submit(run, targets[half:])
+        try:
+            first = run(targets[:half])
+        except BaseException:
+            wait([rest])
+            raise
+        return first + rest.result()
+
+    def hash_columns_side_by_side(self) -> None:
+        """Let a record batch's pseudonymised columns go through the C engine two at a time, half of them on a
+        helper thread (files: the run's other threads leave a core to it); :meth:`finish` or :meth:`close` ends
+        that thread."""
+        if self._beside is None:
+            self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pseudonymise-engine")
 
     def _python_columns(self, columns: Sequence[tuple[ColumnRule, Sequence[Any]]],
                         rows: int) -> tuple[dict[str, list[Any]], Stats, Sequence[EscrowItem]]:
@@ -387,14 +417,27 @@ class PseudonymEngine(ABC):
     def add_counts(self, rows: int, nulls: int, values: int) -> None:
         """Counts of rows pseudonymised outside :meth:`pseudonymise_batch` (inside SQLite, say)."""
         self.stats.add(Stats(rows_in=rows, rows_out=rows, nulls=nulls, values_pseudonymised=values))
+    def check_collisions_aside(self) -> None:
+        """Run this run's collision check on a background thread (before the first batch): a collision is then
+        raised by a later batch or by :meth:`finish`, still before anything is committed."""
+        if isinstance(self._guard, CollisionGuard):
+            self._guard = GuardAside(self._guard)
 
     def finish(self) -> None:
         """End of the run: complete the collision check (DESIGN §4.6); raise before anything is committed."""
+        self._end_beside()
         self._guard.finish()
 
     def close(self) -> None:
-        """Release what the run holds (temporary files of the collision check), e.g. after a failure."""
+        """Release what the run holds (temporary files of the collision check, the helper thread), e.g. after a
+        failure."""
+        self._end_beside()
         self._guard.close()
+
+    def _end_beside(self) -> None:
+        if self._beside is not None:
+            self._beside.shutdown(wait=True)
+            self._beside = None
 
 
 class Pseudonymiser(PseudonymEngine):

@@ -38,12 +38,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from pseudonymise.core.copytext import CopyBlock, CopyText, build_rows, decode_column, encode_column, split_rows
+from pseudonymise.core.defaults import MAX_REPORT_QIS, MEMORY_GROUPS
 from pseudonymise.core.errors import PolicyError, RiskGateError
-
-#: Default number of distinct classes a spill tap holds in memory before it spills them to disk.
-MEMORY_GROUPS = 100_000
-#: The risk report describes every combination of up to this many quasi-identifiers by default.
-MAX_REPORT_QIS = 8
 
 
 # --- what to check ------------------------------------------------------------------------------
