@@ -762,3 +762,44 @@ def test_recent_macs_in_c_equal_the_numpy_definition(monkeypatch: pytest.MonkeyP
     assert any(any(k) for k, _ in results["c"]) and any(u for _, u in results["c"])
     with pytest.raises(ValueError, match="power-of-two"):
         _extension().recent_known(bytearray(32 * 3), bytearray(3), b"")
+
+
+# --- the run's exact set of sealed MACs ---------------------------------------------------------------
+@needs_native
+def test_mac_set_in_c_equals_the_python_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MacSet.known/add through the C engine's open-addressing table and through a Python set (its definition)
+    agree batch after batch: repeats, MACs that start alike (long probes), the table growing, and the limit
+    reached (the MACs left out are the same, in the same order)."""
+    from pseudonymise.core.macsets import MacSet
+
+    rng = random.Random(13)
+    pool = [os.urandom(32) for _ in range(4000)]
+    pool += [pool[0][:8] + os.urandom(24) for _ in range(40)]  # one first slot, many MACs: probing
+    batches = [b"".join(rng.choice(pool) for _ in range(rng.randrange(0, 1500))) for _ in range(14)]
+    results = {}
+    for mode in ("c", "python"):
+        if mode == "python":
+            monkeypatch.setattr(native, "_ext", None)
+        macs = MacSet(limit=3000)
+        out = []
+        for batch in batches:
+            known = macs.known(batch).tolist()
+            left_out = macs.add(batch)
+            out.append((known, None if left_out is None else left_out.tolist(), macs.count))
+        results[mode] = out
+    assert results["c"] == results["python"]
+    assert results["c"][-1][2] == 3000  # the limit was reached ...
+    assert any(left for _, left, _ in results["c"])  # ... and MACs were left out
+    assert any(any(known) for known, _, _ in results["c"])
+    # every MAC added is known afterwards, exactly: none forgotten, none made up
+    macs = MacSet(limit=10)
+    added = [os.urandom(32) for _ in range(10)]
+    assert macs.add(b"".join(added)) is None
+    stranger = added[0][:8] + os.urandom(24)
+    assert macs.known(b"".join(added) + stranger).tolist() == [True] * 10 + [False]
+    assert macs.add(stranger).tolist() == [0]  # no room: left out, not added
+    assert not macs.known(stranger)[0]
+    with pytest.raises(ValueError, match="at most half"):
+        _extension().seen_add(bytearray(32 * 4), bytearray(4), b"", 3)
+    with pytest.raises(ValueError, match="power-of-two"):
+        _extension().seen_known(bytearray(32 * 3), bytearray(3), b"")

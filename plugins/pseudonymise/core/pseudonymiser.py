@@ -43,6 +43,8 @@ from pseudonymise.core.mac import (
     random_macs,
     token_macs,
 )
+from pseudonymise.core.macsets import LIMIT as MAC_SET_LIMIT
+from pseudonymise.core.macsets import MacSet
 from pseudonymise.core.policy import ColumnPolicy, ColumnRule, build_normaliser
 from pseudonymise.core.sealer import EscrowBlock, EscrowBlocks, EscrowItem, EscrowItems
 from pseudonymise.core.tokens import Token
@@ -147,29 +149,36 @@ def _canonical_callback(names: Sequence[str], column: str) -> Callable[[bytes], 
 
 
 class _Escrowed:
-    """The MACs a deterministic run has already handed to escrow (a :class:`RecentMacs` table).
+    """The MACs a deterministic run has already handed to escrow.
 
     A value sealed in an earlier batch of the run is not sealed and written again: its row is
-    already in this run's transaction. Only whole MACs match, so a value is skipped only when its
-    exact MAC is there; a slot another value took merely forgets (the value is then sealed again and
-    escrow keeps one row). A batch's MACs are remembered once the batch is done.
+    already in this run's transaction. The MACs go into an exact :class:`MacSet`, so each distinct
+    value of the run is sealed and staged once. Past the set's limit, the MACs it leaves out go to a
+    :class:`RecentMacs` table, which forgets: such a value may be sealed again (escrow keeps one row).
+    A batch's MACs are remembered once the batch is done.
     """
 
-    def __init__(self, slots: int = 1 << 20) -> None:
-        self._table = RecentMacs(slots)
-        self._batch: list[np.ndarray] = []
+    def __init__(self, limit: int = MAC_SET_LIMIT) -> None:
+        self._sealed = MacSet(limit)
+        self._recent: RecentMacs | None = None  # past the set's limit only
+        self._batch: list[bytes] = []
 
     def unsealed(self, macs: bytes) -> np.ndarray | None:
         """Positions of the MACs an earlier batch did not seal; ``None`` when it sealed none of them."""
-        words = RecentMacs.words(macs)
-        self._batch.append(words)
-        known = self._table.known(words)
+        self._batch.append(macs)
+        known = self._sealed.known(macs)
+        if self._recent is not None:
+            known = known | self._recent.known(RecentMacs.words(macs))
         return np.flatnonzero(~known) if known.any() else None
 
     def end_batch(self) -> None:
         """The batch's MACs are sealed (its escrow is written before the next batch's, in one transaction)."""
-        for words in self._batch:
-            self._table.remember(words)
+        for macs in self._batch:
+            left_out = self._sealed.add(macs)
+            if left_out is not None:
+                if self._recent is None:
+                    self._recent = RecentMacs()
+                self._recent.remember(RecentMacs.words(macs)[left_out])
         self._batch.clear()
 
 
