@@ -770,8 +770,10 @@ def test_mac_set_in_c_equals_the_python_set(monkeypatch: pytest.MonkeyPatch) -> 
     """MacSet.known/add through the C engine's open-addressing table and through a Python set (its definition)
     agree batch after batch: repeats, MACs that start alike (long probes), the table growing, and the limit
     reached (the MACs left out are the same, in the same order)."""
+    from pseudonymise.core import macsets
     from pseudonymise.core.macsets import MacSet
 
+    monkeypatch.setattr(macsets, "_FIRST_SLOTS", 16)  # grown many times, within a batch too
     rng = random.Random(13)
     pool = [os.urandom(32) for _ in range(4000)]
     pool += [pool[0][:8] + os.urandom(24) for _ in range(40)]  # one first slot, many MACs: probing
@@ -789,9 +791,11 @@ def test_mac_set_in_c_equals_the_python_set(monkeypatch: pytest.MonkeyPatch) -> 
         results[mode] = out
     assert results["c"] == results["python"]
     assert results["c"][-1][2] == 3000  # the limit was reached ...
+    assert results["c"][0][2] > 8  # ... after the table grew past its first 16 slots within one batch
     assert any(left for _, left, _ in results["c"])  # ... and MACs were left out
     assert any(any(known) for known, _, _ in results["c"])
     # every MAC added is known afterwards, exactly: none forgotten, none made up
+    monkeypatch.undo()
     macs = MacSet(limit=10)
     added = [os.urandom(32) for _ in range(10)]
     assert macs.add(b"".join(added)) is None

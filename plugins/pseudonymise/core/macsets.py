@@ -56,15 +56,20 @@ class MacSet:
     def add(self, macs: bytes) -> np.ndarray | None:
         """Add the MACs not yet in the set, in order, while there is room; return the positions of those left out
         (``None``: none was)."""
-        room = self.limit - self.count
         if self._native:
-            wanted = min(self.count + len(macs) // 32, self.limit)
-            if 2 * wanted > len(self._used):
-                self._grow(max(len(self._used), _slots_for(wanted)))
-            room = min(room, len(self._used) // 2 - self.count)
-            added, left = native.seen_add(self._table.data, self._used.data, macs, room)
-            self.count += added
-            flags = np.frombuffer(left, dtype=bool)
+            flags = np.zeros(len(macs) // 32, dtype=bool)
+            pending = np.arange(len(flags))
+            while True:  # grown only when the MACs really new fill it past half: memory follows the distinct values
+                room = min(self.limit, len(self._used) // 2) - self.count
+                added, left = native.seen_add(self._table.data, self._used.data, macs, room)
+                self.count += added
+                left_out = np.flatnonzero(np.frombuffer(left, dtype=bool))
+                if not len(left_out) or self.count >= self.limit:
+                    flags[pending[left_out]] = True
+                    break
+                self._grow(2 * len(self._used))
+                pending = pending[left_out]
+                macs = np.frombuffer(macs, dtype="V32")[left_out].tobytes()
         else:
             held = self._set
             flags = np.zeros(len(macs) // 32, dtype=bool)
