@@ -429,9 +429,9 @@ def test_deferred_flush_stores_each_pseudonym_once_and_lists_what_each_batch_sto
 @pytest.mark.postgres
 @pytest.mark.parametrize("repeat", [False, True], ids=["distinct", "repeated"])
 def test_first_flush_of_a_project_lists_what_each_batch_stored(pg_url: str, mint: Mint, repeat: bool) -> None:
-    """A project escrow holds nothing of yet: the insert is checked by its row count alone when every staged
-    row is stored, and made again with the stored nonces when two staged rows share a pseudonym (which one
-    is kept is PostgreSQL's choice): either way each listed digest is that of the rows its batch stored."""
+    """A project escrow holds nothing of yet, every staged row distinct or two of one pseudonym in different
+    batches (which one is kept is PostgreSQL's choice): either way each listed digest is that of the rows its
+    batch stored, and a batch row is written for each batch that stored a row."""
     engine = make_engine(pg_url)
     metadata = sa.MetaData()
     tables = EscrowTables.define(metadata)

@@ -283,9 +283,8 @@ class EscrowWriter:
         ``ON CONFLICT``: deterministic projects keep one row per (project, pseudonym), so under a transaction lock
         on the project's escrow (no other run inserts its keys meanwhile: there is no conflict to wait for or
         to check row by row) it leaves out the staged rows whose pseudonym escrow already holds and keeps one
-        staged row per pseudonym. The digests come from the rows' hashes the sealer gave: the whole batch's when
-        the insert stored every staged row (its row count says so), else those of the stored nonces that
-        ``RETURNING`` gives (never a ciphertext: the pipeline's role reads none)."""
+        staged row per pseudonym. ``RETURNING`` gives each batch's stored nonces (never a ciphertext: the
+        pipeline's role reads none), and the digests come from the rows' hashes the sealer gave."""
         if self._staged is None or not self._batches:
             return 0
         table = conn.dialect.identifier_preparer.format_table(self._tables.values)
@@ -308,7 +307,7 @@ class EscrowWriter:
             cursor.execute(f"TRUNCATE {self._staged}")
         finally:
             cursor.close()
-        written = sum(stored.values())
+        written = sum(map(len, stored.values()))
         if written:
             conn.execute(self._tables.batches.insert(), [self._batches[b].row for b in stored])
         self._batches.clear()
@@ -316,43 +315,25 @@ class EscrowWriter:
         self._hashes = None
         return written
 
-    def _insert(self, cursor: Any, table: str) -> dict[str, int]:
-        """Insert the staged rows escrow must store; return how many rows each batch stored, and record those
-        batches' digests.
-
-        When no row can be left out (a randomised project, or a deterministic one whose escrow held nothing
-        of the project before: under the lock nothing else is inserted meanwhile), the insert returns
-        nothing and only its row count is compared with the staged rows: equal, every batch stored all its
-        rows and its digest is the whole batch's. Otherwise (two staged rows of one pseudonym) the insert is
-        undone and made again with ``RETURNING`` the stored nonces, as for a project escrow already holds."""
+    def _insert(self, cursor: Any, table: str) -> dict[str, np.ndarray]:
+        """Insert the staged rows escrow must store; return the counters (nonces) each batch stored, and record
+        those batches' digests."""
         stage, listed = self._staged, ", ".join(ROW_COLUMNS)
         params = {"project": self._token.project, "retention": self._token.retention_until}
         taken = "%(project)s, pseudonym, batch_id, nonce, ciphertext, %(retention)s"
         select = f"SELECT {taken} FROM {stage} s"
-        held = ""
         if self._deterministic:
             cursor.execute(f"SELECT EXISTS (SELECT 1 FROM {table} WHERE project = %(project)s)", params)
             held = (f" WHERE NOT EXISTS (SELECT FROM {table} e WHERE e.project = %(project)s AND e.pseudonym = s.pseudonym)"
                     if cursor.fetchone()[0] else "")
             select = f"SELECT DISTINCT ON (pseudonym) {taken} FROM {stage} s{held}"
-        insert = f"INSERT INTO {table} ({listed}) {select} ORDER BY pseudonym"
-        if not held:
-            staged = sum(batch.count for batch in self._batches.values())
-            cursor.execute("SAVEPOINT pseudonymise_escrow_all")
-            cursor.execute(insert, params)
-            if cursor.rowcount == staged:
-                cursor.execute("RELEASE SAVEPOINT pseudonymise_escrow_all")
-                for batch_id, batch in self._batches.items():
-                    self.digests[batch_id] = batch.digest
-                return {batch_id: batch.count for batch_id, batch in self._batches.items()}
-            cursor.execute("ROLLBACK TO SAVEPOINT pseudonymise_escrow_all")
-        cursor.execute(f"WITH ins AS ({insert} RETURNING batch_id, nonce) "
-                       "SELECT batch_id, string_agg(nonce, ''::bytea) FROM ins GROUP BY batch_id", params)
+        cursor.execute(f"WITH ins AS (INSERT INTO {table} ({listed}) {select} ORDER BY pseudonym RETURNING batch_id, "
+                       "nonce) SELECT batch_id, string_agg(nonce, ''::bytea) FROM ins GROUP BY batch_id", params)
         stored = {batch_id: np.frombuffer(bytes(nonces), dtype=np.uint8).reshape(-1, 12)
                   for batch_id, nonces in cursor.fetchall()}
         for batch_id, nonces in stored.items():
             self.digests[batch_id] = self._digest(self._batches[batch_id], nonces)
-        return {batch_id: len(nonces) for batch_id, nonces in stored.items()}
+        return stored
 
     def _digest(self, batch: _StagedBatch, nonces: np.ndarray) -> str:
         """The digest of the rows of ``batch`` with these nonces (12 bytes each): the whole batch's when it
