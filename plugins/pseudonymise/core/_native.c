@@ -1261,7 +1261,6 @@ static PyObject *py_seal_rows(PyObject *module, PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     EVP_CIPHER_CTX *ctx = NULL;
-    EVP_MD_CTX *md = NULL;
     unsigned char *scratch = NULL;
     const uint64_t *bounds = ends.buf;
     Py_ssize_t n = ends.len / 8 - 1;
@@ -1290,9 +1289,8 @@ static PyObject *py_seal_rows(PyObject *module, PyObject *args) {
     size_t scratch_len = plain_max + ad_len + plain_max + 16;
     scratch = PyMem_Malloc(scratch_len);
     ctx = EVP_CIPHER_CTX_new();
-    md = row_hashes.obj != NULL ? EVP_MD_CTX_new() : NULL;
     result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
-    if (scratch == NULL || ctx == NULL || result == NULL || (row_hashes.obj != NULL && md == NULL)) {
+    if (scratch == NULL || ctx == NULL || result == NULL) {
         Py_CLEAR(result);
         PyErr_NoMemory();
         goto done;
@@ -1323,17 +1321,20 @@ static PyObject *py_seal_rows(PyObject *module, PyObject *args) {
              EVP_EncryptUpdate(ctx, sealed, &outl, plain, (int)plen) == 1 &&
              EVP_EncryptFinal_ex(ctx, sealed + outl, &finl) == 1 &&
              EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, 16, sealed + plen) == 1;
-        if (ok && md != NULL) {
+        if (ok && row_hashes.obj != NULL) {
             unsigned char lengths[8];
             size_t sealed_len = plen + 16;
             for (int k = 0; k < 4; k++) {
                 lengths[3 - k] = (unsigned char)((size_t)width >> (8 * k));
                 lengths[7 - k] = (unsigned char)(sealed_len >> (8 * k));
             }
-            ok = EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1 && EVP_DigestUpdate(md, lengths, 4) == 1 &&
-                 EVP_DigestUpdate(md, pseudonym, (size_t)width) == 1 && EVP_DigestUpdate(md, nonce, 12) == 1 &&
-                 EVP_DigestUpdate(md, lengths + 4, 4) == 1 && EVP_DigestUpdate(md, sealed, sealed_len) == 1 &&
-                 EVP_DigestFinal_ex(md, (unsigned char *)row_hashes.buf + 32 * i, NULL) == 1;
+            /* SHA-256 as the HMAC above computes it: EVP_DigestInit_ex would look the algorithm up again for
+             * every row (a lock and parameter parsing in OpenSSL 3), a fifth of the sealing's time */
+            SHA256_CTX sha;
+            ok = SHA256_Init(&sha) == 1 && SHA256_Update(&sha, lengths, 4) == 1 &&
+                 SHA256_Update(&sha, pseudonym, (size_t)width) == 1 && SHA256_Update(&sha, nonce, 12) == 1 &&
+                 SHA256_Update(&sha, lengths + 4, 4) == 1 && SHA256_Update(&sha, sealed, sealed_len) == 1 &&
+                 SHA256_Final((unsigned char *)row_hashes.buf + 32 * i, &sha) == 1;
         }
         if (!ok)
             break;
@@ -1361,7 +1362,6 @@ static PyObject *py_seal_rows(PyObject *module, PyObject *args) {
         result = NULL;
 done:
     EVP_CIPHER_CTX_free(ctx);
-    EVP_MD_CTX_free(md);
     PyMem_Free(scratch);
     PyBuffer_Release(&dek);
     PyBuffer_Release(&ad_prefix);
