@@ -427,6 +427,36 @@ def test_deferred_flush_stores_each_pseudonym_once_and_lists_what_each_batch_sto
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("repeat", [False, True], ids=["distinct", "repeated"])
+def test_first_flush_of_a_project_lists_what_each_batch_stored(pg_url: str, mint: Mint, repeat: bool) -> None:
+    """A project escrow holds nothing of yet, every staged row distinct or two of one pseudonym in different
+    batches (which one is kept is PostgreSQL's choice): either way each listed digest is that of the rows its
+    batch stored, and a batch row is written for each batch that stored a row."""
+    engine = make_engine(pg_url)
+    metadata = sa.MetaData()
+    tables = EscrowTables.define(metadata)
+    metadata.create_all(engine)
+    token = mint("research-a")
+    staged = (["a", "b", "c"], ["d", "a"] if repeat else ["d"], ["e"])
+    writer = EscrowWriter(token, tables, defer=True)
+    with engine.begin() as conn:
+        for values in staged:
+            writer.write(conn, _items(token, values))
+        assert writer.flush(conn) == 5
+    with engine.connect() as conn:
+        stored = {r.batch_id: r.n for r in conn.execute(sa.select(tables.values.c.batch_id, sa.func.count().label("n"))
+                                                        .group_by(tables.values.c.batch_id))}
+        assert sum(stored.values()) == 5 and set(writer.digests) == set(stored)
+        for batch_id, digest in writer.digests.items():
+            assert digest == _stored_digest(conn, tables, batch_id)
+        assert conn.execute(sa.select(sa.func.count()).select_from(tables.batches)).scalar_one() == len(stored)
+        names = [r[0] for r in conn.execute(sa.select(tables.values.c.pseudonym))]
+        revealed = reveal(conn, tables, mint("research-a", "reverse"), names, lambda: writer.digests)
+    assert sorted(revealed.values.values()) == ["a", "b", "c", "d", "e"]
+    engine.dispose()
+
+
+@pytest.mark.postgres
 def test_flush_starts_again_when_a_writer_without_the_lock_commits_a_key_first(pg_url: str, mint: Mint) -> None:
     """A writer that does not take the escrow lock (an older version of the plugin) inserts a pseudonym the run
     staged and commits while the run's insert waits for it: the run drops that row and inserts the rest."""

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -362,7 +363,7 @@ def sealed(batch: object) -> list[str]:
 def test_later_batches_do_not_list_what_an_earlier_batch_sealed(mint: Mint) -> None:
     engine = Pseudonymiser(mint("research-a"), ColumnPolicy.pseudonymise("a", "b"))
     first = engine.pseudonymise_batch({"a": ["x", "y", "x"], "b": ["z", None, "x"]})
-    assert len(first.escrow) == 5  # repeats within a batch are left to the writer, which keeps one row
+    assert len(first.escrow) == 4  # b's "x" was listed by column a; repeats within a column are the writer's
     second = engine.pseudonymise_batch({"a": ["x", "w"], "b": ["z", "y"]})
     assert sealed(second) == [second.columns["a"][1]]  # only "w" is new to the run
     assert second.columns["a"][0] == first.columns["a"][0]
@@ -379,14 +380,30 @@ def test_randomised_and_single_columns_are_not_filtered(mint: Mint) -> None:
     assert len(items) == 2  # outside a batch nothing is remembered
 
 
-def test_a_value_whose_slot_was_taken_is_sealed_again() -> None:
-    escrowed = _Escrowed(slots=1)
+def test_every_distinct_value_is_sealed_once_per_run(mint: Mint) -> None:
+    """The run remembers every value it sealed (an exact set, nothing forgotten): over batches that repeat values
+    at random, each distinct value is listed for escrow in exactly one batch, and none is missing."""
+    engine = Pseudonymiser(mint("research-a"), ColumnPolicy.pseudonymise("id"))
+    rng = random.Random(5)
+    values = [f"P{i:06d}" for i in range(3000)]
+    listed: list[str] = []
+    written: set[str] = set()
+    for _ in range(8):
+        out = engine.pseudonymise_batch({"id": [rng.choice(values) for _ in range(2000)]})
+        listed += list(dict.fromkeys(sealed(out)))  # repeats within a batch are the writer's to drop
+        written.update(out.columns["id"])
+    assert len(listed) == len(set(listed))  # no value listed by two batches
+    assert set(listed) == written  # every pseudonym written has its escrow listed
+
+
+def test_past_the_set_limit_values_fall_back_to_forgetting() -> None:
+    escrowed = _Escrowed(limit=1)
     a, b = os.urandom(32), os.urandom(32)
-    assert escrowed.unsealed(a) is None  # nothing sealed yet: all positions are new
-    escrowed.end_batch()
-    assert escrowed.unsealed(a + b).tolist() == [1]  # a is known, b is new
-    escrowed.end_batch()  # b takes the only slot
-    assert escrowed.unsealed(a) is None  # forgotten: listed again, escrow keeps its first row
+    c = b[:8] + os.urandom(24)  # the slot of b in the table that forgets
+    assert escrowed.unsealed(a + b) is None  # nothing listed yet: all positions are new
+    # a filled the set; b was left out of it, into the table that forgets
+    assert escrowed.unsealed(a + b + c).tolist() == [2]  # a in the set, b in the table, c new (and takes b's slot)
+    assert escrowed.unsealed(a + b).tolist() == [1]  # b forgotten: listed again, escrow keeps its first row
 
 
 # --- collisions ------------------------------------------------------------------------------

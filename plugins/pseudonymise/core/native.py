@@ -267,6 +267,18 @@ def recent_remember(table: memoryview, used: memoryview, macs: bytes) -> None:
     _engine().recent_remember(table, used, macs)
 
 
+def seen_known(table: memoryview, used: memoryview, macs: bytes) -> bytes:
+    """For each 32-byte MAC, 1 if the open-addressing set (32 bytes per slot, ``used`` one byte per slot, a power of
+    two of them; probing starts at the MAC's first 8 bytes, native-endian, masked) holds it, else 0."""
+    return _engine().seen_known(table, used, macs)  # type: ignore[no-any-return]
+
+
+def seen_add(table: memoryview, used: memoryview, macs: bytes, room: int) -> tuple[int, bytes]:
+    """The MACs not in the set into it, in order, until ``room`` were added: ``(added, left_out)``, left_out 1 for
+    each MAC neither there nor added (:func:`seen_known` says where they go)."""
+    return _engine().seen_add(table, used, macs, room)  # type: ignore[no-any-return]
+
+
 def encode(macs: bytes, fmt: PseudonymFormat) -> bytes:
     """The pseudonyms of ``macs`` (32 bytes each) in ``fmt``, one after the other, as UTF-8."""
     try:
@@ -297,4 +309,5 @@ def seal_rows(dek: bytes, *, ad_prefix: bytes, plain_prefix: bytes, pseudonyms: 
 
 __all__ = ["ALPHABET_CODES", "DROP", "KEEP", "BlockPlan", "BlockResult", "ColumnPlan", "ColumnResult", "arrow_column",
            "arrow_type_tag", "ascii_program", "available", "copy_block", "encode", "keyed", "recent_known",
-           "recent_remember", "seal_rows", "sqlite_register", "sqlite_unregister", "value_function"]
+           "recent_remember", "seal_rows", "seen_add", "seen_known", "sqlite_register", "sqlite_unregister",
+           "value_function"]

@@ -44,6 +44,8 @@ from pseudonymise.core.mac import (
     random_macs,
     token_macs,
 )
+from pseudonymise.core.macsets import LIMIT as MAC_SET_LIMIT
+from pseudonymise.core.macsets import MacSet
 from pseudonymise.core.policy import ColumnPolicy, ColumnRule, build_normaliser
 from pseudonymise.core.sealer import EscrowBlock, EscrowBlocks, EscrowItem, EscrowItems
 from pseudonymise.core.tokens import Token
@@ -81,8 +83,9 @@ class Stats:
 class Batch:
     """An output batch: columns in order, their counts, and the items escrow must seal.
 
-    In a deterministic run, a value already sealed by an earlier batch of the same run is mostly not
-    listed again (see :class:`_Escrowed`): write every batch's escrow, in order, in the run's transaction.
+    In a deterministic run, a value already listed earlier in the same run is not listed again (past
+    2**20 distinct values, mostly not: see :class:`_Escrowed`): write every batch's escrow, in order, in
+    the run's transaction.
     """
 
     columns: dict[str, list[Any]] | CopyBlock | pa.RecordBatch
@@ -148,30 +151,31 @@ def _canonical_callback(names: Sequence[str], column: str) -> Callable[[bytes], 
 
 
 class _Escrowed:
-    """The MACs a deterministic run has already handed to escrow (a :class:`RecentMacs` table).
+    """The MACs a deterministic run has already handed to escrow.
 
-    A value sealed in an earlier batch of the run is not sealed and written again: its row is
-    already in this run's transaction. Only whole MACs match, so a value is skipped only when its
-    exact MAC is there; a slot another value took merely forgets (the value is then sealed again and
-    escrow keeps one row). A batch's MACs are remembered once the batch is done.
+    A value listed for escrow earlier in the run (an earlier batch, or an earlier column of the same
+    batch) is not sealed and written again: its row is already in this run's transaction. The MACs
+    go into an exact :class:`MacSet`, so each distinct value of the run is sealed and staged once
+    (repeats within one column of one batch are left to the escrow writer, which keeps the first).
+    Past the set's limit, the MACs it leaves out go to a :class:`RecentMacs` table, which forgets:
+    such a value may be sealed again (escrow keeps one row).
     """
 
-    def __init__(self, slots: int = 1 << 20) -> None:
-        self._table = RecentMacs(slots)
-        self._batch: list[np.ndarray] = []
+    def __init__(self, limit: int = MAC_SET_LIMIT) -> None:
+        self._sealed = MacSet(limit)
+        self._recent: RecentMacs | None = None  # past the set's limit only
 
     def unsealed(self, macs: bytes) -> np.ndarray | None:
-        """Positions of the MACs an earlier batch did not seal; ``None`` when it sealed none of them."""
-        words = RecentMacs.words(macs)
-        self._batch.append(words)
-        known = self._table.known(words)
+        """Positions of the MACs not listed before (``None``: none was); all are remembered from now on."""
+        known = self._sealed.known(macs)
+        if self._recent is not None:
+            known = known | self._recent.known(RecentMacs.words(macs))
+        left_out = self._sealed.add(macs)
+        if left_out is not None:
+            if self._recent is None:
+                self._recent = RecentMacs()
+            self._recent.remember(RecentMacs.words(macs)[left_out])
         return np.flatnonzero(~known) if known.any() else None
-
-    def end_batch(self) -> None:
-        """The batch's MACs are sealed (its escrow is written before the next batch's, in one transaction)."""
-        for words in self._batch:
-            self._table.remember(words)
-        self._batch.clear()
 
 
 @dataclass(frozen=True)
@@ -226,10 +230,6 @@ class PseudonymEngine(ABC):
     def _arrow_type_tag(self, arrow_type: pa.DataType) -> str | None:
         """The type tag of a pseudonymised Arrow column's values when the C engine reads it (``None``: it does not)."""
         return native.arrow_type_tag(arrow_type)
-
-    def _end_batch(self) -> None:
-        """A batch is done and its escrow listed (the first-level engine then remembers what was sealed)."""
-        return None
 
     def _refuse_input(self, column: str, mismatched: int, values: int) -> PolicyError:
         """The error for a column whose input the engine's plan checked and found wrong."""
@@ -340,7 +340,6 @@ class PseudonymEngine(ABC):
         stats = Stats(rows_in=rows, rows_out=rows)
         escrow = self._new_escrow()
         out = {rule.column: self._column(values, rule, stats, escrow) for rule, values in columns}
-        self._end_batch()
         self.stats.add(stats)
         return out, stats, escrow or []
 
@@ -397,7 +396,6 @@ class PseudonymEngine(ABC):
             stats.nulls += found.nulls
             stats.values_pseudonymised += count
         escrow = self._block_escrow(list(zip(columns, results, tags, strict=True)))
-        self._end_batch()
         self.stats.add(stats)
         return stats, escrow
 
@@ -520,10 +518,6 @@ class Pseudonymiser(PseudonymEngine):
                                     type_tag=tag, domain=self.policy.rules[column].domain)
                 sealed.append(items if fresh is None else items.take(fresh))
         return EscrowBlocks(sealed)
-
-    def _end_batch(self) -> None:
-        if self._escrowed is not None:
-            self._escrowed.end_batch()
 
 
 class SecondaryPseudonymiser(PseudonymEngine):
