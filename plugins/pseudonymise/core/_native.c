@@ -1120,31 +1120,6 @@ static int recent_args(PyObject *args, Py_buffer *table, Py_buffer *used, Py_buf
     return 0;
 }
 
-/* recent_known(table, used, macs) -> bytes: 1 where the MAC is the one held in its slot, else 0. */
-static PyObject *py_recent_known(PyObject *module, PyObject *args) {
-    Py_buffer table, used, macs;
-    if (recent_args(args, &table, &used, &macs, 0) < 0)
-        return NULL;
-    size_t n = (size_t)macs.len / 32, mask = (size_t)used.len - 1;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
-    if (out != NULL) {
-        unsigned char *flags = (unsigned char *)PyBytes_AS_STRING(out);
-        const unsigned char *held = table.buf, *in_use = used.buf, *m = macs.buf;
-        Py_BEGIN_ALLOW_THREADS
-        for (size_t i = 0; i < n; i++) {
-            if (i + RECENT_AHEAD < n)  /* the table is far larger than the caches: ask for a later slot now */
-                recent_prefetch(held, in_use, m + 32 * (i + RECENT_AHEAD), mask);
-            size_t slot = recent_slot(m + 32 * i, mask);
-            flags[i] = in_use[slot] && memcmp(held + 32 * slot, m + 32 * i, 32) == 0;
-        }
-        Py_END_ALLOW_THREADS
-    }
-    PyBuffer_Release(&table);
-    PyBuffer_Release(&used);
-    PyBuffer_Release(&macs);
-    return out;
-}
-
 /* recent_remember(table, used, macs): every MAC into its slot, in order (a later one takes the slot). */
 static PyObject *py_recent_remember(PyObject *module, PyObject *args) {
     Py_buffer table, used, macs;
@@ -1186,8 +1161,10 @@ static inline int seen_find(const unsigned char *held, const unsigned char *in_u
     return 0;
 }
 
-/* seen_known(table, used, macs) -> bytes: 1 where the MAC is in the set, else 0. */
-static PyObject *py_seen_known(PyObject *module, PyObject *args) {
+/* The flags of the two look-ups below: for each MAC of `macs`, 1 if the table holds it, else 0. `set` chooses
+ * the table: 0 the direct-mapped table of recent MACs (one slot per MAC, later slots prefetched), 1 the
+ * open-addressing set of seen_add. */
+static PyObject *mac_flags(PyObject *args, int set) {
     Py_buffer table, used, macs;
     if (recent_args(args, &table, &used, &macs, 0) < 0)
         return NULL;
@@ -1197,8 +1174,16 @@ static PyObject *py_seen_known(PyObject *module, PyObject *args) {
         unsigned char *flags = (unsigned char *)PyBytes_AS_STRING(out);
         const unsigned char *held = table.buf, *in_use = used.buf, *m = macs.buf;
         Py_BEGIN_ALLOW_THREADS
-        for (size_t i = 0; i < n; i++)
-            flags[i] = (unsigned char)seen_find(held, in_use, mask, m + 32 * i, &slot);
+        for (size_t i = 0; i < n; i++) {
+            if (set) {
+                flags[i] = (unsigned char)seen_find(held, in_use, mask, m + 32 * i, &slot);
+                continue;
+            }
+            if (i + RECENT_AHEAD < n)  /* the table is far larger than the caches: ask for a later slot now */
+                recent_prefetch(held, in_use, m + 32 * (i + RECENT_AHEAD), mask);
+            slot = recent_slot(m + 32 * i, mask);
+            flags[i] = in_use[slot] && memcmp(held + 32 * slot, m + 32 * i, 32) == 0;
+        }
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&table);
@@ -1206,6 +1191,12 @@ static PyObject *py_seen_known(PyObject *module, PyObject *args) {
     PyBuffer_Release(&macs);
     return out;
 }
+
+/* recent_known(table, used, macs) -> bytes: 1 where the MAC is the one held in its slot, else 0. */
+static PyObject *py_recent_known(PyObject *module, PyObject *args) { return mac_flags(args, 0); }
+
+/* seen_known(table, used, macs) -> bytes: 1 where the MAC is in the set, else 0. */
+static PyObject *py_seen_known(PyObject *module, PyObject *args) { return mac_flags(args, 1); }
 
 /* seen_add(table, used, macs, room) -> (added, left_out): the MACs not in the set go in, in order, until `room`
  * of them were added; left_out has 1 for each MAC that was not in the set and found no room, else 0. */

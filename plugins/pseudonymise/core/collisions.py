@@ -214,8 +214,6 @@ class CollisionGuard:
                 )
 
 
-
-
 class GuardAside:
     """A :class:`CollisionGuard` fed on a background thread of its own, in order, a few batches behind.
 

@@ -275,8 +275,6 @@ def _risk_tap(risk: RiskSpec | None, columns: list[str], transfer: Transfer, con
     return SpillRiskTap(risk, columns, memory_groups=memory_groups)
 
 
-
-
 def run_dry_run(store: Store, tokens: TokenSource, policy: ColumnPolicy, transfer: Transfer,
                 run: RunContext | None = None, *, secondary: bool = False, sample: int = DRY_RUN_SAMPLE,
                 risk: RiskSpec | None = None, risk_memory_groups: int = MEMORY_GROUPS) -> RunSummary:
