@@ -415,3 +415,24 @@ def test_text_that_is_not_utf8_fails_naming_the_pseudonymised_columns(tmp_path: 
     assert "0x80" not in str(raised.value) and "not valid UTF-8" in str(raised.value)
     assert len(direct_runs) == 1 and _rows(store.engine) == [(1, "old", "old", 0)]
     store.engine.dispose()
+
+
+def test_the_attached_source_is_read_only_and_detached_after(tmp_path: Path) -> None:
+    """The run's statement reads the source through the target's connection: were the source attached
+    writable, a statement on that connection could change the source. Attached, a write to it is refused by
+    SQLite itself; after the block the schema is gone and the source unchanged."""
+    source = _source(tmp_path / "source.db")
+    target = sa.create_engine(f"sqlite:///{tmp_path / 'target.db'}")
+    direct = sqlite_direct.SqliteDirect(sqlite_direct.database_file(source) or "", "visits", same_file=False)
+    with target.connect() as conn, direct.attached(conn) as schema:
+        assert schema is not None and schema.startswith("pseudonymise_source_")
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        assert dbapi.execute(f'SELECT count(*) FROM "{schema}"."visits"').fetchone() == (len(PIDS),)
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            dbapi.execute(f'DELETE FROM "{schema}"."visits"')
+    with target.connect() as conn:
+        assert [row[1] for row in conn.exec_driver_sql("PRAGMA database_list")] == ["main"]
+    assert _rows(source, "visits") == _rows(_source(tmp_path / "again.db"), "visits")
+    source.dispose()
+    target.dispose()
