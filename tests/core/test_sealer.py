@@ -20,6 +20,8 @@ from pseudonymise.core import native
 from pseudonymise.core.errors import EscrowError, EscrowIntegrityError, TokenKindError
 from pseudonymise.core.sealer import (
     AD_VERSION,
+    BINARY_COPY_HEADER,
+    BINARY_COPY_TRAILER,
     HPKE_INFO,
     SUITE,
     BatchOpener,
@@ -243,6 +245,59 @@ def test_a_batch_seals_the_same_rows_in_python_and_in_c(mint: Mint, prefix: str)
     opened = [opener.open(n, ct, associated_data(token.project, p, "", token.key_version, token.retention_until))
               for n, ct, p in zip(nonces, ciphertexts, names[:3], strict=True)]
     assert opened == [b"str\x00a", b"bytes\x00\x00", b"int\x0042"]
+
+
+def _open_binary_rows(rows: bytes, dek: bytes, token: Token, domain: str, plaintexts: list[bytes], names: list[str],
+                      row_hashes: bytes) -> None:
+    """Read PostgreSQL's binary COPY format as its documentation describes it (signature, flags, header extension,
+    then per row a 16-bit field count and each field as a 32-bit length and its bytes, then -1), and check each
+    row as :func:`_open_rows` does, the retention end as microseconds since 2000-01-01 UTC, and the row hashes."""
+    aead = AESGCM(dek)
+    assert rows[:11] == b"PGCOPY\n\xff\r\n\x00" and struct.unpack(">ii", rows[11:19]) == (0, 0)
+    at, fields_of = 19, []
+    while True:
+        (count,) = struct.unpack(">h", rows[at:at + 2])
+        at += 2
+        if count == -1:
+            break
+        assert count == 6
+        fields = []
+        for _ in range(count):
+            (length,) = struct.unpack(">i", rows[at:at + 4])
+            fields.append(rows[at + 4:at + 4 + length])
+            at += 4 + length
+        fields_of.append(fields)
+    assert at == len(rows) and len(fields_of) == len(names)
+    micros = (token.retention_until - dt.datetime(2000, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
+    for i, (project, name, batch, nonce, sealed, end) in enumerate(fields_of):
+        assert (project.decode(), batch, end) == (token.project, b"B-1", struct.pack(">q", micros))
+        assert (name.decode(), nonce) == (names[i], i.to_bytes(12, "big"))
+        ad = associated_data(token.project, names[i], domain, token.key_version, token.retention_until)
+        assert sealed == aead.encrypt(nonce, plaintexts[i], ad)
+        assert row_hashes[32 * i:32 * i + 32] == hashlib.sha256(
+            struct.pack(">I", len(name)) + name + nonce + struct.pack(">I", len(sealed)) + sealed).digest()
+
+
+@pytest.mark.parametrize("engine", ["c", "python"])
+def test_binary_escrow_rows_are_postgresql_binary_copy_in_c_and_in_python(mint: Mint, engine: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``binary_block_rows`` (what a run writing straight into escrow copies) in the C engine and without it:
+    PostgreSQL's binary COPY of the escrow layout, each value opening under its own associated data, with the
+    row hashes of the batch digest; the pseudonyms need no escaping there (a backslash is just a byte)."""
+    if engine == "c" and not native.available():
+        pytest.skip("the C engine is not built")
+    if engine == "python":
+        monkeypatch.setattr(native, "available", lambda: False)
+    token, private = mint("research-a"), mint("research-a", "reverse").escrow_private_key
+    rng = random.Random(7)
+    names = [f"P\\{rng.randbytes(12).hex()}" for _ in range(300)]
+    values = [rng.randbytes(rng.randrange(0, 80)) for _ in range(300)]
+    sealer = BatchSealer(token, "visits")
+    rows = BINARY_COPY_HEADER + sealer.binary_block_rows("B-1", _block(names, values, "visits")) + BINARY_COPY_TRAILER
+    _open_binary_rows(rows, open_key(sealer.sealed_dek, private), token, "visits", [b"str\x00" + v for v in values],
+                      names, sealer.row_hashes)
+    with pytest.raises(EscrowError, match="one list"):
+        sealer.binary_block_rows("B-2", _block(names, values, "visits"))
 
 
 def test_a_sealed_value_opens_only_under_its_own_associated_data(mint: Mint) -> None:

@@ -1260,6 +1260,8 @@ static inline char *put_hex(char *w, const unsigned char *p, size_t n) {
  * sealed as AES-256-GCM(dek, nonce = i as 96-bit big-endian, plaintext = plain_prefix + canonical,
  * associated data = ad_prefix + pseudonym + ad_suffix) -> ciphertext || tag, and written as one COPY text row:
  * row_start pseudonym row_middle \\x<nonce hex> TAB \\x<ciphertext hex> row_end.
+ * With binary true the row is in COPY's binary format instead: row_start pseudonym row_middle <nonce> <4-byte
+ * big-endian length of the ciphertext> <ciphertext> row_end (the caller frames the fields and the file).
  * The pseudonyms must need no COPY escaping (the caller checks). When given, row_hashes (a writable buffer of
  * n * 32 bytes) receives each row's hash in its batch's digest, SHA-256(len(p) || p || nonce || len(c) || c)
  * (lengths 4-byte big-endian, c the ciphertext and tag: escrow.batch_digest), so the worker knows the digest
@@ -1269,8 +1271,9 @@ static PyObject *py_seal_rows(PyObject *module, PyObject *args) {
     Py_buffer dek, ad_prefix, plain_prefix, pseudonyms, canonicals, ends, row_start, row_middle, row_end;
     Py_buffer ad_suffix = {0}, row_hashes = {0};
     Py_ssize_t width;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*ny*y*y*y*y*|y*w*", &dek, &ad_prefix, &plain_prefix, &pseudonyms, &width,
-                          &canonicals, &ends, &row_start, &row_middle, &row_end, &ad_suffix, &row_hashes))
+    int binary = 0;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*ny*y*y*y*y*|y*w*p", &dek, &ad_prefix, &plain_prefix, &pseudonyms, &width,
+                          &canonicals, &ends, &row_start, &row_middle, &row_end, &ad_suffix, &row_hashes, &binary))
         return NULL;
     PyObject *result = NULL;
     EVP_CIPHER_CTX *ctx = NULL;
@@ -1357,10 +1360,19 @@ static PyObject *py_seal_rows(PyObject *module, PyObject *args) {
         w += width;
         memcpy(w, row_middle.buf, (size_t)row_middle.len);
         w += row_middle.len;
-        memcpy(w, "\\\\x", 3);
-        w = put_hex(w + 3, nonce, 12);
-        memcpy(w, "\t\\\\x", 4);
-        w = put_hex(w + 4, sealed, plen + 16);
+        if (binary) {  /* the nonce's length is row_middle's end; the sealed value's length goes before it */
+            memcpy(w, nonce, 12);
+            w += 12;
+            uint32_t sealed_len = (uint32_t)(plen + 16);
+            for (int k = 0; k < 4; k++) w[k] = (char)(sealed_len >> (8 * (3 - k)));
+            memcpy(w + 4, sealed, plen + 16);
+            w += 4 + plen + 16;
+        } else {
+            memcpy(w, "\\\\x", 3);
+            w = put_hex(w + 3, nonce, 12);
+            memcpy(w, "\t\\\\x", 4);
+            w = put_hex(w + 4, sealed, plen + 16);
+        }
         memcpy(w, row_end.buf, (size_t)row_end.len);
         w += row_end.len;
     }

@@ -42,6 +42,7 @@ def seal_rows(
     row_end: Buffer,
     ad_suffix: Buffer = ...,
     row_hashes: Buffer = ...,
+    binary: bool = ...,
     /,
 ) -> bytes: ...
 def arrow_column(

@@ -60,8 +60,19 @@ def advisory_lock(conn: Connection, name: str) -> None:
     database's own write lock on SQLite and a row lock elsewhere.
     """
     if conn.dialect.name == "postgresql":
-        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(name)})
+
+
+def _lock_key(name: str) -> int:
+    """The advisory lock key of ``name`` (PostgreSQL's locks are keyed by a 64-bit integer)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+def try_advisory_lock(conn: Connection, name: str) -> bool:
+    """:func:`advisory_lock` without waiting: whether the transaction now holds it (other databases: always)."""
+    if conn.dialect.name != "postgresql":
+        return True
+    return bool(conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _lock_key(name)}).scalar_one())
 
 
 @contextlib.contextmanager

@@ -34,12 +34,20 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from pseudonymise.core.canonical import TYPE_TAGS, from_canonical
-from pseudonymise.core.db import UTCDateTime, advisory_lock, database_now, insert_ignoring_duplicates
-from pseudonymise.core.errors import EscrowRefusedError, RetentionEndedError, TokenKindError
+from pseudonymise.core.db import (
+    UTCDateTime,
+    advisory_lock,
+    database_now,
+    insert_ignoring_duplicates,
+    try_advisory_lock,
+)
+from pseudonymise.core.errors import EscrowError, EscrowRefusedError, RetentionEndedError, TokenKindError
 from pseudonymise.core.instants import utc_seconds
 from pseudonymise.core.mac import pseudonym_mac
 from pseudonymise.core.sealer import (
     AD_VERSION,
+    BINARY_COPY_HEADER,
+    BINARY_COPY_TRAILER,
     ROW_COLUMNS,
     BatchOpener,
     BatchSealer,
@@ -138,6 +146,9 @@ class _StagedBatch:
     digest: str
 
 
+#: Values a run writing straight into escrow gathers before it sorts and copies them (see ``EscrowWriter``).
+DIRECT_ROWS = 65_536
+
 #: Retries of a flush whose INSERT met a key another writer committed without the escrow lock (an older version).
 _FLUSH_ATTEMPTS = 3
 
@@ -151,10 +162,17 @@ class EscrowWriter:
     batch row and no digest.
     """
 
-    def __init__(self, token: Token, tables: EscrowTables, *, defer: bool = False) -> None:
-        """:param defer: on PostgreSQL, rows wait in a staging table and go into the escrow table in one
-            statement, in key order, at :meth:`flush` (call it before committing): one sorted insert costs
-            PostgreSQL less than one per batch."""
+    def __init__(self, token: Token, tables: EscrowTables, *, defer: bool = False,
+                 direct_rows: int = DIRECT_ROWS) -> None:
+        """:param defer: the writer serves one run and :meth:`flush` is called before its commit. On PostgreSQL
+            its first block of values decides how the run writes (see :meth:`_direct`): straight into the
+            escrow table, in key order, when the run can hold the project's escrow lock from then until it
+            commits; otherwise (another run of the project holds it) rows wait in a staging table and go into
+            the escrow table in one sorted statement at :meth:`flush`, under the lock. Without ``defer`` each
+            write is stored at once, through the staging table.
+        :param direct_rows: written straight in, blocks are gathered (per domain) until they hold this many
+            values, then sorted and copied as one batch; the last are copied at :meth:`flush`. Larger chunks
+            cost the primary key's index less (its pages are visited in order) and hold more in memory."""
         if token.kind != "pseudonymisation" or token.escrow_public_key is None:
             raise TokenKindError(
                 f"token {token.jti} carries no escrow public key; escrow needs a pseudonymisation token "
@@ -167,6 +185,10 @@ class EscrowWriter:
         self._staged: str | None = None  # the staging table (PostgreSQL)
         self._batches: dict[str, _StagedBatch] = {}  # batch id -> what it staged, until the flush
         self._hashes: Any = None  # the staged rows' hashes, 32 bytes each, in memory then on disk
+        self._mode: str | None = None  # PostgreSQL with defer: "direct" or "staged", decided by the first block
+        self._probe = True  # direct: look each block's pseudonyms up in escrow first (see _direct)
+        self._direct_rows = max(1, direct_rows)
+        self._pending: dict[tuple[str, str, int], list[EscrowBlock]] = {}  # direct: blocks gathered, by kind
         self.digests: dict[str, str] = {}
 
     def write(self, conn: Connection, items: Sequence[EscrowItem] | EscrowBlocks, now: datetime | None = None) -> int:
@@ -197,10 +219,91 @@ class EscrowWriter:
         if conn.dialect.name != "postgresql":
             items = block.items()
             return self._write_values(conn, block.domain, items.pseudonyms, items.type_tags, items.canonicals, now)
+        if self._defer and self._direct(conn):
+            kind = (block.domain, block.type_tag, block.width)
+            pending = self._pending.setdefault(kind, [])
+            pending.append(block)
+            if sum(map(len, pending)) < self._direct_rows:
+                return 0
+            del self._pending[kind]
+            return self._copy_block(conn, EscrowBlock.concat(pending), now)
         if self._deterministic:  # one row per (project, pseudonym): the first occurrence in the batch
             block = block.first_occurrences()
         sealer, batch = self._new_batch(conn, block.domain, now)
         return self._stage(conn, sealer.copy_block_rows(batch["batch_id"], block), batch, sealer.row_hashes)
+
+    def _lock_name(self, conn: Connection) -> str:
+        table = conn.dialect.identifier_preparer.format_table(self._tables.values)
+        return f"pseudonymise-escrow:{table}:{self._token.project}"
+
+    def _direct(self, conn: Connection) -> bool:
+        """Whether this run writes its blocks straight into the escrow table (decided once, at its first block).
+
+        A randomised project's pseudonyms are new with every value: nothing to leave out, nothing to lock. A
+        deterministic project keeps one row per (project, pseudonym), so two runs must not insert one pseudonym
+        each: the run tries the project's escrow lock (a transaction lock, held until it commits or rolls back)
+        and, when it has it, no other run inserts the project's keys meanwhile, so a block whose pseudonyms are
+        not in escrow yet goes in with a plain ``COPY``. Which are not: none, when the project had no escrow when
+        the lock was taken and the engine says the block holds nothing handed to escrow before in the run
+        (``EscrowBlock.repeats``); otherwise a look-up of the block's pseudonyms. When another run holds the
+        lock, this one stages its rows and waits for the lock at :meth:`flush` (the rows then leave out what
+        that run stored), so concurrent runs of one project stream side by side."""
+        if self._mode is None:
+            if not self._deterministic:
+                self._mode, self._probe = "direct", False
+            elif try_advisory_lock(conn, self._lock_name(conn)):
+                table = conn.dialect.identifier_preparer.format_table(self._tables.values)
+                held = conn.exec_driver_sql(f"SELECT EXISTS (SELECT 1 FROM {table} WHERE project = %(project)s)",
+                                            {"project": self._token.project}).scalar_one()
+                self._mode, self._probe = "direct", bool(held)
+            else:
+                self._mode = "staged"
+        return self._mode == "direct"
+
+    def _copy_block(self, conn: Connection, block: EscrowBlock, now: datetime | None) -> int:
+        """Seal ``block`` as one batch and ``COPY`` it into the escrow table, in pseudonym order (see
+        :meth:`_direct`); return the rows stored. Every row sealed is stored, so the batch's digest is that
+        of all its rows."""
+        block = block.in_pseudonym_order(distinct=self._deterministic)
+        if self._deterministic and (self._probe or block.repeats):
+            held = self._held(conn, block)
+            if held.any():
+                block = block.take(np.flatnonzero(~held))
+        if not len(block):
+            return 0
+        sealer, batch = self._new_batch(conn, block.domain, now)
+        rows = sealer.binary_block_rows(batch["batch_id"], block)
+        table = conn.dialect.identifier_preparer.format_table(self._tables.values)
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.copy_expert(f"COPY {table} ({', '.join(ROW_COLUMNS)}) FROM STDIN (FORMAT binary)",
+                               _Parts(BINARY_COPY_HEADER, rows, BINARY_COPY_TRAILER), size=1 << 20)
+        except Exception as exc:
+            if getattr(exc, "pgcode", None) == "23505":  # only a writer that takes no lock can have put it there
+                raise EscrowError(
+                    f"another writer stored a pseudonym of project {self._token.project!r} in escrow while this "
+                    "run held the project's escrow lock (a version of this plugin from before the lock, or a "
+                    "hand-written insert); nothing of this run was committed: run it again once that writer "
+                    "has finished"
+                ) from None
+            raise
+        finally:
+            cursor.close()
+        conn.execute(self._tables.batches.insert(), batch)
+        self.digests[batch["batch_id"]] = _fold(sealer.row_hashes)
+        return len(block)
+
+    def _held(self, conn: Connection, block: EscrowBlock) -> np.ndarray:
+        """Which of the block's pseudonyms escrow holds for the project (a mask), this run's own rows included."""
+        table = conn.dialect.identifier_preparer.format_table(self._tables.values)
+        names = block.names()
+        found = conn.exec_driver_sql(
+            f"SELECT pseudonym FROM {table} WHERE project = %(project)s AND pseudonym = ANY(%(names)s)",
+            {"project": self._token.project, "names": [n.decode("utf-8") for n in names.tolist()]},
+        ).scalars().all()
+        if not found:
+            return np.zeros(len(names), dtype=bool)
+        return np.isin(names, np.array([f.encode("utf-8") for f in found], dtype=names.dtype))
 
     def _write_values(self, conn: Connection, domain: str, pseudonyms: list[str], tags: list[str],
                       canonicals: list[bytes], now: datetime | None) -> int:
@@ -283,22 +386,24 @@ class EscrowWriter:
         return 0 if self._defer else self.flush(conn)
 
     def flush(self, conn: Connection) -> int:
-        """Move staged rows into the escrow table and list the digest of what each batch stored; return the rows
-        written.
+        """Store what waits, and list the digest of what each batch stored; return the rows written.
 
-        One ``INSERT … SELECT`` in key order (the primary key's index is then written page after page), with no
+        The blocks a run writing straight in has gathered are copied (see :meth:`_direct`). Staged rows go in with
+        one ``INSERT … SELECT`` in key order (the primary key's index is then written page after page), with no
         ``ON CONFLICT``: deterministic projects keep one row per (project, pseudonym), so under a transaction lock
         on the project's escrow (no other run inserts its keys meanwhile: there is no conflict to wait for or
         to check row by row) it leaves out the staged rows whose pseudonym escrow already holds and keeps one
         staged row per pseudonym. ``RETURNING`` gives each batch's stored nonces (never a ciphertext: the
         pipeline's role reads none), and the digests come from the rows' hashes the sealer gave."""
+        pending, self._pending = self._pending, {}
+        copied = sum(self._copy_block(conn, EscrowBlock.concat(blocks), None) for blocks in pending.values())
         if self._staged is None or not self._batches:
-            return 0
+            return copied
         table = conn.dialect.identifier_preparer.format_table(self._tables.values)
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
             if self._deterministic:
-                advisory_lock(conn, f"pseudonymise-escrow:{table}:{self._token.project}")
+                advisory_lock(conn, self._lock_name(conn))
             for attempt in range(_FLUSH_ATTEMPTS):
                 cursor.execute("SAVEPOINT pseudonymise_escrow_flush")
                 try:
@@ -314,7 +419,7 @@ class EscrowWriter:
             cursor.execute(f"TRUNCATE {self._staged}")
         finally:
             cursor.close()
-        written = sum(map(len, stored.values()))
+        written = copied + sum(map(len, stored.values()))
         if written:
             conn.execute(self._tables.batches.insert(), [self._batches[b].row for b in stored])
         self._batches.clear()
@@ -354,6 +459,24 @@ class EscrowWriter:
         self._hashes.seek(batch.offset)
         hashes = np.frombuffer(self._hashes.read(32 * batch.count), dtype="S32")
         return _fold(hashes[keep].tobytes())
+
+
+class _Parts:
+    """Bytes objects read one after the other, as a file (``read``) for ``COPY``, without joining them first."""
+
+    def __init__(self, *parts: bytes) -> None:
+        self._parts = [memoryview(p) for p in parts if p]
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._parts:
+            return b""
+        head = self._parts[0]
+        chunk = head if size < 0 else head[:size]
+        if len(chunk) == len(head):
+            self._parts.pop(0)
+        else:
+            self._parts[0] = head[len(chunk):]
+        return bytes(chunk)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import pyarrow as pa
 
@@ -289,17 +289,23 @@ def encode(macs: bytes, fmt: PseudonymFormat) -> bytes:
 
 def seal_rows(dek: bytes, *, ad_prefix: bytes, plain_prefix: bytes, pseudonyms: bytes, width: int, canonicals: bytes,
               ends: bytes, row_start: bytes, row_middle: bytes, row_end: bytes, ad_suffix: bytes = b"",
-              row_hashes: bytearray | None = None) -> bytes:
+              row_hashes: bytearray | None = None, binary: bool = False) -> bytes:
     """Escrow rows in COPY text, value ``i`` sealed with AES-256-GCM under ``dek`` (nonce ``i``, 96-bit big-endian;
     plaintext ``plain_prefix + canonical``; associated data ``ad_prefix + pseudonym + ad_suffix``) and written as
-    ``row_start pseudonym row_middle \\\\x<nonce> TAB \\\\x<ciphertext and tag> row_end``.
+    ``row_start pseudonym row_middle \\\\x<nonce> TAB \\\\x<ciphertext and tag> row_end``; with ``binary``, in COPY's
+    binary format: ``row_start pseudonym row_middle <nonce> <length of the ciphertext, 4 bytes big-endian>
+    <ciphertext and tag> row_end`` (the caller frames the other fields; ``row_hashes`` is then required).
 
     ``pseudonyms`` holds n pseudonyms of ``width`` bytes (needing no COPY escaping), ``canonicals`` their values
     one after the other, ``ends`` the n + 1 offsets (native-endian uint64). ``row_hashes`` (32 bytes per value),
     when given, receives each row's hash in the batch digest (:func:`escrow.batch_digest`'s ``h_i``). Anything
     else, or OpenSSL failing, is an :class:`EscrowError`.
     """
-    extra = () if row_hashes is None else (row_hashes,)
+    extra: tuple[Any, ...] = () if row_hashes is None else (row_hashes,)
+    if binary:
+        if row_hashes is None:
+            raise EscrowError("binary escrow rows are sealed with their row hashes")
+        extra += (True,)
     try:
         return _engine().seal_rows(dek, ad_prefix, plain_prefix, pseudonyms, width, canonicals, ends,  # type: ignore[no-any-return]
                                    row_start, row_middle, row_end, ad_suffix, *extra)

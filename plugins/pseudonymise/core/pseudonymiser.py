@@ -165,6 +165,12 @@ class _Escrowed:
         self._sealed = MacSet(limit)
         self._recent: RecentMacs | None = None  # past the set's limit only
 
+    @property
+    def exact(self) -> bool:
+        """Whether every MAC listed so far is remembered (the set has not overflowed): then what
+        :meth:`unsealed` gives holds no value listed before."""
+        return self._recent is None
+
     def unsealed(self, macs: bytes) -> np.ndarray | None:
         """Positions of the MACs not listed before (``None``: none was); all are remembered from now on."""
         known = self._sealed.known(macs)
@@ -511,11 +517,13 @@ class Pseudonymiser(PseudonymEngine):
         sealed: list[EscrowBlock] = []
         if self.reversible:
             for column, found, tag in results:
+                # exact before this column: nothing it leaves unsealed was listed earlier in the run
+                exact = self._escrowed is not None and self._escrowed.exact
                 fresh = self._escrowed.unsealed(found.macs) if self._escrowed is not None else None
                 names = native.encode(found.macs, self.format)
                 items = EscrowBlock(names, len(self.format.prefix.encode("utf-8")) + self.format.length,
                                     found.canonicals or b"", np.frombuffer(found.ends or b"", dtype=np.uint64),
-                                    type_tag=tag, domain=self.policy.rules[column].domain)
+                                    type_tag=tag, domain=self.policy.rules[column].domain, repeats=not exact)
                 sealed.append(items if fresh is None else items.take(fresh))
         return EscrowBlocks(sealed)
 

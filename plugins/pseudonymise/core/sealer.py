@@ -16,10 +16,11 @@ Storing, revealing and purging escrow is ``escrow.py``'s job.
 from __future__ import annotations
 
 import hashlib
+import struct
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import repeat
 from typing import overload
 
@@ -41,6 +42,11 @@ SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 AD_VERSION = 2
 #: The escrow rows the sealer writes in COPY text, field by field.
 ROW_COLUMNS = ("project", "pseudonym", "batch_id", "nonce", "ciphertext", "retention_until")
+#: PostgreSQL's binary COPY format: the signature, no flags, no header extension; and the end of the data.
+BINARY_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+BINARY_COPY_TRAILER = struct.pack(">h", -1)
+#: ``timestamptz`` counts microseconds from this instant.
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 # --- the data key -----------------------------------------------------------------------------
@@ -68,9 +74,14 @@ class _CounterNonces:
         self._raw: list[bytes] = []
         self._text: list[str] = []
 
-    def __call__(self, count: int) -> tuple[list[bytes], list[str]]:
+    @staticmethod
+    def check(count: int) -> None:
+        """Refuse a batch of more values than its 64-bit counters can number."""
         if count >= 2**64:
             raise EscrowError("an escrow batch is limited to 2**64 values; use a smaller batch size")
+
+    def __call__(self, count: int) -> tuple[list[bytes], list[str]]:
+        self.check(count)
         if len(self._raw) < count:
             size = max(count, 2 * len(self._raw), 1024)
             raw = list(map(int.to_bytes, range(size), repeat(12), repeat("big")))
@@ -178,14 +189,18 @@ class EscrowBlock(_Items):
     """What escrow must seal for a block of COPY text rows, without an object per value: the pseudonyms
     (UTF-8, ``width`` bytes each, one after the other), the canonical bytes one after the other with
     their ``ends`` (``ends[i]:ends[i+1]`` is value ``i``; ``ends[0] == 0``), and one type tag and one
-    pseudonymisation domain for all."""
+    pseudonymisation domain for all.
 
-    __slots__ = ("canonicals", "domain", "ends", "pseudonyms", "type_tag", "width")
+    ``repeats`` says whether the block may hold a value that an earlier block of the same run already
+    handed to escrow: ``False`` only when the engine knows every value listed before (its exact set of
+    sealed MACs had not overflowed); the escrow writer then need not look for them in escrow."""
+
+    __slots__ = ("canonicals", "domain", "ends", "pseudonyms", "repeats", "type_tag", "width")
 
     def __init__(self, pseudonyms: bytes, width: int, canonicals: bytes, ends: np.ndarray, type_tag: str = "str",
-                 domain: str = "") -> None:
+                 domain: str = "", *, repeats: bool = True) -> None:
         self.pseudonyms, self.width, self.canonicals, self.type_tag = pseudonyms, width, canonicals, type_tag
-        self.domain = domain
+        self.domain, self.repeats = domain, repeats
         self.ends = np.asarray(ends, dtype=np.uint64)
         if len(self.ends) != len(pseudonyms) // max(width, 1) + 1 or len(pseudonyms) % max(width, 1):
             raise ValueError("an escrow block needs n pseudonyms of `width` bytes and n + 1 ends")
@@ -201,24 +216,41 @@ class EscrowBlock(_Items):
         offsets = np.cumsum([0] + [len(b.canonicals) for b in blocks[:-1]], dtype=np.uint64)
         ends = np.concatenate([blocks[0].ends[:1]] + [b.ends[1:] + o for b, o in zip(blocks, offsets, strict=True)])
         return cls(b"".join(b.pseudonyms for b in blocks), first.width, b"".join(b.canonicals for b in blocks),
-                   ends, first.type_tag)
+                   ends, first.type_tag, first.domain, repeats=any(b.repeats for b in blocks))
 
     def take(self, positions: Sequence[int] | np.ndarray) -> EscrowBlock:
         """The values at ``positions`` (in that order)."""
         positions = np.asarray(positions, dtype=np.intp)
-        starts, stops = self.ends[:-1][positions], self.ends[1:][positions]
-        canonicals = b"".join(map(self.canonicals.__getitem__, map(slice, starts.tolist(), stops.tolist())))
+        starts = self.ends[:-1][positions].astype(np.int64)
+        lengths = self.ends[1:][positions].astype(np.int64) - starts
         ends = np.zeros(len(positions) + 1, dtype=np.uint64)
-        np.cumsum(stops - starts, out=ends[1:])
+        np.cumsum(lengths, out=ends[1:])
+        # every byte taken, at once: byte j of value k comes from starts[k] + j
+        gather = np.repeat(starts - ends[:-1].astype(np.int64), lengths) + np.arange(int(ends[-1]), dtype=np.int64)
+        canonicals = np.frombuffer(self.canonicals, dtype=np.uint8)[gather].tobytes()
         names = (np.frombuffer(self.pseudonyms, dtype=f"S{self.width}")[positions].tobytes()
                  if self.width and len(positions) else b"")
-        return EscrowBlock(names, self.width, canonicals, ends, self.type_tag, self.domain)
+        return EscrowBlock(names, self.width, canonicals, ends, self.type_tag, self.domain, repeats=self.repeats)
+
+    def names(self) -> np.ndarray:
+        """The pseudonyms as a NumPy array of ``width``-byte strings (no copy)."""
+        return np.frombuffer(self.pseudonyms, dtype=f"S{self.width}")
 
     def first_occurrences(self) -> EscrowBlock:
         """The block without repeated pseudonyms: the first occurrence of each, in order."""
-        names = np.frombuffer(self.pseudonyms, dtype=f"S{self.width}")
-        _, first = np.unique(names, return_index=True)
-        return self.take(np.sort(first)) if len(first) < len(names) else self
+        _, first = np.unique(self.names(), return_index=True)
+        return self.take(np.sort(first)) if len(first) < len(self) else self
+
+    def in_pseudonym_order(self, *, distinct: bool) -> EscrowBlock:
+        """The block sorted by pseudonym (byte order, which is PostgreSQL's ``C`` collation of UTF-8), with only the
+        first occurrence of each pseudonym when ``distinct``: rows inserted in key order cost the primary key's
+        index a fraction of rows in random order."""
+        names = self.names()
+        if distinct:
+            _, order = np.unique(names, return_index=True)
+        else:
+            order = np.argsort(names, kind="stable")
+        return self.take(order)
 
     def __len__(self) -> int:
         return len(self.ends) - 1
@@ -334,7 +366,7 @@ class BatchSealer:
         if not native.available() or b"\\" in block.pseudonyms:
             items = block.items()
             return self.copy_rows(batch_id, items.pseudonyms, items.type_tags, items.canonicals)
-        counter_nonces(len(block))  # the same limit as the Python path
+        counter_nonces.check(len(block))  # the same limit as the Python path
         _aead, dek = self._take_key()
         retention = self._retention.astimezone(UTC).isoformat()
         hashes = bytearray(32 * len(block))
@@ -344,6 +376,39 @@ class BatchSealer:
             row_start=(_pg_text(self._project) + "\t").encode("utf-8"), row_middle=f"\t{batch_id}\t".encode("ascii"),
             row_end=f"\t{retention}\n".encode("ascii"), ad_suffix=self._ad_suffix, row_hashes=hashes)
         self.row_hashes = bytes(hashes)
+        return rows
+
+
+    def binary_block_rows(self, batch_id: str, block: EscrowBlock) -> bytes:
+        """The block's values sealed as escrow rows (:data:`ROW_COLUMNS`) in PostgreSQL's binary COPY format (the
+        rows alone: the data is :data:`BINARY_COPY_HEADER`, the rows, :data:`BINARY_COPY_TRAILER`): no text for
+        PostgreSQL to parse, the retention end as the microseconds ``timestamptz`` is. The C engine seals when it is there, else ``cryptography``:
+        the same bytes either way, and the same nonces, ciphertexts and :attr:`row_hashes` as
+        :meth:`copy_block_rows`."""
+        if block.domain != self.domain:
+            raise ValueError("an escrow block is sealed in the batch of its own domain")
+        project = self._project.encode("utf-8")
+        retention = (self._retention - _PG_EPOCH) // timedelta(microseconds=1)
+        start = struct.pack(">hi", len(ROW_COLUMNS), len(project)) + project + struct.pack(">i", block.width)
+        middle = struct.pack(">i", len(batch_id)) + batch_id.encode("ascii") + struct.pack(">i", 12)
+        end = struct.pack(">iq", 8, retention)
+        if native.available():
+            counter_nonces.check(len(block))  # the same limit as the Python path
+            _aead, dek = self._take_key()
+            hashes = bytearray(32 * len(block))
+            rows = native.seal_rows(
+                dek, ad_prefix=self._ad_prefix, plain_prefix=block.type_tag.encode("ascii") + b"\x00",
+                pseudonyms=block.pseudonyms, width=block.width, canonicals=block.canonicals, ends=block.ends.tobytes(),
+                row_start=start, row_middle=middle, row_end=end, ad_suffix=self._ad_suffix, row_hashes=hashes,
+                binary=True)
+            self.row_hashes = bytes(hashes)
+            return rows
+        items = block.items()
+        nonces, _text, ciphertexts = self._seal(items.pseudonyms, items.type_tags, items.canonicals)
+        names = [block.pseudonyms[i:i + block.width] for i in range(0, len(block.pseudonyms), block.width)]
+        self.row_hashes = b"".join(map(row_hash, names, nonces, ciphertexts))
+        rows = b"".join(start + name + middle + nonce + struct.pack(">i", len(sealed)) + sealed + end
+                        for name, nonce, sealed in zip(names, nonces, ciphertexts, strict=True))
         return rows
 
 
