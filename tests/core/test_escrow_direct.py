@@ -23,7 +23,7 @@ from pseudonymise.core.errors import EscrowError
 from pseudonymise.core.escrow import EscrowTables, EscrowWriter, reveal
 from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.pseudonymiser import Pseudonymiser, _Escrowed
-from pseudonymise.core.sealer import EscrowBlocks
+from pseudonymise.core.sealer import EscrowBlock, EscrowBlocks
 from pseudonymise.core.tokens import Token
 from sqlalchemy.engine import Engine
 
@@ -156,6 +156,29 @@ def test_what_escrow_holds_is_left_out_and_a_batch_that_adds_nothing_leaves_no_r
     assert len(writer.digests) == 1
     assert _count(engine, tables) == 4 and _count(engine, tables, "batches") == 2
     _check_stored(engine, tables, writer, mint, "research-a", ["e", "f", "g", "h"], earlier.digests)
+
+
+def test_the_look_up_reads_names_any_prefix_may_give(store: Any, mint: Mint) -> None:
+    """The pseudonyms go to PostgreSQL as one text array: quotes, backslashes, commas, braces, spaces and
+    non-ASCII in them (a project's prefix may hold any) are looked up as they are."""
+    engine, tables = store
+    token = mint("research-a")
+    odd = ['a"b', "c\\d", "e,f", "{g}", "h i", "NULL", "é-ж"]
+    names = [n.ljust(6, "x").encode() for n in odd]
+    width = max(map(len, names))
+    names = [n.ljust(width, b"x") for n in names]
+    block = EscrowBlock(b"".join(names), width, b"v" * len(names), np.arange(len(names) + 1, dtype=np.uint64))
+    held = [n.decode() for n in names[::2]]
+    with engine.begin() as conn:
+        conn.execute(tables.values.insert(), [{"project": token.project, "pseudonym": p, "batch_id": "b",
+                                               "nonce": bytes(12), "ciphertext": b"c",
+                                               "retention_until": token.retention_until} for p in held])
+        other = mint("research-b")  # another project's rows are not this one's
+        conn.execute(tables.values.insert(), [{"project": other.project, "pseudonym": names[1].decode(), "batch_id": "b",
+                                               "nonce": bytes(12), "ciphertext": b"c",
+                                               "retention_until": token.retention_until}])
+        found = EscrowWriter(token, tables, defer=True)._held(conn, block)
+    assert found.tolist() == [i % 2 == 0 for i in range(len(names))]
 
 
 def test_a_run_whose_set_of_sealed_values_overflowed_looks_its_blocks_up(store: Any, mint: Mint) -> None:

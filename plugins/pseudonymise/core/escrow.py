@@ -38,7 +38,6 @@ from pseudonymise.core.db import (
     UTCDateTime,
     advisory_lock,
     database_now,
-    insert_ignoring_duplicates,
     try_advisory_lock,
 )
 from pseudonymise.core.errors import EscrowError, EscrowRefusedError, RetentionEndedError, TokenKindError
@@ -294,51 +293,22 @@ class EscrowWriter:
         return len(block)
 
     def _held(self, conn: Connection, block: EscrowBlock) -> np.ndarray:
-        """Which of the block's pseudonyms escrow holds for the project (a mask), this run's own rows included."""
+        """Which of the block's pseudonyms escrow holds for the project (a mask), this run's own rows included: one
+        text array in (no parameter per value), one character per value out, looked up in the block's order."""
+        if not len(block):
+            return np.zeros(0, dtype=bool)
         table = conn.dialect.identifier_preparer.format_table(self._tables.values)
-        names = block.names()
+        names = block.names().tolist()
+        if b"\\" in block.pseudonyms or b'"' in block.pseudonyms:
+            names = [n.replace(b"\\", b"\\\\").replace(b'"', b'\\"') for n in names]
+        listed = (b'{"' + b'","'.join(names) + b'"}').decode("utf-8")
         found = conn.exec_driver_sql(
-            f"SELECT pseudonym FROM {table} WHERE project = %(project)s AND pseudonym = ANY(%(names)s)",
-            {"project": self._token.project, "names": [n.decode("utf-8") for n in names.tolist()]},
-        ).scalars().all()
-        if not found:
-            return np.zeros(len(names), dtype=bool)
-        return np.isin(names, np.array([f.encode("utf-8") for f in found], dtype=names.dtype))
-
-    def _write_values(self, conn: Connection, domain: str, pseudonyms: list[str], tags: list[str],
-                      canonicals: list[bytes], now: datetime | None) -> int:
-        if self._deterministic:
-            # one row per (project, pseudonym): the first occurrence in the batch is enough
-            first = dict(zip(reversed(pseudonyms), range(len(pseudonyms) - 1, -1, -1), strict=True))
-            if len(first) < len(pseudonyms):
-                keep = sorted(first.values())
-                pseudonyms = [pseudonyms[i] for i in keep]
-                tags = [tags[i] for i in keep]
-                canonicals = [canonicals[i] for i in keep]
-        sealer, batch = self._new_batch(conn, domain, now)
-        batch_id = batch["batch_id"]
-        if conn.dialect.name == "postgresql":
-            return self._stage(conn, sealer.copy_rows(batch_id, pseudonyms, tags, canonicals), batch, sealer.row_hashes)
-        nonces, ciphertexts = sealer.seal(pseudonyms, tags, canonicals)
-        project, retention = self._token.project, self._token.retention_until
-        rows: list[dict[str, Any]] = [
-            {"project": project, "pseudonym": p, "batch_id": batch_id, "nonce": n, "ciphertext": c,
-             "retention_until": retention}
-            for p, n, c in zip(pseudonyms, nonces, ciphertexts, strict=True)
-        ]
-        if self._deterministic:
-            written = insert_ignoring_duplicates(self._tables.values, ["project", "pseudonym"]).execute(conn, rows)
-        else:
-            conn.execute(self._tables.values.insert(), rows)
-            written = len(rows)
-        if written:
-            conn.execute(self._tables.batches.insert(), batch)
-            # Outside PostgreSQL the writer may read escrow (SQLite: the file's owner is trusted anyway).
-            v = self._tables.values
-            stored = conn.execute(sa.select(v.c.pseudonym, v.c.nonce, v.c.ciphertext)
-                                  .where(v.c.batch_id == batch_id).order_by(v.c.nonce)).all()
-            self.digests[batch_id] = batch_digest((r.pseudonym, bytes(r.nonce), bytes(r.ciphertext)) for r in stored)
-        return written
+            "SELECT string_agg(CASE WHEN EXISTS (SELECT FROM " + table + " e WHERE e.project = %(project)s "
+            "AND e.pseudonym = u.p) THEN '1' ELSE '0' END, '' ORDER BY u.i) "
+            "FROM unnest(CAST(%(names)s AS text[])) WITH ORDINALITY AS u(p, i)",
+            {"project": self._token.project, "names": listed},
+        ).scalar_one()
+        return np.frombuffer(found.encode("ascii"), dtype=np.uint8) == ord("1")
 
     def _new_batch(self, conn: Connection, domain: str, now: datetime | None) -> tuple[BatchSealer, dict[str, Any]]:
         """A new batch, its data key sealed to the escrow public key: its sealer, and its row for the batch
