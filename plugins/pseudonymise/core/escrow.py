@@ -38,6 +38,7 @@ from pseudonymise.core.db import (
     UTCDateTime,
     advisory_lock,
     database_now,
+    insert_ignoring_duplicates,
     try_advisory_lock,
 )
 from pseudonymise.core.errors import EscrowError, EscrowRefusedError, RetentionEndedError, TokenKindError
@@ -230,6 +231,41 @@ class EscrowWriter:
             block = block.first_occurrences()
         sealer, batch = self._new_batch(conn, block.domain, now)
         return self._stage(conn, sealer.copy_block_rows(batch["batch_id"], block), batch, sealer.row_hashes)
+
+    def _write_values(self, conn: Connection, domain: str, pseudonyms: list[str], tags: list[str],
+                      canonicals: list[bytes], now: datetime | None) -> int:
+        if self._deterministic:
+            # one row per (project, pseudonym): the first occurrence in the batch is enough
+            first = dict(zip(reversed(pseudonyms), range(len(pseudonyms) - 1, -1, -1), strict=True))
+            if len(first) < len(pseudonyms):
+                keep = sorted(first.values())
+                pseudonyms = [pseudonyms[i] for i in keep]
+                tags = [tags[i] for i in keep]
+                canonicals = [canonicals[i] for i in keep]
+        sealer, batch = self._new_batch(conn, domain, now)
+        batch_id = batch["batch_id"]
+        if conn.dialect.name == "postgresql":
+            return self._stage(conn, sealer.copy_rows(batch_id, pseudonyms, tags, canonicals), batch, sealer.row_hashes)
+        nonces, ciphertexts = sealer.seal(pseudonyms, tags, canonicals)
+        project, retention = self._token.project, self._token.retention_until
+        rows: list[dict[str, Any]] = [
+            {"project": project, "pseudonym": p, "batch_id": batch_id, "nonce": n, "ciphertext": c,
+             "retention_until": retention}
+            for p, n, c in zip(pseudonyms, nonces, ciphertexts, strict=True)
+        ]
+        if self._deterministic:
+            written = insert_ignoring_duplicates(self._tables.values, ["project", "pseudonym"]).execute(conn, rows)
+        else:
+            conn.execute(self._tables.values.insert(), rows)
+            written = len(rows)
+        if written:
+            conn.execute(self._tables.batches.insert(), batch)
+            # Outside PostgreSQL the writer may read escrow (SQLite: the file's owner is trusted anyway).
+            v = self._tables.values
+            stored = conn.execute(sa.select(v.c.pseudonym, v.c.nonce, v.c.ciphertext)
+                                  .where(v.c.batch_id == batch_id).order_by(v.c.nonce)).all()
+            self.digests[batch_id] = batch_digest((r.pseudonym, bytes(r.nonce), bytes(r.ciphertext)) for r in stored)
+        return written
 
     def _lock_name(self, conn: Connection) -> str:
         table = conn.dialect.identifier_preparer.format_table(self._tables.values)
