@@ -37,6 +37,9 @@ csv.field_size_limit(64 * 1024 * 1024)
 #: the reader's memory grow with the file (1M rows: 205 MiB, 3M: 330 MiB at 16 MiB; 143 and 160 at 1 MiB).
 _CSV_BLOCK = 1 << 20
 _CSV_MAX_BLOCK = 256 << 20
+#: how far :meth:`CsvSource.start_reading` reads ahead while a run gets ready and then on: batches, and their bytes
+START_DEPTH = 64
+START_BYTES = 64 << 20
 #: the delimiters a CSV's header is looked at for (:func:`check_delimiter`), with the names messages give them
 DELIMITER_NAMES = {",": "','", ";": "';'", "\t": "tab", "|": "'|'"}
 #: Linux starts writing a file's dirty pages to the disk, without waiting, when told they are not needed
@@ -185,11 +188,13 @@ class CsvSource:
         as far as :meth:`start_reading` let it)."""
         return self._ahead.take() or read_ahead(self._record_batches(), name="pseudonymise-csv-reader")
 
-    def start_reading(self, depth: int = 8) -> None:
-        """Start parsing now, on a background thread, up to ``depth`` batches ahead, while the caller gets ready
-        (the command line loads the engine and opens the audit meanwhile); the next :meth:`record_batches`
-        goes on from there. Only the file is read: no token is used."""
-        self._ahead.start(lambda: read_ahead(self._record_batches(), depth, name="pseudonymise-csv-reader"))
+    def start_reading(self, depth: int = START_DEPTH, max_bytes: int = START_BYTES) -> None:
+        """Start parsing now, on a background thread, up to ``depth`` batches or ``max_bytes`` of them (Arrow's
+        buffers) ahead, while the caller gets ready (the command line loads the engine and opens the audit
+        meanwhile: the reader uses the core the start leaves idle); the next :meth:`record_batches` goes on from
+        there. Only the file is read: no token is used."""
+        self._ahead.start(lambda: read_ahead(self._record_batches(), depth, "pseudonymise-csv-reader",
+                                             _batch_bytes, max_bytes))
 
     def _record_batches(self) -> Iterator[pa.RecordBatch]:
         pending: list[pa.RecordBatch] = []
@@ -252,9 +257,10 @@ class ParquetSource:
         :meth:`start_reading` let it)."""
         return self._ahead.take() or read_ahead(self._record_batches(), name="pseudonymise-parquet-reader")
 
-    def start_reading(self, depth: int = 8) -> None:
+    def start_reading(self, depth: int = START_DEPTH, max_bytes: int = START_BYTES) -> None:
         """As :meth:`CsvSource.start_reading`: decode the first batches now, on a background thread."""
-        self._ahead.start(lambda: read_ahead(self._record_batches(), depth, name="pseudonymise-parquet-reader"))
+        self._ahead.start(lambda: read_ahead(self._record_batches(), depth, "pseudonymise-parquet-reader",
+                                             _batch_bytes, max_bytes))
 
     def _record_batches(self) -> Iterator[pa.RecordBatch]:
         batches = self._file.iter_batches(batch_size=self.batch_size)
@@ -333,6 +339,11 @@ def check_delimiter(source: CsvSource) -> None:
                 f"{source.path!r} looks {name}-separated: its header is one column holding "
                 f"{name}, and it is read with {DELIMITER_NAMES.get(source.delimiter, repr(source.delimiter))} "
                 f"as the delimiter; name the delimiter {name}", seen)
+
+
+def _batch_bytes(batch: pa.RecordBatch) -> int:
+    """The bytes a batch holds in memory (its buffers; a slice counts its share)."""
+    return int(batch.nbytes)
 
 
 def open_source(path: str | os.PathLike[str], fmt: str | None = None, batch_size: int = 50_000,
