@@ -104,3 +104,17 @@ def test_held_records_leave_repeats_out_pair_shared_keys_and_grow() -> None:
     assert randomised.count == 200
     with pytest.raises(ValueError, match="power-of-two"):
         native.collision_add(bytearray(16 * 3), bytearray(42), 0, b"", False)
+
+
+def test_the_c_table_grows_within_its_bound_then_spills_everything_it_held() -> None:
+    """Memory stays bounded: the table doubles up to ``memory_records``; a batch that would pass it goes to the
+    partitions with every record held, and finish() checks them there."""
+    guard = CollisionGuard(PseudonymFormat(), randomised=False, memory_records=1000)
+    for _ in range(3):
+        batch = macs(300)
+        guard.add("a", batch, None)
+    assert guard.resident_records == 900 and guard.spilled_records == 0
+    assert guard._held is not None and len(guard._held.held()) == 900 and len(guard._held._records) <= 1000
+    guard.add("a", macs(300), None)
+    assert guard.resident_records == 0 and guard.spilled_records == 1200
+    guard.finish()

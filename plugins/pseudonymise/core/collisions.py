@@ -39,7 +39,7 @@ RECORD = np.dtype([("key", "<u8"), ("mac", "V32"), ("column", "<u2")])
 _RAW = np.dtype(f"V{RECORD.itemsize}")  # a record as opaque bytes: gathered much faster than the structure
 PARTITION_BITS = 6
 MEMORY_RECORDS = 1 << 17  # records held in memory by the definition (each batch re-sorts them)
-#: records held in memory with the C engine's table: 42 bytes each and 32 for its index (74 MiB when full)
+#: records held in memory with the C engine's table: 42 bytes each and at most 32 for its index (74 MiB when full)
 MEMORY_RECORDS_NATIVE = 1 << 20
 _FIRST_RECORDS = 1 << 12
 _SPILL_BUFFER = 1 << 18  # bytes buffered per partition file: few, large writes
@@ -96,10 +96,13 @@ class HeldRecords:
     record's key comes back as a pair to compare exactly. Both arrays double as they fill (the index kept at most
     half full)."""
 
-    def __init__(self, randomised: bool, records: int = _FIRST_RECORDS) -> None:
+    def __init__(self, randomised: bool, records: int = _FIRST_RECORDS, limit: int | None = None) -> None:
+        """:param records: room at first; :param limit: the most it grows to while it doubles (it holds more only
+            when one :meth:`add` needs it)."""
         self.randomised = randomised
         self.count = 0
-        self._records = np.empty(max(records, 1), dtype=RECORD)
+        self.limit = limit
+        self._records = np.empty(max(min(records, limit or records), 1), dtype=RECORD)
         self._slots = np.zeros((slots_for(len(self._records)), 2), dtype=np.uint64)
 
     def held(self) -> np.ndarray:
@@ -109,11 +112,12 @@ class HeldRecords:
         """Check and keep ``records`` (see the class); the pairs as rows of (held index, position in ``records``)."""
         need = self.count + len(records)
         if need > len(self._records):
-            grown = np.empty(max(need, 2 * len(self._records)), dtype=RECORD)
+            doubled = 2 * len(self._records) if self.limit is None else min(2 * len(self._records), self.limit)
+            grown = np.empty(max(need, doubled), dtype=RECORD)
             grown[:self.count] = self.held()
             self._records = grown
         if 2 * need > len(self._slots):
-            self._slots = np.zeros((slots_for(max(need, len(self._slots))), 2), dtype=np.uint64)
+            self._slots = np.zeros((slots_for(len(self._records)), 2), dtype=np.uint64)
             native.collision_place(self._slots.data, self._records.data, self.count)
         self.count, pairs = native.collision_add(self._slots.data, self._records.data, self.count,
                                                  np.ascontiguousarray(records).data, self.randomised)
@@ -137,7 +141,8 @@ class CollisionGuard:
         self.memory_records = memory_records
         self._columns: list[str] = []
         self._resident = np.empty(0, dtype=RECORD)  # sorted by key (without the C engine)
-        self._held = HeldRecords(randomised) if self._native else None  # indexed by key (with it)
+        # indexed by key (with it), grown as needed up to the bound
+        self._held = HeldRecords(randomised, limit=memory_records) if self._native else None
         self._spill: list[IO[bytes] | None] | None = None
         self.spilled_records = 0
         # a deterministic run sees most values again and again: a value whose exact MAC is already
@@ -181,13 +186,15 @@ class CollisionGuard:
             self._write(records)
             return
         if self._held is not None:
-            pairs = self._held.add(records)
-            self._check_pairs(self._held.held(), records, pairs)
-            if self._held.count <= self.memory_records:
+            if self._held.count + count <= self.memory_records:
+                pairs = self._held.add(records)
+                self._check_pairs(self._held.held(), records, pairs)
                 return
+            # the batch would pass the bound: everything goes to the partitions, checked by finish()
             self._spill = [None] * (1 << PARTITION_BITS)
             held, self._held = self._held.held(), None
             self._write(held)
+            self._write(records)
             return
         merged = np.concatenate([self._resident, records])
         merged = merged[np.argsort(merged["key"], kind="stable")]
