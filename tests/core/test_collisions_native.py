@@ -92,29 +92,35 @@ def test_held_records_leave_repeats_out_pair_shared_keys_and_grow() -> None:
     records["mac"] = np.frombuffer(b"".join(macs(20_000)), dtype="V32")
     records["column"] = 1
     table = HeldRecords(randomised=False)
-    assert len(table.add(records)) == 0 and table.count == 20_000
-    assert len(table.add(records[::-1])) == 0 and table.count == 20_000  # repeats: left out
+    assert len(table.add(records, 1 << 20)[0]) == 0 and table.count == 20_000
+    assert table.add(records[::-1], 1 << 20)[0].size == 0 and table.count == 20_000  # repeats: left out
     assert table.held().tobytes() == records.tobytes()
     other = records[7:8].copy()
     other["mac"] = np.frombuffer(os.urandom(32), dtype="V32")
-    assert table.add(other).tolist() == [[7, 0]] and table.count == 20_001
+    assert table.add(other, 1 << 20)[0].tolist() == [[7, 0]] and table.count == 20_001
     randomised = HeldRecords(randomised=True)
-    assert len(randomised.add(records[:100])) == 0
-    assert sorted(randomised.add(records[:100]).tolist()) == [[i, i] for i in range(100)]
+    assert len(randomised.add(records[:100], 1 << 20)[0]) == 0
+    assert sorted(randomised.add(records[:100], 1 << 20)[0].tolist()) == [[i, i] for i in range(100)]
     assert randomised.count == 200
     with pytest.raises(ValueError, match="power-of-two"):
-        native.collision_add(bytearray(16 * 3), bytearray(42), 0, b"", False)
+        native.collision_add(bytearray(16 * 3), bytearray(42), 0, b"", False, 0)
+    full = HeldRecords(randomised=False)  # room for ten: the eleventh record and the rest are the caller's
+    twin = records[3:4].copy()
+    twin["mac"] = np.frombuffer(os.urandom(32), dtype="V32")  # shares record 3's key
+    batch = np.concatenate([records[:9], twin, records[:5], records[9:20], twin])
+    pairs, done = full.add(batch, 10)
+    assert (done, full.count) == (15, 10) and pairs.tolist() == [[3, 9]]
+    assert full.held().tobytes() == np.concatenate([records[:9], twin]).tobytes()
 
 
 def test_the_c_table_grows_within_its_bound_then_spills_everything_it_held() -> None:
-    """Memory stays bounded: the table doubles up to ``memory_records``; a batch that would pass it goes to the
-    partitions with every record held, and finish() checks them there."""
-    guard = CollisionGuard(PseudonymFormat(), randomised=False, memory_records=1000)
+    """Memory stays bounded: the table doubles up to ``memory_records``; once it is full, every record held and
+    those that found no room go to the partitions, and finish() checks them there."""
+    guard = CollisionGuard(PseudonymFormat(), randomised=False, memory_records=10_000)
     for _ in range(3):
-        batch = macs(300)
-        guard.add("a", batch, None)
-    assert guard.resident_records == 900 and guard.spilled_records == 0
-    assert guard._held is not None and len(guard._held.held()) == 900 and len(guard._held._records) <= 1000
-    guard.add("a", macs(300), None)
-    assert guard.resident_records == 0 and guard.spilled_records == 1200
+        guard.add("a", macs(3000), None)
+    assert guard.resident_records == 9000 and guard.spilled_records == 0
+    assert guard._held is not None and len(guard._held._records) == 10_000  # grown 4,096 -> 8,192 -> the bound
+    guard.add("a", macs(3000), None)  # 1,000 fit, 2,000 find no room: all 12,000 spilled
+    assert guard.resident_records == 0 and guard.spilled_records == 12_000
     guard.finish()

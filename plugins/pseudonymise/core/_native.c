@@ -1317,24 +1317,26 @@ static PyObject *py_collision_place(PyObject *module, PyObject *args) {
 }
 
 /*
- * collision_add(slots, records, count, incoming, randomised) -> (count, pairs)
+ * collision_add(slots, records, count, incoming, randomised, room) -> (count, pairs, done)
  *
  * Each incoming record in turn: every held record with the same key is a pair to compare exactly (the caller encodes
  * both MACs), except that in a deterministic run a held record with the same MAC makes the incoming one a repeat of
  * a value already held, which is left out. Any other record is appended to `records` (at `count`, which grows) and
- * indexed. `pairs` holds, for each pair, the held record's index and the incoming record's position (native-endian
- * uint32 each). The caller leaves room for every incoming record.
+ * indexed, while `room` records may still be added; the first that finds no room stops the loop. `done` is how many
+ * incoming records were dealt with (all of them unless the room ran out); `pairs` holds, for each pair, the held
+ * record's index and the incoming record's position (native-endian uint32 each).
  */
 static PyObject *py_collision_add(PyObject *module, PyObject *args) {
     Py_buffer slots, records, incoming;
-    Py_ssize_t count;
+    Py_ssize_t count, room;
     int randomised;
-    if (!PyArg_ParseTuple(args, "w*w*ny*p", &slots, &records, &count, &incoming, &randomised))
+    if (!PyArg_ParseTuple(args, "w*w*ny*pn", &slots, &records, &count, &incoming, &randomised, &room))
         return NULL;
     size_t n = (size_t)incoming.len / COLLISION_RECORD;
-    if (incoming.len % COLLISION_RECORD || collision_table_args(&slots, &records, count, n) < 0) {
+    if (incoming.len % COLLISION_RECORD || room < 0
+        || collision_table_args(&slots, &records, count, (size_t)room) < 0) {
         if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "whole records of 42 bytes");
+            PyErr_SetString(PyExc_ValueError, "whole records of 42 bytes and a room of 0 or more");
         PyBuffer_Release(&slots);
         PyBuffer_Release(&records);
         PyBuffer_Release(&incoming);
@@ -1343,7 +1345,8 @@ static PyObject *py_collision_add(PyObject *module, PyObject *args) {
     uint64_t *table = slots.buf;
     unsigned char *held = records.buf;
     const unsigned char *in = incoming.buf;
-    size_t mask = (size_t)slots.len / 16 - 1, held_count = (size_t)count, npairs = 0, cap = 0;
+    size_t mask = (size_t)slots.len / 16 - 1, held_count = (size_t)count, npairs = 0, cap = 0, done = n;
+    size_t full = (size_t)count + (size_t)room;
     uint32_t *pairs = NULL;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -1378,6 +1381,12 @@ static PyObject *py_collision_add(PyObject *module, PyObject *args) {
         }
         if (repeat || failed)
             continue;
+        if (held_count == full) {  /* no room: this record and the rest are the caller's (its pairs are dropped) */
+            while (npairs && pairs[2 * npairs - 1] == (uint32_t)i)
+                npairs--;
+            done = i;
+            break;
+        }
         memcpy(held + COLLISION_RECORD * held_count, record, COLLISION_RECORD);
         table[2 * s] = key;
         table[2 * s + 1] = held_count + 1;
@@ -1395,7 +1404,7 @@ static PyObject *py_collision_add(PyObject *module, PyObject *args) {
     free(pairs);
     if (out == NULL)
         return NULL;
-    return Py_BuildValue("(nN)", (Py_ssize_t)held_count, out);
+    return Py_BuildValue("(nNn)", (Py_ssize_t)held_count, out, (Py_ssize_t)done);
 }
 
 /* --- escrow ---------------------------------------------------------------------------------- */

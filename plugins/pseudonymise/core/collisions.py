@@ -17,7 +17,7 @@ the records held are indexed by key instead (:class:`HeldRecords`: open addressi
 sorting): a deterministic run's repeat of a held MAC is left out and each held record sharing an
 incoming record's key is compared exactly, so the same collisions are found (tests/core compares
 the two on random data, forced collisions and spills), and a run holds up to
-``MEMORY_RECORDS_NATIVE`` records (74 MiB) before it spills.
+``MEMORY_RECORDS_NATIVE`` records (37 MiB) before it spills.
 """
 
 from __future__ import annotations
@@ -39,9 +39,11 @@ RECORD = np.dtype([("key", "<u8"), ("mac", "V32"), ("column", "<u2")])
 _RAW = np.dtype(f"V{RECORD.itemsize}")  # a record as opaque bytes: gathered much faster than the structure
 PARTITION_BITS = 6
 MEMORY_RECORDS = 1 << 17  # records held in memory by the definition (each batch re-sorts them)
-#: records held in memory with the C engine's table: 42 bytes each and at most 32 for its index (74 MiB when full)
-MEMORY_RECORDS_NATIVE = 1 << 20
+#: records held in memory with the C engine's table: 42 bytes each and 32 for its index (37 MiB when full: a run
+#: of 500,000 distinct values never spills, and a larger run's memory stays what it is at that size)
+MEMORY_RECORDS_NATIVE = 1 << 19
 _FIRST_RECORDS = 1 << 12
+_SPILL_SLICE = 1 << 16  # records spilled at a time when the table is full
 _SPILL_BUFFER = 1 << 18  # bytes buffered per partition file: few, large writes
 
 
@@ -94,34 +96,32 @@ class HeldRecords:
     """The records a guard holds in memory, indexed by key in C (:func:`native.collision_add`): a deterministic
     run's repeat of a held MAC is left out, every other record is kept, and each held record that shares an incoming
     record's key comes back as a pair to compare exactly. Both arrays double as they fill (the index kept at most
-    half full)."""
+    half full), up to the ``limit`` of :meth:`add`: the records that find no room are the caller's (it spills
+    them)."""
 
-    def __init__(self, randomised: bool, records: int = _FIRST_RECORDS, limit: int | None = None) -> None:
-        """:param records: room at first; :param limit: the most it grows to while it doubles (it holds more only
-            when one :meth:`add` needs it)."""
+    def __init__(self, randomised: bool, records: int = _FIRST_RECORDS) -> None:
         self.randomised = randomised
         self.count = 0
-        self.limit = limit
-        self._records = np.empty(max(min(records, limit or records), 1), dtype=RECORD)
+        self._records = np.empty(max(records, 1), dtype=RECORD)
         self._slots = np.zeros((slots_for(len(self._records)), 2), dtype=np.uint64)
 
     def held(self) -> np.ndarray:
         return self._records[:self.count]
 
-    def add(self, records: np.ndarray) -> np.ndarray:
-        """Check and keep ``records`` (see the class); the pairs as rows of (held index, position in ``records``)."""
-        need = self.count + len(records)
+    def add(self, records: np.ndarray, limit: int) -> tuple[np.ndarray, int]:
+        """Check and keep ``records`` (see the class), holding ``limit`` records at most: the pairs as rows of (held
+        index, position in ``records``), and how many of ``records`` were dealt with (the rest found no room)."""
+        need = min(self.count + len(records), limit)
         if need > len(self._records):
-            doubled = 2 * len(self._records) if self.limit is None else min(2 * len(self._records), self.limit)
-            grown = np.empty(max(need, doubled), dtype=RECORD)
+            grown = np.empty(max(need, min(2 * len(self._records), limit)), dtype=RECORD)
             grown[:self.count] = self.held()
             self._records = grown
-        if 2 * need > len(self._slots):
-            self._slots = np.zeros((slots_for(len(self._records)), 2), dtype=np.uint64)
+            self._slots = np.zeros((slots_for(len(grown)), 2), dtype=np.uint64)
             native.collision_place(self._slots.data, self._records.data, self.count)
-        self.count, pairs = native.collision_add(self._slots.data, self._records.data, self.count,
-                                                 np.ascontiguousarray(records).data, self.randomised)
-        return np.frombuffer(pairs, dtype=np.uint32).reshape(-1, 2)
+        self.count, pairs, done = native.collision_add(self._slots.data, self._records.data, self.count,
+                                                       np.ascontiguousarray(records).data, self.randomised,
+                                                       max(0, min(len(self._records), limit) - self.count))
+        return np.frombuffer(pairs, dtype=np.uint32).reshape(-1, 2), done
 
 
 class CollisionGuard:
@@ -142,7 +142,7 @@ class CollisionGuard:
         self._columns: list[str] = []
         self._resident = np.empty(0, dtype=RECORD)  # sorted by key (without the C engine)
         # indexed by key (with it), grown as needed up to the bound
-        self._held = HeldRecords(randomised, limit=memory_records) if self._native else None
+        self._held = HeldRecords(randomised) if self._native else None
         self._spill: list[IO[bytes] | None] | None = None
         self.spilled_records = 0
         # a deterministic run sees most values again and again: a value whose exact MAC is already
@@ -186,15 +186,17 @@ class CollisionGuard:
             self._write(records)
             return
         if self._held is not None:
-            if self._held.count + count <= self.memory_records:
-                pairs = self._held.add(records)
-                self._check_pairs(self._held.held(), records, pairs)
+            pairs, done = self._held.add(records, self.memory_records)
+            self._check_pairs(self._held.held(), records, pairs)
+            if done == len(records):
                 return
-            # the batch would pass the bound: everything goes to the partitions, checked by finish()
+            # the table is full: what it holds and the records that found no room go to the partitions, a slice
+            # at a time (little memory on top of the table's), and finish() checks them there
             self._spill = [None] * (1 << PARTITION_BITS)
             held, self._held = self._held.held(), None
-            self._write(held)
-            self._write(records)
+            for part in (held, records[done:]):
+                for start in range(0, len(part), _SPILL_SLICE):
+                    self._write(part[start:start + _SPILL_SLICE])
             return
         merged = np.concatenate([self._resident, records])
         merged = merged[np.argsort(merged["key"], kind="stable")]
@@ -237,7 +239,7 @@ class CollisionGuard:
                 records = np.frombuffer(handle.read(), dtype=RECORD)
                 if self._native:
                     partition = HeldRecords(self.randomised, len(records))
-                    pairs = partition.add(records)
+                    pairs, _done = partition.add(records, len(records))  # room for every record
                     self._check_pairs(partition.held(), records, pairs)
                     continue
                 order = np.argsort(records["key"])

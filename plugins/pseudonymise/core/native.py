@@ -279,14 +279,15 @@ def seen_add(table: memoryview, used: memoryview, macs: bytes, room: int) -> tup
     return _engine().seen_add(table, used, macs, room)  # type: ignore[no-any-return]
 
 
-def collision_add(slots: memoryview, records: memoryview, count: int, incoming: bytes,
-                  randomised: bool) -> tuple[int, bytes]:
+def collision_add(slots: memoryview, records: memoryview, count: int, incoming: memoryview,
+                  randomised: bool, room: int) -> tuple[int, bytes, int]:
     """The collision check's incoming records (``collisions.RECORD``, 42 bytes each) against and into its table
-    (``slots``: 16 bytes each, a power of two, at most half full; ``records``: the ``count`` records held, with room
-    for the incoming ones): ``(count, pairs)``, ``pairs`` a held index and an incoming position (native-endian uint32
-    each) for every held record sharing an incoming record's key, bar a deterministic run's repeats of a held MAC,
-    which are left out; every other incoming record is appended and indexed."""
-    return _engine().collision_add(slots, records, count, incoming, randomised)  # type: ignore[no-any-return]
+    (``slots``: 16 bytes each, a power of two, at most half full with ``room`` more; ``records``: the ``count``
+    records held, with room for ``room`` more): ``(count, pairs, done)``. ``pairs`` gives a held index and an incoming
+    position (native-endian uint32 each) for every held record sharing an incoming record's key, bar a deterministic
+    run's repeats of a held MAC, which are left out; every other incoming record is appended and indexed until
+    ``room`` ran out: ``done`` says how many incoming records were dealt with."""
+    return _engine().collision_add(slots, records, count, incoming, randomised, room)  # type: ignore[no-any-return]
 
 
 def collision_place(slots: memoryview, records: memoryview, count: int) -> None:
