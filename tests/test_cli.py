@@ -430,6 +430,29 @@ def test_file_runs_with_and_without_the_c_engine_write_the_same_files(cli: Cli, 
                                                   for v in data["pid"]]
 
 
+def test_a_command_freezes_what_it_loaded_before_its_run_and_a_program_nothing(
+        cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run as the process's command (``main()`` with no arguments), the CLI hands what it loaded to the cycle
+    collector's ``gc.freeze`` before the command, after ``file pseudonymise``'s own imports but before its run (no
+    audit database yet) and at the end; called by a program (``main(argv)``) it freezes nothing."""
+    import gc
+
+    from pseudonymise import cli as cli_module
+
+    db = tmp_path / "audit.db"
+    frozen: list[bool] = []  # whether the run's audit database existed at each freeze
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(db.exists()))
+    monkeypatch.setenv("PSEUDONYMISE_STORE", str(cli.store))
+    args = ["file", "pseudonymise", str(SAMPLE), str(tmp_path / "out.csv"), "--policy", str(POLICY),
+            "--db", f"sqlite:///{db}", "--token-file", str(cli.tokens["research-a"])]
+    monkeypatch.setattr(sys, "argv", ["pseudonymise", *args])
+    assert cli_module.main() == 0
+    assert frozen == [False, False, True]
+    frozen.clear()
+    assert cli_module.main([*args[:3], str(tmp_path / "again.csv"), *args[4:]]) == 0
+    assert frozen == []
+
+
 # --- escrow purge ------------------------------------------------------------------------------
 # --- risk gate, risk report, dry run (issue 15) -----------------------------------------------------
 def _sample_frame(rows: int | None = None) -> Any:

@@ -530,6 +530,7 @@ def _file_pseudonymise(args: argparse.Namespace, secondary: bool, policy: Column
     from pseudonymise.core.plan import plan_transfer
     from pseudonymise.core.use import RunContext, current_user
 
+    _freeze_loaded()
     risk = build_risk(args)
     transfer = plan_transfer(source, OutputFile(args, source, set(policy.text_columns)), policy,
                              source_label=f"file:{args.input}", target_label=f"file:{args.output}")
@@ -1206,13 +1207,23 @@ def _database_error(exc: Exception) -> str | None:
     return None
 
 
+#: whether main() runs as the process's command (not called by a program): what it loads lives until the exit
+_COMMAND = [False]
+
+
+def _freeze_loaded() -> None:
+    """Run as the process's command, what exists now lives until the process exits: the cycle collector need not
+    scan it again. After a command's own imports too: else the first full collection once a run's pause of the
+    collector ends (pipeline.py) scans all of SQLAlchemy, pyarrow and numpy, on the audit's last row."""
+    if _COMMAND[0]:
+        gc.freeze()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command. Each command loads what it needs (SQLAlchemy, numpy, cryptography) when it runs, so
     ``--help`` is quick and ``file pseudonymise`` starts reading its input while the engine loads."""
-    command = argv is None  # run as the process's command, not called by a program
-    if command:
-        # what exists now lives until the process exits: the cycle collector need not scan it again
-        gc.freeze()
+    command = _COMMAND[0] = argv is None
+    _freeze_loaded()
     _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1233,6 +1244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if command:
             gc.freeze()  # nor once more at exit (a tenth of a second with SQLAlchemy loaded)
+        _COMMAND[0] = False
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -292,6 +293,39 @@ def test_csv_sink_writes_record_batches_as_the_csv_module_does(tmp_path: Path) -
     sink.commit()
     rows = [[v for v in row] for data in (plain, quoted, plain) for row in zip(*data.values(), strict=True)]
     assert path.read_bytes() == _csv_module_bytes(columns, rows)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
+def test_csv_sink_starts_the_write_back_of_each_batch_and_still_syncs_at_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each batch's bytes are handed to the disk as written (one range after the other, from the header to the end,
+    whichever writer wrote them), and commit() still syncs the whole file before the rename. The system calls are
+    recorded and passed on (the write-back itself cannot be observed from here)."""
+    advised: list[tuple[int, int, int]] = []
+    synced: list[int] = []
+    fadvise, fsync = os.posix_fadvise, os.fsync
+
+    def record_fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append((offset, length, advice))
+        fadvise(fd, offset, length, advice)
+
+    def record_fsync(fd: int) -> None:
+        synced.append(fd)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "posix_fadvise", record_fadvise)
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    path = tmp_path / "out.csv"
+    sink = CsvSink(path, ["a", "b"])
+    sink.write(pa.RecordBatch.from_pydict({"a": ["x"] * 1000, "b": ["y"] * 1000}))  # pyarrow's writer
+    sink.write(pa.RecordBatch.from_pydict({"a": ['q"'] * 10, "b": ["z"] * 10}))  # the csv module
+    sink.write({"a": ["1", "2"], "b": ["3", None]})
+    assert not synced
+    sink.commit()
+    assert len(synced) == 1
+    assert [advice for _, _, advice in advised] == [os.POSIX_FADV_DONTNEED] * 3
+    assert [offset for offset, _, _ in advised] == [0, *[o + n for o, n, _ in advised[:-1]]]
+    assert sum(n for _, n, _ in advised) == path.stat().st_size
 
 
 def test_csv_sink_one_column_keeps_null_rows(tmp_path: Path) -> None:

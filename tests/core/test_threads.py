@@ -38,6 +38,34 @@ def test_read_ahead_reads_on_another_thread_at_most_depth_items_ahead() -> None:
     assert list(reader) == list(range(1, 20))
 
 
+def test_read_ahead_holds_at_most_max_bytes_ahead_and_always_one_item() -> None:
+    """With a weight per item, the reader stops once the items waiting would pass ``max_bytes`` (an item larger
+    than the budget still goes, alone), goes on as the consumer takes them, and a close while it waits ends it."""
+    read: list[int] = []
+
+    def items(sizes: list[int]) -> Iterator[int]:
+        for size in sizes:
+            read.append(size)
+            yield size
+
+    reader = read_ahead(items([10] * 20), depth=100, name="test-budget", weigh=lambda size: size, max_bytes=35)
+    time.sleep(0.3)  # time for the reader to run ahead as far as it may
+    assert len(read) <= 4  # three waiting (30 bytes), the fourth read and waiting for room
+    assert next(reader) == 10
+    time.sleep(0.3)
+    assert len(read) <= 5
+    assert list(reader) == [10] * 19
+    read.clear()
+    big = read_ahead(items([100, 100, 1]), depth=100, name="test-budget-big", weigh=lambda size: size, max_bytes=35)
+    assert list(big) == [100, 100, 1]  # each larger than the budget: one at a time
+    read.clear()
+    stopped = read_ahead(items([20] * 1000), depth=100, name="test-budget-stop", weigh=lambda size: size,
+                         max_bytes=50)
+    time.sleep(0.2)
+    stopped.close()
+    assert not _alive("test-budget-stop") and len(read) <= 4
+
+
 def test_read_ahead_raises_the_readers_error_after_the_items_before_it() -> None:
     class Refused(Exception):
         pass

@@ -23,6 +23,10 @@
  *                     written in one pass.
  * seen_known(...), seen_add(...)
  *                     the run's exact set of MACs handed to escrow (macsets.MacSet), open addressing.
+ * collision_add(...), collision_place(...)
+ *                     the collision check's records held in memory (collisions.CollisionGuard), indexed by their
+ *                     64-bit key with open addressing: repeats left out, records sharing a key paired for the
+ *                     exact comparison, no sorting.
  *
  * seal_rows(...)      escrow rows for PostgreSQL's COPY: every value sealed with AES-256-GCM under the
  *                     batch's data key (counter nonces, associated data project NUL pseudonym),
@@ -1243,6 +1247,166 @@ static PyObject *py_seen_add(PyObject *module, PyObject *args) {
     return Py_BuildValue("(nN)", (Py_ssize_t)added, out);
 }
 
+/* --- the collision check's records (collisions.CollisionGuard: its sorted numpy records are the definition) --- */
+/* A record is collisions.RECORD, packed: the 64-bit key (little-endian; equal pseudonyms share it) at 0, the MAC at 8,
+ * the column (uint16) at 40. The table indexes the records held: open addressing with linear probing, 16 bytes a
+ * slot (the key, then the record's index + 1; 0 is an empty slot), a power-of-two number of slots kept at most half
+ * full by the caller, so a probe always ends and usually touches one slot. */
+#define COLLISION_RECORD 42
+#define COLLISION_AHEAD 8
+
+static inline uint64_t collision_key(const unsigned char *record) {
+    uint64_t key;
+    memcpy(&key, record, 8);  /* native-endian: keys are only compared and mixed, so the byte order does not matter */
+    return key;
+}
+
+/* The first slot of a key: its bits mixed (a key may be a hash with regular low bits), masked. */
+static inline size_t collision_slot(uint64_t key, size_t mask) {
+    uint64_t h = key * 0x9E3779B97F4A7C15ULL;
+    return (size_t)(h ^ (h >> 29)) & mask;
+}
+
+static inline void collision_prefetch(const uint64_t *slots, const unsigned char *record, size_t mask) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(slots + 2 * collision_slot(collision_key(record), mask));
+#else
+    (void)slots; (void)record; (void)mask;
+#endif
+}
+
+static int collision_table_args(Py_buffer *slots, Py_buffer *records, Py_ssize_t count, size_t more) {
+    size_t n = (size_t)slots->len / 16;
+    if (slots->len % 16 || n == 0 || (n & (n - 1)) || records->len % COLLISION_RECORD || count < 0
+        || (size_t)count + more > (size_t)records->len / COLLISION_RECORD || 2 * ((size_t)count + more) > n
+        || (size_t)count + more >= UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "a table of 16 bytes per slot, a power-of-two number of slots at most half "
+                                          "full, whole records of 42 bytes and room for them");
+        return -1;
+    }
+    return 0;
+}
+
+/* collision_place(slots, records, count): index the first `count` records into an empty table (after it grew). */
+static PyObject *py_collision_place(PyObject *module, PyObject *args) {
+    Py_buffer slots, records;
+    Py_ssize_t count;
+    if (!PyArg_ParseTuple(args, "w*y*n", &slots, &records, &count))
+        return NULL;
+    if (collision_table_args(&slots, &records, count, 0) < 0) {
+        PyBuffer_Release(&slots);
+        PyBuffer_Release(&records);
+        return NULL;
+    }
+    uint64_t *table = slots.buf;
+    const unsigned char *held = records.buf;
+    size_t mask = (size_t)slots.len / 16 - 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t i = 0; i < (size_t)count; i++) {
+        uint64_t key = collision_key(held + COLLISION_RECORD * i);
+        size_t s = collision_slot(key, mask);
+        while (table[2 * s + 1])
+            s = (s + 1) & mask;
+        table[2 * s] = key;
+        table[2 * s + 1] = i + 1;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&slots);
+    PyBuffer_Release(&records);
+    Py_RETURN_NONE;
+}
+
+/*
+ * collision_add(slots, records, count, incoming, randomised, room) -> (count, pairs, done)
+ *
+ * Each incoming record in turn: every held record with the same key is a pair to compare exactly (the caller encodes
+ * both MACs), except that in a deterministic run a held record with the same MAC makes the incoming one a repeat of
+ * a value already held, which is left out. Any other record is appended to `records` (at `count`, which grows) and
+ * indexed, while `room` records may still be added; the first that finds no room stops the loop. `done` is how many
+ * incoming records were dealt with (all of them unless the room ran out); `pairs` holds, for each pair, the held
+ * record's index and the incoming record's position (native-endian uint32 each).
+ */
+static PyObject *py_collision_add(PyObject *module, PyObject *args) {
+    Py_buffer slots, records, incoming;
+    Py_ssize_t count, room;
+    int randomised;
+    if (!PyArg_ParseTuple(args, "w*w*ny*pn", &slots, &records, &count, &incoming, &randomised, &room))
+        return NULL;
+    size_t n = (size_t)incoming.len / COLLISION_RECORD;
+    if (incoming.len % COLLISION_RECORD || room < 0
+        || collision_table_args(&slots, &records, count, (size_t)room) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "whole records of 42 bytes and a room of 0 or more");
+        PyBuffer_Release(&slots);
+        PyBuffer_Release(&records);
+        PyBuffer_Release(&incoming);
+        return NULL;
+    }
+    uint64_t *table = slots.buf;
+    unsigned char *held = records.buf;
+    const unsigned char *in = incoming.buf;
+    size_t mask = (size_t)slots.len / 16 - 1, held_count = (size_t)count, npairs = 0, cap = 0, done = n;
+    size_t full = (size_t)count + (size_t)room;
+    uint32_t *pairs = NULL;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t i = 0; i < n && !failed; i++) {
+        if (i + COLLISION_AHEAD < n)
+            collision_prefetch(table, in + COLLISION_RECORD * (i + COLLISION_AHEAD), mask);
+        const unsigned char *record = in + COLLISION_RECORD * i;
+        uint64_t key = collision_key(record);
+        size_t s = collision_slot(key, mask);
+        int repeat = 0;
+        for (; table[2 * s + 1]; s = (s + 1) & mask) {
+            if (table[2 * s] != key)
+                continue;
+            size_t j = (size_t)table[2 * s + 1] - 1;
+            if (!randomised && memcmp(held + COLLISION_RECORD * j + 8, record + 8, 32) == 0) {
+                repeat = 1;
+                break;
+            }
+            if (npairs == cap) {
+                size_t grown = cap ? 2 * cap : 64;
+                uint32_t *more = realloc(pairs, grown * 2 * sizeof(uint32_t));
+                if (more == NULL) {
+                    failed = 1;
+                    break;
+                }
+                pairs = more;
+                cap = grown;
+            }
+            pairs[2 * npairs] = (uint32_t)j;
+            pairs[2 * npairs + 1] = (uint32_t)i;
+            npairs++;
+        }
+        if (repeat || failed)
+            continue;
+        if (held_count == full) {  /* no room: this record and the rest are the caller's (its pairs are dropped) */
+            while (npairs && pairs[2 * npairs - 1] == (uint32_t)i)
+                npairs--;
+            done = i;
+            break;
+        }
+        memcpy(held + COLLISION_RECORD * held_count, record, COLLISION_RECORD);
+        table[2 * s] = key;
+        table[2 * s + 1] = held_count + 1;
+        held_count++;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&slots);
+    PyBuffer_Release(&records);
+    PyBuffer_Release(&incoming);
+    if (failed) {
+        free(pairs);
+        return PyErr_NoMemory();
+    }
+    PyObject *out = PyBytes_FromStringAndSize((const char *)pairs, (Py_ssize_t)(npairs * 2 * sizeof(uint32_t)));
+    free(pairs);
+    if (out == NULL)
+        return NULL;
+    return Py_BuildValue("(nNn)", (Py_ssize_t)held_count, out, (Py_ssize_t)done);
+}
+
 /* --- escrow ---------------------------------------------------------------------------------- */
 static inline char *put_hex(char *w, const unsigned char *p, size_t n) {
     for (size_t i = 0; i < n; i++) {
@@ -1983,6 +2147,8 @@ static PyMethodDef module_methods[] = {
     {"recent_remember", py_recent_remember, METH_VARARGS, "MACs into the table of recent MACs (see the source)."},
     {"seen_known", py_seen_known, METH_VARARGS, "Which MACs the run's set of sealed MACs holds (see the source)."},
     {"seen_add", py_seen_add, METH_VARARGS, "MACs into the run's set of sealed MACs, up to a room (see the source)."},
+    {"collision_add", py_collision_add, METH_VARARGS, "Records into the collision check's table (see the source)."},
+    {"collision_place", py_collision_place, METH_VARARGS, "Index held records into an empty collision table."},
     {"arrow_column", py_arrow_column, METH_VARARGS, "Pseudonymise one Arrow array from its buffers (see the source)."},
     {"sqlite_register", py_sqlite_register, METH_VARARGS, "Register a ValueFunction as SQLite's own function."},
     {"sqlite_unregister", py_sqlite_unregister, METH_VARARGS, "Remove a function registered by sqlite_register."},

@@ -6,11 +6,18 @@ the hash of its text), the whole 32-byte MAC, and the column. Two records with
 equal keys are compared exactly (the pseudonyms are encoded again from their MACs), so a shared
 key between different pseudonyms is never reported and a real collision never missed.
 
-Small runs keep the records in memory, sorted, and fail on the batch that collides. Past
+Small runs keep the records in memory and fail on the batch that collides. Past
 ``memory_records`` records the guard spills them to anonymous temporary files, partitioned by
-key, and checks each partition by sorting in :meth:`CollisionGuard.finish`, which the pipeline
-calls before it commits anything. Memory then stays flat whatever the number of distinct values;
-disk use is 42 bytes per value until the run ends.
+key, and checks each partition in :meth:`CollisionGuard.finish`, which the pipeline calls before
+it commits anything. Memory then stays flat whatever the number of distinct values; disk use is
+42 bytes per value until the run ends.
+
+The definition keeps the records sorted by key (numpy) and compares neighbours. With the C engine
+the records held are indexed by key instead (:class:`HeldRecords`: open addressing, off the GIL, no
+sorting): a deterministic run's repeat of a held MAC is left out and each held record sharing an
+incoming record's key is compared exactly, so the same collisions are found (tests/core compares
+the two on random data, forced collisions and spills), and a run holds up to
+``MEMORY_RECORDS_NATIVE`` records (37 MiB) before it spills.
 """
 
 from __future__ import annotations
@@ -25,12 +32,18 @@ import numpy as np
 from pseudonymise.core import native
 from pseudonymise.core.errors import CollisionError
 from pseudonymise.core.formats import PseudonymFormat
+from pseudonymise.core.macsets import slots_for
 from pseudonymise.core.threads import Jobs
 
 RECORD = np.dtype([("key", "<u8"), ("mac", "V32"), ("column", "<u2")])
 _RAW = np.dtype(f"V{RECORD.itemsize}")  # a record as opaque bytes: gathered much faster than the structure
 PARTITION_BITS = 6
-MEMORY_RECORDS = 1 << 17
+MEMORY_RECORDS = 1 << 17  # records held in memory by the definition (each batch re-sorts them)
+#: records held in memory with the C engine's table: 42 bytes each and 32 for its index (37 MiB when full: a run
+#: of 500,000 distinct values never spills, and a larger run's memory stays what it is at that size)
+MEMORY_RECORDS_NATIVE = 1 << 19
+_FIRST_RECORDS = 1 << 12
+_SPILL_SLICE = 1 << 16  # records spilled at a time when the table is full
 _SPILL_BUFFER = 1 << 18  # bytes buffered per partition file: few, large writes
 
 
@@ -79,19 +92,57 @@ class RecentMacs:
         return np.flatnonzero(~known) if known.any() else None
 
 
+class HeldRecords:
+    """The records a guard holds in memory, indexed by key in C (:func:`native.collision_add`): a deterministic
+    run's repeat of a held MAC is left out, every other record is kept, and each held record that shares an incoming
+    record's key comes back as a pair to compare exactly. Both arrays double as they fill (the index kept at most
+    half full), up to the ``limit`` of :meth:`add`: the records that find no room are the caller's (it spills
+    them)."""
+
+    def __init__(self, randomised: bool, records: int = _FIRST_RECORDS) -> None:
+        self.randomised = randomised
+        self.count = 0
+        self._records = np.empty(max(records, 1), dtype=RECORD)
+        self._slots = np.zeros((slots_for(len(self._records)), 2), dtype=np.uint64)
+
+    def held(self) -> np.ndarray:
+        return self._records[:self.count]
+
+    def add(self, records: np.ndarray, limit: int) -> tuple[np.ndarray, int]:
+        """Check and keep ``records`` (see the class), holding ``limit`` records at most: the pairs as rows of (held
+        index, position in ``records``), and how many of ``records`` were dealt with (the rest found no room)."""
+        need = min(self.count + len(records), limit)
+        if need > len(self._records):
+            grown = np.empty(max(need, min(2 * len(self._records), limit)), dtype=RECORD)
+            grown[:self.count] = self.held()
+            self._records = grown
+            self._slots = np.zeros((slots_for(len(grown)), 2), dtype=np.uint64)
+            native.collision_place(self._slots.data, self._records.data, self.count)
+        self.count, pairs, done = native.collision_add(self._slots.data, self._records.data, self.count,
+                                                       np.ascontiguousarray(records).data, self.randomised,
+                                                       max(0, min(len(self._records), limit) - self.count))
+        return np.frombuffer(pairs, dtype=np.uint32).reshape(-1, 2), done
+
+
 class CollisionGuard:
     """Remembers every (pseudonym, MAC) of a run and fails it if one pseudonym ever comes from two MACs.
 
     :param randomised: every occurrence has its own MAC, so any pseudonym seen twice is a collision.
-    :param memory_records: records kept in memory before spilling to temporary files.
+    :param memory_records: records kept in memory before spilling to temporary files (by default
+        ``MEMORY_RECORDS_NATIVE`` with the C engine, else ``MEMORY_RECORDS``).
     """
 
-    def __init__(self, fmt: PseudonymFormat, randomised: bool, memory_records: int = MEMORY_RECORDS) -> None:
+    def __init__(self, fmt: PseudonymFormat, randomised: bool, memory_records: int | None = None) -> None:
         self.format = fmt
         self.randomised = randomised
+        self._native = native.available()
+        if memory_records is None:
+            memory_records = MEMORY_RECORDS_NATIVE if self._native else MEMORY_RECORDS
         self.memory_records = memory_records
         self._columns: list[str] = []
-        self._resident = np.empty(0, dtype=RECORD)  # sorted by key
+        self._resident = np.empty(0, dtype=RECORD)  # sorted by key (without the C engine)
+        # indexed by key (with it), grown as needed up to the bound
+        self._held = HeldRecords(randomised) if self._native else None
         self._spill: list[IO[bytes] | None] | None = None
         self.spilled_records = 0
         # a deterministic run sees most values again and again: a value whose exact MAC is already
@@ -134,6 +185,19 @@ class CollisionGuard:
         if self._spill is not None:
             self._write(records)
             return
+        if self._held is not None:
+            pairs, done = self._held.add(records, self.memory_records)
+            self._check_pairs(self._held.held(), records, pairs)
+            if done == len(records):
+                return
+            # the table is full: what it holds and the records that found no room go to the partitions, a slice
+            # at a time (little memory on top of the table's), and finish() checks them there
+            self._spill = [None] * (1 << PARTITION_BITS)
+            held, self._held = self._held.held(), None
+            for part in (held, records[done:]):
+                for start in range(0, len(part), _SPILL_SLICE):
+                    self._write(part[start:start + _SPILL_SLICE])
+            return
         merged = np.concatenate([self._resident, records])
         merged = merged[np.argsort(merged["key"], kind="stable")]
         self._check(merged)
@@ -173,13 +237,24 @@ class CollisionGuard:
                     continue
                 handle.seek(0)
                 records = np.frombuffer(handle.read(), dtype=RECORD)
+                if self._native:
+                    partition = HeldRecords(self.randomised, len(records))
+                    pairs, _done = partition.add(records, len(records))  # room for every record
+                    self._check_pairs(partition.held(), records, pairs)
+                    continue
                 order = np.argsort(records["key"])
                 self._check(records.view(_RAW).take(order).view(RECORD))
         finally:
             self.close()
 
+    @property
+    def resident_records(self) -> int:
+        """Records held in memory now (none once the run has spilled)."""
+        return self._held.count if self._held is not None else len(self._resident)
+
     def close(self) -> None:
         """Forget the run (the temporary files are unlinked already; this closes them)."""
+        self._held = None
         for handle in self._spill or ():
             if handle is not None:
                 handle.close()
@@ -206,12 +281,22 @@ class CollisionGuard:
                 prior = first.setdefault(pseudonym, (mac, column))
                 if prior[0] is mac or (prior[0] == mac and not self.randomised):
                     continue
-                names = sorted({self._columns[prior[1]], self._columns[column]})
-                raise CollisionError(
-                    f"column {' and '.join(map(repr, names))}: two different values gave the same pseudonym "
-                    "in this run; the project's pseudonym format is too short for this data: issue a token "
-                    "with a longer format"
-                )
+                raise self._collision(prior[1], column)
+
+    def _check_pairs(self, held: np.ndarray, incoming: np.ndarray, pairs: np.ndarray) -> None:
+        """Compare exactly each (held index, incoming position) pair of records sharing a key (:class:`HeldRecords`)."""
+        for j, i in pairs.tolist():
+            mac, other = held["mac"][j].tobytes(), incoming["mac"][i].tobytes()
+            if (mac != other or self.randomised) and self.format.encode(mac) == self.format.encode(other):
+                raise self._collision(int(held["column"][j]), int(incoming["column"][i]))
+
+    def _collision(self, column: int, other: int) -> CollisionError:
+        names = sorted({self._columns[column], self._columns[other]})
+        return CollisionError(
+            f"column {' and '.join(map(repr, names))}: two different values gave the same pseudonym "
+            "in this run; the project's pseudonym format is too short for this data: issue a token "
+            "with a longer format"
+        )
 
 
 class GuardAside:

@@ -37,8 +37,13 @@ csv.field_size_limit(64 * 1024 * 1024)
 #: the reader's memory grow with the file (1M rows: 205 MiB, 3M: 330 MiB at 16 MiB; 143 and 160 at 1 MiB).
 _CSV_BLOCK = 1 << 20
 _CSV_MAX_BLOCK = 256 << 20
+#: how far :meth:`CsvSource.start_reading` reads ahead while a run gets ready and then on: batches, and their bytes
+START_DEPTH = 64
+START_BYTES = 64 << 20
 #: the delimiters a CSV's header is looked at for (:func:`check_delimiter`), with the names messages give them
 DELIMITER_NAMES = {",": "','", ";": "';'", "\t": "tab", "|": "'|'"}
+#: Linux starts writing a file's dirty pages to the disk, without waiting, when told they are not needed
+_WRITE_BACK = getattr(os, "POSIX_FADV_DONTNEED", None) if hasattr(os, "posix_fadvise") else None
 
 
 def file_format(path: str | os.PathLike[str], explicit: str | None = None) -> str:
@@ -183,11 +188,13 @@ class CsvSource:
         as far as :meth:`start_reading` let it)."""
         return self._ahead.take() or read_ahead(self._record_batches(), name="pseudonymise-csv-reader")
 
-    def start_reading(self, depth: int = 8) -> None:
-        """Start parsing now, on a background thread, up to ``depth`` batches ahead, while the caller gets ready
-        (the command line loads the engine and opens the audit meanwhile); the next :meth:`record_batches`
-        goes on from there. Only the file is read: no token is used."""
-        self._ahead.start(lambda: read_ahead(self._record_batches(), depth, name="pseudonymise-csv-reader"))
+    def start_reading(self, depth: int = START_DEPTH, max_bytes: int = START_BYTES) -> None:
+        """Start parsing now, on a background thread, up to ``depth`` batches or ``max_bytes`` of them (Arrow's
+        buffers) ahead, while the caller gets ready (the command line loads the engine and opens the audit
+        meanwhile: the reader uses the core the start leaves idle); the next :meth:`record_batches` goes on from
+        there. Only the file is read: no token is used."""
+        self._ahead.start(lambda: read_ahead(self._record_batches(), depth, "pseudonymise-csv-reader",
+                                             _batch_bytes, max_bytes))
 
     def _record_batches(self) -> Iterator[pa.RecordBatch]:
         pending: list[pa.RecordBatch] = []
@@ -250,9 +257,10 @@ class ParquetSource:
         :meth:`start_reading` let it)."""
         return self._ahead.take() or read_ahead(self._record_batches(), name="pseudonymise-parquet-reader")
 
-    def start_reading(self, depth: int = 8) -> None:
+    def start_reading(self, depth: int = START_DEPTH, max_bytes: int = START_BYTES) -> None:
         """As :meth:`CsvSource.start_reading`: decode the first batches now, on a background thread."""
-        self._ahead.start(lambda: read_ahead(self._record_batches(), depth, name="pseudonymise-parquet-reader"))
+        self._ahead.start(lambda: read_ahead(self._record_batches(), depth, "pseudonymise-parquet-reader",
+                                             _batch_bytes, max_bytes))
 
     def _record_batches(self) -> Iterator[pa.RecordBatch]:
         batches = self._file.iter_batches(batch_size=self.batch_size)
@@ -333,6 +341,11 @@ def check_delimiter(source: CsvSource) -> None:
                 f"as the delimiter; name the delimiter {name}", seen)
 
 
+def _batch_bytes(batch: pa.RecordBatch) -> int:
+    """The bytes a batch holds in memory (its buffers; a slice counts its share)."""
+    return int(batch.nbytes)
+
+
 def open_source(path: str | os.PathLike[str], fmt: str | None = None, batch_size: int = 50_000,
                 delimiter: str = ",") -> CsvSource | ParquetSource:
     """A CSV (separated by ``delimiter``, checked by :func:`check_delimiter`) or Parquet source."""
@@ -382,6 +395,7 @@ class CsvSink:
         self._special = f'{delimiter}"\r\n'.encode()
         self._out: pa.NativeFile | None = None
         self._arrow: pa_csv.CSVWriter | None = None
+        self._written_back = 0  # bytes whose write-back to the disk has been started
         try:
             self._out = pa.OSFile(os.fspath(self._file.tmp), "wb")
             self._write_text([self.columns])
@@ -414,14 +428,27 @@ class CsvSink:
                 arrays = [_csv_text(batch.column(c)) for c in self.columns]
                 if len(arrays) > 1 and not any(map(self._needs_quoting, arrays)):
                     self._write_arrow(pa.RecordBatch.from_arrays(arrays, names=self.columns))
+                    self._start_write_back()
                     return
                 columns: list[list[Any]] = [a.to_pylist() for a in arrays]
             else:
                 columns = [batch[c] for c in self.columns]
             self._write_text(zip(*columns, strict=True))
+            self._start_write_back()
         except OSError as exc:
             self.abort()
             raise DataIOError(f"cannot write {os.fspath(self._file.path)!r}: {exc.strerror}; nothing was written") from exc
+
+    def _start_write_back(self) -> None:
+        """Have the system start writing the batch just written to the disk, without waiting for it: the fsync
+        before the rename then waits for the last batches only, not for the whole file (Linux starts the write-back
+        of a range's dirty pages on ``POSIX_FADV_DONTNEED``; elsewhere this does nothing)."""
+        if _WRITE_BACK is None or self._out is None:
+            return
+        end = self._out.tell()
+        with contextlib.suppress(OSError):  # advice only: the fsync in commit() is what makes the file durable
+            os.posix_fadvise(self._out.fileno(), self._written_back, end - self._written_back, _WRITE_BACK)
+        self._written_back = end
 
     def _write_arrow(self, batch: pa.RecordBatch) -> None:
         if self._arrow is None:

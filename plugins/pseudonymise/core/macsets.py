@@ -35,7 +35,7 @@ class MacSet:
         self._table = np.zeros(0, dtype=np.uint8)
         self._used = np.zeros(0, dtype=bool)
         if self._native:
-            self._grow(min(_FIRST_SLOTS, _slots_for(limit)))
+            self._grow(min(_FIRST_SLOTS, slots_for(limit)))
 
     def _grow(self, slots: int) -> None:
         old_table, old_used = self._table, self._used
@@ -85,7 +85,7 @@ class MacSet:
         return np.flatnonzero(flags) if flags.any() else None
 
 
-def _slots_for(count: int) -> int:
+def slots_for(count: int) -> int:
     """The power-of-two number of slots that holds ``count`` MACs at most half full."""
     return 1 << max(1, (2 * count - 1).bit_length())
 

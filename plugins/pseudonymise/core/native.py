@@ -279,6 +279,22 @@ def seen_add(table: memoryview, used: memoryview, macs: bytes, room: int) -> tup
     return _engine().seen_add(table, used, macs, room)  # type: ignore[no-any-return]
 
 
+def collision_add(slots: memoryview, records: memoryview, count: int, incoming: memoryview,
+                  randomised: bool, room: int) -> tuple[int, bytes, int]:
+    """The collision check's incoming records (``collisions.RECORD``, 42 bytes each) against and into its table
+    (``slots``: 16 bytes each, a power of two, at most half full with ``room`` more; ``records``: the ``count``
+    records held, with room for ``room`` more): ``(count, pairs, done)``. ``pairs`` gives a held index and an incoming
+    position (native-endian uint32 each) for every held record sharing an incoming record's key, bar a deterministic
+    run's repeats of a held MAC, which are left out; every other incoming record is appended and indexed until
+    ``room`` ran out: ``done`` says how many incoming records were dealt with."""
+    return _engine().collision_add(slots, records, count, incoming, randomised, room)  # type: ignore[no-any-return]
+
+
+def collision_place(slots: memoryview, records: memoryview, count: int) -> None:
+    """Index the first ``count`` records into an empty table (:func:`collision_add` says how)."""
+    _engine().collision_place(slots, records, count)
+
+
 def encode(macs: bytes, fmt: PseudonymFormat) -> bytes:
     """The pseudonyms of ``macs`` (32 bytes each) in ``fmt``, one after the other, as UTF-8."""
     try:
@@ -314,6 +330,6 @@ def seal_rows(dek: bytes, *, ad_prefix: bytes, plain_prefix: bytes, pseudonyms: 
 
 
 __all__ = ["ALPHABET_CODES", "DROP", "KEEP", "BlockPlan", "BlockResult", "ColumnPlan", "ColumnResult", "arrow_column",
-           "arrow_type_tag", "ascii_program", "available", "copy_block", "encode", "keyed", "recent_known",
+           "arrow_type_tag", "ascii_program", "available", "collision_add", "collision_place", "copy_block", "encode", "keyed", "recent_known",
            "recent_remember", "seal_rows", "seen_add", "seen_known", "sqlite_register", "sqlite_unregister",
            "value_function"]

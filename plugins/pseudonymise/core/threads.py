@@ -83,7 +83,8 @@ class Jobs:
 
 class ReadAhead(Iterator[T]):
     """``items`` as they come, read on a background thread (started at once) up to ``depth`` items ahead of the
-    consumer.
+    consumer, and, given ``weigh`` (an item's size in bytes), no further ahead than ``max_bytes`` of them (one item
+    at least).
 
     An error of the iterator is raised here, after the items it gave (the same exception object, with no
     other as its context). :meth:`close` stops the reader after the item it is reading, and ``items`` is then
@@ -91,14 +92,16 @@ class ReadAhead(Iterator[T]):
     early calls it (one that merely drops the reader stops it too, at the reader's next item).
     """
 
-    def __init__(self, items: Iterable[T], depth: int = 2, name: str = "pseudonymise-reader") -> None:
-        self._slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    def __init__(self, items: Iterable[T], depth: int = 2, name: str = "pseudonymise-reader",
+                 weigh: Callable[[T], int] | None = None, max_bytes: int = 0) -> None:
+        self._slots: queue.Queue[tuple[str, Any, int]] = queue.Queue(maxsize=depth)
         self._stopped = threading.Event()
+        self._budget = _Budget(max_bytes) if weigh is not None else None
         self._done = False
-        # the thread holds the queue and the event, not this object: a reader its consumer dropped is collected,
-        # and its __del__ stops the thread
-        self._thread = threading.Thread(target=_read, args=(items, self._slots, self._stopped), name=name,
-                                        daemon=True)
+        # the thread holds the queue, the event and the budget, not this object: a reader its consumer dropped is
+        # collected, and its __del__ stops the thread
+        self._thread = threading.Thread(target=_read, args=(items, self._slots, self._stopped, weigh, self._budget),
+                                        name=name, daemon=True)
         self._thread.start()
 
     def __iter__(self) -> ReadAhead[T]:
@@ -108,11 +111,13 @@ class ReadAhead(Iterator[T]):
         if self._done:
             raise StopIteration
         try:
-            kind, value = self._slots.get()
+            kind, value, size = self._slots.get()
         except BaseException:  # interrupted while waiting
             self.close()
             raise
         if kind == "item":
+            if self._budget is not None:
+                self._budget.release(size)
             return value  # type: ignore[no-any-return]
         self.close()
         if kind == "error":
@@ -129,7 +134,31 @@ class ReadAhead(Iterator[T]):
         self._stopped.set()  # an abandoned reader stops at its next item
 
 
-def _offer(slots: queue.Queue[tuple[str, Any]], stopped: threading.Event, entry: tuple[str, Any]) -> bool:
+class _Budget:
+    """The bytes a reader holds ahead of its consumer, at most ``limit`` (or one item, whatever its size)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._changed = threading.Condition()
+
+    def acquire(self, size: int, stopped: threading.Event) -> bool:
+        """Wait until ``size`` more bytes fit; ``False`` if the consumer stopped first."""
+        with self._changed:
+            while self.held and self.held + size > self.limit:
+                if stopped.is_set():
+                    return False
+                self._changed.wait(_POLL)
+            self.held += size
+            return True
+
+    def release(self, size: int) -> None:
+        with self._changed:
+            self.held -= size
+            self._changed.notify()
+
+
+def _offer(slots: queue.Queue[tuple[str, Any, int]], stopped: threading.Event, entry: tuple[str, Any, int]) -> bool:
     """Put ``entry`` in the queue once there is room; ``False`` if the consumer stopped first."""
     while not stopped.is_set():
         try:
@@ -140,22 +169,28 @@ def _offer(slots: queue.Queue[tuple[str, Any]], stopped: threading.Event, entry:
     return False
 
 
-def _read(items: Iterable[T], slots: queue.Queue[tuple[str, Any]], stopped: threading.Event) -> None:
+def _read(items: Iterable[T], slots: queue.Queue[tuple[str, Any, int]], stopped: threading.Event,
+          weigh: Callable[[T], int] | None, budget: _Budget | None) -> None:
     """The reader thread: every item, then the end or the error, into ``slots``; ``items`` closed here."""
     iterator = iter(items)
     try:
         for item in iterator:
-            if not _offer(slots, stopped, ("item", item)):
+            size = weigh(item) if weigh is not None else 0
+            if budget is not None and not budget.acquire(size, stopped):
                 return
-        _offer(slots, stopped, ("end", None))
+            if not _offer(slots, stopped, ("item", item, size)):
+                return
+        _offer(slots, stopped, ("end", None, 0))
     except BaseException as exc:
-        _offer(slots, stopped, ("error", exc))
+        _offer(slots, stopped, ("error", exc, 0))
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:
             close()
 
 
-def read_ahead(items: Iterable[T], depth: int = 2, name: str = "pseudonymise-reader") -> ReadAhead[T]:
-    """``items`` read on a background thread, started now, up to ``depth`` items ahead (:class:`ReadAhead`)."""
-    return ReadAhead(items, depth, name)
+def read_ahead(items: Iterable[T], depth: int = 2, name: str = "pseudonymise-reader",
+               weigh: Callable[[T], int] | None = None, max_bytes: int = 0) -> ReadAhead[T]:
+    """``items`` read on a background thread, started now, up to ``depth`` items (and ``max_bytes`` as ``weigh``
+    counts them) ahead (:class:`ReadAhead`)."""
+    return ReadAhead(items, depth, name, weigh, max_bytes)
