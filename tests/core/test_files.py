@@ -322,10 +322,33 @@ def test_csv_sink_starts_the_write_back_of_each_batch_and_still_syncs_at_commit(
     sink.write({"a": ["1", "2"], "b": ["3", None]})
     assert not synced
     sink.commit()
-    assert len(synced) == 1
+    assert len(synced) == 2  # the file before its rename, the folder after (test below)
     assert [advice for _, _, advice in advised] == [os.POSIX_FADV_DONTNEED] * 3
     assert [offset for offset, _, _ in advised] == [0, *[o + n for o, n, _ in advised[:-1]]]
     assert sum(n for _, n, _ in advised) == path.stat().st_size
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_file_is_synced_to_disk_before_its_rename_and_its_folder_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """CSV and Parquet alike: the partial file's data reaches the disk before it is renamed into place, then the
+    folder's entry does (a crash leaves the old file or the whole new one). What each fsync was given is read
+    from /proc while the call runs."""
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def record_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    path = tmp_path / f"out.{fmt}"
+    sink = open_sink(path, ["a"])
+    sink.write(pa.RecordBatch.from_pydict({"a": ["x", "y"]}))
+    sink.commit()
+    assert len(synced) == 2
+    assert Path(synced[0]).parent == tmp_path and Path(synced[0]).name.endswith(".partial")
+    assert synced[1] == str(tmp_path) and path.exists()
 
 
 def test_csv_sink_one_column_keeps_null_rows(tmp_path: Path) -> None:

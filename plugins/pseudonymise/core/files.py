@@ -365,9 +365,24 @@ class _AtomicFile:
         os.close(fd)
         self.tmp = Path(tmp)
 
+    def sync(self) -> None:
+        """Make the written file durable before it is renamed into place (a crash then leaves the old file or
+        the whole new one, never a renamed file whose data never reached the disk)."""
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def commit(self) -> None:
         os.replace(self.tmp, self.path)
         self.committed = True
+        with contextlib.suppress(OSError):  # the rename itself, where the folder can be synced (not on Windows)
+            fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def abort(self) -> None:
         """Remove the partial file; after a commit whose audit then failed, remove the output too."""
@@ -463,11 +478,7 @@ class CsvSink:
                 self._arrow.close()
             if self._out is not None:
                 self._out.close()
-            fd = os.open(self._file.tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            self._file.sync()
         except OSError as exc:
             self.abort()
             raise DataIOError(f"cannot write {os.fspath(self._file.path)!r}: {exc.strerror}; nothing was written") from exc
@@ -558,7 +569,12 @@ class ParquetSink:
             import pyarrow.parquet as pq
 
             self._writer = pq.ParquetWriter(self._file.tmp, self._schema or pa.schema([pa.field(c, pa.string()) for c in self.columns]))
-        self._writer.close()
+        try:
+            self._writer.close()
+            self._file.sync()
+        except OSError as exc:
+            self.abort()
+            raise DataIOError(f"cannot write {os.fspath(self._file.path)!r}: {exc.strerror}; nothing was written") from exc
         self._file.commit()
 
     def abort(self) -> None:
