@@ -298,18 +298,22 @@ class PostgresCopySource:
             yield self._batch(pending)
 
     def copy_blocks(self) -> Iterator[CopyBlock]:
-        """The COPY text itself in blocks of whole rows, about ``batch_size`` rows each (at least
-        ``batch_size``, but for the last), for an engine that works on COPY text directly."""
+        """The COPY text itself in blocks of whole rows, for an engine that works on COPY text directly: about
+        ``batch_size`` rows each (at least ``batch_size``, but for the last), after a ramp of smaller ones (an
+        eighth of it, a quarter, a half), so that the writer, which waits for the first pseudonymised block,
+        starts early; memory stays bounded by ``batch_size``."""
         pending: list[bytes] = []
         rows = 0
+        want = max(1, self.batch_size // 8)
         with contextlib.closing(self._chunks()) as chunks:
             for data in chunks:
                 pending.append(data)
                 rows += data.count(b"\n")
-                if rows >= self.batch_size:
+                if rows >= want:
                     yield CopyBlock(b"".join(pending), rows)
                     pending.clear()
                     rows = 0
+                    want = min(self.batch_size, want * 2)
         if pending:
             yield CopyBlock(b"".join(pending), rows)
 
@@ -517,6 +521,12 @@ class TableSink:
                 cond = sa.and_(cond, col < end)
             self.conn.execute(sa.delete(t).where(cond))
         self._prepared = True
+
+    @property
+    def creates_without_rows(self) -> bool:
+        """Whether the table is still to be created and its column types are known without a row (the COPY
+        source's declared types on PostgreSQL): :meth:`open_table` may then run before the first batch is read."""
+        return self.table is None and self.conn.dialect.name == "postgresql" and bool(self.type_names)
 
     def open_table(self, sample: Mapping[str, Sequence[Any]]) -> None:
         """Create the table (typed by ``sample``'s values, as a first :meth:`write` would) when it does not exist, and
