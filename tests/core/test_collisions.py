@@ -83,6 +83,27 @@ def test_equal_keys_of_different_pseudonyms_are_not_a_collision() -> None:
         guard._check(records)
 
 
+def test_groups_of_one_repeated_mac_pass_and_a_second_mac_in_any_group_fails() -> None:
+    """Records sorted by key: repeats of one MAC share a key and are no collision; a different MAC with the same
+    pseudonym fails wherever it sits in its group, whichever group it is in."""
+    fmt = PseudonymFormat("hex", 16)
+    guard = CollisionGuard(fmt, randomised=False)
+    guard._columns.append("id")
+    one, two = b"\x01" * 8 + b"\x00" * 24, b"\x01" * 8 + b"\xff" * 24  # one hex-16 pseudonym, two MACs
+    other = b"\x02" * 32
+
+    def records(group: list[bytes]) -> np.ndarray:
+        out = np.zeros(len(group), dtype=RECORD)
+        out["key"] = np.frombuffer(b"".join(m[:8] for m in group), dtype=">u8")
+        out["mac"] = np.frombuffer(b"".join(group), dtype="V32")
+        return out[np.argsort(out["key"], kind="stable")]
+
+    guard._check(records([one, one, one, other, other]))
+    for group in ([one, one, one, two], [one, two, two, other], [other, other, one, one, two, one]):
+        with pytest.raises(CollisionError):
+            guard._check(records(group))
+
+
 def test_a_real_short_format_collision_is_found_with_the_real_encoder() -> None:
     """Two MACs equal in their leading 64 bits give one hex-16 pseudonym: a collision, found spilled too."""
     fmt = PseudonymFormat("hex", 16)
