@@ -51,8 +51,8 @@ def test_small_run_fails_on_the_colliding_batch(constant_encoder: None) -> None:
 
 
 def test_spilled_run_fails_in_finish_before_anything_commits(constant_encoder: None) -> None:
-    guard = CollisionGuard(PseudonymFormat(), randomised=False, memory_records=4)
-    add(guard, "patient_id", macs(1) * 5)  # spills: five records of one value
+    guard = CollisionGuard(PseudonymFormat(), randomised=False, memory_records=0)
+    add(guard, "patient_id", macs(1) * 5)  # spills at once: one value (five times, recorded once)
     add(guard, "patient_id", macs(1))  # a second value, same pseudonym: found when the run ends
     with pytest.raises(CollisionError, match="'patient_id'"):
         guard.finish()
@@ -122,18 +122,34 @@ def test_a_real_short_format_collision_is_found_with_the_real_encoder() -> None:
 
 def test_pseudonymiser_spills_and_finish_checks(mint: Mint, constant_encoder: None) -> None:
     engine = Pseudonymiser(mint("research-b"), ColumnPolicy.pseudonymise("id"))
-    engine._guard.memory_records = 3
+    engine._guard.memory_records = 0  # spills at once
     engine.pseudonymise_batch({"id": ["P1", "P1", "P1", "P1"]})
     engine.pseudonymise_batch({"id": ["P2"]})  # spilled: no error yet
     with pytest.raises(CollisionError, match="'id'"):
         engine.finish()
     secondary = SecondaryPseudonymiser(mint("vendor-x", "secondary", source_project="research-a"),
                                        ColumnPolicy.pseudonymise("id"))
-    secondary._guard.memory_records = 1
+    secondary._guard.memory_records = 0
     secondary.pseudonymise_values(["b" * 26, "b" * 26], "id")  # first-level pseudonyms of the source format
     secondary.pseudonymise_values(["c" * 26], "id")
     with pytest.raises(CollisionError):
         secondary.finish()
+
+
+def test_a_value_repeated_within_a_batch_is_recorded_once(constant_encoder: None) -> None:
+    """A deterministic run records a value's MAC once, even when the value repeats within one batch; the check
+    stays exact (a second value with the same pseudonym still fails)."""
+    guard = CollisionGuard(PseudonymFormat(), randomised=False, memory_records=0)
+    one = macs(1)
+    add(guard, "id", one * 50)
+    add(guard, "id", [*one, *one])
+    assert guard.spilled_records == 1
+    guard.finish()
+    guard = CollisionGuard(PseudonymFormat(), randomised=False, memory_records=0)
+    add(guard, "id", one * 50)
+    add(guard, "id", one * 20 + macs(1))  # spilled: found when the run ends
+    with pytest.raises(CollisionError):
+        guard.finish()
 
 
 def test_memory_stays_bounded_when_spilled() -> None:
