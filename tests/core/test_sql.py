@@ -10,7 +10,15 @@ import pyarrow as pa
 import pytest
 import sqlalchemy as sa
 from pseudonymise.core.errors import DatabaseIOError, DataIOError, PolicyError, UnsupportedTypeError
-from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableTarget, _pg_text, copy_text_fields, record_batch
+from pseudonymise.core.sql import (
+    PostgresCopySource,
+    SqlSource,
+    TableTarget,
+    _pg_text,
+    copy_text_fields,
+    record_batch,
+    reflect_table,
+)
 
 HOSTILE = 'we"ird; DROP TABLE x; --'
 Q = '"' + HOSTILE.replace('"', '""') + '"'  # the test's own SQL quotes it by hand
@@ -352,6 +360,19 @@ def test_a_new_postgres_target_of_declared_types_can_be_created_before_any_row(p
         assert not sink.creates_without_rows and sink.table is not None
         assert {c.name: str(c.type) for c in sink.table.c} == {"id": "BIGINT", "pid": "TEXT"}
         sink.commit()
+    with engine.begin() as conn:  # what it made of the new table's columns is what a full reflection gives
+        declared = {"id": "bigint", "at": "timestamp with time zone", "d": "date", "n": "numeric(10,2)",
+                    "u": "uuid", "b": "boolean", "v": "character varying(20)", "tags": "text[]", "pid": "text"}
+        made = TableTarget("typed", mode="replace_partition", partition_column="d", partition_start="2026-01-01",
+                           partition_end="2026-02-01").sink(conn, list(declared), use_copy=True, pseudonymised=["pid"],
+                                                            type_names=declared)
+        made.open_table({})
+        assert made.table is not None
+        full = reflect_table(conn, "typed", None)
+        assert full is not None
+        assert [(c.name, repr(c.type), c.nullable) for c in made.table.c] == \
+            [(c.name, repr(c.type), c.nullable) for c in full.c]
+        made.commit()
     with engine.begin() as conn:
         existing = TableTarget("fresh", mode="replace").sink(conn, ["id", "pid"], use_copy=True, type_names=types)
         assert not existing.creates_without_rows  # there already: its write mode was applied as it opened

@@ -331,6 +331,15 @@ def reflect_table(conn: Connection, table: str, schema: str | None) -> sa.Table 
         return None
 
 
+def reflect_columns(conn: Connection, table: str, schema: str | None) -> sa.Table:
+    """The table from its columns alone (name, type, nullable, as the catalogue gives them): for a table just
+    created with no key, index or constraint, what :func:`reflect_table` gives, in one catalogue query instead
+    of the full reflection's seven (keys, indexes, constraints, comments)."""
+    columns = sa.inspect(conn).get_columns(table, schema=schema)
+    return sa.Table(table, sa.MetaData(), *[sa.Column(c["name"], c["type"], nullable=c["nullable"]) for c in columns],
+                    schema=schema)
+
+
 def python_type(values: Sequence[Any]) -> sa.types.TypeEngine[Any]:
     for v in values:
         if v is None:
@@ -481,19 +490,21 @@ class TableSink:
             )
             name = f"{prep.quote(self.target.schema) + '.' if self.target.schema else ''}{prep.quote(self.target.table)}"
             self.conn.execute(sa.text(f"CREATE TABLE {name} ({cols})"))
+            created = reflect_columns(self.conn, self.target.table, self.target.schema)
         else:
             meta = sa.MetaData()
             sa.Table(self.target.table, meta,
                      *[sa.Column(c, sa.Text() if c in self.pseudonymised else python_type(batch.get(c, ())))
                        for c in self.columns], schema=self.target.schema)
             meta.create_all(self.conn)
+            created = None
         if self.target.mode == "upsert":
             prep = self.conn.dialect.identifier_preparer
             name = f"{prep.quote(self.target.schema) + '.' if self.target.schema else ''}{prep.quote(self.target.table)}"
             keys = ", ".join(prep.quote(k) for k in self.target.upsert_key)
             index = prep.quote(f"{self.target.table}_upsert_key")
             self.conn.execute(sa.text(f"CREATE UNIQUE INDEX {index} ON {name} ({keys})"))
-        self.table = reflect_table(self.conn, self.target.table, self.target.schema)
+        self.table = created if created is not None else reflect_table(self.conn, self.target.table, self.target.schema)
         assert self.table is not None
         self._check_columns(self.table)
 
