@@ -35,6 +35,7 @@ from pseudonymise.core.errors import (
     TokenError,
 )
 from pseudonymise.core.files import open_source
+from pseudonymise.core.heap import freeze_startup_heap
 from pseudonymise.core.locks import ensure_lock_table
 from pseudonymise.core.pipeline import (
     DRY_RUN_SAMPLE,
@@ -441,6 +442,7 @@ class PseudonymiseOperator(BaseDataOperator):
             return None
 
     def execute(self, context: Any) -> dict[str, Any]:
+        freeze_startup_heap()  # the imported modules out of the cycle collector's scans (core/heap.py)
         policy = self.policy()
         with _failing_the_task():
             risk = RiskSpec.parse(self.risk)
@@ -593,6 +595,7 @@ class RiskReportOperator(BaseDataOperator):
         return spec
 
     def execute(self, context: Any) -> dict[str, Any]:
+        freeze_startup_heap()
         with _failing_the_task():
             spec = self.spec()
             describe, label = self._describer(spec)
@@ -682,6 +685,7 @@ class ReversePseudonymsOperator(BaseDataOperator):
             ti.dag_id, ti.run_id, self.approval_task_id, reason=reason)
 
     def execute(self, context: Any) -> dict[str, Any]:
+        freeze_startup_heap()
         with _failing_the_task():
             run = self.run_context(context)
             try:

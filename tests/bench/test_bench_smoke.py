@@ -53,6 +53,8 @@ def test_bench_smoke() -> None:
     assert "speedup of 2 mapped range tasks over one task on LocalExecutor" in proc.stdout
     assert "predicted rows/s, PostgreSQL on its own machine of 16 cores" in proc.stdout  # the scaling model ran
     assert "| (c) reversible |" in proc.stdout
+    assert "ratios to (a), each run over the (a) run of its repetition" in proc.stdout
+    assert "(b) rows/s / (a) rows/s: " in proc.stdout and "(c) rows/s / (a) rows/s: " in proc.stdout
     assert "speedup of 2 mapped range tasks over one task on CeleryExecutor (2 workers)" in proc.stdout
     # LocalExecutor and Celery, each printed as it runs and again in the summary
     assert proc.stdout.count("[ok] both runs wrote every row, the same") == 4

@@ -63,7 +63,7 @@ def test_small_run_fails_on_the_colliding_batch(constant_encoder: None) -> None:
 
 def test_spilled_run_fails_in_finish_before_anything_commits(constant_encoder: None) -> None:
     guard = CollisionGuard(PseudonymFormat(), randomised=False, memory_records=0)
-    add(guard, "patient_id", macs(1) * 5)  # spills: five records of one value
+    add(guard, "patient_id", macs(1) * 5)  # spills at once: one value (five times, recorded once)
     add(guard, "patient_id", macs(1))  # a second value, same pseudonym: found when the run ends
     with pytest.raises(CollisionError, match="'patient_id'"):
         guard.finish()
@@ -94,6 +94,27 @@ def test_equal_keys_of_different_pseudonyms_are_not_a_collision() -> None:
         guard._check(records)
 
 
+def test_groups_of_one_repeated_mac_pass_and_a_second_mac_in_any_group_fails() -> None:
+    """Records sorted by key: repeats of one MAC share a key and are no collision; a different MAC with the same
+    pseudonym fails wherever it sits in its group, whichever group it is in."""
+    fmt = PseudonymFormat("hex", 16)
+    guard = CollisionGuard(fmt, randomised=False)
+    guard._columns.append("id")
+    one, two = b"\x01" * 8 + b"\x00" * 24, b"\x01" * 8 + b"\xff" * 24  # one hex-16 pseudonym, two MACs
+    other = b"\x02" * 32
+
+    def records(group: list[bytes]) -> np.ndarray:
+        out = np.zeros(len(group), dtype=RECORD)
+        out["key"] = np.frombuffer(b"".join(m[:8] for m in group), dtype=">u8")
+        out["mac"] = np.frombuffer(b"".join(group), dtype="V32")
+        return out[np.argsort(out["key"], kind="stable")]
+
+    guard._check(records([one, one, one, other, other]))
+    for group in ([one, one, one, two], [one, two, two, other], [other, other, one, one, two, one]):
+        with pytest.raises(CollisionError):
+            guard._check(records(group))
+
+
 def test_a_real_short_format_collision_is_found_with_the_real_encoder() -> None:
     """Two MACs equal in their leading 64 bits give one hex-16 pseudonym: a collision, found spilled too."""
     fmt = PseudonymFormat("hex", 16)
@@ -112,7 +133,7 @@ def test_a_real_short_format_collision_is_found_with_the_real_encoder() -> None:
 
 def test_pseudonymiser_spills_and_finish_checks(mint: Mint, constant_encoder: None) -> None:
     engine = Pseudonymiser(mint("research-b"), ColumnPolicy.pseudonymise("id"))
-    engine._guard.memory_records = 0
+    engine._guard.memory_records = 0  # spills at once
     engine.pseudonymise_batch({"id": ["P1", "P1", "P1", "P1"]})
     engine.pseudonymise_batch({"id": ["P2"]})  # spilled: no error yet
     with pytest.raises(CollisionError, match="'id'"):
@@ -124,6 +145,22 @@ def test_pseudonymiser_spills_and_finish_checks(mint: Mint, constant_encoder: No
     secondary.pseudonymise_values(["c" * 26], "id")
     with pytest.raises(CollisionError):
         secondary.finish()
+
+
+def test_a_value_repeated_within_a_batch_is_recorded_once(constant_encoder: None) -> None:
+    """A deterministic run records a value's MAC once, even when the value repeats within one batch; the check
+    stays exact (a second value with the same pseudonym still fails)."""
+    guard = CollisionGuard(PseudonymFormat(), randomised=False, memory_records=0)
+    one = macs(1)
+    add(guard, "id", one * 50)
+    add(guard, "id", [*one, *one])
+    assert guard.spilled_records == 1
+    guard.finish()
+    guard = CollisionGuard(PseudonymFormat(), randomised=False, memory_records=0)
+    add(guard, "id", one * 50)
+    add(guard, "id", one * 20 + macs(1))  # spilled: found when the run ends
+    with pytest.raises(CollisionError):
+        guard.finish()
 
 
 def test_memory_stays_bounded_when_spilled() -> None:

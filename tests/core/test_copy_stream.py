@@ -7,7 +7,9 @@ the source but for the pseudonyms, whatever the text holds (tabs, newlines, back
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -136,3 +138,64 @@ def test_a_failed_background_write_fails_the_run_and_writes_nothing(pg_url: str,
         assert conn.execute(sa.text("SELECT count(*) FROM pseudonymise_escrow")).scalar_one() == 0
         outcomes = [r[0] for r in conn.execute(sa.text("SELECT outcome FROM pseudonymise_audit ORDER BY seq"))]
     assert outcomes == ["started", "failed"]
+
+
+def test_a_new_target_created_ahead_of_the_rows_is_gone_when_the_run_fails(pg_url: str, issuer: Issuer) -> None:
+    """The writer creates a new target before the first batch is read (its types are the source's declared ones);
+    a source that fails later takes it back with the run's transaction: nothing half written, the failure audited."""
+    engine = sa.create_engine(pg_url)
+    _fill(engine)
+    source = PostgresCopySource(engine, "SELECT id, pid, 1 / (id - 2000) AS x FROM src ORDER BY id", batch_size=100)
+    with pytest.raises(DataIOError, match="DivisionByZero"):
+        _run(pg_url, issuer, "research-b", source)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT to_regclass('dst')")).scalar() is None
+        assert conn.execute(sa.text("SELECT count(*) FROM pseudonymise_write_lock")).scalar_one() == 0
+        outcomes = [r[0] for r in conn.execute(sa.text("SELECT outcome FROM pseudonymise_audit ORDER BY seq"))]
+    assert outcomes == ["started", "failed"]
+
+
+def test_a_new_target_gets_the_sources_declared_types(pg_url: str, issuer: Issuer) -> None:
+    engine = sa.create_engine(pg_url)
+    _fill(engine)
+    _run(pg_url, issuer, "research-b", _source(engine))
+    with engine.connect() as conn:
+        types = dict(conn.execute(sa.text(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'dst'::regclass "
+            "AND attnum > 0 AND NOT attisdropped")).all())
+    assert types == {"id": "bigint", "pid": "text", "note": "text", "d": "date", "u": "uuid", "b": "boolean"}
+
+
+class _FirstBlockWaitsForTheTarget(PostgresCopySource):
+    """Holds its first block back until another session sees the run's transaction holding a table it created
+    (an exclusive lock on a relation not yet visible to others): created before any row reached the engine."""
+
+    created_first: bool | None = None
+
+    def _wait(self, items: Iterator[Any]) -> Iterator[Any]:
+        first = next(items)
+        deadline = time.monotonic() + 10
+        with self.engine.connect() as conn:
+            while not (found := conn.execute(sa.text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND mode = 'AccessExclusiveLock' "
+                    "AND pid <> pg_backend_pid() AND relation NOT IN (SELECT oid FROM pg_class)")).scalar()) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self.created_first = bool(found)
+        yield first
+        yield from items
+
+    def copy_blocks(self) -> Iterator[Any]:
+        return self._wait(super().copy_blocks())
+
+    def batches(self) -> Iterator[dict[str, list[Any]]]:
+        return self._wait(super().batches())
+
+
+def test_the_writer_creates_a_new_target_before_the_first_batch_is_pseudonymised(pg_url: str, issuer: Issuer) -> None:
+    engine = sa.create_engine(pg_url)
+    _fill(engine)
+    source = _FirstBlockWaitsForTheTarget(engine, "SELECT * FROM src ORDER BY id", batch_size=100)
+    source.carry_as_text(["id", "note", "d", "u", "b"])
+    assert _run(pg_url, issuer, "research-b", source).counts["rows_out"] == ROWS
+    assert source.created_first is True

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from pseudonymise.core.locks import _coordinate, lock_interval, unlock_interval
+from pseudonymise.core import locks
+from pseudonymise.core.locks import _coordinate, ensure_lock_table, lock_interval, unlock_interval
 
 pytestmark = pytest.mark.postgres
 
@@ -76,3 +77,17 @@ def test_coordinates_keep_order_and_say_when_exact() -> None:
     naive, aware = dt.datetime(2026, 1, 1), dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     assert _coordinate(naive) == _coordinate(aware)
     assert _coordinate("text") is None and _coordinate(True) is None and _coordinate(float("nan")) is None
+
+
+def test_an_existing_lock_table_is_found_on_the_runs_own_connection(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's first lock looks for the table in the run's transaction: no second connection (a pool of one
+    would wait for it), where the table exists; a missing one is still created in a short transaction of its own."""
+    engine = sa.create_engine(pg_url, pool_size=1, max_overflow=0, pool_timeout=2)
+    monkeypatch.setattr(locks, "_LOCK_TABLES", set())
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE IF EXISTS pseudonymise_write_lock"))
+    ensure_lock_table(engine, None)  # created, committed
+    monkeypatch.setattr(locks, "_LOCK_TABLES", set())  # a new worker process: nothing known yet
+    with engine.begin() as conn:
+        unlock_interval(conn, None, lock_interval(conn, None, "table:d", whole=True))
+    engine.dispose()

@@ -760,8 +760,23 @@ def test_recent_macs_in_c_equal_the_numpy_definition(monkeypatch: pytest.MonkeyP
         results[mode] = [(k, None if u is None else u.tolist()) for k, u in results[mode]]
     assert results["c"] == results["numpy"]
     assert any(any(k) for k, _ in results["c"]) and any(u for _, u in results["c"])
+    # unseen, MAC by MAC in order, from a dict of slots: a repeat within a batch is new only at its first place
+    slots: dict[int, bytes] = {}
+    expected: list[list[int] | None] = []
+    for batch in batches:
+        fresh = []
+        for i in range(len(batch) // 32):
+            mac = batch[32 * i:32 * i + 32]
+            slot = int.from_bytes(mac[:8], sys.byteorder) & ((1 << 10) - 1)
+            if slots.get(slot) != mac:
+                fresh.append(i)
+                slots[slot] = mac
+        expected.append(None if not batch or len(fresh) == len(batch) // 32 else fresh)
+    assert [u for _, u in results["c"]] == expected
     with pytest.raises(ValueError, match="power-of-two"):
         _extension().recent_known(bytearray(32 * 3), bytearray(3), b"")
+    with pytest.raises(ValueError, match="power-of-two"):
+        _extension().recent_unseen(bytearray(32 * 3), bytearray(3), b"")
 
 
 # --- a column as a per-value function (SQLite's create_function) -------------------------------------

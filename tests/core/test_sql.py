@@ -10,7 +10,15 @@ import pyarrow as pa
 import pytest
 import sqlalchemy as sa
 from pseudonymise.core.errors import DatabaseIOError, DataIOError, PolicyError, UnsupportedTypeError
-from pseudonymise.core.sql import PostgresCopySource, SqlSource, TableTarget, _pg_text, copy_text_fields, record_batch
+from pseudonymise.core.sql import (
+    PostgresCopySource,
+    SqlSource,
+    TableTarget,
+    _pg_text,
+    copy_text_fields,
+    record_batch,
+    reflect_table,
+)
 
 HOSTILE = 'we"ird; DROP TABLE x; --'
 Q = '"' + HOSTILE.replace('"', '""') + '"'  # the test's own SQL quotes it by hand
@@ -309,3 +317,66 @@ def test_sqlite_source_gives_record_batches_and_python_columns_where_arrow_canno
     batches = list(SqlSource(sa.create_engine(sqlite_url), "SELECT * FROM s ORDER BY k", batch_size=2).record_batches())
     assert isinstance(batches[0], pa.RecordBatch) and batches[0].to_pydict() == {"k": [1, 2], "v": ["a", None]}
     assert batches[1] == {"k": [3, 4], "v": [7, "d"]}  # an integer and a text in one column
+
+
+@pytest.mark.postgres
+def test_copy_blocks_ramp_up_then_hold_the_batch_size(monkeypatch: pytest.MonkeyPatch, pg_url: str) -> None:
+    """The first blocks hold an eighth, a quarter, a half of ``batch_size`` rows (so the writer starts early), the
+    rest at least ``batch_size``; every block is whole rows, none is lost (reads of 100 rows each, as a pipe may
+    give them)."""
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE ramp (id bigint)"))
+    source = PostgresCopySource(engine, "SELECT * FROM ramp", batch_size=1000)
+    reads = [b"".join(b"%d\n" % (100 * r + i) for i in range(100)) for r in range(50)]
+    monkeypatch.setattr(source, "_chunks", lambda: (chunk for chunk in reads))
+    blocks = list(source.copy_blocks())
+    assert [b.rows for b in blocks] == [200, 300, 500, 1000, 1000, 1000, 1000]
+    assert all(b.data.count(b"\n") == b.rows and b.data.endswith(b"\n") for b in blocks)
+    assert b"".join(b.data for b in blocks) == b"".join(reads)
+
+
+@pytest.mark.postgres
+def test_copy_blocks_of_a_real_copy_are_whole_rows_and_complete(pg_url: str) -> None:
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE ramp AS SELECT g AS id, 'P' || g AS pid FROM generate_series(1, 100000) g"))
+    blocks = list(PostgresCopySource(engine, "SELECT * FROM ramp ORDER BY id", batch_size=40_000).copy_blocks())
+    assert blocks[0].rows >= 5_000 and all(b.rows >= 40_000 for b in blocks[3:-1])
+    rows = b"".join(b.data for b in blocks).decode().splitlines()
+    assert rows == [f"{g}\tP{g}" for g in range(1, 100_001)] and sum(b.rows for b in blocks) == 100_000
+
+
+@pytest.mark.postgres
+def test_a_new_postgres_target_of_declared_types_can_be_created_before_any_row(pg_url: str, sqlite_url: str) -> None:
+    """What lets the run's writer create the target while the first batch is still being read (core/pipeline.py)."""
+    engine = sa.create_engine(pg_url)
+    types = {"id": "bigint", "pid": "text"}
+    with engine.begin() as conn:
+        sink = TableTarget("fresh", mode="replace").sink(conn, ["id", "pid"], use_copy=True, pseudonymised=["pid"],
+                                                         type_names=types)
+        assert sink.creates_without_rows
+        sink.open_table({})
+        assert not sink.creates_without_rows and sink.table is not None
+        assert {c.name: str(c.type) for c in sink.table.c} == {"id": "BIGINT", "pid": "TEXT"}
+        sink.commit()
+    with engine.begin() as conn:  # what it made of the new table's columns is what a full reflection gives
+        declared = {"id": "bigint", "at": "timestamp with time zone", "d": "date", "n": "numeric(10,2)",
+                    "u": "uuid", "b": "boolean", "v": "character varying(20)", "tags": "text[]", "pid": "text"}
+        made = TableTarget("typed", mode="replace_partition", partition_column="d", partition_start="2026-01-01",
+                           partition_end="2026-02-01").sink(conn, list(declared), use_copy=True, pseudonymised=["pid"],
+                                                            type_names=declared)
+        made.open_table({})
+        assert made.table is not None
+        full = reflect_table(conn, "typed", None)
+        assert full is not None
+        assert [(c.name, repr(c.type), c.nullable) for c in made.table.c] == \
+            [(c.name, repr(c.type), c.nullable) for c in full.c]
+        made.commit()
+    with engine.begin() as conn:
+        existing = TableTarget("fresh", mode="replace").sink(conn, ["id", "pid"], use_copy=True, type_names=types)
+        assert not existing.creates_without_rows  # there already: its write mode was applied as it opened
+        untyped = TableTarget("other", mode="replace").sink(conn, ["id", "pid"], use_copy=True)
+        assert not untyped.creates_without_rows  # its types come from the first batch's values
+    with sa.create_engine(sqlite_url).begin() as conn:
+        assert not TableTarget("fresh").sink(conn, ["id"], type_names={"id": "bigint"}).creates_without_rows

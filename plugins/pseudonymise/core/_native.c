@@ -1196,6 +1196,40 @@ static PyObject *mac_flags(PyObject *args, int set) {
     return out;
 }
 
+/* recent_unseen(table, used, macs) -> bytes: for each MAC in order, 1 where its slot did not hold it (it then takes
+ * the slot), else 0: recent_known and recent_remember in one pass over the table, except that a MAC repeated within
+ * `macs` is held from its second place on (its first put it in its slot). collisions.RecentMacs.unseen has the
+ * definition in numpy. */
+static PyObject *py_recent_unseen(PyObject *module, PyObject *args) {
+    Py_buffer table, used, macs;
+    if (recent_args(args, &table, &used, &macs, 1) < 0)
+        return NULL;
+    size_t n = (size_t)macs.len / 32, mask = (size_t)used.len - 1;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+    if (out != NULL) {
+        unsigned char *flags = (unsigned char *)PyBytes_AS_STRING(out), *held = table.buf, *in_use = used.buf;
+        const unsigned char *m = macs.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (size_t i = 0; i < n; i++) {
+            if (i + RECENT_AHEAD < n)
+                recent_prefetch(held, in_use, m + 32 * (i + RECENT_AHEAD), mask);
+            size_t slot = recent_slot(m + 32 * i, mask);
+            if (in_use[slot] && memcmp(held + 32 * slot, m + 32 * i, 32) == 0) {
+                flags[i] = 0;
+                continue;
+            }
+            memcpy(held + 32 * slot, m + 32 * i, 32);
+            in_use[slot] = 1;
+            flags[i] = 1;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&used);
+    PyBuffer_Release(&macs);
+    return out;
+}
+
 /* recent_known(table, used, macs) -> bytes: 1 where the MAC is the one held in its slot, else 0. */
 static PyObject *py_recent_known(PyObject *module, PyObject *args) { return mac_flags(args, 0); }
 
@@ -2145,6 +2179,8 @@ static PyMethodDef module_methods[] = {
     {"seal_rows", py_seal_rows, METH_VARARGS, "Escrow rows in COPY text, every value sealed with AES-256-GCM."},
     {"recent_known", py_recent_known, METH_VARARGS, "Which MACs the table of recent MACs holds (see the source)."},
     {"recent_remember", py_recent_remember, METH_VARARGS, "MACs into the table of recent MACs (see the source)."},
+    {"recent_unseen", py_recent_unseen, METH_VARARGS, "Which MACs the table of recent MACs did not hold, each put in it "
+                                                      "in order (see the source)."},
     {"seen_known", py_seen_known, METH_VARARGS, "Which MACs the run's set of sealed MACs holds (see the source)."},
     {"seen_add", py_seen_add, METH_VARARGS, "MACs into the run's set of sealed MACs, up to a room (see the source)."},
     {"collision_add", py_collision_add, METH_VARARGS, "Records into the collision check's table (see the source)."},

@@ -85,11 +85,28 @@ class RecentMacs:
         self._used[slot] = True
 
     def unseen(self, macs: bytes) -> np.ndarray | None:
-        """Positions of the MACs not seen before (``None``: none was seen); all are remembered."""
-        words = self.words(macs)
-        known = self.known(words)
+        """Positions of the MACs not seen before, in order: a MAC repeated within ``macs`` is seen from its second
+        place on (``None``: every one is new); all are remembered."""
+        if native.available():  # one pass in C over the table; the numpy below is its definition
+            fresh = np.frombuffer(native.recent_unseen(self._macs.data, self._used.data, macs), dtype=bool)
+        else:
+            fresh = self._unseen_in_order(self.words(macs))
+        return None if fresh.all() else np.flatnonzero(fresh)
+
+    def _unseen_in_order(self, words: np.ndarray) -> np.ndarray:
+        """Whether each MAC is new, taken in order: one with no earlier MAC of the batch in its slot is new unless
+        the table held it; one with such MACs is new unless the latest of them (which then held the slot) equals it."""
+        slot = self._slots(words)
+        order = np.argsort(slot, kind="stable")  # each slot's MACs together, in the batch's order
+        ranked, in_slot_order = slot[order], words[order]
+        follows = np.zeros(len(slot), dtype=bool)
+        follows[1:] = ranked[1:] == ranked[:-1]
+        same_as_before = np.zeros(len(slot), dtype=bool)
+        same_as_before[1:] = (in_slot_order[1:] == in_slot_order[:-1]).all(axis=1)
+        known = np.empty(len(slot), dtype=bool)
+        known[order] = np.where(follows, same_as_before, self.known(words)[order])
         self.remember(words)
-        return np.flatnonzero(~known) if known.any() else None
+        return ~known
 
 
 class HeldRecords:
@@ -269,8 +286,11 @@ class CollisionGuard:
         if not same_key.any():
             return
         if not self.randomised:
-            # a group made of one MAC repeated is one value seen several times: no collision
-            same_key &= records["mac"][1:] != records["mac"][:-1]
+            # a group made of one MAC repeated is one value seen several times: no collision (the MACs are
+            # compared only where the keys are equal: comparing every neighbour's 32 bytes costs more than the sort)
+            at = np.flatnonzero(same_key)
+            macs = records["mac"]
+            same_key[at] = macs[at + 1] != macs[at]
             if not same_key.any():
                 return
         for key in np.unique(keys[1:][same_key]):

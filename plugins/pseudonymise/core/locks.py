@@ -51,12 +51,18 @@ def _coordinate(value: Any) -> tuple[float, bool] | None:
     return f, isinstance(number, float) or Decimal(f) == Decimal(number)
 
 
-def ensure_lock_table(engine: Engine, schema: str | None) -> str:
-    """The lock table of ``schema`` (created in its own short transaction if missing); its quoted name."""
+def ensure_lock_table(engine: Engine, schema: str | None, look_on: Connection | None = None) -> str:
+    """The lock table of ``schema`` (created in its own short transaction if missing); its quoted name.
+
+    :param look_on: an open connection of ``engine`` to look for the table on first (a run's own transaction),
+        so that no second connection is opened when the table exists."""
     prep = engine.dialect.identifier_preparer
     name = f"{prep.quote(schema)}.{prep.quote(WRITE_LOCK_TABLE)}" if schema else prep.quote(WRITE_LOCK_TABLE)
     key = (engine.url.render_as_string(hide_password=True), schema)
     if key in _LOCK_TABLES:
+        return name
+    if look_on is not None and look_on.execute(sa.text("SELECT to_regclass(:n)"), {"n": name}).scalar() is not None:
+        _LOCK_TABLES.add(key)
         return name
     with engine.begin() as conn:
         if conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": name}).scalar() is None:
@@ -82,7 +88,7 @@ def lock_interval(conn: Connection, schema: str | None, target: str, start: Any 
     """
     if conn.dialect.name != "postgresql":
         return None
-    table = ensure_lock_table(conn.engine, schema)
+    table = ensure_lock_table(conn.engine, schema, look_on=conn)
     low = None if whole else _coordinate(start)
     high = (_FULL, True) if end is None else _coordinate(end)
     if low is None or high is None:

@@ -267,6 +267,13 @@ def recent_remember(table: memoryview, used: memoryview, macs: bytes) -> None:
     _engine().recent_remember(table, used, macs)
 
 
+def recent_unseen(table: memoryview, used: memoryview, macs: bytes) -> bytes:
+    """For each MAC in order, 1 where the table of recent MACs did not hold it (it is then put in its slot), else 0:
+    :func:`recent_known` and :func:`recent_remember` in one pass, but for a MAC repeated in ``macs``, held from its
+    second place on."""
+    return _engine().recent_unseen(table, used, macs)  # type: ignore[no-any-return]
+
+
 def seen_known(table: memoryview, used: memoryview, macs: bytes) -> bytes:
     """For each 32-byte MAC, 1 if the open-addressing set (32 bytes per slot, ``used`` one byte per slot, a power of
     two of them; probing starts at the MAC's first 8 bytes, native-endian, masked) holds it, else 0."""
@@ -330,6 +337,7 @@ def seal_rows(dek: bytes, *, ad_prefix: bytes, plain_prefix: bytes, pseudonyms: 
 
 
 __all__ = ["ALPHABET_CODES", "DROP", "KEEP", "BlockPlan", "BlockResult", "ColumnPlan", "ColumnResult", "arrow_column",
-           "arrow_type_tag", "ascii_program", "available", "collision_add", "collision_place", "copy_block", "encode", "keyed", "recent_known",
-           "recent_remember", "seal_rows", "seen_add", "seen_known", "sqlite_register", "sqlite_unregister",
+           "arrow_type_tag", "ascii_program", "available", "collision_add", "collision_place", "copy_block", "encode",
+           "keyed", "recent_known", "recent_remember", "recent_unseen", "seal_rows", "seen_add", "seen_known",
+           "sqlite_register", "sqlite_unregister",
            "value_function"]

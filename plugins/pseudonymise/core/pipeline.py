@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import os
 import uuid
@@ -47,7 +48,7 @@ from pseudonymise.core.plan import SharedTransaction, Sink, TableDestination, Tr
 from pseudonymise.core.policy import ColumnPolicy, ColumnRule
 from pseudonymise.core.pseudonymiser import Pseudonymiser, SecondaryPseudonymiser, Stats
 from pseudonymise.core.risk import MEMORY_GROUPS, PostgresRiskTap, RiskReport, RiskSpec, SpillRiskTap, gate
-from pseudonymise.core.sql import reflect_table
+from pseudonymise.core.sql import TableSink, reflect_table
 from pseudonymise.core.sqlite_direct import SqliteDirect
 from pseudonymise.core.threads import Jobs
 from pseudonymise.core.use import RunContext, TokenSource, TokenUse
@@ -202,6 +203,10 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
                     Jobs(background=_writes_in_background(store.engine), name="pseudonymise-writer") as writes:
                 sink = transfer.open_sink(out_columns, conn)
                 tap = _risk_tap(risk, out_columns, transfer, conn, risk_memory_groups)
+                if isinstance(sink, TableSink) and sink.creates_without_rows:
+                    # the writer creates the target (and applies the write mode) while the first batch is read;
+                    # from here on only the writer uses the transaction's connection, until the writes are drained
+                    writes.submit(functools.partial(sink.open_table, {}))
                 if direct is not None and attached is not None \
                         and direct.prepare(sink, transfer.source):  # type: ignore[arg-type]
                     direct.run(engine, attached, sink, columns)  # type: ignore[arg-type]

@@ -298,18 +298,22 @@ class PostgresCopySource:
             yield self._batch(pending)
 
     def copy_blocks(self) -> Iterator[CopyBlock]:
-        """The COPY text itself in blocks of whole rows, about ``batch_size`` rows each (at least
-        ``batch_size``, but for the last), for an engine that works on COPY text directly."""
+        """The COPY text itself in blocks of whole rows, for an engine that works on COPY text directly: about
+        ``batch_size`` rows each (at least ``batch_size``, but for the last), after a ramp of smaller ones (an
+        eighth of it, a quarter, a half), so that the writer, which waits for the first pseudonymised block,
+        starts early; memory stays bounded by ``batch_size``."""
         pending: list[bytes] = []
         rows = 0
+        want = max(1, self.batch_size // 8)
         with contextlib.closing(self._chunks()) as chunks:
             for data in chunks:
                 pending.append(data)
                 rows += data.count(b"\n")
-                if rows >= self.batch_size:
+                if rows >= want:
                     yield CopyBlock(b"".join(pending), rows)
                     pending.clear()
                     rows = 0
+                    want = min(self.batch_size, want * 2)
         if pending:
             yield CopyBlock(b"".join(pending), rows)
 
@@ -325,6 +329,15 @@ def reflect_table(conn: Connection, table: str, schema: str | None) -> sa.Table 
         return sa.Table(table, sa.MetaData(), autoload_with=conn, schema=schema)
     except sa.exc.NoSuchTableError:
         return None
+
+
+def reflect_columns(conn: Connection, table: str, schema: str | None) -> sa.Table:
+    """The table from its columns alone (name, type, nullable, as the catalogue gives them): for a table just
+    created with no key, index or constraint, what :func:`reflect_table` gives, in one catalogue query instead
+    of the full reflection's seven (keys, indexes, constraints, comments)."""
+    columns = sa.inspect(conn).get_columns(table, schema=schema)
+    return sa.Table(table, sa.MetaData(), *[sa.Column(c["name"], c["type"], nullable=c["nullable"]) for c in columns],
+                    schema=schema)
 
 
 def python_type(values: Sequence[Any]) -> sa.types.TypeEngine[Any]:
@@ -477,19 +490,21 @@ class TableSink:
             )
             name = f"{prep.quote(self.target.schema) + '.' if self.target.schema else ''}{prep.quote(self.target.table)}"
             self.conn.execute(sa.text(f"CREATE TABLE {name} ({cols})"))
+            created = reflect_columns(self.conn, self.target.table, self.target.schema)
         else:
             meta = sa.MetaData()
             sa.Table(self.target.table, meta,
                      *[sa.Column(c, sa.Text() if c in self.pseudonymised else python_type(batch.get(c, ())))
                        for c in self.columns], schema=self.target.schema)
             meta.create_all(self.conn)
+            created = None
         if self.target.mode == "upsert":
             prep = self.conn.dialect.identifier_preparer
             name = f"{prep.quote(self.target.schema) + '.' if self.target.schema else ''}{prep.quote(self.target.table)}"
             keys = ", ".join(prep.quote(k) for k in self.target.upsert_key)
             index = prep.quote(f"{self.target.table}_upsert_key")
             self.conn.execute(sa.text(f"CREATE UNIQUE INDEX {index} ON {name} ({keys})"))
-        self.table = reflect_table(self.conn, self.target.table, self.target.schema)
+        self.table = created if created is not None else reflect_table(self.conn, self.target.table, self.target.schema)
         assert self.table is not None
         self._check_columns(self.table)
 
@@ -517,6 +532,12 @@ class TableSink:
                 cond = sa.and_(cond, col < end)
             self.conn.execute(sa.delete(t).where(cond))
         self._prepared = True
+
+    @property
+    def creates_without_rows(self) -> bool:
+        """Whether the table is still to be created and its column types are known without a row (the COPY
+        source's declared types on PostgreSQL): :meth:`open_table` may then run before the first batch is read."""
+        return self.table is None and self.conn.dialect.name == "postgresql" and bool(self.type_names)
 
     def open_table(self, sample: Mapping[str, Sequence[Any]]) -> None:
         """Create the table (typed by ``sample``'s values, as a first :meth:`write` would) when it does not exist, and
