@@ -23,7 +23,7 @@ from pseudonymise.core.errors import EscrowError
 from pseudonymise.core.escrow import EscrowTables, EscrowWriter, reveal
 from pseudonymise.core.policy import ColumnPolicy
 from pseudonymise.core.pseudonymiser import Pseudonymiser, _Escrowed
-from pseudonymise.core.sealer import EscrowBlock, EscrowBlocks
+from pseudonymise.core.sealer import BatchSealer, EscrowBlock, EscrowBlocks
 from pseudonymise.core.tokens import Token
 from sqlalchemy.engine import Engine
 
@@ -87,17 +87,19 @@ def _check_stored(engine: Engine, tables: EscrowTables, writer: EscrowWriter, mi
 
 
 def test_blocks_go_straight_into_escrow_in_the_run_transaction(store: Any, mint: Mint) -> None:
-    """A first run of a project: every block is in the escrow table (seen inside the transaction) before the
-    flush, once per pseudonym, and nothing of it is visible to others until the commit."""
+    """A first run of a project: a block is sealed on a thread while the block before is copied into the escrow
+    table (seen inside the transaction before the flush, which copies the last), once per pseudonym, and
+    nothing of it is visible to others until the commit."""
     engine, tables = store
     token = mint("research-a")
     run = _engine(token)
     writer = EscrowWriter(token, tables, defer=True, direct_rows=1)
     with engine.begin() as conn:
-        assert writer.write(conn, _blocks(run, ["a", "b", "a", "c"])) == 3
-        assert writer.write(conn, _blocks(run, ["c", "d", "b"])) == 1  # c and b were listed by the first batch
-        assert _count(conn, tables) == 4 and _count(engine, tables) == 0
-        assert writer.flush(conn) == 0  # nothing was staged
+        assert writer.write(conn, _blocks(run, ["a", "b", "a", "c"])) == 0  # being sealed
+        assert writer.write(conn, _blocks(run, ["c", "d", "b"])) == 3  # the first copied; c and b listed before
+        assert _count(conn, tables) == 3 and _count(engine, tables) == 0
+        assert _count(conn, tables, "batches") == 1
+        assert writer.flush(conn) == 1  # the last block: d
         assert _count(conn, tables, "batches") == 2
     assert len(writer.digests) == 2
     _check_stored(engine, tables, writer, mint, "research-a", ["a", "b", "c", "d"])
@@ -116,12 +118,38 @@ def test_rows_sealed_without_the_c_engine_go_in_alike(store: Any, mint: Mint, mo
     monkeypatch.setattr(native, "available", lambda: False)
     writer = EscrowWriter(token, tables, defer=True, direct_rows=1)
     with engine.begin() as conn:
-        assert writer.write(conn, blocks) == 3
-        writer.flush(conn)
+        assert writer.write(conn, blocks) == 0
+        assert writer.flush(conn) == 3
     _check_stored(engine, tables, writer, mint, "research-a", ["a", "b", "c"])
     with engine.connect() as conn:  # the retention end PostgreSQL read from the binary rows is the token's
         assert conn.execute(sa.select(tables.values.c.retention_until).distinct()).scalars().all() \
             == [token.retention_until]
+
+
+def test_sealing_runs_beside_the_copy_and_its_failure_reaches_the_run(store: Any, mint: Mint,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each batch is sealed on a thread of its own; a failure there is raised in the writer's thread (at the
+    flush here) and nothing is committed."""
+    engine, tables = store
+    token = mint("research-a")
+    seal = BatchSealer.binary_block_rows
+    threads: list[str] = []
+
+    def noting(sealer: BatchSealer, batch_id: str, block: EscrowBlock) -> bytes:
+        threads.append(threading.current_thread().name)
+        if len(threads) == 2:
+            raise EscrowError("sealing failed (test)")
+        return seal(sealer, batch_id, block)
+
+    monkeypatch.setattr(BatchSealer, "binary_block_rows", noting)
+    run = _engine(token)
+    writer = EscrowWriter(token, tables, defer=True, direct_rows=1)
+    with pytest.raises(EscrowError, match=r"sealing failed \(test\)"), engine.begin() as conn:
+        writer.write(conn, _blocks(run, ["a"]))
+        writer.write(conn, _blocks(run, ["b"]))
+        writer.flush(conn)
+    assert threads == ["pseudonymise-escrow-seal"] * 2
+    assert _count(engine, tables) == 0 and _count(engine, tables, "batches") == 0
 
 
 def test_blocks_are_gathered_into_larger_sorted_batches_and_the_rest_copied_at_the_flush(store: Any, mint: Mint) -> None:
@@ -131,10 +159,10 @@ def test_blocks_are_gathered_into_larger_sorted_batches_and_the_rest_copied_at_t
     writer = EscrowWriter(token, tables, defer=True, direct_rows=5)
     with engine.begin() as conn:
         assert writer.write(conn, _blocks(run, ["a", "b", "c"])) == 0  # gathered
-        assert writer.write(conn, _blocks(run, ["d", "e", "a"])) == 5  # 5 values: one batch, copied
-        assert writer.write(conn, _blocks(run, ["f"])) == 0
-        assert _count(conn, tables) == 5
-        assert writer.flush(conn) == 1
+        assert writer.write(conn, _blocks(run, ["d", "e", "a"])) == 0  # 5 values: one batch, being sealed
+        assert writer.write(conn, _blocks(run, ["f"])) == 0  # gathered
+        assert _count(conn, tables) == 0
+        assert writer.flush(conn) == 6
         assert writer.flush(conn) == 0
     assert len(writer.digests) == 2 and _count(engine, tables, "batches") == 2
     _check_stored(engine, tables, writer, mint, "research-a", ["a", "b", "c", "d", "e", "f"])
@@ -150,9 +178,9 @@ def test_what_escrow_holds_is_left_out_and_a_batch_that_adds_nothing_leaves_no_r
     run = _engine(token)
     writer = EscrowWriter(token, tables, defer=True, direct_rows=1)
     with engine.begin() as conn:
-        assert writer.write(conn, _blocks(run, ["e", "g", "f", "h"])) == 2
-        assert writer.write(conn, _blocks(run, ["e", "f"])) == 0
-        writer.flush(conn)
+        assert writer.write(conn, _blocks(run, ["e", "g", "f", "h"])) == 0  # g and h being sealed
+        assert writer.write(conn, _blocks(run, ["e", "f"])) == 0  # listed before: nothing to seal
+        assert writer.flush(conn) == 2
     assert len(writer.digests) == 1
     assert _count(engine, tables) == 4 and _count(engine, tables, "batches") == 2
     _check_stored(engine, tables, writer, mint, "research-a", ["e", "f", "g", "h"], earlier.digests)
@@ -193,11 +221,12 @@ def test_a_run_whose_set_of_sealed_values_overflowed_looks_its_blocks_up(store: 
     with engine.begin() as conn:
         [first], [second] = _blocks(run, values), _blocks(run, more)
         assert (first.repeats, second.repeats) == (False, True)  # the first overflowed the set of 4
-        assert writer.write(conn, EscrowBlocks([first])) == 12
-        assert writer.write(conn, EscrowBlocks([second])) == 2
+        assert writer.write(conn, EscrowBlocks([first])) == 0  # being sealed
+        # a block that may repeat is looked up, after what was sealed is copied (12); 2 of its 3 are new
+        assert writer.write(conn, EscrowBlocks([second])) == 12
         first.repeats = True  # as the forgetting table would list a value again
-        assert writer.write(conn, EscrowBlocks([first])) == 0
-        writer.flush(conn)
+        assert writer.write(conn, EscrowBlocks([first])) == 2  # the 2 copied before the look-up; none new
+        assert writer.flush(conn) == 0
     _check_stored(engine, tables, writer, mint, "research-a", values + more[:2])
 
 
@@ -223,12 +252,13 @@ def test_a_second_run_of_the_project_stages_and_waits_for_the_first(store: Any, 
 
     with engine.connect() as conn:
         with conn.begin():
-            assert first.write(conn, _blocks(_engine(token), ["a", "b", "c"])) == 3
+            assert first.write(conn, _blocks(_engine(token), ["a", "b", "c"])) == 0  # being sealed
             thread = threading.Thread(target=other_run)
             thread.start()
             assert staged.wait(30) and outcome == {"written": 0}, outcome  # staged: not written yet
             time.sleep(1.0)
             assert thread.is_alive()  # its flush waits for the first run's lock
+            assert first.flush(conn) == 3
         thread.join(60)
     assert outcome == {"written": 0, "flushed": 1}, outcome
     assert _count(engine, tables) == 4
@@ -252,6 +282,7 @@ def test_a_writer_without_the_lock_cannot_slip_a_duplicate_in(store: Any, mint: 
                                                    "batch_id": str(uuid.uuid4()), "nonce": bytes(12),
                                                    "ciphertext": b"other", "retention_until": token.retention_until})
         writer.write(conn, _blocks(run, ["b", "late"]))
+        writer.flush(conn)  # the block holding it is copied last
     assert late not in str(info.value) and "late" not in str(info.value)
     assert _count(engine, tables) == 1 and _count(engine, tables, "batches") == 0
 
@@ -263,10 +294,9 @@ def test_randomised_runs_write_straight_in_without_waiting_for_each_other(store:
     token = mint("random-r")
     writers = [EscrowWriter(token, tables, defer=True, direct_rows=1) for _ in range(2)]
     with engine.connect() as one, engine.connect() as two, one.begin(), two.begin():
-        assert writers[0].write(one, _blocks(_engine(token), ["a", "a", "b"])) == 3
-        assert writers[1].write(two, _blocks(_engine(token), ["a", "c"])) == 2
-        for writer, conn in zip(writers, (one, two), strict=True):
-            writer.flush(conn)
+        assert writers[0].write(one, _blocks(_engine(token), ["a", "a", "b"])) == 0
+        assert writers[1].write(two, _blocks(_engine(token), ["a", "c"])) == 0
+        assert [writer.flush(conn) for writer, conn in zip(writers, (one, two), strict=True)] == [3, 2]
     with engine.connect() as conn:
         for writer in writers:
             for batch_id, digest in writer.digests.items():

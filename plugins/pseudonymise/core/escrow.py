@@ -23,7 +23,9 @@ import hashlib
 import hmac
 import io
 import tempfile
+import threading
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -189,6 +191,7 @@ class EscrowWriter:
         self._probe = True  # direct: look each block's pseudonyms up in escrow first (see _direct)
         self._direct_rows = max(1, direct_rows)
         self._pending: dict[tuple[str, str, int], list[EscrowBlock]] = {}  # direct: blocks gathered, by kind
+        self._sealing: deque[tuple[_Sealing, dict[str, Any]]] = deque()  # direct: sealed or being sealed, in order
         self.digests: dict[str, str] = {}
 
     def write(self, conn: Connection, items: Sequence[EscrowItem] | EscrowBlocks, now: datetime | None = None) -> int:
@@ -296,37 +299,52 @@ class EscrowWriter:
         return self._mode == "direct"
 
     def _copy_block(self, conn: Connection, block: EscrowBlock, now: datetime | None) -> int:
-        """Seal ``block`` as one batch and ``COPY`` it into the escrow table, in pseudonym order (see
-        :meth:`_direct`); return the rows stored. Every row sealed is stored, so the batch's digest is that
-        of all its rows."""
+        """Seal ``block`` as one batch, in pseudonym order, to be copied into the escrow table (see :meth:`_direct`);
+        return the rows copied by this call. Every row sealed is stored, so the batch's digest is that of all its
+        rows.
+
+        The sealing runs on a thread of its own while this connection copies the batch before (the backend then
+        never waits for the worker to seal): at most one batch is being sealed, and a look-up in escrow first
+        copies everything sealed, so that it sees this run's rows."""
         block = block.in_pseudonym_order(distinct=self._deterministic)
+        copied = 0
         if self._deterministic and (self._probe or block.repeats):
+            copied = self._copy_sealed(conn, keep=0)
             held = self._held(conn, block)
             if held.any():
                 block = block.take(np.flatnonzero(~held))
         if not len(block):
-            return 0
+            return copied
         sealer, batch = self._new_batch(conn, block.domain, now)
-        rows = sealer.binary_block_rows(batch["batch_id"], block)
-        table = conn.dialect.identifier_preparer.format_table(self._tables.values)
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        try:
-            cursor.copy_expert(f"COPY {table} ({', '.join(ROW_COLUMNS)}) FROM STDIN (FORMAT binary)",
-                               _Parts(BINARY_COPY_HEADER, rows, BINARY_COPY_TRAILER), size=1 << 20)
-        except Exception as exc:
-            if getattr(exc, "pgcode", None) == "23505":  # only a writer that takes no lock can have put it there
-                raise EscrowError(
-                    f"another writer stored a pseudonym of project {self._token.project!r} in escrow while this "
-                    "run held the project's escrow lock (a version of this plugin from before the lock, or a "
-                    "hand-written insert); nothing of this run was committed: run it again once that writer "
-                    "has finished"
-                ) from None
-            raise
-        finally:
-            cursor.close()
-        conn.execute(self._tables.batches.insert(), batch)
-        self.digests[batch["batch_id"]] = _fold(sealer.row_hashes)
-        return len(block)
+        self._sealing.append((_Sealing(sealer, batch["batch_id"], block), batch))
+        return copied + self._copy_sealed(conn, keep=1)
+
+    def _copy_sealed(self, conn: Connection, keep: int) -> int:
+        """``COPY`` the batches sealed (or being sealed) but the last ``keep``, in order; return the rows copied."""
+        copied = 0
+        while len(self._sealing) > keep:
+            sealing, batch = self._sealing.popleft()
+            rows = sealing.rows()
+            table = conn.dialect.identifier_preparer.format_table(self._tables.values)
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.copy_expert(f"COPY {table} ({', '.join(ROW_COLUMNS)}) FROM STDIN (FORMAT binary)",
+                                   _Parts(BINARY_COPY_HEADER, rows, BINARY_COPY_TRAILER), size=1 << 20)
+            except Exception as exc:
+                if getattr(exc, "pgcode", None) == "23505":  # only a writer that takes no lock can have put it there
+                    raise EscrowError(
+                        f"another writer stored a pseudonym of project {self._token.project!r} in escrow while this "
+                        "run held the project's escrow lock (a version of this plugin from before the lock, or a "
+                        "hand-written insert); nothing of this run was committed: run it again once that writer "
+                        "has finished"
+                    ) from None
+                raise
+            finally:
+                cursor.close()
+            conn.execute(self._tables.batches.insert(), batch)
+            self.digests[batch["batch_id"]] = _fold(sealing.row_hashes)
+            copied += sealing.count
+        return copied
 
     def _held(self, conn: Connection, block: EscrowBlock) -> np.ndarray:
         """Which of the block's pseudonyms escrow holds for the project (a mask), this run's own rows included: one
@@ -403,6 +421,7 @@ class EscrowWriter:
         pipeline's role reads none), and the digests come from the rows' hashes the sealer gave."""
         pending, self._pending = self._pending, {}
         copied = sum(self._copy_block(conn, EscrowBlock.concat(blocks), None) for blocks in pending.values())
+        copied += self._copy_sealed(conn, keep=0)
         if self._staged is None or not self._batches:
             return copied
         table = conn.dialect.identifier_preparer.format_table(self._tables.values)
@@ -465,6 +484,39 @@ class EscrowWriter:
         self._hashes.seek(batch.offset)
         hashes = np.frombuffer(self._hashes.read(32 * batch.count), dtype="S32")
         return _fold(hashes[keep].tobytes())
+
+
+class _Sealing:
+    """One batch's values being sealed into binary escrow rows on a thread of its own (the C engine lets go of the
+    GIL); :meth:`rows` waits for them and raises what the sealing raised. The thread ends by itself (a daemon, for
+    a run that fails before its rows are asked for)."""
+
+    def __init__(self, sealer: BatchSealer, batch_id: str, block: EscrowBlock) -> None:
+        self.count = len(block)
+        self._sealer = sealer
+        self._rows: bytes | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._seal, args=(batch_id, block), name="pseudonymise-escrow-seal",
+                                        daemon=True)
+        self._thread.start()
+
+    def _seal(self, batch_id: str, block: EscrowBlock) -> None:
+        try:
+            self._rows = self._sealer.binary_block_rows(batch_id, block)
+        except BaseException as exc:  # raised by rows(), in the writer's thread
+            self._error = exc
+
+    def rows(self) -> bytes:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._rows is not None
+        return self._rows
+
+    @property
+    def row_hashes(self) -> bytes:
+        """The rows' hashes in the batch digest (once :meth:`rows` has returned)."""
+        return self._sealer.row_hashes
 
 
 class _Parts:
