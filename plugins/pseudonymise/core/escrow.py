@@ -270,9 +270,12 @@ class EscrowWriter:
             self.digests[batch_id] = batch_digest((r.pseudonym, bytes(r.nonce), bytes(r.ciphertext)) for r in stored)
         return written
 
+    def _table(self, conn: Connection) -> str:
+        """The escrow value table's name as SQL (quoted, with its schema)."""
+        return conn.dialect.identifier_preparer.format_table(self._tables.values)
+
     def _lock_name(self, conn: Connection) -> str:
-        table = conn.dialect.identifier_preparer.format_table(self._tables.values)
-        return f"pseudonymise-escrow:{table}:{self._token.project}"
+        return f"pseudonymise-escrow:{self._table(conn)}:{self._token.project}"
 
     def _direct(self, conn: Connection) -> bool:
         """Whether this run writes its blocks straight into the escrow table (decided once, at its first block).
@@ -290,8 +293,7 @@ class EscrowWriter:
             if not self._deterministic:
                 self._mode, self._probe = "direct", False
             elif try_advisory_lock(conn, self._lock_name(conn)):
-                table = conn.dialect.identifier_preparer.format_table(self._tables.values)
-                held = conn.exec_driver_sql(f"SELECT EXISTS (SELECT 1 FROM {table} WHERE project = %(project)s)",
+                held = conn.exec_driver_sql(f"SELECT EXISTS (SELECT 1 FROM {self._table(conn)} WHERE project = %(project)s)",
                                             {"project": self._token.project}).scalar_one()
                 self._mode, self._probe = "direct", bool(held)
             else:
@@ -322,10 +324,10 @@ class EscrowWriter:
     def _copy_sealed(self, conn: Connection, keep: int) -> int:
         """``COPY`` the batches sealed (or being sealed) but the last ``keep``, in order; return the rows copied."""
         copied = 0
+        table = self._table(conn)
         while len(self._sealing) > keep:
             sealing, batch = self._sealing.popleft()
             rows = sealing.rows()
-            table = conn.dialect.identifier_preparer.format_table(self._tables.values)
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             try:
                 cursor.copy_expert(f"COPY {table} ({', '.join(ROW_COLUMNS)}) FROM STDIN (FORMAT binary)",
@@ -351,7 +353,7 @@ class EscrowWriter:
         text array in (no parameter per value), one character per value out, looked up in the block's order."""
         if not len(block):
             return np.zeros(0, dtype=bool)
-        table = conn.dialect.identifier_preparer.format_table(self._tables.values)
+        table = self._table(conn)
         names = block.names().tolist()
         if b"\\" in block.pseudonyms or b'"' in block.pseudonyms:
             names = [n.replace(b"\\", b"\\\\").replace(b'"', b'\\"') for n in names]
@@ -424,7 +426,7 @@ class EscrowWriter:
         copied += self._copy_sealed(conn, keep=0)
         if self._staged is None or not self._batches:
             return copied
-        table = conn.dialect.identifier_preparer.format_table(self._tables.values)
+        table = self._table(conn)
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
             if self._deterministic:

@@ -366,24 +366,29 @@ class BatchSealer:
         if not native.available() or b"\\" in block.pseudonyms:
             items = block.items()
             return self.copy_rows(batch_id, items.pseudonyms, items.type_tags, items.canonicals)
+        retention = self._retention.astimezone(UTC).isoformat()
+        return self._native_rows(block, (_pg_text(self._project) + "\t").encode("utf-8"),
+                                 f"\t{batch_id}\t".encode("ascii"), f"\t{retention}\n".encode("ascii"), binary=False)
+
+    def _native_rows(self, block: EscrowBlock, start: bytes, middle: bytes, end: bytes, *, binary: bool) -> bytes:
+        """The block sealed by the C engine into rows framed by ``start``, ``middle`` and ``end``
+        (:func:`native.seal_rows`), keeping the rows' hashes."""
         counter_nonces.check(len(block))  # the same limit as the Python path
         _aead, dek = self._take_key()
-        retention = self._retention.astimezone(UTC).isoformat()
         hashes = bytearray(32 * len(block))
         rows = native.seal_rows(
             dek, ad_prefix=self._ad_prefix, plain_prefix=block.type_tag.encode("ascii") + b"\x00",
             pseudonyms=block.pseudonyms, width=block.width, canonicals=block.canonicals, ends=block.ends.tobytes(),
-            row_start=(_pg_text(self._project) + "\t").encode("utf-8"), row_middle=f"\t{batch_id}\t".encode("ascii"),
-            row_end=f"\t{retention}\n".encode("ascii"), ad_suffix=self._ad_suffix, row_hashes=hashes)
+            row_start=start, row_middle=middle, row_end=end, ad_suffix=self._ad_suffix, row_hashes=hashes,
+            binary=binary)
         self.row_hashes = bytes(hashes)
         return rows
-
 
     def binary_block_rows(self, batch_id: str, block: EscrowBlock) -> bytes:
         """The block's values sealed as escrow rows (:data:`ROW_COLUMNS`) in PostgreSQL's binary COPY format (the
         rows alone: the data is :data:`BINARY_COPY_HEADER`, the rows, :data:`BINARY_COPY_TRAILER`): no text for
-        PostgreSQL to parse, the retention end as the microseconds ``timestamptz`` is. The C engine seals when it is there, else ``cryptography``:
-        the same bytes either way, and the same nonces, ciphertexts and :attr:`row_hashes` as
+        PostgreSQL to parse, the retention end as the microseconds ``timestamptz`` is. The C engine seals when
+        it is there, else ``cryptography``: the same bytes either way, and the same nonces, ciphertexts and :attr:`row_hashes` as
         :meth:`copy_block_rows`."""
         if block.domain != self.domain:
             raise ValueError("an escrow block is sealed in the batch of its own domain")
@@ -393,23 +398,13 @@ class BatchSealer:
         middle = struct.pack(">i", len(batch_id)) + batch_id.encode("ascii") + struct.pack(">i", 12)
         end = struct.pack(">iq", 8, retention)
         if native.available():
-            counter_nonces.check(len(block))  # the same limit as the Python path
-            _aead, dek = self._take_key()
-            hashes = bytearray(32 * len(block))
-            rows = native.seal_rows(
-                dek, ad_prefix=self._ad_prefix, plain_prefix=block.type_tag.encode("ascii") + b"\x00",
-                pseudonyms=block.pseudonyms, width=block.width, canonicals=block.canonicals, ends=block.ends.tobytes(),
-                row_start=start, row_middle=middle, row_end=end, ad_suffix=self._ad_suffix, row_hashes=hashes,
-                binary=True)
-            self.row_hashes = bytes(hashes)
-            return rows
+            return self._native_rows(block, start, middle, end, binary=True)
         items = block.items()
         nonces, _text, ciphertexts = self._seal(items.pseudonyms, items.type_tags, items.canonicals)
         names = [block.pseudonyms[i:i + block.width] for i in range(0, len(block.pseudonyms), block.width)]
         self.row_hashes = b"".join(map(row_hash, names, nonces, ciphertexts))
-        rows = b"".join(start + name + middle + nonce + struct.pack(">i", len(sealed)) + sealed + end
+        return b"".join(start + name + middle + nonce + struct.pack(">i", len(sealed)) + sealed + end
                         for name, nonce, sealed in zip(names, nonces, ciphertexts, strict=True))
-        return rows
 
 
 class BatchOpener:
