@@ -9,14 +9,17 @@ from typing import Any, ClassVar
 
 import pytest
 import sqlalchemy as sa
+from pseudonymise.core import native
 from pseudonymise.core.approval import ReverseRequests
 from pseudonymise.core.audit import AuditLog, AuditUse
+from pseudonymise.core.copytext import CopyBlock
 from pseudonymise.core.errors import ApprovalError, AuditError, RiskGateError, TokenRevokedError, TokenUsedUpError
-from pseudonymise.core.escrow import reveal
+from pseudonymise.core.escrow import EscrowWriter, reveal
 from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import Store, run_dry_run, run_pseudonymisation, run_risk_report
 from pseudonymise.core.plan import SharedTransaction, SinkFactory, TableDestination, plan_transfer
 from pseudonymise.core.policy import ColumnPolicy
+from pseudonymise.core.pseudonymiser import Pseudonymiser
 from pseudonymise.core.risk import RiskSpec, describe_table
 from pseudonymise.core.sql import TableTarget
 from pseudonymise.core.tokens import verify_token
@@ -104,6 +107,36 @@ def test_pipeline_role_can_append_but_not_rewrite(pg_url: str, issuer: Issuer, p
         store = Store(auditor)
         revealed = reveal(conn, store.escrow, reverse, pseudonyms, lambda: store.audit.listed_escrow_batches(conn))
         assert sorted(revealed.values.values()) == ["A1", "A2", "A3"]
+    _drop_roles(pg_url, postgres, pipeline, auditor, owner)
+
+
+@pytest.mark.skipif(not native.available(), reason="escrow straight in takes the C engine's blocks")
+def test_pipeline_role_writes_escrow_straight_in_and_looks_it_up(pg_url: str, issuer: Issuer, postgres: Any) -> None:
+    """As the least-privilege pipeline role: a run that holds the project's escrow lock copies its rows straight in
+    (the lock, the project's first look, a binary COPY, the batch row), a second run of the project looks its values
+    up first (one SELECT of pseudonyms) and stores only the new one; the auditor reveals all four, and the role
+    still cannot read a ciphertext."""
+    owner = _grant(pg_url)
+    pipeline = _as(pg_url, "pseudonymise_pipeline")
+    token = verify_token(issuer.issue("research-a", "pseudonymisation"), issuer.public_keys())
+    store = Store(pipeline)
+    listed: dict[str, str] = {}
+    for values, stored in ((["A1", "A2", "A3"], 3), (["A2", "A4"], 1)):
+        engine = Pseudonymiser(token, ColumnPolicy.pseudonymise("id"))
+        batch = engine.pseudonymise_batch(CopyBlock("".join(f"{v}\n" for v in values).encode(), len(values)), ["id"])
+        writer = EscrowWriter(token, store.escrow, defer=True)
+        with pipeline.begin() as conn:
+            writer.write(conn, batch.escrow)
+            assert writer.flush(conn) == stored and writer._mode == "direct"
+        listed.update(writer.digests)
+    with pipeline.connect() as conn, pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+        conn.execute(sa.text("SELECT ciphertext FROM pseudonymise_escrow"))
+    auditor = _as(pg_url, "pseudonymise_auditor")
+    reverse = verify_token(issuer.issue("research-a", "reverse"), issuer.public_keys())
+    with auditor.connect() as conn:
+        pseudonyms = [r[0] for r in conn.execute(sa.text("SELECT pseudonym FROM pseudonymise_escrow"))]
+        revealed = reveal(conn, Store(auditor).escrow, reverse, pseudonyms, lambda: listed)
+    assert sorted(revealed.values.values()) == ["A1", "A2", "A3", "A4"]
     _drop_roles(pg_url, postgres, pipeline, auditor, owner)
 
 
