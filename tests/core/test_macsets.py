@@ -7,6 +7,7 @@ import importlib
 import os
 import random
 
+import numpy as np
 import pytest
 from pseudonymise.core import macsets, native
 from pseudonymise.core.macsets import MacSet
@@ -42,6 +43,37 @@ def test_the_c_table_equals_the_python_set(monkeypatch: pytest.MonkeyPatch) -> N
     assert in_c[-1][2] == 3000  # the limit was reached ...
     assert any(left for _, left, _ in in_c)  # ... and MACs were left out
     assert any(any(known) for known, _, _ in in_c)
+
+
+def _run_new(batches: list[bytes], limit: int) -> list[tuple[list[int] | None, list[int] | None, int]]:
+    """add_new batch after batch, each answer checked against known() asked just before (one set per run)."""
+    macs, mirror = MacSet(limit=limit), MacSet(limit=limit)
+    out = []
+    for batch in batches:
+        unknown = np.flatnonzero(~mirror.known(batch)).tolist()
+        mirror.add(batch)
+        new, left_out = macs.add_new(batch)
+        assert (new.tolist() if new is not None else []) == unknown
+        out.append((None if new is None else new.tolist(), None if left_out is None else left_out.tolist(), macs.count))
+    return out
+
+
+@needs_native
+def test_add_new_in_one_pass_equals_known_then_add(monkeypatch: pytest.MonkeyPatch) -> None:
+    """add_new's one pass over the C table says what known() then add() would (a repeat within the batch of a MAC
+    new to the set is new too; the MACs left out are those add() leaves out), and equals the Python set's answer:
+    repeats, long probes, the table growing within a batch, the limit reached."""
+    monkeypatch.setattr(macsets, "_FIRST_SLOTS", 16)
+    rng = random.Random(29)
+    pool = [os.urandom(32) for _ in range(4000)]
+    pool += [pool[0][:8] + os.urandom(24) for _ in range(40)]
+    batches = [b"".join(rng.choice(pool) for _ in range(rng.randrange(0, 1500))) for _ in range(14)]
+    in_c = _run_new(batches, 3000)
+    monkeypatch.setattr(native, "_ext", None)
+    assert in_c == _run_new(batches, 3000)
+    assert in_c[-1][2] == 3000 and any(left for _, left, _ in in_c)
+    assert any(new is not None and len(set(new)) and len(new) < len(batch) // 32
+               for (new, _, _), batch in zip(in_c, batches, strict=True))
 
 
 @pytest.mark.parametrize("engine", ["c", "python"])

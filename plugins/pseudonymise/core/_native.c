@@ -1157,7 +1157,7 @@ static inline int seen_find(const unsigned char *held, const unsigned char *in_u
     while (in_use[s]) {
         if (memcmp(held + 32 * s, mac, 32) == 0) {
             *slot = s;
-            return 1;
+            return in_use[s];  /* 1, or 2 for a slot seen_add filled in its current call */
         }
         s = (s + 1) & mask;
     }
@@ -1179,12 +1179,12 @@ static PyObject *mac_flags(PyObject *args, int set) {
         const unsigned char *held = table.buf, *in_use = used.buf, *m = macs.buf;
         Py_BEGIN_ALLOW_THREADS
         for (size_t i = 0; i < n; i++) {
-            if (set) {
-                flags[i] = (unsigned char)seen_find(held, in_use, mask, m + 32 * i, &slot);
-                continue;
-            }
             if (i + RECENT_AHEAD < n)  /* the table is far larger than the caches: ask for a later slot now */
                 recent_prefetch(held, in_use, m + 32 * (i + RECENT_AHEAD), mask);
+            if (set) {
+                flags[i] = seen_find(held, in_use, mask, m + 32 * i, &slot) != 0;
+                continue;
+            }
             slot = recent_slot(m + 32 * i, mask);
             flags[i] = in_use[slot] && memcmp(held + 32 * slot, m + 32 * i, 32) == 0;
         }
@@ -1236,8 +1236,10 @@ static PyObject *py_recent_known(PyObject *module, PyObject *args) { return mac_
 /* seen_known(table, used, macs) -> bytes: 1 where the MAC is in the set, else 0. */
 static PyObject *py_seen_known(PyObject *module, PyObject *args) { return mac_flags(args, 1); }
 
-/* seen_add(table, used, macs, room) -> (added, left_out): the MACs not in the set go in, in order, until `room`
- * of them were added; left_out has 1 for each MAC that was not in the set and found no room, else 0. */
+/* seen_add(table, used, macs, room) -> (added, flags): the MACs not in the set go in, in order, until `room` of them
+ * were added. flags has, for each MAC: 0 if the set held it before this call; 1 if it did not and the MAC is in it now
+ * (added here, or a repeat of one added here); 2 if it did not and the MAC found no room (left out). One pass over
+ * the table, a later MAC's slot asked for ahead; a slot filled in this call is marked 2 in `used` until the end. */
 static PyObject *py_seen_add(PyObject *module, PyObject *args) {
     Py_buffer table, used, macs;
     Py_ssize_t room;
@@ -1254,25 +1256,34 @@ static PyObject *py_seen_add(PyObject *module, PyObject *args) {
         return NULL;
     }
     size_t n = (size_t)macs.len / 32, mask = slots - 1, slot, added = 0, left = (size_t)room;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+    size_t *filled = PyMem_RawMalloc(sizeof(size_t) * (left < n ? left : n) + 1);
+    PyObject *out = filled == NULL ? PyErr_NoMemory() : PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
     if (out != NULL) {
         unsigned char *flags = (unsigned char *)PyBytes_AS_STRING(out), *held = table.buf, *in_use = used.buf;
         const unsigned char *m = macs.buf;
         Py_BEGIN_ALLOW_THREADS
         for (size_t i = 0; i < n; i++) {
-            flags[i] = 0;
-            if (seen_find(held, in_use, mask, m + 32 * i, &slot))
+            if (i + RECENT_AHEAD < n)
+                recent_prefetch(held, in_use, m + 32 * (i + RECENT_AHEAD), mask);
+            int found = seen_find(held, in_use, mask, m + 32 * i, &slot);
+            if (found) {
+                flags[i] = (unsigned char)(found == 2);
                 continue;
+            }
             if (added == left) {
-                flags[i] = 1;
+                flags[i] = 2;
                 continue;
             }
             memcpy(held + 32 * slot, m + 32 * i, 32);
-            in_use[slot] = 1;
-            added++;
+            in_use[slot] = 2;
+            filled[added++] = slot;
+            flags[i] = 1;
         }
+        for (size_t k = 0; k < added; k++)
+            in_use[filled[k]] = 1;
         Py_END_ALLOW_THREADS
     }
+    PyMem_RawFree(filled);
     PyBuffer_Release(&table);
     PyBuffer_Release(&used);
     PyBuffer_Release(&macs);

@@ -56,33 +56,51 @@ class MacSet:
     def add(self, macs: bytes) -> np.ndarray | None:
         """Add the MACs not yet in the set, in order, while there is room; return the positions of those left out
         (``None``: none was)."""
+        left_out = np.flatnonzero(self._add(macs) == 2)
+        return left_out if len(left_out) else None
+
+    def add_new(self, macs: bytes) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """:meth:`add`, also saying which MACs were not in the set before: ``(new, left_out)``, the positions of the
+        MACs the set did not hold when called (a repeat of one such MAC among ``macs`` is new too) and of those left
+        out (``None`` for none). One pass: :meth:`known` then :meth:`add` visit the table twice."""
+        flags = self._add(macs)
+        new, left_out = np.flatnonzero(flags), np.flatnonzero(flags == 2)
+        return (new if len(new) else None), (left_out if len(left_out) else None)
+
+    def _add(self, macs: bytes) -> np.ndarray:
+        """For each MAC: 0 if the set held it, 1 if it did not and holds it now, 2 if it did not and had no room."""
         if self._native:
-            flags = np.zeros(len(macs) // 32, dtype=bool)
+            flags = np.zeros(len(macs) // 32, dtype=np.uint8)
             pending = np.arange(len(flags))
             while True:  # grown only when the MACs really new fill it past half: memory follows the distinct values
                 room = min(self.limit, len(self._used) // 2) - self.count
-                added, left = native.seen_add(self._table.data, self._used.data, macs, room)
+                added, found = native.seen_add(self._table.data, self._used.data, macs, room)
                 self.count += added
-                left_out = np.flatnonzero(np.frombuffer(left, dtype=bool))
+                found_flags = np.frombuffer(found, dtype=np.uint8)
+                flags[pending] = found_flags
+                left_out = np.flatnonzero(found_flags == 2)
                 if not len(left_out) or self.count >= self.limit:
-                    flags[pending[left_out]] = True
                     break
                 self._grow(2 * len(self._used))
                 pending = pending[left_out]
                 macs = np.frombuffer(macs, dtype="V32")[left_out].tobytes()
-        else:
-            held = self._set
-            flags = np.zeros(len(macs) // 32, dtype=bool)
-            for i in range(len(flags)):
-                mac = macs[32 * i:32 * i + 32]
-                if mac in held:
-                    continue
-                if len(held) < self.limit:
-                    held.add(mac)
-                else:
-                    flags[i] = True
-            self.count = len(held)
-        return np.flatnonzero(flags) if flags.any() else None
+            return flags
+        held = self._set
+        before = len(held)
+        flags = np.zeros(len(macs) // 32, dtype=np.uint8)
+        added: set[bytes] = set()
+        for i in range(len(flags)):
+            mac = macs[32 * i:32 * i + 32]
+            if mac in held:
+                flags[i] = mac in added
+            elif len(held) < self.limit:
+                held.add(mac)
+                added.add(mac)
+                flags[i] = 1
+            else:
+                flags[i] = 2
+        self.count = before + len(added)
+        return flags
 
 
 def slots_for(count: int) -> int:

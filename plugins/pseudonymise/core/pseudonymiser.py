@@ -173,15 +173,17 @@ class _Escrowed:
 
     def unsealed(self, macs: bytes) -> np.ndarray | None:
         """Positions of the MACs not listed before (``None``: none was); all are remembered from now on."""
-        known = self._sealed.known(macs)
-        if self._recent is not None:
-            known = known | self._recent.known(RecentMacs.words(macs))
-        left_out = self._sealed.add(macs)
+        new, left_out = self._sealed.add_new(macs)
+        count = len(macs) // 32
+        if new is not None and self._recent is not None:
+            new = new[~self._recent.known(RecentMacs.words(macs)[new])]
         if left_out is not None:
             if self._recent is None:
                 self._recent = RecentMacs()
             self._recent.remember(RecentMacs.words(macs)[left_out])
-        return np.flatnonzero(~known) if known.any() else None
+        if new is None:
+            return np.zeros(0, dtype=np.intp) if count else None
+        return None if len(new) == count else new
 
 
 @dataclass(frozen=True)
