@@ -88,10 +88,8 @@ class EscrowTables:
     values: sa.Table
 
     @classmethod
-    def define(cls, metadata: sa.MetaData, prefix: str = "pseudonymise", schema: str | None = None,
-               dialect: str | None = None) -> EscrowTables:
-        """The tables; ``dialect`` (the engine's dialect name), when known, spares other databases the loading of
-        PostgreSQL's dialect that the BRIN index's option would cost (a tenth of a second of a CLI run)."""
+    def define(cls, metadata: sa.MetaData, prefix: str = "pseudonymise", schema: str | None = None) -> EscrowTables:
+        """The tables, on any database (the key's collation is PostgreSQL's alone)."""
         batches = sa.Table(
             f"{prefix}_escrow_batch",
             metadata,
@@ -105,20 +103,22 @@ class EscrowTables:
             sa.Column("ad_version", sa.SmallInteger),
             schema=schema,
         )
+        # The key compares bytes on PostgreSQL whatever the database's collation: under a linguistic one (en-US,
+        # ICU or libc) every comparison of the key's index costs a collation call, and escrow rows were a third
+        # dearer to write. Pseudonyms and project names are only ever compared for equality, which is the same.
+        key = sa.String(200).with_variant(sa.String(200, collation="C"), "postgresql")
         values = sa.Table(
             f"{prefix}_escrow",
             metadata,
-            sa.Column("project", sa.String(200), primary_key=True),
-            sa.Column("pseudonym", sa.String(200), primary_key=True),
+            sa.Column("project", key, primary_key=True),
+            sa.Column("pseudonym", key, primary_key=True),
             sa.Column("batch_id", sa.String(36), nullable=False),
             sa.Column("nonce", sa.LargeBinary, nullable=False),
             sa.Column("ciphertext", sa.LargeBinary, nullable=False),
             sa.Column("retention_until", UTCDateTime, nullable=False),
-            # For the retention purge. Every value row costs each index an insertion, the pipeline's
-            # main cost on a reversible run: on PostgreSQL it is a BRIN index (rows arrive roughly in
-            # retention order, and BRIN costs almost nothing to maintain); reveal goes by primary key.
-            sa.Index(f"ix_{prefix}_escrow_retention_until", "retention_until",
-                     **({"postgresql_using": "brin"} if dialect in (None, "postgresql") else {})),
+            # No index but the primary key: each costs every escrow row an insertion, the largest part of a
+            # reversible run's database work, and reveal and erasure go by the key. The purge, a daily job,
+            # reads the table instead (see ``purge``).
             schema=schema,
         )
         return cls(batches, values)
@@ -395,7 +395,9 @@ class EscrowWriter:
             types = {n: values.c[n].type.compile(conn.dialect) for n in ROW_COLUMNS}
             # project and retention end are the writer's own (the flush takes them from the token, once), and
             # text costs COPY nothing to read: a timestamptz parsed per row was a fifth of the staging's cost
-            types.update(project="text", batch_id="text", retention_until="text")
+            # The pseudonym takes the database's collation, so that comparing it with the escrow table's key uses
+            # that key's (bytes since v1.1, the database's in a table made before): its index serves the look-up.
+            types.update(project="text", pseudonym="text", batch_id="text", retention_until="text")
             spec = ", ".join(f"{n} {types[n]}" for n in ROW_COLUMNS)
             conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {into} ({spec}) ON COMMIT DROP")
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
@@ -465,9 +467,10 @@ class EscrowWriter:
             cursor.execute(f"SELECT EXISTS (SELECT 1 FROM {table} WHERE project = %(project)s)", params)
             held = (f" WHERE NOT EXISTS (SELECT FROM {table} e WHERE e.project = %(project)s AND e.pseudonym = s.pseudonym)"
                     if cursor.fetchone()[0] else "")
-            select = f"SELECT DISTINCT ON (pseudonym) {taken} FROM {stage} s{held}"
-        cursor.execute(f"WITH ins AS (INSERT INTO {table} ({listed}) {select} ORDER BY pseudonym RETURNING batch_id, "
-                       "nonce) SELECT batch_id, string_agg(nonce, ''::bytea) FROM ins GROUP BY batch_id", params)
+            select = f'SELECT DISTINCT ON (pseudonym COLLATE "C") {taken} FROM {stage} s{held}'
+        # in the key's byte order (its index's pages in turn), whatever the database's collation
+        cursor.execute(f'WITH ins AS (INSERT INTO {table} ({listed}) {select} ORDER BY pseudonym COLLATE "C" '
+                       "RETURNING batch_id, nonce) SELECT batch_id, string_agg(nonce, ''::bytea) FROM ins GROUP BY batch_id", params)
         stored = {batch_id: np.frombuffer(bytes(nonces), dtype=np.uint8).reshape(-1, 12)
                   for batch_id, nonces in cursor.fetchall()}
         for batch_id, nonces in stored.items():

@@ -63,7 +63,7 @@ class Store:
                  escrow_prefix: str = "pseudonymise") -> None:
         self.engine = make_engine(engine) if isinstance(engine, str) else engine
         self.audit = AuditLog(self.engine, audit_table, schema)
-        self.escrow = EscrowTables.define(self.audit.metadata, escrow_prefix, schema, self.engine.dialect.name)
+        self.escrow = EscrowTables.define(self.audit.metadata, escrow_prefix, schema)
         # created with the escrow tables on a new database; the HTTP API creates it on an older one
         ReverseRequests.define(self.audit.metadata, schema)
 
