@@ -9,6 +9,8 @@ case in a fresh process so peak memory is per case:
   (a) raw COPY out of the source and COPY into the target through this worker, no transformation;
   (b) PseudonymiseOperator.execute(), deterministic and irreversible;
   (c) the same, reversible (sealed escrow); (c') (c) again over the same project (every value already in escrow);
+  (c) again into two databases whose collation is ICU's en-US (as production databases' often is; this cluster's is
+      C): one with the escrow tables the plugin makes (key COLLATE "C"), one with them as earlier versions made them;
   (d) SecondaryPseudonymiseOperator.execute() over (b)'s output;
   (e) the naive way: pandas read_sql, map of hmac, to_sql;
   (f) pgcrypto hmac() in INSERT ... SELECT, inside the database;
@@ -83,6 +85,8 @@ CASES = {
     "b": "(b) pseudonymise: deterministic, irreversible",
     "c": "(c) pseudonymise: reversible (sealed escrow)",
     "c_rerun": "(c') (c) again, same project: every value already in escrow",
+    "c_icu": "(c) into a database of ICU en-US collation: escrow key COLLATE \"C\"",
+    "c_icu_old": "(c) into such a database, escrow table as earlier versions made it",
     "d": "(d) secondary pseudonymisation of (b)'s output",
     "e": "(e) naive: pandas read_sql + map(hmac) + to_sql",
     "f": "(f) in-database: pgcrypto hmac() in INSERT ... SELECT",
@@ -97,6 +101,8 @@ CASES = {
     "report": "(l) RiskReportOperator over the source: k=5, (visit_date, ward), every combination",
     "m": "(m) de-identify: (b) + visit_date shifted per patient, mrn masked, ward to a prefix",
 }
+#: The targets of the ICU cases (``setup_icu``): new escrow tables, and escrow tables as earlier versions made them.
+ICU_DBS = {"c_icu": "research_icu", "c_icu_old": "research_icu_old"}
 #: The gate of cases (i)-(k): it passes at every size (8 wards; many dates per ward), yet groups every row.
 RISK = {"quasi_identifiers": ["ward"], "k": 5, "l": {"column": "visit_date", "min": 2}}
 REPORT_QIS = ("visit_date", "ward")
@@ -447,6 +453,7 @@ class Bench:
                                     "src_db": "hospital", "dst_db": "research", "batch_size": args.batch_size}
         self.env: dict[str, str] = {}
         self.failures: list[str] = []
+        self.skip = set(filter(None, args.skip.split(",")))
 
     def close(self) -> None:
         self.server.stop("immediate")
@@ -482,6 +489,8 @@ class Bench:
         admin.close()
         for db in (self.cfg["src_db"], self.cfg["dst_db"]):
             self.sql(db, "CREATE EXTENSION pgcrypto")
+        if "icu" not in self.skip:
+            self.setup_icu()
         self.generate("visits", self.args.rows)
         issuer = Issuer.init(DirectoryStore(self.work / "issuer"), "bench")
         issuer.create_project("det", method="irreversible")
@@ -498,7 +507,8 @@ class Bench:
                         keys={k: verify_token(t, keys).key.hex() for k, t in tokens.items()})  # type: ignore[union-attr]
         self.reverse_token = issuer.issue("rev", "reverse")
         self.keys = keys
-        for name, db in (("bench_src", self.cfg["src_db"]), ("bench_dst", self.cfg["dst_db"])):
+        for name, db in (("bench_src", self.cfg["src_db"]), ("bench_dst", self.cfg["dst_db"]),
+                         *((f"bench_{case}", db) for case, db in ICU_DBS.items())):
             self.env[f"AIRFLOW_CONN_{name.upper()}"] = json.dumps({
                 "conn_type": "postgres", "host": self.cfg["host"], "port": self.cfg["port"],
                 "login": self.cfg["user"], "schema": db})
@@ -508,6 +518,28 @@ class Bench:
         self.env.update({"AIRFLOW_HOME": str(self.work / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                          "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
                          "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), str(ROOT)])})
+
+    def setup_icu(self) -> None:
+        """Two target databases whose default collation is ICU's en-US, as most production databases have a
+        linguistic one (this cluster's is C): in one the plugin makes its tables; in the other they are made as
+        by earlier versions (the escrow key in the database's collation, a BRIN index on the retention end)."""
+        import psycopg2
+        import sqlalchemy as sa
+        from pseudonymise.core.pipeline import Store
+
+        admin = psycopg2.connect(dsn(self.cfg, "postgres"))
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            for db in ICU_DBS.values():
+                cur.execute(f"CREATE DATABASE {db} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
+        admin.close()
+        engine = sa.create_engine(url(self.cfg, ICU_DBS["c_icu_old"]))
+        Store(engine).create()
+        engine.dispose()
+        self.sql(ICU_DBS["c_icu_old"], 'ALTER TABLE pseudonymise_escrow ALTER COLUMN project TYPE varchar(200) '
+                                       'COLLATE "default", ALTER COLUMN pseudonym TYPE varchar(200) COLLATE "default"; '
+                                       "CREATE INDEX ix_pseudonymise_escrow_retention_until ON pseudonymise_escrow "
+                                       "USING brin (retention_until)")
 
     def sql(self, db: str, statement: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         import psycopg2
@@ -664,7 +696,7 @@ class Bench:
             conn.close()
 
     def check_against_pgcrypto(self, case: str, project: str, source: str, target: str,
-                               with_f: str | None = None) -> None:
+                               with_f: str | None = None, db: str | None = None) -> None:
         """Every row of ``target`` equals the source with pgcrypto's HMACs, base32-encoded in Python."""
         key = self.cfg["keys"][project]
         extra = ", f.patient_id, f.mrn" if with_f else ""
@@ -673,7 +705,8 @@ class Bench:
                                f"SELECT s.id, encode({sql_hmac('s.patient_id', key)}, 'hex'), "
                                f"encode({sql_hmac('s.mrn', key)}, 'hex'), s.visit_date, s.ward{extra} "
                                f"FROM {source} s{join} ORDER BY s.id")
-        actual = self.stream(self.cfg["dst_db"], f"SELECT id, patient_id, mrn, visit_date, ward FROM {target} ORDER BY id")
+        db = db or self.cfg["dst_db"]
+        actual = self.stream(db, f"SELECT id, patient_id, mrn, visit_date, ward FROM {target} ORDER BY id")
 
         def b32(hex_mac: str | None) -> str | None:
             return None if hex_mac is None else base64.b32encode(bytes.fromhex(hex_mac)).decode().lower()[:26]
@@ -687,7 +720,7 @@ class Bench:
             if with_f and (exp[5], exp[6]) != want[1:3]:
                 f_mismatched += 1
         total = self.sql(self.cfg["src_db"], f"SELECT count(*) FROM {source}")[0][0]
-        out = self.sql(self.cfg["dst_db"], f"SELECT count(*) FROM {target}")[0][0]
+        out = self.sql(db, f"SELECT count(*) FROM {target}")[0][0]
         self.check(f"{case} equals pgcrypto", mismatched == 0 and rows == total == out,
                    f"{rows:,} rows compared, {mismatched} differ ({out:,} in the target, {total:,} in the source)")
         if with_f:
@@ -743,6 +776,20 @@ class Bench:
                               lambda: store.audit.listed_escrow_batches(conn)).values
         good = all(revealed.get(p) == originals[i] for p, i in sample if p is not None)
         self.check("(c) escrow reveals the originals", good, f"{len(sample)} sampled pseudonyms opened with a reverse token")
+
+    def check_icu_escrow(self, case: str, db: str) -> None:
+        """The ICU databases' escrow: the key's collation as the case says, one row per distinct value of each
+        repetition's project (as in the C database's escrow)."""
+        collations = dict(self.sql(db, "SELECT a.attname, c.collname FROM pg_attribute a JOIN pg_collation c "
+                                       "ON c.oid = a.attcollation WHERE a.attrelid = 'pseudonymise_escrow'::regclass "
+                                       "AND a.attname IN ('project', 'pseudonym')"))
+        want = "default" if case == "c_icu_old" else "C"
+        linguistic = self.sql(db, "SELECT 'a' < 'B'")[0][0]
+        mine = dict(self.sql(db, "SELECT project, count(*) FROM pseudonymise_escrow GROUP BY project"))
+        theirs = dict(self.sql(self.cfg["dst_db"], "SELECT project, count(*) FROM pseudonymise_escrow GROUP BY project"))
+        self.check(f"({case}) escrow: key collation {want}, same rows as (c)",
+                   linguistic and set(collations.values()) == {want} and mine == theirs,
+                   f"key collations {collations}, database linguistic: {linguistic}, rows per project {mine}")
 
     def check_secondary(self) -> None:
         key = self.cfg["keys"]["sec"]
@@ -915,7 +962,7 @@ def main() -> int:
     parser.add_argument("--ranges-create-in-run", action="store_true",
                         help="ranges: let the first range create the target inside its run, as before "
                              "CreateTargetTableOperator (to compare)")
-    parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,d,e,f,m,ranges,big,airflow,"
+    parser.add_argument("--skip", default="", help="cases to leave out, comma-separated: c,icu,d,e,f,m,ranges,big,airflow,"
                                                    "celery,sqlite,risk, files (every file case) or file-copy,file-cli,file-hmac,"
                                                    "file-presidio,file-parquet-copy,file-parquet-cli")
     parser.add_argument("--repeat", type=int, default=1,
@@ -957,6 +1004,11 @@ def main() -> int:
                 # a backfill's re-run: the project's escrow holds every value, so each is looked up, none stored
                 runs.setdefault("c_rerun", []).append(bench.run("c_rerun", source="visits", target=f"cr_out{x}",
                                                                 source_conn="bench_src", token_conn=f"bench_rev{x}"))
+            if "icu" not in skip:  # the new escrow key and the one before, in a linguistic database, in turn
+                for case in ("c_icu", "c_icu_old") if rep % 2 else ("c_icu_old", "c_icu"):
+                    runs.setdefault(case, []).append(bench.run(case, source="visits", target=f"c_out{x}",
+                                                               source_conn="bench_src", token_conn=f"bench_rev{x}",
+                                                               target_conn=f"bench_{case}"))
             if "d" not in skip:
                 runs.setdefault("d", []).append(bench.run("d", source=f"b_out{x}", target=f"d_out{x}",
                                                           source_conn="bench_dst", token_conn="bench_sec"))
@@ -1014,7 +1066,7 @@ def main() -> int:
             file_lines, file_results = file_cases.run_all(
                 bench.work / "files", args.rows, args.repeat, bench.cfg["tokens"]["det"], bench.cfg["jwks"],
                 bytes.fromhex(bench.cfg["keys"]["det"]), skip, bench.check, args.presidio_rows)
-        order = ("a", "b", "c", "c_rerun", "d", "e", "f", "m", "ranges", "big", "sqlite_raw", "sqlite_sql", "sqlite", "risk",
+        order = ("a", "b", "c", "c_rerun", "c_icu", "c_icu_old", "d", "e", "f", "m", "ranges", "big", "sqlite_raw", "sqlite_sql", "sqlite", "risk",
                  "risk_sqlite", "dry",
                  "report")
         results = {case: median(runs[case]) for case in order if case in runs}
@@ -1028,6 +1080,10 @@ def main() -> int:
             bench.check_escrow("visits")  # after (c'): still one row per distinct value
             rerun = results["c_rerun"].extra.get("escrow_rows")
             bench.check("(c') stored no escrow row", rerun == 0, f"{rerun} escrow rows written by the re-run")
+        for case, db in ICU_DBS.items():
+            if case in results:
+                bench.check_against_pgcrypto(f"({case})", "rev", "visits", "c_out", db=db)
+                bench.check_icu_escrow(case, db)
         if "d" in results:
             bench.check_secondary()
         if "ranges" in results:
@@ -1079,6 +1135,9 @@ def main() -> int:
             c_ratio = statistics.median(ratios["c"])
             targets.append(("(c) rows/s / (a) rows/s", c_ratio, ">= 0.3", c_ratio >= 0.3))
             targets.append(("(c') rows/s / (a) rows/s (a re-run)", results["c_rerun"].rate / a.rate, "info", True))
+        if "c_icu" in results:
+            targets.append(("ICU database: (c) new key / key as before", results["c_icu"].rate
+                            / results["c_icu_old"].rate, "info", True))
         if "e" in results:
             e = results["e"]
             targets.append(("(b) rows/s / (e) rows/s", b.rate / e.rate, ">= 10", b.rate >= 10 * e.rate))

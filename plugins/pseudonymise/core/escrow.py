@@ -396,7 +396,8 @@ class EscrowWriter:
             # project and retention end are the writer's own (the flush takes them from the token, once), and
             # text costs COPY nothing to read: a timestamptz parsed per row was a fifth of the staging's cost
             # The pseudonym takes the database's collation, so that comparing it with the escrow table's key uses
-            # that key's (bytes since v1.1, the database's in a table made before): its index serves the look-up.
+            # the key's own (bytes in a table made now, the database's in one an earlier version made): the key's
+            # index serves the look-up either way.
             types.update(project="text", pseudonym="text", batch_id="text", retention_until="text")
             spec = ", ".join(f"{n} {types[n]}" for n in ROW_COLUMNS)
             conn.exec_driver_sql(f"CREATE TEMP TABLE IF NOT EXISTS {into} ({spec}) ON COMMIT DROP")
