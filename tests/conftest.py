@@ -41,17 +41,22 @@ def postgres() -> Iterator[PostgresServer]:
     server.stop("immediate", remove=True)
 
 
-@pytest.fixture
-def pg_url(postgres: PostgresServer) -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for one test."""
+def fresh_database(postgres: PostgresServer, options: str = "") -> Iterator[str]:
+    """A fresh, empty database (``options`` follow ``CREATE DATABASE name``), dropped afterwards: yields its URL."""
     name = "t_" + uuid.uuid4().hex[:12]
     admin = sa.create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        conn.execute(sa.text(f'CREATE DATABASE "{name}" {options}'))
     yield postgres.url(name)
     with admin.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    yield from fresh_database(postgres)
 
 
 @pytest.fixture

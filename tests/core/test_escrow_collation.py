@@ -10,7 +10,6 @@ purge. The tests of escrow written straight in, and the concurrency tests, run a
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -21,6 +20,7 @@ from pseudonymise.core.issuer import Issuer
 from pseudonymise.core.pipeline import Store, run_purge
 
 from scripts.services import PostgresServer
+from tests.conftest import fresh_database
 from tests.core.test_escrow_concurrency import (  # noqa: F401  (collected again, on this module's database)
     test_two_runs_sharing_values_in_opposite_orders_both_finish,
 )
@@ -43,14 +43,7 @@ PIDS = ["P1", "p1", "Ärzte", "aerzte", "B-7", "b7", "P1"]  # equal under no lin
 @pytest.fixture
 def pg_url(postgres: PostgresServer) -> Iterator[str]:
     """A fresh database whose default collation is ICU's en-US (overrides the shared fixture for this module)."""
-    name = "t_icu_" + uuid.uuid4().hex[:10]
-    admin = sa.create_engine(postgres.url(), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE \"{name}\" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"))
-    yield postgres.url(name)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    yield from fresh_database(postgres, "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
 
 
 def _collations(engine: sa.Engine, table: str) -> dict[str, str | None]:
