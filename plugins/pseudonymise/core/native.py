@@ -281,8 +281,9 @@ def seen_known(table: memoryview, used: memoryview, macs: bytes) -> bytes:
 
 
 def seen_add(table: memoryview, used: memoryview, macs: bytes, room: int) -> tuple[int, bytes]:
-    """The MACs not in the set into it, in order, until ``room`` were added: ``(added, left_out)``, left_out 1 for
-    each MAC neither there nor added (:func:`seen_known` says where they go)."""
+    """The MACs not in the set into it, in order, until ``room`` were added: ``(added, flags)``, flags per MAC 0 if
+    the set held it before the call, 1 if it did not and does now (added, or a repeat of one added in this call), 2 if
+    it did not and found no room (:func:`seen_known` says where they go)."""
     return _engine().seen_add(table, used, macs, room)  # type: ignore[no-any-return]
 
 
