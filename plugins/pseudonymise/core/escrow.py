@@ -277,6 +277,11 @@ class EscrowWriter:
     def _lock_name(self, conn: Connection) -> str:
         return f"pseudonymise-escrow:{self._table(conn)}:{self._token.project}"
 
+    def _holds_project(self, conn: Connection) -> bool:
+        """Whether the escrow table holds any row of the run's project (the key's index answers)."""
+        return bool(conn.exec_driver_sql(f"SELECT EXISTS (SELECT 1 FROM {self._table(conn)} WHERE project = %(project)s)",
+                                         {"project": self._token.project}).scalar_one())
+
     def _direct(self, conn: Connection) -> bool:
         """Whether this run writes its blocks straight into the escrow table (decided once, at its first block).
 
@@ -293,9 +298,7 @@ class EscrowWriter:
             if not self._deterministic:
                 self._mode, self._probe = "direct", False
             elif try_advisory_lock(conn, self._lock_name(conn)):
-                held = conn.exec_driver_sql(f"SELECT EXISTS (SELECT 1 FROM {self._table(conn)} WHERE project = %(project)s)",
-                                            {"project": self._token.project}).scalar_one()
-                self._mode, self._probe = "direct", bool(held)
+                self._mode, self._probe = "direct", self._holds_project(conn)
             else:
                 self._mode = "staged"
         return self._mode == "direct"
@@ -437,7 +440,7 @@ class EscrowWriter:
             for attempt in range(_FLUSH_ATTEMPTS):
                 cursor.execute("SAVEPOINT pseudonymise_escrow_flush")
                 try:
-                    stored = self._insert(cursor, table)
+                    stored = self._insert(cursor, table, self._deterministic and self._holds_project(conn))
                 except Exception as exc:
                     # a key committed by a writer that does not take the lock (an older version): start again
                     if getattr(exc, "pgcode", None) != "23505" or attempt == _FLUSH_ATTEMPTS - 1:
@@ -457,18 +460,17 @@ class EscrowWriter:
         self._hashes = None
         return written
 
-    def _insert(self, cursor: Any, table: str) -> dict[str, np.ndarray]:
-        """Insert the staged rows escrow must store; return the counters (nonces) each batch stored, and record
-        those batches' digests."""
+    def _insert(self, cursor: Any, table: str, held: bool) -> dict[str, np.ndarray]:
+        """Insert the staged rows escrow must store (``held``: the project has rows there, which a deterministic
+        insert leaves out); return the counters (nonces) each batch stored, and record those batches' digests."""
         stage, listed = self._staged, ", ".join(ROW_COLUMNS)
         params = {"project": self._token.project, "retention": self._token.retention_until}
         taken = "%(project)s, pseudonym, batch_id, nonce, ciphertext, %(retention)s"
         select = f"SELECT {taken} FROM {stage} s"
         if self._deterministic:
-            cursor.execute(f"SELECT EXISTS (SELECT 1 FROM {table} WHERE project = %(project)s)", params)
-            held = (f" WHERE NOT EXISTS (SELECT FROM {table} e WHERE e.project = %(project)s AND e.pseudonym = s.pseudonym)"
-                    if cursor.fetchone()[0] else "")
-            select = f'SELECT DISTINCT ON (pseudonym COLLATE "C") {taken} FROM {stage} s{held}'
+            left_out = (f" WHERE NOT EXISTS (SELECT FROM {table} e WHERE e.project = %(project)s "
+                        "AND e.pseudonym = s.pseudonym)" if held else "")
+            select = f'SELECT DISTINCT ON (pseudonym COLLATE "C") {taken} FROM {stage} s{left_out}'
         # in the key's byte order (its index's pages in turn), whatever the database's collation
         cursor.execute(f'WITH ins AS (INSERT INTO {table} ({listed}) {select} ORDER BY pseudonym COLLATE "C" '
                        "RETURNING batch_id, nonce) SELECT batch_id, string_agg(nonce, ''::bytea) FROM ins GROUP BY batch_id", params)
