@@ -60,7 +60,7 @@ import tempfile
 import threading
 import time
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -477,16 +477,10 @@ class Bench:
 
     # setup ---------------------------------------------------------------------------------------
     def setup(self) -> None:
-        import psycopg2
         from pseudonymise.core.issuer import DirectoryStore, Issuer
         from pseudonymise.core.tokens import TrustedKeys, verify_token
 
-        admin = psycopg2.connect(dsn(self.cfg, "postgres"))
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            for db in (self.cfg["src_db"], self.cfg["dst_db"]):
-                cur.execute(f"CREATE DATABASE {db}")
-        admin.close()
+        self.create_databases([self.cfg["src_db"], self.cfg["dst_db"]])
         for db in (self.cfg["src_db"], self.cfg["dst_db"]):
             self.sql(db, "CREATE EXTENSION pgcrypto")
         if "icu" not in self.skip:
@@ -519,20 +513,25 @@ class Bench:
                          "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
                          "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), str(ROOT)])})
 
-    def setup_icu(self) -> None:
-        """Two target databases whose default collation is ICU's en-US, as most production databases have a
-        linguistic one (this cluster's is C): in one the plugin makes its tables; in the other they are made as
-        by earlier versions (the escrow key in the database's collation, a BRIN index on the retention end)."""
+    def create_databases(self, names: Iterable[str], options: str = "") -> None:
+        """``CREATE DATABASE name options`` for each name."""
         import psycopg2
-        import sqlalchemy as sa
-        from pseudonymise.core.pipeline import Store
 
         admin = psycopg2.connect(dsn(self.cfg, "postgres"))
         admin.autocommit = True
         with admin.cursor() as cur:
-            for db in ICU_DBS.values():
-                cur.execute(f"CREATE DATABASE {db} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
+            for db in names:
+                cur.execute(f"CREATE DATABASE {db} {options}")
         admin.close()
+
+    def setup_icu(self) -> None:
+        """Two target databases whose default collation is ICU's en-US, as most production databases have a
+        linguistic one (this cluster's is C): in one the plugin makes its tables; in the other they are made as
+        by earlier versions (the escrow key in the database's collation, a BRIN index on the retention end)."""
+        import sqlalchemy as sa
+        from pseudonymise.core.pipeline import Store
+
+        self.create_databases(ICU_DBS.values(), "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'")
         engine = sa.create_engine(url(self.cfg, ICU_DBS["c_icu_old"]))
         Store(engine).create()
         engine.dispose()
