@@ -91,3 +91,40 @@ def test_an_existing_lock_table_is_found_on_the_runs_own_connection(pg_url: str,
     with engine.begin() as conn:
         unlock_interval(conn, None, lock_interval(conn, None, "table:d", whole=True))
     engine.dispose()
+
+
+def test_two_overlapping_inserts_that_deadlock_both_get_their_lock(pg_url: str) -> None:
+    """A waits for nothing, B waits for A's row, then A inserts a row overlapping B's: each waits for the other.
+    PostgreSQL fails one insert (40P01); lock_interval makes it again in its savepoint, so both writers end up
+    holding their intervals, one after the other, and neither run fails."""
+    import threading
+    import time
+
+    engine = sa.create_engine(pg_url, pool_size=3)
+    ensure_lock_table(engine, None)
+    first, second = engine.connect(), engine.connect()
+    first.begin()
+    second.begin()
+    held = [lock_interval(first, None, "dst", 0, 100)]
+    done: list[Any] = []
+    waiter = threading.Thread(target=lambda: done.append(lock_interval(second, None, "dst", 0, 200)))
+    waiter.start()
+    with engine.connect() as watch:  # B waits on A's transaction
+        for _ in range(200):
+            if watch.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")).scalar():
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the second insert never waited")
+    held.append(lock_interval(first, None, "dst", 150, 250))  # A now waits for B's row: a deadlock PostgreSQL breaks
+    for holder in held:  # as a run does before its commit
+        unlock_interval(first, None, holder)
+    first.commit()
+    waiter.join(30)
+    assert not waiter.is_alive() and len(done) == 1 and done[0]
+    second.commit()
+    with engine.connect() as conn:
+        assert conn.execute(sa.text(f"SELECT count(*) FROM {locks.WRITE_LOCK_TABLE}")).scalar() == 1  # B's
+    first.close()
+    second.close()
+    engine.dispose()

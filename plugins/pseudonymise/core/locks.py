@@ -74,6 +74,10 @@ def ensure_lock_table(engine: Engine, schema: str | None, look_on: Connection | 
     return name
 
 
+#: Inserts of a lock row, when PostgreSQL ends a deadlock between two overlapping inserts by failing this one.
+_LOCK_ATTEMPTS = 3
+
+
 def lock_interval(conn: Connection, schema: str | None, target: str, start: Any = None, end: Any = None,
                   whole: bool = False) -> str | None:
     """Until the transaction ends, keep out every other writer of ``target`` whose interval overlaps
@@ -102,9 +106,22 @@ def lock_interval(conn: Connection, schema: str | None, target: str, start: Any 
         y1 = max(y1, y0)
     x = float(int.from_bytes(hashlib.sha256(target.encode()).digest()[:4], "big") >> 1)
     holder = uuid.uuid4().hex
-    conn.execute(sa.text(f"INSERT INTO {table} (holder, target, span) VALUES (:h, :t, box(point(:x, :y0), point(:x, :y1)))"),
-                 {"h": holder, "t": target[:500], "x": x, "y0": y0, "y1": y1})
-    return holder
+    insert = sa.text(f"INSERT INTO {table} (holder, target, span) VALUES (:h, :t, box(point(:x, :y0), point(:x, :y1)))")
+    for attempt in range(_LOCK_ATTEMPTS):
+        # Two writers inserting overlapping boxes at the same moment each find the other's row and wait for the
+        # other: PostgreSQL ends that deadlock by failing one insert. In a savepoint, that insert alone is undone
+        # (its row gone, so the other goes on) and is made again: it then waits for the other's transaction.
+        savepoint = conn.begin_nested()
+        try:
+            conn.execute(insert, {"h": holder, "t": target[:500], "x": x, "y0": y0, "y1": y1})
+        except sa.exc.OperationalError as exc:
+            savepoint.rollback()
+            if getattr(exc.orig, "pgcode", None) != "40P01" or attempt == _LOCK_ATTEMPTS - 1:
+                raise
+            continue
+        savepoint.commit()
+        return holder
+    raise AssertionError("unreachable")
 
 
 def unlock_interval(conn: Connection, schema: str | None, holder: str | None) -> None:
