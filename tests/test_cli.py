@@ -491,6 +491,7 @@ def test_file_dry_run_writes_nothing_and_prints_what_a_run_would_do(cli: Cli, tm
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         counts = {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables}
     assert counts.pop("pseudonymise_audit") == 2 and counts.pop("pseudonymise_audit_head") == 1
+    assert counts.pop("pseudonymise_admitted") == 1  # the token's use, as max_uses counts it
     assert set(counts.values()) == {0}  # escrow, checkpoints, revocations: nothing
     assert _audit_outcomes(db) == [("dry_run", "started"), ("dry_run", "success")]
     assert "audit chain verified: 2 rows" in cli.run("audit", "verify", "--db", db).stdout

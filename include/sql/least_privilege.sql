@@ -9,7 +9,9 @@
 
 -- The pipeline (Airflow workers): appends audit rows, writes escrow, never reads either.
 -- Every use of a verified token starts through pseudonymise_audit_start, which also refuses a revoked or
--- used-up token (max_uses) under the audit lock, reading the audit and pseudonymise_revoked as their owner.
+-- used-up token (max_uses) under the audit lock, reading pseudonymise_revoked as its owner. The uses it lets
+-- through are recorded and counted in pseudonymise_admitted, which no role but the owner may write: rows a
+-- role appends to the audit (a forged 'denied' row for an earlier use) never give a token its uses back.
 CREATE ROLE pseudonymise_pipeline LOGIN;
 GRANT EXECUTE ON FUNCTION pseudonymise_audit_append(jsonb) TO pseudonymise_pipeline;
 GRANT EXECUTE ON FUNCTION pseudonymise_audit_start(jsonb, integer, jsonb, jsonb) TO pseudonymise_pipeline;
@@ -33,7 +35,7 @@ GRANT EXECUTE ON FUNCTION pseudonymise_audit_start(jsonb, integer, jsonb, jsonb)
 -- Revoking a token (`pseudonymise token revoke`): the revocation row and its audit rows in one call. No role
 -- but the owner may change or delete pseudonymise_revoked: a revocation is for ever.
 GRANT EXECUTE ON FUNCTION pseudonymise_audit_revoke(jsonb, text, text) TO pseudonymise_auditor;
-GRANT SELECT ON pseudonymise_revoked TO pseudonymise_auditor;
+GRANT SELECT ON pseudonymise_revoked, pseudonymise_admitted TO pseudonymise_auditor;
 GRANT SELECT ON pseudonymise_audit, pseudonymise_audit_head TO pseudonymise_auditor;
 GRANT SELECT ON pseudonymise_escrow, pseudonymise_escrow_batch TO pseudonymise_auditor;
 -- Reversal requests of the HTTP API (four eyes): the role of the API server that reverses keeps them.
@@ -43,7 +45,8 @@ GRANT SELECT, INSERT, UPDATE ON pseudonymise_reverse_request TO pseudonymise_aud
 
 -- The viewer (the Airflow UI's audit pages, read-only API users): reads the audit, nothing else.
 CREATE ROLE pseudonymise_viewer LOGIN;
-GRANT SELECT ON pseudonymise_audit, pseudonymise_audit_head, pseudonymise_revoked TO pseudonymise_viewer;
+GRANT SELECT ON pseudonymise_audit, pseudonymise_audit_head, pseudonymise_revoked, pseudonymise_admitted
+    TO pseudonymise_viewer;
 GRANT SELECT ON pseudonymise_reverse_request TO pseudonymise_viewer;
 
 -- Signed audit checkpoints (DESIGN §6.1): the audit owner's first run creates

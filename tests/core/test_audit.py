@@ -330,3 +330,68 @@ def test_an_audit_made_before_revocation_is_upgraded(audit: AuditLog, issuer: Is
         pytest.fail("a revoked token was handed out")
     assert upgraded.verify().ok
     upgraded.engine.dispose()
+
+
+def _forge(audit: AuditLog, use_id: str, **fields: Any) -> None:
+    """What any role that may append can write: a row through the append function (PostgreSQL) or in-process."""
+    with audit.engine.begin() as conn:
+        audit.append(conn, {"use_id": use_id, "operation": "reverse", **fields})
+
+
+def test_a_forged_denied_row_gives_a_used_up_token_no_use_back(audit: AuditLog, issuer: Issuer) -> None:
+    """``max_uses`` is counted in the admissions table, which only the start function writes: a ``denied`` row
+    appended for an earlier use (its use id is in XCom, logs and the audit pages) does not make that use not
+    count, and ``started`` rows appended with a token's id are no uses of it."""
+    from pseudonymise.core.errors import TokenUsedUpError
+    from pseudonymise.core.use import GivenToken, TokenUse
+
+    once = issuer.issue("research-a", "reverse", max_uses=1)
+    keys = issuer.public_keys()
+    with TokenUse(audit, "reverse", GivenToken(once, keys), kind="reverse") as first:
+        pass
+    _forge(audit, first.use_id, event="finished", outcome="denied")
+    with pytest.raises(TokenUsedUpError), TokenUse(audit, "reverse", GivenToken(once, keys), kind="reverse"):
+        pytest.fail("a used-up token was handed out again after a forged denied row")
+    twice = issuer.issue("research-a", "reverse", max_uses=2)
+    jti = reference.claims(twice)["jti"]
+    for n in range(3):
+        _forge(audit, f"00000000-0000-0000-0000-00000000000{n}", event="started", outcome="started", token_jti=jti)
+    for _ in range(2):
+        with TokenUse(audit, "reverse", GivenToken(twice, keys), kind="reverse"):
+            pass
+    with pytest.raises(TokenUsedUpError), TokenUse(audit, "reverse", GivenToken(twice, keys), kind="reverse"):
+        pytest.fail("a token was handed out a third time")
+    assert audit.admissions() == {reference.claims(once)["jti"]: 1, jti: 2}
+    assert audit.verify().ok
+
+
+def test_an_audit_made_before_the_admissions_table_keeps_its_counted_uses(audit: AuditLog, issuer: Issuer) -> None:
+    """On an audit made by an earlier release (no admissions table, on PostgreSQL the start function that
+    counted the audit's rows), its owner's first use creates the table with the uses the audit shows let
+    through (a ``started`` row with a verified token id and no ``denied`` row): no token gets a use back."""
+    from pseudonymise.core.errors import TokenUsedUpError
+    from pseudonymise.core.use import GivenToken, TokenUse
+
+    keys = issuer.public_keys()
+    twice, once = issuer.issue("research-a", "reverse", max_uses=2), issuer.issue("research-a", "reverse", max_uses=1)
+    with TokenUse(audit, "reverse", GivenToken(twice, keys), kind="reverse") as used:
+        pass
+    with TokenUse(audit, "reverse", GivenToken(once, keys), kind="reverse"):
+        pass
+    with pytest.raises(TokenUsedUpError), TokenUse(audit, "reverse", GivenToken(once, keys), kind="reverse"):
+        pass
+    expected = audit.admissions()
+    assert expected == {reference.claims(twice)["jti"]: 1, reference.claims(once)["jti"]: 1}
+    execute(audit, sa.text("DROP TABLE pseudonymise_admitted"))
+    upgraded = AuditLog(make_engine(str(audit.engine.url.render_as_string(hide_password=False))))
+    upgraded.create()
+    assert upgraded.admissions() == expected
+    with audit.engine.connect() as conn:
+        ledger = {r.use_id for r in conn.execute(sa.text("SELECT use_id FROM pseudonymise_admitted"))}
+    assert used.use_id in ledger
+    with TokenUse(upgraded, "reverse", GivenToken(twice, keys), kind="reverse"):
+        pass
+    with pytest.raises(TokenUsedUpError), TokenUse(upgraded, "reverse", GivenToken(twice, keys), kind="reverse"):
+        pytest.fail("the upgrade gave a token its uses back")
+    assert upgraded.verify().ok
+    upgraded.engine.dispose()

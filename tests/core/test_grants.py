@@ -4,6 +4,7 @@ revoke or un-revoke a token; its uses are still counted and checked against the 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -176,6 +177,39 @@ def test_use_limits_and_revocation_through_the_roles(pg_url: str, issuer: Issuer
     assert rows == [("reverse", "success", "pseudonymise_pipeline"), ("reverse", "denied", "pseudonymise_pipeline"),
                     ("revoke", "success", "pseudonymise_auditor"),
                     ("pseudonymise", "denied", "pseudonymise_pipeline")]
+    _drop_roles(pg_url, postgres, pipeline, auditor, viewer, owner)
+
+
+def test_the_pipeline_role_cannot_give_a_used_up_token_its_uses_back(pg_url: str, issuer: Issuer, postgres: Any) -> None:
+    """The pipeline role may append any audit row through the append function, so it can write a ``denied`` row
+    for an earlier use of a single-use reverse token (use ids are in XCom and the logs). That row must not let
+    the token be handed out again: uses are counted in ``pseudonymise_admitted``, which the role can neither
+    write, delete nor read; the start function (as the owner) is its only writer. The viewer reads the counts."""
+    owner = _grant(pg_url)
+    pipeline, auditor, viewer = (_as(pg_url, r) for r in ("pseudonymise_pipeline", "pseudonymise_auditor",
+                                                          "pseudonymise_viewer"))
+    once = issuer.issue("research-a", "reverse", max_uses=1)
+    jti = verify_token(once, issuer.public_keys()).jti
+    with TokenUse(AuditLog(pipeline), "reverse", GivenToken(once, issuer.public_keys()), kind="reverse") as first:
+        pass
+    with pipeline.begin() as conn:
+        conn.execute(sa.text("SELECT pseudonymise_audit_append(CAST(:p AS jsonb))"),
+                     {"p": json.dumps({"use_id": first.use_id, "event": "finished", "outcome": "denied",
+                                       "operation": "reverse"})})
+    with pytest.raises(TokenUsedUpError), TokenUse(AuditLog(pipeline), "reverse",
+                                                   GivenToken(once, issuer.public_keys()), kind="reverse"):
+        pytest.fail("a used-up token was handed out again after a forged denied row")
+    for statement in ("INSERT INTO pseudonymise_admitted VALUES ('u', 'j', now())",
+                      f"DELETE FROM pseudonymise_admitted WHERE jti = '{jti}'",
+                      "UPDATE pseudonymise_admitted SET jti = 'other'", "SELECT * FROM pseudonymise_admitted"):
+        for engine in (pipeline, auditor):
+            if engine is auditor and statement.startswith("SELECT"):
+                continue
+            with engine.connect() as conn, pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+                conn.execute(sa.text(statement))
+    assert AuditLog(viewer).admissions() == {jti: 1}
+    assert AuditLog(auditor).admissions() == {jti: 1}
+    assert AuditLog(owner).verify().ok
     _drop_roles(pg_url, postgres, pipeline, auditor, viewer, owner)
 
 

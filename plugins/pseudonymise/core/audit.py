@@ -148,6 +148,24 @@ def define_revoked_table(metadata: sa.MetaData, schema: str | None = None) -> sa
     )
 
 
+#: The admitted uses of verified tokens (DESIGN §3, v1.1 ``max_uses``): one row per use let through, written only
+#: by the start function (as the audit's owner on PostgreSQL), never by the roles that append. A token's uses
+#: are counted here, not from the audit's rows, which any appending role can add to (a forged ``denied`` row
+#: for an earlier use would otherwise give a used-up token its use back).
+ADMITTED_TABLE = "pseudonymise_admitted"
+
+
+def define_admitted_table(metadata: sa.MetaData, schema: str | None = None) -> sa.Table:
+    return sa.Table(
+        ADMITTED_TABLE, metadata,
+        sa.Column("use_id", sa.String(36), primary_key=True),
+        sa.Column("jti", sa.String(64), nullable=False),
+        sa.Column("admitted_at", UTCDateTime, nullable=False),
+        sa.Index(f"ix_{ADMITTED_TABLE}_jti", "jti"),
+        schema=schema,
+    )
+
+
 @dataclass(frozen=True)
 class Admission:
     """What a use of a verified token must pass under the audit lock, with the errors it is denied with.
@@ -260,6 +278,7 @@ class AuditLog:
         self.metadata = sa.MetaData()
         self.table, self.head = define_audit_tables(self.metadata, table, schema)
         self.revoked = define_revoked_table(self.metadata, schema)
+        self.admitted = define_admitted_table(self.metadata, schema)
         self._lock_name = f"pseudonymise-audit:{schema or ''}.{table}"
         self._created = False
 
@@ -288,7 +307,7 @@ class AuditLog:
     def _ready_on_postgres(self, conn: Connection) -> bool:
         """Whether tables, head row, indexes and functions exist (a least-privilege role can create none)."""
         prep = conn.dialect.identifier_preparer
-        for table in (self.head, self.revoked):
+        for table in (self.head, self.revoked, self.admitted):
             if conn.execute(sa.text("SELECT to_regclass(:t)"), {"t": prep.format_table(table)}).scalar() is None:
                 return False
         jti_index = next(i for i in self.table.indexes if "token_jti" in i.columns)
@@ -319,6 +338,7 @@ class AuditLog:
                 # Workers starting together on a fresh database race to create the tables: the lock
                 # serialises them on PostgreSQL (whose DDL is transactional), IF NOT EXISTS on SQLite.
                 advisory_lock(conn, self._lock_name)
+                new_ledger = not sa.inspect(conn).has_table(self.admitted.name, schema=self.admitted.schema)
                 if conn.dialect.name == "sqlite":
                     for table in self.metadata.sorted_tables:
                         conn.execute(CreateTable(table, if_not_exists=True))
@@ -332,6 +352,8 @@ class AuditLog:
                 if conn.execute(sa.select(self.head.c.id).where(self.head.c.id == 1)).first() is None:
                     insert_ignoring_duplicates(self.head, ["id"]).execute(conn, [{"id": 1, "seq": 0, "row_hash": GENESIS}])
                 self._add_missing_columns(conn)
+                if new_ledger:
+                    self._fill_ledger(conn)
                 if conn.dialect.name == "postgresql":
                     # through the driver's cursor with no parameters: the body's "%ROWTYPE" is no placeholder
                     cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
@@ -352,6 +374,20 @@ class AuditLog:
                 "check that the audit database is reachable and the role may create tables"
             ) from exc
         self._created = True
+
+    def _fill_ledger(self, conn: Connection) -> None:
+        """A new admissions table on an audit that already has uses: the uses the audit shows admitted so far (a
+        ``started`` row with a verified token id and no ``denied`` row), so no token gets its uses back. Those
+        rows are taken as the audit holds them; every later admission is the start function's own. Workers
+        creating the tables together on SQLite (no advisory lock) may both fill it: a use already there is
+        left as it is."""
+        a, d, u = self.table.alias("a"), self.table.alias("d"), self.admitted.alias("u")
+        denied = sa.select(d.c.use_id).where(d.c.use_id == a.c.use_id, d.c.event == "finished", d.c.outcome == "denied")
+        there = sa.select(u.c.use_id).where(u.c.use_id == a.c.use_id)
+        admitted = (sa.select(a.c.use_id, sa.func.min(a.c.token_jti), sa.func.min(a.c.recorded_at))
+                    .where(a.c.event == "started", a.c.token_jti.is_not(None), ~denied.exists(), ~there.exists())
+                    .group_by(a.c.use_id))
+        conn.execute(self.admitted.insert().from_select(["use_id", "jti", "admitted_at"], admitted))
 
     def missing_columns(self, conn: Connection) -> list[str]:
         """The optional columns this release has that the table (made by an earlier one) lacks."""
@@ -425,21 +461,23 @@ BEGIN
 END
 $pseudonymise$"""
 
-    def _qualified(self, conn: Connection) -> tuple[str, str, str, int]:
+    def _qualified(self, conn: Connection) -> tuple[str, str, str, int, str]:
         """Audit table, revocation table and append function named in full (the functions run with a fixed
-        search_path), and the audit lock's key."""
+        search_path), the audit lock's key, and the admissions table named in full."""
         prep = conn.dialect.identifier_preparer
         schema = prep.quote(self.table.schema or conn.execute(sa.text("SELECT current_schema()")).scalar_one())
         lock = int.from_bytes(hashlib.sha256(self._lock_name.encode()).digest()[:8], "big", signed=True)
         return (f"{schema}.{prep.quote(self.table.name)}", f"{schema}.{prep.quote(REVOKED_TABLE)}",
-                f"{schema}.{prep.quote(f'{self.table.name}_append'[:63])}", lock)
+                f"{schema}.{prep.quote(f'{self.table.name}_append'[:63])}", lock,
+                f"{schema}.{prep.quote(ADMITTED_TABLE)}")
 
     def _start_function_sql(self, conn: Connection) -> str:
         """``<table>_start(p, max_uses, revoked, used_up)``: under the audit lock, append the ``started`` row
-        ``p``, then deny the use when its jti is revoked or has ``max_uses`` earlier uses (a use is a
-        ``started`` row of the jti that was not denied), appending the ``denied`` row ``p || denial`` in
-        the same call, so two concurrent uses of a single-use token cannot both pass (DESIGN §3, v1.1)."""
-        audit, revoked, append, lock = self._qualified(conn)
+        ``p``, then deny the use when its jti is revoked or has ``max_uses`` earlier uses, appending the
+        ``denied`` row ``p || denial`` in the same call, so two concurrent uses of a single-use token cannot
+        both pass (DESIGN §3, v1.1). A use let through is recorded in the admissions table, which only this
+        function writes, and the uses are counted there: no row a caller can append changes the count."""
+        _, revoked, append, lock, admitted = self._qualified(conn)
         return f"""CREATE OR REPLACE FUNCTION {self.start_function}(p jsonb, max_uses integer, revoked jsonb,
         used_up jsonb) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $pseudonymise$
@@ -456,13 +494,13 @@ BEGIN
         IF EXISTS (SELECT 1 FROM {revoked} r WHERE r.jti = v_jti) THEN
             verdict := 'revoked';
         ELSIF max_uses IS NOT NULL THEN  -- counted only for a token that has a limit
-            SELECT count(*) INTO uses FROM {audit} a
-             WHERE a.token_jti = v_jti AND a.event = 'started' AND a.use_id <> p->>'use_id'
-               AND NOT EXISTS (SELECT 1 FROM {audit} d
-                                WHERE d.use_id = a.use_id AND d.event = 'finished' AND d.outcome = 'denied');
+            SELECT count(*) INTO uses FROM {admitted} u WHERE u.jti = v_jti;
             IF uses >= max_uses THEN
                 verdict := 'used_up';
             END IF;
+        END IF;
+        IF verdict IS NULL THEN
+            INSERT INTO {admitted} (use_id, jti, admitted_at) VALUES (p->>'use_id', v_jti, clock_timestamp());
         END IF;
     END IF;
     IF verdict IS NOT NULL THEN
@@ -476,7 +514,7 @@ $pseudonymise$"""
     def _revoke_function_sql(self, conn: Connection) -> str:
         """``<table>_revoke(p, jti, reason)``: the revocation row and its audited use (``p`` started, then
         success; or failed when the jti was already revoked) in one call; the caller's role is recorded."""
-        _, revoked, append, lock = self._qualified(conn)
+        _, revoked, append, lock, _ = self._qualified(conn)
         return f"""CREATE OR REPLACE FUNCTION {self.revoke_function}(p jsonb, p_jti text, p_reason text) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $pseudonymise$
 DECLARE
@@ -553,19 +591,20 @@ $pseudonymise$"""
             raise
 
     def _admit_here(self, conn: Connection, record: Mapping[str, Any], admission: Admission) -> str | None:
-        """The start function's verdict, in-process (SQLite): the caller holds the database's write lock."""
+        """The start function's verdict, in-process (SQLite): the caller holds the database's write lock. A use
+        let through is recorded in the admissions table, where the uses are counted (see the start function)."""
         jti = record.get("token_jti")
         if jti is None:
             return None
         if conn.execute(sa.select(self.revoked.c.jti).where(self.revoked.c.jti == jti)).first() is not None:
             return "revoked"
-        if admission.max_uses is None:
-            return None
-        a, d = self.table.alias("a"), self.table.alias("d")
-        denied = sa.select(d.c.use_id).where(d.c.use_id == a.c.use_id, d.c.event == "finished", d.c.outcome == "denied")
-        uses = conn.execute(sa.select(sa.func.count()).select_from(a).where(
-            a.c.token_jti == jti, a.c.event == "started", a.c.use_id != record["use_id"], ~denied.exists())).scalar_one()
-        return "used_up" if uses >= admission.max_uses else None
+        if admission.max_uses is not None:
+            uses = conn.execute(sa.select(sa.func.count()).select_from(self.admitted)
+                                .where(self.admitted.c.jti == jti)).scalar_one()
+            if uses >= admission.max_uses:
+                return "used_up"
+        conn.execute(self.admitted.insert().values(use_id=record["use_id"], jti=jti, admitted_at=database_now(conn)))
+        return None
 
     def start_use(self, use: AuditUse, admission: Admission) -> BaseException | None:
         """Commit the ``started`` row of a use of a verified token and admit it under the audit lock: when
@@ -649,6 +688,14 @@ $pseudonymise$"""
             return [dict(r._mapping) for r in conn.execute(query)]
         with self.engine.connect() as own:
             return [dict(r._mapping) for r in own.execute(query)]
+
+    def admissions(self, conn: Connection | None = None) -> dict[str, int]:
+        """The uses let through so far, per token id (the admissions table, where ``max_uses`` is counted)."""
+        query = sa.select(self.admitted.c.jti, sa.func.count()).group_by(self.admitted.c.jti)
+        if conn is not None:
+            return {jti: n for jti, n in conn.execute(query)}
+        with self.engine.connect() as own:
+            return {jti: n for jti, n in own.execute(query)}
 
     def start(self, use: AuditUse) -> dict[str, Any]:
         """Commit the ``started`` row of ``use``; raise :class:`AuditError` if it cannot be written."""

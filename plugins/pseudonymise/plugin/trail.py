@@ -100,7 +100,8 @@ class TokenSummary:
     #: Known only from what refused uses *claimed* (their token never verified): jti, project, kind and
     #: issuer are unverified labels.
     claimed: bool = False
-    #: The token's ``max_uses`` (v1.1) and its uses that were let through (not denied), so the uses left.
+    #: The token's ``max_uses`` (v1.1) and its uses that were let through (the admissions table; without it, the
+    #: audit's uses that were not denied), so the uses left.
     max_uses: int | None = None
     admitted: int = 0
     #: When, by whom and why it was revoked (the revocation table), if it was.
@@ -250,10 +251,21 @@ class Trail:
                 summary.classify(now, warning)
                 out.append(summary)
             out += self._claimed_tokens(conn, {s.jti for s in out}, now, warning)
-        revoked = self.revocations()
+        revoked, admitted = self.revocations(), self.admissions()
         for summary in out:
             summary.revoked = revoked.get(summary.jti)
+            if admitted is not None and not summary.claimed:
+                summary.admitted = admitted.get(summary.jti, 0)
         return sorted(out, key=lambda s: s.last_use, reverse=True)
+
+    def admissions(self) -> dict[str, int] | None:
+        """Uses let through per token id, as the start function counts them for ``max_uses``; ``None`` when
+        the admissions table cannot be read (an audit made before it existed, or a role without SELECT on it:
+        the page then counts the audit's uses that were not denied)."""
+        try:
+            return self.store.audit.admissions()
+        except SQLAlchemyError:
+            return None
 
     def revocations(self) -> dict[str, dict[str, Any]]:
         """Revoked token ids with when, by whom and why; empty when the revocation table cannot be read (an
