@@ -1,11 +1,15 @@
-"""After the whole suite: search every log, captured output and audit database the tests produced
-for every token and key the tests used. Any hit fails the run (issue: secrets never appear).
+"""After the whole suite: search every log, captured output and file the tests left in the session's
+temporary folder for every token and key the tests used. Any hit fails the run (issue: secrets never appear).
 
 Secrets are collected from every JWS signed in the test process (tokens.jws_sign is wrapped) and,
 at the end, from the token files and issuer stores the tests and their subprocesses wrote (those
 files are where secrets are meant to live, so they are sources, not scan targets). Scanned: captured
-stdout/stderr/log of every test, failure reports, and every *.log, *.db, *.csv, *.parquet and *.json
-file under the session's temporary folder, except token files and issuer stores.
+stdout/stderr/log of every test, failure reports, and every *.log, *.db (the SQLite audit and escrow
+databases), *.csv, *.parquet, *.json, *.txt and *.out file under the session's temporary folder, except
+token files and issuer stores. What is not there by the session's end is not scanned here: the
+PostgreSQL databases (dropped with their clusters) and the servers' own logs; the tests that write audit
+rows to PostgreSQL check those rows for the token themselves. The search is for each secret's own text
+(base64url), not for other encodings of it.
 """
 
 from __future__ import annotations
@@ -52,10 +56,21 @@ def _claims_secrets(token: str) -> set[str]:
 
 
 def _is_secret_home(path: Path, text: str) -> bool:
+    """Whether the file is where secrets belong (a token file, an issuer's store document, the Airflow
+    passwords file), so its secrets are searched for elsewhere rather than reported in it. Only by its name
+    and, for a JSON document, by the names at its top level: a log, a database, a CSV or a document that
+    merely mentions a key (a token's decoded claims in a log line) is a place to scan, never a home."""
+    if path.suffix == ".token" or path.name == "passwords.json":
+        return True
+    if path.suffix != ".json" or not text.lstrip().startswith("{"):
+        return False
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
     # An issuer's project document holds the project key even when it has no escrow key (irreversible).
-    project_doc = path.suffix == ".json" and '"key_version"' in text and '"key"' in text
-    return path.suffix == ".token" or '"private_key"' in text or '"escrow_private_key"' in text or \
-        project_doc or path.name in ("passwords.json",)
+    return isinstance(doc, dict) and ("private_key" in doc or "escrow_private_key" in doc
+                                      or ("key" in doc and "key_version" in doc))
 
 
 #: Runs of base64url text: every secret has one (a key, a token's segments), whatever surrounds it.
@@ -99,7 +114,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     factory = getattr(session.config, "_tmp_path_factory", None)
-    if factory is None or os.environ.get("PSEUDONYMISE_SKIP_SECRET_SCAN"):
+    if factory is None:
         return
     base = factory.getbasetemp()
     secrets: set[str] = set()
@@ -116,7 +131,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if _is_secret_home(path, text):
             if path.suffix == ".token":
                 secrets |= _claims_secrets(text.strip())
-            elif path.suffix == ".json" and text.lstrip().startswith("{"):
+            elif path.suffix == ".json":
                 doc = json.loads(text)
                 for name in ("private_key", "key", "escrow_private_key"):
                     if isinstance(doc.get(name), str):
