@@ -15,7 +15,6 @@ rows to PostgreSQL check those rows for the token themselves. The search is for 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable
