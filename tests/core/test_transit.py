@@ -32,9 +32,10 @@ def transit(openbao: Any, tmp_path: Path) -> tuple[Issuer, hvac.Client, str]:
     return issuer, client, mount
 
 
-def _independent(client: hvac.Client, mount: str, message: bytes, version: int | None = None) -> str:
+def _independent(client: hvac.Client, mount: str, message: bytes, version: int | None = None,
+                 key: str = "pseudonymise-tr") -> str:
     """One plain Transit call per value, base32-encoded as DESIGN §4 says."""
-    resp = client.secrets.transit.generate_hmac(name="pseudonymise-tr", hash_input=base64.b64encode(message).decode(),
+    resp = client.secrets.transit.generate_hmac(name=key, hash_input=base64.b64encode(message).decode(),
                                                 algorithm="sha2-256", mount_point=mount, key_version=version)
     mac = base64.b64decode(resp["data"]["hmac"].split(":", 2)[2])
     return base64.b32encode(mac).decode().lower()[:26]
@@ -131,3 +132,37 @@ def test_date_shift_offsets_are_transit_hmacs_of_the_design_message(transit: tup
         first = int.from_bytes(base64.b64decode(resp["data"]["hmac"].split(":", 2)[2])[:8], "big") % 90 - 45
         days = first + 1 if first >= 0 else first
         assert shifted == dt.date(2024, 2, 29) + dt.timedelta(days=days)
+
+
+def test_a_reversible_project_in_transit_escrows_and_reveals(transit: tuple[Issuer, hvac.Client, str],
+                                                             pg_url: str) -> None:
+    """A reversible project whose key is held in Transit: its pseudonymisation token carries the key's reference
+    *and* the escrow public key (the escrow keys are the issuer's), so a run pseudonymises through Transit,
+    seals escrow, and a reverse token reveals the originals (their batches proven by the audit)."""
+    import sqlalchemy as sa
+    from pseudonymise.core.pipeline import Store, run_pseudonymisation, run_reversal
+    from pseudonymise.core.plan import SinkFactory, plan_transfer
+    from pseudonymise.core.use import GivenToken
+
+    from tests.core.conftest import Collect, Rows
+
+    issuer, client, mount = transit
+    issuer.create_project("trrev", custody="transit", transit_mount=mount, method="reversible")
+    raw = issuer.issue("trrev", "pseudonymisation")
+    token = verify_token(raw, issuer.public_keys())
+    assert token.key is None and token.key_ref is not None and token.escrow_public_key is not None
+    store = Store(sa.create_engine(pg_url))
+    values = ["P1", "P2", "P1", None]
+    out = Collect()
+    policy = ColumnPolicy.pseudonymise("pid", default="keep")
+    summary = run_pseudonymisation(store, GivenToken(raw, issuer.public_keys(), transit=client), policy,
+                                   plan_transfer(Rows({"pid": values}), SinkFactory(lambda c, conn: out), policy))
+    assert summary.counts["escrow_rows"] == 2
+    expected = [_independent(client, mount, b"pseudonymise/v1\x00\x00" + v.encode(), key="pseudonymise-trrev")
+                if v is not None else None for v in values]
+    assert out.rows["pid"] == expected and expected[0] == expected[2]
+    revealed = Collect()
+    run_reversal(store, GivenToken(issuer.issue("trrev", "reverse"), issuer.public_keys()), ["pid"],
+                 plan_transfer(Rows({"pid": out.rows["pid"]}), SinkFactory(lambda c, conn: revealed)))
+    assert revealed.rows["pid"] == values
+    store.engine.dispose()

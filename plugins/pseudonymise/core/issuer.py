@@ -367,11 +367,12 @@ class Issuer:
         version = project.key_version if key_version is None else key_version
         if kind in ("pseudonymisation", "secondary"):
             claims["key_version"] = version
-        if kind == "pseudonymisation" and project.transit:
-            claims["key_ref"] = {"engine": "transit", **project.transit}
-        elif kind == "pseudonymisation":
-            claims["key"] = b64url_encode(project.key_of(version))
-            if project.reversible:
+        if kind == "pseudonymisation":
+            if project.transit:
+                claims["key_ref"] = {"engine": "transit", **project.transit}
+            else:
+                claims["key"] = b64url_encode(project.key_of(version))
+            if project.reversible:  # the escrow keys are the issuer's, wherever the pseudonymisation key is held
                 escrow = X25519PrivateKey.from_private_bytes(project.escrow_private_key)  # type: ignore[arg-type]
                 claims["escrow_public_key"] = b64url_encode(escrow.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
         elif kind == "reverse":
