@@ -10,8 +10,8 @@
 
 Every case runs as its own process (interpreter start and imports included, as a user runs it), timed by the
 parent with its CPU time and peak memory (``os.wait4``). Outputs are checked against an independent
-computation: DESIGN §4 with the standard library's ``hmac`` for the CLI and the script (whose bytes must also
-equal the CLI's), ``hashlib.sha256(value + salt)`` for Presidio, the source rows for the copies, DESIGN §4.7 and
+computation: docs/design.md §4 with the standard library's ``hmac`` for the CLI and the script (whose bytes must also
+equal the CLI's), ``hashlib.sha256(value + salt)`` for Presidio, the source rows for the copies, docs/design.md §4.7 and
 the actions' definitions in the standard library for the de-identifying runs.
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-LABEL = b"pseudonymise/v1\x00\x00"  # DESIGN §4: label, then the (empty) domain and NUL
+LABEL = b"pseudonymise/v1\x00\x00"  # docs/design.md §4: label, then the (empty) domain and NUL
 COLUMNS = ("id", "patient_id", "mrn", "visit_date", "ward")
 PSEUDONYMISED = ("patient_id", "mrn")
 WARDS = ("cardiology", "oncology", "general", "paediatrics", "neurology", "Notaufnahme Süd", "maternité", "icu")
@@ -54,7 +54,7 @@ DEID_POLICY = {"columns": {
     "id": "keep", "patient_id": "pseudonymise",
     "visit_date": {"action": "date_shift", "subject": "patient_id", "max_days": 30},
     "mrn": {"action": "mask", "keep_last": 4}, "ward": {"action": "generalise", "prefix": 3}}}
-DATE_SHIFT_LABEL = b"pseudonymise/v1/date-shift\x00\x00"  # DESIGN §4.7: label, the (empty) domain and NUL
+DATE_SHIFT_LABEL = b"pseudonymise/v1/date-shift\x00\x00"  # docs/design.md §4.7: label, the (empty) domain and NUL
 
 # Every case's process reports its own peak memory at exit: VmHWM starts afresh at exec, whereas the rusage
 # of a child forked from this (large) process counts the pages it shared before its exec.
@@ -141,7 +141,7 @@ def to_parquet(csv_path: Path, parquet_path: Path) -> None:
 
 
 def pseudonym(key: bytes, value: str | None) -> str | None:
-    """DESIGN §4 in the standard library: NFC, HMAC-SHA256 with the label, base32 lowercase, 26 characters."""
+    """docs/design.md §4 in the standard library: NFC, HMAC-SHA256 with the label, base32 lowercase, 26 characters."""
     if value is None:
         return None
     mac = hmac.new(key, LABEL + unicodedata.normalize("NFC", value).encode("utf-8"), hashlib.sha256).digest()
@@ -149,7 +149,7 @@ def pseudonym(key: bytes, value: str | None) -> str | None:
 
 
 def shifted(key: bytes, subject: str | None, day: dt.date | None) -> dt.date | None:
-    """DESIGN §4.7 in the standard library: the subject's non-zero offset of at most 30 days added to ``day``."""
+    """docs/design.md §4.7 in the standard library: the subject's non-zero offset of at most 30 days added to ``day``."""
     if subject is None or day is None:
         return None
     mac = hmac.new(key, DATE_SHIFT_LABEL + unicodedata.normalize("NFC", subject).encode("utf-8"), hashlib.sha256)
@@ -281,7 +281,7 @@ class FileBench:
                 want = [source[0], pseudonym(self.key, source[1] or None) or "", pseudonym(self.key, source[2] or None)
                         or "", source[3], source[4]]
                 bad += got != want
-            self.check("file CLI equals DESIGN §4 (stdlib hmac)", bad == 0 and rows == self.rows,
+            self.check("file CLI equals docs/design.md §4 (stdlib hmac)", bad == 0 and rows == self.rows,
                        f"{rows:,} rows compared, {bad} differ")
         elif case == "file-hmac":
             cli = self.output("file-cli", 1)
@@ -331,7 +331,7 @@ class FileBench:
             bad += (g["id"] != s["id"] or g["patient_id"] != pseudonym(self.key, s["patient_id"]) or got_day != want_day
                     or g["mrn"] != masked(s["mrn"]) or g["ward"] != unicodedata.normalize("NFC", s["ward"])[:3])
             unshifted += got_day == day(s["visit_date"])
-        self.check(f"{CASES[case].split(':')[0]} de-identified CLI equals DESIGN §4/§4.7 (stdlib)",
+        self.check(f"{CASES[case].split(':')[0]} de-identified CLI equals docs/design.md §4/§4.7 (stdlib)",
                    bad == 0 and unshifted == 0 and len(got) == self.rows,
                    f"{len(got):,} rows compared, {bad} differ, {unshifted} dates unshifted")
 
@@ -346,7 +346,7 @@ class FileBench:
         for column in PSEUDONYMISED:
             want = [pseudonym(self.key, v) for v in source.column(column).to_pylist()]
             bad += sum(a != b for a, b in zip(got.column(column).to_pylist(), want, strict=True))
-        self.check("Parquet CLI equals DESIGN §4 (stdlib hmac), other columns' types kept", schema_ok and bad == 0,
+        self.check("Parquet CLI equals docs/design.md §4 (stdlib hmac), other columns' types kept", schema_ok and bad == 0,
                    f"{got.num_rows:,} rows, {bad} values differ, schema {'kept' if schema_ok else 'CHANGED'}")
 
 

@@ -33,7 +33,7 @@ case in a fresh process so peak memory is per case:
 
 The operator cases run the operator's own execute() with a minimal context (connections from
 AIRFLOW_CONN_* variables), so the measured code is what a worker runs. Afterwards the outputs are
-checked against an independent computation (pgcrypto's hmac() with DESIGN §4's message layout,
+checked against an independent computation (pgcrypto's hmac() with docs/design.md §4's message layout,
 base32 in Python or in SQL): speed must never come from doing less. The exit code is non-zero if
 any check fails. ``--smoke`` runs everything on 2,000 rows, without the big run, for CI.
 
@@ -269,7 +269,7 @@ def sql_base32(bits: str, length: int = 26) -> str:
 
 
 def sql_hmac(value: str, key_hex: str, label: bytes = LABEL + b"\x00") -> str:
-    """pgcrypto's HMAC-SHA256 over DESIGN §4's message (as bytea: NUL is not allowed in text)."""
+    """pgcrypto's HMAC-SHA256 over docs/design.md §4's message (as bytea: NUL is not allowed in text)."""
     return (f"hmac(decode('{label.hex()}', 'hex') || convert_to(normalize({value}, NFC), 'UTF8'), "
             f"decode('{key_hex}', 'hex'), 'sha256')")
 
@@ -727,7 +727,7 @@ class Bench:
                        f"{rows:,} rows compared, {f_mismatched} differ")
 
     def check_deidentified(self, source: str, target: str) -> None:
-        """(m): every row equals DESIGN §4 and §4.7 and the actions' definitions computed in SQL with pgcrypto."""
+        """(m): every row equals docs/design.md §4 and §4.7 and the actions' definitions computed in SQL with pgcrypto."""
         key = self.cfg["keys"]["det"]
         max_days = DEID_COLUMNS["visit_date"]["max_days"]
         mac = sql_hmac("s.patient_id", key, DATE_SHIFT_LABEL + b"\x00")
@@ -840,7 +840,7 @@ class Bench:
         self.check(f"{case} equals the source", mismatched == 0, f"{rows:,} rows compared, {mismatched} differ")
 
     def check_sqlite(self, case: str, target: str) -> None:
-        """Every row of the SQLite ``target`` equals the source with the standard library's HMACs (DESIGN §4)."""
+        """Every row of the SQLite ``target`` equals the source with the standard library's HMACs (docs/design.md §4)."""
         import hashlib
         import hmac
         import sqlite3

@@ -1,7 +1,7 @@
 """Audit checkpoints: every hour, sign the audit chain's head and hand it to witnesses outside its database.
 
 A hash chain alone does not stop the audit database's owner from cutting off its last rows or
-rewriting it (DESIGN §6.1). Each run signs ``{audit id, seq, row_hash, time}`` with the audit signing
+rewriting it (docs/design.md §6.1). Each run signs ``{audit id, seq, row_hash, time}`` with the audit signing
 key of connection ``pseudonymise_audit_signing`` (a private JWK from ``pseudonymise audit keygen`` in
 its password, or an ``ed25519`` Vault Transit key named in its extras, which the audit database never
 holds), records it in ``pseudonymise_audit_checkpoint`` and sends it to the witnesses the connection

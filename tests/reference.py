@@ -1,4 +1,4 @@
-"""DESIGN §4 written out again with the standard library: the independent expectations tests compare with.
+"""docs/design.md §4 written out again with the standard library: the independent expectations tests compare with.
 
 Nothing here imports the package under test. A token is read by splitting its compact JWS and decoding
 the payload (base64url JSON), never through the token verifier: the tests that use these functions have
@@ -120,7 +120,7 @@ def rfc4231_cases() -> list[dict[str, bytes]]:
     return cases
 
 
-# --- DESIGN §4.7 and the de-identifying actions (docs/deidentification.md), with hmac and datetime -------------
+# --- docs/design.md §4.7 and the de-identifying actions (docs/deidentification.md), with hmac and datetime -------------
 DATE_SHIFT_LABEL = b"pseudonymise/v1/date-shift\x00"
 
 

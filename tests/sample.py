@@ -1,6 +1,6 @@
 """The sample patients (``include/sample/patients.csv``) and the check that none of their values leaks.
 
-DESIGN §6: no data value in any error, log or audit row. The error-value tests of the core, the
+docs/design.md §6: no data value in any error, log or audit row. The error-value tests of the core, the
 operators and the HTTP API run real faults over the sample and search everything they produce for
 its identifying values.
 """

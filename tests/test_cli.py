@@ -383,7 +383,7 @@ def test_file_pseudonymise_and_reverse_parquet_with_integers(cli: Cli) -> None:
 
 def test_file_runs_with_and_without_the_c_engine_write_the_same_files(cli: Cli, tmp_path: Path) -> None:
     """The Arrow path (C engine on the record batches) and the pure-Python engine write the same bytes, CSV and
-    Parquet (text, large text, integers and dates pseudonymised), equal to DESIGN §4 in the standard library;
+    Parquet (text, large text, integers and dates pseudonymised), equal to docs/design.md §4 in the standard library;
     the escrow of both reveals the typed originals."""
     import datetime as dt
 
@@ -716,7 +716,7 @@ def test_audit_verify_escrow_names_rows_reversal_would_refuse(cli: Cli, tmp_path
     assert rows[-2:] == [("verify", "success"), ("verify", "success")]  # each token use is audited
 
 
-# --- single-use and revoked tokens (DESIGN §3, v1.1) ------------------------------------------------
+# --- single-use and revoked tokens (docs/design.md §3, v1.1) ------------------------------------------------
 def test_a_reverse_token_is_single_use_by_default(cli: Cli, pseudonymised: Path) -> None:
     """`token issue --kind reverse` gives max_uses 1: the first reversal works, the second is refused and
     audited 'denied', and nothing is written; `--max-uses 3` and `--max-uses 0` (no limit) as asked."""

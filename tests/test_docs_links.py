@@ -31,6 +31,6 @@ def test_a_broken_or_outside_link_is_found(tmp_path: Path) -> None:
     (tmp_path / "repo").mkdir()
     page = tmp_path / "repo" / "page.md"
     (tmp_path / "repo" / "there.md").write_text("")
-    (tmp_path / "DESIGN.md").write_text("")
-    page.write_text("[a](missing.md) [b](../DESIGN.md) [c](https://example.org) [d](#here) [e](there.md#x)")
-    assert {t for _, t in broken_links([page], tmp_path / "repo")} == {"missing.md", "../DESIGN.md"}
+    (tmp_path / "OUTSIDE.md").write_text("")
+    page.write_text("[a](missing.md) [b](../OUTSIDE.md) [c](https://example.org) [d](#here) [e](there.md#x)")
+    assert {t for _, t in broken_links([page], tmp_path / "repo")} == {"missing.md", "../OUTSIDE.md"}

@@ -122,7 +122,7 @@ def test_the_sdist_and_wheel_hold_the_package_and_no_more(built: dict[str, Path]
 
 
 def test_the_pure_python_wheel_gives_the_reference_pseudonyms(fresh_venv: Path, tmp_path: Path) -> None:
-    """Built without a compiler, the package still works: the CLI's pseudonyms are DESIGN §4's."""
+    """Built without a compiler, the package still works: the CLI's pseudonyms are docs/design.md §4's."""
     python, cli = str(fresh_venv / "bin/python"), str(fresh_venv / "bin/pseudonymise")
     env = _clean_env(PSEUDONYMISE_STORE=str(tmp_path / "issuer"))
     where = _run([python, "-c", "import pseudonymise, pseudonymise.core.native as n; print(pseudonymise.__file__, n.available())"],

@@ -49,7 +49,7 @@ GRANT SELECT ON pseudonymise_audit, pseudonymise_audit_head, pseudonymise_revoke
     TO pseudonymise_viewer;
 GRANT SELECT ON pseudonymise_reverse_request TO pseudonymise_viewer;
 
--- Signed audit checkpoints (DESIGN §6.1): the audit owner's first run creates
+-- Signed audit checkpoints (docs/design.md §6.1): the audit owner's first run creates
 -- pseudonymise_audit_checkpoint and its two SECURITY DEFINER functions (EXECUTE revoked from PUBLIC).
 -- Checkpointing roles get EXECUTE only: nothing on the audit, its head or the checkpoint table.
 GRANT EXECUTE ON FUNCTION pseudonymise_audit_checkpoint_head(bigint, text) TO pseudonymise_pipeline, pseudonymise_auditor;

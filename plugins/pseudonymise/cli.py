@@ -343,7 +343,7 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
     from pseudonymise.core.issuer import Issuer
     max_uses = args.max_uses
     if max_uses is None and args.kind == "reverse":
-        max_uses = 1  # DESIGN §3 (v1.1): a reverse token is single-use unless asked otherwise
+        max_uses = 1  # docs/design.md §3 (v1.1): a reverse token is single-use unless asked otherwise
     if max_uses == 0:
         max_uses = None  # --max-uses 0: no limit but the token's lifetime
     token = Issuer(open_store(args.store)).issue(args.project, args.kind, expires_in=args.expires_in,
@@ -731,7 +731,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def _verify_escrow(args: argparse.Namespace, store: Store, chain_ok: bool) -> bool:
-    """``audit verify --escrow``: list the escrow rows reversal would refuse (DESIGN.md §5.1), by pseudonym.
+    """``audit verify --escrow``: list the escrow rows reversal would refuse (docs/design.md §5.1), by pseudonym.
     With a reverse token (an audited use) every row of its project is opened and checked, never shown."""
     from pseudonymise.core.escrow import unproven_rows
     from pseudonymise.core.use import RunContext, TokenUse, current_user
@@ -777,7 +777,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- signed checkpoints (DESIGN §6.1) ---------------------------------------------------------
+# --- signed checkpoints (docs/design.md §6.1) ---------------------------------------------------------
 def _vault_client(what: str) -> VaultClient:
     client = VaultClient.from_environment()
     if client is None:
@@ -884,7 +884,7 @@ def cmd_audit_keygen(args: argparse.Namespace) -> int:
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser, signing: bool) -> None:
-    g = p.add_argument_group("signed checkpoints and witnesses (DESIGN §6.1)")
+    g = p.add_argument_group("signed checkpoints and witnesses (docs/design.md §6.1)")
     g.add_argument("--witness", action="append", default=[], metavar="FILE|vault:MOUNT/PATH",
                    help="a JSON-lines file, or Vault KV v2 (VAULT_ADDR, VAULT_TOKEN); repeat for several")
     g.add_argument("--audit-id", help="the audit's name in checkpoints (default <dialect>/<database>/<schema>/<table>)")

@@ -39,7 +39,7 @@ def _unavailable(message: str, exc: BaseException) -> TokenUnavailableError:
 
 
 def _mask_token(token: str) -> None:
-    """Mask the token, its payload segment and every key claim in every encoding (DESIGN §3), before
+    """Mask the token, its payload segment and every key claim in every encoding (docs/design.md §3), before
     the token is verified: a token that is then refused must not reach a log either."""
     for part in secret_parts(token):
         mask_secret(part)
@@ -372,7 +372,7 @@ class _UploadingSink:
 
 
 class AuditSigningHook(BaseHook):
-    """The audit signing key and the witnesses of signed audit checkpoints (DESIGN §6.1), from one connection.
+    """The audit signing key and the witnesses of signed audit checkpoints (docs/design.md §6.1), from one connection.
 
     Connection fields (any connection type, ``generic`` for instance):
 

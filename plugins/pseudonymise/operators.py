@@ -1035,7 +1035,7 @@ def key_range_kwargs(sql_conn_id: str, table: str, key_column: str, parts: int,
 
 
 class AuditCheckpointOperator(BaseOperator):
-    """Sign a checkpoint of the audit chain's head and send it to the witnesses (DESIGN §6.1); schedule it hourly.
+    """Sign a checkpoint of the audit chain's head and send it to the witnesses (docs/design.md §6.1); schedule it hourly.
 
     The signing key and the witnesses come from one connection (:class:`~pseudonymise.hooks.AuditSigningHook`):
     its password is the private JWK of ``pseudonymise audit keygen``, or its extras name an ``ed25519``

@@ -239,7 +239,7 @@ def audit_rows(url: str) -> list[dict[str, Any]]:
 
 
 def expected_pseudonyms(token: str, url: str, start: str, end: str) -> list[str]:
-    """An independent computation (DESIGN §4 with the standard library, :mod:`tests.reference`): the
+    """An independent computation (docs/design.md §4 with the standard library, :mod:`tests.reference`): the
     pseudonyms of the visits of [start, end) in ``url``'s ``patient_visits``, their patient ids stripped
     and upper-cased as the example DAG's policy says, sorted."""
     engine = sa.create_engine(url)

@@ -137,7 +137,7 @@ def test_denied_uses_are_audited_and_write_nothing(world: dict[str, Any], case: 
         other = Issuer.init(DirectoryStore(tmp_path / "other"), "rogue")
         other.create_project(project)
         token = other.issue(project, "pseudonymisation")
-    elif case == "revoked":  # revoked in the audit the operator writes to (DESIGN §3, v1.1)
+    elif case == "revoked":  # revoked in the audit the operator writes to (docs/design.md §3, v1.1)
         from pseudonymise.core.audit import AuditLog, AuditUse
         from pseudonymise.core.tokens import verify_token
 

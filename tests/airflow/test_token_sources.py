@@ -1,6 +1,6 @@
 """Tokens from a plain connection, from Vault KV through the connection's Vault reference, and from
 Airflow's VaultBackend secrets backend (real OpenBao dev server); no secret in any log, even one a
-task logs on purpose in any encoding (the secret masker gets every form, DESIGN §3)."""
+task logs on purpose in any encoding (the secret masker gets every form, docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The operator with a project whose key never leaves Vault Transit (real OpenBao): HMACs through the
-connection's transit_vault_conn_id, the same pseudonyms as plain Transit HMACs of DESIGN §4's message; with
+connection's transit_vault_conn_id, the same pseudonyms as plain Transit HMACs of docs/design.md §4's message; with
 Transit unreachable the task fails writing nothing, and once it is back the retry gives the same rows."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.vault, pyte
 
 
 def _transit_pseudonym(client: hvac.Client, mount: str, key: str, raw_token: str, value: str) -> str:
-    """The independent computation: one plain Transit call per value (key version 1) on DESIGN §4's
+    """The independent computation: one plain Transit call per value (key version 1) on docs/design.md §4's
     message, encoded with the token's format by :mod:`tests.reference`."""
     message = reference.LABEL + b"\x00" + reference.canonical(value)
     resp = client.secrets.transit.generate_hmac(name=key, hash_input=base64.b64encode(message).decode(),

@@ -43,11 +43,11 @@ def test_bench_smoke() -> None:
                  "CSV: the CLI with date_shift, mask and generalise",
                  "Parquet: the CLI with date_shift, mask and generalise"):
         assert f"| {case}" in proc.stdout, f"file case {case!r} missing from the table"
-    for check in ("file copy equals the source", "file CLI equals DESIGN §4 (stdlib hmac)",
+    for check in ("file copy equals the source", "file CLI equals docs/design.md §4 (stdlib hmac)",
                   "hand-written csv + hmac equals the CLI byte for byte", "Presidio equals sha256(value + salt)",
-                  "Parquet copy equals the source", "Parquet CLI equals DESIGN §4 (stdlib hmac)",
-                  "CSV de-identified CLI equals DESIGN §4/§4.7 (stdlib)",
-                  "Parquet de-identified CLI equals DESIGN §4/§4.7 (stdlib)"):
+                  "Parquet copy equals the source", "Parquet CLI equals docs/design.md §4 (stdlib hmac)",
+                  "CSV de-identified CLI equals docs/design.md §4/§4.7 (stdlib)",
+                  "Parquet de-identified CLI equals docs/design.md §4/§4.7 (stdlib)"):
         assert f"[ok] {check}" in proc.stdout, f"check {check!r} did not pass"
     assert "file CLI rows/s / CSV copy-through rows/s" in proc.stdout
     assert "speedup of 2 mapped range tasks over one task on LocalExecutor" in proc.stdout

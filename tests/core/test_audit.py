@@ -1,4 +1,4 @@
-"""The audit log (DESIGN §6) on SQLite and PostgreSQL: pairs, the hash chain and its verifier, fail closed."""
+"""The audit log (docs/design.md §6) on SQLite and PostgreSQL: pairs, the hash chain and its verifier, fail closed."""
 
 from __future__ import annotations
 

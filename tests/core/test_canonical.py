@@ -1,4 +1,4 @@
-"""Canonical bytes (DESIGN §4 step 2): what "the same identifier" means (the normalisers: test_policy.py)."""
+"""Canonical bytes (docs/design.md §4 step 2): what "the same identifier" means (the normalisers: test_policy.py)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_datetime_keeps_its_offset() -> None:
     paris = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=1)))
     utc = paris.astimezone(dt.UTC)
     assert canonical(paris, "t")[1] == b"2026-03-01T12:00:00+01:00"
-    # the same instant written in another offset is another canonical value (isoformat, as DESIGN fixes)
+    # the same instant written in another offset is another canonical value (isoformat, as docs/design.md §4 fixes)
     assert canonical(utc, "t")[1] == b"2026-03-01T11:00:00+00:00"
     assert canonical(dt.datetime(2026, 3, 1), "t")[1] == b"2026-03-01T00:00:00"
     assert canonical(dt.date(2026, 3, 1), "t") == ("date", b"2026-03-01")

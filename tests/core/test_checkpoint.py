@@ -1,4 +1,4 @@
-"""Signed checkpoints and witnesses (DESIGN §6.1), on SQLite and real PostgreSQL.
+"""Signed checkpoints and witnesses (docs/design.md §6.1), on SQLite and real PostgreSQL.
 
 The attacks of issue 11 §4, made by someone who can write the audit database (its owner): cut off
 the last rows and set the head to the new last row; remove the reversal rows, re-hash the rest and

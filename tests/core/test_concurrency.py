@@ -118,7 +118,7 @@ def _use_once(url: str, token: str, jwks: dict[str, Any], barrier: Any, queue: A
 
 @pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
 def test_two_concurrent_uses_of_a_single_use_token(db_url: str, issuer: Issuer) -> None:
-    """DESIGN §3 (v1.1): uses are counted under the audit lock, so two processes using a single-use token at
+    """docs/design.md §3 (v1.1): uses are counted under the audit lock, so two processes using a single-use token at
     the same instant get one success and one denial, never two successes."""
     token = issuer.issue("research-a", "reverse", max_uses=1)
     ctx = mp.get_context("spawn")

@@ -1,5 +1,5 @@
 """The de-identifying column actions (date_shift, generalise, mask, suppress) in the engine, checked against
-tests/reference.py (DESIGN §4.7 and the actions' definitions written out with hmac and datetime).
+tests/reference.py (docs/design.md §4.7 and the actions' definitions written out with hmac and datetime).
 
 Both engine entry points are covered: columns of Python values (the pure-Python and SQL paths) and Arrow record
 batches (files, the generic SQL path). The same rows through every real source and target are in

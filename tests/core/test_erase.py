@@ -1,6 +1,6 @@
 """Erasing subjects (core/erase.py) on SQLite and PostgreSQL: escrow rows and target rows of the subjects
 go, everything else stays (other subjects of the same escrow batch stay revealable), each step audited
-with counts only. Pseudonyms are checked against DESIGN §4 written out again (:mod:`tests.reference`)."""
+with counts only. Pseudonyms are checked against docs/design.md §4 written out again (:mod:`tests.reference`)."""
 
 from __future__ import annotations
 

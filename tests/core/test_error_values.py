@@ -1,4 +1,4 @@
-"""No data value in any error (DESIGN §6): database and file errors name the SQLSTATE, the driver's class and
+"""No data value in any error (docs/design.md §6): database and file errors name the SQLSTATE, the driver's class and
 the column, never the value the driver quotes.
 
 Each fault runs a real pseudonymisation of the sample patients (``include/sample/patients.csv``) on real

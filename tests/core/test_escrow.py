@@ -1,4 +1,4 @@
-"""Escrow storage (DESIGN §5) on SQLite and PostgreSQL: round trips, integrity, refusals and purge (sealing
+"""Escrow storage (docs/design.md §5) on SQLite and PostgreSQL: round trips, integrity, refusals and purge (sealing
 itself: test_sealer.py)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Escrow written straight into the escrow table (DESIGN §5) by a run that holds its project's escrow lock, on
+"""Escrow written straight into the escrow table (docs/design.md §5) by a run that holds its project's escrow lock, on
 PostgreSQL: blocks of the C engine go in with ``COPY`` as they come, what escrow already holds is left out, a run
 that cannot have the lock stages and waits for it, and a writer that takes no lock cannot slip a duplicate in.
 

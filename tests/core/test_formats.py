@@ -1,4 +1,4 @@
-"""Pseudonym encodings (DESIGN §4 step 4): lengths, alphabets, prefixes and the 64-bit floor."""
+"""Pseudonym encodings (docs/design.md §4 step 4): lengths, alphabets, prefixes and the 64-bit floor."""
 
 from __future__ import annotations
 

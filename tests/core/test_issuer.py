@@ -203,7 +203,7 @@ def test_unreachable_vault() -> None:
 
 # --- v1.1: secondary keys of their own, verify_keys ------------------------------------------------
 def test_secondary_key_is_hkdf_of_the_issuing_projects_key(issuer: Issuer) -> None:
-    """DESIGN §4 step 5: HKDF-SHA256(key of the project the token is issued for, salt b"", info
+    """docs/design.md §4 step 5: HKDF-SHA256(key of the project the token is issued for, salt b"", info
     b"pseudonymise/v1/secondary-key\\x00" + source project, 32 bytes): checked against the cryptography
     package's HKDF and RFC 5869 written out with hmac; it is neither project's key."""
     vendor, source = issuer.project("vendor-x"), issuer.project("research-a")

@@ -1,4 +1,4 @@
-"""The MAC primitives (DESIGN §4 steps 3 and 5): RFC 4231 vectors, the design's messages written out with
+"""The MAC primitives (docs/design.md §4 steps 3 and 5): RFC 4231 vectors, the design's messages written out with
 stdlib ``hmac``, the secondary-key derivation with RFC 5869 HKDF written out, and the custody check."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def test_the_design_messages() -> None:
 
 
 def test_secondary_key_is_rfc5869_hkdf_of_the_project_key() -> None:
-    """DESIGN §4 step 5 (v1.1): HKDF-SHA256 with an empty salt, written out with ``hmac``."""
+    """docs/design.md §4 step 5 (v1.1): HKDF-SHA256 with an empty salt, written out with ``hmac``."""
     project_key = os.urandom(32)
     prk = hmac.new(b"", project_key, hashlib.sha256).digest()
     okm = hmac.new(prk, b"pseudonymise/v1/secondary-key\x00research-a\x01", hashlib.sha256).digest()

@@ -527,7 +527,7 @@ def _raw_token(issuer: Issuer, project: str) -> tuple[str, Token]:
 def test_arrow_columns_equal_the_reference_and_the_python_engine(issuer: Issuer, name: str, array: pa.Array,
                                                                  sliced: bool) -> None:
     """Every type the C engine reads, NULLs kept, and a slice (offset != 0, in the validity bitmap too): the
-    pseudonyms equal DESIGN §4 written with the standard library and the pure-Python engine's column path."""
+    pseudonyms equal docs/design.md §4 written with the standard library and the pure-Python engine's column path."""
     raw, token = _raw_token(issuer, "research-b")
     if sliced:
         array = array.slice(5, 301)
@@ -861,7 +861,7 @@ def test_sqlite_register_only_through_the_sqlite3_modules_own_library() -> None:
 
 @needs_native
 def test_arrow_columns_side_by_side_equal_the_reference_and_fail_as_in_order(issuer: Issuer) -> None:
-    """hash_columns_side_by_side (the file path) gives every column's pseudonyms as DESIGN §4 says, the same
+    """hash_columns_side_by_side (the file path) gives every column's pseudonyms as docs/design.md §4 says, the same
     counts, and of two failing columns the error of the first, once both halves are done."""
     token = _token(issuer, "research-b")
     policy = ColumnPolicy({c: ColumnRule(c) for c in ("a", "b", "c")}, default="keep")

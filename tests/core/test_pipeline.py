@@ -3,7 +3,7 @@
 Pseudonymise, secondary, reverse, purge and re-key: what each writes (target rows, escrow rows), the
 summary it returns, and its audit rows; and that a run is one transaction of the store's database: a
 source or sink failing at any point leaves no target row, no escrow row and no ``success``, only the use
-audited ``failed``. Pseudonyms are checked against DESIGN §4 written out again (:mod:`tests.reference`).
+audited ``failed``. Pseudonyms are checked against docs/design.md §4 written out again (:mod:`tests.reference`).
 """
 
 from __future__ import annotations
@@ -314,7 +314,7 @@ def _sql_run(store: Store, raw: str, issuer: Issuer, hospital: sa.Engine, target
 
 
 def _expected(raw: str, start: str = "2026-11-01", end: str = "2026-12-01") -> list[tuple[Any, ...]]:
-    """The source rows of ``[start, end)`` with the pseudonyms DESIGN §4 gives (tests.reference)."""
+    """The source rows of ``[start, end)`` with the pseudonyms docs/design.md §4 gives (tests.reference)."""
     rows = [r for r in zip(IDS, PIDS, COUNTS, DAYS, WARDS, strict=True) if start <= r[3] < end]
     return [(i, p, n, d, w) for (i, _, n, d, w), p in
             zip(rows, reference.token_pseudonyms(raw, [r[1] for r in rows]), strict=True)]
@@ -388,7 +388,7 @@ def test_generic_sql_path_escrow_on_sqlite_is_read_back_by_reversal(sqlite_url: 
 def test_generic_sql_path_takes_a_column_of_mixed_types_as_the_python_engine_does(sqlite_url: str, issuer: Issuer,
                                                                                   tmp_path: Any) -> None:
     """SQLite lets a column hold integers and text: such a batch stays Python values (no Arrow), the others go
-    to the C engine as Arrow; every pseudonym is still DESIGN §4's, an integer's from its decimal digits."""
+    to the C engine as Arrow; every pseudonym is still docs/design.md §4's, an integer's from its decimal digits."""
     import sqlite3
 
     path = tmp_path / "mixed.db"

@@ -1,4 +1,4 @@
-"""The column policy (DESIGN §4 step 1): rules, defaults, the policy file, and the normalisers a rule may name."""
+"""The column policy (docs/design.md §4 step 1): rules, defaults, the policy file, and the normalisers a rule may name."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The pseudonym engines (DESIGN §4), checked against an independent reimplementation with stdlib hmac.
+"""The pseudonym engines (docs/design.md §4), checked against an independent reimplementation with stdlib hmac.
 
 The column policy alone is tested in test_policy.py, the MAC primitives in test_mac.py.
 """
@@ -34,7 +34,7 @@ from tests.core.conftest import Mint
 REPO = Path(__file__).resolve().parents[2]
 
 
-# --- the reference: DESIGN §4 steps 2-5 written out again -----------------------------------
+# --- the reference: docs/design.md §4 steps 2-5 written out again -----------------------------------
 def reference_canonical(value: Any) -> bytes:
     if isinstance(value, str):
         return unicodedata.normalize("NFC", value).encode("utf-8")
@@ -69,7 +69,7 @@ def reference_secondary(key: bytes, pseudonym: str, fmt: PseudonymFormat) -> str
 
 
 def reference_secondary_key(project_key: bytes, source_project: str) -> bytes:
-    """DESIGN §4 step 5 (v1.1), RFC 5869 HKDF-SHA256 with an empty salt, written out with hmac."""
+    """docs/design.md §4 step 5 (v1.1), RFC 5869 HKDF-SHA256 with an empty salt, written out with hmac."""
     prk = hmac.new(b"", project_key, hashlib.sha256).digest()
     info = b"pseudonymise/v1/secondary-key\x00" + source_project.encode("utf-8")
     return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()

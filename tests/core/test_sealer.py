@@ -1,4 +1,4 @@
-"""Sealing escrow (DESIGN §5): the HPKE suite, counter nonces, associated data, AES-256-GCM in Python and in the
+"""Sealing escrow (docs/design.md §5): the HPKE suite, counter nonces, associated data, AES-256-GCM in Python and in the
 C engine, each checked against the GCM specification's vectors or the ``cryptography`` package's AES-GCM, and
 the escrow item containers."""
 
@@ -50,7 +50,7 @@ def test_escrow_seal_open_round_trip() -> None:
     sealed = seal_key(dek, private.public_key())
     assert len(sealed) == 32 + 32 + 16  # enc (X25519 public key) || AES-256-GCM(dek) with tag
     assert open_key(sealed, private) == dek
-    # the escrow suite is the one DESIGN §5 fixes, with its info string
+    # the escrow suite is the one docs/design.md §5 fixes, with its info string
     assert SUITE.decrypt(sealed, private, info=HPKE_INFO) == dek
     assert seal_key(dek, private.public_key()) != sealed  # a fresh ephemeral key every time
 
@@ -205,7 +205,7 @@ def test_a_sealer_knows_the_digest_hash_of_every_row_it_sealed(mint: Mint, prefi
 
 # --- a batch: the Python path and the C engine give the same rows ----------------------------------
 def _open_rows(rows: bytes, dek: bytes, token: Token, domain: str, plaintexts: list[bytes], names: list[str]) -> None:
-    """Every row is the escrow layout of value ``i``, its ciphertext AES-256-GCM under ``dek`` as DESIGN §5 says."""
+    """Every row is the escrow layout of value ``i``, its ciphertext AES-256-GCM under ``dek`` as docs/design.md §5 says."""
     aead = AESGCM(dek)
     lines = rows.decode("utf-8").split("\n")
     assert lines[-1] == "" and len(lines) == len(names) + 1

@@ -1,4 +1,4 @@
-"""SQLite into SQLite done by SQLite (``core/sqlite_direct.py``): the same target as the generic path and as DESIGN §4.
+"""SQLite into SQLite done by SQLite (``core/sqlite_direct.py``): the same target as the generic path and as docs/design.md §4.
 
 Each run is made twice, from the same source file into two stores: once as a table source (the direct path:
 one ``INSERT … SELECT`` calling the C engine per value) and once as a query source (the generic path: cursor,
@@ -119,7 +119,7 @@ def _integer_affinity(value: Any) -> Any:
 
 
 def _expected(raw: str, pids: list[Any] = PIDS, *, affinity: bool = True) -> list[tuple[Any, ...]]:
-    """Source rows as DESIGN §4 makes them: pid normalised (text only) in its domain, name plain, secret dropped,
+    """Source rows as docs/design.md §4 makes them: pid normalised (text only) in its domain, name plain, secret dropped,
     score kept (in a new target's BIGINT column, with ``affinity``; else in a column of no type)."""
     pid = reference.token_pseudonyms(raw, [_normalised(p) for p in pids], domain="patients")
     name = reference.token_pseudonyms(raw, NAMES)

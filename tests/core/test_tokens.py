@@ -1,4 +1,4 @@
-"""Token format v1 (DESIGN §3): issue every kind, and one specific error per reason a token is refused."""
+"""Token format v1 (docs/design.md §3): issue every kind, and one specific error per reason a token is refused."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_hkdf_reference_gives_the_rfc5869_vectors() -> None:
 
 
 def test_secondary_token(issuer: Issuer) -> None:
-    """v1.1: the key is the vendor project's key through HKDF (DESIGN §4 step 5), never a project's own
+    """v1.1: the key is the vendor project's key through HKDF (docs/design.md §4 step 5), never a project's own
     key, and the token says which format its input must have."""
     raw = issuer.issue("vendor-x", "secondary", source_project="research-a")
     token = verify_token(raw, issuer.public_keys(), kind="secondary", project="vendor-x")
@@ -166,7 +166,7 @@ def test_secondary_token_with_an_invalid_source_format_is_malformed(issuer: Issu
     assert "source_format" in str(error)
 
 
-# --- verify_keys (DESIGN §5.1) ------------------------------------------------------------------
+# --- verify_keys (docs/design.md §5.1) ------------------------------------------------------------------
 def test_reverse_token_of_a_deterministic_project_carries_every_key_version(issuer: Issuer) -> None:
     first = issuer.project("research-a").key
     token = verify_token(issuer.issue("research-a", "reverse"), issuer.public_keys())
@@ -197,7 +197,7 @@ def test_reverse_token_of_a_randomised_project_and_other_kinds_carry_no_verify_k
 
 
 def test_reverse_token_issued_before_v1_1_still_verifies_without_verify_keys(issuer: Issuer) -> None:
-    """Reversal decides what a reverse token without verify_keys may do (DESIGN §5.1); parsing keeps it."""
+    """Reversal decides what a reverse token without verify_keys may do (docs/design.md §5.1); parsing keeps it."""
     claims = _claims(issuer.issue("research-a", "reverse"))
     del claims["verify_keys"]
     assert verify_token(_resign(issuer, claims), issuer.public_keys()).verify_keys is None
@@ -734,7 +734,7 @@ def test_fuzz_signature_last_character_is_canonical(fuzz_target: tuple[str, Trus
         verify_token(mutated, keys)
 
 
-# --- max_uses (DESIGN §3, v1.1) -------------------------------------------------------------------
+# --- max_uses (docs/design.md §3, v1.1) -------------------------------------------------------------------
 def test_max_uses_is_carried_and_shown(issuer: Issuer) -> None:
     raw = issuer.issue("research-a", "reverse", max_uses=3)
     assert _claims(raw)["max_uses"] == 3

@@ -1,5 +1,5 @@
 """Key custody in Vault Transit (real OpenBao): the key never leaves Vault, pseudonyms are the
-DESIGN §4 message HMAC'd by Transit, batches respect request limits, rotation pins versions."""
+docs/design.md §4 message HMAC'd by Transit, batches respect request limits, rotation pins versions."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def transit(openbao: Any, tmp_path: Path) -> tuple[Issuer, hvac.Client, str]:
 
 def _independent(client: hvac.Client, mount: str, message: bytes, version: int | None = None,
                  key: str = "pseudonymise-tr") -> str:
-    """One plain Transit call per value, base32-encoded as DESIGN §4 says."""
+    """One plain Transit call per value, base32-encoded as docs/design.md §4 says."""
     resp = client.secrets.transit.generate_hmac(name=key, hash_input=base64.b64encode(message).decode(),
                                                 algorithm="sha2-256", mount_point=mount, key_version=version)
     mac = base64.b64decode(resp["data"]["hmac"].split(":", 2)[2])
@@ -110,7 +110,7 @@ def test_batches_larger_than_the_servers_json_limit(transit: tuple[Issuer, hvac.
 
 
 def test_date_shift_offsets_are_transit_hmacs_of_the_design_message(transit: tuple[Issuer, hvac.Client, str]) -> None:
-    """DESIGN §4.7 with the key in Vault Transit: the offset is computed from Transit's HMAC of the date-shift
+    """docs/design.md §4.7 with the key in Vault Transit: the offset is computed from Transit's HMAC of the date-shift
     message (one plain Transit call per subject here, the offset formula in the standard library)."""
     import datetime as dt
 

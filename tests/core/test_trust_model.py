@@ -1,5 +1,5 @@
 """Trust model v1.1, attacked through the least-privilege roles of include/sql/least_privilege.sql on real
-PostgreSQL: escrow that proves itself (DESIGN.md §5.1), an audit only the server appends to (§6.1), claims
+PostgreSQL: escrow that proves itself (docs/design.md §5.1), an audit only the server appends to (§6.1), claims
 of refused tokens kept apart (§6), retention on the database's clock.
 
 Each attack here succeeded on the product before v1.1 (commit 7606545): the forged escrow row was revealed,
@@ -97,7 +97,7 @@ class _Collect:
 
 
 def _pseudonym(token: Token, value: str) -> str:
-    """The pseudonym of ``value`` by DESIGN §4 written out again (:mod:`tests.reference`)."""
+    """The pseudonym of ``value`` by docs/design.md §4 written out again (:mod:`tests.reference`)."""
     return str(reference.token_pseudonyms(token.raw, [value])[0])
 
 

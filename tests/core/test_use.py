@@ -406,7 +406,7 @@ def test_a_run_context_is_checked_once() -> None:
         RunContext(logical_date=20261104)  # type: ignore[arg-type]
 
 
-# --- max_uses and revocation (DESIGN §3, v1.1) -------------------------------------------------------
+# --- max_uses and revocation (docs/design.md §3, v1.1) -------------------------------------------------------
 def _finished(audit: AuditLog, jti: str) -> list[tuple[str, str | None]]:
     return [(r["outcome"], r["error_class"]) for r in audit.iter_rows() if r["token_jti"] == jti
             and r["event"] == "finished"]

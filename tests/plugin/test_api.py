@@ -34,7 +34,7 @@ def assert_no_secret(text: str, conns: TokenConnections) -> None:
 
 
 def expected_pseudonyms(conns: TokenConnections, values: list[str | None]) -> list[str | None]:
-    """DESIGN §4 written out again (:mod:`tests.reference`) on the values POLICY normalises (strip, upper)."""
+    """docs/design.md §4 written out again (:mod:`tests.reference`) on the values POLICY normalises (strip, upper)."""
     return reference.token_pseudonyms(conns.tokens["pseudonymise"],
                                       [None if v is None else v.strip().upper() for v in values])
 

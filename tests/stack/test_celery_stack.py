@@ -96,7 +96,7 @@ def test_key_ranges_on_two_celery_workers(stack: FullStack) -> None:
     assert stack.research_rows(f"SELECT * FROM {TARGET} ORDER BY visit_id") == mapped_rows
     assert stack.research_rows(f"SELECT count(*) FROM (SELECT * FROM mapped_run EXCEPT ALL SELECT * FROM {TARGET}) d") \
         == [(0,)]
-    # and the pseudonyms are those DESIGN §4 gives, computed with the standard library
+    # and the pseudonyms are those docs/design.md §4 gives, computed with the standard library
     assert sorted(r[0] for r in stack.research_rows(f"SELECT patient_id FROM {TARGET}") if r[0] is not None) == \
         expected_pseudonyms(stack.token, stack.pg.url("hospital"), "1900-01-01", "2100-01-01")
     research.dispose()

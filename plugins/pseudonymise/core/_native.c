@@ -1,5 +1,5 @@
 /*
- * The pseudonym engine's hot loop in C (DESIGN.md §4), optional: every function here has a
+ * The pseudonym engine's hot loop in C (docs/design.md §4), optional: every function here has a
  * pure-Python definition in mac.py / formats.py / copytext.py / sealer.py that the tests compare it
  * with, value for value.
  *

@@ -1,4 +1,4 @@
-"""The audit log (DESIGN.md §6): every token use as a ``started``/``finished`` pair in a hash chain.
+"""The audit log (docs/design.md §6): every token use as a ``started``/``finished`` pair in a hash chain.
 
 Each row stores ``prev_hash`` and ``row_hash = SHA-256(prev_hash || canonical JSON of the row)``.
 Appends are serialised (a PostgreSQL advisory lock, plus a one-row head table that also guards
@@ -7,7 +7,7 @@ they cannot be written the token is not used (fail closed). A ``finished`` row c
 inside the caller's transaction so that loaded data and its audit commit together.
 
 On PostgreSQL rows are appended only through a ``SECURITY DEFINER`` function owned by the role that
-created the audit (DESIGN.md §6.1): the server sets ``seq``, the time, ``prev_hash``, ``row_hash`` and
+created the audit (docs/design.md §6.1): the server sets ``seq``, the time, ``prev_hash``, ``row_hash`` and
 the calling database role (``db_role``), so a pipeline role given EXECUTE on it, and nothing else,
 cannot rewrite, delete or back-date rows, nor move the head. SQLite (the embedded default) appends
 in-process and trusts whoever can write its file.
@@ -132,7 +132,7 @@ def define_audit_tables(metadata: sa.MetaData, table: str = "pseudonymise_audit"
     return audit, head
 
 
-#: The revocation table (DESIGN §3, v1.1): one row per revoked token id, beside the audit.
+#: The revocation table (docs/design.md §3, v1.1): one row per revoked token id, beside the audit.
 REVOKED_TABLE = "pseudonymise_revoked"
 
 
@@ -148,7 +148,7 @@ def define_revoked_table(metadata: sa.MetaData, schema: str | None = None) -> sa
     )
 
 
-#: The admitted uses of verified tokens (DESIGN §3, v1.1 ``max_uses``): one row per use let through, written only
+#: The admitted uses of verified tokens (docs/design.md §3, v1.1 ``max_uses``): one row per use let through, written only
 #: by the start function (as the audit's owner on PostgreSQL), never by the roles that append. A token's uses
 #: are counted here, not from the audit's rows, which any appending role can add to (a forged ``denied`` row
 #: for an earlier use would otherwise give a used-up token its use back).
@@ -475,7 +475,7 @@ $pseudonymise$"""
         """``<table>_start(p, max_uses, revoked, used_up)``: under the audit lock, append the ``started`` row
         ``p``, then deny the use when its jti is revoked or has ``max_uses`` earlier uses, appending the
         ``denied`` row ``p || denial`` in the same call, so two concurrent uses of a single-use token cannot
-        both pass (DESIGN §3, v1.1). A use let through is recorded in the admissions table, which only this
+        both pass (docs/design.md §3, v1.1). A use let through is recorded in the admissions table, which only this
         function writes, and the uses are counted there: no row a caller can append changes the count."""
         _, revoked, append, lock, admitted = self._qualified(conn)
         return f"""CREATE OR REPLACE FUNCTION {self.start_function}(p jsonb, max_uses integer, revoked jsonb,
@@ -798,7 +798,7 @@ $pseudonymise$"""
 
     def listed_escrow_batches(self, conn: Connection | None = None) -> dict[str, str]:
         """``{batch id: digest}`` of the escrow batches listed by ``success`` rows of the chain, which must
-        verify (DESIGN.md §5.1); raise :class:`EscrowIntegrityError` naming the break otherwise."""
+        verify (docs/design.md §5.1); raise :class:`EscrowIntegrityError` naming the break otherwise."""
         listed: dict[str, str] = {}
 
         def collect(row: Mapping[str, Any]) -> None:

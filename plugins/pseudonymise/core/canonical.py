@@ -1,4 +1,4 @@
-"""Canonical bytes of a value, and the value back from them (DESIGN.md §4 step 2).
+"""Canonical bytes of a value, and the value back from them (docs/design.md §4 step 2).
 
 The canonical form fixes what "the same identifier" means everywhere: a string and the integer
 it spells give the same bytes, NFC and NFD spellings of a name give the same bytes, floats are

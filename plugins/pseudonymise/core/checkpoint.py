@@ -1,6 +1,6 @@
 """Signed checkpoints of the audit chain's head, kept beside the audit and by witnesses outside its database.
 
-DESIGN §6.1. A hash chain alone does not stop whoever can write the audit table from cutting off
+docs/design.md §6.1. A hash chain alone does not stop whoever can write the audit table from cutting off
 its end or rewriting it and its head. A *checkpoint* is the statement ``{audit_id, seq, row_hash,
 time}`` (canonical JSON) signed with Ed25519 by an audit signing key that the audit database never
 holds: a local private key (an OKP JWK, see :class:`LocalSigner`) or a Vault Transit ``ed25519``

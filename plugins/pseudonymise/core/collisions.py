@@ -1,4 +1,4 @@
-"""The run's collision check (DESIGN.md §4 step 6) in bounded memory: one pseudonym, two MACs, is an error.
+"""The run's collision check (docs/design.md §4 step 6) in bounded memory: one pseudonym, two MACs, is an error.
 
 For every pseudonymised value the guard keeps a fixed-size record: a 64-bit key that equal
 pseudonyms share (the MAC's first 64 bits when the pseudonym spells the MAC's leading bits, else

@@ -40,7 +40,7 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
 
 
 def database_now(conn: Connection) -> datetime:
-    """The database server's clock (DESIGN §6: audit time comes from the database, not the worker)."""
+    """The database server's clock (docs/design.md §6: audit time comes from the database, not the worker)."""
     name = conn.dialect.name
     if name == "postgresql":
         value = conn.execute(sa.text("SELECT clock_timestamp()")).scalar_one()

@@ -4,7 +4,7 @@ A :class:`Deidentifier` is made once per run from the column policy and the toke
 takes the *source* values (so a ``date_shift`` subject that is pseudonymised in the same policy still
 gives its offset from its original value) and returns the new values of the columns these actions
 change, as Python lists (columns of values) or Arrow arrays (record batches), with the same results
-either way. A ``date_shift`` offset is DESIGN §4.7: ``HMAC-SHA256(key, "pseudonymise/v1/date-shift" NUL
+either way. A ``date_shift`` offset is docs/design.md §4.7: ``HMAC-SHA256(key, "pseudonymise/v1/date-shift" NUL
 domain NUL canonical(subject))``, its first 8 bytes big-endian modulo ``2 * max_days``, minus ``max_days``,
 plus one when not negative. The MACs come from ``mac.py`` (here, in C, or in Vault Transit), like a
 pseudonym's; a randomised project draws one key per run instead, so each subject keeps one offset
@@ -48,7 +48,7 @@ def date_shift_label(domain: str) -> bytes:
 
 
 def offsets(macs: bytes, max_days: int) -> np.ndarray:
-    """The day offsets of DESIGN §4.7 from 32-byte MACs, one after the other (int64, never 0)."""
+    """The day offsets of docs/design.md §4.7 from 32-byte MACs, one after the other (int64, never 0)."""
     first = np.frombuffer(macs, dtype=">u8").reshape(-1, 4)[:, 0]
     shift = (first % np.uint64(2 * max_days)).astype(np.int64) - max_days
     shift[shift >= 0] += 1

@@ -126,7 +126,7 @@ class EscrowIntegrityError(EscrowError):
 
 
 class EscrowRefusedError(EscrowIntegrityError):
-    """Escrow rows that cannot be proven (DESIGN.md §5.1); nothing of the call was revealed."""
+    """Escrow rows that cannot be proven (docs/design.md §5.1); nothing of the call was revealed."""
 
     def __init__(self, project: str, refused: Mapping[str, str]) -> None:
         self.refused = dict(refused)

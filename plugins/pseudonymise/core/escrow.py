@@ -1,4 +1,4 @@
-"""Escrow storage for reversible projects (DESIGN.md §5, §5.1): the tables, writing sealed batches, revealing
+"""Escrow storage for reversible projects (docs/design.md §5, §5.1): the tables, writing sealed batches, revealing
 what can be proven, purging.
 
 Values are sealed by ``sealer.py``; this module stores them and reads them back. On PostgreSQL a
@@ -554,7 +554,7 @@ class Revealed:
 
 
 class EscrowReader:
-    """Opens escrow with a verified reverse token, revealing only what it can prove (DESIGN.md §5.1).
+    """Opens escrow with a verified reverse token, revealing only what it can prove (docs/design.md §5.1).
 
     A row is revealed when its batch's digest is listed by a ``success`` row of an audit chain that
     verifies and equals the digest of the batch's rows now, when it opens under its associated data, and,

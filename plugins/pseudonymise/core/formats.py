@@ -1,4 +1,4 @@
-"""Pseudonym output formats (DESIGN.md §4 step 4): encode a 32-byte MAC as text.
+"""Pseudonym output formats (docs/design.md §4 step 4): encode a 32-byte MAC as text.
 
 A format is an alphabet, a length and a prefix. Formats carrying fewer than 64 bits are refused,
 so pseudonyms stay collision-resistant at any realistic table size. Whole batches are encoded at

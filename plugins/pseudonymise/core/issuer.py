@@ -320,7 +320,7 @@ class Issuer:
 
         Reverse tokens are refused for irreversible projects and never outlive the retention end; for
         deterministic projects they carry ``verify_keys``, the project's HMAC key of every key version
-        it has had, so that reversal can recompute each pseudonym from the opened value (DESIGN §5.1).
+        it has had, so that reversal can recompute each pseudonym from the opened value (docs/design.md §5.1).
         Projects whose key is held in Vault Transit (``custody="transit"``) cannot: their key never
         leaves Vault, so their reverse tokens carry no ``verify_keys``.
 

@@ -1,4 +1,4 @@
-"""Write-range locks (DESIGN.md §7): a writer of a target keeps out every other writer of an overlapping interval.
+"""Write-range locks (docs/design.md §7): a writer of a target keeps out every other writer of an overlapping interval.
 
 Backfills re-run intervals and mapped tasks write key ranges of one table at once; two writers may
 run together only if their intervals cannot overlap. On PostgreSQL each lock is a row of a lock

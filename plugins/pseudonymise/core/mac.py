@@ -1,4 +1,4 @@
-"""The MAC primitives (DESIGN.md §4 steps 3 and 5): the only code that computes with a pseudonymisation key.
+"""The MAC primitives (docs/design.md §4 steps 3 and 5): the only code that computes with a pseudonymisation key.
 
 A pseudonym is ``HMAC-SHA256(key, label + message)``: ``PRIMARY_LABEL + domain NUL`` for first-level
 pseudonyms, ``SECONDARY_LABEL`` for second-level ones. The key is used here and nowhere else: in
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 PRIMARY_LABEL = b"pseudonymise/v1\x00"
 SECONDARY_LABEL = b"pseudonymise/v1/secondary\x00"
-#: HKDF ``info`` prefix of a secondary key (DESIGN §4 step 5, v1.1); the source project id follows.
+#: HKDF ``info`` prefix of a secondary key (docs/design.md §4 step 5, v1.1); the source project id follows.
 SECONDARY_KEY_INFO = b"pseudonymise/v1/secondary-key\x00"
 
 
@@ -121,7 +121,7 @@ def pseudonym_mac(key: bytes, domain: str, canonical: bytes) -> bytes:
 
 
 def derive_secondary_key(project_key: bytes, source_project: str) -> bytes:
-    """The key a secondary token carries (DESIGN §4 step 5, v1.1): ``HKDF-SHA256(project_key, salt=b"",
+    """The key a secondary token carries (docs/design.md §4 step 5, v1.1): ``HKDF-SHA256(project_key, salt=b"",
     info=b"pseudonymise/v1/secondary-key\\x00" + source_project, 32 bytes)``.
 
     ``project_key`` is the key of the project the token is issued for (the vendor's), never the

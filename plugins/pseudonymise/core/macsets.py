@@ -1,6 +1,6 @@
 """An exact, bounded set of 32-byte MACs: what a deterministic run has already handed to escrow.
 
-A value's MAC (DESIGN.md §4) names it within its project, domain and key, so a run that remembers
+A value's MAC (docs/design.md §4) names it within its project, domain and key, so a run that remembers
 every MAC it sealed seals and writes each distinct value once, however often it recurs. The set is
 exact (whole MACs are compared; nothing is forgotten) up to ``limit`` MACs; past that
 :meth:`MacSet.add` reports the MACs it left out, and the caller falls back to forgetting (the

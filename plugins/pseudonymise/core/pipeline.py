@@ -234,7 +234,7 @@ def run_pseudonymisation(store: Store, tokens: TokenSource, policy: ColumnPolicy
                 sink.commit()
                 details: dict[str, Any] = {"key_version": use.token.key_version}
                 if escrow is not None and escrow.digests:
-                    details["escrow_batches"] = escrow.digests  # what reversal may prove (DESIGN.md §5.1)
+                    details["escrow_batches"] = escrow.digests  # what reversal may prove (docs/design.md §5.1)
                 use.succeed(conn, engine.stats.as_dict(), details=details)
         except BaseException:
             engine.close()

@@ -91,7 +91,7 @@ class QuerySource:
 @dataclass(frozen=True)
 class SharedTransaction:
     """The target is in the audit store's database and is written in the store's transaction: the rows,
-    the escrow and the audit's ``finished`` row commit together, or none of them (DESIGN §6).
+    the escrow and the audit's ``finished`` row commit together, or none of them (docs/design.md §6).
 
     :param engine: the store's engine (the target's database).
     """

@@ -1,4 +1,4 @@
-"""The column policy (DESIGN.md §4 step 1): what happens to each column, and the normalisers a rule may name.
+"""The column policy (docs/design.md §4 step 1): what happens to each column, and the normalisers a rule may name.
 
 A :class:`ColumnPolicy` maps column names to :class:`ColumnRule` objects (``pseudonymise``, ``keep``,
 ``drop``, or one of the de-identifying actions ``date_shift``, ``generalise``, ``mask`` and ``suppress``,
@@ -92,7 +92,7 @@ class ColumnRule:
     or a de-identifying action (``docs/deidentification.md``):
 
     - ``date_shift``: every date or timestamp moved by the non-zero offset of its row's ``subject`` (a column
-      name), in ``[-max_days, max_days]`` days (DESIGN §4.7), within ``domain``;
+      name), in ``[-max_days, max_days]`` days (docs/design.md §4.7), within ``domain``;
     - ``generalise``: dates and timestamps ``to`` ``year``, ``month`` or ``iso_week``; integers to bands of
       ``width`` (optionally everything below ``bottom`` in one band, and from ``top`` up in one); text to its
       first ``prefix`` characters;

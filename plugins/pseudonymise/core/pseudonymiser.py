@@ -1,4 +1,4 @@
-"""The pseudonym engines (DESIGN.md §4): a column policy applied to whole batches, first-level or secondary.
+"""The pseudonym engines (docs/design.md §4): a column policy applied to whole batches, first-level or secondary.
 
 A :class:`Pseudonymiser` is made from a verified pseudonymisation token and a
 :class:`~pseudonymise.core.policy.ColumnPolicy`; it turns a batch (a mapping of column name to a
@@ -430,7 +430,7 @@ class PseudonymEngine(ABC):
             self._guard = GuardAside(self._guard)
 
     def finish(self) -> None:
-        """End of the run: complete the collision check (DESIGN §4.6); raise before anything is committed."""
+        """End of the run: complete the collision check (docs/design.md §4.6); raise before anything is committed."""
         self._end_beside()
         self._guard.finish()
 

@@ -1,4 +1,4 @@
-"""Sealing escrow values (DESIGN.md §5): what to seal, each batch's data key and its HPKE seal, nonces, associated data.
+"""Sealing escrow values (docs/design.md §5): what to seal, each batch's data key and its HPKE seal, nonces, associated data.
 
 The pipeline holds only the escrow *public* key, so it can seal and never open. Per batch a fresh
 data key (``dek``) is sealed with HPKE (RFC 9180 base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256,

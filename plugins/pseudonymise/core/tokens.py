@@ -1,6 +1,6 @@
 """Token format v1: compact JWS (EdDSA/Ed25519) issue, parse and verify, failing closed.
 
-DESIGN.md §3. Verification checks, in this order: structure, header (``alg`` = EdDSA, no
+docs/design.md §3. Verification checks, in this order: structure, header (``alg`` = EdDSA, no
 ``crit``, known ``kid``), signature, claim schema, ``nbf``/``exp``, then what the caller expects
 (kind, project) and, for reverse tokens, the retention end. Header and payload are JSON objects
 without duplicate members, at any depth. Each failure raises its own

@@ -122,7 +122,7 @@ class RunContext:
     :param triggered_by: the user who triggered the run or made the call.
     :param host: the machine that ran the use (default: this one's name, as the audit finds it).
     :param on_finished: called with the audit log after the use's ``finished`` row is committed, e.g. to
-        write a signed checkpoint of the audit (DESIGN §6.1); not called for a crashed use.
+        write a signed checkpoint of the audit (docs/design.md §6.1); not called for a crashed use.
     """
 
     dag_id: str | None = None
@@ -154,7 +154,7 @@ class RunContext:
             raise TypeError("RunContext.on_finished must be callable")
 
     def audit_fields(self) -> dict[str, Any]:
-        """The context columns of the use's audit rows (the audit schema's context fields, DESIGN §6)."""
+        """The context columns of the use's audit rows (the audit schema's context fields, docs/design.md §6)."""
         return {name: getattr(self, name) for name in CONTEXT_FIELDS}
 
 
@@ -208,7 +208,7 @@ class TokenUse:
         try:
             raw, keys = self._read()
         except TokenError as exc:
-            # A token that cannot even be read is still an attempted use (DESIGN §6).
+            # A token that cannot even be read is still an attempted use (docs/design.md §6).
             self._deny(exc)
         denial: TokenError | None = None
         verified: Token | None = None
@@ -216,7 +216,7 @@ class TokenUse:
         # presented, whatever it claims
         self.use.token_fingerprint = fingerprint(raw) if raw else None
         # Checked before the started row so that the row holds verified facts; a token that fails
-        # verification leaves only what it *claimed*, in the ``claimed`` column (DESIGN.md §6). The
+        # verification leaves only what it *claimed*, in the ``claimed`` column (docs/design.md §6). The
         # token is handed out (``self.token``) only once the started row is committed.
         try:
             verified = verify_token(raw, keys, kind=self.kind, project=project)
@@ -227,7 +227,7 @@ class TokenUse:
             self.audit.start(self.use)
         else:
             self._record_verified(verified)
-            # revoked or used up: the denied row is already committed with the started one (DESIGN §3, v1.1)
+            # revoked or used up: the denied row is already committed with the started one (docs/design.md §3, v1.1)
             refused = self.audit.start_use(self.use, self._admission(verified))
             if refused is not None:
                 self._finished = True
@@ -287,7 +287,7 @@ class TokenUse:
         )
 
     def _retention_on_database_clock(self, token: Token) -> TokenError | None:
-        """Retention is judged by the audit database's clock, not the worker's (DESIGN.md §5.1): a worker
+        """Retention is judged by the audit database's clock, not the worker's (docs/design.md §5.1): a worker
         whose clock is set back cannot reverse past the retention end."""
         try:
             with self.audit.engine.connect() as conn:

@@ -434,7 +434,7 @@ class CheckpointView:
 
 
 def latest_checkpoints(store: Store) -> CheckpointView:
-    """What the audit page shows of the signed checkpoints (DESIGN §6.1); checking them against a witness is
+    """What the audit page shows of the signed checkpoints (docs/design.md §6.1); checking them against a witness is
     ``pseudonymise audit verify --witness``'s job."""
     from pseudonymise.core.checkpoint import CheckpointTable
 
