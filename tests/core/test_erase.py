@@ -49,7 +49,7 @@ def _load(store: Store, issuer: Issuer, project: str, table: str = "visits") -> 
 def _revealed(store: Store, issuer: Issuer, pseudonyms: list[str]) -> dict[str, Any]:
     token = verify_token(issuer.issue("research-a", "reverse"), issuer.public_keys())
     with store.engine.connect() as conn:
-        return reveal(conn, store.escrow, token, pseudonyms, lambda: store.audit.listed_escrow_batches(conn)).values
+        return reveal(conn, store.escrow, token, pseudonyms, lambda: store.audit.listed_escrow_batches(conn, store.escrow.values)).values
 
 
 def _pids(store: Store, table: str = "visits") -> list[str]:

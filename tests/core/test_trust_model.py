@@ -199,6 +199,45 @@ def test_escrow_row_added_to_a_listed_batch_is_refused(roles: Roles, issuer: Iss
         _reverse(roles.auditor, issuer, "random-r", sink.rows[0]["id"])
 
 
+def test_a_later_listing_by_an_appending_role_cannot_make_a_real_batch_unrevealable(roles: Roles,
+                                                                                    issuer: Issuer) -> None:
+    """Batch ids are no secret to the pipeline role (it may read them), and it may append any audit row: a
+    ``success`` row listing a real batch with a junk digest, even one that says it is an erasure, must not
+    make that batch's genuine rows refused. A batch's first listing stands; only an ``erase`` row written by a
+    role that may delete escrow rows re-lists it, as a real erasure does."""
+    from pseudonymise.core.erase import erase_by_pseudonyms
+
+    raw = issuer.issue("random-r", "pseudonymisation")
+    sink = _Collect()
+    run_pseudonymisation(Store(roles.pipeline), GivenToken(raw, issuer.public_keys()), POLICY,
+                         plan_transfer(_Rows("R1", "R2", "R3"), SinkFactory(lambda cols, conn: sink)))
+    p1, p2, p3 = sink.rows[0]["id"]
+    with roles.pipeline.connect() as conn:
+        batch_id = conn.execute(sa.text("SELECT DISTINCT batch_id FROM pseudonymise_escrow")).scalar_one()
+
+    def junk(operation: str) -> None:
+        with roles.pipeline.connect() as conn:
+            AuditLog(roles.pipeline).append(conn, {
+                **AuditUse(operation=operation, project="random-r").record(), "event": "finished",
+                "outcome": "success", "details": json.dumps({"escrow_batches": {batch_id: "0" * 64}})})
+            conn.commit()
+
+    junk("pseudonymise")
+    junk("erase")
+    assert _reverse(roles.auditor, issuer, "random-r", [p1, p2, p3]) == {p1: "R1", p2: "R2", p3: "R3"}
+    with roles.auditor.connect() as conn:
+        listed = AuditLog(roles.auditor).listed_escrow_batches(conn, Store(roles.auditor).escrow.values)
+        assert unproven_rows(conn, Store(roles.auditor).escrow, listed) == []
+    # a real erasure, by a role that may delete escrow rows (the owner here), re-lists the batch
+    erase_by_pseudonyms(Store(roles.owner), "random-r", [p1])
+    erasure = _audit_rows(roles.owner)[-1]
+    assert (erasure["operation"], erasure["outcome"], erasure["db_role"]) == ("erase", "success", "postgres")
+    junk("erase")  # and a forged erasure after it changes nothing either
+    assert _reverse(roles.auditor, issuer, "random-r", [p2, p3]) == {p2: "R2", p3: "R3"}
+    assert _reverse(roles.auditor, issuer, "random-r", [p1]) == {p1: None}
+    assert AuditLog(roles.owner).verify().ok
+
+
 def test_retention_is_judged_by_the_databases_clock(roles: Roles, issuer: Issuer,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker whose clock is set back must not reverse past the retention end. The worker's clock is

@@ -796,10 +796,17 @@ $pseudonymise$"""
                                 "the chain's head does not match its last row: rows were cut off the end or appended outside the plugin")
         return VerifyResult(True, checked, expected_seq - 1)
 
-    def listed_escrow_batches(self, conn: Connection | None = None) -> dict[str, str]:
+    def listed_escrow_batches(self, conn: Connection | None = None, escrow: sa.Table | None = None) -> dict[str, str]:
         """``{batch id: digest}`` of the escrow batches listed by ``success`` rows of the chain, which must
-        verify (docs/design.md §5.1); raise :class:`EscrowIntegrityError` naming the break otherwise."""
+        verify (docs/design.md §5.1); raise :class:`EscrowIntegrityError` naming the break otherwise.
+
+        A batch's first listing is its writer's (in the same transaction as its rows). A later listing of it
+        replaces that only when it is an ``erase`` use's (an erasure lists the digest of the rows it left), and
+        on PostgreSQL only when the row's ``db_role`` (set by the server) may delete from ``escrow``, the
+        values table: the one role that can have changed the batch. Any other later listing, which any role
+        that appends can write, is left out: it could otherwise make every genuine row of a batch refused."""
         listed: dict[str, str] = {}
+        may_erase = self._erasers(escrow)
 
         def collect(row: Mapping[str, Any]) -> None:
             if row["outcome"] != "success" or not row["details"]:
@@ -808,8 +815,12 @@ $pseudonymise$"""
                 batches = json.loads(row["details"]).get("escrow_batches")
             except (ValueError, AttributeError):
                 return
-            if isinstance(batches, dict):
-                listed.update({str(k): str(v) for k, v in batches.items()})
+            if not isinstance(batches, dict):
+                return
+            for batch_id, digest in batches.items():
+                batch_id, digest = str(batch_id), str(digest)
+                if batch_id not in listed or (row["operation"] == "erase" and may_erase(row.get("db_role"))):
+                    listed[batch_id] = digest
 
         result = self.verify(conn, visit=collect)
         if not result.ok:
@@ -818,6 +829,30 @@ $pseudonymise$"""
                 "Run `pseudonymise audit verify` and restore the audit from a backup"
             )
         return listed
+
+    def _erasers(self, escrow: sa.Table | None) -> Callable[[str | None], bool]:
+        """Whether an ``erase`` row written by a database role may re-list batches (see
+        :meth:`listed_escrow_batches`): on SQLite always (no roles: the file's owner is trusted); on PostgreSQL
+        when the role exists and holds DELETE on the escrow values table, asked once per role."""
+        if self.engine.dialect.name != "postgresql":
+            return lambda role: True
+        if escrow is None:
+            return lambda role: False
+        table = self.engine.dialect.identifier_preparer.format_table(escrow)
+        answers: dict[str, bool] = {}
+
+        def may_erase(role: str | None) -> bool:
+            if role is None:
+                return False
+            if role not in answers:
+                with self.engine.connect() as own:
+                    # by the role's oid: a role since dropped has none, and no privilege
+                    answers[role] = bool(own.execute(sa.text(
+                        "SELECT has_table_privilege(r.oid, CAST(:t AS regclass), 'DELETE') FROM pg_roles r "
+                        "WHERE r.rolname = :r"), {"t": table, "r": role}).scalar())
+            return answers[role]
+
+        return may_erase
 
     def incomplete_uses(self) -> list[str]:
         """use ids with a ``started`` row and no ``finished`` row (crashed or running tasks)."""

@@ -8,7 +8,8 @@ column rules: normalisers and domain); given **pseudonyms**, they are used as th
 - **Escrow**: the subject's rows are deleted from ``pseudonymise_escrow``: nobody can reveal them again,
   with any reverse token, ever. The rows kept in the same escrow batches stay revealable: the erasure's
   ``success`` audit row lists the new digest of every batch it changed (over the rows that remain), which
-  the reader takes over the earlier listing (docs/design.md §5.1's chain of listings, read in order).
+  the reader takes over the earlier listing (docs/design.md §5.1): on PostgreSQL only because the erasing
+  role may delete escrow rows, so an ``erase`` row appended by any other role re-lists nothing.
 - **Targets** (when named): the rows whose column holds one of the pseudonyms are deleted, each target in
   one transaction with its own audited use (operation ``erase``, counts only).
 

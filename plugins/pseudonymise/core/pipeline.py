@@ -450,7 +450,7 @@ def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Map
         try:
             with database_errors("writing the revealed rows and the audit failed; nothing was committed",
                                  columns=source.columns, data_fix=TARGET_DATA_FIX), store.engine.begin() as conn:
-                reader = EscrowReader(conn, store.escrow, use.token, lambda: store.audit.listed_escrow_batches(conn))
+                reader = EscrowReader(conn, store.escrow, use.token, lambda: store.audit.listed_escrow_batches(conn, store.escrow.values))
                 sink = transfer.open_sink(list(source.columns), conn)
                 for batch in source.batches():
                     rows = len(next(iter(batch.values()))) if batch else 0
@@ -562,7 +562,7 @@ def run_rekey(store: Store, reverse_tokens: TokenSource, new_tokens: TokenSource
         with database_errors(f"re-keying {target} failed; nothing was changed", columns=list(columns)), \
                 store.engine.begin() as conn:
             reader = EscrowReader(conn, store.escrow, reverse_use.token,
-                                  lambda: store.audit.listed_escrow_batches(conn))
+                                  lambda: store.audit.listed_escrow_batches(conn, store.escrow.values))
             t = sa.Table(table, sa.MetaData(), autoload_with=conn, schema=schema)
             missing = [c for c in columns if c not in t.c]
             if missing:
