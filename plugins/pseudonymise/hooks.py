@@ -571,11 +571,14 @@ class AirflowApprovalHook(BaseHook):
         """The approval of run ``run_id`` by its task ``approval_task_id``, held to four eyes.
 
         :class:`ApprovalError` unless the task was answered ``Approve`` by a person other than the user
-        who triggered the run (both as the API server recorded them).
+        who triggered the run (both as the API server recorded them), and its text (the body the approver
+        read, as the API server stored it) names exactly one pseudonym set
+        (:func:`~pseudonymise.core.approval.approved_set_digest`): the returned approval carries that digest,
+        and the reversal must read that very set.
         """
         from urllib.parse import quote
 
-        from pseudonymise.core.approval import Approval, require_four_eyes
+        from pseudonymise.core.approval import Approval, approved_set_digest, require_four_eyes
         from pseudonymise.core.errors import ApprovalError
 
         jwt = self._jwt()
@@ -600,5 +603,7 @@ class AirflowApprovalHook(BaseHook):
                                 "four eyes needs a user's approval")
         approver = str(user.get("name") or user.get("id") or "")
         require_four_eyes(run.get("triggering_user_name"), approver, what=what)
+        digest = approved_set_digest(detail.get("body"), what=what)
         return Approval(requester=str(run["triggering_user_name"]), approver=approver, reason=reason,
-                        approved_at=detail.get("responded_at"), via="airflow-hitl", reference=approval_task_id)
+                        approved_at=detail.get("responded_at"), via="airflow-hitl", reference=approval_task_id,
+                        pseudonym_set_digest=digest)

@@ -23,10 +23,11 @@ from urllib.parse import urlencode
 from airflow.sdk import Asset, AssetAlias, BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from pseudonymise.core.approval import Approval
+from pseudonymise.core.approval import SET_DIGEST_LABEL, Approval, PseudonymSet
 from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.errors import (
     ApprovalError,
+    AuditError,
     ErasureError,
     PolicyError,
     PseudonymiseError,
@@ -681,8 +682,27 @@ class ReversePseudonymsOperator(BaseDataOperator):
                                 "the approver decides on it and the audit records it")
         assert self.approval_task_id is not None
         ti = context["ti"]
-        return AirflowApprovalHook(self.airflow_api_conn_id).approval(
+        approval = AirflowApprovalHook(self.airflow_api_conn_id).approval(
             ti.dag_id, ti.run_id, self.approval_task_id, reason=reason)
+        # one approval reveals once: a cleared or re-run task instance must ask again, in a new run
+        try:
+            earlier = self.store.audit.succeeded("reverse", dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
+                                                 map_index=ti.map_index if ti.map_index is not None else -1)
+        except AuditError as exc:
+            raise ApprovalError(f"cannot check that this run's approval was not used already, so nothing is revealed: "
+                                f"{exc}") from None
+        if earlier is not None:
+            raise ApprovalError(f"this run's approval was used already, by reversal use {earlier} of this task; one "
+                                "approval reveals once: trigger a new run and ask for a new approval")
+        # the set read now, before the token is read (a refusal then uses none of a single-use token's uses);
+        # the reversal checks the set it reads again, before anything is written
+        digest, count = _set_digest(self._source(), self.pseudonym_columns)
+        if digest != approval.pseudonym_set_digest:
+            raise ApprovalError(
+                f"the {count} pseudonym(s) of the source are not the set that was approved (source {digest[:12]}…, "
+                f"approved {(approval.pseudonym_set_digest or '')[:12]}…): the source changed after the approval, or "
+                "this task reads another one; nothing was revealed. Ask again, for the pseudonyms to reveal")
+        return approval
 
     def execute(self, context: Any) -> dict[str, Any]:
         freeze_startup_heap()
@@ -708,6 +728,51 @@ class ReversePseudonymsOperator(BaseDataOperator):
                       summary.counts["not_found"], approval.requester or "-", approval.approver or "(waived)",
                       summary.use_id)
         return summary.as_dict()
+
+
+def _set_digest(source: QuerySource | Source, columns: Sequence[str]) -> tuple[str, int]:
+    """The digest and size of the set of ``(column, pseudonym)`` pairs ``source`` holds in ``columns``."""
+    missing = [c for c in columns if c not in source.columns]
+    if missing or not columns:
+        raise PolicyError(f"column(s) {', '.join(map(repr, missing)) or '(none)'} to reverse are not in the source "
+                          f"(it has {', '.join(map(repr, source.columns))})")
+    pairs = PseudonymSet(columns)
+    for batch in source.batches():
+        pairs.add(batch)
+    return pairs.digest()
+
+
+class PseudonymSetDigestOperator(BaseDataOperator):
+    """The digest of the pseudonyms a reversal is asked for, to show in its approval (four eyes).
+
+    Reads the source a :class:`ReversePseudonymsOperator` will read (same source parameters) and returns
+    ``{"digest", "pseudonyms", "columns", "line"}``: the SHA-256 of the set of its ``(column, pseudonym)``
+    pairs (order, repetitions and NULLs left aside), how many, and ``line``, the text an approval names a
+    set with (``pseudonym set digest: <sha-256> (N pseudonyms in …)``). Put ``line`` in the
+    ``ApprovalOperator``'s body: the reversal then reveals only if it reads that very set (a source changed
+    after the approval is refused, nothing written). No token is read and nothing is written; the
+    pseudonyms themselves never go to XCom or the log.
+
+    :param pseudonym_columns: the columns that hold the pseudonyms to reverse (templated).
+
+    The source parameters are those of :class:`BaseDataOperator`.
+    """
+
+    template_fields: Sequence[str] = (*BaseDataOperator.template_fields, "pseudonym_columns")
+    ui_color = "#ffe8cc"
+    operator_extra_links = ()
+
+    def __init__(self, *, pseudonym_columns: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pseudonym_columns = pseudonym_columns
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        columns = list(self.pseudonym_columns)
+        with _failing_the_task():
+            digest, count = _set_digest(self._source(), columns)
+        line = f"{SET_DIGEST_LABEL} {digest} ({count} pseudonym{'s' if count != 1 else ''} in {', '.join(columns)})"
+        self.log.info("%s", line)
+        return {"digest": digest, "pseudonyms": count, "columns": columns, "line": line}
 
 
 def _escrow_dataset(audit_conn_id: str, schema: str | None) -> LineageDataset:

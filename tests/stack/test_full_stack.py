@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
 import json
 import time
 import urllib.error
@@ -367,7 +368,28 @@ def _ask(stack: FullStack, requests: Path, output: Path) -> str:
     detail = _wait_for_approval_task(stack, run_id)
     assert detail["response_received"] is False and "Approve" in detail["options"]
     assert REASON in detail["body"] and "alice" in detail["body"]
+    # the approver is shown the digest of the very pseudonyms the reversal will read (the digest task's line)
+    pseudonyms = sorted({r["patient_id"] for r in csv.DictReader(requests.open())})
+    assert f"pseudonym set digest: {_set_digest(pseudonyms)} ({len(pseudonyms)} pseudonyms in patient_id)" in detail["body"]
     return run_id
+
+
+def _set_digest(pseudonyms: list[str]) -> str:
+    """A pseudonym set's digest written out again: SHA-256 of its sorted (column, pseudonym) pairs as compact JSON."""
+    pairs = sorted(["patient_id", p] for p in set(pseudonyms))
+    return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
+
+
+def _reveal_task_ended(stack: FullStack, run_id: str, timeout: float = 240) -> str:
+    """The state the reveal task ends in after it was cleared (it goes back to the queue first)."""
+    path = f"/api/v2/dags/{REVERSAL}/dagRuns/{run_id}/taskInstances/reveal_pseudonyms"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ti = stack.request("GET", path)
+        if ti["try_number"] > 1 and ti["state"] in ("success", "failed"):
+            return str(ti["state"])
+        time.sleep(1)
+    raise RuntimeError(f"the cleared reveal task of {run_id} did not end within {timeout} s")
 
 
 def _approve(stack: FullStack, run_id: str, user: str) -> None:
@@ -421,6 +443,31 @@ def test_reversal_needs_the_approval_of_a_second_person(stack: FullStack, tmp_pa
     four_eyes = json.loads(done["details"])["four_eyes"]
     assert (four_eyes["requester"], four_eyes["approver"], four_eyes["reason"], four_eyes["via"]) == (
         "alice", "bob", REASON, "airflow-hitl")
+    assert four_eyes["pseudonym_set_digest"] == _set_digest(pseudonyms[:3])
+
+    # the reveal task cleared and run again: one approval reveals once
+    output.unlink()
+    stack.request("POST", f"/api/v2/dags/{REVERSAL}/clearTaskInstances",
+                  {"dry_run": False, "dag_run_id": run_id, "task_ids": ["reveal_pseudonyms"], "only_failed": False,
+                   "reset_dag_runs": True})
+    assert _reveal_task_ended(stack, run_id) == "failed"
+    assert not output.exists()
+    again = _reverse_uses(stack)[-1]
+    assert (again["outcome"], again["error_class"], again["token_jti"]) == ("denied", "ApprovalError", None)
+    assert f"used already, by reversal use {done['use_id']}" in again["error_message"]
+
+    # alice asks, and swaps the file's pseudonyms for others once the approval waits: bob approves what he was
+    # shown, and nothing else is revealed
+    output = tmp_path / "swapped.csv"
+    run_id = _ask(stack, requests, output)
+    requests.write_text("patient_id\n" + "\n".join(pseudonyms[3:6]) + "\n")
+    _approve(stack, run_id, "bob")
+    assert stack.wait_for_run(REVERSAL, run_id)["state"] == "failed"
+    assert not output.exists()
+    swapped = _reverse_uses(stack)[-1]  # refused before the (single-use) reverse token is read: none of its uses
+    assert (swapped["outcome"], swapped["error_class"], swapped["token_jti"]) == ("denied", "ApprovalError", None)
+    assert "not the set that was approved" in swapped["error_message"]
+
     logs = "".join(p.read_text(errors="replace") for p in (stack.work / "airflow" / "logs").rglob("*.log"))
     assert stack.passwords["approvals-reader"] not in logs and not any(v in logs for v in revealed)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -49,10 +50,16 @@ class Approval:
     approved_at: str | None
     via: str
     reference: str
+    #: the digest of the pseudonym set the approver was shown (:func:`pseudonym_set_digest`): the reversal must
+    #: read exactly that set, or it fails before anything is written (``None``: the request itself is bound)
+    pseudonym_set_digest: str | None = None
 
     def details(self) -> dict[str, Any]:
-        return {"four_eyes": {"requester": self.requester, "approver": self.approver, "reason": self.reason,
-                              "approved_at": self.approved_at, "via": self.via, "reference": self.reference}}
+        four_eyes = {"requester": self.requester, "approver": self.approver, "reason": self.reason,
+                     "approved_at": self.approved_at, "via": self.via, "reference": self.reference}
+        if self.pseudonym_set_digest is not None:
+            four_eyes["pseudonym_set_digest"] = self.pseudonym_set_digest
+        return {"four_eyes": four_eyes}
 
 
 def same_person(a: str, b: str) -> bool:
@@ -77,9 +84,47 @@ def pseudonym_set_digest(columns: Sequence[str], batch: Mapping[str, Sequence[An
 
     Order and repetition do not matter: the same pseudonyms asked again in another order give the same digest.
     """
-    pairs = sorted({(c, str(v)) for c in columns for v in batch.get(c, ()) if v is not None})
-    text = json.dumps(pairs, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest(), len(pairs)
+    pairs = PseudonymSet(columns)
+    pairs.add(batch)
+    return pairs.digest()
+
+
+class PseudonymSet:
+    """The ``(column, pseudonym)`` pairs of a stream of batches, for :func:`pseudonym_set_digest` over all of them."""
+
+    def __init__(self, columns: Sequence[str]) -> None:
+        self.columns = list(columns)
+        self._pairs: set[tuple[str, str]] = set()
+
+    def add(self, batch: Mapping[str, Sequence[Any]]) -> None:
+        self._pairs.update((c, str(v)) for c in self.columns for v in batch.get(c, ()) if v is not None)
+
+    def digest(self) -> tuple[str, int]:
+        text = json.dumps(sorted(self._pairs), ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest(), len(self._pairs)
+
+
+#: How an approval names the pseudonyms it approves: a line of the approval's text (an ``ApprovalOperator``'s
+#: body), which :class:`~pseudonymise.operators.PseudonymSetDigestOperator` gives as ``line``.
+SET_DIGEST_LABEL = "pseudonym set digest:"
+_SET_DIGEST = re.compile(re.escape(SET_DIGEST_LABEL) + r"\s*([0-9a-f]{64})\b")
+
+
+def approved_set_digest(text: str | None, *, what: str) -> str:
+    """The one pseudonym-set digest an approval's ``text`` names; :class:`ApprovalError` when it names none, or
+    more than one (a requester's reason quoting another set's digest cannot be the one that counts)."""
+    found = set(_SET_DIGEST.findall(text or ""))
+    if not found:
+        raise ApprovalError(
+            f"{what} does not name the pseudonyms it approves: its text holds no '{SET_DIGEST_LABEL} <sha-256>'. "
+            "Put a PseudonymSetDigestOperator on the same source upstream of the ApprovalOperator and show its "
+            "line in the body (body=\"... {{ ti.xcom_pull(task_ids='digest_requests')['line'] }}\"), so the "
+            "approver sees what is revealed and the reversal reads exactly that")
+    if len(found) > 1:
+        raise ApprovalError(
+            f"{what} names {len(found)} different pseudonym sets ('{SET_DIGEST_LABEL}' appears with different "
+            "digests, one of them perhaps in the requester's own text): it approves no one set; ask again")
+    return found.pop()
 
 
 def _iso(value: datetime | None) -> str | None:

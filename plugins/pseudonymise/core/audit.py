@@ -854,6 +854,21 @@ $pseudonymise$"""
 
         return may_erase
 
+    def succeeded(self, operation: str, *, dag_id: str, run_id: str, task_id: str, map_index: int) -> str | None:
+        """The use id of a successful use of ``operation`` by the task instance (``dag_id``, ``run_id``,
+        ``task_id``, ``map_index``) in any earlier try, or ``None``; :class:`AuditError` if the audit cannot be read."""
+        t = self.table
+        query = (sa.select(t.c.use_id).where(t.c.event == "finished", t.c.outcome == "success",
+                                            t.c.operation == operation, t.c.dag_id == dag_id, t.c.run_id == run_id,
+                                            t.c.task_id == task_id, t.c.map_index == map_index)
+                 .order_by(t.c.seq).limit(1))
+        try:
+            with self.engine.connect() as conn:
+                return conn.execute(query).scalar()
+        except SQLAlchemyError as exc:
+            raise AuditError(f"cannot read the audit {self.table.fullname!r} ({exc.__class__.__name__}); check that "
+                             "the database is reachable and its role may read the audit") from None
+
     def incomplete_uses(self) -> list[str]:
         """use ids with a ``started`` row and no ``finished`` row (crashed or running tasks)."""
         t = self.table

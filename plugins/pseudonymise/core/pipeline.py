@@ -30,13 +30,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from pseudonymise.core.approval import Approval, ReverseRequests
+from pseudonymise.core.approval import Approval, PseudonymSet, ReverseRequests
 from pseudonymise.core.audit import AuditLog, AuditUse
 from pseudonymise.core.checkpoint import CheckpointTable
 from pseudonymise.core.db import make_engine, sqlite_write_transaction
 from pseudonymise.core.defaults import DRY_RUN_SAMPLE
 from pseudonymise.core.errors import (
     TARGET_DATA_FIX,
+    ApprovalError,
     AuditError,
     EscrowError,
     EscrowNotFoundError,
@@ -447,6 +448,7 @@ def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Map
         stats = Stats()
         not_found = 0
         sink: Sink | None = None
+        approved = PseudonymSet(columns) if approval is not None and approval.pseudonym_set_digest else None
         try:
             with database_errors("writing the revealed rows and the audit failed; nothing was committed",
                                  columns=source.columns, data_fix=TARGET_DATA_FIX), store.engine.begin() as conn:
@@ -455,6 +457,8 @@ def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Map
                 for batch in source.batches():
                     rows = len(next(iter(batch.values()))) if batch else 0
                     stats.rows_in += rows
+                    if approved is not None:
+                        approved.add(batch)
                     for column in columns:
                         values = batch[column]
                         revealed = reader.reveal([v for v in values if v is not None], domains[column])
@@ -475,6 +479,8 @@ def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Map
                     if progress:
                         progress(stats)
                 counts = {**stats.as_dict(), "not_found": not_found}
+                if approved is not None:
+                    _require_approved_set(approved, approval)  # type: ignore[arg-type]
                 sink.commit()
                 use.succeed(conn, counts=counts,
                             details={"values_revealed": stats.values_pseudonymised, "not_found": not_found})
@@ -483,6 +489,17 @@ def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Map
                 sink.abort()
             raise
         return _summary(use, list(columns), counts)
+
+
+def _require_approved_set(read: PseudonymSet, approval: Approval) -> None:
+    """The pseudonyms a reversal read must be the set its approval names (its digest); else, before the sink
+    commits, :class:`ApprovalError`: the source changed after the approval, or the task ran on another set."""
+    digest, count = read.digest()
+    if digest != approval.pseudonym_set_digest:
+        raise ApprovalError(
+            f"the {count} pseudonym(s) read are not the set that was approved (read {digest[:12]}…, approved "
+            f"{(approval.pseudonym_set_digest or '')[:12]}…): the source changed after the approval, or this is "
+            "another set; nothing was written. Ask again, for the pseudonyms to reveal")
 
 
 def record_refusal(store: Store, operation: str, error: BaseException, run: RunContext | None = None, *,
