@@ -88,3 +88,19 @@ def issuer(tmp_path: Path) -> Issuer:
     issuer.create_project("random-r", method="reversible", treatment="randomised", retention=timedelta(days=30))
     issuer.create_project("vendor-x", method="irreversible", treatment="deterministic")
     return issuer
+
+
+def wait_for_lock_wait(engine: sa.Engine, timeout: float = 30, waiters: int = 1) -> None:
+    """Return once ``waiters`` backends of ``engine``'s database wait for a lock (PostgreSQL's own view of
+    it), or fail: a test then knows the state it names was reached, instead of hoping a sleep was long enough.
+    Each look is its own transaction (a transaction sees one snapshot of ``pg_stat_activity``)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watch:
+        while time.monotonic() < deadline:
+            if watch.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                     "AND wait_event_type = 'Lock'")).scalar() >= waiters:
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"no {waiters} backend(s) waited for a lock within {timeout} s")

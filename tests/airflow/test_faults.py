@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from pseudonymise.core.issuer import Issuer
 
 from scripts.services import RestartableOpenBao, free_port, start_postgres
-from tests.airflow.conftest import AIRFLOW, ROOT, audit_rows, dag_spec, pg_conn, rows, vault_conn
+from tests.airflow.conftest import AIRFLOW, audit_rows, dag_spec, pg_conn, rows, vault_conn
 from tests.airflow.retry import fault_then_retry
 
 pytestmark = [pytest.mark.airflow, pytest.mark.postgres, pytest.mark.slow]
@@ -189,4 +189,3 @@ def test_disk_full_for_a_file_target_leaves_no_file(issuer: Issuer, tmp_path: Pa
     ok = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert ok.returncode == 0, ok.stderr
     assert out.exists()
-    assert ROOT.exists()

@@ -7,7 +7,6 @@ import datetime as dt
 import hashlib
 import struct
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -32,6 +31,7 @@ from pseudonymise.core.sealer import EscrowItems
 from pseudonymise.core.tokens import Token, verify_token
 from sqlalchemy.engine import Engine
 
+from tests.conftest import wait_for_lock_wait
 from tests.core.conftest import Mint
 
 
@@ -485,8 +485,8 @@ def test_flush_starts_again_when_a_writer_without_the_lock_commits_a_key_first(p
                                                "retention_until": token.retention_until})
         thread = threading.Thread(target=run)
         thread.start()
-        time.sleep(1.5)
-        assert thread.is_alive(), outcome  # the run's insert waits for the other writer's key
+        wait_for_lock_wait(engine)  # the run's insert waits for the other writer's key
+        assert thread.is_alive(), outcome
         other.commit()
     thread.join(60)
     assert outcome == {"written": 1}

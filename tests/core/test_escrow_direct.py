@@ -9,7 +9,6 @@ with hashlib (``_stored_digest``), independently of the writer.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -27,6 +26,7 @@ from pseudonymise.core.sealer import BatchSealer, EscrowBlock, EscrowBlocks
 from pseudonymise.core.tokens import Token
 from sqlalchemy.engine import Engine
 
+from tests.conftest import wait_for_lock_wait
 from tests.core.conftest import Mint
 from tests.core.test_escrow import _stored_digest
 
@@ -256,8 +256,8 @@ def test_a_second_run_of_the_project_stages_and_waits_for_the_first(store: Any, 
             thread = threading.Thread(target=other_run)
             thread.start()
             assert staged.wait(30) and outcome == {"written": 0}, outcome  # staged: not written yet
-            time.sleep(1.0)
-            assert thread.is_alive()  # its flush waits for the first run's lock
+            wait_for_lock_wait(engine)  # its flush waits for the first run's lock
+            assert thread.is_alive()
             assert first.flush(conn) == 3
         thread.join(60)
     assert outcome == {"written": 0, "flushed": 1}, outcome

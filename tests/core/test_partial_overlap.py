@@ -73,6 +73,8 @@ def test_partially_overlapping_intervals_leave_one_copy(pg_url: str, issuer: Iss
             if waiting == 2:
                 break
             time.sleep(0.2)
+        else:
+            raise AssertionError("the two writers never both waited at the gate: the overlap was not exercised")
         conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": GATE_KEY})
         results = [queue.get(timeout=120) for _ in procs]
         for p in procs:
