@@ -441,12 +441,21 @@ def test_a_command_freezes_what_it_loaded_before_its_run_and_a_program_nothing(
 
     db = tmp_path / "audit.db"
     frozen: list[bool] = []  # whether the run's audit database existed at each freeze
-    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(db.exists()))
+    real_freeze = gc.freeze
+
+    def freeze() -> None:  # the real freeze, recorded (unfrozen again below: this test process goes on)
+        frozen.append(db.exists())
+        real_freeze()
+
+    monkeypatch.setattr(gc, "freeze", freeze)
     monkeypatch.setenv("PSEUDONYMISE_STORE", str(cli.store))
     args = ["file", "pseudonymise", str(SAMPLE), str(tmp_path / "out.csv"), "--policy", str(POLICY),
             "--db", f"sqlite:///{db}", "--token-file", str(cli.tokens["research-a"])]
     monkeypatch.setattr(sys, "argv", ["pseudonymise", *args])
-    assert cli_module.main() == 0
+    try:
+        assert cli_module.main() == 0
+    finally:
+        gc.unfreeze()
     assert frozen == [False, False, True]
     frozen.clear()
     assert cli_module.main([*args[:3], str(tmp_path / "again.csv"), *args[4:]]) == 0

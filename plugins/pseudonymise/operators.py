@@ -841,6 +841,9 @@ class SourceRetireOperator(_LineageFromArguments, BaseOperator):
     :param interval_column: the column that places a row in an interval (a date, timestamp or integer);
         the rows retired are those with ``interval_start <= column < interval_end``.
     :param interval_start: default: the run's ``data_interval_start`` (templated); ``interval_end`` likewise.
+        They set the source rows retired (when the column's values are not the interval's own, e.g. a
+        date column of a timestamp interval); the run still needs a data interval, which finds the load
+        in the audit.
     :param load_task_id: the task that loaded the interval (a ``PseudonymiseOperator``; mapped or not).
     :param load_dag_id: its DAG (default: this task's DAG); ``load_operation`` what it did (default
         ``pseudonymise``).
@@ -879,7 +882,8 @@ class SourceRetireOperator(_LineageFromArguments, BaseOperator):
         start, end = context.get("data_interval_start"), context.get("data_interval_end")
         if start is None or end is None:
             raise AirflowFailException("SourceRetireOperator needs a run with a data interval (a scheduled or "
-                                       "backfilled run); give interval_start and interval_end otherwise")
+                                       "backfilled run): the interval finds the load it checks in the audit; "
+                                       "run it in the load DAG's schedule, or backfill that interval")
         interval = SourceInterval(self.table, self.interval_column,
                                   LoadSelector.instant(self.interval_start if self.interval_start is not None else start),
                                   LoadSelector.instant(self.interval_end if self.interval_end is not None else end),

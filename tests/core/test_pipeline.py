@@ -463,6 +463,9 @@ def test_a_failed_sqlite_store_creation_leaves_no_table(sqlite_url: str, monkeyp
     from pseudonymise.core.checkpoint import CheckpointTable
     from pseudonymise.core.errors import AuditError
 
+    # A stand-in, because a real disk I/O error cannot be made to happen at exactly this statement: a file size
+    # limit (as in tests/airflow/test_faults.py) fails SQLite's first write, before the checkpoint table. The
+    # error is the class SQLAlchemy raises for a real one; what is tested is that nothing created before it stays.
     def broken(self: CheckpointTable, within: Connection | None = None) -> None:
         assert within is not None
         within.exec_driver_sql("CREATE TABLE half_made (x)")

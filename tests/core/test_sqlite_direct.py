@@ -261,7 +261,8 @@ def test_a_collision_inside_the_statement_fails_the_run_and_rolls_back(
         tmp_path: Path, issuer: Issuer, monkeypatch: pytest.MonkeyPatch, direct_runs: list[str], route: str) -> None:
     """The collision check runs inside SQLite's calls (in blocks). No two real values share a 26-character
     pseudonym, so the real check is made to see one (a stand-in for a format far too short, as in
-    test_collisions.py): the check's own error comes out, nothing is written, the audit says ``failed``."""
+    test_collisions.py, whose own tests check the real error): the error raised inside SQLite's calls comes
+    out of the run unchanged, mid-statement, nothing is written, the audit says ``failed``."""
     seen: list[int] = []
 
     class ShortFormatGuard(collisions.CollisionGuard):

@@ -81,7 +81,9 @@ def trail_filter(
     task_id: Annotated[str | None, Query(description="Task id.")] = None,
     run_id: Annotated[str | None, Query(description="DAG run id.")] = None,
     map_index: Annotated[str | None, Query(description="Map index of a mapped task instance (-1: not mapped).")] = None,
-    operation: Annotated[str | None, Query(description="pseudonymise, secondary, reverse or purge.")] = None,
+    operation: Annotated[str | None, Query(description="The audited operation: pseudonymise, secondary, reverse, purge, rekey, "
+                                                        "erase, retire, revoke, verify, dry_run, risk_report, reverse_request, "
+                                                        "reverse_approve or reverse_reject.")] = None,
     outcome: Annotated[str | None, Query(description="success, failed, denied or incomplete (started, never "
                                                      "finished); for rows also started.")] = None,
     since: Annotated[str | None, Query(description="From this instant (UTC unless an offset is given) or date.")] = None,
