@@ -27,7 +27,6 @@ from pseudonymise.core.approval import SET_DIGEST_LABEL, Approval, PseudonymSet
 from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.errors import (
     ApprovalError,
-    AuditError,
     ErasureError,
     PolicyError,
     PseudonymiseError,
@@ -684,13 +683,11 @@ class ReversePseudonymsOperator(BaseDataOperator):
         ti = context["ti"]
         approval = AirflowApprovalHook(self.airflow_api_conn_id).approval(
             ti.dag_id, ti.run_id, self.approval_task_id, reason=reason)
-        # one approval reveals once: a cleared or re-run task instance must ask again, in a new run
-        try:
-            earlier = self.store.audit.succeeded("reverse", dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
-                                                 map_index=ti.map_index if ti.map_index is not None else -1)
-        except AuditError as exc:
-            raise ApprovalError(f"cannot check that this run's approval was not used already, so nothing is revealed: "
-                                f"{exc}") from None
+        # one approval reveals once: a cleared or re-run task instance must ask again, in a new run (an audit
+        # that cannot be read fails the task here, as the reversal itself would)
+        self.store.create()
+        earlier = self.store.audit.succeeded("reverse", dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
+                                             map_index=ti.map_index if ti.map_index is not None else -1)
         if earlier is not None:
             raise ApprovalError(f"this run's approval was used already, by reversal use {earlier} of this task; one "
                                 "approval reveals once: trigger a new run and ask for a new approval")
