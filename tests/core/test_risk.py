@@ -333,7 +333,9 @@ def test_dry_run_writes_nothing_but_its_audited_use(store: Store, issuer: Issuer
     summary = run_dry_run(store, _token(issuer), POLICY, transfer, run, sample=120, risk=risk)
     assert checkpoints == []  # no signed checkpoint after a dry run
     after = _tables(store.engine)
-    assert after == {**before, "pseudonymise_audit": before["pseudonymise_audit"] + 2}
+    # the audit's two rows, and the token's use as max_uses counts it
+    assert after == {**before, "pseudonymise_audit": before["pseudonymise_audit"] + 2,
+                     "pseudonymise_admitted": before["pseudonymise_admitted"] + 1}
     assert "shared" not in after and list(tmp_path.glob("*.partial")) == []
     sample = {k: v[:120] for k, v in data.items()}
     report = summary.as_dict()["dry_run"]
