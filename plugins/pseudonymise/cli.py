@@ -739,7 +739,7 @@ def _verify_escrow(args: argparse.Namespace, store: Store, chain_ok: bool) -> bo
         print("escrow not checked: it is proven by the audit chain, which does not verify")
         return False
     with store.engine.connect() as conn:
-        listed = store.audit.listed_escrow_batches(conn, store.escrow.values)
+        listed = store.listed_escrow_batches(conn)
     if args.token_file or args.token_env:
         with TokenUse(store.audit, "verify", CliTokens(args), kind="reverse", source="escrow",
                       run=RunContext(triggered_by=current_user())) as use, store.engine.connect() as conn:

@@ -23,7 +23,7 @@ from urllib.parse import urlencode
 from airflow.sdk import Asset, AssetAlias, BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from pseudonymise.core.approval import SET_DIGEST_LABEL, Approval, PseudonymSet
+from pseudonymise.core.approval import SET_DIGEST_LABEL, Approval
 from pseudonymise.core.audit import AuditLog
 from pseudonymise.core.errors import (
     ApprovalError,
@@ -40,6 +40,7 @@ from pseudonymise.core.locks import ensure_lock_table
 from pseudonymise.core.pipeline import (
     DRY_RUN_SAMPLE,
     Store,
+    pseudonym_set_of,
     record_refusal,
     run_dry_run,
     run_pseudonymisation,
@@ -693,12 +694,7 @@ class ReversePseudonymsOperator(BaseDataOperator):
                                 "approval reveals once: trigger a new run and ask for a new approval")
         # the set read now, before the token is read (a refusal then uses none of a single-use token's uses);
         # the reversal checks the set it reads again, before anything is written
-        digest, count = _set_digest(self._source(), self.pseudonym_columns)
-        if digest != approval.pseudonym_set_digest:
-            raise ApprovalError(
-                f"the {count} pseudonym(s) of the source are not the set that was approved (source {digest[:12]}…, "
-                f"approved {(approval.pseudonym_set_digest or '')[:12]}…): the source changed after the approval, or "
-                "this task reads another one; nothing was revealed. Ask again, for the pseudonyms to reveal")
+        approval.require_set(pseudonym_set_of(self._source(), list(self.pseudonym_columns)))
         return approval
 
     def execute(self, context: Any) -> dict[str, Any]:
@@ -725,18 +721,6 @@ class ReversePseudonymsOperator(BaseDataOperator):
                       summary.counts["not_found"], approval.requester or "-", approval.approver or "(waived)",
                       summary.use_id)
         return summary.as_dict()
-
-
-def _set_digest(source: QuerySource | Source, columns: Sequence[str]) -> tuple[str, int]:
-    """The digest and size of the set of ``(column, pseudonym)`` pairs ``source`` holds in ``columns``."""
-    missing = [c for c in columns if c not in source.columns]
-    if missing or not columns:
-        raise PolicyError(f"column(s) {', '.join(map(repr, missing)) or '(none)'} to reverse are not in the source "
-                          f"(it has {', '.join(map(repr, source.columns))})")
-    pairs = PseudonymSet(columns)
-    for batch in source.batches():
-        pairs.add(batch)
-    return pairs.digest()
 
 
 class PseudonymSetDigestOperator(BaseDataOperator):
@@ -766,7 +750,7 @@ class PseudonymSetDigestOperator(BaseDataOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         columns = list(self.pseudonym_columns)
         with _failing_the_task():
-            digest, count = _set_digest(self._source(), columns)
+            digest, count = pseudonym_set_of(self._source(), columns).digest()
         line = f"{SET_DIGEST_LABEL} {digest} ({count} pseudonym{'s' if count != 1 else ''} in {', '.join(columns)})"
         self.log.info("%s", line)
         return {"digest": digest, "pseudonyms": count, "columns": columns, "line": line}

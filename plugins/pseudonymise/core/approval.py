@@ -54,6 +54,18 @@ class Approval:
     #: read exactly that set, or it fails before anything is written (``None``: the request itself is bound)
     pseudonym_set_digest: str | None = None
 
+    def require_set(self, read: PseudonymSet) -> None:
+        """The pseudonyms a reversal reads must be the set this approval names (when it names one); else
+        :class:`ApprovalError`: the source changed after the approval, or the task reads another set."""
+        if self.pseudonym_set_digest is None:
+            return
+        digest, count = read.digest()
+        if digest != self.pseudonym_set_digest:
+            raise ApprovalError(
+                f"the {count} pseudonym(s) read are not the set that was approved (read {digest[:12]}…, approved "
+                f"{self.pseudonym_set_digest[:12]}…): the source changed after the approval, or this is another "
+                "set; nothing was written or revealed. Ask again, for the pseudonyms to reveal")
+
     def details(self) -> dict[str, Any]:
         four_eyes = {"requester": self.requester, "approver": self.approver, "reason": self.reason,
                      "approved_at": self.approved_at, "via": self.via, "reference": self.reference}

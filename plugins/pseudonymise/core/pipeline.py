@@ -37,7 +37,6 @@ from pseudonymise.core.db import make_engine, sqlite_write_transaction
 from pseudonymise.core.defaults import DRY_RUN_SAMPLE
 from pseudonymise.core.errors import (
     TARGET_DATA_FIX,
-    ApprovalError,
     AuditError,
     EscrowError,
     EscrowNotFoundError,
@@ -67,6 +66,11 @@ class Store:
         self.escrow = EscrowTables.define(self.audit.metadata, escrow_prefix, schema)
         # created with the escrow tables on a new database; the HTTP API creates it on an older one
         ReverseRequests.define(self.audit.metadata, schema)
+
+    def listed_escrow_batches(self, conn: Connection) -> dict[str, str]:
+        """The escrow batches the verified audit lists, with their digests (erasures judged against this store's
+        escrow table: :meth:`AuditLog.listed_escrow_batches`)."""
+        return self.audit.listed_escrow_batches(conn, self.escrow.values)
 
     def create(self) -> None:
         if self.engine.dialect.name == "sqlite":
@@ -439,26 +443,21 @@ def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Map
         assert use.token is not None
         if approval is not None:
             use.details.update(approval.details())
-        missing = [c for c in columns if c not in source.columns]
-        if missing or not columns:
-            raise PolicyError(
-                f"column(s) {', '.join(map(repr, missing)) or '(none)'} to reverse are not in the source "
-                f"(it has {', '.join(map(repr, source.columns))})"
-            )
+        require_columns_to_reverse(source, columns)
         stats = Stats()
         not_found = 0
         sink: Sink | None = None
-        approved = PseudonymSet(columns) if approval is not None and approval.pseudonym_set_digest else None
+        read = PseudonymSet(columns) if approval is not None and approval.pseudonym_set_digest else None
         try:
             with database_errors("writing the revealed rows and the audit failed; nothing was committed",
                                  columns=source.columns, data_fix=TARGET_DATA_FIX), store.engine.begin() as conn:
-                reader = EscrowReader(conn, store.escrow, use.token, lambda: store.audit.listed_escrow_batches(conn, store.escrow.values))
+                reader = EscrowReader(conn, store.escrow, use.token, lambda: store.listed_escrow_batches(conn))
                 sink = transfer.open_sink(list(source.columns), conn)
                 for batch in source.batches():
                     rows = len(next(iter(batch.values()))) if batch else 0
                     stats.rows_in += rows
-                    if approved is not None:
-                        approved.add(batch)
+                    if read is not None:
+                        read.add(batch)
                     for column in columns:
                         values = batch[column]
                         revealed = reader.reveal([v for v in values if v is not None], domains[column])
@@ -479,8 +478,8 @@ def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Map
                     if progress:
                         progress(stats)
                 counts = {**stats.as_dict(), "not_found": not_found}
-                if approved is not None:
-                    _require_approved_set(approved, approval)  # type: ignore[arg-type]
+                if read is not None and approval is not None:
+                    approval.require_set(read)
                 sink.commit()
                 use.succeed(conn, counts=counts,
                             details={"values_revealed": stats.values_pseudonymised, "not_found": not_found})
@@ -491,15 +490,21 @@ def run_reversal(store: Store, tokens: TokenSource, columns: Sequence[str] | Map
         return _summary(use, list(columns), counts)
 
 
-def _require_approved_set(read: PseudonymSet, approval: Approval) -> None:
-    """The pseudonyms a reversal read must be the set its approval names (its digest); else, before the sink
-    commits, :class:`ApprovalError`: the source changed after the approval, or the task ran on another set."""
-    digest, count = read.digest()
-    if digest != approval.pseudonym_set_digest:
-        raise ApprovalError(
-            f"the {count} pseudonym(s) read are not the set that was approved (read {digest[:12]}…, approved "
-            f"{(approval.pseudonym_set_digest or '')[:12]}…): the source changed after the approval, or this is "
-            "another set; nothing was written. Ask again, for the pseudonyms to reveal")
+def require_columns_to_reverse(source: Any, columns: Sequence[str]) -> None:
+    """:class:`PolicyError` unless ``columns`` are named and all in ``source``."""
+    missing = [c for c in columns if c not in source.columns]
+    if missing or not columns:
+        raise PolicyError(f"column(s) {', '.join(map(repr, missing)) or '(none)'} to reverse are not in the source "
+                          f"(it has {', '.join(map(repr, source.columns))})")
+
+
+def pseudonym_set_of(source: Any, columns: Sequence[str]) -> PseudonymSet:
+    """The ``(column, pseudonym)`` pairs ``source`` holds in ``columns`` (read whole, before any token is used)."""
+    require_columns_to_reverse(source, columns)
+    pairs = PseudonymSet(columns)
+    for batch in source.batches():
+        pairs.add(batch)
+    return pairs
 
 
 def record_refusal(store: Store, operation: str, error: BaseException, run: RunContext | None = None, *,
@@ -579,7 +584,7 @@ def run_rekey(store: Store, reverse_tokens: TokenSource, new_tokens: TokenSource
         with database_errors(f"re-keying {target} failed; nothing was changed", columns=list(columns)), \
                 store.engine.begin() as conn:
             reader = EscrowReader(conn, store.escrow, reverse_use.token,
-                                  lambda: store.audit.listed_escrow_batches(conn, store.escrow.values))
+                                  lambda: store.listed_escrow_batches(conn))
             t = sa.Table(table, sa.MetaData(), autoload_with=conn, schema=schema)
             missing = [c for c in columns if c not in t.c]
             if missing:
