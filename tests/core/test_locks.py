@@ -12,6 +12,8 @@ import sqlalchemy as sa
 from pseudonymise.core import locks
 from pseudonymise.core.locks import _coordinate, ensure_lock_table, lock_interval, unlock_interval
 
+from tests.conftest import wait_for_lock_wait
+
 pytestmark = pytest.mark.postgres
 
 
@@ -98,7 +100,6 @@ def test_two_overlapping_inserts_that_deadlock_both_get_their_lock(pg_url: str) 
     PostgreSQL fails one insert (40P01); lock_interval makes it again in its savepoint, so both writers end up
     holding their intervals, one after the other, and neither run fails."""
     import threading
-    import time
 
     engine = sa.create_engine(pg_url, pool_size=3)
     ensure_lock_table(engine, None)
@@ -109,13 +110,7 @@ def test_two_overlapping_inserts_that_deadlock_both_get_their_lock(pg_url: str) 
     done: list[Any] = []
     waiter = threading.Thread(target=lambda: done.append(lock_interval(second, None, "dst", 0, 200)))
     waiter.start()
-    with engine.connect() as watch:  # B waits on A's transaction
-        for _ in range(200):
-            if watch.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")).scalar():
-                break
-            time.sleep(0.02)
-        else:
-            raise AssertionError("the second insert never waited")
+    wait_for_lock_wait(engine, timeout=4)  # B waits on A's transaction
     held.append(lock_interval(first, None, "dst", 150, 250))  # A now waits for B's row: a deadlock PostgreSQL breaks
     for holder in held:  # as a run does before its commit
         unlock_interval(first, None, holder)
